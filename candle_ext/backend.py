@@ -1,0 +1,156 @@
+"""Which implementations exist on this install, and which one serves a call.
+
+Order of preference: cuda (compiled kernels in candle_ext._C) -> triton -> cpu (compiled C++ kernels in
+candle_ext._C) -> reference (candle_ext/reference.py). `CANDLE_EXT_BACKEND=cuda|triton|cpu|reference` forces
+one; forcing one this install does not have raises an error that says what is missing and how to get it.
+A call that ends up on a slower path than its device deserves says so once through `warnings`.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from typing import Iterable, Optional
+
+import torch
+
+ORDER = ("cuda", "triton", "cpu", "reference")
+ENV_VAR = "CANDLE_EXT_BACKEND"
+
+_HOW_TO_BUILD = (
+    "reinstall candle-ext from source with a C++ compiler (`pip install --no-build-isolation .`)"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled():
+    """(candle_ext._C or None, why it is missing)."""
+    try:
+        return importlib.import_module("candle_ext._C"), ""
+    except ImportError as exc:  # not built, or built against another torch
+        return None, f"the compiled module candle_ext._C could not be imported ({exc})"
+
+
+def compiled_module():
+    """candle_ext._C, or None when this install has no compiled kernels."""
+    return _compiled()[0]
+
+
+def build_info(key: str, default: str = "unknown") -> str:
+    """A fact recorded by setup.py at build time (candle_ext/_build_info.py), e.g. 'cuda_archs'."""
+    try:
+        info = importlib.import_module("candle_ext._build_info")
+    except ImportError:
+        return default
+    return str(getattr(info, key.upper(), default))
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable():
+    try:
+        importlib.import_module("triton")
+        return True, ""
+    except ImportError as exc:
+        return False, f"triton is not installed ({exc}); `pip install triton`"
+
+
+def status(name: str):
+    """(available, reason it is not) for one backend on this install and machine."""
+    if name == "reference":
+        return True, ""
+    if name == "cpu":
+        mod, why = _compiled()
+        return (mod is not None), (why + "; " + _HOW_TO_BUILD if mod is None else "")
+    if name == "cuda":
+        mod, why = _compiled()
+        if mod is None:
+            return False, why + "; " + _HOW_TO_BUILD
+        if not getattr(mod, "with_cuda", False):
+            return False, (
+                "candle_ext._C was built without CUDA kernels; rebuild with a CUDA build of torch and the CUDA "
+                "toolkit present (and CANDLE_EXT_NO_CUDA unset)"
+            )
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is visible to torch"
+        return True, ""
+    if name == "triton":
+        ok, why = _triton_importable()
+        if not ok:
+            return False, why
+        if not (torch.cuda.is_available() or triton_interpret()):
+            return False, "triton needs a CUDA device, or TRITON_INTERPRET=1 to run its kernels on the CPU"
+        return True, ""
+    raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(ORDER)}")
+
+
+def backends() -> list:
+    """The backends this install can run here, best first."""
+    return [b for b in ORDER if status(b)[0]]
+
+
+def serves(name: str, device_type: str) -> bool:
+    """Whether a backend runs on tensors of this device type."""
+    if name == "reference":
+        return True
+    if name == "cuda":
+        return device_type == "cuda"
+    if name == "cpu":
+        return device_type == "cpu"
+    if name == "triton":
+        return device_type == "cuda" or (device_type == "cpu" and triton_interpret())
+    return False
+
+
+def forced() -> Optional[str]:
+    name = os.environ.get(ENV_VAR, "").strip().lower()
+    if not name:
+        return None
+    if name not in ORDER:
+        raise ValueError(f"{ENV_VAR}={name!r} is not a backend; expected one of {', '.join(ORDER)}")
+    return name
+
+
+_warned = set()
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def select(op: str, device_type: str, implemented: Iterable[str]) -> str:
+    """The backend that serves `op` on tensors of `device_type`, given the backends that implement it."""
+    implemented = tuple(implemented)
+    name = forced()
+    if name is not None:
+        ok, why = status(name)
+        if not ok:
+            raise RuntimeError(f"{ENV_VAR}={name} was asked for, but it is missing: {why}")
+        if not serves(name, device_type):
+            raise ValueError(f"{ENV_VAR}={name} cannot run {op} on {device_type} tensors")
+        if name in implemented:
+            return name
+        _warn_once((op, name, device_type), f"candle_ext.{op}: backend {name!r} has no kernel for this op; "
+                   "using the reference implementation")
+        return "reference"
+
+    expected = [b for b in ORDER if b != "reference" and b in implemented and serves(b, device_type)]
+    for b in ORDER:
+        if b in implemented and serves(b, device_type) and status(b)[0]:
+            if expected and b != expected[0]:
+                _warn_once((op, b, device_type), f"candle_ext.{op} on {device_type}: using the {b} backend "
+                           f"because {expected[0]} is unavailable: {status(expected[0])[1]}")
+            if b == "reference" and device_type == "cuda" and expected:
+                raise RuntimeError(
+                    f"candle_ext.{op} got CUDA tensors but this install has no GPU kernels for it: "
+                    f"{status('cuda')[1]}; {status('triton')[1]}. Set {ENV_VAR}=reference to run the slow "
+                    "plain-PyTorch path anyway."
+                )
+            return b
+    return "reference"

@@ -1,0 +1,71 @@
+"""Drop-in binary layers: BinaryConv2d, LearnableBias, RSign, RPReLU (the ReActNet building blocks)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from candle_ext.ops import binary_conv2d, sign_ste
+
+
+class BinaryConv2d(nn.Conv2d):
+    """nn.Conv2d with sign(input) and sign(weight), computed by the packed kernel, times a per-output-channel
+    scale = mean |W| (detached, as in ReActNet). Latent weights stay float; their gradient passes through
+    clamp(W, -1, 1), so it is zero where |W| > 1. The input gradient is that of the +-1 convolution: put an
+    RSign in front for ReActNet's ApproxSign STE on activations."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", device=None, dtype=None):
+        if groups != 1:
+            raise ValueError(f"BinaryConv2d supports groups=1 only, got groups={groups}")
+        if padding_mode != "zeros":
+            raise ValueError(f"BinaryConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
+        if isinstance(padding, str):
+            raise ValueError(f"BinaryConv2d needs explicit integer padding, got {padding!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+
+    def scale(self) -> torch.Tensor:
+        return self.weight.detach().abs().mean(dim=(1, 2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.clamp(self.weight, -1.0, 1.0)  # sign(clamp(w)) == sign(w); the clamp shapes the gradient
+        out = binary_conv2d(x, w, self.scale().to(x.dtype), self.stride, self.padding, self.dilation)
+        if self.bias is not None:
+            out = out + self.bias.reshape(1, -1, 1, 1).to(out.dtype)
+        return out
+
+
+class LearnableBias(nn.Module):
+    """x + b with one learnable b per channel."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.reshape(1, -1, 1, 1).to(x.dtype)
+
+
+class RSign(nn.Module):
+    """ReActNet's RSign: sign(x - b) with a learnable per-channel threshold b, trained by the ApproxSign STE."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sign_ste(x, self.bias.to(x.dtype))
+
+
+class RPReLU(nn.Module):
+    """ReActNet's RPReLU: PReLU(x - gamma) + zeta, with per-channel gamma, slope and zeta."""
+
+    def __init__(self, channels: int, init: float = 0.25):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(channels))
+        self.prelu = nn.PReLU(channels, init=init)
+        self.zeta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1)
+        return self.prelu(x - self.gamma.reshape(shape)) + self.zeta.reshape(shape)

@@ -1,0 +1,161 @@
+"""binary_conv2d: F.conv2d(sign(x), sign(w)) * scale, computed on packed bits (XNOR/AND + popcount).
+
+Two custom ops:
+- candle_ext::binary_conv2d_packed: packed activations and weights (layout in ops/bitpack.py) -> exact int32
+  accumulators, or float acc * scale + shift (the fused epilogue used by packed inference). No autograd.
+- candle_ext::binary_conv2d: float NCHW input and float weight; packs both, convolves, scales. Its gradient is
+  that of a convolution taken on the +-1 tensors (the STE belongs to the layers, not to this op).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from candle_ext import backend, reference
+from candle_ext.ops import validate
+from candle_ext.ops.bitpack import _sign_pack, check_packed
+
+_IMPLS = ("cuda", "triton", "cpu", "reference")
+_OUT_KIND = {None: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.custom_op("candle_ext::binary_conv2d_packed", mutates_args=())
+def _binary_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, channels: int, stride: List[int],
+                          padding: List[int], dilation: List[int], scale: Optional[torch.Tensor],
+                          shift: Optional[torch.Tensor], out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    impl = backend.select("binary_conv2d", x_packed.device.type, _IMPLS)
+    args = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    if impl == "cuda":
+        return backend.compiled_module().binary_conv2d_cuda(
+            x_packed.contiguous(), w_packed.contiguous(), channels, *args,
+            None if scale is None else scale.float().contiguous(),
+            None if shift is None else shift.float().contiguous(), _OUT_KIND[out_dtype], False)
+    if impl == "triton":
+        from candle_ext.triton import binary_conv2d as triton_conv
+        return triton_conv.binary_conv2d_packed(x_packed, w_packed, channels, stride, padding, dilation,
+                                                scale, shift, out_dtype)
+    if impl == "cpu":
+        out = backend.compiled_module().binary_conv2d_cpu(
+            x_packed.contiguous(), w_packed.contiguous(), channels, *args,
+            None if scale is None else scale.float().contiguous(),
+            None if shift is None else shift.float().contiguous(), 0 if out_dtype is None else 1)
+        return out if out_dtype in (None, torch.float32) else out.to(out_dtype)
+    return reference.binary_conv2d_packed(x_packed, w_packed, channels, stride, padding, dilation,
+                                          scale, shift, out_dtype)
+
+
+@_binary_conv2d_packed.register_fake
+def _(x_packed, w_packed, channels, stride, padding, dilation, scale, shift, out_dtype):
+    n, h, w, _ = x_packed.shape
+    cout, kh, kw, _ = w_packed.shape
+    ho = output_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = output_size(w, kw, stride[1], padding[1], dilation[1])
+    return x_packed.new_empty((n, cout, ho, wo), dtype=torch.int32 if out_dtype is None else out_dtype)
+
+
+@torch.library.custom_op("candle_ext::binary_conv2d", mutates_args=())
+def _binary_conv2d(input: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], stride: List[int],
+                   padding: List[int], dilation: List[int]) -> torch.Tensor:
+    out_dtype = input.dtype if input.dtype in _OUT_KIND else torch.float32
+    out = _binary_conv2d_packed(_sign_pack(input, None), _sign_pack(weight, None), input.shape[1], stride,
+                                padding, dilation, scale, None, out_dtype)
+    return out.to(input.dtype)
+
+
+@_binary_conv2d.register_fake
+def _(input, weight, scale, stride, padding, dilation):
+    n, _, h, w = input.shape
+    cout, _, kh, kw = weight.shape
+    ho = output_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = output_size(w, kw, stride[1], padding[1], dilation[1])
+    return input.new_empty((n, cout, ho, wo))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, scale, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, weight, scale)
+    ctx.conv = (stride, padding, dilation)
+
+
+def _backward(ctx, grad):
+    input, weight, scale = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv
+    sx, sw = reference.sign(input), reference.sign(weight)
+    g = grad if scale is None else grad * scale.reshape(1, -1, 1, 1).to(grad.dtype)
+    gi = gw = gs = None
+    if ctx.needs_input_grad[0]:
+        gi = torch.nn.grad.conv2d_input(input.shape, sw, g, stride, padding, dilation)
+    if ctx.needs_input_grad[1]:
+        gw = torch.nn.grad.conv2d_weight(sx, weight.shape, g, stride, padding, dilation)
+    if scale is not None and ctx.needs_input_grad[2]:
+        acc = torch.nn.functional.conv2d(sx, sw, None, stride, padding, dilation)
+        gs = (grad * acc).sum(dim=(0, 2, 3)).to(scale.dtype)
+    return gi, gw, gs, None, None, None
+
+
+_binary_conv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _conv_params(stride, padding, dilation):
+    return (list(validate.pair("stride", stride, 1)), list(validate.pair("padding", padding, 0)),
+            list(validate.pair("dilation", dilation, 1)))
+
+
+def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                  stride=1, padding=0, dilation=1, in_channels: Optional[int] = None,
+                  shift: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Exactly F.conv2d(sign(input), sign(weight), None, stride, padding, dilation) (zero padding, borders
+    included) times an optional per-output-channel `scale`.
+
+    input: float NCHW, or int32 words [N, H, W, ceil(C/32)] from sign_pack.
+    weight: float [Cout, C, kh, kw], or int32 words [Cout, kh, kw, ceil(C/32)].
+    in_channels: the unpadded channel count C; needed only when both input and weight are packed.
+    shift, out_dtype: packed path only (no autograd): the result is acc * scale + shift in out_dtype (float32
+    by default); out_dtype=torch.int32 with no scale/shift returns the exact integer accumulators.
+    """
+    validate.tensor("input", input, validate.FLOAT_DTYPES + (torch.int32,), ndim=4)
+    validate.tensor("weight", weight, validate.FLOAT_DTYPES + (torch.int32,), ndim=4)
+    validate.same_device(input=input, weight=weight, scale=scale, shift=shift)
+    stride, padding, dilation = _conv_params(stride, padding, dilation)
+    packed_in, packed_w = input.dtype == torch.int32, weight.dtype == torch.int32
+    if packed_w:
+        cout, kh, kw, _ = weight.shape
+    else:
+        cout, _, kh, kw = weight.shape
+    if in_channels is None:
+        if packed_in and packed_w:
+            raise ValueError("in_channels is required when both input and weight are packed int32 words")
+        in_channels = weight.shape[1] if not packed_w else input.shape[1]
+    if not packed_in and input.shape[1] != in_channels:
+        raise ValueError(f"input has {input.shape[1]} channels but weight expects {in_channels}")
+    if not packed_w and weight.shape[1] != in_channels:
+        raise ValueError(f"weight has {weight.shape[1]} input channels, expected {in_channels}")
+    if packed_in:
+        check_packed("input", input, in_channels)
+    if packed_w:
+        check_packed("weight", weight, in_channels)
+    validate.per_channel("scale", scale, cout, input.device)
+    validate.per_channel("shift", shift, cout, input.device)
+    h, w = (input.shape[1], input.shape[2]) if packed_in else (input.shape[2], input.shape[3])
+    for name, size, k, i in (("height", h, kh, 0), ("width", w, kw, 1)):
+        if output_size(size, k, stride[i], padding[i], dilation[i]) < 1:
+            raise ValueError(f"input {name} {size} with padding {padding[i]} is smaller than the dilated kernel "
+                             f"{dilation[i] * (k - 1) + 1}")
+    if not (packed_in or packed_w) and shift is None and out_dtype is None:
+        return _binary_conv2d(input, weight, scale, stride, padding, dilation)
+    xp = input if packed_in else _sign_pack(input, None)
+    wp = weight if packed_w else _sign_pack(weight, None)
+    if out_dtype == torch.int32:
+        if scale is not None or shift is not None:
+            raise ValueError("out_dtype=torch.int32 returns raw accumulators: pass neither scale nor shift")
+        out_dtype = None
+    elif out_dtype is None:
+        out_dtype = torch.float32
+    elif out_dtype not in _OUT_KIND:
+        raise TypeError(f"out_dtype must be float32, float16, bfloat16 or int32, got {out_dtype}")
+    return _binary_conv2d_packed(xp, wp, in_channels, stride, padding, dilation, scale, shift, out_dtype)

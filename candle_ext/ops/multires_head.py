@@ -1,0 +1,126 @@
+"""multires_head: the teacher's "size interpolation & concat" module (paper Alg. 2) as one op.
+
+For each resolution r: y_r = 1x1 conv of features[r] (weights[r]: [C_S, C_T], biases[r]: [C_S]), resized
+(nearest, F.interpolate semantics) to the spatial size of features[base], and the results concatenated on
+channels -> [N, R*C_S, h_base, w_base]. Fused kernels never materialise the per-resolution maps.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from candle_ext import backend, reference
+from candle_ext.ops import validate
+
+_IMPLS = ("cuda", "triton", "reference")
+
+
+@torch.library.custom_op("candle_ext::multires_head", mutates_args=())
+def _multires_head(features: List[torch.Tensor], weights: List[torch.Tensor], biases: List[torch.Tensor],
+                   base: int) -> torch.Tensor:
+    impl = backend.select("multires_head", features[0].device.type, _IMPLS)
+    if impl == "cuda":
+        return backend.compiled_module().multires_head_cuda(features, weights, biases, base)
+    if impl == "triton":
+        from candle_ext.triton import multires_head as triton_head
+        return triton_head.multires_head(features, weights, biases, base)
+    return reference.multires_head(features, weights, biases, base)
+
+
+@_multires_head.register_fake
+def _(features, weights, biases, base):
+    n, _, h, w = features[base].shape
+    return features[0].new_empty((n, len(features) * weights[0].shape[0], h, w))
+
+
+@torch.library.custom_op("candle_ext::multires_head_backward", mutates_args=())
+def _multires_head_backward(grad: torch.Tensor, features: List[torch.Tensor], weights: List[torch.Tensor],
+                            base: int, features_grad: bool) -> List[torch.Tensor]:
+    """Flat list [grad_features..., grad_weights..., grad_biases...]; grad_features are empty tensors
+    when features_grad is False (the teacher encoder is frozen)."""
+    impl = backend.select("multires_head_backward", grad.device.type, _IMPLS)
+    if impl == "cuda":
+        return list(backend.compiled_module().multires_head_backward_cuda(grad, features, weights, base,
+                                                                          features_grad))
+    if impl == "triton":
+        from candle_ext.triton import multires_head as triton_head
+        return triton_head.multires_head_backward(grad, features, weights, base, features_grad)
+    biases = [w.new_zeros(w.shape[0]) for w in weights]
+    gf, gw, gb = reference.multires_head_backward(grad, features, weights, biases, base)
+    if not features_grad:
+        gf = [f.new_empty(0) for f in features]
+    return gf + gw + gb
+
+
+@_multires_head_backward.register_fake
+def _(grad, features, weights, base, features_grad):
+    gf = [torch.empty_like(f) if features_grad else f.new_empty(0) for f in features]
+    return gf + [torch.empty_like(w) for w in weights] + [w.new_empty(w.shape[0]) for w in weights]
+
+
+def _setup_context(ctx, inputs, output):
+    features, weights, biases, base = inputs
+    ctx.save_for_backward(*features, *weights)
+    ctx.count, ctx.base = len(features), base
+
+
+def _backward(ctx, grad):
+    saved = ctx.saved_tensors
+    r = ctx.count
+    features, weights = list(saved[:r]), list(saved[r:])
+    features_grad = bool(ctx.needs_input_grad[0])
+    flat = _multires_head_backward(grad.contiguous(), features, weights, ctx.base, features_grad)
+    gf = flat[:r] if features_grad else None
+    return gf, flat[r:2 * r], flat[2 * r:], None
+
+
+_multires_head.register_autograd(_backward, setup_context=_setup_context)
+
+
+def multires_head(features: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                  biases: Optional[Sequence[Optional[torch.Tensor]]] = None, base: int = 1) -> torch.Tensor:
+    """Fused per-resolution 1x1 conv + nearest resize to features[base]'s size + channel concat.
+
+    features: R tensors [N, C_T, h_r, w_r] (one dtype, one device); weights: R tensors [C_S, C_T] (or
+    [C_S, C_T, 1, 1]); biases: R tensors [C_S] or None. Returns [N, R*C_S, h_base, w_base]."""
+    features, weights = list(features), list(weights)
+    if not features:
+        raise ValueError("features is empty; expected one feature map per resolution")
+    if len(weights) != len(features):
+        raise ValueError(f"got {len(features)} feature maps but {len(weights)} weights")
+    biases = [None] * len(features) if biases is None else list(biases)
+    if len(biases) != len(features):
+        raise ValueError(f"got {len(features)} feature maps but {len(biases)} biases")
+    if not (isinstance(base, int) and -len(features) <= base < len(features)):
+        raise ValueError(f"base must index features (0..{len(features) - 1}), got {base!r}")
+    base = base % len(features)
+    n = None
+    for i, f in enumerate(features):
+        validate.tensor(f"features[{i}]", f, validate.FLOAT_DTYPES, ndim=4)
+        if f.dtype != features[0].dtype or f.device != features[0].device:
+            raise ValueError(f"features[{i}] is {f.dtype} on {f.device}; expected {features[0].dtype} on "
+                             f"{features[0].device} like features[0]")
+        if n is not None and f.shape[0] != n:
+            raise ValueError(f"features[{i}] has batch {f.shape[0]}, expected {n}")
+        n = f.shape[0]
+    cs = None
+    for i, w in enumerate(weights):
+        validate.tensor(f"weights[{i}]", w, validate.FLOAT_DTYPES)
+        if w.dim() == 4 and w.shape[2:] == (1, 1):
+            w = weights[i] = w.reshape(w.shape[0], w.shape[1])
+        if w.dim() != 2 or w.shape[1] != features[i].shape[1]:
+            raise ValueError(f"weights[{i}] must be [C_S, {features[i].shape[1]}] for features[{i}], got "
+                             f"{tuple(w.shape)}")
+        if cs is not None and w.shape[0] != cs:
+            raise ValueError(f"weights[{i}] has {w.shape[0]} output channels, expected {cs} like weights[0]")
+        cs = w.shape[0]
+        validate.same_device(**{"features[0]": features[0], f"weights[{i}]": w})
+        weights[i] = w.to(features[0].dtype)
+    for i, b in enumerate(biases):
+        if b is None:
+            biases[i] = weights[i].new_zeros(cs)
+        else:
+            validate.per_channel(f"biases[{i}]", b, cs, features[0].device)
+            biases[i] = b.to(features[0].dtype)
+    return _multires_head(features, weights, biases, base)

@@ -1,0 +1,73 @@
+"""sign_ste: sign(x - bias) forward, ReActNet's ApproxSign derivative backward (the STE used by RSign)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from candle_ext import backend, reference
+from candle_ext.ops import validate
+
+_IMPLS = ("cuda", "triton", "reference")
+
+
+@torch.library.custom_op("candle_ext::sign_ste", mutates_args=())
+def _sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    impl = backend.select("sign_ste", x.device.type, _IMPLS)
+    if impl == "cuda":
+        return backend.compiled_module().sign_ste_cuda(x, bias)
+    if impl == "triton":
+        from candle_ext.triton import sign_ste as triton_sign
+        return triton_sign.sign_ste(x, bias)
+    return reference.sign_ste(x, bias)
+
+
+@_sign_ste.register_fake
+def _(x, bias):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("candle_ext::sign_ste_backward", mutates_args=())
+def _sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_bias); grad_bias is per channel (dim 1) and is computed even without a bias."""
+    impl = backend.select("sign_ste_backward", x.device.type, _IMPLS)
+    if impl == "cuda":
+        gx, gb = backend.compiled_module().sign_ste_backward_cuda(grad, x, bias)
+        return gx, gb
+    if impl == "triton":
+        from candle_ext.triton import sign_ste as triton_sign
+        return triton_sign.sign_ste_backward(grad, x, bias)
+    zero = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+    gx, gb = reference.sign_ste_backward(grad, x, zero if bias is None else bias)
+    return gx, gb
+
+
+@_sign_ste_backward.register_fake
+def _(grad, x, bias):
+    dtype = x.dtype if bias is None else bias.dtype
+    return torch.empty_like(x), x.new_empty((x.shape[1],), dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _backward(ctx, grad):
+    x, bias = ctx.saved_tensors
+    gx, gb = _sign_ste_backward(grad.contiguous(), x, bias)
+    return gx, (gb if bias is not None else None)
+
+
+_sign_ste.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """+-1 tensor sign(x - bias) (bias per channel, dim 1); gradient by ApproxSign (2+2u on [-1,0), 2-2u on
+    [0,1), 0 elsewhere, u = x - bias), and the bias gradient is minus the sum of that over all but dim 1."""
+    validate.tensor("x", x, validate.FLOAT_DTYPES)
+    if x.dim() < 2:
+        raise ValueError(f"x must have a channel dimension (rank >= 2), got shape {tuple(x.shape)}")
+    validate.per_channel("bias", bias, x.shape[1], x.device)
+    return _sign_ste(x, bias)

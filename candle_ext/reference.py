@@ -1,0 +1,176 @@
+"""Plain-PyTorch implementation of every op: the specification all backends are tested against.
+
+Nothing here is fast and nothing here is clever; every function is written so that a reader can check it
+against the definition in one glance. Integer results (packed words, binary conv accumulators) must be
+reproduced bit for bit by every backend; float results within the tolerance stated in the tests.
+
+Conventions (see candle_ext/ops/bitpack.py for the packed layout):
+- sign(x) = +1 for x >= 0, -1 otherwise (so sign(0) = +1, sign(-0.0) = +1).
+- Binarised tensors with a per-channel bias binarise u = x - bias (bias broadcast over dim 1).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+WORD_BITS = 32
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """+1 where x >= 0, -1 elsewhere, in x's dtype."""
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return torch.where(x >= 0, one, -one)
+
+
+def _shift(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if bias is None:
+        return x
+    shape = [1] * x.dim()
+    shape[1] = -1
+    return x - bias.reshape(shape).to(x.dtype)
+
+
+def num_words(channels: int) -> int:
+    return (channels + WORD_BITS - 1) // WORD_BITS
+
+
+def sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """NCHW float -> int32 [N, H, W, ceil(C/32)]; bit j of word k is channel 32k+j, 1 means +1; pad bits 0."""
+    n, c, h, w = x.shape
+    bits = (_shift(x, bias) >= 0).permute(0, 2, 3, 1).to(torch.int64)  # N H W C
+    words = num_words(c)
+    bits = F.pad(bits, (0, words * WORD_BITS - c))
+    bits = bits.reshape(n, h, w, words, WORD_BITS)
+    weights = torch.tensor([1 << j for j in range(WORD_BITS)], dtype=torch.int64, device=x.device)
+    packed = (bits * weights).sum(-1)  # 0 .. 2^32-1
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)  # reinterpret as int32
+    return packed.to(torch.int32).contiguous()
+
+
+def unpack(words: torch.Tensor, channels: int) -> torch.Tensor:
+    """int32 [N, H, W, ceil(C/32)] -> float32 NCHW of +-1 (the inverse of sign_pack on signs)."""
+    n, h, w, nw = words.shape
+    shifts = torch.arange(WORD_BITS, dtype=torch.int64, device=words.device)
+    bits = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 1  # N H W words 32
+    bits = bits.reshape(n, h, w, nw * WORD_BITS)[..., :channels]
+    return (bits.to(torch.float32) * 2 - 1).permute(0, 3, 1, 2).contiguous()
+
+
+def approx_sign_grad(u: torch.Tensor) -> torch.Tensor:
+    """Derivative of ReActNet's ApproxSign: 2+2u on [-1,0), 2-2u on [0,1), 0 elsewhere."""
+    zero = torch.zeros((), dtype=u.dtype, device=u.device)
+    return torch.where((u >= -1) & (u < 0), 2 + 2 * u, torch.where((u >= 0) & (u < 1), 2 - 2 * u, zero))
+
+
+def sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Forward of the straight-through sign: sign(x - bias)."""
+    return sign(_shift(x, bias))
+
+
+def sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    """(grad_x, grad_bias) of sign_ste; grad_bias is None when bias is None."""
+    g = grad * approx_sign_grad(_shift(x, bias))
+    if bias is None:
+        return g, None
+    dims = [d for d in range(g.dim()) if d != 1]
+    return g, (-g.sum(dim=dims)).to(bias.dtype)
+
+
+def binary_conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    scale: Optional[torch.Tensor] = None,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+) -> torch.Tensor:
+    """F.conv2d(sign(input), sign(weight)) with zero padding, times an optional per-output-channel scale."""
+    out = F.conv2d(sign(input), sign(weight), None, tuple(stride), tuple(padding), tuple(dilation))
+    if scale is not None:
+        out = out * scale.reshape(1, -1, 1, 1).to(out.dtype)
+    return out
+
+
+def binary_conv2d_packed(
+    x_packed: torch.Tensor,
+    w_packed: torch.Tensor,
+    channels: int,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Conv of packed +-1 activations [N,H,W,words] with packed weights [Cout,kh,kw,words].
+
+    out_dtype None: the exact int32 accumulators [N, Cout, Ho, Wo] (scale/shift must be None).
+    out_dtype float: acc * scale + shift (per output channel; either may be None), in that dtype.
+    """
+    x = unpack(x_packed, channels).to(torch.float64)
+    # [Cout, kh, kw, words] is the activation layout with N=Cout, H=kh, W=kw: unpack gives [Cout, C, kh, kw].
+    w = unpack(w_packed, channels).to(torch.float64)
+    acc = F.conv2d(x, w, None, tuple(stride), tuple(padding), tuple(dilation)).round().to(torch.int32)
+    if out_dtype is None:
+        if scale is not None or shift is not None:
+            raise ValueError("scale/shift need a float out_dtype")
+        return acc
+    out = acc.to(torch.float32)
+    if scale is not None:
+        out = out * scale.reshape(1, -1, 1, 1).to(torch.float32)
+    if shift is not None:
+        out = out + shift.reshape(1, -1, 1, 1).to(torch.float32)
+    return out.to(out_dtype)
+
+
+def nearest_indices(in_size: int, out_size: int, device=None) -> torch.Tensor:
+    """Source index of each output position of F.interpolate(mode='nearest') along one axis."""
+    src = torch.arange(in_size, dtype=torch.float32, device=device).reshape(1, 1, in_size)
+    return F.interpolate(src, size=out_size, mode="nearest").reshape(out_size).to(torch.int64)
+
+
+def multires_head(
+    features: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[Optional[torch.Tensor]],
+    base: int = 1,
+) -> torch.Tensor:
+    """Per resolution r: 1x1 conv (weights[r]: [C_S, C_T], biases[r]: [C_S]), nearest resize to the size of
+    features[base], then concat on channels -> [N, R*C_S, h_base, w_base] (paper Alg. 2)."""
+    size = features[base].shape[-2:]
+    outs = []
+    for f, w, b in zip(features, weights, biases):
+        y = F.conv2d(f, w.reshape(w.shape[0], w.shape[1], 1, 1), b)
+        outs.append(F.interpolate(y, size=size, mode="nearest"))
+    return torch.cat(outs, dim=1)
+
+
+def multires_head_backward(
+    grad: torch.Tensor,
+    features: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[Optional[torch.Tensor]],
+    base: int = 1,
+):
+    """Gradients of multires_head: (grad_features, grad_weights, grad_biases), lists per resolution.
+
+    The nearest resize is a gather, so its transpose scatters (adds) the base-size gradient back onto each
+    resolution's grid; the 1x1 conv's gradients follow from there."""
+    hb, wb = features[base].shape[-2:]
+    cs = weights[0].shape[0]
+    g_feats, g_weights, g_biases = [], [], []
+    for r, (f, w, b) in enumerate(zip(features, weights, biases)):
+        g = grad[:, r * cs:(r + 1) * cs]  # N, C_S, hb, wb
+        h, wd = f.shape[-2:]
+        ih = nearest_indices(h, hb, grad.device)
+        iw = nearest_indices(wd, wb, grad.device)
+        flat = (ih.reshape(-1, 1) * wd + iw.reshape(1, -1)).reshape(-1)  # hb*wb source positions
+        gy = torch.zeros(g.shape[0], cs, h * wd, dtype=grad.dtype, device=grad.device)
+        gy.index_add_(2, flat, g.reshape(g.shape[0], cs, hb * wb))  # N, C_S, h*w
+        fx = f.reshape(f.shape[0], f.shape[1], h * wd)
+        g_weights.append(torch.einsum("nsp,ntp->st", gy, fx.to(gy.dtype)).to(w.dtype))
+        g_biases.append(None if b is None else gy.sum(dim=(0, 2)).to(b.dtype))
+        g_feats.append(torch.einsum("st,nsp->ntp", w.to(gy.dtype), gy).reshape(f.shape).to(f.dtype))
+    return g_feats, g_weights, g_biases
