@@ -1,0 +1,27 @@
+"""Test setup. Without a GPU, Triton kernels run under its interpreter (TRITON_INTERPRET=1 must be set before
+triton is imported)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def force_backend(monkeypatch):
+    """force_backend('cpu') sets CANDLE_EXT_BACKEND for one test."""
+    def _force(name):
+        monkeypatch.setenv("CANDLE_EXT_BACKEND", name)
+    return _force
