@@ -39,6 +39,19 @@ def find_cuda_toolkit():
     return None
 
 
+def cuda_library_headers():
+    """Header folders of the CUDA math libraries that pip-installed torch depends on (nvidia/cu13/include ...).
+    A minimal toolkit (nvcc + cudart only) lacks cusparse.h/cublas_v2.h, which ATen's CUDA headers include."""
+    import site
+
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    found = []
+    for root in roots:
+        found += sorted(glob.glob(os.path.join(root, "nvidia", "*", "include")))
+        found += sorted(glob.glob(os.path.join(root, "nvidia", "*", "*", "include")))
+    return [d for d in found if os.path.isdir(d)]
+
+
 def main():
     import torch
 
@@ -54,6 +67,7 @@ def main():
         cpp.CUDA_HOME = toolkit
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 
+    include_dirs = [os.path.join(ROOT, "csrc")]
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp"]  # torch adds the C++ standard it needs
     macros = []
@@ -63,6 +77,8 @@ def main():
     if toolkit:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         macros.append(("WITH_CUDA", None))
+        include_dirs += [d for d in cuda_library_headers()
+                         if not os.path.exists(os.path.join(toolkit, "include", "cusparse.h"))]
         ext_cls = cpp.CUDAExtension
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -78,7 +94,7 @@ def main():
         f.write(f"CUDA_ARCHS = {archs!r}\nCUDA_TOOLKIT = {toolkit or ''!r}\nTORCH = {torch.__version__!r}\n")
 
     ext = ext_cls("candle_ext._C", sources, define_macros=macros, extra_link_args=["-fopenmp"],
-                  include_dirs=[os.path.join(ROOT, "csrc")], **kwargs)
+                  include_dirs=include_dirs, **kwargs)
     setup(
         packages=find_packages(include=["candle_ext", "candle_ext.*"]),
         ext_modules=[ext],
