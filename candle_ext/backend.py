@@ -93,8 +93,9 @@ def backends() -> list:
     return [b for b in ORDER if status(b)[0]]
 
 
-def serves(name: str, device_type: str) -> bool:
-    """Whether a backend runs on tensors of this device type."""
+def serves(name: str, device_type: str, forced: bool = False) -> bool:
+    """Whether a backend runs on tensors of this device type. Triton serves CPU tensors only under its
+    interpreter and only when forced (the interpreter is for testing, never a fast path)."""
     if name == "reference":
         return True
     if name == "cuda":
@@ -102,7 +103,7 @@ def serves(name: str, device_type: str) -> bool:
     if name == "cpu":
         return device_type == "cpu"
     if name == "triton":
-        return device_type == "cuda" or (device_type == "cpu" and triton_interpret())
+        return device_type == "cuda" or (forced and device_type == "cpu" and triton_interpret())
     return False
 
 
@@ -132,7 +133,7 @@ def select(op: str, device_type: str, implemented: Iterable[str]) -> str:
         ok, why = status(name)
         if not ok:
             raise RuntimeError(f"{ENV_VAR}={name} was asked for, but it is missing: {why}")
-        if not serves(name, device_type):
+        if not serves(name, device_type, forced=True):
             raise ValueError(f"{ENV_VAR}={name} cannot run {op} on {device_type} tensors")
         if name in implemented:
             return name
@@ -143,14 +144,14 @@ def select(op: str, device_type: str, implemented: Iterable[str]) -> str:
     expected = [b for b in ORDER if b != "reference" and b in implemented and serves(b, device_type)]
     for b in ORDER:
         if b in implemented and serves(b, device_type) and status(b)[0]:
-            if expected and b != expected[0]:
-                _warn_once((op, b, device_type), f"candle_ext.{op} on {device_type}: using the {b} backend "
-                           f"because {expected[0]} is unavailable: {status(expected[0])[1]}")
             if b == "reference" and device_type == "cuda" and expected:
                 raise RuntimeError(
                     f"candle_ext.{op} got CUDA tensors but this install has no GPU kernels for it: "
                     f"{status('cuda')[1]}; {status('triton')[1]}. Set {ENV_VAR}=reference to run the slow "
                     "plain-PyTorch path anyway."
                 )
+            if expected and b != expected[0]:
+                _warn_once((op, b, device_type), f"candle_ext.{op} on {device_type}: using the {b} backend "
+                           f"because {expected[0]} is unavailable: {status(expected[0])[1]}")
             return b
     return "reference"

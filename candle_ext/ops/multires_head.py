@@ -79,11 +79,13 @@ _multires_head.register_autograd(_backward, setup_context=_setup_context)
 
 
 def multires_head(features: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-                  biases: Optional[Sequence[Optional[torch.Tensor]]] = None, base: int = 1) -> torch.Tensor:
+                  biases: Optional[Sequence[Optional[torch.Tensor]]] = None, base: Optional[int] = None
+                  ) -> torch.Tensor:
     """Fused per-resolution 1x1 conv + nearest resize to features[base]'s size + channel concat.
 
     features: R tensors [N, C_T, h_r, w_r] (one dtype, one device); weights: R tensors [C_S, C_T] (or
-    [C_S, C_T, 1, 1]); biases: R tensors [C_S] or None. Returns [N, R*C_S, h_base, w_base]."""
+    [C_S, C_T, 1, 1]); biases: R tensors [C_S] or None; base: index of the base resolution (default: the
+    middle one, as in small/base/large). Returns [N, R*C_S, h_base, w_base]."""
     features, weights = list(features), list(weights)
     if not features:
         raise ValueError("features is empty; expected one feature map per resolution")
@@ -92,6 +94,8 @@ def multires_head(features: Sequence[torch.Tensor], weights: Sequence[torch.Tens
     biases = [None] * len(features) if biases is None else list(biases)
     if len(biases) != len(features):
         raise ValueError(f"got {len(features)} feature maps but {len(biases)} biases")
+    if base is None:
+        base = len(features) // 2
     if not (isinstance(base, int) and -len(features) <= base < len(features)):
         raise ValueError(f"base must index features (0..{len(features) - 1}), got {base!r}")
     base = base % len(features)

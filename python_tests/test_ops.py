@@ -1,0 +1,218 @@
+"""The public ops: dispatch, autograd, custom-op registration (opcheck), torch.compile, and bad inputs."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import candle_ext
+from candle_ext import backend, reference as R
+from candle_ext.ops.binary_conv2d import _binary_conv2d, _binary_conv2d_packed
+from candle_ext.ops.bitpack import _sign_pack, _unpack
+from candle_ext.ops.multires_head import _multires_head
+from candle_ext.ops.sign_ste import _sign_ste
+
+from shapes import random_conv_configs
+
+BACKENDS_HERE = [b for b in ("cpu", "reference") if backend.status(b)[0]]
+
+
+@pytest.mark.parametrize("name", BACKENDS_HERE)
+@pytest.mark.parametrize("cfg", random_conv_configs(12, seed=11, max_channels=100, max_hw=10), ids=str)
+def test_binary_conv2d_matches_reference(name, cfg, force_backend):
+    force_backend(name)
+    torch.manual_seed(1)
+    x = torch.randn(cfg.n, cfg.cin, cfg.h, cfg.w)
+    w = torch.randn(cfg.cout, cfg.cin, cfg.k, cfg.k)
+    scale = torch.rand(cfg.cout) + 0.1
+    got = candle_ext.binary_conv2d(x, w, scale, cfg.stride, cfg.padding, cfg.dilation)
+    want = R.binary_conv2d(x, w, scale, (cfg.stride,) * 2, (cfg.padding,) * 2, (cfg.dilation,) * 2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)  # float: integer * scale, one rounding
+    acc = candle_ext.binary_conv2d(candle_ext.sign_pack(x), candle_ext.sign_pack(w), None, cfg.stride,
+                                   cfg.padding, cfg.dilation, in_channels=cfg.cin, out_dtype=torch.int32)
+    assert torch.equal(acc, R.binary_conv2d(x, w, None, (cfg.stride,) * 2, (cfg.padding,) * 2,
+                                            (cfg.dilation,) * 2).to(torch.int32))
+
+
+def test_binary_conv2d_gradients_are_those_of_the_pm1_conv():
+    torch.manual_seed(2)
+    x = torch.randn(2, 37, 9, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 37, 3, 3, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    out = candle_ext.binary_conv2d(x, w, s, stride=2, padding=1)
+    grad = torch.randn_like(out)
+    gx, gw, gs = torch.autograd.grad(out, (x, w, s), grad)
+    sx = R.sign(x.detach()).requires_grad_()
+    sw = R.sign(w.detach()).requires_grad_()
+    s2 = s.detach().clone().requires_grad_()
+    ref = F.conv2d(sx, sw, None, 2, 1) * s2.reshape(1, -1, 1, 1)
+    ex, ew, es = torch.autograd.grad(ref, (sx, sw, s2), grad)
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gw, ew)
+    torch.testing.assert_close(gs, es)
+
+
+def test_sign_ste_forward_and_gradient():
+    torch.manual_seed(3)
+    x = (torch.rand(2, 5, 4, 4) * 3 - 1.5).requires_grad_()
+    b = (torch.rand(5) - 0.5).requires_grad_()
+    y = candle_ext.sign_ste(x, b)
+    assert torch.equal(y, R.sign_ste(x.detach(), b.detach()))
+    g = torch.randn_like(y)
+    gx, gb = torch.autograd.grad(y, (x, b), g)
+    ex, eb = R.sign_ste_backward(g, x.detach(), b.detach())
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gb, eb)
+    (gx_nobias,) = torch.autograd.grad(candle_ext.sign_ste(x), (x,), g)
+    torch.testing.assert_close(gx_nobias, R.sign_ste_backward(g, x.detach())[0])
+
+
+def test_multires_head_matches_reference_and_grads():
+    torch.manual_seed(4)
+    feats = [torch.randn(2, 6, s, s + 1, requires_grad=True) for s in (2, 4, 7)]
+    ws = [torch.randn(3, 6, requires_grad=True) for _ in feats]
+    bs = [torch.randn(3, requires_grad=True) for _ in feats]
+    out = candle_ext.multires_head(feats, ws, bs, base=1)
+    want = R.multires_head(feats, ws, bs, 1)
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, feats + ws + bs, g)
+    exp = torch.autograd.grad(want, feats + ws + bs, g)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck_every_op():
+    torch.manual_seed(5)
+    x = torch.randn(2, 40, 5, 6)
+    bias = torch.randn(40)
+    w = torch.randn(7, 40, 3, 3)
+    torch.library.opcheck(_sign_pack, (x, bias))
+    torch.library.opcheck(_sign_pack, (x, None))
+    torch.library.opcheck(_unpack, (R.sign_pack(x), 40))
+    torch.library.opcheck(_sign_ste, (x.clone().requires_grad_(), bias.clone().requires_grad_()))
+    torch.library.opcheck(_binary_conv2d, (x.clone().requires_grad_(), w.clone().requires_grad_(),
+                                           torch.rand(7), [1, 2], [1, 1], [1, 1]))
+    torch.library.opcheck(_binary_conv2d_packed, (R.sign_pack(x), R.sign_pack(w), 40, [2, 1], [1, 0], [1, 1],
+                                                  None, None, None))
+    torch.library.opcheck(_binary_conv2d_packed, (R.sign_pack(x), R.sign_pack(w), 40, [1, 1], [1, 1], [2, 2],
+                                                  torch.rand(7), torch.randn(7), torch.float32))
+    feats = [torch.randn(2, 4, s, s, requires_grad=True) for s in (2, 3, 6)]
+    ws = [torch.randn(5, 4, requires_grad=True) for _ in feats]
+    bs = [torch.randn(5, requires_grad=True) for _ in feats]
+    torch.library.opcheck(_multires_head, (feats, ws, bs, 1))
+
+
+def test_torch_compile_model_with_binary_conv():
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(
+        candle_ext.nn.RSign(8), candle_ext.nn.BinaryConv2d(8, 16, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(16), candle_ext.nn.RPReLU(16), candle_ext.nn.RSign(16),
+        candle_ext.nn.BinaryConv2d(16, 16, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    x = torch.randn(2, 8, 6, 6)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    got = compiled(x)
+    torch.testing.assert_close(got, eager)
+    got.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).sum().backward()
+    for a, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+# ---- backends ----------------------------------------------------------------------------------------------
+
+def test_backends_report_reference_always():
+    names = candle_ext.backends()
+    assert "reference" in names and names == [b for b in backend.ORDER if b in names]
+
+
+def test_forcing_a_missing_backend_explains(monkeypatch):
+    monkeypatch.setenv("CANDLE_EXT_BACKEND", "cuda")
+    if backend.status("cuda")[0]:
+        pytest.skip("cuda is available here")
+    with pytest.raises(RuntimeError, match="CANDLE_EXT_BACKEND=cuda .*missing"):
+        candle_ext.sign_pack(torch.randn(1, 3, 2, 2))
+
+
+def test_forcing_an_unknown_backend(monkeypatch):
+    monkeypatch.setenv("CANDLE_EXT_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="not a backend"):
+        candle_ext.sign_pack(torch.randn(1, 3, 2, 2))
+
+
+def test_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(backend, "_compiled", lambda: (None, "simulated: no _C"))
+    monkeypatch.setattr(backend, "_warned", set())
+    x = torch.randn(1, 3, 2, 2)
+    with pytest.warns(RuntimeWarning, match="reference backend because cpu is unavailable"):
+        candle_ext.sign_pack(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        candle_ext.sign_pack(x)  # second call: silent
+
+
+def test_cuda_tensors_without_gpu_kernels_raise(monkeypatch):
+    monkeypatch.setattr(backend, "_compiled", lambda: (None, "simulated: no _C"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(backend, "_triton_importable", lambda: (False, "simulated: no triton"))
+    with pytest.raises(RuntimeError, match="no GPU kernels"):
+        backend.select("binary_conv2d", "cuda", ("cuda", "triton", "cpu", "reference"))
+    monkeypatch.setenv("CANDLE_EXT_BACKEND", "reference")
+    assert backend.select("binary_conv2d", "cuda", ("cuda", "triton", "cpu", "reference")) == "reference"
+
+
+# ---- bad inputs ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 3, 4, 4).long(), torch.randn(2, 3, 1, 1)), TypeError,
+     "input has dtype int64"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(3, 4, 4), torch.randn(2, 3, 1, 1)), ValueError,
+     "input must have 4 dimensions"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 5, 1, 1)), ValueError,
+     "channels"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(0, 3, 4, 4), torch.randn(2, 3, 1, 1)), ValueError, "empty"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 3, 1, 1, device="meta")),
+     ValueError, "one device"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), stride=0), ValueError,
+     "stride must be >= 1"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), padding=-1),
+     ValueError, "padding must be >= 0"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), dilation=(1, 0)),
+     ValueError, "dilation must be >= 1"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 3, 2, 2), torch.randn(2, 3, 3, 3)), ValueError,
+     "smaller than the dilated kernel"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), torch.ones(3)),
+     ValueError, r"scale must have shape \(2,\)"),
+    (lambda: candle_ext.binary_conv2d(torch.zeros(1, 4, 4, 2, dtype=torch.int32), torch.randn(2, 3, 3, 3)),
+     ValueError, "words per pixel"),
+    (lambda: candle_ext.binary_conv2d(torch.zeros(1, 4, 4, 1, dtype=torch.int32),
+                                      torch.zeros(2, 3, 3, 1, dtype=torch.int32)), ValueError, "in_channels"),
+    (lambda: candle_ext.sign_pack(torch.randn(1, 3, 4)), ValueError, "x must have 4 dimensions"),
+    (lambda: candle_ext.sign_pack(torch.randn(1, 3, 4, 4), torch.randn(4)), ValueError, r"bias must have shape"),
+    (lambda: candle_ext.unpack(torch.zeros(1, 2, 2, 1, dtype=torch.int32), 40), ValueError, "words per pixel"),
+    (lambda: candle_ext.sign_ste(torch.randn(5)), ValueError, "rank >= 2"),
+    (lambda: candle_ext.multires_head([torch.randn(1, 4, 2, 2)], [torch.randn(3, 5)]), ValueError,
+     r"weights\[0\] must be \[C_S, 4\]"),
+    (lambda: candle_ext.multires_head([torch.randn(1, 4, 2, 2), torch.randn(2, 4, 2, 2)],
+                                      [torch.randn(3, 4)] * 2), ValueError, "batch"),
+    (lambda: candle_ext.multires_head([torch.randn(1, 4, 2, 2)], [torch.randn(3, 4)], base=2), ValueError,
+     "base must index"),
+    (lambda: candle_ext.nn.BinaryConv2d(4, 4, 3, groups=2), ValueError, "groups=1"),
+])
+def test_bad_inputs_raise_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_compiled_module_rejects_bad_input_directly():
+    mod = backend.compiled_module()
+    if mod is None:
+        pytest.skip("no compiled module in this install")
+    with pytest.raises(ValueError, match="must be contiguous|words per pixel"):
+        mod.binary_conv2d_cpu(torch.zeros(1, 2, 2, 3, dtype=torch.int32), torch.zeros(1, 1, 1, 1, dtype=torch.int32),
+                              32, 1, 1, 0, 0, 1, 1, None, None, 0)
+    with pytest.raises(TypeError, match="dtype"):
+        mod.sign_pack_cpu(torch.zeros(1, 2, 2, 2, dtype=torch.float64), None)
