@@ -1,4 +1,6 @@
 """Drop-in modules."""
 from candle_ext.nn.layers import BinaryConv2d, LearnableBias, RPReLU, RSign
+from candle_ext.nn.binarize import binarize_
 
 __all__ = ["BinaryConv2d", "LearnableBias", "RSign", "RPReLU"]
+__all__ += ["binarize_"]

@@ -1,0 +1,335 @@
+"""Packed inference: freeze a trained binary model to 1-bit weights, and save/load it as one small file.
+
+freeze(model) turns every BinaryConv2d into a PackedBinaryConv2d: its weight signs are stored as int32 words
+(layout in candle_ext/ops/bitpack.py), the input is binarised and packed by the fused sign_pack op with the
+threshold of the RSign/LearnableBias in front folded in, and the conv scale plus the BatchNorm after it are
+folded into the per-channel scale/shift of the conv's fused epilogue. Folding is done only where the dataflow
+is certain: consecutive children of an nn.Sequential. Everything else is kept as it is.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from candle_ext.nn.binarize import BINARIZED_ATTR, binarize_names_
+from candle_ext.nn.layers import BinaryConv2d, LearnableBias, RSign
+from candle_ext.ops import binary_conv2d, sign_pack
+from candle_ext.ops.bitpack import num_words
+
+ARCH_ATTR = "candle_arch"
+FORMAT = "candle-ext packed model"
+VERSION = 1
+# Builders a file may name. Importing an arbitrary dotted name from a file would run arbitrary code.
+BUILDER_PREFIXES = ("candle_ext.models.", "torchvision.models.", "timm.")
+_FP16_MAX = 65504.0
+HALF_MIN_NUMEL = 4096  # save_packed(half=True) stores float tensors at least this large in float16
+
+
+class PackedBinaryConv2d(nn.Module):
+    """Inference-only binary conv: out = popcount_conv(sign(x - threshold), W_bits) * scale + shift.
+
+    Buffers: weight_packed int32 [Cout, kh, kw, ceil(Cin/32)]; scale, shift float [Cout]; threshold float [Cin]
+    or None (then sign(x)). The output is float, in x's dtype (float32 for float64 input, cast back)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 threshold: bool = False, device=None):
+        super().__init__()
+        pair = nn.modules.utils._pair
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
+        self.padding, self.dilation = pair(padding), pair(dilation)
+        kh, kw = self.kernel_size
+        self.register_buffer("weight_packed", torch.zeros(out_channels, kh, kw, num_words(in_channels),
+                                                          dtype=torch.int32, device=device))
+        self.register_buffer("scale", torch.ones(out_channels, device=device))
+        self.register_buffer("shift", torch.zeros(out_channels, device=device))
+        self.register_buffer("threshold", torch.zeros(in_channels, device=device) if threshold else None)
+
+    @classmethod
+    def from_binary(cls, conv: BinaryConv2d) -> "PackedBinaryConv2d":
+        w = conv.weight.detach()
+        packed = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, device=w.device)
+        packed.weight_packed.copy_(sign_pack(w))
+        packed.scale.copy_(conv.scale().double())
+        if conv.bias is not None:
+            packed.shift.copy_(conv.bias.detach().double())
+        return packed
+
+    def set_threshold(self, threshold: torch.Tensor):
+        """Binarise sign(x - threshold) from now on (the folded RSign / LearnableBias chain)."""
+        if self.threshold is not None:
+            raise ValueError("this packed conv already has a folded input threshold")
+        self.register_buffer("threshold", threshold.detach().float().clone())
+
+    def fold_batchnorm(self, bn: nn.BatchNorm2d):
+        """Fold an eval-mode BatchNorm2d that reads this conv's output into scale and shift (in float64)."""
+        var, mean = bn.running_var.double(), bn.running_mean.double()
+        k = torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            k = k * bn.weight.detach().double()
+        shift = (self.shift.double() - mean) * k
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach().double()
+        self.scale.copy_(self.scale.double() * k)
+        self.shift.copy_(shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+        words = sign_pack(x, None if self.threshold is None else self.threshold.to(x.dtype))
+        out = binary_conv2d(words, self.weight_packed, self.scale, self.stride, self.padding, self.dilation,
+                            in_channels=self.in_channels, shift=self.shift, out_dtype=out_dtype)
+        return out.to(x.dtype)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, threshold={self.threshold is not None}")
+
+
+def _first_packed(module: nn.Module) -> Optional[PackedBinaryConv2d]:
+    """The packed conv that reads `module`'s input first, if the module is one or a Sequential starting so."""
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[0]
+    return module if isinstance(module, PackedBinaryConv2d) else None
+
+
+def _last_packed(module: nn.Module) -> Optional[PackedBinaryConv2d]:
+    """The packed conv whose output is `module`'s output, if there is one."""
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[-1]
+    return module if isinstance(module, PackedBinaryConv2d) else None
+
+
+def _foldable_bn(bn: nn.Module, conv: PackedBinaryConv2d) -> bool:
+    return (type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None
+            and bn.num_features == conv.out_channels)
+
+
+def _fold_sequential(seq: nn.Sequential):
+    """Within one Sequential: fold [LearnableBias]* [RSign] [LearnableBias]* -> packed conv into the conv's
+    input threshold, and packed conv -> BatchNorm2d into its epilogue; folded modules become nn.Identity."""
+    names = list(seq._modules.keys())
+    for i, name in enumerate(names):
+        conv = _first_packed(seq._modules[name])
+        if conv is None or conv.threshold is not None:
+            continue
+        # Walk back from the conv: sign(x + b1 - b2 ...) = sign(x - t); an RSign is folded only while nothing
+        # shifts its +-1 output before the conv (then the conv's own sign of +-1 is the identity).
+        t = torch.zeros(conv.in_channels, dtype=torch.float64, device=conv.scale.device)
+        folded, seen_sign, j = [], False, i - 1
+        while j >= 0:
+            m = seq._modules[names[j]]
+            if isinstance(m, LearnableBias) and m.bias.numel() == conv.in_channels:
+                t = t - m.bias.detach().double()
+            elif isinstance(m, RSign) and not seen_sign and not folded and m.bias.numel() == conv.in_channels:
+                t, seen_sign = t + m.bias.detach().double(), True
+            else:
+                break
+            folded.append(names[j])
+            j -= 1
+        if folded:
+            conv.set_threshold(t)
+            for n in folded:
+                seq._modules[n] = nn.Identity()
+    for name, nxt in zip(names, names[1:]):
+        conv = _last_packed(seq._modules[name])
+        bn = seq._modules[nxt]
+        if conv is not None and _foldable_bn(bn, conv):
+            conv.fold_batchnorm(bn)
+            seq._modules[nxt] = nn.Identity()
+
+
+def _convert(module: nn.Module) -> nn.Module:
+    if isinstance(module, BinaryConv2d):
+        return PackedBinaryConv2d.from_binary(module)
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            module._modules[name] = _convert(child)
+    if isinstance(module, nn.Sequential):
+        _fold_sequential(module)
+    return module
+
+
+@torch.no_grad()
+def freeze(model: nn.Module) -> nn.Module:
+    """An eval-mode packed inference copy of `model` (the original is untouched): every BinaryConv2d becomes a
+    PackedBinaryConv2d, with the RSign/LearnableBias before it and the BatchNorm2d after it folded in where
+    they are its neighbours in an nn.Sequential. Parameters of the copy do not require grad."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    frozen = _convert(copy.deepcopy(model).eval())
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+def _plain(value, where="arch"):
+    """Check that an architecture description holds only plain data (json-representable)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v, where) for k, v in value.items()}
+    raise TypeError(f"{where} must hold plain data (str/int/float/bool/None, lists, dicts with str keys), got "
+                    f"{type(value).__name__}: {value!r}")
+
+
+def _check_arch(arch, source: str) -> dict:
+    if not (isinstance(arch, dict) and isinstance(arch.get("builder"), str)
+            and isinstance(arch.get("kwargs", {}), dict)):
+        raise ValueError(f"{source}: arch must be a dict {{'builder': 'module.function', 'kwargs': {{...}}}}, "
+                         f"got {arch!r}")
+    builder = arch["builder"]
+    if not builder.startswith(BUILDER_PREFIXES):
+        raise ValueError(f"{source}: builder {builder!r} is not allowed; expected a name starting with one of "
+                         f"{BUILDER_PREFIXES}")
+    kwargs = arch.get("kwargs", {})
+    if kwargs.get("pretrained") or kwargs.get("weights") is not None:
+        raise ValueError(f"{source}: builder kwargs ask for pretrained weights ({kwargs}); the packed file holds "
+                         "the weights, so the model is built without them")
+    return {"builder": builder, "kwargs": _plain(kwargs)}
+
+
+def _build(arch: dict, source: str) -> nn.Module:
+    module_name, _, attr = arch["builder"].rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{source}: cannot find the model builder {arch['builder']!r}: {exc}") from exc
+    model = fn(**arch["kwargs"])
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{source}: builder {arch['builder']!r} returned {type(model).__name__}, not a Module")
+    return model
+
+
+# Tensors are stored concatenated, one flat tensor per dtype, with an index of (name, dtype, shape): a file
+# of ~200 small tensors would otherwise spend ~250 bytes of archive records on each.
+_DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                                    torch.int32, torch.int64, torch.uint8, torch.bool)}
+_HEADER_KEYS = ("format", "version", "arch", "binarized", "half", "index")
+
+
+def _flatten(state: dict):
+    index, chunks = [], {}
+    for key, t in state.items():
+        name = str(t.dtype).replace("torch.", "")
+        if name not in _DTYPES:
+            raise TypeError(f"save_packed cannot store {key} of dtype {t.dtype}")
+        index.append([key, name, list(t.shape)])
+        chunks.setdefault(name, []).append(t.reshape(-1))
+    return index, {name: torch.cat(parts) for name, parts in chunks.items()}
+
+
+def _unflatten(index, data: dict, source: str) -> dict:
+    """The state dict held by (index, data); ValueError when they do not describe each other."""
+    bad = ValueError(f"{source}: malformed packed model file (tensor index and data disagree)")
+    if not (isinstance(index, list) and isinstance(data, dict)
+            and all(isinstance(k, str) and k in _DTYPES and isinstance(v, torch.Tensor) and v.dim() == 1
+                    and v.dtype == _DTYPES[k] for k, v in data.items())):
+        raise bad
+    state, offsets = {}, dict.fromkeys(data, 0)
+    for entry in index:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[1] in data
+                and isinstance(entry[2], list) and all(isinstance(s, int) and s >= 0 for s in entry[2])):
+            raise bad
+        key, name, shape = entry
+        start = offsets[name]
+        count = 1
+        for s in shape:
+            count *= s
+        if start + count > data[name].numel():
+            raise bad
+        state[key] = data[name][start:start + count].reshape(shape)
+        offsets[name] = start + count
+    if any(offsets[name] != t.numel() for name, t in data.items()):
+        raise bad
+    return state
+
+
+def _digest(header: dict, data: dict) -> str:
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for name in sorted(data):
+        t = data[name].contiguous()
+        h.update(f"{name}|{t.numel()}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict] = None) -> int:
+    """Write the packed form of `model` (frozen first if it still has BinaryConv2d layers) to `path`, one
+    file readable by torch.load(weights_only=True): the architecture description, the 1-bit weight words and
+    the float parts.
+
+    half=True stores the large float tensors (>= 4096 elements: the classifier, big full-precision convs) in
+    float16. Small ones (per-channel thresholds, folded BN scale/shift, RPReLU, the stem conv) stay float32:
+    they decide the signs of the binary activations and cost little, so the binary codes are not perturbed.
+
+    arch: {'builder': 'module.function', 'kwargs': {...}} that builds the float model, e.g.
+    {'builder': 'torchvision.models.resnet18', 'kwargs': {'num_classes': 10}}; defaults to the description
+    that candle_ext.models.reactnet_a records on its models. Returns the file size in bytes."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    arch = arch if arch is not None else getattr(model, ARCH_ATTR, None)
+    if arch is None:
+        raise ValueError("arch is needed for a model that candle_ext.models did not build: pass "
+                         "arch={'builder': 'torchvision.models.resnet18', 'kwargs': {...}} (how to build the float "
+                         "model before binarize_)")
+    arch = _check_arch(arch, "save_packed")
+    frozen = model if not any(isinstance(m, BinaryConv2d) for m in model.modules()) else freeze(model)
+    state = {}
+    for key, t in frozen.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        if (half and t.is_floating_point() and t.numel() >= HALF_MIN_NUMEL
+                and t.abs().max().item() <= _FP16_MAX):
+            t = t.half()
+        state[key] = t
+    index, data = _flatten(state)
+    header = {"format": FORMAT, "version": VERSION, "arch": arch,
+              "binarized": list(getattr(model, BINARIZED_ATTR, ())), "half": bool(half), "index": index}
+    torch.save({**header, "data": data, "sha256": _digest(header, data)}, path)
+    return os.path.getsize(path)
+
+
+def load_packed(path, map_location="cpu") -> nn.Module:
+    """The eval-mode packed model saved by save_packed (float parts restored to float32). A file that is not
+    one, truncated or corrupt raises ValueError naming the path."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as exc:  # torch.load raises several types on truncated/corrupt archives
+        raise ValueError(f"{path}: not a readable candle-ext packed model file (truncated or corrupt?): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not (isinstance(blob, dict) and blob.get("format") == FORMAT):
+        raise ValueError(f"{path}: not a candle-ext packed model file (no '{FORMAT}' header)")
+    if blob.get("version") != VERSION:
+        raise ValueError(f"{path}: packed format version {blob.get('version')!r}; this candle-ext reads {VERSION}")
+    binarized = blob.get("binarized")
+    if not (isinstance(binarized, list) and all(isinstance(n, str) for n in binarized)):
+        raise ValueError(f"{path}: malformed packed model file (binarized list missing)")
+    state = _unflatten(blob.get("index"), blob.get("data"), str(path))
+    header = {k: blob.get(k) for k in _HEADER_KEYS}
+    if blob.get("sha256") != _digest(header, blob["data"]):
+        raise ValueError(f"{path}: checksum mismatch, the file is corrupt")
+    arch = _check_arch(blob["arch"], str(path))
+    model = _build(arch, str(path))
+    if binarized:
+        binarize_names_(model, binarized)
+    frozen = freeze(model)
+    try:
+        frozen.load_state_dict(state, strict=True)  # copy_ restores float16 parts to the model's float32
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: the saved weights do not fit the model that {arch['builder']} builds: "
+                         f"{exc}") from exc
+    setattr(frozen, ARCH_ATTR, arch)
+    return frozen.to(map_location)

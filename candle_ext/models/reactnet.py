@@ -1,0 +1,114 @@
+"""ReActNet-A (Liu et al., ECCV 2020), the binary student of CANDLE, as in the official implementation.
+
+Full-precision 3x3 stem conv + BN, 13 blocks on the MobileNetV1 channel plan, global average pool and a
+full-precision linear classifier. A block:
+
+    out1 = RPReLU(BN(BinConv3x3(RSign(x))) + shortcut(x))        shortcut = 2x2 avg pool on stride-2 blocks
+    out2 = RPReLU(BN(BinConv1x1(RSign(out1))) + out1)              [out1, out1] when the block doubles width
+
+On channel doubling the official model runs two C -> C 1x1 binary convs on the same signs, each with its own
+BN, and concatenates them. Both the scale (mean |W| per output channel) and BN are per output channel, so that
+pair is exactly one C -> 2C binary conv followed by one BN over 2C channels, which is what is built here (same
+parameters, same outputs, one kernel call instead of two).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from candle_ext.models.packed import ARCH_ATTR
+from candle_ext.nn.layers import BinaryConv2d, RPReLU, RSign
+
+# MobileNetV1 plan: stem width, then the 13 blocks as (in, out, stride) for a stem of 32 channels.
+STEM_CHANNELS = 32
+BLOCKS = [(32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2)] + \
+         [(512, 512, 1)] * 5 + [(512, 1024, 2), (1024, 1024, 1)]
+
+
+def binary_branch(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
+    """RSign -> BinaryConv2d (no bias, 'same' padding) -> BatchNorm2d: the unit that freeze() packs whole."""
+    return nn.Sequential(OrderedDict(
+        sign=RSign(in_channels),
+        conv=BinaryConv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
+        bn=nn.BatchNorm2d(out_channels),
+    ))
+
+
+class ReActBlock(nn.Module):
+    """One ReActNet-A block: binary 3x3 (stride) then binary 1x1, each with BN, residual and RPReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        if out_channels not in (in_channels, 2 * in_channels):
+            raise ValueError(f"out_channels must be in_channels or twice it, got {in_channels} -> {out_channels}")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.binary_3x3 = binary_branch(in_channels, in_channels, 3, stride)
+        # ceil_mode keeps the pooled shortcut the size of the strided conv output on odd inputs too (the two
+        # agree with the official AvgPool2d(2, 2) on even sizes, i.e. everywhere at 224 and 32).
+        self.shortcut = (nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if stride == 2
+                         else nn.Identity())
+        self.act1 = RPReLU(in_channels)
+        self.binary_1x1 = binary_branch(in_channels, out_channels, 1)
+        self.act2 = RPReLU(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out1 = self.act1(self.binary_3x3(x) + self.shortcut(x))
+        residual = out1 if self.out_channels == self.in_channels else torch.cat([out1, out1], dim=1)
+        return self.act2(self.binary_1x1(out1) + residual)
+
+    def extra_repr(self):
+        return f"{self.in_channels} -> {self.out_channels}, stride={self.stride}"
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool, flatten, full-precision linear layer (`fc`)."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(features), 1))
+
+
+class ReActNetA(nn.Module):
+    """model(x) == model.classifier(model.encoder(x)); model.encoder(x) is the final feature map
+    [N, model.num_features, h, w] before pooling."""
+
+    def __init__(self, num_classes: int = 1000, small_input: bool = False, width_mult: float = 1.0):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not width_mult > 0:
+            raise ValueError(f"width_mult must be a positive number, got {width_mult!r}")
+        # Every width is the stem width times a power of two, so doubling blocks stay exact doublings.
+        stem = max(8, int(round(STEM_CHANNELS * width_mult / 8)) * 8)
+        layers = OrderedDict(stem=nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(3, stem, 3, 1 if small_input else 2, 1, bias=False),
+            bn=nn.BatchNorm2d(stem),
+        )))
+        for i, (cin, cout, stride) in enumerate(BLOCKS, start=1):
+            layers[f"block{i}"] = ReActBlock(stem * cin // STEM_CHANNELS, stem * cout // STEM_CHANNELS, stride)
+        self.num_features = stem * BLOCKS[-1][1] // STEM_CHANNELS
+        self.num_classes, self.small_input, self.width_mult = num_classes, bool(small_input), float(width_mult)
+        self.encoder = nn.Sequential(layers)
+        self.classifier = ClassifierHead(self.num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.encoder(x))
+
+
+def reactnet_a(num_classes: int = 1000, small_input: bool = False, width_mult: float = 1.0) -> ReActNetA:
+    """ReActNet-A. small_input=True: stride-1 stem for 32x32 (CIFAR-size) inputs. width_mult scales every
+    channel count (multiples of 8, at least 8)."""
+    model = ReActNetA(num_classes, small_input, width_mult)
+    setattr(model, ARCH_ATTR, {"builder": "candle_ext.models.reactnet_a",
+                               "kwargs": {"num_classes": num_classes, "small_input": bool(small_input),
+                                          "width_mult": float(width_mult)}})
+    return model
+

@@ -1,0 +1,119 @@
+"""binarize_: turn the convolutions of an existing torchvision/timm model into binary ones, in place."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from candle_ext.nn.layers import BinaryConv2d, RSign
+
+# The root module remembers which of its convs binarize_ replaced, so that a saved packed model can rebuild the
+# same structure from a freshly built float model (candle_ext.load_packed).
+BINARIZED_ATTR = "candle_binarized"
+
+Skip = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+def _explicit_padding(conv: nn.Conv2d):
+    """Integer (ph, pw) equivalent to the conv's padding, or None when zero padding cannot express it."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    # 'same' (stride 1 by PyTorch's rule): symmetric only when the dilated kernel extent is odd.
+    pads = []
+    for k, d in zip(conv.kernel_size, conv.dilation):
+        total = d * (k - 1)
+        if total % 2:
+            return None
+        pads.append(total // 2)
+    return tuple(pads)
+
+
+def binarizable(module: nn.Module) -> bool:
+    """A plain nn.Conv2d (not a subclass with its own forward, e.g. timm's Conv2dSame or an already binary conv)
+    with groups == 1 (depthwise/grouped convs stay full precision), zero padding and a float weight."""
+    return (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
+            and module.groups == 1 and module.padding_mode == "zeros"
+            and _explicit_padding(module) is not None and module.weight.is_floating_point())
+
+
+def _binary_replacement(conv: nn.Conv2d) -> nn.Sequential:
+    """RSign (threshold 0) then a BinaryConv2d holding a copy of the conv's weight and bias."""
+    weight = conv.weight
+    binary = BinaryConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                          _explicit_padding(conv), conv.dilation, bias=conv.bias is not None,
+                          device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        binary.weight.copy_(weight)
+        if conv.bias is not None:
+            binary.bias.copy_(conv.bias)
+    binary.train(conv.training)
+    sign = RSign(conv.in_channels).to(device=weight.device, dtype=weight.dtype)
+    return nn.Sequential(OrderedDict(sign=sign, conv=binary)).train(conv.training)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def binarize_names_(model: nn.Module, names: Iterable[str]) -> nn.Module:
+    """Binarize exactly the convs called `names` (qualified module names); used to rebuild a saved model."""
+    names = list(names)
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules:
+            raise ValueError(f"names: model has no module called {name!r}")
+        if not binarizable(modules[name]):
+            raise ValueError(f"names: module {name!r} ({type(modules[name]).__name__}) is not a binarizable "
+                             "nn.Conv2d (groups=1, zero padding)")
+    for name in names:
+        _set_submodule(model, name, _binary_replacement(modules[name]))
+    done = set(getattr(model, BINARIZED_ATTR, ())) | set(names)
+    setattr(model, BINARIZED_ATTR, tuple(sorted(done)))
+    return model
+
+
+def _skip_predicate(model: nn.Module, skip: Skip) -> Callable[[str, nn.Module], bool]:
+    if skip is None:
+        return lambda name, module: False
+    if callable(skip):
+        return lambda name, module: bool(skip(name, module))
+    names = [skip] if isinstance(skip, str) else list(skip)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"skip must be a module name, a list of names or a predicate(name, module), got {skip!r}")
+    known = {n for n, _ in model.named_modules()}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValueError(f"skip names not found in the model: {missing}")
+    prefixes = tuple(n + "." for n in names)
+    return lambda name, module: name in names or name.startswith(prefixes)
+
+
+def binarize_(model: nn.Module, skip: Skip = None, *, keep_first: bool = True, keep_last: bool = True
+              ) -> nn.Module:
+    """Replace, in place, every nn.Conv2d of `model` with groups == 1 by RSign + BinaryConv2d (an
+    nn.Sequential(sign=RSign, conv=BinaryConv2d)) holding a copy of its weights, and return `model`.
+
+    Kept full precision: depthwise/grouped convs, conv subclasses with their own forward, and by default the
+    first conv and the last layer (the last nn.Conv2d/nn.Linear), in module registration order, which is the
+    execution order in torchvision and timm models. `skip`: more modules to keep, as a qualified name, a list
+    of names (a name keeps its whole subtree) or a predicate(name, module) -> bool.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    keep = _skip_predicate(model, skip)
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, BinaryConv2d)]
+    convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
+    kept = set()
+    if keep_first and convs:
+        kept.add(convs[0])
+    if keep_last and layers:
+        kept.add(layers[-1][0])
+    names = [n for n, m in layers if binarizable(m) and n not in kept and not keep(n, m)]
+    return binarize_names_(model, names)

@@ -1,0 +1,279 @@
+"""Packed inference: PackedBinaryConv2d, freeze() equivalence and folding rules, save_packed/load_packed."""
+import io
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import candle_ext
+from candle_ext import reference
+from candle_ext.models import PackedBinaryConv2d, freeze, load_packed, reactnet_a, save_packed
+from candle_ext.models import packed as packed_module
+from candle_ext.nn import BinaryConv2d, LearnableBias, RSign, binarize_
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_kernels(monkeypatch):
+    """Without a GPU, run the compiled C++ kernels (not Triton's interpreter, which conftest enables)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("CANDLE_EXT_BACKEND", "cpu" if "cpu" in candle_ext.backends() else "reference")
+
+
+def randomise(model, seed):
+    """Random BN statistics/affine, RSign thresholds, LearnableBias and RPReLU parameters, so that folding is
+    exercised with non-trivial values (fresh layers have mean 0, var 1, zero thresholds)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.track_running_stats:
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.25)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            elif isinstance(m, (RSign, LearnableBias)):
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+            elif isinstance(m, candle_ext.nn.RPReLU):
+                m.gamma.copy_(torch.randn(m.gamma.shape, generator=g) * 0.1)
+                m.zeta.copy_(torch.randn(m.zeta.shape, generator=g) * 0.1)
+    return model
+
+
+def assert_equivalent(ref, out):
+    """Float tolerance relative to the logit scale (folding changes the rounding of scale and BN), and the
+    same predicted class."""
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * max(1.0, ref.abs().max().item()))
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+
+
+# ----------------------------------------------------------------------------------------- PackedBinaryConv2d
+
+@pytest.mark.parametrize("cin, cout, k, stride, padding, bias", [
+    (33, 17, 3, 1, 1, False), (64, 40, 3, 2, 1, True), (70, 8, 1, 1, 0, True), (5, 3, 3, 2, 0, False)])
+def test_packed_conv_matches_binary_conv(cin, cout, k, stride, padding, bias):
+    torch.manual_seed(cin + cout)
+    conv = BinaryConv2d(cin, cout, k, stride, padding, bias=bias)
+    if bias:
+        nn.init.normal_(conv.bias)
+    packed = PackedBinaryConv2d.from_binary(conv)
+    assert packed.weight_packed.dtype == torch.int32
+    assert packed.weight_packed.shape == (cout, k, k, (cin + 31) // 32)
+    # [Cout, kh, kw, words] unpacks like an image batch to [Cout, Cin, kh, kw]: the weight signs, exactly.
+    assert torch.equal(reference.unpack(packed.weight_packed, cin), reference.sign(conv.weight.detach()))
+    x = torch.randn(2, cin, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), conv(x), rtol=1e-6, atol=1e-5)
+
+
+def test_packed_conv_threshold_and_batchnorm_fold():
+    torch.manual_seed(7)
+    seq = randomise(nn.Sequential(LearnableBias(40), RSign(40), BinaryConv2d(40, 24, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(24)), 7).eval()
+    frozen = freeze(seq)
+    packed = frozen[2]
+    assert isinstance(packed, PackedBinaryConv2d)
+    assert all(isinstance(frozen[i], nn.Identity) for i in (0, 1, 3))
+    # sign(x + b_lb - b_rsign) = sign(x - t) with t = b_rsign - b_lb
+    torch.testing.assert_close(packed.threshold, (seq[1].bias - seq[0].bias).detach())
+    x = torch.randn(3, 40, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), seq(x), rtol=1e-5, atol=1e-5)
+
+
+def test_freeze_folds_only_certain_dataflow():
+    """An RSign followed by a shift is not foldable; a BN that is a sibling attribute (not a Sequential
+    neighbour) is kept; a BN without running statistics is kept."""
+    torch.manual_seed(8)
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = BinaryConv2d(16, 16, 3, 1, 1, bias=False)
+            self.bn = nn.BatchNorm2d(16)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + x
+
+    model = randomise(nn.Sequential(OrderedDict(
+        sign=RSign(16), shift=LearnableBias(16), conv=BinaryConv2d(16, 16, 1, bias=False),
+        bn=nn.BatchNorm2d(16, track_running_stats=False), custom=Custom())), 8).eval()
+    frozen = freeze(model)
+    assert isinstance(frozen.sign, RSign) and isinstance(frozen.shift, nn.Identity)
+    torch.testing.assert_close(frozen.conv.threshold, -model.shift.bias.detach())
+    assert isinstance(frozen.bn, nn.BatchNorm2d)
+    assert isinstance(frozen.custom.conv, PackedBinaryConv2d) and frozen.custom.conv.threshold is None
+    assert isinstance(frozen.custom.bn, nn.BatchNorm2d)
+    x = torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ freeze ReActNet-A
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_freeze_reactnet_small_input(seed):
+    torch.manual_seed(seed)
+    model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), seed)
+    model.train()
+    frozen = freeze(model)
+    assert model.training and isinstance(model.encoder.block1.binary_3x3.conv, BinaryConv2d)  # untouched
+    assert not frozen.training
+    assert not any(isinstance(m, (BinaryConv2d, RSign)) for m in frozen.modules())
+    packed = [m for m in frozen.modules() if isinstance(m, PackedBinaryConv2d)]
+    assert len(packed) == 26 and all(p.threshold is not None for p in packed)
+    # Only the stem BN is left: every binary conv's BN is folded into its epilogue.
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in frozen.modules()) == 1
+    assert not any(p.requires_grad for p in frozen.parameters())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.eval()(x)
+        assert_equivalent(ref, frozen(x))
+        torch.testing.assert_close(frozen.encoder(x), model.encoder(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_freeze_reactnet_224(seed):
+    torch.manual_seed(seed)
+    model = randomise(reactnet_a(num_classes=100, width_mult=0.25), seed).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert_equivalent(model(x), freeze(model)(x))
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+def test_save_load_round_trip_bitwise(tmp_path):
+    torch.manual_seed(9)
+    model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), 9)
+    frozen = freeze(model)
+    path = tmp_path / "model.pt"
+    size = save_packed(model, path)
+    assert size == os.path.getsize(path)
+    # The file is plain data: dicts, lists, strings, numbers and tensors, readable with weights_only=True.
+    blob = torch.load(path, weights_only=True)
+    assert blob["arch"] == {"builder": "candle_ext.models.reactnet_a",
+                            "kwargs": {"num_classes": 10, "small_input": True, "width_mult": 0.25}}
+    state = packed_module._unflatten(blob["index"], blob["data"], "test")
+    assert state.keys() == frozen.state_dict().keys()
+    words = state["encoder.block3.binary_3x3.conv.weight_packed"]
+    assert words.dtype == torch.int32 and words.shape == (32, 3, 3, 1)
+    loaded = load_packed(path)
+    assert not loaded.training
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), frozen(x))
+    # Saving the frozen model gives the same tensors.
+    save_packed(frozen, tmp_path / "frozen.pt")
+    again = torch.load(tmp_path / "frozen.pt", weights_only=True)
+    assert again["index"] == blob["index"] and again["sha256"] == blob["sha256"]
+
+
+def test_save_load_half(tmp_path):
+    torch.manual_seed(10)
+    model = randomise(reactnet_a(num_classes=100, small_input=True, width_mult=0.25), 10)
+    path = tmp_path / "half.pt"
+    save_packed(model, path, half=True)
+    blob = torch.load(path, weights_only=True)
+    dtypes = {key: dtype for key, dtype, _ in blob["index"]}
+    assert dtypes["classifier.fc.weight"] == "float16"  # 256 x 100 >= 4096 elements
+    assert dtypes["encoder.block1.binary_3x3.conv.weight_packed"] == "int32"
+    # Per-channel parts (thresholds, folded BN, RPReLU) and the small stem conv stay float32.
+    assert dtypes["encoder.block1.binary_3x3.conv.threshold"] == "float32"
+    assert dtypes["encoder.stem.conv.weight"] == "float32"
+    loaded = load_packed(path)
+    assert loaded.classifier.fc.weight.dtype == torch.float32
+    assert torch.equal(loaded.classifier.fc.weight, model.classifier.fc.weight.detach().half().float())
+    frozen = freeze(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # The binary codes are untouched: the encoder is bit-exact, only the classifier weight is rounded.
+        assert torch.equal(loaded.encoder(x), frozen.encoder(x))
+        torch.testing.assert_close(loaded(x), frozen(x), rtol=2e-3, atol=2e-3)
+
+
+def test_file_size_full_reactnet_a(tmp_path):
+    model = reactnet_a()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    float_size = len(buf.getvalue())
+    size32 = save_packed(model, tmp_path / "a32.pt")
+    size16 = save_packed(model, tmp_path / "a16.pt", half=True)
+    print(f"\nReActNet-A float state_dict {float_size / 1e6:.1f} MB, packed {size32 / 1e6:.2f} MB "
+          f"({float_size / size32:.1f}x), packed half {size16 / 1e6:.2f} MB ({float_size / size16:.1f}x)")
+    assert float_size / size32 >= 14
+    assert float_size / size16 >= 20
+
+
+def test_save_load_binarized_torchvision(tmp_path):
+    torch.manual_seed(11)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    binarize_(model)
+    randomise(model, 11)
+    with pytest.raises(ValueError, match="arch"):
+        save_packed(model, tmp_path / "r.pt")
+    arch = {"builder": "torchvision.models.resnet18", "kwargs": {"num_classes": 10}}
+    save_packed(model, tmp_path / "r.pt", arch=arch)
+    loaded = load_packed(tmp_path / "r.pt")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), freeze(model)(x))
+    with pytest.raises(ValueError, match="not allowed"):
+        save_packed(model, tmp_path / "bad.pt", arch={"builder": "os.system", "kwargs": {}})
+    with pytest.raises(ValueError, match="pretrained"):
+        save_packed(model, tmp_path / "bad.pt", arch={"builder": "torchvision.models.resnet18",
+                                                       "kwargs": {"weights": "DEFAULT"}})
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(12)
+    path = tmp_path / "good.pt"
+    save_packed(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), path)
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "truncate_head", "garbage", "flip"])
+def test_corrupt_files_raise_value_error(saved, tmp_path, damage):
+    path, data = saved
+    bad = tmp_path / f"{damage}.pt"
+    if damage == "truncate":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "truncate_head":
+        bad.write_bytes(data[:100])
+    elif damage == "garbage":
+        bad.write_bytes(os.urandom(4096))
+    else:  # one flipped byte inside the stored tensor data
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0xFF
+        bad.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=str(bad).replace("\\", "\\\\")):
+        load_packed(bad)
+
+
+def test_other_files_and_tampering_raise_value_error(saved, tmp_path):
+    path, _ = saved
+    plain = tmp_path / "state_dict.pt"
+    torch.save(reactnet_a(width_mult=0.25).state_dict(), plain)
+    with pytest.raises(ValueError, match="not a candle-ext packed model"):
+        load_packed(plain)
+    blob = torch.load(path, weights_only=True)
+    blob["data"]["float32"][-1] += 1  # changed after saving: the checksum no longer matches
+    tampered = tmp_path / "tampered.pt"
+    torch.save(blob, tampered)
+    with pytest.raises(ValueError, match="checksum"):
+        load_packed(tampered)
+    # A well-formed file naming a builder outside the allow-list is refused before anything is imported.
+    blob = torch.load(path, weights_only=True)
+    blob["arch"] = {"builder": "subprocess.run", "kwargs": {}}
+    header = {k: blob[k] for k in ("format", "version", "arch", "binarized", "half", "index")}
+    blob["sha256"] = packed_module._digest(header, blob["data"])
+    evil = tmp_path / "evil.pt"
+    torch.save(blob, evil)
+    with pytest.raises(ValueError, match="not allowed"):
+        load_packed(evil)
+    with pytest.raises(FileNotFoundError):
+        load_packed(tmp_path / "missing.pt")
