@@ -1,6 +1,7 @@
 """Drop-in modules."""
 from candle_ext.nn.layers import BinaryConv2d, LearnableBias, RPReLU, RSign
 from candle_ext.nn.binarize import binarize_
+from candle_ext.nn.multires import MultiResolutionTeacher
 
-__all__ = ["BinaryConv2d", "LearnableBias", "RSign", "RPReLU"]
+__all__ = ["BinaryConv2d", "LearnableBias", "RSign", "RPReLU", "MultiResolutionTeacher"]
 __all__ += ["binarize_"]

@@ -1,0 +1,59 @@
+"""Long-tailed data: derivation (Table 6), head/medium/tail groups, class-balanced sampling, sources."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+
+from candle_ext.data.longtail import class_groups, class_order, labels_of, long_tailed_counts, make_long_tailed
+from candle_ext.data.registry import REGISTRY, DatasetInfo, dataset_info
+from candle_ext.data.sampler import ClassBalancedSampler, RandomEpochSampler, make_sampler
+from candle_ext.data.sources import (FileImageSet, ImageSet, TensorImageSet, fashion_mnist, image_folder,
+                                     split_file, torchvision_dataset)
+
+__all__ = ["make_long_tailed", "long_tailed_counts", "class_order", "class_groups", "labels_of", "REGISTRY",
+           "DatasetInfo", "dataset_info", "ClassBalancedSampler", "RandomEpochSampler", "make_sampler",
+           "ImageSet", "TensorImageSet", "FileImageSet", "image_folder", "split_file", "fashion_mnist",
+           "torchvision_dataset", "build_datasets"]
+
+
+def _balanced_subset(test: ImageSet, per_class: int, seed: int) -> ImageSet:
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(test.labels == c))[:per_class] for c in range(test.num_classes)]
+    return test.subset(np.sort(np.concatenate(keep)))
+
+
+def build_datasets(cfg: dict) -> Tuple[ImageSet, ImageSet]:
+    """(long-tailed train set, test set) from a `data` config section.
+
+    source: fashion_mnist | imagefolder (train_dir, test_dir) | split_file (train_split, test_split, root) |
+    torchvision (name, root, download). imbalance_ratio: derive an LT train set (null: use it as given).
+    test_per_class: keep at most this many test images per class (null: all)."""
+    src = cfg.get("source", "fashion_mnist")
+    download = bool(cfg.get("download", False))
+    if src == "fashion_mnist":
+        train, test = (fashion_mnist(t, cfg.get("root"), download) for t in (True, False))
+    elif src == "imagefolder":
+        train, test = image_folder(cfg["train_dir"]), image_folder(cfg["test_dir"])
+        if train.classes != test.classes:
+            raise ValueError(f"train_dir {cfg['train_dir']} and test_dir {cfg['test_dir']} have different "
+                             f"class folders")
+    elif src == "split_file":
+        train = split_file(cfg["train_split"], cfg.get("root", ""), cfg.get("num_classes"))
+        test = split_file(cfg["test_split"], cfg.get("root", ""), train.num_classes)
+    elif src == "torchvision":
+        root = os.path.expanduser(cfg.get("root") or "~/.cache/candle/data")
+        train, test = (torchvision_dataset(cfg["name"], root, t, download) for t in (True, False))
+    else:
+        raise ValueError(f"data.source must be fashion_mnist, imagefolder, split_file or torchvision, got {src!r}")
+    train.check_classes("training set")
+    if cfg.get("train_per_class"):  # a smaller balanced pool first (CPU demo budget), then the LT derivation
+        train = _balanced_subset(train, int(cfg["train_per_class"]), int(cfg.get("seed", 0)))
+    ratio = cfg.get("imbalance_ratio")
+    if ratio:
+        train = train.subset(make_long_tailed(train.labels, float(ratio), int(cfg.get("seed", 0)),
+                                              train.num_classes))
+    if cfg.get("test_per_class"):
+        test = _balanced_subset(test, int(cfg["test_per_class"]), int(cfg.get("seed", 0)))
+    return train, test

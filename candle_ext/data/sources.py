@@ -1,0 +1,237 @@
+"""Image sources: in-memory tensors, image files (ImageFolder, `path label` split files), torchvision datasets,
+and Fashion-MNIST from the Debian package `dataset-fashion-mnist` (offline).
+
+Every source is an ImageSet: `labels` (int64 numpy array), `classes` (names), `subset(indices)`, and
+`batch(indices, size)` -> float [B, 3, size, size] in [0, 1] (grayscale is repeated to 3 channels, images are
+resized bilinearly, antialiased when shrinking)."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    shrink = x.shape[-1] > size or x.shape[-2] > size
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def _to_rgb(x: torch.Tensor) -> torch.Tensor:
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
+        raise ValueError(f"{where}: label {bad} out of range [0, {num_classes})")
+
+
+class ImageSet:
+    labels: np.ndarray
+    classes: List[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+    def subset(self, indices) -> "ImageSet":
+        raise NotImplementedError
+
+    def batch(self, indices: Sequence[int], size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_classes(self, where: str) -> None:
+        """An empty class makes the LT derivation and the balanced sampler meaningless: refuse it by name."""
+        counts = np.bincount(self.labels, minlength=self.num_classes)
+        for c, n in enumerate(counts):
+            if n == 0:
+                raise ValueError(f"{where}: class {c} ({self.classes[c]!r}) has no images")
+
+
+class TensorImageSet(ImageSet):
+    """Images held in memory as uint8 [N, H, W] (grayscale), [N, H, W, C] or [N, C, H, W]."""
+
+    def __init__(self, images, labels, classes: Sequence[str], where: str = "tensor dataset"):
+        images = torch.from_numpy(np.array(images)) if not isinstance(images, torch.Tensor) else images
+        if images.dim() == 3:
+            images = images.unsqueeze(1)
+        elif images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+            images = images.permute(0, 3, 1, 2)
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"{where}: images must be [N,H,W], [N,H,W,C] or [N,C,H,W] with C in (1, 3), got "
+                             f"{tuple(images.shape)}")
+        self.images = images.contiguous()
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if self.labels.shape != (images.shape[0],):
+            raise ValueError(f"{where}: {images.shape[0]} images but labels of shape {self.labels.shape}")
+        self.classes = list(classes)
+        _check_labels(self.labels, len(self.classes), where)
+        self.where = where
+
+    def subset(self, indices) -> "TensorImageSet":
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return TensorImageSet(self.images[idx], self.labels[idx.numpy()], self.classes, self.where)
+
+    def batch(self, indices, size: int) -> torch.Tensor:
+        x = self.images[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        return _to_rgb(_resize(x, size))
+
+
+class FileImageSet(ImageSet):
+    """Images read from files on demand (ImageFolder trees, split files)."""
+
+    def __init__(self, paths: Sequence[str], labels, classes: Sequence[str], where: str):
+        self.paths = [str(p) for p in paths]
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = list(classes)
+        self.where = where
+        _check_labels(self.labels, len(self.classes), where)
+        for p in self.paths:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{where}: image file {p} does not exist")
+
+    def subset(self, indices) -> "FileImageSet":
+        idx = np.asarray(indices, dtype=np.int64)
+        return FileImageSet([self.paths[i] for i in idx], self.labels[idx], self.classes, self.where)
+
+    def load(self, i: int) -> torch.Tensor:
+        from PIL import Image
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except Exception as exc:  # PIL raises several types for corrupt files
+            raise ValueError(f"{self.where}: cannot read image {path}: {exc}") from exc
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    def batch(self, indices, size: int) -> torch.Tensor:
+        return torch.cat([_resize(self.load(int(i)).unsqueeze(0).float() / 255.0, size) for i in indices])
+
+
+def image_folder(root: str) -> FileImageSet:
+    """An ImageFolder tree: root/<class name>/<image files>; classes sorted by name."""
+    root_p = Path(root)
+    if not root_p.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    classes = sorted(d.name for d in root_p.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"image folder {root} has no class sub-folders")
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        files = sorted(p for p in (root_p / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"image folder {root}: class {name!r} (folder {root_p / name}) has no images")
+        paths += files
+        labels += [c] * len(files)
+    return FileImageSet(paths, labels, classes, where=f"image folder {root}")
+
+
+def split_file(path: str, root: str, num_classes: Optional[int] = None) -> FileImageSet:
+    """ImageNet-LT / Places-LT / iNaturalist-2018 split files: one `relative/path label` per line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"split file {path} does not exist")
+    paths, labels = [], []
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise ValueError(f"split file {path} line {n}: expected 'path label', got {line.strip()!r}")
+            paths.append(os.path.join(root, parts[0]))
+            labels.append(int(parts[1]))
+    if not paths:
+        raise ValueError(f"split file {path} has no entries")
+    c = num_classes if num_classes is not None else max(labels) + 1
+    return FileImageSet(paths, labels, [str(i) for i in range(c)], where=f"split file {path}")
+
+
+def _read_idx(path: str) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read idx file {path}: {exc}") from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte idx file")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes")
+    return body.reshape(dims)
+
+
+def fashion_mnist(train: bool, root: Optional[str] = None, download: bool = False) -> TensorImageSet:
+    """Fashion-MNIST from idx files (Debian `dataset-fashion-mnist`, or `root`); torchvision download when
+    asked and the files are absent."""
+    root = root or FASHION_MNIST_DIR
+    prefix = "train" if train else "t10k"
+    for ext in (".gz", ""):
+        img = os.path.join(root, f"{prefix}-images-idx3-ubyte{ext}")
+        lab = os.path.join(root, f"{prefix}-labels-idx1-ubyte{ext}")
+        if os.path.isfile(img) and os.path.isfile(lab):
+            return TensorImageSet(_read_idx(img), _read_idx(lab), FASHION_MNIST_CLASSES, where=img)
+    if download:
+        return torchvision_dataset("FashionMNIST", root=os.path.expanduser("~/.cache/candle/data"),
+                                   train=train, download=True)
+    raise FileNotFoundError(f"Fashion-MNIST idx files not found in {root}; install them offline with "
+                            f"`apt-get install dataset-fashion-mnist`, or set download: true")
+
+
+def torchvision_dataset(name: str, root: str, train: bool = True, download: bool = False) -> ImageSet:
+    """A torchvision dataset by class name (CIFAR10, CIFAR100, FashionMNIST, Flowers102, DTD, ...)."""
+    import torchvision.datasets as tvd
+    cls = getattr(tvd, name, None)
+    if cls is None:
+        raise ValueError(f"torchvision.datasets has no dataset {name!r}")
+    try:
+        ds = cls(root, train=train, download=download)
+    except TypeError:  # datasets with a split argument instead of train
+        ds = cls(root, split="train" if train else "test", download=download)
+    data = getattr(ds, "data", None)
+    labels = getattr(ds, "targets", None)
+    classes = list(getattr(ds, "classes", []))
+    if data is not None and labels is not None and not isinstance(data, list):
+        labels = np.asarray(labels)
+        return TensorImageSet(np.asarray(data), labels, classes or [str(i) for i in range(labels.max() + 1)],
+                              where=f"torchvision {name}")
+    # File-backed torchvision datasets: read labels once, images per item.
+    labels = np.asarray([int(t) for t in (labels if labels is not None else [ds[i][1] for i in range(len(ds))])])
+    return _TorchvisionItems(ds, labels, classes or [str(i) for i in range(labels.max() + 1)], name)
+
+
+class _TorchvisionItems(ImageSet):
+    def __init__(self, ds, labels, classes, name, indices=None):
+        self.ds, self.labels, self.classes, self.name = ds, labels, list(classes), name
+        self.indices = np.arange(labels.size) if indices is None else indices
+
+    def subset(self, indices):
+        idx = np.asarray(indices, dtype=np.int64)
+        return _TorchvisionItems(self.ds, self.labels[idx], self.classes, self.name, self.indices[idx])
+
+    def batch(self, indices, size):
+        out = []
+        for i in indices:
+            im = self.ds[int(self.indices[int(i)])][0].convert("RGB")
+            t = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+            out.append(_resize(t.unsqueeze(0).float() / 255.0, size))
+        return torch.cat(out)

@@ -1,0 +1,52 @@
+"""Atomic checkpoints that load with torch.load(weights_only=True), RNG states included."""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Dict
+
+import torch
+
+
+def rng_state() -> Dict[str, object]:
+    state = {"torch": torch.get_rng_state(), "python": _py_state(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _py_state(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def set_rng_state(state: Dict[str, object]) -> None:
+    torch.set_rng_state(state["torch"])
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old file or the new
+    one, never a torn one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location=map_location, weights_only=True)

@@ -1,0 +1,356 @@
+"""Calibrate, distill, evaluate and the demo as functions of a config dict (the `candle` command's engine)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from candle_ext.data import build_datasets, class_groups, class_order, make_sampler
+from candle_ext.nn.multires import MultiResolutionTeacher
+from candle_ext.train import checkpoint
+from candle_ext.train.calibrate import calibrate_step, make_calibration
+from candle_ext.train.distill import build_distill_parts, distill_step
+from candle_ext.train.evaluate import (accuracy_report, classifier_weight_norms, markdown_table, plot_gain,
+                                       plot_lambda, plot_weight_norms, predict, write_json)
+from candle_ext.train.loop import fit
+from candle_ext.train.teacher import load_teacher
+
+
+def _reactnet(num_classes: int, cfg: dict) -> nn.Module:
+    from candle_ext.models import reactnet_a
+    return reactnet_a(num_classes, small_input=bool(cfg.get("small_input", True)),
+                      width_mult=float(cfg.get("width_mult", 1.0)))
+
+
+# Student architectures by config name; tests register small stand-ins here.
+STUDENTS: Dict[str, Callable[[int, dict], nn.Module]] = {"reactnet_a": _reactnet}
+
+
+def build_student(cfg: dict, num_classes: int, seed: int) -> nn.Module:
+    arch = cfg.get("arch", "reactnet_a")
+    if arch not in STUDENTS:
+        raise ValueError(f"student.arch must be one of {sorted(STUDENTS)}, got {arch!r}")
+    torch.manual_seed(seed)  # the same initial student for every method compared
+    model = STUDENTS[arch](num_classes, cfg)
+    if not isinstance(getattr(model, "num_features", None), int):
+        raise TypeError(f"student {arch!r} must expose num_features (encoder output channels)")
+    return model
+
+
+def teacher_resolutions(tcfg: dict) -> Tuple[List[int], int]:
+    res = [int(r) for r in tcfg.get("resolutions", [128, 224, 480])]
+    base = int(tcfg.get("base", 1)) % len(res)
+    if not tcfg.get("multires", True):  # ablation: single-resolution teacher at the student's resolution
+        return [res[base]], 0
+    return res, base
+
+
+def build_teacher(tcfg: dict, num_classes: int, student_channels: int, seed: int) -> MultiResolutionTeacher:
+    enc, _ = load_teacher(tcfg.get("name", "efficientnet_lite0"), tcfg.get("weights"),
+                          bool(tcfg.get("pretrained", False)))
+    res, base = teacher_resolutions(tcfg)
+    torch.manual_seed(seed)
+    return MultiResolutionTeacher(enc, num_classes, student_channels, res, base)
+
+
+def _to_device(t: MultiResolutionTeacher, device: str) -> MultiResolutionTeacher:
+    return t.to(device)
+
+
+@torch.no_grad()
+def encode_dataset(teacher: MultiResolutionTeacher, data, batch_size: int, device: str,
+                   progress: bool = False) -> List[torch.Tensor]:
+    """The frozen encoder's feature maps for every image, per resolution (float16, CPU): the calibration
+    cache (valid because the encoder is frozen and augmentation is off)."""
+    chunks: List[List[torch.Tensor]] = [[] for _ in teacher.resolutions]
+    it = range(0, len(data), batch_size)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="teacher features", leave=False, dynamic_ncols=True)
+    for i in it:
+        x = data.batch(np.arange(i, min(i + batch_size, len(data))), teacher.base_resolution).to(device)
+        for r, f in enumerate(teacher.encode(x)):
+            chunks[r].append(f.half().cpu())
+    return [torch.cat(c) for c in chunks]
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: MultiResolutionTeacher, feats: List[torch.Tensor], batch_size: int, device: str
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(logits, pooled base-branch features) of the teacher for cached encoder maps."""
+    teacher.eval()
+    logits, fvec = [], []
+    n = feats[0].shape[0]
+    for i in range(0, n, batch_size):
+        lg, fb = teacher.head([f[i:i + batch_size].to(device) for f in feats])
+        logits.append(lg.cpu())
+        fvec.append(fb.mean(dim=(2, 3)).cpu())
+    return torch.cat(logits), torch.cat(fvec)
+
+
+def save_teacher(teacher: MultiResolutionTeacher, tcfg: dict, path: str) -> None:
+    head = {k: v for k, v in teacher.state_dict().items() if not k.startswith("encoder.")}
+    checkpoint.save_atomic({"head": head, "resolutions": teacher.resolutions, "base": teacher.base,
+                            "name": tcfg.get("name", "efficientnet_lite0"),
+                            "student_channels": teacher.student_channels, "num_classes": teacher.num_classes},
+                           path)
+
+
+def load_calibrated_teacher(tcfg: dict, path: str) -> MultiResolutionTeacher:
+    ck = checkpoint.load(path)
+    enc, _ = load_teacher(ck["name"], tcfg.get("weights"), bool(tcfg.get("pretrained", False)))
+    t = MultiResolutionTeacher(enc, int(ck["num_classes"]), int(ck["student_channels"]),
+                               [int(r) for r in ck["resolutions"]], int(ck["base"]))
+    missing, unexpected = t.load_state_dict(ck["head"], strict=False)
+    if unexpected or any(not k.startswith("encoder.") for k in missing):
+        raise ValueError(f"teacher checkpoint {path} does not fit: missing {missing}, unexpected {unexpected}")
+    return t
+
+
+def _augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Random horizontal flip and random crop after zero padding (torch RNG: replayed on resume)."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n) < 0.5
+    x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(3), x)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n)).tolist()
+    return torch.stack([xp[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+class Context:
+    """Everything one run shares: config, data, groups, device, output folder."""
+
+    def __init__(self, cfg: dict, train=None, test=None):
+        self.cfg = cfg
+        self.seed = int(cfg.get("seed", 0))
+        self.device = cfg.get("device", "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        self.out = cfg.get("out_dir", "runs/candle")
+        os.makedirs(self.out, exist_ok=True)
+        if train is None:
+            train, test = build_datasets(cfg.get("data", {}))
+        self.train, self.test = train, test
+        self.num_classes = train.num_classes
+        self.groups = class_groups(train.labels, self.num_classes, cfg.get("data", {}).get("groups", "auto"))
+        self.order = class_order(train.labels, self.num_classes).tolist()
+        self.progress = bool(cfg.get("progress", True))
+        self.res, self.base = teacher_resolutions(cfg.get("teacher", {}))
+        self.size = self.res[self.base]
+        self._channels: Optional[int] = None
+
+    def student_channels(self) -> int:
+        if self._channels is None:
+            self._channels = build_student(self.cfg.get("student", {}), self.num_classes, self.seed).num_features
+        return self._channels
+
+    def log(self, msg: str) -> None:
+        if self.progress:
+            print(msg, flush=True)
+
+
+def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Tensor]] = None,
+              stop_after_steps: Optional[int] = None) -> Tuple[MultiResolutionTeacher, Dict, List[torch.Tensor]]:
+    """Stage 1: train the 1x1 convs and classifier of the multi-resolution teacher with class-balanced
+    sampling and label-aware smoothing. Saves {out}/teacher.pt; returns (teacher, report, encoder cache)."""
+    c = ctx.cfg.get("calibrate", {})
+    teacher = build_teacher(ctx.cfg.get("teacher", {}), ctx.num_classes, ctx.student_channels(), ctx.seed)
+    teacher = _to_device(teacher, ctx.device)
+    bs = int(c.get("batch_size", 128))
+    t0 = time.time()
+    if cache is None:
+        cache = encode_dataset(teacher, ctx.train, bs, ctx.device, ctx.progress)
+    t_enc = time.time() - t0
+    epochs = int(c.get("epochs", 5))
+    counts = np.bincount(ctx.train.labels, minlength=ctx.num_classes)
+    opt, sched, eps = make_calibration(teacher, counts, float(c.get("lr", 1e-3)),
+                                       epochs * -(-len(ctx.train) // bs), float(c.get("eps_head", 0.3)),
+                                       float(c.get("eps_tail", 0.0)))
+    labels = torch.as_tensor(ctx.train.labels)
+
+    def step(idx):
+        i = torch.as_tensor(idx)
+        return calibrate_step(teacher, opt, sched, [f[i].to(ctx.device) for f in cache],
+                              labels[i].to(ctx.device), eps)
+
+    sampler = make_sampler(ctx.train.labels, c.get("sampler", "balanced"), ctx.seed)
+    history = fit(ctx.out, "calibrate", epochs, sampler, bs, step,
+                  {"head": _HeadState(teacher), "opt": opt, "sched": sched}, resume, None, ctx.progress,
+                  stop_after_steps)
+    save_teacher(teacher, ctx.cfg.get("teacher", {}), os.path.join(ctx.out, "teacher.pt"))
+    report = {"encode_seconds": t_enc, "history": history}
+    if c.get("evaluate", True):
+        report["test"] = evaluate_teacher(ctx, teacher)
+        ctx.log(f"calibrated teacher: top-1 {report['test']['top1']:.2f}")
+    return teacher, report, cache
+
+
+class _HeadState:
+    """state_dict of the teacher's trainable head only (the frozen encoder is rebuilt, never saved)."""
+
+    def __init__(self, teacher: MultiResolutionTeacher):
+        self.t = teacher
+
+    def state_dict(self):
+        return {k: v for k, v in self.t.state_dict().items() if not k.startswith("encoder.")}
+
+    def load_state_dict(self, sd):
+        self.t.load_state_dict(sd, strict=False)
+
+
+@torch.no_grad()
+def evaluate_teacher(ctx: Context, teacher: MultiResolutionTeacher) -> Dict:
+    teacher.eval()
+    feats = encode_dataset(teacher, ctx.test, 256, ctx.device)
+    logits, _ = teacher_outputs(teacher, feats, 256, ctx.device)
+    return accuracy_report(logits.argmax(1).numpy(), ctx.test.labels, ctx.groups, ctx.num_classes)
+
+
+def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiResolutionTeacher] = None,
+            cache: Optional[List[torch.Tensor]] = None, name: Optional[str] = None, resume: bool = False,
+            stop_after_steps: Optional[int] = None) -> Tuple[nn.Module, Dict]:
+    """Stage 2 (or the scratch baseline): train the binary student. mode defaults to distill.mode. The
+    teacher defaults to {out}/teacher.pt (mode 'feature' uses an uncalibrated teacher). Saves
+    {out}/{name}_student.pt; returns (student, report)."""
+    d = ctx.cfg.get("distill", {})
+    mode = mode or d.get("mode", "adversarial")
+    name = name or mode
+    bs = int(d.get("batch_size", 128))
+    epochs = int(d.get("epochs", 10))
+    steps = epochs * -(-len(ctx.train) // bs)
+    student = build_student(ctx.cfg.get("student", {}), ctx.num_classes, ctx.seed).to(ctx.device)
+    torch.manual_seed(ctx.seed + 1)
+    parts = build_distill_parts(student, mode, float(d.get("lr", 0.01)), d.get("phi_lr"), steps,
+                                float(d.get("fixed_lambda", 0.5)), float(d.get("temperature", 1.0)))
+    if parts.balancer is not None:
+        parts.balancer.to(ctx.device)
+    augment = bool(d.get("augment", False))
+    t_logits = t_feats = None
+    if mode != "scratch":
+        if teacher is None:
+            tpath = os.path.join(ctx.out, "teacher.pt")
+            if mode == "feature":
+                teacher = build_teacher(ctx.cfg.get("teacher", {}), ctx.num_classes, student.num_features,
+                                        ctx.seed)
+            else:
+                teacher = load_calibrated_teacher(ctx.cfg.get("teacher", {}), tpath)
+        teacher = _to_device(teacher, ctx.device).eval()
+        if teacher.student_channels != student.num_features:
+            raise ValueError(f"teacher maps to {teacher.student_channels} channels, the student has "
+                             f"{student.num_features}; calibrate with the same student config")
+        if not augment:
+            if cache is None:
+                cache = encode_dataset(teacher, ctx.train, bs, ctx.device, ctx.progress)
+            t_logits, t_feats = teacher_outputs(teacher, cache, bs, ctx.device)
+    labels = torch.as_tensor(ctx.train.labels)
+
+    def step(idx):
+        i = torch.as_tensor(idx)
+        x = ctx.train.batch(idx, ctx.size)
+        if augment:
+            x = _augment(x)
+        x = x.to(ctx.device)
+        tl = tf = None
+        if mode != "scratch":
+            if t_logits is not None:
+                tl, tf = t_logits[i].to(ctx.device), t_feats[i].to(ctx.device)
+            else:
+                with torch.no_grad():
+                    tl, tf = teacher(x)
+        return distill_step(parts, (x - 0.5) / 0.5, labels[i].to(ctx.device), tl, tf)
+
+    def end_of_epoch(epoch):
+        if not d.get("eval_every_epoch", False):
+            return {}
+        return {"test_top1": evaluate_student(ctx, student)["top1"]}
+
+    sampler = make_sampler(ctx.train.labels, d.get("sampler", "random"), ctx.seed)
+    t0 = time.time()
+    history = fit(ctx.out, name, epochs, sampler, bs, step, parts.modules(), resume, end_of_epoch, ctx.progress,
+                  stop_after_steps)
+    checkpoint.save_atomic(student.state_dict(), os.path.join(ctx.out, f"{name}_student.pt"))
+    report = {"mode": mode, "train_seconds": time.time() - t0, "history": history,
+              "test": evaluate_student(ctx, student)}
+    ctx.log(f"{name}: top-1 {report['test']['top1']:.2f}")
+    return student, report
+
+
+def evaluate_student(ctx: Context, student: nn.Module) -> Dict:
+    student.eval()
+    preds = predict(student, ctx.test, ctx.size, 256, ctx.device)
+    rep = accuracy_report(preds, ctx.test.labels, ctx.groups, ctx.num_classes)
+    rep["weight_norms"] = classifier_weight_norms(student.classifier.fc)
+    return rep
+
+
+def load_student(ctx: Context, path: str) -> nn.Module:
+    student = build_student(ctx.cfg.get("student", {}), ctx.num_classes, ctx.seed)
+    student.load_state_dict(checkpoint.load(path))
+    return student.to(ctx.device).eval()
+
+
+def export_student(student: nn.Module, path: str) -> None:
+    from candle_ext.models import freeze, save_packed
+    save_packed(freeze(student), path)
+
+
+def write_reports(ctx: Context, results: Dict[str, Dict], lambda_log: Optional[str], baseline: str,
+                  main: str) -> str:
+    """report.json, report.md and the plots into the output folder; returns the markdown table."""
+    rows = {k: v["test"] for k, v in results.items()}
+    table = markdown_table(rows)
+    plots = {}
+    if lambda_log and os.path.exists(lambda_log):
+        plots["lambda"] = os.path.join(ctx.out, "lambda_schedule.png")
+        plot_lambda(lambda_log, plots["lambda"])
+    norms = {k: v["weight_norms"] for k, v in rows.items() if "weight_norms" in v}
+    if norms:
+        plots["weight_norms"] = os.path.join(ctx.out, "class_weight_norms.png")
+        plot_weight_norms(norms, ctx.order, plots["weight_norms"])
+    if baseline in rows and main in rows:
+        plots["gain"] = os.path.join(ctx.out, "per_class_gain.png")
+        plot_gain(rows[main]["per_class"], rows[baseline]["per_class"], ctx.order, plots["gain"],
+                  f"{main} - {baseline}")
+    write_json({"config": ctx.cfg, "groups": ctx.groups, "class_order": ctx.order,
+                "train_counts": np.bincount(ctx.train.labels, minlength=ctx.num_classes).tolist(),
+                "test_size": len(ctx.test), "results": results, "plots": plots},
+               os.path.join(ctx.out, "report.json"))
+    with open(os.path.join(ctx.out, "report.md"), "w") as fh:
+        fh.write(table + "\n")
+    return table
+
+
+def demo(ctx: Context, resume: bool = False) -> Dict:
+    """Calibrate the teacher, distill CANDLE, train the same student from scratch, evaluate both, plot,
+    report and export the packed CANDLE student."""
+    t0 = time.time()
+    teacher, trep, cache = calibrate(ctx, resume=resume)
+    ctx.log(f"[{time.time() - t0:.0f}s] calibration done")
+    mode = ctx.cfg.get("distill", {}).get("mode", "adversarial")
+    s_candle, crep = distill(ctx, mode, teacher, cache, name="candle", resume=resume)
+    del cache
+    ctx.log(f"[{time.time() - t0:.0f}s] CANDLE distillation done")
+    _, srep = distill(ctx, "scratch", name="scratch", resume=resume)
+    ctx.log(f"[{time.time() - t0:.0f}s] scratch baseline done")
+    results = {"teacher (FP, calibrated)": {"test": trep["test"]}, "candle": crep, "scratch": srep}
+    table = write_reports(ctx, results, os.path.join(ctx.out, "candle.jsonl"), "scratch", "candle")
+    packed = os.path.join(ctx.out, "candle_packed.pt")
+    try:
+        export_student(s_candle, packed)
+    except (AttributeError, ImportError) as exc:
+        raise RuntimeError(f"exporting the packed student needs candle_ext.freeze/save_packed: {exc}") from exc
+    total = time.time() - t0
+    rep = json.load(open(os.path.join(ctx.out, "report.json")))
+    rep["total_seconds"] = total
+    write_json(rep, os.path.join(ctx.out, "report.json"))
+    print(table)
+    print(f"demo finished in {total:.0f}s; report, plots and {packed} in {ctx.out}", flush=True)
+    return rep
