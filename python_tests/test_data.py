@@ -1,0 +1,170 @@
+"""Long-tailed derivation (paper Table 6), class groups, class-balanced sampling, data sources, bad data."""
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from candle_ext.data import (REGISTRY, ClassBalancedSampler, RandomEpochSampler, build_datasets, class_groups,
+                             class_order, dataset_info, fashion_mnist, image_folder, long_tailed_counts,
+                             make_long_tailed, split_file)
+from candle_ext.data.sources import FASHION_MNIST_DIR, TensorImageSet
+
+
+@pytest.mark.parametrize("classes,per_class,ratio,expected", [
+    (10, 5000, 10, 20431), (10, 5000, 100, 12406), (100, 500, 10, 19573), (100, 500, 100, 10847)])
+def test_table6_counts(classes, per_class, ratio, expected):
+    # CIFAR-10/100 label layouts (balanced train sets), built here: no download.
+    labels = np.random.default_rng(1).permutation(np.repeat(np.arange(classes), per_class))
+    idx = make_long_tailed(labels, ratio, seed=0)
+    assert len(idx) == expected
+    counts = np.bincount(labels[idx], minlength=classes)
+    assert counts[0] == per_class and counts[-1] == int(np.floor(per_class / ratio + 1e-9))
+    assert list(counts) == long_tailed_counts(per_class, classes, ratio)
+
+
+def test_registry_matches_table6():
+    assert len(REGISTRY) == 15
+    for name in ("cifar10-lt-r10", "cifar10-lt-r100", "cifar100-lt-r10", "cifar100-lt-r100"):
+        info = dataset_info(name)
+        c, n = (10, 5000) if "cifar10-" in name else (100, 500)
+        assert len(make_long_tailed(np.repeat(np.arange(c), n), info.ratio)) == info.train_samples
+    assert dataset_info("fruits360-lt").ratio == 100 and dataset_info("imagenet-lt").ratio is None
+    with pytest.raises(ValueError, match="unknown dataset"):
+        dataset_info("mnist-lt")
+
+
+def test_class_order_sorts_by_count_then_index():
+    labels = np.array([2, 2, 2, 0, 1, 1, 3, 3])  # counts 1, 2, 3, 2
+    assert class_order(labels, 4).tolist() == [2, 1, 3, 0]
+    idx = make_long_tailed(np.repeat([0, 1, 2], [10, 30, 30]), 10, seed=3)  # class 1 ranks first (tie, index)
+    kept = np.bincount(np.repeat([0, 1, 2], [10, 30, 30])[idx], minlength=3)
+    n_max = 70 / 3
+    assert kept.tolist() == [min(10, int(n_max * 0.1)), int(n_max), int(n_max * 0.1 ** 0.5)]
+
+
+def test_make_long_tailed_seed_and_errors():
+    labels = np.repeat(np.arange(5), 40)
+    a, b, c = (make_long_tailed(labels, 10, s) for s in (0, 0, 1))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    with pytest.raises(ValueError, match="ratio"):
+        make_long_tailed(labels, 0.5)
+    with pytest.raises(ValueError, match="class 2 has no samples"):
+        make_long_tailed(labels[labels != 2], 10, num_classes=5)
+
+
+def test_class_groups_count_and_thirds():
+    counts = [500, 150, 100, 50, 20, 19, 3]
+    labels = np.repeat(np.arange(7), counts)
+    g = class_groups(labels, 7, "count")
+    assert g == {"head": [0, 1], "medium": [2, 3, 4], "tail": [5, 6]}
+    small = np.repeat(np.arange(6), [600, 359, 215, 129, 77, 46])
+    assert class_groups(small, 6, "auto") == {"head": [0, 1], "medium": [2, 3], "tail": [4, 5]}
+
+
+def test_class_balanced_sampler_balances_and_replays():
+    labels = np.repeat(np.arange(3), [1000, 100, 10])
+    s = ClassBalancedSampler(labels, seed=5)
+    s.set_epoch(0)
+    first = list(s)
+    counts = np.bincount(labels[first], minlength=3)
+    assert len(first) == 1110
+    assert counts.min() > 0.8 * 370 and counts.max() < 1.2 * 370  # uniform over classes, not over samples
+    tail = [i for i in first if labels[i] == 2]
+    assert len(set(tail)) == 10  # every tail sample is drawn
+    s.set_epoch(0)
+    assert list(s) == first
+    s.set_epoch(1)
+    assert list(s) != first
+    r = RandomEpochSampler(labels, seed=5)
+    assert sorted(r) == list(range(1110))
+
+
+def _write_png(path, value, size=12):
+    arr = np.full((size, size, 3), value, dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def test_image_folder_and_bad_data(tmp_path):
+    for c, n in (("cat", 3), ("dog", 2)):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(n):
+            _write_png(tmp_path / "train" / c / f"{i}.png", 40 * i)
+    ds = image_folder(str(tmp_path / "train"))
+    assert ds.classes == ["cat", "dog"] and ds.labels.tolist() == [0, 0, 0, 1, 1]
+    x = ds.batch([0, 4], 8)
+    assert x.shape == (2, 3, 8, 8) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    (tmp_path / "train" / "empty").mkdir()
+    with pytest.raises(ValueError, match="'empty'"):
+        image_folder(str(tmp_path / "train"))
+    (tmp_path / "train" / "empty").rmdir()
+    bad = tmp_path / "train" / "dog" / "broken.png"
+    bad.write_bytes(b"not a png")
+    ds = image_folder(str(tmp_path / "train"))
+    with pytest.raises(ValueError, match="broken.png"):
+        ds.batch(range(len(ds)), 8)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        image_folder(str(tmp_path / "nowhere"))
+
+
+def test_split_file_and_bad_data(tmp_path):
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        _write_png(tmp_path / "img" / f"{i}.png", 10 * i)
+    good = tmp_path / "train.txt"
+    good.write_text("img/0.png 0\nimg/1.png 1\nimg/2.png 1\n")
+    ds = split_file(str(good), str(tmp_path))
+    assert ds.labels.tolist() == [0, 1, 1] and ds.num_classes == 2
+    missing = tmp_path / "missing.txt"
+    missing.write_text("img/0.png 0\nimg/9.png 1\n")
+    with pytest.raises(FileNotFoundError, match="9.png"):
+        split_file(str(missing), str(tmp_path))
+    out_of_range = tmp_path / "range.txt"
+    out_of_range.write_text("img/0.png 0\nimg/1.png 7\n")
+    with pytest.raises(ValueError, match="label 7 out of range"):
+        split_file(str(out_of_range), str(tmp_path), num_classes=3)
+    malformed = tmp_path / "bad.txt"
+    malformed.write_text("img/0.png zero\n")
+    with pytest.raises(ValueError, match="line 1"):
+        split_file(str(malformed), str(tmp_path))
+
+
+def _write_idx(path, arr):
+    with gzip.open(path, "wb") as fh:
+        fh.write(bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes())
+
+
+def test_idx_reader_and_corrupt_file(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    labels = np.repeat(np.arange(10), 2).astype(np.uint8)
+    for prefix in ("train", "t10k"):
+        _write_idx(str(tmp_path / f"{prefix}-images-idx3-ubyte.gz"), imgs)
+        _write_idx(str(tmp_path / f"{prefix}-labels-idx1-ubyte.gz"), labels)
+    ds = fashion_mnist(True, str(tmp_path))
+    assert torch.equal(ds.images[:, 0], torch.from_numpy(imgs)) and ds.labels.tolist() == labels.tolist()
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(bytes([0, 0, 8, 3]) + struct.pack(">3I", 20, 28, 28) + b"\0" * 100)
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz"):
+        fashion_mnist(True, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        fashion_mnist(True, str(tmp_path / "none"))
+
+
+def test_tensor_set_label_errors():
+    with pytest.raises(ValueError, match="label 5 out of range"):
+        TensorImageSet(np.zeros((2, 4, 4), np.uint8), [0, 5], ["a", "b"])
+    ds = TensorImageSet(np.zeros((2, 4, 4), np.uint8), [0, 0], ["a", "b"])
+    with pytest.raises(ValueError, match="class 1 \\('b'\\) has no images"):
+        ds.check_classes("training set")
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_lt_offline():
+    train, test = build_datasets({"source": "fashion_mnist", "imbalance_ratio": 100, "test_per_class": 20})
+    assert train.num_classes == 10 and len(test) == 200
+    assert np.bincount(train.labels).tolist() == long_tailed_counts(6000, 10, 100)
+    x = train.batch([0, 1, 2], 32)
+    assert x.shape == (3, 3, 32, 32) and torch.equal(x[:, 0], x[:, 2])  # grayscale repeated
