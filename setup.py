@@ -74,6 +74,7 @@ def main():
     ext_cls = cpp.CppExtension
     kwargs = {}
     archs = ""
+    why = ""
     if toolkit:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         macros.append(("WITH_CUDA", None))
@@ -91,7 +92,8 @@ def main():
 
     with open(os.path.join(ROOT, "candle_ext", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py at build time.\n")
-        f.write(f"CUDA_ARCHS = {archs!r}\nCUDA_TOOLKIT = {toolkit or ''!r}\nTORCH = {torch.__version__!r}\n")
+        f.write(f"CUDA_ARCHS = {archs!r}\nCUDA_TOOLKIT = {toolkit or ''!r}\nCUDA_SKIPPED = {why!r}\n"
+                f"TORCH = {torch.__version__!r}\n")
 
     ext = ext_cls("candle_ext._C", sources, define_macros=macros, extra_link_args=["-fopenmp"],
                   include_dirs=include_dirs, **kwargs)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh machine: a virtual environment in .venv with the pinned requirements, the
+# offline Fashion-MNIST package (Debian), and candle-ext built and installed (C++ always; CUDA kernels when the
+# CUDA toolkit is present). Idempotent: a second run only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${CANDLE_VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+echo "== installing requirements"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -r requirements-dev.txt
+
+# Offline data for the demo: Fashion-MNIST from Debian (the demo downloads it instead when online).
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "== installing dataset-fashion-mnist (Debian)"
+  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 ||
+     (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) ||
+    echo "   (could not install dataset-fashion-mnist; the demo will try a download instead)"
+fi
+
+# CI compiles the CUDA sources for Hopper only, to save time; users get the full default list.
+if [ "${CI:-}" = "true" ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  export TORCH_CUDA_ARCH_LIST=9.0
+fi
+echo "== building and installing candle-ext (this compiles C++/CUDA; a few minutes the first time)"
+"$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps .
+"$VENV/bin/python" -m candle_ext.info
