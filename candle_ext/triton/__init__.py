@@ -1,0 +1,61 @@
+"""Triton kernels: the fallback backend when candle_ext._C has no CUDA kernels (or CANDLE_EXT_BACKEND=triton).
+
+One module per op, each called lazily by the dispatch in candle_ext/ops/*.py, with the semantics of
+candle_ext/reference.py:
+
+- sign_ste.py       sign_pack (sign + bit-pack in one pass), sign_ste forward, and its STE backward with the
+                    per-channel bias gradient.
+- binary_conv2d.py  implicit-GEMM convolution of packed activations with packed weights (exact int32
+                    accumulators, optional fused scale/shift epilogue). Two inner products: XOR + popcount on
+                    CUDA cores ("popc"), or the packed bits expanded to int8 +-1 and multiplied on tensor cores
+                    with tl.dot ("dot"). CANDLE_EXT_TRITON_CONV=popc|dot picks one; the default is "dot" on GPUs
+                    of compute capability >= 8.0, "popc" elsewhere.
+- multires_head.py  fused multi-resolution teacher head: 1x1 conv at the gathered (nearest) positions, written
+                    straight into its channel slice of the concatenation; backward by tl.dot GEMM tiles.
+
+Under TRITON_INTERPRET=1 (set before triton is first imported) the same kernels run on CPU tensors through
+Triton's interpreter; the tests use that on machines without a GPU. Nothing in this file imports triton, so
+`import candle_ext.triton` works on installs without it; the op modules need it.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (and >= 1): Triton block shapes must be powers of two."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether a @triton.jit kernel runs under the interpreter (decided when the kernel was defined, by
+    TRITON_INTERPRET at import time). Interpreted kernels cannot call libdevice and run on the host, so the
+    launch code picks portable code paths and interpreter-friendly block shapes for them."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(kernel, InterpretedFunction)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (used to size split reductions); 1 for CPU tensors."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def capability(device: torch.device):
+    """(major, minor) compute capability of a CUDA device, (0, 0) for anything else."""
+    if device.type != "cuda":
+        return (0, 0)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,206 @@
+"""Triton binary convolution on packed bits (semantics: candle_ext.reference.binary_conv2d_packed).
+
+Implicit GEMM: a program owns a tile of BLOCK_M output pixels (n, oh, ow flattened) x BLOCK_N output channels
+and walks the kernel taps; per tap it reads the packed words of the input pixel each output pixel sees and the
+packed words of the weights at that tap ([Cout, kh, kw, words], bitpack.py). Two inner products:
+
+- "popc" (CUDA cores): dot = valid_channels - 2 * popcount(x XOR w), accumulated word by word. Pad bits are 0
+  on both sides, so they never count; a tap outside the input (zero padding) contributes 0, which the kernel
+  applies per tap and per pixel with a mask. popcount is libdevice's __popc on the GPU and an exact SWAR bit
+  count under the interpreter (which cannot call libdevice).
+- "dot" (tensor cores): the words of a tile are expanded to int8 +-1 in registers (0 for pad channels and for
+  taps outside the input) and multiplied with tl.dot into int32, 32*BLOCK_KW channels per step. int8 MMA
+  does ~8x the bit-operations per clock of CUDA-core popcount on sm_80/sm_90, which pays for the expansion.
+
+Both give the exact int32 accumulators; the epilogue optionally applies acc * scale + shift (float32 math,
+per output channel) and writes float32/float16/bfloat16. The output is NCHW-contiguous.
+CANDLE_EXT_TRITON_CONV=popc|dot forces one inner product; by default "dot" on CUDA devices of compute
+capability >= 8.0 and "popc" elsewhere (including the interpreter).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from candle_ext.triton import capability, is_interpreted, next_pow2
+
+METHOD_ENV = "CANDLE_EXT_TRITON_CONV"
+METHODS = ("popc", "dot")
+
+
+@triton.jit
+def _popcount(v, INTRINSIC: tl.constexpr):
+    """Set bits of each int32 lane."""
+    if INTRINSIC:
+        return libdevice.popc(v)
+    else:
+        # SWAR bit count on the unsigned reinterpretation (logical shifts, wrapping arithmetic).
+        u = v.to(tl.uint32, bitcast=True)
+        u = u - ((u >> 1) & 0x55555555)
+        u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+        u = (u + (u >> 4)) & 0x0F0F0F0F
+        u = u + (u >> 8)
+        u = u + (u >> 16)
+        return (u & 0x3F).to(tl.int32)
+
+
+@triton.jit
+def _output_rows(M, HO, WO, SH, SW, PH, PW, BLOCK_M: tl.constexpr):
+    """Output pixels of this program: flat index m, its image n, position q = oh*WO+ow, and the input corner."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    n = m // (HO * WO)
+    q = m % (HO * WO)
+    ih0 = (q // WO) * SH - PH
+    iw0 = (q % WO) * SW - PW
+    return m_ok, n, q, ih0, iw0
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, scale_ptr, shift_ptr, n, q, m_ok, co, co_ok, COUT, HO, WO,
+              HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, FLOAT_OUT: tl.constexpr):
+    # NCHW: for a fixed channel, consecutive output pixels of an image are consecutive in memory.
+    offs = (n.to(tl.int64)[:, None] * COUT + co[None, :]) * (HO * WO) + q[:, None]
+    ok = m_ok[:, None] & co_ok[None, :]
+    if FLOAT_OUT:
+        v = acc.to(tl.float32)
+        if HAS_SCALE:
+            v = v * tl.load(scale_ptr + co, mask=co_ok, other=0.0)[None, :]
+        if HAS_SHIFT:
+            v = v + tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
+        tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(out_ptr + offs, acc, mask=ok)
+
+
+@triton.jit
+def _conv_popc_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr,
+                      C, H, W, NW, COUT, HO, WO, M, KH, KW, SH, SW, PH, PW, DH, DW,
+                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, FLOAT_OUT: tl.constexpr,
+                      INTRINSIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    m_ok, n, q, ih0, iw0 = _output_rows(M, HO, WO, SH, SW, PH, PW, BLOCK_M)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < COUT
+    img = n.to(tl.int64) * H
+    w_row = co.to(tl.int64) * (KH * KW)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for r in range(KH):
+        ih = ih0 + r * DH
+        h_ok = m_ok & (ih >= 0) & (ih < H)
+        for s in range(KW):
+            iw = iw0 + s * DW
+            ok = h_ok & (iw >= 0) & (iw < W)
+            a_ptrs = x_ptr + ((img + ih) * W + iw) * NW
+            b_ptrs = w_ptr + (w_row + (r * KW + s)) * NW
+            pop = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            for k in range(NW):
+                a = tl.load(a_ptrs + k, mask=ok, other=0)
+                b = tl.load(b_ptrs + k, mask=co_ok, other=0)
+                pop += _popcount(a[:, None] ^ b[None, :], INTRINSIC)
+            # A tap outside the input is a zero-padded position: it adds nothing.
+            acc += tl.where(ok[:, None], C - 2 * pop, 0)
+    _epilogue(acc, out_ptr, scale_ptr, shift_ptr, n, q, m_ok, co, co_ok, COUT, HO, WO,
+              HAS_SCALE, HAS_SHIFT, FLOAT_OUT)
+
+
+@triton.jit
+def _conv_dot_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr,
+                     C, H, W, NW, COUT, HO, WO, M, KH, KW, SH, SW, PH, PW, DH, DW,
+                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, FLOAT_OUT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    m_ok, n, q, ih0, iw0 = _output_rows(M, HO, WO, SH, SW, PH, PW, BLOCK_M)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < COUT
+    img = n.to(tl.int64) * H
+    w_row = co.to(tl.int64) * (KH * KW)
+    lane = tl.arange(0, 32)
+    kk = tl.arange(0, BLOCK_KW)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for r in range(KH):
+        ih = ih0 + r * DH
+        h_ok = m_ok & (ih >= 0) & (ih < H)
+        for s in range(KW):
+            iw = iw0 + s * DW
+            ok = h_ok & (iw >= 0) & (iw < W)
+            a_base = ((img + ih) * W + iw) * NW
+            b_base = (w_row + (r * KW + s)) * NW
+            for k0 in range(0, NW, BLOCK_KW):
+                k = k0 + kk
+                k_ok = k < NW
+                a_words = tl.load(x_ptr + a_base[:, None] + k[None, :], mask=ok[:, None] & k_ok[None, :], other=0)
+                a_bits = (a_words[:, :, None] >> lane[None, None, :]) & 1  # [BLOCK_M, BLOCK_KW, 32]
+                # Only the activation side is zeroed (pad channels, taps outside the input): 0 * w = 0.
+                live = ok[:, None, None] & ((k[:, None] * 32 + lane[None, :]) < C)[None, :, :]
+                a_val = tl.reshape(tl.where(live, 2 * a_bits - 1, 0).to(tl.int8), [BLOCK_M, BLOCK_KW * 32])
+                b_words = tl.load(w_ptr + b_base[None, :] + k[:, None], mask=k_ok[:, None] & co_ok[None, :],
+                                  other=0)
+                b_bits = (b_words[:, None, :] >> lane[None, :, None]) & 1  # [BLOCK_KW, 32, BLOCK_N]
+                b_val = tl.reshape((2 * b_bits - 1).to(tl.int8), [BLOCK_KW * 32, BLOCK_N])
+                acc = tl.dot(a_val, b_val, acc, out_dtype=tl.int32)
+    _epilogue(acc, out_ptr, scale_ptr, shift_ptr, n, q, m_ok, co, co_ok, COUT, HO, WO,
+              HAS_SCALE, HAS_SHIFT, FLOAT_OUT)
+
+
+def default_method(device: torch.device) -> str:
+    """The inner product used for tensors on `device` (CANDLE_EXT_TRITON_CONV overrides it)."""
+    forced = os.environ.get(METHOD_ENV, "").strip().lower()
+    if forced:
+        if forced not in METHODS:
+            raise ValueError(f"{METHOD_ENV}={forced!r} is not a Triton conv method; expected one of "
+                             f"{', '.join(METHODS)}")
+        return forced
+    if device.type == "cuda" and capability(device) >= (8, 0):
+        return "dot"
+    return "popc"
+
+
+def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def binary_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, channels: int,
+                         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                         scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
+                         out_dtype: Optional[torch.dtype] = None, method: Optional[str] = None) -> torch.Tensor:
+    """Exact int32 accumulators [N, Cout, Ho, Wo] (out_dtype None), else acc * scale + shift in out_dtype."""
+    x = x_packed.contiguous()
+    w = w_packed.contiguous()
+    n, h, wd, nw = x.shape
+    cout, kh, kw, _ = w.shape
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(wd, kw, sw, pw, dw)
+    float_out = out_dtype is not None
+    out = torch.empty((n, cout, ho, wo), dtype=out_dtype if float_out else torch.int32, device=x.device)
+    sc = None if scale is None else scale.to(torch.float32).contiguous()
+    sf = None if shift is None else shift.to(torch.float32).contiguous()
+    m = n * ho * wo
+    method = method or default_method(x.device)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    kernel = _conv_dot_kernel if method == "dot" else _conv_popc_kernel
+    interpreted = is_interpreted(kernel)
+    # tl.dot needs every block dimension >= 16 on the GPU.
+    block_n = max(16, min(128 if method == "dot" else 64, next_pow2(cout)))
+    if interpreted:  # few, large programs: the interpreter runs programs one after another in Python
+        block_m = max(16, min(256, next_pow2(m)))
+    else:
+        block_m = 128 if method == "dot" else 64
+    grid = (triton.cdiv(m, block_m), triton.cdiv(cout, block_n))
+    args = (x, w, out if sc is None else sc, out if sf is None else sf, out,
+            channels, h, wd, nw, cout, ho, wo, m, kh, kw, sh, sw, ph, pw, dh, dw)
+    flags = dict(HAS_SCALE=sc is not None, HAS_SHIFT=sf is not None, FLOAT_OUT=float_out,
+                 BLOCK_M=block_m, BLOCK_N=block_n)
+    if method == "dot":
+        block_kw = min(8 if interpreted else 4, next_pow2(nw))
+        warps = 8 if block_m * block_n >= 128 * 128 else 4
+        _conv_dot_kernel[grid](*args, **flags, BLOCK_KW=block_kw, num_warps=warps, num_stages=3)
+    else:
+        _conv_popc_kernel[grid](*args, **flags, INTRINSIC=not interpreted, num_warps=4)
+    return out

@@ -1,0 +1,237 @@
+"""Triton kernels for sign_pack, sign_ste and the STE backward (semantics: candle_ext/reference.py).
+
+All three are memory-bound, single-pass kernels:
+- sign_pack reads x once (NCHW or channels_last, any float dtype) and writes the packed int32 words
+  [N, H, W, ceil(C/32)] (layout: candle_ext/ops/bitpack.py). A program owns a tile of pixels x 32*WORDS
+  channels of one image; the tile is loaded along whichever axis is contiguous in memory.
+- sign_ste is a flat elementwise kernel over the memory of x (contiguous or channels-last dense), so every
+  access is coalesced; the channel of a flat offset is (offset // channel_stride) % C.
+- sign_ste_backward writes grad_x and, in the same pass, per-program partial sums of grad_x per channel; a
+  tiny [splits, channels] reduction on the host finishes grad_bias (deterministic, no atomics).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from candle_ext.triton import is_interpreted, next_pow2, sm_count
+
+WORD_BITS = 32
+
+
+@triton.jit
+def _sign_pack_kernel(x_ptr, bias_ptr, out_ptr, C, HW, NW, n_pix_blocks, s_n, s_c, s_hw,
+                      HAS_BIAS: tl.constexpr, CMP: tl.constexpr, BLOCK_P: tl.constexpr, WORDS: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid // n_pix_blocks
+    p = (pid % n_pix_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * (WORDS * 32) + tl.arange(0, WORDS * 32)
+    p_ok = p < HW
+    c_ok = c < C
+    ok = p_ok[:, None] & c_ok[None, :]
+    offs = n.to(tl.int64) * s_n + p.to(tl.int64)[:, None] * s_hw + c.to(tl.int64)[None, :] * s_c
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(CMP)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(CMP)
+        x = x - b[None, :]
+    # Masked lanes (pad channels, pixels past the end) must give bit 0, so the mask is applied to the bit.
+    bits = ((x >= 0) & ok).to(tl.int32)
+    lane = tl.arange(0, 32)
+    # Bits are disjoint, so their sum is their OR; 1 << 31 is INT_MIN and the sum stays within int32.
+    words = tl.sum(tl.reshape(bits, [BLOCK_P, WORDS, 32]) << lane[None, None, :], axis=2)
+    k = tl.program_id(1) * WORDS + tl.arange(0, WORDS)
+    out_offs = (n.to(tl.int64) * HW + p.to(tl.int64)[:, None]) * NW + k[None, :]
+    tl.store(out_ptr + out_offs, words, mask=p_ok[:, None] & (k < NW)[None, :])
+
+
+@triton.jit
+def _sign_ste_kernel(x_ptr, bias_ptr, out_ptr, numel, C, c_stride,
+                     HAS_BIAS: tl.constexpr, CMP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(CMP)
+    if HAS_BIAS:
+        c = (offs // c_stride) % C
+        b = tl.load(bias_ptr + c, mask=ok, other=0.0).to(CMP)
+        x = x - b
+    y = tl.where(x >= 0, 1.0, -1.0).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, y, mask=ok)
+
+
+@triton.jit
+def _approx_sign_grad(u):
+    """ReActNet ApproxSign derivative: 2+2u on [-1,0), 2-2u on [0,1), 0 elsewhere."""
+    return tl.where((u >= -1) & (u < 0), 2 + 2 * u, tl.where((u >= 0) & (u < 1), 2 - 2 * u, 0.0))
+
+
+@triton.jit
+def _ste_bwd_rows_kernel(g_ptr, x_ptr, bias_ptr, gx_ptr, part_ptr, R, C, S, chunk,
+                         HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """NCHW-contiguous view [N*C rows, S = prod(spatial)]: rows of one channel each; partial row sums."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < R
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + rows % C, mask=r_ok, other=0.0)
+    start = tl.program_id(1) * chunk
+    stop = tl.minimum(start + chunk, S)
+    acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=ACC)
+    for s0 in range(start, stop, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ok = r_ok[:, None] & (s < stop)[None, :]
+        offs = rows.to(tl.int64)[:, None] * S + s[None, :]
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC)
+        if HAS_BIAS:
+            x = x - b.to(ACC)[:, None]
+        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(ACC)
+        gx = g * _approx_sign_grad(x)
+        tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=ok)
+        acc += tl.where(ok, gx, 0.0)
+    tl.store(part_ptr + tl.program_id(1).to(tl.int64) * R + rows, tl.sum(acc, axis=1), mask=r_ok)
+
+
+@triton.jit
+def _ste_bwd_cols_kernel(g_ptr, x_ptr, bias_ptr, gx_ptr, part_ptr, M, C, chunk,
+                         HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Channels-last view [M = N*prod(spatial), C], channels contiguous; partial column sums."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=c_ok, other=0.0)
+    start = tl.program_id(1).to(tl.int64) * chunk
+    stop = tl.minimum(start + chunk, M)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
+    for m0 in range(start, stop, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        ok = (m < stop)[:, None] & c_ok[None, :]
+        offs = m[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC)
+        if HAS_BIAS:
+            x = x - b.to(ACC)[None, :]
+        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(ACC)
+        gx = g * _approx_sign_grad(x)
+        tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=ok)
+        acc += tl.where(ok, gx, 0.0)
+    tl.store(part_ptr + tl.program_id(1).to(tl.int64) * C + cols, tl.sum(acc, axis=0), mask=c_ok)
+
+
+def _bias_arg(bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The bias rounded to x's dtype, as the reference subtracts it. Without a bias, x stands in for the unused
+    pointer argument (HAS_BIAS=False never dereferences it)."""
+    return x if bias is None else bias.to(x.dtype).contiguous()
+
+
+def _compute_dtype(x: torch.Tensor):
+    # x - bias is formed in float32 (float64 for float64 inputs): both operands are exact there and the
+    # difference has the sign (and zero-ness) of the reference's difference in x's dtype. It also keeps
+    # bfloat16 arithmetic out of the kernels (Triton's interpreter stores bfloat16 as raw uint16).
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def _channels_last_dense(t: torch.Tensor) -> bool:
+    """Memory order N, spatial..., C (channels_last for 4-D; also true for [N, C] and 1x1 spatial)."""
+    return t.movedim(1, -1).is_contiguous()
+
+
+def sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int32 words [N, H, W, ceil(C/32)] holding the bits of sign(x - bias) (pad bits 0)."""
+    n, c, h, w = x.shape
+    # H and W merge into one pixel axis when their strides allow it (NCHW- and NHWC-contiguous do).
+    if not (h == 1 or w == 1 or x.stride(2) == w * x.stride(3)):
+        x = x.contiguous()
+    s_hw = x.stride(3) if w > 1 else x.stride(2)
+    nw = (c + WORD_BITS - 1) // WORD_BITS
+    out = torch.empty((n, h, w, nw), dtype=torch.int32, device=x.device)
+    interpreted = is_interpreted(_sign_pack_kernel)
+    channels_fast = x.stride(1) == 1 and c > 1
+    if interpreted:
+        block_p, words, warps = min(256, next_pow2(h * w)), min(8, next_pow2(nw)), 4
+    elif channels_fast:  # channels_last: a pixel's channels are contiguous, so take several words per pixel
+        block_p, words, warps = 32, min(4, next_pow2(nw)), 4
+    else:  # NCHW: consecutive pixels are contiguous, one word (32 channel planes) per program
+        block_p, words, warps = min(128, next_pow2(h * w)), 1, 4
+    pix_blocks = triton.cdiv(h * w, block_p)
+    grid = (n * pix_blocks, triton.cdiv(nw, words))
+    _sign_pack_kernel[grid](x, _bias_arg(bias, x), out, c, h * w, nw, pix_blocks, x.stride(0), x.stride(1), s_hw,
+                            HAS_BIAS=bias is not None, CMP=_compute_dtype(x), BLOCK_P=block_p, WORDS=words,
+                            num_warps=warps)
+    return out
+
+
+def sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sign(x - bias) as +-1 in x's dtype and memory layout (bias per channel, dim 1)."""
+    c = x.shape[1]
+    if x.is_contiguous():
+        c_stride = x[0, 0].numel()
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    elif _channels_last_dense(x):
+        c_stride = 1
+        out = torch.empty(x.movedim(1, -1).shape, dtype=x.dtype, device=x.device).movedim(-1, 1)
+    else:
+        x = x.contiguous()
+        c_stride = x[0, 0].numel()
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    numel = x.numel()
+    block = 4096 if is_interpreted(_sign_ste_kernel) else 1024
+    _sign_ste_kernel[(triton.cdiv(numel, block),)](x, _bias_arg(bias, x), out, numel, c, c_stride,
+                                                    HAS_BIAS=bias is not None, CMP=_compute_dtype(x), BLOCK=block,
+                                                    num_warps=4)
+    return out
+
+
+def _splits(tiles: int, length: int, block: int, device: torch.device, interpreted: bool) -> int:
+    """How many programs share one reduction axis: enough programs to fill the GPU (about 4 per SM), never
+    more than there are blocks along the axis. One split under the interpreter (fewest program launches)."""
+    if interpreted:
+        return 1
+    want = max(1, (4 * sm_count(device) + tiles - 1) // tiles)
+    return max(1, min(want, triton.cdiv(length, block)))
+
+
+def sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    """(grad_x, grad_bias): grad * ApproxSign'(x - bias) in x's dtype, and -sum over all dims but 1 of it
+    (dtype of bias, or of x when bias is None; returned even without a bias)."""
+    c = x.shape[1]
+    acc = _compute_dtype(x)
+    acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gb_dtype = x.dtype if bias is None else bias.dtype
+    interpreted = is_interpreted(_ste_bwd_rows_kernel)
+    has_bias = bias is not None
+    b = _bias_arg(bias, x)
+    if _channels_last_dense(x):
+        xv = x.movedim(1, -1)  # a contiguous view [N, spatial..., C]
+        gv = grad.movedim(1, -1).contiguous()
+        gx = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
+        m = xv.numel() // c
+        block_c = min(128, next_pow2(c))
+        block_m = max(1, (8192 if interpreted else 4096) // block_c)
+        col_tiles = triton.cdiv(c, block_c)
+        splits = _splits(col_tiles, m, block_m, x.device, interpreted)
+        chunk = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
+        splits = triton.cdiv(m, chunk)
+        part = torch.empty((splits, c), dtype=acc_torch, device=x.device)
+        _ste_bwd_cols_kernel[(col_tiles, splits)](gv, xv, b, gx, part, m, c, chunk, HAS_BIAS=has_bias, ACC=acc,
+                                                  BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+        gb = part.sum(0)
+        gx = gx.movedim(-1, 1)
+    else:
+        xc = x.contiguous()
+        gc = grad.contiguous()
+        gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        rows = x.shape[0] * c
+        s = xc.numel() // rows
+        block_s = min(1024, next_pow2(s))
+        block_r = max(1, (8192 if interpreted else 4096) // block_s)
+        row_tiles = triton.cdiv(rows, block_r)
+        splits = _splits(row_tiles, s, block_s, x.device, interpreted)
+        chunk = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
+        splits = triton.cdiv(s, chunk)
+        part = torch.empty((splits, rows), dtype=acc_torch, device=x.device)
+        _ste_bwd_rows_kernel[(row_tiles, splits)](gc, xc, b, gx, part, rows, c, s, chunk, HAS_BIAS=has_bias,
+                                                  ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4)
+        gb = part.sum(0).reshape(x.shape[0], c).sum(0)
+    return gx, (-gb).to(gb_dtype)

@@ -1,0 +1,353 @@
+"""The Triton backend (candle_ext/triton/) against candle_ext/reference.py.
+
+Every test forces CANDLE_EXT_BACKEND=triton and goes through the public ops, so dispatch is covered too; a spy
+per op checks that the Triton function really ran. Without a GPU the kernels run on CPU tensors under
+TRITON_INTERPRET=1 (python_tests/conftest.py sets it before triton is imported); with a GPU the same tests
+run the compiled kernels on CUDA tensors. Shapes are small because the interpreter executes every program in
+Python. Integer results are compared exactly; float tolerances are stated where they are used.
+"""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+import triton.language as tl  # noqa: E402
+
+import candle_ext  # noqa: E402
+from candle_ext import backend, reference as R  # noqa: E402
+from candle_ext.triton import binary_conv2d as tconv, multires_head as thead, sign_ste as tsign  # noqa: E402
+from candle_ext.triton.binary_conv2d import _popcount  # noqa: E402
+
+from shapes import random_conv_configs, random_multires_configs  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(force_backend, monkeypatch):
+    force_backend("triton")
+    # On a GPU, keep both the kernels and cuDNN (the reference) in full float32: TF32 would make each side
+    # differ from the truth by ~1e-3 and hide real errors. No effect on the CPU.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    ok, why = backend.status("triton")
+    assert ok, f"the triton backend cannot run here: {why}"
+
+
+def _spy(monkeypatch, module, name):
+    """Count calls of module.name (the functions the ops dispatch to), so a test fails if dispatch bypasses
+    Triton."""
+    calls = []
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+# ---- popcount --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _popcount_probe(x_ptr, out_ptr, n, INTRINSIC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(out_ptr + offs, _popcount(tl.load(x_ptr + offs, mask=ok, other=0), INTRINSIC), mask=ok)
+
+
+@pytest.mark.parametrize("intrinsic", [False, pytest.param(True, marks=pytest.mark.cuda)],
+                         ids=["swar", "libdevice"])
+def test_popcount_is_exact(intrinsic):
+    torch.manual_seed(0)
+    edge = torch.tensor([0, -1, -2 ** 31, 2 ** 31 - 1, 1, -2, 0x55555555, -0x55555556, 0x0F0F0F0F],
+                        dtype=torch.int32)
+    x = torch.cat([edge, torch.randint(-2 ** 31, 2 ** 31 - 1, (4096,), dtype=torch.int32)]).to(DEVICE)
+    out = torch.empty_like(x)
+    _popcount_probe[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), INTRINSIC=intrinsic, BLOCK=1024)
+    want = ((x.long() & 0xFFFFFFFF).unsqueeze(-1) >> torch.arange(32, device=DEVICE)) & 1
+    assert torch.equal(out, want.sum(-1).to(torch.int32))
+
+
+# ---- sign_pack / sign_ste ----------------------------------------------------------------------------------
+
+SIGN_SHAPES = [(2, 1, 3, 4), (1, 31, 5, 5), (2, 33, 2, 7), (1, 64, 3, 3), (2, 100, 4, 3), (1, 257, 1, 2)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _sign_input(shape, dtype, layout, bias):
+    """Random x with exact zeros, negative zeros and entries equal to the bias (u = 0 exactly, sign +1)."""
+    n, c, h, w = shape
+    x = torch.randn(n, c, h + 1, w + 2).to(dtype)
+    x.view(-1)[::7] = 0.0
+    x.view(-1)[3::11] = -0.0
+    if bias is not None:
+        x[:, :, 0, 0] = bias
+    x = x.to(DEVICE)
+    if layout == "channels_last":
+        return x[:, :, :h, :w].contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        return x[:, :, 1:, 2:]  # a non-contiguous view
+    return x[:, :, :h, :w].contiguous()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sign_pack_is_exact(dtype, layout, monkeypatch):
+    calls = _spy(monkeypatch, tsign, "sign_pack")
+    torch.manual_seed(1)
+    for shape in SIGN_SHAPES:
+        for with_bias in (False, True):
+            bias = (torch.randn(shape[1]) * 0.5).to(dtype) if with_bias else None
+            x = _sign_input(shape, dtype, layout, bias)
+            b = None if bias is None else bias.to(DEVICE)
+            got = candle_ext.sign_pack(x, b)
+            want = R.sign_pack(x, b)
+            assert got.dtype == torch.int32 and torch.equal(got, want), (shape, with_bias)
+    assert len(calls) == 2 * len(SIGN_SHAPES)
+
+
+def test_sign_pack_bias_in_another_dtype_is_rounded_like_the_reference():
+    # reference: x - bias.to(x.dtype); a float64 bias that rounds onto x's values must give u = 0 -> +1.
+    x = torch.tensor([1.0, 0.5, -0.25], dtype=torch.float16).reshape(1, 3, 1, 1).repeat(1, 1, 2, 2).to(DEVICE)
+    bias = torch.tensor([1.0 + 1e-5, 0.5 - 1e-5, -0.25 + 1e-6], dtype=torch.float64, device=DEVICE)
+    assert torch.equal(candle_ext.sign_pack(x, bias), R.sign_pack(x, bias))
+    assert torch.equal(candle_ext.sign_ste(x, bias), R.sign_ste(x, bias))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sign_ste_forward_and_gradients(dtype, layout, monkeypatch):
+    """Forward exact. Gradients against the float64 evaluation of the reference on the same inputs (bias
+    rounded to x's dtype like the reference): the kernel rounds once, to x's dtype, so grad_x is within
+    rtol = atol = eps(dtype) (1e-5 for float32); grad_bias is a float32 sum, within 2 eps(dtype)."""
+    fwd = _spy(monkeypatch, tsign, "sign_ste")
+    bwd = _spy(monkeypatch, tsign, "sign_ste_backward")
+    torch.manual_seed(2)
+    eps = EPS[dtype]
+    for shape in SIGN_SHAPES[:4]:
+        bias = (torch.randn(shape[1]) * 0.5).to(dtype)
+        x = (_sign_input(shape, dtype, layout, bias) * 1.5).requires_grad_(True)
+        b = bias.to(DEVICE).requires_grad_(True)
+        y = candle_ext.sign_ste(x, b)
+        assert torch.equal(y, R.sign_ste(x.detach(), b.detach()))
+        if layout == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1:
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        g = torch.randn(y.shape, dtype=dtype, device=DEVICE)
+        gx, gb = torch.autograd.grad(y, (x, b), g)
+        tx, tb = R.sign_ste_backward(g.double(), x.detach().double(), b.detach().double())
+        assert gx.dtype == dtype and gb.dtype == dtype
+        torch.testing.assert_close(gx.double(), tx, rtol=eps, atol=eps)
+        torch.testing.assert_close(gb.double(), tb, rtol=2 * eps, atol=2 * eps)
+    assert len(fwd) == 4 and len(bwd) == 4
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 40, 9), (2, 3, 2, 3, 4), (1, 70, 1, 1)], ids=str)
+def test_sign_ste_any_rank_and_gradient_without_bias(shape):
+    torch.manual_seed(3)
+    x = torch.randn(shape, device=DEVICE) * 1.5
+    assert torch.equal(candle_ext.sign_ste(x), R.sign_ste(x))
+    g = torch.randn(shape, device=DEVICE)
+    gx, gb = tsign.sign_ste_backward(g, x, None)  # grad_bias is always returned, in x's dtype
+    tx, _ = R.sign_ste_backward(g.double(), x.double(), None)
+    torch.testing.assert_close(gx.double(), tx, rtol=1e-6, atol=1e-6)
+    dims = [d for d in range(len(shape)) if d != 1]
+    assert gb.dtype == x.dtype and gb.shape == (shape[1],)
+    torch.testing.assert_close(gb.double(), -tx.sum(dim=dims), rtol=1e-5, atol=1e-5)
+
+
+def test_sign_ste_backward_takes_mixed_layouts():
+    # x channels_last with an NCHW gradient (and the reverse): the kernels pick one layout for both.
+    torch.manual_seed(4)
+    x = torch.randn(2, 37, 5, 6, device=DEVICE) * 1.5
+    bias = torch.randn(37, device=DEVICE) * 0.3
+    g = torch.randn(2, 37, 5, 6, device=DEVICE)
+    tx, tb = R.sign_ste_backward(g.double(), x.double(), bias.double())
+    cl = torch.channels_last
+    for xx, gg in ((x.contiguous(memory_format=cl), g), (x, g.contiguous(memory_format=cl))):
+        gx, gb = tsign.sign_ste_backward(gg, xx, bias)
+        torch.testing.assert_close(gx.double(), tx, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gb.double(), tb, rtol=1e-5, atol=1e-5)
+
+
+# ---- binary conv -------------------------------------------------------------------------------------------
+
+CONV_LIMITS = dict(max_channels=100, max_hw=12, max_batch=3, max_cout=40)
+
+
+def _conv_args(cfg):
+    return (cfg.stride,) * 2, (cfg.padding,) * 2, (cfg.dilation,) * 2
+
+
+@pytest.mark.parametrize("method", tconv.METHODS)
+@pytest.mark.parametrize("cfg", random_conv_configs(20, seed=5, **CONV_LIMITS), ids=str)
+def test_binary_conv2d_packed_is_exact(cfg, method, monkeypatch):
+    """Packed words in, exact int32 accumulators out: torch.equal with F.conv2d on the +-1 tensors."""
+    monkeypatch.setenv(tconv.METHOD_ENV, method)
+    calls = _spy(monkeypatch, tconv, "binary_conv2d_packed")
+    torch.manual_seed(6)
+    x = torch.randn(cfg.n, cfg.cin, cfg.h, cfg.w, device=DEVICE)
+    w = torch.randn(cfg.cout, cfg.cin, cfg.k, cfg.k, device=DEVICE)
+    stride, padding, dilation = _conv_args(cfg)
+    got = candle_ext.binary_conv2d(R.sign_pack(x), R.sign_pack(w), None, stride, padding, dilation,
+                                   in_channels=cfg.cin, out_dtype=torch.int32)
+    want = R.binary_conv2d(x.double(), w.double(), None, stride, padding, dilation).to(torch.int32)
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+    assert calls == ["binary_conv2d_packed"]
+
+
+@pytest.mark.parametrize("method", tconv.METHODS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_binary_conv2d_packed_epilogue(out_dtype, method, monkeypatch):
+    """acc * scale + shift in float32, rounded once to out_dtype: float32 within 1e-6 relative (the GPU may
+    fuse the multiply-add), float16/bfloat16 within one unit in the last place."""
+    monkeypatch.setenv(tconv.METHOD_ENV, method)
+    torch.manual_seed(7)
+    for cfg in random_conv_configs(2, seed=8, **CONV_LIMITS):
+        xp = R.sign_pack(torch.randn(cfg.n, cfg.cin, cfg.h, cfg.w, device=DEVICE))
+        wp = R.sign_pack(torch.randn(cfg.cout, cfg.cin, cfg.k, cfg.k, device=DEVICE))
+        scale = torch.rand(cfg.cout, device=DEVICE, dtype=torch.float64) + 0.1
+        shift = torch.randn(cfg.cout, device=DEVICE, dtype=torch.float16)
+        for sc, sh in ((scale, shift), (scale, None), (None, shift), (None, None)):
+            got = candle_ext.binary_conv2d(xp, wp, sc, *_conv_args(cfg), in_channels=cfg.cin, shift=sh,
+                                           out_dtype=out_dtype)
+            want = R.binary_conv2d_packed(xp, wp, cfg.cin, *_conv_args(cfg), sc, sh, out_dtype)
+            assert got.dtype == out_dtype and got.shape == want.shape
+            rtol = 1e-6 if out_dtype == torch.float32 else EPS[out_dtype]
+            torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", random_conv_configs(4, seed=9, **CONV_LIMITS), ids=str)
+def test_binary_conv2d_float_api(cfg, monkeypatch):
+    """Float input and weight: Triton sign_pack, Triton conv, scale in the epilogue; forward within 1e-6
+    relative of the reference (integer * scale, one rounding)."""
+    packs = _spy(monkeypatch, tsign, "sign_pack")
+    convs = _spy(monkeypatch, tconv, "binary_conv2d_packed")
+    torch.manual_seed(10)
+    x = torch.randn(cfg.n, cfg.cin, cfg.h, cfg.w, device=DEVICE)
+    w = torch.randn(cfg.cout, cfg.cin, cfg.k, cfg.k, device=DEVICE)
+    scale = torch.rand(cfg.cout, device=DEVICE) + 0.1
+    got = candle_ext.binary_conv2d(x, w, scale, cfg.stride, cfg.padding, cfg.dilation)
+    want = R.binary_conv2d(x, w, scale, *_conv_args(cfg))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    assert len(packs) == 2 and len(convs) == 1
+
+
+def test_binary_conv2d_strided_packed_input(monkeypatch):
+    # A non-contiguous view of packed words (every other pixel) is made contiguous by the wrapper.
+    torch.manual_seed(11)
+    x = torch.randn(2, 70, 9, 10, device=DEVICE)
+    w = torch.randn(5, 70, 3, 3, device=DEVICE)
+    xp = R.sign_pack(x)[:, ::2, ::2]
+    for method in tconv.METHODS:
+        monkeypatch.setenv(tconv.METHOD_ENV, method)
+        got = candle_ext.binary_conv2d(xp, R.sign_pack(w), None, 1, 1, in_channels=70, out_dtype=torch.int32)
+        want = R.binary_conv2d(x[:, :, ::2, ::2], w, None, (1, 1), (1, 1), (1, 1)).to(torch.int32)
+        assert torch.equal(got, want), method
+
+
+def test_conv_method_selection(monkeypatch):
+    monkeypatch.delenv(tconv.METHOD_ENV, raising=False)
+    assert tconv.default_method(torch.device("cpu")) == "popc"
+    monkeypatch.setenv(tconv.METHOD_ENV, "DOT")
+    assert tconv.default_method(torch.device("cpu")) == "dot"
+    monkeypatch.setenv(tconv.METHOD_ENV, "xnor")
+    with pytest.raises(ValueError, match="CANDLE_EXT_TRITON_CONV='xnor'"):
+        tconv.default_method(torch.device("cpu"))
+
+
+# ---- multi-resolution head ---------------------------------------------------------------------------------
+
+def _head_inputs(n, ct, cs, sizes, dtype, channels_last=False):
+    feats = [torch.randn(n, ct, h, w, device=DEVICE).to(dtype) for h, w in sizes]
+    if channels_last:
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    weights = [(torch.randn(cs, ct, device=DEVICE) / ct ** 0.5).to(dtype) for _ in sizes]
+    biases = [torch.randn(cs, device=DEVICE).to(dtype) for _ in sizes]
+    return feats, weights, biases
+
+
+def _check_head(feats, weights, biases, base, rtol, atol, features_grad=True):
+    """Forward and autograd (features, weights, biases) against the reference evaluated in float64 on the
+    same values."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in feats + weights + biases]
+    r = len(feats)
+    f, w, b = leaves[:r], leaves[r:2 * r], leaves[2 * r:]
+    if not features_grad:
+        f = [t.detach() for t in f]
+    out = candle_ext.multires_head(f, w, b, base)
+    truth_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    tf, tw, tb = truth_leaves[:r], truth_leaves[r:2 * r], truth_leaves[2 * r:]
+    truth = R.multires_head(tf, tw, tb, base)
+    assert out.dtype == feats[0].dtype and out.shape == truth.shape
+    torch.testing.assert_close(out.double(), truth.detach(), rtol=rtol, atol=atol)
+    g = torch.randn(out.shape, device=DEVICE).to(out.dtype)
+    wanted = (f if features_grad else []) + w + b
+    got = torch.autograd.grad(out, wanted, g)
+    truth_wanted = (tf if features_grad else []) + tw + tb
+    want = torch.autograd.grad(truth, truth_wanted, g.double())
+    for i, (a, t) in enumerate(zip(got, want)):
+        assert a.dtype == feats[0].dtype and a.shape == t.shape
+        # Gradients sum over batch and positions: scale the tolerance by the magnitude of the result.
+        torch.testing.assert_close(a.double(), t, rtol=rtol, atol=atol * max(1.0, float(t.abs().max())),
+                                   msg=lambda m: f"gradient {i}: {m}")
+
+
+@pytest.mark.parametrize("cfg", random_multires_configs(8, seed=12),
+                         ids=lambda c: f"n{c[0]}-t{c[1]}-s{c[2]}-{c[3]}")
+def test_multires_head_float32(cfg, monkeypatch):
+    """float32 (full precision tiles): forward and gradients within 1e-5 of the float64 reference."""
+    fwd = _spy(monkeypatch, thead, "multires_head")
+    bwd = _spy(monkeypatch, thead, "multires_head_backward")
+    torch.manual_seed(13)
+    n, ct, cs, sizes, base = cfg
+    _check_head(*_head_inputs(n, ct, cs, sizes, torch.float32), base, rtol=1e-5, atol=1e-5)
+    assert len(fwd) == 1 and len(bwd) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_multires_head_dtypes(dtype):
+    """Products are exact and accumulated in float32 (float64), then rounded once to the dtype: forward and
+    gradients within 4 eps(dtype) of the float64 reference on the same (rounded) values."""
+    torch.manual_seed(14)
+    for n, ct, cs, sizes, base in random_multires_configs(2, seed=15):
+        _check_head(*_head_inputs(n, ct, cs, sizes, dtype), base, rtol=4 * EPS[dtype], atol=4 * EPS[dtype])
+
+
+def test_multires_head_layouts_bases_and_counts():
+    """channels_last features, a transposed (non-contiguous) weight view, other base indices, two and four
+    resolutions, and the frozen-teacher case (no feature gradients)."""
+    torch.manual_seed(16)
+    feats, weights, biases = _head_inputs(2, 19, 11, [(3, 4), (5, 5), (9, 11)], torch.float32,
+                                          channels_last=True)
+    weights = [w.t().contiguous().t() for w in weights]  # same values, column-major storage
+    assert not weights[0].is_contiguous()
+    for base in (0, 1, 2):
+        _check_head(feats, weights, biases, base, rtol=1e-5, atol=1e-5)
+    feats4, weights4, biases4 = _head_inputs(1, 7, 5, [(2, 2), (6, 3), (4, 7), (13, 5)], torch.float32)
+    _check_head(feats4, weights4, biases4, 2, rtol=1e-5, atol=1e-5, features_grad=False)
+    # C_T = 150 spans two column tiles of the weight-gradient kernel (the bias gradient is written once).
+    feats2, weights2, biases2 = _head_inputs(1, 150, 17, [(1, 1), (4, 6)], torch.float32)
+    _check_head(feats2, weights2, biases2, 1, rtol=1e-5, atol=1e-5)
+
+
+def test_multires_head_backward_flat_list():
+    """The op-level backward: [grad_features..., grad_weights..., grad_biases...], empty feature gradients when
+    features_grad is False; biases may be None in the forward."""
+    torch.manual_seed(17)
+    feats, weights, _ = _head_inputs(2, 9, 6, [(2, 3), (4, 4), (7, 9)], torch.float32)
+    out = thead.multires_head(feats, weights, [None] * 3, 1)
+    torch.testing.assert_close(out, R.multires_head(feats, weights, [None] * 3, 1), rtol=1e-5, atol=1e-5)
+    grad = torch.randn(out.shape, device=DEVICE)
+    zeros = [w.new_zeros(w.shape[0]) for w in weights]
+    gf, gw, gb = R.multires_head_backward(grad, feats, weights, zeros, 1)
+    for features_grad in (False, True):
+        flat = thead.multires_head_backward(grad, feats, weights, 1, features_grad)
+        assert len(flat) == 9
+        for i in range(3):
+            if features_grad:
+                torch.testing.assert_close(flat[i], gf[i], rtol=1e-5, atol=1e-5)
+            else:
+                assert flat[i].numel() == 0
+            torch.testing.assert_close(flat[3 + i], gw[i], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(flat[6 + i], gb[i], rtol=1e-5, atol=1e-5)
