@@ -125,6 +125,8 @@ def test_freeze_reactnet_small_input(seed):
     assert not any(isinstance(m, (BinaryConv2d, RSign)) for m in frozen.modules())
     packed = [m for m in frozen.modules() if isinstance(m, PackedBinaryConv2d)]
     assert len(packed) == 26 and all(p.threshold is not None for p in packed)
+    # Each block became the fused inference block (RPReLU shifts folded into the conv epilogues).
+    assert all(isinstance(b, candle_ext.models.PackedReActBlock) for b in list(frozen.encoder)[1:])
     # Only the stem BN is left: every binary conv's BN is folded into its epilogue.
     assert sum(isinstance(m, nn.BatchNorm2d) for m in frozen.modules()) == 1
     assert not any(p.requires_grad for p in frozen.parameters())
@@ -133,6 +135,16 @@ def test_freeze_reactnet_small_input(seed):
         ref = model.eval()(x)
         assert_equivalent(ref, frozen(x))
         torch.testing.assert_close(frozen.encoder(x), model.encoder(x), rtol=1e-4, atol=1e-4)
+
+
+def test_freeze_reactnet_odd_sizes():
+    """30x30 gives odd maps (15, 8 after ceil) where the shortcut pool averages partial windows."""
+    torch.manual_seed(5)
+    model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), 5).eval()
+    x = torch.randn(2, 3, 30, 30)
+    with torch.no_grad():
+        assert model.encoder(x).shape[-2:] == (2, 2)
+        assert_equivalent(model(x), freeze(model)(x))
 
 
 @pytest.mark.parametrize("seed", [3, 4])
@@ -159,7 +171,7 @@ def test_save_load_round_trip_bitwise(tmp_path):
                             "kwargs": {"num_classes": 10, "small_input": True, "width_mult": 0.25}}
     state = packed_module._unflatten(blob["index"], blob["data"], "test")
     assert state.keys() == frozen.state_dict().keys()
-    words = state["encoder.block3.binary_3x3.conv.weight_packed"]
+    words = state["encoder.block3.conv3.weight_packed"]
     assert words.dtype == torch.int32 and words.shape == (32, 3, 3, 1)
     loaded = load_packed(path)
     assert not loaded.training
@@ -180,9 +192,9 @@ def test_save_load_half(tmp_path):
     blob = torch.load(path, weights_only=True)
     dtypes = {key: dtype for key, dtype, _ in blob["index"]}
     assert dtypes["classifier.fc.weight"] == "float16"  # 256 x 100 >= 4096 elements
-    assert dtypes["encoder.block1.binary_3x3.conv.weight_packed"] == "int32"
+    assert dtypes["encoder.block1.conv3.weight_packed"] == "int32"
     # Per-channel parts (thresholds, folded BN, RPReLU) and the small stem conv stay float32.
-    assert dtypes["encoder.block1.binary_3x3.conv.threshold"] == "float32"
+    assert dtypes["encoder.block1.conv3.threshold"] == "float32"
     assert dtypes["encoder.stem.conv.weight"] == "float32"
     loaded = load_packed(path)
     assert loaded.classifier.fc.weight.dtype == torch.float32

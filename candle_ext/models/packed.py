@@ -154,14 +154,17 @@ def _convert(module: nn.Module) -> nn.Module:
             module._modules[name] = _convert(child)
     if isinstance(module, nn.Sequential):
         _fold_sequential(module)
-    return module
+    # A module that knows its own dataflow may fold further once its children are packed (ReActBlock does).
+    to_packed = getattr(module, "to_packed", None)
+    return to_packed() if callable(to_packed) else module
 
 
 @torch.no_grad()
 def freeze(model: nn.Module) -> nn.Module:
     """An eval-mode packed inference copy of `model` (the original is untouched): every BinaryConv2d becomes a
     PackedBinaryConv2d, with the RSign/LearnableBias before it and the BatchNorm2d after it folded in where
-    they are its neighbours in an nn.Sequential. Parameters of the copy do not require grad."""
+    they are its neighbours in an nn.Sequential. A module with a `to_packed()` method is then replaced by what
+    that returns (its children already frozen). Parameters of the copy do not require grad."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     frozen = _convert(copy.deepcopy(model).eval())
