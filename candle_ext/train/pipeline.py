@@ -134,6 +134,8 @@ class Context:
             raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if cfg.get("threads"):  # intra-op threads; 1 can beat the default on a shared, oversubscribed CPU
+            torch.set_num_threads(int(cfg["threads"]))
         self.out = cfg.get("out_dir", "runs/candle")
         os.makedirs(self.out, exist_ok=True)
         if train is None:
