@@ -29,5 +29,6 @@ if [ "${CI:-}" = "true" ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST=9.0
 fi
 echo "== building and installing candle-ext (this compiles C++/CUDA; a few minutes the first time)"
-"$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps .
+# Editable: the compiled module lands in ./candle_ext too, so `import candle_ext` from this checkout gets it.
+"$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
 "$VENV/bin/python" -m candle_ext.info

@@ -4,7 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 VENV=${CANDLE_VENV:-.venv}
-# Run from a neutral directory so the installed package (with its compiled _C) is what gets imported.
 ROOT=$(pwd)
 cd python_tests
 "$ROOT/$VENV/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/python_tests" "$@"
