@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
-# The test command: set up (scripts/setup_env.sh), run every test, then a short smoke of the benchmarks.
+# The test command: set up (scripts/setup_env.sh), run every test, then a short smoke of the benchmarks
+# (CANDLE_BENCH_SMOKE=1: small shapes, timing disabled; run `pytest benchmarks/ -s` yourself to measure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 VENV=${CANDLE_VENV:-.venv}
-ROOT=$(pwd)
-cd python_tests
-"$ROOT/$VENV/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/python_tests" "$@"
-cd "$ROOT/benchmarks"
-CANDLE_BENCH_SMOKE=1 "$ROOT/$VENV/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" \
-  -c "$ROOT/pyproject.toml" "$ROOT/benchmarks" --benchmark-disable
+"$VENV/bin/python" -m pytest -q python_tests "$@"
+CANDLE_BENCH_SMOKE=1 "$VENV/bin/python" -m pytest -q benchmarks --benchmark-disable
