@@ -14,7 +14,7 @@ from torch import nn
 from candle_ext.data.sampler import ClassBalancedSampler, RandomEpochSampler
 from candle_ext.nn.layers import BinaryConv2d, RPReLU, RSign
 from candle_ext.train.distill import build_distill_parts, distill_step
-from candle_ext.train.distributed import (DistEnv, DistributedEpochSampler, GlooSyncBatchNorm, SyncedBalancer,
+from candle_ext.train.distributed import (DistEnv, all_reduce_gradients, DistributedEpochSampler, GlooSyncBatchNorm, SyncedBalancer,
                                           all_gather_rows, broadcast_object, convert_sync_batchnorm,
                                           gather_object, init_distributed, local_batch_size,
                                           make_distributed_sampler, reduce_metrics, shard_indices,
@@ -192,7 +192,16 @@ def _collectives_check(env: DistEnv):
     m = reduce_metrics({"a": float(env.rank), "b": 2.0}, env)
     obj = broadcast_object({"rank": env.rank} if env.rank == 0 else None, env)
     objs = gather_object(env.rank * 10, env)
-    return {"gathered_ok": bool(torch.equal(gathered, full)), "metrics": m, "obj": obj, "objs": objs}
+    # gradients: an expanded (stride-0) one, a missing one, two dtypes, buckets far smaller than the tensors
+    ps = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2)),
+          nn.Parameter(torch.zeros(4, dtype=torch.float64)), nn.Parameter(torch.zeros(5))]
+    ps[0].grad = torch.tensor(float(env.rank + 1)).expand(3)
+    ps[1].grad = torch.full((2, 2), 10.0 * env.rank)
+    ps[2].grad = torch.arange(4, dtype=torch.float64) * (env.rank + 1)
+    all_reduce_gradients(ps, env, bucket_mb=1e-5)
+    grads = [p.grad.clone() for p in ps]
+    return {"gathered_ok": bool(torch.equal(gathered, full)), "metrics": m, "obj": obj, "objs": objs,
+            "grads": grads}
 
 
 def _worker(rank, world, port, out_dir):
@@ -263,6 +272,10 @@ def test_collective_helpers(two_ranks):
         assert c["metrics"] == {"a": 0.5, "b": 2.0}
         assert c["obj"] == {"rank": 0}
         assert c["objs"] == ([0, 10] if r == 0 else None)
+        g = c["grads"]
+        assert torch.equal(g[0], torch.full((3,), 1.5)) and torch.equal(g[1], torch.full((2, 2), 5.0))
+        assert g[2].dtype == torch.float64 and torch.equal(g[2], torch.arange(4, dtype=torch.float64) * 1.5)
+        assert torch.equal(g[3], torch.zeros(5))
 
 
 def test_two_process_distillation_matches_one_process(two_ranks):

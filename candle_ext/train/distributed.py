@@ -232,17 +232,25 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor], env: DistEnv, bucket_mb: f
 
 def all_reduce_gradients(params: Iterable[torch.Tensor], env: DistEnv, bucket_mb: float = 25.0) -> None:
     """Average .grad of params across ranks. A missing gradient counts as zeros (so every rank sends the same
-    layout even if a parameter went unused)."""
+    layout even if a parameter went unused). Each .grad becomes a view of its reduced bucket: gradients from
+    torch.autograd.grad may be expanded (stride 0) tensors that cannot be written in place."""
     if not env.distributed:
         return
-    grads = []
-    for p in params:
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    all_reduce_mean_(grads, env, bucket_mb)
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    comm = _comm_device(env)
+    for idx in _bucket(grads, int(bucket_mb * 2 ** 20)):
+        flat = torch.cat([grads[i].reshape(-1) for i in idx]).to(comm)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(env.world_size)
+        flat = flat.to(grads[idx[0]].device)
+        off = 0
+        for i in idx:
+            n = grads[i].numel()
+            params[i].grad = flat[off:off + n].view(params[i].shape)
+            off += n
 
 
 def sync_optimizer(opt: torch.optim.Optimizer, env: DistEnv, bucket_mb: float = 25.0):
