@@ -351,3 +351,36 @@ def test_multires_head_backward_flat_list():
                 assert flat[i].numel() == 0
             torch.testing.assert_close(flat[3 + i], gw[i], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(flat[6 + i], gb[i], rtol=1e-5, atol=1e-5)
+
+
+# ---- the GPU's tile shapes -----------------------------------------------------------------------------------
+
+def test_gpu_tile_shapes_under_the_interpreter(monkeypatch):
+    """On a GPU the launch code picks other tiles than under the interpreter: smaller blocks, reductions split
+    over several programs, two words per tl.dot step. Run those shapes here too, so the masks and loops a GPU
+    executes are checked without one (on a GPU this is what every test runs)."""
+    import candle_ext.triton as ct
+    monkeypatch.setattr(ct, "INTERPRETER_TILES", False)
+    torch.manual_seed(18)
+    # S = 40*41 > 1024 splits the NCHW reduction; 2*9*8 pixels split the channels-last one.
+    for shape in [(1, 3, 40, 41), (2, 70, 9, 8)]:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = (torch.randn(shape, device=DEVICE) * 1.5).contiguous(memory_format=fmt)
+            bias = torch.randn(shape[1], device=DEVICE) * 0.3
+            assert torch.equal(candle_ext.sign_pack(x, bias), R.sign_pack(x, bias))
+            assert torch.equal(candle_ext.sign_ste(x, bias), R.sign_ste(x, bias))
+            g = torch.randn(shape, device=DEVICE)
+            gx, gb = tsign.sign_ste_backward(g, x, bias)
+            tx, tb = R.sign_ste_backward(g.double(), x.double(), bias.double())
+            torch.testing.assert_close(gx.double(), tx, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(gb.double(), tb, rtol=1e-5, atol=1e-4)
+    for cfg in random_conv_configs(3, seed=19, **CONV_LIMITS):
+        x = torch.randn(cfg.n, cfg.cin, cfg.h, cfg.w, device=DEVICE)
+        w = torch.randn(cfg.cout, cfg.cin, cfg.k, cfg.k, device=DEVICE)
+        want = R.binary_conv2d(x.double(), w.double(), None, *_conv_args(cfg)).to(torch.int32)
+        for method in tconv.METHODS:
+            got = tconv.binary_conv2d_packed(R.sign_pack(x), R.sign_pack(w), cfg.cin, *_conv_args(cfg),
+                                             method=method)
+            assert torch.equal(got, want), (str(cfg), method)
+    feats, weights, biases = _head_inputs(2, 70, 20, [(2, 3), (5, 4), (9, 10)], torch.float32)
+    _check_head(feats, weights, biases, 1, rtol=1e-5, atol=1e-5)

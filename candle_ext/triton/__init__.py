@@ -37,13 +37,23 @@ def is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+# Under the interpreter the launch code picks few, large programs (each program costs Python time). Tests set
+# this to False to run the GPU tile shapes (and split reductions) under the interpreter too.
+INTERPRETER_TILES = True
+
+
+def interpreter_tiles(kernel) -> bool:
+    """Whether to launch this kernel with the interpreter's tile shapes rather than the GPU's."""
+    return INTERPRETER_TILES and is_interpreted(kernel)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (used to size split reductions); 1 for CPU tensors."""
+    """Streaming multiprocessors of a CUDA device (used to size split reductions); 1 for anything else."""
     if device.type != "cuda":
         return 1
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

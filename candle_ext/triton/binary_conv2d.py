@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from candle_ext.triton import capability, is_interpreted, next_pow2
+from candle_ext.triton import capability, interpreter_tiles, is_interpreted, next_pow2
 
 METHOD_ENV = "CANDLE_EXT_TRITON_CONV"
 METHODS = ("popc", "dot")
@@ -51,60 +51,64 @@ def _popcount(v, INTRINSIC: tl.constexpr):
 
 @triton.jit
 def _output_rows(M, HO, WO, SH, SW, PH, PW, BLOCK_M: tl.constexpr):
-    """Output pixels of this program: flat index m, its image n, position q = oh*WO+ow, and the input corner."""
+    """Output pixels of this program: flat index m = (n, oh, ow), validity, image n and the input corner."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < M
-    n = m // (HO * WO)
     q = m % (HO * WO)
-    ih0 = (q // WO) * SH - PH
-    iw0 = (q % WO) * SW - PW
-    return m_ok, n, q, ih0, iw0
+    return m, m < M, m // (HO * WO), (q // WO) * SH - PH, (q % WO) * SW - PW
 
 
 @triton.jit
-def _epilogue(acc, out_ptr, scale_ptr, shift_ptr, n, q, m_ok, co, co_ok, COUT, HO, WO,
+def _epilogue(acc, out_ptr, scale_ptr, shift_ptr, co, co_ok, m, m_ok, COUT, HO, WO, IDX: tl.constexpr,
               HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, FLOAT_OUT: tl.constexpr):
-    # NCHW: for a fixed channel, consecutive output pixels of an image are consecutive in memory.
-    offs = (n.to(tl.int64)[:, None] * COUT + co[None, :]) * (HO * WO) + q[:, None]
-    ok = m_ok[:, None] & co_ok[None, :]
+    """Store the [BLOCK_N channels, BLOCK_M pixels] tile into NCHW: along a channel row, consecutive pixels of
+    an image are consecutive in memory (the tile's fast axis). n and q are recomputed here rather than kept
+    alive through the main loop (register pressure)."""
+    hw = HO * WO
+    mi = m.to(IDX)
+    offs = co.to(IDX)[:, None] * hw + ((mi // hw) * COUT * hw + mi % hw)[None, :]
+    ok = co_ok[:, None] & m_ok[None, :]
     if FLOAT_OUT:
         v = acc.to(tl.float32)
         if HAS_SCALE:
-            v = v * tl.load(scale_ptr + co, mask=co_ok, other=0.0)[None, :]
+            v = v * tl.load(scale_ptr + co, mask=co_ok, other=0.0)[:, None]
         if HAS_SHIFT:
-            v = v + tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
+            v = v + tl.load(shift_ptr + co, mask=co_ok, other=0.0)[:, None]
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=ok)
     else:
         tl.store(out_ptr + offs, acc, mask=ok)
 
 
+# Both kernels hold the tile as [output channels, output pixels]: Triton's default layout spreads a warp's
+# lanes along the last axis, so each thread keeps only one or two pixels' worth of per-pixel state (input
+# corner, validity, offsets) and the NCHW store is coalesced along pixels.
 @triton.jit
 def _conv_popc_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr,
                       C, H, W, NW, COUT, HO, WO, M, KH, KW, SH, SW, PH, PW, DH, DW,
                       HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, FLOAT_OUT: tl.constexpr,
-                      INTRINSIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    m_ok, n, q, ih0, iw0 = _output_rows(M, HO, WO, SH, SW, PH, PW, BLOCK_M)
+                      IDX: tl.constexpr, INTRINSIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    m, m_ok, n, ih0, iw0 = _output_rows(M, HO, WO, SH, SW, PH, PW, BLOCK_M)
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < COUT
-    img = n.to(tl.int64) * H
-    w_row = co.to(tl.int64) * (KH * KW)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    img = n.to(IDX) * H
+    w_row = co.to(IDX) * (KH * KW)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     for r in range(KH):
         ih = ih0 + r * DH
         h_ok = m_ok & (ih >= 0) & (ih < H)
         for s in range(KW):
             iw = iw0 + s * DW
             ok = h_ok & (iw >= 0) & (iw < W)
-            a_ptrs = x_ptr + ((img + ih) * W + iw) * NW
-            b_ptrs = w_ptr + (w_row + (r * KW + s)) * NW
-            pop = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            # Offsets, not pointer tensors, stay live across the word loop (half the registers in int32).
+            a_off = ((img + ih) * W + iw) * NW
+            b_off = (w_row + (r * KW + s)) * NW
+            pop = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
             for k in range(NW):
-                a = tl.load(a_ptrs + k, mask=ok, other=0)
-                b = tl.load(b_ptrs + k, mask=co_ok, other=0)
-                pop += _popcount(a[:, None] ^ b[None, :], INTRINSIC)
+                a = tl.load(x_ptr + (a_off + k), mask=ok, other=0)
+                b = tl.load(w_ptr + (b_off + k), mask=co_ok, other=0)
+                pop += _popcount(b[:, None] ^ a[None, :], INTRINSIC)
             # A tap outside the input is a zero-padded position: it adds nothing.
-            acc += tl.where(ok[:, None], C - 2 * pop, 0)
-    _epilogue(acc, out_ptr, scale_ptr, shift_ptr, n, q, m_ok, co, co_ok, COUT, HO, WO,
+            acc += tl.where(ok[None, :], C - 2 * pop, 0)
+    _epilogue(acc, out_ptr, scale_ptr, shift_ptr, co, co_ok, m, m_ok, COUT, HO, WO, IDX,
               HAS_SCALE, HAS_SHIFT, FLOAT_OUT)
 
 
@@ -112,37 +116,38 @@ def _conv_popc_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr,
 def _conv_dot_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr,
                      C, H, W, NW, COUT, HO, WO, M, KH, KW, SH, SW, PH, PW, DH, DW,
                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, FLOAT_OUT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-    m_ok, n, q, ih0, iw0 = _output_rows(M, HO, WO, SH, SW, PH, PW, BLOCK_M)
+                     IDX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    m, m_ok, n, ih0, iw0 = _output_rows(M, HO, WO, SH, SW, PH, PW, BLOCK_M)
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < COUT
-    img = n.to(tl.int64) * H
-    w_row = co.to(tl.int64) * (KH * KW)
+    img = n.to(IDX) * H
+    w_row = co.to(IDX) * (KH * KW)
     lane = tl.arange(0, 32)
     kk = tl.arange(0, BLOCK_KW)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     for r in range(KH):
         ih = ih0 + r * DH
         h_ok = m_ok & (ih >= 0) & (ih < H)
         for s in range(KW):
             iw = iw0 + s * DW
             ok = h_ok & (iw >= 0) & (iw < W)
-            a_base = ((img + ih) * W + iw) * NW
-            b_base = (w_row + (r * KW + s)) * NW
+            a_off = ((img + ih) * W + iw) * NW
+            b_off = (w_row + (r * KW + s)) * NW
             for k0 in range(0, NW, BLOCK_KW):
                 k = k0 + kk
                 k_ok = k < NW
-                a_words = tl.load(x_ptr + a_base[:, None] + k[None, :], mask=ok[:, None] & k_ok[None, :], other=0)
-                a_bits = (a_words[:, :, None] >> lane[None, None, :]) & 1  # [BLOCK_M, BLOCK_KW, 32]
-                # Only the activation side is zeroed (pad channels, taps outside the input): 0 * w = 0.
-                live = ok[:, None, None] & ((k[:, None] * 32 + lane[None, :]) < C)[None, :, :]
-                a_val = tl.reshape(tl.where(live, 2 * a_bits - 1, 0).to(tl.int8), [BLOCK_M, BLOCK_KW * 32])
-                b_words = tl.load(w_ptr + b_base[None, :] + k[:, None], mask=k_ok[:, None] & co_ok[None, :],
+                # Weights [BLOCK_N, BLOCK_KW*32] of +-1 (pad channels give -1 here; the activations zero them).
+                b_words = tl.load(w_ptr + (b_off[:, None] + k[None, :]), mask=co_ok[:, None] & k_ok[None, :],
                                   other=0)
-                b_bits = (b_words[:, None, :] >> lane[None, :, None]) & 1  # [BLOCK_KW, 32, BLOCK_N]
-                b_val = tl.reshape((2 * b_bits - 1).to(tl.int8), [BLOCK_KW * 32, BLOCK_N])
-                acc = tl.dot(a_val, b_val, acc, out_dtype=tl.int32)
-    _epilogue(acc, out_ptr, scale_ptr, shift_ptr, n, q, m_ok, co, co_ok, COUT, HO, WO,
+                b_bits = (b_words[:, :, None] >> lane[None, None, :]) & 1
+                b_val = tl.reshape((2 * b_bits - 1).to(tl.int8), [BLOCK_N, BLOCK_KW * 32])
+                # Activations [BLOCK_KW*32, BLOCK_M]: +-1, or 0 for pad channels and taps outside the input.
+                a_words = tl.load(x_ptr + (a_off[None, :] + k[:, None]), mask=k_ok[:, None] & ok[None, :], other=0)
+                a_bits = (a_words[:, None, :] >> lane[None, :, None]) & 1
+                live = ((k[:, None] * 32 + lane[None, :]) < C)[:, :, None] & ok[None, None, :]
+                a_val = tl.reshape(tl.where(live, 2 * a_bits - 1, 0).to(tl.int8), [BLOCK_KW * 32, BLOCK_M])
+                acc = tl.dot(b_val, a_val, acc, out_dtype=tl.int32)
+    _epilogue(acc, out_ptr, scale_ptr, shift_ptr, co, co_ok, m, m_ok, COUT, HO, WO, IDX,
               HAS_SCALE, HAS_SHIFT, FLOAT_OUT)
 
 
@@ -185,22 +190,28 @@ def binary_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, channel
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     kernel = _conv_dot_kernel if method == "dot" else _conv_popc_kernel
-    interpreted = is_interpreted(kernel)
-    # tl.dot needs every block dimension >= 16 on the GPU.
-    block_n = max(16, min(128 if method == "dot" else 64, next_pow2(cout)))
-    if interpreted:  # few, large programs: the interpreter runs programs one after another in Python
-        block_m = max(16, min(256, next_pow2(m)))
+    small = interpreter_tiles(kernel)
+    # Tile shapes: tl.dot needs every block dimension >= 16. On sm_90 (ptxas, Triton 3.8) these compile without
+    # register spills: dot 128x128 (8 warps) ~200 registers/thread, popc 64x64 (8 warps) ~150.
+    if method == "dot":
+        block_n = max(16, min(128, next_pow2(cout)))
+        block_m = 128
     else:
-        block_m = 128 if method == "dot" else 64
+        block_n = max(16, min(64, next_pow2(cout)))
+        block_m = 64
+    if small:  # few, large programs: the interpreter runs programs one after another in Python
+        block_m = max(16, min(256, next_pow2(m)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(cout, block_n))
     args = (x, w, out if sc is None else sc, out if sf is None else sf, out,
             channels, h, wd, nw, cout, ho, wo, m, kh, kw, sh, sw, ph, pw, dh, dw)
-    flags = dict(HAS_SCALE=sc is not None, HAS_SHIFT=sf is not None, FLOAT_OUT=float_out,
+    # 32-bit offset arithmetic (fewer registers) unless a tensor is too large for it.
+    idx = tl.int32 if max(x.numel(), w.numel(), out.numel()) < 2 ** 31 else tl.int64
+    flags = dict(HAS_SCALE=sc is not None, HAS_SHIFT=sf is not None, FLOAT_OUT=float_out, IDX=idx,
                  BLOCK_M=block_m, BLOCK_N=block_n)
     if method == "dot":
-        block_kw = min(8 if interpreted else 4, next_pow2(nw))
+        block_kw = min(8 if small else 2, next_pow2(nw))  # 64 channels per tl.dot step on the GPU
         warps = 8 if block_m * block_n >= 128 * 128 else 4
         _conv_dot_kernel[grid](*args, **flags, BLOCK_KW=block_kw, num_warps=warps, num_stages=3)
     else:
-        _conv_popc_kernel[grid](*args, **flags, INTRINSIC=not interpreted, num_warps=4)
+        _conv_popc_kernel[grid](*args, **flags, INTRINSIC=not is_interpreted(kernel), num_warps=8)
     return out
