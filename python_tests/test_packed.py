@@ -207,6 +207,23 @@ def test_save_load_half(tmp_path):
         torch.testing.assert_close(loaded(x), frozen(x), rtol=2e-3, atol=2e-3)
 
 
+def test_sync_batchnorm_student_freezes_and_saves(tmp_path):
+    """A student converted for distributed training (SyncBatchNorm) freezes like the plain one, and its file
+    loads into the plain architecture. Saving leaves the caller's random number generator alone."""
+    torch.manual_seed(13)
+    model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), 13)
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()
+    frozen = freeze(sync)
+    assert all(isinstance(b, candle_ext.models.PackedReActBlock) for b in list(frozen.encoder)[1:])
+    state = torch.random.get_rng_state()
+    save_packed(sync, tmp_path / "sync.pt")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "sync.pt")(x), freeze(model)(x))
+        assert_equivalent(model.eval()(x), frozen(x))
+
+
 def test_file_size_full_reactnet_a(tmp_path):
     model = reactnet_a()
     buf = io.BytesIO()
@@ -233,6 +250,8 @@ def test_save_load_binarized_torchvision(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), freeze(model)(x))
+    with pytest.raises(ValueError, match="structure"):  # 1000 classes: the fc does not fit
+        save_packed(model, tmp_path / "bad.pt", arch={"builder": "torchvision.models.resnet18", "kwargs": {}})
     with pytest.raises(ValueError, match="not allowed"):
         save_packed(model, tmp_path / "bad.pt", arch={"builder": "os.system", "kwargs": {}})
     with pytest.raises(ValueError, match="pretrained"):

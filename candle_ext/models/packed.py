@@ -108,7 +108,8 @@ def _last_packed(module: nn.Module) -> Optional[PackedBinaryConv2d]:
 
 
 def _foldable_bn(bn: nn.Module, conv: PackedBinaryConv2d) -> bool:
-    return (type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None
+    # Exact types: subclasses may do more than normalise (timm's BatchNormAct2d applies an activation).
+    return (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and bn.track_running_stats and bn.running_mean is not None
             and bn.num_features == conv.out_channels)
 
 
@@ -259,6 +260,16 @@ def _unflatten(index, data: dict, source: str) -> dict:
     return state
 
 
+def _skeleton(arch: dict, binarized, source: str) -> nn.Module:
+    """The frozen model that `arch` and the binarized conv names describe (random weights; the caller's random
+    number generator state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        model = _build(arch, source)
+        if binarized:
+            binarize_names_(model, binarized)
+        return freeze(model)
+
+
 def _digest(header: dict, data: dict) -> str:
     h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for name in sorted(data):
@@ -289,6 +300,15 @@ def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict]
                          "model before binarize_)")
     arch = _check_arch(arch, "save_packed")
     frozen = model if not any(isinstance(m, BinaryConv2d) for m in model.modules()) else freeze(model)
+    binarized = list(getattr(model, BINARIZED_ATTR, ()))
+    # Refuse now, not when loading, a model that load_packed could not rebuild from the description.
+    expected = {k: (tuple(t.shape), t.dtype.is_floating_point)
+                for k, t in _skeleton(arch, binarized, "save_packed").state_dict().items()}
+    actual = {k: (tuple(t.shape), t.dtype.is_floating_point) for k, t in frozen.state_dict().items()}
+    if expected != actual:
+        diff = sorted(set(expected.items()) ^ set(actual.items()))[:6]
+        raise ValueError(f"save_packed: the model does not have the structure that arch {arch} builds (after "
+                         f"binarize_ and freeze); first differences (name, (shape, is_float)): {diff}")
     state = {}
     for key, t in frozen.state_dict().items():
         t = t.detach().cpu().contiguous()
@@ -297,8 +317,8 @@ def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict]
             t = t.half()
         state[key] = t
     index, data = _flatten(state)
-    header = {"format": FORMAT, "version": VERSION, "arch": arch,
-              "binarized": list(getattr(model, BINARIZED_ATTR, ())), "half": bool(half), "index": index}
+    header = {"format": FORMAT, "version": VERSION, "arch": arch, "binarized": binarized, "half": bool(half),
+              "index": index}
     torch.save({**header, "data": data, "sha256": _digest(header, data)}, path)
     return os.path.getsize(path)
 
@@ -325,10 +345,7 @@ def load_packed(path, map_location="cpu") -> nn.Module:
     if blob.get("sha256") != _digest(header, blob["data"]):
         raise ValueError(f"{path}: checksum mismatch, the file is corrupt")
     arch = _check_arch(blob["arch"], str(path))
-    model = _build(arch, str(path))
-    if binarized:
-        binarize_names_(model, binarized)
-    frozen = freeze(model)
+    frozen = _skeleton(arch, binarized, str(path))
     try:
         frozen.load_state_dict(state, strict=True)  # copy_ restores float16 parts to the model's float32
     except RuntimeError as exc:
