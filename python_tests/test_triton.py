@@ -156,6 +156,22 @@ def test_sign_ste_any_rank_and_gradient_without_bias(shape):
     torch.testing.assert_close(gb.double(), -tx.sum(dim=dims), rtol=1e-5, atol=1e-5)
 
 
+def test_sign_ste_keeps_a_dense_layout():
+    """Outputs follow x's strides as torch.empty_like does (the op's fake kernels promise that), here for a
+    permuted dense x that is neither NCHW- nor channels_last-contiguous."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 5, 7, 3, device=DEVICE).transpose(2, 3)
+    bias = torch.randn(5, device=DEVICE)
+    y = candle_ext.sign_ste(x, bias)
+    assert y.stride() == x.stride() and torch.equal(y, R.sign_ste(x, bias))
+    g = torch.randn(x.shape, device=DEVICE)
+    gx, gb = tsign.sign_ste_backward(g, x, bias)
+    tx, tb = R.sign_ste_backward(g.double(), x.double(), bias.double())
+    assert gx.stride() == x.stride()
+    torch.testing.assert_close(gx.double(), tx, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gb.double(), tb, rtol=1e-5, atol=1e-5)
+
+
 def test_sign_ste_backward_takes_mixed_layouts():
     # x channels_last with an NCHW gradient (and the reverse): the kernels pick one layout for both.
     torch.manual_seed(4)
@@ -324,6 +340,11 @@ def test_multires_head_layouts_bases_and_counts():
     assert not weights[0].is_contiguous()
     for base in (0, 1, 2):
         _check_head(feats, weights, biases, base, rtol=1e-5, atol=1e-5)
+    # The op-level backward hands back the layouts of the inputs (torch.empty_like, as its fake kernel says).
+    grad = torch.randn(2, 33, 5, 5, device=DEVICE)
+    flat = thead.multires_head_backward(grad, feats, weights, 1, True)
+    assert all(flat[i].stride() == feats[i].stride() for i in range(3))
+    assert all(flat[3 + i].stride() == weights[i].stride() for i in range(3))
     feats4, weights4, biases4 = _head_inputs(1, 7, 5, [(2, 2), (6, 3), (4, 7), (13, 5)], torch.float32)
     _check_head(feats4, weights4, biases4, 2, rtol=1e-5, atol=1e-5, features_grad=False)
     # C_T = 150 spans two column tiles of the weight-gradient kernel (the bias gradient is written once).

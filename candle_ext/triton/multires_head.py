@@ -50,10 +50,10 @@ def _gathered_rows(m, M, HO, WO, ih_ptr, iw_ptr, s_n, s_h, s_w):
 
 @triton.jit
 def _head_gemm_kernel(f_ptr, w_ptr, b_ptr, out_ptr, ih_ptr, iw_ptr,
-                      M, CIN, COUT, HO, WO, s_fn, s_fc, s_fh, s_fw, s_wo, s_wi, out_sn, c_off,
+                      M, CIN, COUT, HO, WO, s_fn, s_fc, s_fh, s_fw, s_wo, s_wi, s_on, s_oc, s_oh, s_ow, c_off,
                       HAS_BIAS: tl.constexpr, DOT_T: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[n, c_off+o, i, j] = sum_t w[o, t] * f[n, t, ih[i], iw[j]] (+ b[o])."""
+    """out[n, c_off+o, i, j] = sum_t w[o, t] * f[n, t, ih[i], iw[j]] (+ b[o]); out has strides s_o*."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n, q, src = _gathered_rows(m, M, HO, WO, ih_ptr, iw_ptr, s_fn, s_fh, s_fw)
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,13 +68,14 @@ def _head_gemm_kernel(f_ptr, w_ptr, b_ptr, out_ptr, ih_ptr, iw_ptr,
         acc = tl.dot(a.to(DOT_T), b.to(DOT_T), acc, input_precision=PREC, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=co_ok, other=0.0).to(ACC)[None, :]
-    offs = n.to(tl.int64)[:, None] * out_sn + (c_off + co)[None, :] * (HO * WO) + q[:, None]
+    pix = n.to(tl.int64) * s_on + (q // WO).to(tl.int64) * s_oh + (q % WO).to(tl.int64) * s_ow
+    offs = pix[:, None] + (c_off + co).to(tl.int64)[None, :] * s_oc
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
 
 
 @triton.jit
 def _head_wgrad_kernel(g_ptr, f_ptr, gw_ptr, gb_ptr, ih_ptr, iw_ptr,
-                       M, CIN, COUT, HO, WO, g_sn, c_off, s_fn, s_fc, s_fh, s_fw,
+                       M, CIN, COUT, HO, WO, g_sn, c_off, s_fn, s_fc, s_fh, s_fw, s_gws, s_gwt,
                        DOT_T: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                        BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr):
     """gw[s, t] = sum_m g[n, c_off+s, q] * f[n, t, ih, iw] over base positions m; gb[s] = sum_m g[...]."""
@@ -94,7 +95,7 @@ def _head_wgrad_kernel(g_ptr, f_ptr, gw_ptr, gb_ptr, ih_ptr, iw_ptr,
         b = tl.load(f_ptr + src[:, None] + f_cols[None, :], mask=m_ok[:, None] & t_ok[None, :], other=0.0)
         acc = tl.dot(a, b.to(DOT_T), acc, input_precision=PREC, out_dtype=ACC)
         bacc += tl.sum(a.to(ACC), axis=1)
-    offs = s.to(tl.int64)[:, None] * CIN + t[None, :]
+    offs = s.to(tl.int64)[:, None] * s_gws + t.to(tl.int64)[None, :] * s_gwt
     tl.store(gw_ptr + offs, acc.to(gw_ptr.dtype.element_ty), mask=s_ok[:, None] & t_ok[None, :])
     # Every column tile computes the row sums; the first one writes them.
     tl.store(gb_ptr + s, bacc.to(gb_ptr.dtype.element_ty), mask=s_ok & (tl.program_id(1) == 0))
@@ -158,8 +159,8 @@ def _dot_types(dtypes: Sequence[torch.dtype], kernel, device: torch.device):
 
 def _gemm(f: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: torch.Tensor, ih: torch.Tensor,
           iw: torch.Tensor, c_off: int):
-    """out[:, c_off:c_off+Cout] (NCHW-contiguous, base size = len(ih) x len(iw)) = 1x1 conv of f gathered at
-    (ih, iw) with w [Cout, Cin] (any strides), plus b."""
+    """out[:, c_off:c_off+Cout] (any strides, spatial size len(ih) x len(iw)) = 1x1 conv of f (any strides)
+    gathered at (ih, iw) with w [Cout, Cin] (any strides), plus b."""
     n, cin = f.shape[:2]
     cout = w.shape[0]
     ho, wo = ih.numel(), iw.numel()
@@ -171,7 +172,7 @@ def _gemm(f: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: torc
     block_k = max(16, min(128 if small else 32, next_pow2(cin)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(cout, block_n))
     _head_gemm_kernel[grid](f, w, out if b is None else b, out, ih, iw,
-                            m, cin, cout, ho, wo, *f.stride(), w.stride(0), w.stride(1), out.stride(0), c_off,
+                            m, cin, cout, ho, wo, *f.stride(), w.stride(0), w.stride(1), *out.stride(), c_off,
                             HAS_BIAS=b is not None, DOT_T=dot_t, ACC=acc, PREC=prec,
                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
 
@@ -221,7 +222,7 @@ def multires_head_backward(grad: torch.Tensor, features: Sequence[torch.Tensor],
         w2 = w.reshape(w.shape[0], w.shape[1])
         ct, h, wd = f.shape[1], f.shape[2], f.shape[3]
         ih, iw = _indices(h, hb, device), _indices(wd, wb, device)
-        gw = torch.empty((cs, ct), dtype=w.dtype, device=device)
+        gw = torch.empty_like(w2)  # the layout the op's fake kernel promises (empty_like of the weight)
         gb = torch.empty((cs,), dtype=w.dtype, device=device)
         m = n * hb * wb
         dot_t, acc, prec = _dot_types((g.dtype, f.dtype), _head_wgrad_kernel, device)
@@ -232,13 +233,13 @@ def multires_head_backward(grad: torch.Tensor, features: Sequence[torch.Tensor],
         block_q = max(16, min(256, next_pow2(m))) if small else 32
         grid = (triton.cdiv(cs, block_s), triton.cdiv(ct, block_t))
         _head_wgrad_kernel[grid](g, f, gw, gb, ih, iw, m, ct, cs, hb, wb, g.stride(0), r * cs, *f.stride(),
-                                 DOT_T=dot_t, ACC=acc, PREC=prec, BLOCK_S=block_s, BLOCK_T=block_t,
-                                 BLOCK_Q=block_q, num_warps=8, num_stages=3)
+                                 *gw.stride(), DOT_T=dot_t, ACC=acc, PREC=prec, BLOCK_S=block_s,
+                                 BLOCK_T=block_t, BLOCK_Q=block_q, num_warps=8, num_stages=3)
         g_weights.append(gw.reshape(w.shape))
         g_biases.append(gb)
         if features_grad:
             gy = _scatter(g, r * cs, cs, h, wd)
-            gf = torch.empty((n, ct, h, wd), dtype=f.dtype, device=device)
+            gf = torch.empty_like(f)  # f's layout (channels_last stays channels_last), like the fake kernel
             # grad_f = W^T gy: the forward GEMM with weight W^T ([C_T, C_S] as a strided view), identity gather.
             _gemm(gy, w2.to(gy.dtype).t(), None, gf, _indices(h, h, device), _indices(wd, wd, device), 0)
             g_feats.append(gf)

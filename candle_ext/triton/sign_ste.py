@@ -161,25 +161,36 @@ def sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Ten
     return out
 
 
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal strides on every dimension that has more than one element (the strides that matter)."""
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
 def sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """sign(x - bias) as +-1 in x's dtype and memory layout (bias per channel, dim 1)."""
+    """sign(x - bias) as +-1 in x's dtype, with x's strides when x is dense (like torch.empty_like)."""
     c = x.shape[1]
-    if x.is_contiguous():
-        c_stride = x[0, 0].numel()
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    elif _channels_last_dense(x):
-        c_stride = 1
-        out = torch.empty(x.movedim(1, -1).shape, dtype=x.dtype, device=x.device).movedim(-1, 1)
-    else:
+    out = torch.empty_like(x) if _dense(x) else None
+    if out is None or not _same_layout(out, x):
         x = x.contiguous()
-        c_stride = x[0, 0].numel()
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    # Dense memory is walked flat; the element at memory offset o lies in channel (o // stride(1)) % C.
+    c_stride = x.stride(1) if c > 1 else 1
     numel = x.numel()
     block = 4096 if interpreter_tiles(_sign_ste_kernel) else 1024
     _sign_ste_kernel[(triton.cdiv(numel, block),)](x, _bias_arg(bias, x), out, numel, c, c_stride,
                                                     HAS_BIAS=bias is not None, CMP=_compute_dtype(x), BLOCK=block,
                                                     num_warps=4)
     return out
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of the dims is contiguous (size-1 dims ignored)."""
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n > 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _splits(tiles: int, length: int, block: int, device: torch.device, small: bool) -> int:
@@ -234,4 +245,8 @@ def sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.
         _ste_bwd_rows_kernel[(row_tiles, splits)](gc, xc, b, gx, part, rows, c, s, chunk, HAS_BIAS=has_bias,
                                                   ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, num_warps=8)
         gb = part.sum(0).reshape(x.shape[0], c).sum(0)
+        if not x.is_contiguous():  # e.g. a permuted dense x: hand back its layout, as the op's fake kernel does
+            like = torch.empty_like(x)
+            if not _same_layout(like, gx):
+                gx = like.copy_(gx)
     return gx, (-gb).to(gb_dtype)
