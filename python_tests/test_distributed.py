@@ -14,11 +14,11 @@ from torch import nn
 from candle_ext.data.sampler import ClassBalancedSampler, RandomEpochSampler
 from candle_ext.nn.layers import BinaryConv2d, RPReLU, RSign
 from candle_ext.train.distill import build_distill_parts, distill_step
-from candle_ext.train.distributed import (DistEnv, all_reduce_gradients, DistributedEpochSampler, GlooSyncBatchNorm, SyncedBalancer,
-                                          all_gather_rows, broadcast_object, convert_sync_batchnorm,
-                                          gather_object, init_distributed, local_batch_size,
-                                          make_distributed_sampler, reduce_metrics, shard_indices,
-                                          sync_optimizer, teardown)
+from candle_ext.train.distributed import (DistEnv, DistributedEpochSampler, GlooSyncBatchNorm, SyncedBalancer,
+                                          all_gather_rows, all_reduce_gradients, broadcast_object,
+                                          convert_sync_batchnorm, gather_object, init_distributed,
+                                          local_batch_size, make_distributed_sampler, reduce_metrics,
+                                          revert_sync_batchnorm, shard_indices, sync_optimizer, teardown)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -169,7 +169,9 @@ def _syncbn_check(env: DistEnv):
         bn.weight.uniform_(0.5, 1.5, generator=g)
         bn.bias.uniform_(-1, 1, generator=g)
     sbn = convert_sync_batchnorm(bn, env)
-    assert isinstance(sbn, GlooSyncBatchNorm)
+    assert isinstance(sbn, GlooSyncBatchNorm) and sbn.weight is bn.weight
+    back = revert_sync_batchnorm(nn.Sequential(convert_sync_batchnorm(nn.BatchNorm1d(3), env)))
+    assert type(back[0]) is nn.BatchNorm1d and not hasattr(back[0], "_plain_cls")
     lo, hi = 3 * env.rank, 3 * env.rank + 3  # rank r holds samples lo..hi-1 (uneven sizes also work)
     xl = x[lo:hi].clone().requires_grad_(True)
     out = {}

@@ -428,28 +428,41 @@ class GlooSyncBatchNorm(_BatchNorm):
 
 def convert_sync_batchnorm(module: nn.Module, env: DistEnv, process_group=None) -> nn.Module:
     """Every BatchNorm in module -> a synchronized one (nn.SyncBatchNorm on CUDA, GlooSyncBatchNorm on CPU);
-    unchanged for one process. Parameters, buffers and state_dict keys are kept."""
+    unchanged for one process. Parameters, buffers and state_dict keys are kept (the same tensors), and
+    revert_sync_batchnorm undoes it (packing with candle_ext.freeze expects plain BatchNorm2d)."""
     if not env.distributed:
         return module
-    if env.device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
-    return _convert_cpu(module, process_group)
+    cls = nn.SyncBatchNorm if env.device.type == "cuda" else GlooSyncBatchNorm
+    return _swap_bn(module, lambda m: isinstance(m, _BatchNorm) and not isinstance(m, (nn.SyncBatchNorm,
+                                                                                       GlooSyncBatchNorm)),
+                    lambda m: cls, process_group)
 
 
-def _convert_cpu(module: nn.Module, group) -> nn.Module:
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Synchronized batch norms made by convert_sync_batchnorm -> the plain classes they replaced."""
+    return _swap_bn(module, lambda m: hasattr(m, "_plain_cls"), lambda m: m._plain_cls, None)
+
+
+def _swap_bn(module: nn.Module, match, new_cls, group) -> nn.Module:
     out = module
-    if isinstance(module, _BatchNorm) and not isinstance(module, GlooSyncBatchNorm):
-        out = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats, group)
-        with torch.no_grad():
-            if module.affine:
-                out.weight, out.bias = module.weight, module.bias
-            if module.track_running_stats:
-                out.running_mean, out.running_var = module.running_mean, module.running_var
-                out.num_batches_tracked = module.num_batches_tracked
-        out.training = module.training
+    if match(module):
+        cls = new_cls(module)
+        kwargs = {"process_group": group} if cls in (nn.SyncBatchNorm, GlooSyncBatchNorm) else {}
+        out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                  **kwargs)
+        held = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if held:
+            out = out.to(device=held[0].device)
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias  # the same Parameters: optimisers keep working
+        if module.track_running_stats:
+            out.running_mean, out.running_var = module.running_mean, module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+        if not hasattr(module, "_plain_cls"):  # converting (a reverted module carries no marker)
+            out._plain_cls = type(module)
     for name, child in module.named_children():
-        out.add_module(name, _convert_cpu(child, group))
+        out.add_module(name, _swap_bn(child, match, new_cls, group))
     return out
 
 
