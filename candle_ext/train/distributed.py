@@ -281,7 +281,7 @@ def reduce_metrics(metrics: Dict[str, float], env: DistEnv) -> Dict[str, float]:
     """Mean of each float metric over ranks (equal per-rank batches: the global-batch value)."""
     if not env.distributed or not metrics:
         return dict(metrics)
-    keys = sorted(metrics)
+    keys = list(metrics)  # insertion order: the same on every rank (same code path), kept in the logs
     t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_comm_device(env))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     t /= env.world_size
