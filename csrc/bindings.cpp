@@ -9,6 +9,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("sign_pack_cuda", &candle::sign_pack_cuda, "pack sign(x - bias) into int32 words (CUDA)");
+  m.def("sign_ste_cuda", &candle::sign_ste_cuda, "sign(x - bias) as +-1 in x's dtype and layout (CUDA)");
+  m.def("sign_ste_backward_cuda", &candle::sign_ste_backward_cuda, "(grad_x, grad_bias) of sign_ste (CUDA)");
+  m.def("binary_conv2d_cuda", &candle::binary_conv2d_cuda, "binary conv on packed words (CUDA)");
+  m.def("binary_conv2d_cuda_path", &candle::binary_conv2d_cuda_path,
+        "binary conv on packed words, path 0 auto / 1 tensor cores / 2 CUDA cores (CUDA)");
+  m.def("binary_conv2d_cuda_plan", &candle::binary_conv2d_cuda_plan, "which CUDA kernel a binary conv call uses");
+  m.def("multires_head_cuda", &candle::multires_head_cuda, "fused multi-resolution 1x1 conv + resize + concat");
+  m.def("multires_head_backward_cuda", &candle::multires_head_backward_cuda, "backward of multires_head_cuda");
 #else
   m.attr("with_cuda") = false;
 #endif

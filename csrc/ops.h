@@ -2,6 +2,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -19,8 +20,32 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_pac
                              const c10::optional<at::Tensor>& shift, int64_t out_kind);
 
 #ifdef WITH_CUDA
-// csrc/cuda/sign_ste.cu
+// csrc/cuda/sign_ste.cu: x float32/float16/bfloat16/float64, NCHW or channels_last read in place.
 at::Tensor sign_pack_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& bias);
+at::Tensor sign_ste_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& bias);
+// (grad_x, grad_bias); grad_bias is always returned, in bias's dtype (x's when bias is None).
+std::tuple<at::Tensor, at::Tensor> sign_ste_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                          const c10::optional<at::Tensor>& bias);
+// csrc/cuda/binary_conv2d.cu: path 0 auto, 1 tensor cores (error if it cannot serve the call), 2 CUDA cores.
+at::Tensor binary_conv2d_cuda(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
+                              int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                              int64_t dil_w, const c10::optional<at::Tensor>& scale,
+                              const c10::optional<at::Tensor>& shift, int64_t out_kind, bool channels_last_out);
+at::Tensor binary_conv2d_cuda_path(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
+                                   int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                                   int64_t dil_w, const c10::optional<at::Tensor>& scale,
+                                   const c10::optional<at::Tensor>& shift, int64_t out_kind,
+                                   bool channels_last_out, int64_t path);
+std::string binary_conv2d_cuda_plan(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
+                                    int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                                    int64_t dil_w, int64_t path);
+// csrc/cuda/multires_head.cu: float32/float16/bfloat16, sm_80+.
+at::Tensor multires_head_cuda(const std::vector<at::Tensor>& features, const std::vector<at::Tensor>& weights,
+                              const std::vector<at::Tensor>& biases, int64_t base);
+// [grad_features (empty tensors unless features_grad)..., grad_weights..., grad_biases...]
+std::vector<at::Tensor> multires_head_backward_cuda(const at::Tensor& grad, const std::vector<at::Tensor>& features,
+                                                    const std::vector<at::Tensor>& weights, int64_t base,
+                                                    bool features_grad);
 #endif
 
 }  // namespace candle
