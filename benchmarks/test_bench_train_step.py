@@ -296,24 +296,30 @@ def test_epoch_time_and_memory_single_vs_multi_resolution(benchmark, setup, caps
 
 def test_plain_twin_is_the_same_function(setup):
     """The baseline computes what candle-ext computes (forward and the STE gradients), so the speed
-    comparison is of two implementations of one step."""
+    comparison is of two implementations of one step. Checked on the stem and first three blocks, in full
+    float32 (no TF32): deeper, an activation within rounding of an RSign threshold may flip in one of them."""
     student0, enc, images, labels = setup
     teacher = _teacher(enc, student0.num_features, RES)
     torch.manual_seed(3)
     s = copy.deepcopy(student0).to(DEVICE).float()
-    with torch.no_grad():  # non-trivial thresholds and BN statistics
+    with torch.no_grad():  # non-trivial thresholds
         for m in s.modules():
             if isinstance(m, RSign):
                 m.bias.normal_(0, 0.05)
     p = plain_student(s)
-    x = images[:2].clone()
-    out_c, out_p = s(x), p(x)
-    torch.testing.assert_close(out_p, out_c, atol=2e-3, rtol=2e-3)
-    gc = torch.autograd.grad(out_c.square().sum(), [q for q in s.parameters()], allow_unused=True)
-    gp = torch.autograd.grad(out_p.square().sum(), [q for q in p.parameters()], allow_unused=True)
+    x = images[:4].clone()
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        out_c, out_p = s.encoder[:4](x), p.encoder[:4](x)
+        torch.testing.assert_close(out_p, out_c, atol=1e-4, rtol=1e-4)
+        pc, pp = list(s.encoder[:4].parameters()), list(p.encoder[:4].parameters())
+        gc = torch.autograd.grad(out_c.square().sum(), pc)
+        gp = torch.autograd.grad(out_p.square().sum(), pp)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     for a, b in zip(gc, gp):
-        if a is not None or b is not None:
-            torch.testing.assert_close(b, a, atol=5e-3, rtol=5e-3)
+        torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
     with torch.no_grad():
         lc, fc = teacher(x)
         lp, fp = PlainTeacher(teacher)(x)
