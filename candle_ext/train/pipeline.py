@@ -274,7 +274,9 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
             return {}
         return {"test_top1": evaluate_student(ctx, student)["top1"]}
 
-    sampler = make_sampler(ctx.train.labels, d.get("sampler", "random"), ctx.seed)
+    # The scratch baseline keeps plain instance sampling (its own key) so it stays the paper's plain-CE baseline.
+    kind = d.get("scratch_sampler", "random") if mode == "scratch" else d.get("sampler", "random")
+    sampler = make_sampler(ctx.train.labels, kind, ctx.seed)
     t0 = time.time()
     history = fit(ctx.out, name, epochs, sampler, bs, step, parts.modules(), resume, end_of_epoch, ctx.progress,
                   stop_after_steps)
