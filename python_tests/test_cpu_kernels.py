@@ -1,0 +1,287 @@
+"""The C++ CPU kernels (csrc/cpu/*.cpp) against candle_ext/reference.py.
+
+Every test forces the cpu backend. Integer results (packed words, conv accumulators) must be bit-identical.
+The float epilogue acc * scale + shift is computed like reference.py (the product rounded to float32, then the
+shift added), so it is compared bit for bit too; the float API is also compared with reference.binary_conv2d
+(an F.conv2d on +-1 tensors) within rtol=1e-6, atol=1e-5. Both kernel paths run here: the AVX2 path (chosen at
+run time on this machine) and the portable C++ path (CANDLE_EXT_CPU_ISA=portable).
+"""
+import pytest
+import torch
+
+import candle_ext
+from candle_ext import backend, reference as R
+
+from shapes import ConvConfig, random_conv_configs
+
+_C = backend.compiled_module()
+pytestmark = pytest.mark.skipif(_C is None, reason="candle_ext._C is not built")
+
+CONFIGS = random_conv_configs(200, seed=2024)
+ISAS = ("native", "portable")
+
+
+@pytest.fixture(autouse=True)
+def cpu_backend(force_backend):
+    force_backend("cpu")
+
+
+@pytest.fixture
+def isa(request, monkeypatch):
+    """Run a test on the AVX2 path (where the CPU has it) or on the portable path."""
+    if request.param == "portable":
+        monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")
+    else:
+        monkeypatch.delenv("CANDLE_EXT_CPU_ISA", raising=False)
+    return request.param
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _check_conv(n, cin, cout, h, w, k, stride, padding, dilation, seed, full_reference=False):
+    """Packed int32, packed float epilogue and the float API against the reference, on one configuration.
+
+    The exact accumulators come from reference.binary_conv2d (F.conv2d of the +-1 tensors in float32: sums of
+    +-1 below 2^24 are exact integers in any order); with full_reference also from the float64
+    reference.binary_conv2d_packed, and the float API from reference.binary_conv2d with its scale."""
+    g = torch.Generator().manual_seed(seed)
+    kh, kw = _pair(k)
+    x = torch.randn(n, cin, h, w, generator=g)
+    wt = torch.randn(cout, cin, kh, kw, generator=g)
+    # Exact zeros: sign(0) = +1 must reach the kernel as a set bit.
+    x.view(-1)[:: 7] = 0.0
+    scale = torch.rand(cout, generator=g) + 0.05
+    shift = torch.randn(cout, generator=g)
+    xp, wp = R.sign_pack(x), R.sign_pack(wt)
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    ref = R.binary_conv2d(x, wt, None, s, p, d)
+    want = ref.to(torch.int32)
+    assert torch.equal(want.float(), ref)
+
+    acc = candle_ext.binary_conv2d(xp, wp, None, s, p, d, in_channels=cin, out_dtype=torch.int32)
+    assert acc.dtype == torch.int32
+    assert torch.equal(acc, want)
+
+    # reference.binary_conv2d_packed's float epilogue is acc.float() * scale, then + shift.
+    sc, sh = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
+    fused = candle_ext.binary_conv2d(xp, wp, scale, s, p, d, in_channels=cin, shift=shift)
+    assert torch.equal(fused, want.float() * sc + sh)
+    only_shift = candle_ext.binary_conv2d(xp, wp, None, s, p, d, in_channels=cin, shift=shift)
+    assert torch.equal(only_shift, want.float() + sh)
+
+    out = candle_ext.binary_conv2d(x, wt, scale, s, p, d)
+    assert torch.equal(out, want.float() * sc)
+    if full_reference:
+        assert torch.equal(acc, R.binary_conv2d_packed(xp, wp, cin, s, p, d))
+        assert torch.equal(fused, R.binary_conv2d_packed(xp, wp, cin, s, p, d, scale, shift, torch.float32))
+        torch.testing.assert_close(out, R.binary_conv2d(x, wt, scale, s, p, d), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("index", range(len(CONFIGS)), ids=[str(c) for c in CONFIGS])
+def test_conv_random_configs(index):
+    c = CONFIGS[index]
+    _check_conv(c.n, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.padding, c.dilation, seed=index,
+                full_reference=index % 5 == 0)
+
+
+@pytest.mark.parametrize("index", range(0, len(CONFIGS), 5), ids=[str(c) for c in CONFIGS[::5]])
+def test_conv_random_configs_portable_path(index, monkeypatch):
+    monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")
+    c = CONFIGS[index]
+    _check_conv(c.n, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.padding, c.dilation, seed=1000 + index)
+
+
+# Output-channel counts around the kernel's blocking (groups of 16, blocks of <= 6 groups, 2-4 pixels per
+# micro-tile), channel counts around words and tables, and borders where most or all taps are padding.
+EDGE_CASES = [
+    # n, cin, cout, h, w, k, stride, padding, dilation
+    (1, 1, 1, 1, 1, 1, 1, 0, 1),
+    (1, 1, 1, 1, 1, 3, 1, 1, 1),              # one pixel, 8 of 9 taps padded
+    (2, 5, 3, 1, 1, 5, 1, 2, 1),              # one pixel, 5x5 kernel, 24 of 25 taps padded
+    (1, 7, 9, 5, 6, 5, 2, 2, 2),              # dilated taps mostly out of bounds
+    (1, 32, 16, 6, 6, 3, 1, 1, 1),
+    (1, 33, 17, 6, 7, 3, 1, 1, 1),
+    (1, 64, 48, 5, 9, 3, 2, 1, 1),
+    (1, 65, 95, 7, 5, 3, 1, 2, 2),
+    (1, 96, 96, 4, 4, 3, 1, 1, 1),
+    (1, 97, 97, 3, 11, 1, 1, 0, 1),
+    (2, 128, 200, 5, 5, 3, 1, 1, 1),          # 13 groups -> blocks of 5, 4, 4
+    (1, 255, 33, 9, 3, 3, 2, 0, 1),
+    (1, 300, 7, 6, 6, 5, 1, 2, 1),            # K = 25 taps x 40 bytes: many accumulator flushes
+    (1, 512, 64, 3, 3, 3, 1, 1, 1),
+    (3, 19, 21, 33, 33, 3, 2, 1, 2),
+    (1, 8, 5, 9, 9, (3, 1), (1, 2), (1, 0), (2, 1)),   # rectangular kernel, per-axis stride/padding/dilation
+    (2, 40, 12, 7, 12, (1, 5), (2, 1), (0, 2), (1, 2)),
+    (1, 16, 18, 65, 3, 3, 1, 1, 1),           # more than one 64-pixel tile, odd tile remainder
+]
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("case", EDGE_CASES, ids=[str(c) for c in EDGE_CASES])
+def test_conv_edge_cases(case, isa):
+    _check_conv(*case, seed=7, full_reference=True)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_conv_threads_do_not_change_results(isa):
+    torch.manual_seed(5)
+    cases = [ConvConfig(2, 128, 96, 14, 14, 3, 1, 1, 1), ConvConfig(1, 64, 200, 17, 9, 3, 2, 1, 1),
+             ConvConfig(3, 300, 40, 11, 13, 5, 1, 2, 2)]
+    before = torch.get_num_threads()
+    try:
+        for c in cases:
+            xp = R.sign_pack(torch.randn(c.n, c.cin, c.h, c.w))
+            wp = R.sign_pack(torch.randn(c.cout, c.cin, c.k, c.k))
+            scale, shift = torch.rand(c.cout), torch.randn(c.cout)
+            outs = []
+            for threads in (1, max(2, before)):
+                torch.set_num_threads(threads)
+                outs.append((candle_ext.binary_conv2d(xp, wp, None, c.stride, c.padding, c.dilation,
+                                                      in_channels=c.cin, out_dtype=torch.int32),
+                             candle_ext.binary_conv2d(xp, wp, scale, c.stride, c.padding, c.dilation,
+                                                      in_channels=c.cin, shift=shift)))
+            assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+            assert torch.equal(outs[0][0], R.binary_conv2d_packed(xp, wp, c.cin, (c.stride,) * 2,
+                                                                  (c.padding,) * 2, (c.dilation,) * 2))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_conv_weights_changed_in_place_are_not_served_stale():
+    # The AVX2 path keeps the layouts of recent weights; an in-place change of the same tensor (same data
+    # pointer, same shape) must be seen.
+    torch.manual_seed(6)
+    xp = R.sign_pack(torch.randn(1, 70, 9, 9))
+    wp = R.sign_pack(torch.randn(40, 70, 3, 3))
+    first = candle_ext.binary_conv2d(xp, wp, None, 1, 1, in_channels=70, out_dtype=torch.int32)
+    assert torch.equal(first, R.binary_conv2d_packed(xp, wp, 70, (1, 1), (1, 1), (1, 1)))
+    wp[3, 1, 2, 0] ^= 1 << 5  # one weight bit
+    wp[39].zero_()            # a whole output channel
+    second = candle_ext.binary_conv2d(xp, wp, None, 1, 1, in_channels=70, out_dtype=torch.int32)
+    assert torch.equal(second, R.binary_conv2d_packed(xp, wp, 70, (1, 1), (1, 1), (1, 1)))
+    assert not torch.equal(first, second)
+    other = R.sign_pack(torch.randn(40, 70, 3, 3))  # same shape, other values, alternating
+    for w in (wp, other, wp):
+        got = candle_ext.binary_conv2d(xp, w, None, 1, 1, in_channels=70, out_dtype=torch.int32)
+        assert torch.equal(got, R.binary_conv2d_packed(xp, w, 70, (1, 1), (1, 1), (1, 1)))
+
+
+def test_conv_entry_point_rejects_bad_arguments():
+    xp = R.sign_pack(torch.randn(1, 40, 5, 5))
+    wp = R.sign_pack(torch.randn(8, 40, 3, 3))
+    with pytest.raises(ValueError, match="out_kind"):
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 2)
+    with pytest.raises(ValueError, match="scale/shift"):
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, torch.ones(8), None, 0)
+    with pytest.raises(ValueError, match="words"):
+        _C.binary_conv2d_cpu(xp, wp, 70, 1, 1, 1, 1, 1, 1, None, None, 0)
+    with pytest.raises(ValueError, match="stride"):
+        _C.binary_conv2d_cpu(xp, wp, 40, 0, 1, 1, 1, 1, 1, None, None, 0)
+    with pytest.raises(TypeError, match="x_packed"):
+        _C.binary_conv2d_cpu(xp.float(), wp, 40, 1, 1, 1, 1, 1, 1, None, None, 0)
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 0, 0, 3, 3, None, None, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sign_pack
+
+def _sign_inputs(n, c, h, w, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    flat = x.view(-1)
+    flat[::5] = 0.0
+    flat[1::7] = -0.0
+    flat[2::11] = 1e-30   # rounds to 0 in float16/bfloat16, stays positive in float32
+    flat[3::13] = -1e-30  # rounds to -0.0 (sign +1) in float16, stays negative in float32
+    x = x.to(dtype)
+    bias = (torch.randn(c, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    bias[::3] = 0.0
+    # Ties: x == bias exactly at the first pixel, so x - bias = 0 packs as +1.
+    x[:, :, 0, 0] = bias
+    return x, bias
+
+
+SIGN_SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 32, 8, 8), (2, 33, 3, 9), (1, 64, 4, 5), (1, 300, 5, 6),
+               (3, 31, 17, 1), (1, 97, 2, 13)]
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def _layout(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other column of a wider tensor: neither NCHW nor channels_last
+        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x.contiguous()
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sign_pack_matches_reference(dtype, layout, isa):
+    for i, shape in enumerate(SIGN_SHAPES):
+        x, bias = _sign_inputs(*shape, dtype, seed=i)
+        x = _layout(x, layout)
+        for b in (None, bias):
+            want = R.sign_pack(x, b)
+            assert torch.equal(candle_ext.sign_pack(x, b), want), (shape, b is not None)
+            assert torch.equal(_C.sign_pack_cpu(x, b), want), (shape, b is not None)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_sign_pack_entry_point_rounds_bias_to_input_dtype(isa):
+    # reference.py subtracts bias.to(x.dtype): a float32 bias is rounded to x's dtype first; float64 inputs
+    # are compared in float64 (tiny negative values must not become -0.0).
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        for layout in LAYOUTS:
+            x, _ = _sign_inputs(2, 45, 6, 5, dtype, seed=3)
+            x = _layout(x, layout)
+            bias32 = torch.randn(45) * 0.5
+            x[:, :, 1, 1] = bias32.to(dtype)  # ties with the rounded bias
+            for b in (None, bias32, bias32.double()):
+                assert torch.equal(_C.sign_pack_cpu(x, b), R.sign_pack(x, b)), (dtype, layout)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_sign_pack_special_values(isa):
+    x = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 3.0, -3.0])
+    x = x.reshape(1, 9, 1, 1).repeat(2, 1, 3, 5)
+    bias = torch.tensor([0.0, 0.0, float("inf"), float("-inf"), 0.0, 0.0, 0.0, 3.0, -3.0])
+    for b in (None, bias):
+        for layout in LAYOUTS:
+            xl = _layout(x, layout)
+            assert torch.equal(_C.sign_pack_cpu(xl, b), R.sign_pack(xl, b))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_sign_pack_threads_do_not_change_results(isa):
+    x, bias = _sign_inputs(3, 200, 23, 29, torch.float32, seed=9)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            outs.append([_C.sign_pack_cpu(_layout(x, lay), bias) for lay in LAYOUTS])
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+        assert torch.equal(outs[0][0], R.sign_pack(x, bias))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sign_pack_entry_point_rejects_bad_arguments():
+    x = torch.randn(1, 5, 3, 3)
+    with pytest.raises(TypeError, match="x has dtype"):
+        _C.sign_pack_cpu(x.int(), None)
+    with pytest.raises(ValueError, match="4 dimensions"):
+        _C.sign_pack_cpu(x[0], None)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        _C.sign_pack_cpu(x, torch.zeros(4))
+    with pytest.raises(TypeError, match="bias has dtype"):
+        _C.sign_pack_cpu(x, torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="empty"):
+        _C.sign_pack_cpu(torch.randn(0, 5, 3, 3), None)
