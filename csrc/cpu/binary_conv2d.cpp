@@ -12,19 +12,22 @@
 //   - The input is turned into an image of table offsets (u16 per byte, 2 bytes per input byte) with a border
 //     of "zero table" offsets: padded taps add 0 to the popcount and are not counted in valid_taps, so every
 //     pixel, border or not, runs the same unbranched inner loop.
-//   - Weights are transposed once per call to [K bytes][16-channel group][32 nibbles], in blocks of <= 96
-//     output channels; the micro-kernel holds 2 pixels x up to 6 groups of byte accumulators in registers.
-//   - Byte accumulators grow by <= 4 per step; they are widened into u32 partial sums every <= 63 steps.
+//   - Weights are transposed to [K bytes][16-channel group][32 nibbles], in blocks of <= 96 output channels;
+//     the layouts of recently used weights are kept (reused only when the packed bytes compare equal).
+//   - The micro-kernel holds P pixels x G groups of byte accumulators in registers (2 x 4..6, 3 x 3, 4 x 1..2),
+//     loads each weight vector once for its P pixels and each pixel's table once for its G groups.
+//   - Byte accumulators grow by <= 4 per step; every <= 63 steps they are added into u16 partial sums (u32
+//     when K has 2^16 bits or more), which a transposing epilogue turns into NCHW int32 or float32 outputs.
 // Portable path (any CPU): 64-bit XOR + popcount over the valid taps, 4 output channels at a time.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <list>
-#include <memory>
-#include <mutex>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <list>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "../checks.h"
@@ -126,11 +129,11 @@ void conv_portable(const ConvGeometry& g, int64_t channels, const uint32_t* x, c
 // AVX2 path.
 #ifdef CANDLE_HAVE_AVX2_PATH
 
-#define CANDLE_AVX2 __attribute__((target("avx2,popcnt")))
-#define CANDLE_AVX2_INLINE inline __attribute__((always_inline, target("avx2,popcnt")))
+#define CANDLE_AVX2 __attribute__((target("avx2")))
+#define CANDLE_AVX2_INLINE inline __attribute__((always_inline, target("avx2")))
 
 constexpr int kGroup = 16;        // output channels per weight vector
-constexpr int kMaxGroups = 6;     // groups per block: 2 pixels x 6 groups = 12 accumulators in registers
+constexpr int kMaxGroups = 6;     // groups per block: 2 pixels x 6 groups = 12 of the 16 vector registers
 constexpr int kMaxSteps = 63;     // byte accumulators grow by <= 4 per step: 63 * 4 = 252 < 256
 constexpr int kTile = 64;         // output pixels per task (a multiple of 8 for the transposed epilogue)
 constexpr uint16_t kZeroTable = 256 * 32;  // offset of the all-zero table used for padded taps
@@ -204,31 +207,39 @@ CANDLE_AVX2_INLINE void zero_all(__m256i* acc) {
   if constexpr (I + 1 < N) zero_all<N, I + 1>(acc);
 }
 
-// Byte accumulator (16 channels, low nibbles | high nibbles) -> 16 u32 popcounts added into (or stored to) dst.
-CANDLE_AVX2_INLINE void flush_group(__m256i acc, uint32_t* dst, bool first) {
-  const __m256i s = _mm256_add_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(acc)),
-                                     _mm256_cvtepu8_epi16(_mm256_extracti128_si256(acc, 1)));
-  __m256i lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(s));
-  __m256i hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(s, 1));
-  if (!first) {
-    lo = _mm256_add_epi32(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst)));
-    hi = _mm256_add_epi32(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + 8)));
+// Byte accumulator (16 channels, low nibbles | high nibbles) -> 16 popcounts added into (or stored to) dst.
+// Partial sums are u16 when the whole K fits (K bits < 2^16: every ReActNet layer), else u32; u16 halves the
+// cost of this flush, which runs every <= 63 steps.
+template <typename S>
+CANDLE_AVX2_INLINE void flush_group(__m256i acc, S* dst, bool first) {
+  __m256i s = _mm256_add_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(acc)),
+                               _mm256_cvtepu8_epi16(_mm256_extracti128_si256(acc, 1)));
+  if constexpr (sizeof(S) == 2) {
+    if (!first) s = _mm256_add_epi16(s, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), s);
+  } else {
+    __m256i lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(s));
+    __m256i hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(s, 1));
+    if (!first) {
+      lo = _mm256_add_epi32(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst)));
+      hi = _mm256_add_epi32(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + 8)));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 8), hi);
   }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), lo);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 8), hi);
 }
 
-template <int P, int G, int I = 0>
-CANDLE_AVX2_INLINE void flush_all(const __m256i* acc, uint32_t* const* d, bool first) {
-  flush_group(acc[I], d[I % P] + (I / P) * kGroup, first);
-  if constexpr (I + 1 < P * G) flush_all<P, G, I + 1>(acc, d, first);
+template <int P, int G, typename S, int I = 0>
+CANDLE_AVX2_INLINE void flush_all(const __m256i* acc, S* const* d, bool first) {
+  flush_group<S>(acc[I], d[I % P] + (I / P) * kGroup, first);
+  if constexpr (I + 1 < P * G) flush_all<P, G, S, I + 1>(acc, d, first);
 }
 
 // Popcounts of one chunk for P pixels (offset-image bases q[p]) and G groups, into partial sums d[p].
-template <int P, int G>
+template <int P, int G, typename S>
 CANDLE_AVX2 __attribute__((noinline)) void chunk_kernel(const uint16_t* const* base, const Segment* seg, int nseg,
-                                                         const uint8_t* w, const uint8_t* tables,
-                                                         uint32_t* const* d, bool first) {
+                                                         const uint8_t* w, const uint8_t* tables, S* const* d,
+                                                         bool first) {
   __m256i acc[P * G];
   zero_all<P * G>(acc);
   const uint16_t* q[P];
@@ -242,24 +253,26 @@ CANDLE_AVX2 __attribute__((noinline)) void chunk_kernel(const uint16_t* const* b
       w += G * 32;
     }
   }
-  flush_all<P, G>(acc, d, first);
+  flush_all<P, G, S>(acc, d, first);
 }
 
-using ChunkKernel = void (*)(const uint16_t* const*, const Segment*, int, const uint8_t*, const uint8_t*,
-                             uint32_t* const*, bool);
+template <typename S>
+using ChunkKernel = void (*)(const uint16_t* const*, const Segment*, int, const uint8_t*, const uint8_t*, S* const*,
+                             bool);
 
 // Pixels per micro-tile for a block of G groups: P * G byte accumulators, P tables and one weight vector must
 // fit in the 16 vector registers, and more pixels share each weight load and each offset load.
 constexpr int pixels_for(int groups) { return groups <= 2 ? 4 : groups == 3 ? 3 : 2; }
 
-const ChunkKernel kChunkKernels[kMaxGroups + 1] = {
+template <typename S>
+constexpr ChunkKernel<S> kChunkKernels[kMaxGroups + 1] = {
     nullptr,
-    chunk_kernel<pixels_for(1), 1>,
-    chunk_kernel<pixels_for(2), 2>,
-    chunk_kernel<pixels_for(3), 3>,
-    chunk_kernel<pixels_for(4), 4>,
-    chunk_kernel<pixels_for(5), 5>,
-    chunk_kernel<pixels_for(6), 6>};
+    chunk_kernel<pixels_for(1), 1, S>,
+    chunk_kernel<pixels_for(2), 2, S>,
+    chunk_kernel<pixels_for(3), 3, S>,
+    chunk_kernel<pixels_for(4), 4, S>,
+    chunk_kernel<pixels_for(5), 5, S>,
+    chunk_kernel<pixels_for(6), 6, S>};
 
 // Offset image [N][Hp][Wp][bytes per tap]: 32 * byte for input bytes, kZeroTable on the zero-padding border;
 // rows [begin, end) of the N * Hp padded rows.
@@ -371,7 +384,7 @@ std::shared_ptr<const WeightLayout> build_layout(const uint8_t* w, int64_t cout,
     lay->blocks.push_back({g0, groups, base + g0 * kbytes * 32});
     g0 += groups;
   }
-  at::parallel_for(0, ngroups * ((kbytes + 15) / 16), 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, ngroups * ((kbytes + 15) / 16), 256, [&](int64_t begin, int64_t end) {
     build_weight_tasks(w, cout, kbytes, lay->blocks, begin, end);
   });
   return lay;
@@ -433,7 +446,8 @@ CANDLE_AVX2_INLINE void transpose8x8(__m256i* r) {
 }
 
 // Partial popcounts [kTile pixels][width] -> out[co][pixel] = base[pixel] - 2 * popcount, then the epilogue.
-CANDLE_AVX2 void write_tile(const uint32_t* part, int64_t width, const int32_t* base, int64_t npix, int64_t c0,
+template <typename S>
+CANDLE_AVX2 void write_tile(const S* part, int64_t width, const int32_t* base, int64_t npix, int64_t c0,
                             int64_t ncout, int64_t hw, int32_t* out_i, float* out_f, const float* scale,
                             const float* shift) {
   for (int64_t p8 = 0; p8 < npix; p8 += 8) {
@@ -443,7 +457,14 @@ CANDLE_AVX2 void write_tile(const uint32_t* part, int64_t width, const int32_t* 
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + p8));
     for (int64_t j8 = 0; j8 < ncout; j8 += 8) {
       __m256i r[8];
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(part + (p8 + i) * width + j8));
+      for (int i = 0; i < 8; ++i) {
+        const S* row = part + (p8 + i) * width + j8;
+        if constexpr (sizeof(S) == 2) {
+          r[i] = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+        } else {
+          r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+        }
+      }
       transpose8x8(r);
       const int64_t nc = std::min<int64_t>(8, ncout - j8);
       for (int64_t j = 0; j < nc; ++j) {
@@ -489,11 +510,12 @@ struct AvxPlan {
 };
 
 // Tasks [begin, end) of (block, image, tile): popcounts chunk by chunk into partial sums, then the epilogue.
+template <typename S>
 CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
   const ConvGeometry& g = pl.g;
   const uint8_t* tables = popcount_tables();
   // Rows kTile .. kTile + 3 are spares for the repeated pixels of a short last micro-tile.
-  std::vector<uint32_t> part(static_cast<size_t>(kTile + 4) * kMaxGroups * kGroup);
+  std::vector<S> part(static_cast<size_t>(kTile + 4) * kMaxGroups * kGroup);
   const uint16_t* pix[kTile];
   alignas(32) int32_t base[kTile];
   for (int64_t task = begin; task < end; ++task) {
@@ -510,7 +532,7 @@ CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
       }
     }
     for (int64_t p = npix; p < kTile; ++p) base[p] = 0;
-    const ChunkKernel kern = kChunkKernels[blk.groups];
+    const ChunkKernel<S> kern = kChunkKernels<S>[blk.groups];
     const int np = pixels_for(blk.groups);
     for (size_t c = 0; c < pl.chunks.size(); ++c) {
       const Chunk& ch = pl.chunks[c];
@@ -518,7 +540,7 @@ CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
       for (int64_t p = 0; p < npix; p += np) {
         // A short last micro-tile repeats its first pixel and sends the copies' sums to spare rows.
         const uint16_t* q[4];
-        uint32_t* d[4];
+        S* d[4];
         for (int i = 0; i < np; ++i) {
           const bool real = p + i < npix;
           q[i] = pix[real ? p + i : p];
@@ -567,7 +589,9 @@ void conv_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const
   auto oi = at::empty({g.n * pl.hp * pl.wp * bt}, at::TensorOptions().dtype(at::kShort));
   uint16_t* oi_ptr = reinterpret_cast<uint16_t*>(oi.data_ptr<int16_t>());
   const uint8_t* xb = reinterpret_cast<const uint8_t*>(x);
-  at::parallel_for(0, g.n * pl.hp, 8, [&](int64_t begin, int64_t end) {
+  // Grains keep small setup jobs on the calling thread: a parallel region costs a wake-up of every thread.
+  const int64_t row_grain = std::max<int64_t>(1, (int64_t(1) << 16) / (pl.wp * bt));
+  at::parallel_for(0, g.n * pl.hp, row_grain, [&](int64_t begin, int64_t end) {
     build_offset_rows(g, pl.hp, pl.wp, xb, oi_ptr, begin, end);
   });
   pl.oi = oi_ptr;
@@ -602,7 +626,13 @@ void conv_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const
   }
   pl.chunks.back().seg_end = static_cast<int>(pl.segs.size());
 
-  at::parallel_for(0, nblocks * g.n * pl.ntiles, 1, [&](int64_t begin, int64_t end) { run_tasks(pl, begin, end); });
+  at::parallel_for(0, nblocks * g.n * pl.ntiles, 1, [&](int64_t begin, int64_t end) {
+    if (kbytes * 8 < (int64_t(1) << 16)) {
+      run_tasks<uint16_t>(pl, begin, end);
+    } else {
+      run_tasks<uint32_t>(pl, begin, end);
+    }
+  });
 }
 
 #endif  // CANDLE_HAVE_AVX2_PATH
@@ -610,7 +640,7 @@ void conv_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const
 // CANDLE_EXT_CPU_ISA=portable forces the portable path (tests use it to check both paths on one machine).
 bool use_avx2() {
 #ifdef CANDLE_HAVE_AVX2_PATH
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+  static const bool supported = __builtin_cpu_supports("avx2");
   if (!supported) return false;
   const char* isa = std::getenv("CANDLE_EXT_CPU_ISA");
   return !(isa && std::strcmp(isa, "portable") == 0);

@@ -184,13 +184,15 @@ CANDLE_AVX2 void pack_nchw_avx2(const PackJob& j, int64_t img, int64_t begin, in
 
 template <typename T>
 void pack_avx2_typed(const PackJob& j, bool nhwc) {
+  // Grains of >= 32K elements: smaller inputs stay on the calling thread (a parallel region has a cost).
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / j.c);
   if (nhwc) {
-    at::parallel_for(0, j.n * j.h * j.w, 256, [&](int64_t b, int64_t e) { pack_nhwc_avx2<T>(j, b, e); });
+    at::parallel_for(0, j.n * j.h * j.w, grain, [&](int64_t b, int64_t e) { pack_nhwc_avx2<T>(j, b, e); });
     return;
   }
   // Tasks of 64 pixels of one image (a multiple of 8, so only the plane's end has a scalar tail).
   const int64_t hw = j.h * j.w, per = (hw + 63) / 64;
-  at::parallel_for(0, j.n * per, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, j.n * per, (grain + 63) / 64, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t img = t / per, p0 = (t % per) * 64;
       pack_nchw_avx2<T>(j, img, p0, std::min(hw, p0 + 64));
@@ -263,7 +265,8 @@ at::Tensor sign_pack_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>
 #ifdef CANDLE_HAVE_AVX2_PATH
   if (use_avx2() && pack_avx2(j, nhwc)) return out;
 #endif
-  at::parallel_for(0, j.n * j.h * j.w, 256, [&](int64_t b, int64_t e) { pack_portable(j, b, e); });
+  at::parallel_for(0, j.n * j.h * j.w, std::max<int64_t>(1, (int64_t(1) << 15) / c),
+                   [&](int64_t b, int64_t e) { pack_portable(j, b, e); });
   return out;
 }
 
