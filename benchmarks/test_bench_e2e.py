@@ -12,7 +12,6 @@ CANDLE_BENCH_SMOKE=1: 64x64 inputs, one round each (the CI smoke run); `--benchm
 """
 import copy
 import os
-from collections import OrderedDict
 
 import pytest
 import torch

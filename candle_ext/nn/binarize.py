@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Union
 
 import torch
 from torch import nn
