@@ -1,7 +1,13 @@
 """The `candle` command: calibrate, distill, evaluate, export, demo.
 
 Configuration: the packaged demo config (candle_ext/configs/demo.yaml), overlaid with --config FILE (YAML or
-JSON), overlaid with --set key.sub=value and the shortcut flags (--device, --seed, --out)."""
+JSON), overlaid with --set key.sub=value and the shortcut flags (--device, --seed, --out, --amp,
+--channels-last).
+
+Multi-GPU / multi-node: start the same command under torchrun, e.g.
+    torchrun --nproc_per_node=4 -m candle_ext.cli distill --config run.yaml --device cuda
+Every process joins the group described by torchrun's environment (NCCL on CUDA, gloo on CPU); batch sizes in
+the config are global; logs, checkpoints and reports come from rank 0."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, help="overrides config 'seed'")
         sp.add_argument("--out", help="output folder (overrides config 'out_dir')")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+        sp.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast for teacher and student on CUDA (config 'amp', default on)")
+        sp.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels_last memory format on CUDA (config 'channels_last', default on)")
 
     for name, help_ in (("calibrate", "stage 1: calibrate the multi-resolution teacher -> OUT/teacher.pt"),
                         ("distill", "stage 2: distill the binary student -> OUT/<name>_student.pt"),
@@ -96,24 +106,39 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg["out_dir"] = args.out
     if args.no_progress:
         cfg["progress"] = False
+    for key in ("amp", "channels_last"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
     from candle_ext.train import pipeline
+    from candle_ext.train.distributed import distributed
     if args.command == "export":
+        if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun: one writer is enough
+            return 0
         ctx = pipeline.Context(cfg, *_label_only_data(cfg))
         student = pipeline.load_student(ctx, args.checkpoint)
         pipeline.export_student(student, args.output)
         print(f"packed model written to {args.output}")
         return 0
-    ctx = pipeline.Context(cfg)
+    # Under torchrun this joins the process group (NCCL for cuda, gloo for cpu); otherwise one process.
+    with distributed(cfg.get("device", "cpu")) as env:
+        return _run(args, cfg, pipeline.Context(cfg, dist=env))
+
+
+def _run(args, cfg: dict, ctx) -> int:
+    from candle_ext.train import pipeline
+    main_rank = ctx.dist.is_main  # reports and printed results from rank 0 only
     if args.command == "calibrate":
         _, rep, _ = pipeline.calibrate(ctx, resume=args.resume)
-        pipeline.write_json({k: v for k, v in rep.items()}, os.path.join(ctx.out, "calibrate_report.json"))
+        if main_rank:
+            pipeline.write_json({k: v for k, v in rep.items()}, os.path.join(ctx.out, "calibrate_report.json"))
     elif args.command == "distill":
         mode = args.mode or cfg.get("distill", {}).get("mode", "adversarial")
         name = args.name or mode
         _, rep = pipeline.distill(ctx, mode, name=name, resume=args.resume,
                                   stop_after_steps=args.stop_after_steps)
-        pipeline.write_json(rep, os.path.join(ctx.out, f"{name}_report.json"))
-        print(json.dumps({k: rep["test"][k] for k in ("top1", "head", "medium", "tail")}))
+        if main_rank:
+            pipeline.write_json(rep, os.path.join(ctx.out, f"{name}_report.json"))
+            print(json.dumps({k: rep["test"][k] for k in ("top1", "head", "medium", "tail")}))
     elif args.command == "evaluate":
         results, names = {}, []
         for item in args.checkpoint:
@@ -121,7 +146,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             results[name] = {"test": pipeline.evaluate_student(ctx, pipeline.load_student(ctx, path))}
             names.append(name)
         baseline = args.baseline or (names[1] if len(names) > 1 else names[0])
-        print(pipeline.write_reports(ctx, results, args.log, baseline, names[0]))
+        if main_rank:
+            print(pipeline.write_reports(ctx, results, args.log, baseline, names[0]))
     elif args.command == "demo":
         pipeline.demo(ctx, resume=args.resume)
     return 0

@@ -1,5 +1,9 @@
 """The epoch loop shared by calibration and distillation: sampler per epoch, JSONL log per step, atomic
-checkpoint per epoch, exact resume (model, optimisers, schedulers, RNG, log position)."""
+checkpoint per epoch, exact resume (model, optimisers, schedulers, RNG, log position).
+
+Distributed runs (dist_env with world_size > 1): every rank runs the same steps on its share of each global
+batch; step metrics are averaged over ranks; only rank 0 writes logs and checkpoints (with every rank's RNG
+state); on resume rank 0 reads the checkpoint and broadcasts it, so only rank 0 needs to see the folder."""
 from __future__ import annotations
 
 import json
@@ -10,6 +14,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from candle_ext.train import checkpoint
+from candle_ext.train.distributed import DistEnv, barrier, broadcast_object, gather_object, reduce_metrics
 
 
 def _truncate_lines(path: str, n: int) -> None:
@@ -28,39 +33,46 @@ def _fmt(v: float) -> str:
 def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
         step_fn: Callable[[np.ndarray], Dict[str, float]], stateful: Dict[str, object], resume: bool = False,
         end_of_epoch: Optional[Callable[[int], Dict[str, float]]] = None, progress: bool = True,
-        stop_after_steps: Optional[int] = None) -> List[Dict[str, float]]:
+        stop_after_steps: Optional[int] = None, dist_env: Optional[DistEnv] = None) -> List[Dict[str, float]]:
     """Run `epochs` epochs of step_fn over batches of sampler indices; returns per-epoch summaries.
 
     Files in run_dir: {name}.jsonl (one line per step), {name}_epochs.jsonl, {name}_last.pt (checkpoint after
     every epoch). resume=True continues from {name}_last.pt when it exists. stop_after_steps (testing only)
-    ends the process abruptly mid-run, like a kill."""
+    ends the process abruptly mid-run, like a kill (every rank at the same step). sampler yields this rank's
+    indices and batch_size is the per-rank batch when dist_env is distributed."""
+    env = dist_env if dist_env is not None else DistEnv()
+    main = env.is_main
     os.makedirs(run_dir, exist_ok=True)
     ckpt_path = os.path.join(run_dir, f"{name}_last.pt")
     log_path = os.path.join(run_dir, f"{name}.jsonl")
     ep_path = os.path.join(run_dir, f"{name}_epochs.jsonl")
     start, history, log_lines = 0, [], 0
-    if resume and os.path.exists(ckpt_path):
-        ck = checkpoint.load(ckpt_path)
+    ck = None
+    if resume:
+        ck = checkpoint.load(ckpt_path) if main and os.path.exists(ckpt_path) else None
+        ck = broadcast_object(ck, env)
+    if ck is not None:
         for key, obj in stateful.items():
             obj.load_state_dict(ck["state"][key])
-        checkpoint.set_rng_state(ck["rng"])
+        ranks = ck.get("rng_ranks")
+        checkpoint.set_rng_state(ranks[env.rank] if ranks and len(ranks) == env.world_size else ck["rng"])
         start, history, log_lines = int(ck["epoch"]), list(ck["history"]), int(ck["log_lines"])
-    # Lines written after the checkpoint belong to an interrupted epoch that is about to be replayed.
-    _truncate_lines(log_path, log_lines)
-    _truncate_lines(ep_path, len(history))
+    if main:  # lines written after the checkpoint belong to an interrupted epoch that is about to be replayed
+        _truncate_lines(log_path, log_lines)
+        _truncate_lines(ep_path, len(history))
     steps_done = 0
     for epoch in range(start, epochs):
         sampler.set_epoch(epoch)
         order = np.fromiter(iter(sampler), dtype=np.int64)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         bar = None
-        if progress:
+        if progress and main:
             from tqdm import tqdm
             bar = tqdm(total=len(batches), desc=f"{name} {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
         sums: Dict[str, float] = {}
-        with open(log_path, "a") as log:
+        with (open(log_path, "a") if main else open(os.devnull, "w")) as log:
             for i, idx in enumerate(batches):
-                m = step_fn(idx)
+                m = reduce_metrics(step_fn(idx), env)
                 log.write(json.dumps({"epoch": epoch, "step": i, **m}) + "\n")
                 log_lines += 1
                 for k, v in m.items():
@@ -71,6 +83,7 @@ def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
                 steps_done += 1
                 if stop_after_steps is not None and steps_done >= stop_after_steps:
                     log.flush()
+                    barrier(env)  # every rank stops here, none with a collective still in flight
                     os._exit(3)
         if bar is not None:
             bar.close()
@@ -78,12 +91,16 @@ def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
         if end_of_epoch is not None:
             summary.update(end_of_epoch(epoch))
         history.append(summary)
-        with open(ep_path, "a") as fh:
-            fh.write(json.dumps(summary) + "\n")
-        checkpoint.save_atomic({"epoch": epoch + 1, "history": history, "log_lines": log_lines,
-                                "rng": checkpoint.rng_state(),
-                                "state": {k: o.state_dict() for k, o in stateful.items()}}, ckpt_path)
-        if progress:
+        rngs = gather_object(checkpoint.rng_state(), env)  # every rank's RNG: each resumes its own stream
+        if main:
+            with open(ep_path, "a") as fh:
+                fh.write(json.dumps(summary) + "\n")
+            ck = {"epoch": epoch + 1, "history": history, "log_lines": log_lines, "rng": rngs[0],
+                  "state": {k: o.state_dict() for k, o in stateful.items()}}
+            if env.distributed:
+                ck["rng_ranks"] = rngs
+            checkpoint.save_atomic(ck, ckpt_path)
+        if progress and main:
             print(f"{name} epoch {epoch + 1}/{epochs}: " +
                   ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items() if k != "epoch"), flush=True)
     return history

@@ -1,4 +1,8 @@
-"""Calibrate, distill, evaluate and the demo as functions of a config dict (the `candle` command's engine)."""
+"""Calibrate, distill, evaluate and the demo as functions of a config dict (the `candle` command's engine).
+
+Data-parallel: a Context made with a distributed DistEnv (torchrun) shards every global batch over the ranks
+(config batch sizes are global), averages gradients and metrics, synchronizes batch norm, shards the teacher
+cache and the evaluation, and writes files from rank 0 only (candle_ext.train.distributed)."""
 from __future__ import annotations
 
 import json
@@ -11,11 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from candle_ext.data import build_datasets, class_groups, class_order, make_sampler
+from candle_ext.data import build_datasets, class_groups, class_order
 from candle_ext.nn.multires import MultiResolutionTeacher
 from candle_ext.train import checkpoint
 from candle_ext.train.calibrate import calibrate_step, make_calibration
 from candle_ext.train.distill import build_distill_parts, distill_step
+from candle_ext.train.distributed import (DistEnv, Precision, SyncedBalancer, all_gather_rows, barrier,
+                                          broadcast_module, broadcast_object, convert_sync_batchnorm, local_batch_size,
+                                          make_distributed_sampler, rank_seed, revert_sync_batchnorm,
+                                          sync_optimizer)
 from candle_ext.train.evaluate import (accuracy_report, classifier_weight_norms, markdown_table, plot_gain,
                                        plot_lambda, plot_weight_norms, predict, write_json)
 from candle_ext.train.loop import fit
@@ -65,18 +73,28 @@ def _to_device(t: MultiResolutionTeacher, device: str) -> MultiResolutionTeacher
 
 @torch.no_grad()
 def encode_dataset(teacher: MultiResolutionTeacher, data, batch_size: int, device: str,
-                   progress: bool = False) -> List[torch.Tensor]:
+                   progress: bool = False, dist: Optional[DistEnv] = None,
+                   precision: Optional[Precision] = None) -> List[torch.Tensor]:
     """The frozen encoder's feature maps for every image, per resolution (float16, CPU): the calibration
-    cache (valid because the encoder is frozen and augmentation is off)."""
+    cache (valid because the encoder is frozen and augmentation is off). Distributed: each chunk of
+    batch_size x world images is split over the ranks and gathered, so every rank ends with the whole cache."""
+    env = dist if dist is not None else DistEnv()
+    prec = precision if precision is not None else Precision(False, False)
     chunks: List[List[torch.Tensor]] = [[] for _ in teacher.resolutions]
-    it = range(0, len(data), batch_size)
-    if progress:
+    step = batch_size * env.world_size
+    it = range(0, len(data), step)
+    if progress and env.is_main:
         from tqdm import tqdm
         it = tqdm(it, desc="teacher features", leave=False, dynamic_ncols=True)
     for i in it:
-        x = data.batch(np.arange(i, min(i + batch_size, len(data))), teacher.base_resolution).to(device)
-        for r, f in enumerate(teacher.encode(x)):
-            chunks[r].append(f.half().cpu())
+        chunk = np.arange(i, min(i + step, len(data)))
+        mine = chunk[env.rank::env.world_size]
+        # A rank left without images encodes one anyway (and drops it): collectives need every rank.
+        x = prec.input(data.batch(mine if len(mine) else chunk[:1], teacher.base_resolution).to(device))
+        with prec.autocast():
+            feats = teacher.encode(x)
+        for r, f in enumerate(feats):
+            chunks[r].append(all_gather_rows(f[:len(mine)].half().contiguous(), env).cpu())
     return [torch.cat(c) for c in chunks]
 
 
@@ -102,8 +120,11 @@ def save_teacher(teacher: MultiResolutionTeacher, tcfg: dict, path: str) -> None
                            path)
 
 
-def load_calibrated_teacher(tcfg: dict, path: str) -> MultiResolutionTeacher:
-    ck = checkpoint.load(path)
+def load_calibrated_teacher(tcfg: dict, path: str, dist: Optional[DistEnv] = None) -> MultiResolutionTeacher:
+    """The teacher saved by save_teacher; distributed: rank 0 reads it and sends it to the others (no shared
+    filesystem needed)."""
+    env = dist if dist is not None else DistEnv()
+    ck = broadcast_object(checkpoint.load(path) if env.is_main else None, env)
     enc, _ = load_teacher(ck["name"], tcfg.get("weights"), bool(tcfg.get("pretrained", False)))
     t = MultiResolutionTeacher(enc, int(ck["num_classes"]), int(ck["student_channels"]),
                                [int(r) for r in ck["resolutions"]], int(ck["base"]))
@@ -124,10 +145,12 @@ def _augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
 
 
 class Context:
-    """Everything one run shares: config, data, groups, device, output folder."""
+    """Everything one run shares: config, data, groups, device, output folder, the process group (dist) and
+    the precision switches (config keys amp, channels_last: bf16 autocast and NHWC on CUDA, default on)."""
 
-    def __init__(self, cfg: dict, train=None, test=None):
+    def __init__(self, cfg: dict, train=None, test=None, dist: Optional[DistEnv] = None):
         self.cfg = cfg
+        self.dist = dist if dist is not None else DistEnv()
         self.seed = int(cfg.get("seed", 0))
         self.device = cfg.get("device", "cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -148,14 +171,20 @@ class Context:
         self.res, self.base = teacher_resolutions(cfg.get("teacher", {}))
         self.size = self.res[self.base]
         self._channels: Optional[int] = None
+        self.precision = Precision(bool(cfg.get("amp", True)), bool(cfg.get("channels_last", True)),
+                                   "cuda" if self.device == "cuda" else "cpu")
 
     def student_channels(self) -> int:
         if self._channels is None:
             self._channels = build_student(self.cfg.get("student", {}), self.num_classes, self.seed).num_features
         return self._channels
 
+    @property
+    def progress_here(self) -> bool:
+        return self.progress and self.dist.is_main
+
     def log(self, msg: str) -> None:
-        if self.progress:
+        if self.progress_here:
             print(msg, flush=True)
 
 
@@ -165,17 +194,21 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
     sampling and label-aware smoothing. Saves {out}/teacher.pt; returns (teacher, report, encoder cache)."""
     c = ctx.cfg.get("calibrate", {})
     teacher = build_teacher(ctx.cfg.get("teacher", {}), ctx.num_classes, ctx.student_channels(), ctx.seed)
-    teacher = _to_device(teacher, ctx.device)
+    teacher = ctx.precision.model(_to_device(teacher, ctx.device))
+    broadcast_module(teacher, ctx.dist)
     bs = int(c.get("batch_size", 128))
+    lbs = local_batch_size(bs, ctx.dist)
     t0 = time.time()
     if cache is None:
-        cache = encode_dataset(teacher, ctx.train, bs, ctx.device, ctx.progress)
+        cache = encode_dataset(teacher, ctx.train, lbs, ctx.device, ctx.progress, ctx.dist, ctx.precision)
     t_enc = time.time() - t0
     epochs = int(c.get("epochs", 5))
     counts = np.bincount(ctx.train.labels, minlength=ctx.num_classes)
+    sampler = make_distributed_sampler(ctx.train.labels, c.get("sampler", "balanced"), ctx.seed, ctx.dist)
     opt, sched, eps = make_calibration(teacher, counts, float(c.get("lr", 1e-3)),
-                                       epochs * -(-len(ctx.train) // bs), float(c.get("eps_head", 0.3)),
+                                       epochs * -(-len(sampler) // lbs), float(c.get("eps_head", 0.3)),
                                        float(c.get("eps_tail", 0.0)))
+    sync_optimizer(opt, ctx.dist)
     labels = torch.as_tensor(ctx.train.labels)
 
     def step(idx):
@@ -183,11 +216,12 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
         return calibrate_step(teacher, opt, sched, [f[i].to(ctx.device) for f in cache],
                               labels[i].to(ctx.device), eps)
 
-    sampler = make_sampler(ctx.train.labels, c.get("sampler", "balanced"), ctx.seed)
-    history = fit(ctx.out, "calibrate", epochs, sampler, bs, step,
+    history = fit(ctx.out, "calibrate", epochs, sampler, lbs, step,
                   {"head": _HeadState(teacher), "opt": opt, "sched": sched}, resume, None, ctx.progress,
-                  stop_after_steps)
-    save_teacher(teacher, ctx.cfg.get("teacher", {}), os.path.join(ctx.out, "teacher.pt"))
+                  stop_after_steps, ctx.dist)
+    if ctx.dist.is_main:
+        save_teacher(teacher, ctx.cfg.get("teacher", {}), os.path.join(ctx.out, "teacher.pt"))
+    barrier(ctx.dist)  # teacher.pt exists for every rank of a following stage
     report = {"encode_seconds": t_enc, "history": history}
     if c.get("evaluate", True):
         report["test"] = evaluate_teacher(ctx, teacher)
@@ -211,7 +245,7 @@ class _HeadState:
 @torch.no_grad()
 def evaluate_teacher(ctx: Context, teacher: MultiResolutionTeacher) -> Dict:
     teacher.eval()
-    feats = encode_dataset(teacher, ctx.test, 256, ctx.device)
+    feats = encode_dataset(teacher, ctx.test, 256, ctx.device, dist=ctx.dist, precision=ctx.precision)
     logits, _ = teacher_outputs(teacher, feats, 256, ctx.device)
     return accuracy_report(logits.argmax(1).numpy(), ctx.test.labels, ctx.groups, ctx.num_classes)
 
@@ -226,15 +260,29 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
     mode = mode or d.get("mode", "adversarial")
     name = name or mode
     bs = int(d.get("batch_size", 128))
+    lbs = local_batch_size(bs, ctx.dist)
     epochs = int(d.get("epochs", 10))
-    steps = epochs * -(-len(ctx.train) // bs)
-    student = build_student(ctx.cfg.get("student", {}), ctx.num_classes, ctx.seed).to(ctx.device)
+    # The scratch baseline keeps plain instance sampling (its own key) so it stays the paper's plain-CE baseline.
+    kind = d.get("scratch_sampler", "random") if mode == "scratch" else d.get("sampler", "random")
+    sampler = make_distributed_sampler(ctx.train.labels, kind, ctx.seed, ctx.dist)
+    steps = epochs * -(-len(sampler) // lbs)
+    student = build_student(ctx.cfg.get("student", {}), ctx.num_classes, ctx.seed)
+    # Global batch statistics in every BN: the N-process run computes the 1-process run's function.
+    student = ctx.precision.model(convert_sync_batchnorm(student, ctx.dist).to(ctx.device))
+    broadcast_module(student, ctx.dist)
     torch.manual_seed(ctx.seed + 1)
     parts = build_distill_parts(student, mode, float(d.get("lr", 0.01)), d.get("phi_lr"), steps,
-                                float(d.get("fixed_lambda", 0.5)), float(d.get("temperature", 1.0)))
+                                float(d.get("fixed_lambda", 0.5)), float(d.get("temperature", 1.0)),
+                                SyncedBalancer(ctx.dist) if mode == "adversarial" else None)
     if parts.balancer is not None:
         parts.balancer.to(ctx.device)
+        broadcast_module(parts.balancer, ctx.dist)
+    for opt in (parts.opt_cls, parts.opt_enc, parts.opt_phi):
+        if opt is not None:
+            sync_optimizer(opt, ctx.dist)  # each of Alg. 1's three gradient groups averaged before its step
     augment = bool(d.get("augment", False))
+    if augment and ctx.dist.distributed:
+        torch.manual_seed(rank_seed(ctx.seed + 1, ctx.dist))  # different crops and flips on every rank
     t_logits = t_feats = None
     if mode != "scratch":
         if teacher is None:
@@ -243,14 +291,15 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
                 teacher = build_teacher(ctx.cfg.get("teacher", {}), ctx.num_classes, student.num_features,
                                         ctx.seed)
             else:
-                teacher = load_calibrated_teacher(ctx.cfg.get("teacher", {}), tpath)
-        teacher = _to_device(teacher, ctx.device).eval()
+                teacher = load_calibrated_teacher(ctx.cfg.get("teacher", {}), tpath, ctx.dist)
+        teacher = ctx.precision.model(_to_device(teacher, ctx.device)).eval()
         if teacher.student_channels != student.num_features:
             raise ValueError(f"teacher maps to {teacher.student_channels} channels, the student has "
                              f"{student.num_features}; calibrate with the same student config")
         if not augment:
             if cache is None:
-                cache = encode_dataset(teacher, ctx.train, bs, ctx.device, ctx.progress)
+                cache = encode_dataset(teacher, ctx.train, lbs, ctx.device, ctx.progress, ctx.dist,
+                                       ctx.precision)
             t_logits, t_feats = teacher_outputs(teacher, cache, bs, ctx.device)
     labels = torch.as_tensor(ctx.train.labels)
 
@@ -259,37 +308,56 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
         x = ctx.train.batch(idx, ctx.size)
         if augment:
             x = _augment(x)
-        x = x.to(ctx.device)
+        x = ctx.precision.input(x.to(ctx.device))
         tl = tf = None
-        if mode != "scratch":
-            if t_logits is not None:
-                tl, tf = t_logits[i].to(ctx.device), t_feats[i].to(ctx.device)
-            else:
-                with torch.no_grad():
-                    tl, tf = teacher(x)
-        return distill_step(parts, (x - 0.5) / 0.5, labels[i].to(ctx.device), tl, tf)
+        with ctx.precision.autocast():  # bf16 for teacher and student on CUDA when enabled
+            if mode != "scratch":
+                if t_logits is not None:
+                    tl, tf = t_logits[i].to(ctx.device), t_feats[i].to(ctx.device)
+                else:
+                    with torch.no_grad():
+                        tl, tf = teacher(x)
+                    tl, tf = tl.float(), tf.float()
+            return distill_step(parts, (x - 0.5) / 0.5, labels[i].to(ctx.device), tl, tf)
 
     def end_of_epoch(epoch):
         if not d.get("eval_every_epoch", False):
             return {}
         return {"test_top1": evaluate_student(ctx, student)["top1"]}
 
-    # The scratch baseline keeps plain instance sampling (its own key) so it stays the paper's plain-CE baseline.
-    kind = d.get("scratch_sampler", "random") if mode == "scratch" else d.get("sampler", "random")
-    sampler = make_sampler(ctx.train.labels, kind, ctx.seed)
     t0 = time.time()
-    history = fit(ctx.out, name, epochs, sampler, bs, step, parts.modules(), resume, end_of_epoch, ctx.progress,
-                  stop_after_steps)
-    checkpoint.save_atomic(student.state_dict(), os.path.join(ctx.out, f"{name}_student.pt"))
+    history = fit(ctx.out, name, epochs, sampler, lbs, step, parts.modules(), resume, end_of_epoch, ctx.progress,
+                  stop_after_steps, ctx.dist)
+    student = revert_sync_batchnorm(student)  # plain BatchNorm2d again (same tensors): freeze/export expect it
+    if ctx.dist.is_main:
+        checkpoint.save_atomic(student.state_dict(), os.path.join(ctx.out, f"{name}_student.pt"))
     report = {"mode": mode, "train_seconds": time.time() - t0, "history": history,
               "test": evaluate_student(ctx, student)}
     ctx.log(f"{name}: top-1 {report['test']['top1']:.2f}")
     return student, report
 
 
+class _Shard:
+    """The positions of a dataset that one rank evaluates (dataset.batch interface)."""
+
+    def __init__(self, data, positions):
+        self.data, self.positions = data, np.asarray(positions, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def batch(self, indices, size: int) -> torch.Tensor:
+        return self.data.batch(self.positions[np.asarray(indices, dtype=np.int64)], size)
+
+
 def evaluate_student(ctx: Context, student: nn.Module) -> Dict:
     student.eval()
-    preds = predict(student, ctx.test, ctx.size, 256, ctx.device)
+    if ctx.dist.distributed:  # each rank predicts a strided share; the gather restores the order
+        mine = _Shard(ctx.test, np.arange(ctx.dist.rank, len(ctx.test), ctx.dist.world_size))
+        local = torch.as_tensor(predict(student, mine, ctx.size, 256, ctx.device), dtype=torch.int64)
+        preds = all_gather_rows(local, ctx.dist).numpy()
+    else:
+        preds = predict(student, ctx.test, ctx.size, 256, ctx.device)
     rep = accuracy_report(preds, ctx.test.labels, ctx.groups, ctx.num_classes)
     rep["weight_norms"] = classifier_weight_norms(student.classifier.fc)
     return rep
@@ -345,6 +413,8 @@ def demo(ctx: Context, resume: bool = False) -> Dict:
     _, srep = distill(ctx, "scratch", name="scratch", resume=resume)
     ctx.log(f"[{time.time() - t0:.0f}s] scratch baseline done")
     results = {"teacher (FP, calibrated)": {"test": trep["test"]}, "candle": crep, "scratch": srep}
+    if not ctx.dist.is_main:  # reports, plots and the packed model come from rank 0
+        return {"results": results}
     table = write_reports(ctx, results, os.path.join(ctx.out, "candle.jsonl"), "scratch", "candle")
     packed = os.path.join(ctx.out, "candle_packed.pt")
     try:
