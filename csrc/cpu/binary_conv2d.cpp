@@ -513,10 +513,11 @@ CANDLE_AVX2_INLINE void transpose8x8(__m256i* r) {
 }
 
 // Partial popcounts [kTile pixels][width] -> out[co][pixel] = base[pixel] - 2 * popcount, then the epilogue.
-template <typename S>
-CANDLE_AVX2 void write_tile(const S* part, int64_t width, const int32_t* base, int64_t npix, int64_t c0,
-                            int64_t ncout, int64_t hw, int32_t* out_i, float* out_f, const float* scale,
-                            const float* shift) {
+// kKind: 0 int32 output, 1 float32 acc, 2 acc * scale, 3 acc + shift, 4 acc * scale + shift.
+template <typename S, int kKind>
+CANDLE_AVX2 void write_tile_kind(const S* part, int64_t width, const int32_t* base, int64_t npix, int64_t c0,
+                                 int64_t ncout, int64_t hw, int32_t* out_i, float* out_f, const float* scale,
+                                 const float* shift) {
   for (int64_t p8 = 0; p8 < npix; p8 += 8) {
     const int64_t np = std::min<int64_t>(8, npix - p8);
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(np)),
@@ -538,7 +539,7 @@ CANDLE_AVX2 void write_tile(const S* part, int64_t width, const int32_t* base, i
         const int64_t co = c0 + j8 + j;
         const __m256i acc = _mm256_sub_epi32(b, _mm256_slli_epi32(r[j], 1));
         const int64_t o = co * hw + p8;
-        if (out_i) {
+        if constexpr (kKind == 0) {
           if (np == 8) {
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_i + o), acc);
           } else {
@@ -546,11 +547,11 @@ CANDLE_AVX2 void write_tile(const S* part, int64_t width, const int32_t* base, i
           }
         } else {
           __m256 v = _mm256_cvtepi32_ps(acc);
-          if (scale) {
+          if constexpr (kKind == 2 || kKind == 4) {
             v = _mm256_mul_ps(v, _mm256_set1_ps(scale[co]));
             __asm__("" : "+x"(v));  // no FMA contraction: round the product first, like the reference
           }
-          if (shift) v = _mm256_add_ps(v, _mm256_set1_ps(shift[co]));
+          if constexpr (kKind == 3 || kKind == 4) v = _mm256_add_ps(v, _mm256_set1_ps(shift[co]));
           if (np == 8) {
             _mm256_storeu_ps(out_f + o, v);
           } else {
@@ -559,6 +560,25 @@ CANDLE_AVX2 void write_tile(const S* part, int64_t width, const int32_t* base, i
         }
       }
     }
+  }
+}
+
+template <typename S>
+CANDLE_AVX2 void write_tile(const S* part, int64_t width, const int32_t* base, int64_t npix, int64_t c0,
+                            int64_t ncout, int64_t hw, int32_t* out_i, float* out_f, const float* scale,
+                            const float* shift) {
+  const int kind = out_i ? 0 : 1 + (scale ? 1 : 0) + (shift ? 2 : 0);
+  switch (kind) {
+    case 0:
+      return write_tile_kind<S, 0>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift);
+    case 1:
+      return write_tile_kind<S, 1>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift);
+    case 2:
+      return write_tile_kind<S, 2>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift);
+    case 3:
+      return write_tile_kind<S, 3>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift);
+    default:
+      return write_tile_kind<S, 4>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift);
   }
 }
 
