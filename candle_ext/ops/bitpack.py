@@ -35,9 +35,8 @@ def _sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     if impl == "triton":
         from candle_ext.triton import sign_ste as triton_sign
         return triton_sign.sign_pack(x, bias)
-    if impl == "cpu":
-        b = None if bias is None else bias.float().contiguous()
-        return backend.compiled_module().sign_pack_cpu(x.float().contiguous(), b)
+    if impl == "cpu":  # reads any float dtype and layout in place; rounds the bias like the reference
+        return backend.compiled_module().sign_pack_cpu(x, bias)
     return reference.sign_pack(x, bias)
 
 
