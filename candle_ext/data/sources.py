@@ -6,6 +6,7 @@ Every source is an ImageSet: `labels` (int64 numpy array), `classes` (names), `s
 resized bilinearly, antialiased when shrinking)."""
 from __future__ import annotations
 
+import abc
 import gzip
 import os
 import struct
@@ -39,7 +40,9 @@ def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
         raise ValueError(f"{where}: label {bad} out of range [0, {num_classes})")
 
 
-class ImageSet:
+class ImageSet(abc.ABC):
+    """A labelled image set: subclasses say how to take a subset and how to load a batch."""
+
     labels: np.ndarray
     classes: List[str]
 
@@ -50,11 +53,13 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.labels.size)
 
+    @abc.abstractmethod
     def subset(self, indices) -> "ImageSet":
-        raise NotImplementedError
+        """The images at `indices`, as a set of the same kind."""
 
+    @abc.abstractmethod
     def batch(self, indices: Sequence[int], size: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Float [len(indices), 3, size, size] images in [0, 1], resized to `size`."""
 
     def check_classes(self, where: str) -> None:
         """An empty class makes the LT derivation and the balanced sampler meaningless: refuse it by name."""
