@@ -92,7 +92,9 @@ for n, cin, cout, size, k, s, p in convs:
     print("conv", (n, cin, cout, size, k, s, p), C.binary_conv2d_cuda_plan(xp, wp, cin, s, s, p, p, 1, 1, 0))
 
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
-    for n, ct, cs, sizes in ((2, 96, 40, [(4, 4), (7, 7), (15, 15)]), (1, 300, 136, [(3, 5), (6, 6), (14, 2)])):
+    # the last one has few output tiles and many K slices: split-K partial sums and their reduction
+    for n, ct, cs, sizes in ((2, 96, 40, [(4, 4), (7, 7), (15, 15)]), (1, 300, 136, [(3, 5), (6, 6), (14, 2)]),
+                             (8, 64, 40, [(8, 8), (14, 14), (28, 28)])):
         feats = [torch.randn(n, ct, h, w, device=dev).to(dtype) for h, w in sizes]
         weights = [(torch.randn(cs, ct, device=dev) / ct ** 0.5).to(dtype) for _ in sizes]
         biases = [torch.randn(cs, device=dev).to(dtype) for _ in sizes]

@@ -435,27 +435,31 @@ def test_multires_head_backward(C, cfg, dtype, features_grad, monkeypatch):
         assert bool((gf[i][bf[i] == 0] == 0).all())
 
 
-def test_multires_head_teacher_scale_split_k(C, monkeypatch):
-    """C_T=2048 -> C_S=1024 at 4x4/7x7/15x15: several 128-tiles in M, N and K and split-K partial sums."""
+@pytest.mark.parametrize("cfg", [
+    (2, 2048, 1024, [(4, 4), (7, 7), (15, 15)], 1),  # teacher scale: many 128-tiles in M, N and K
+    (16, 64, 48, [(8, 8), (14, 14), (28, 28)], 1),   # one output tile, 98 K slices: split-K partial sums
+], ids=str)
+def test_multires_head_large_and_split_k(C, cfg, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    cfg = (2, 2048, 1024, [(4, 4), (7, 7), (15, 15)], 1)
+    n, ct, cs, sizes, _ = cfg
+    positions = n * sizes[1][0] * sizes[1][1]
     for dtype in (torch.bfloat16, torch.float32):
         feats, weights, biases, base = _head_inputs(cfg, dtype, 5)
         got = C.multires_head_cuda(feats, weights, biases, base)
         want = R.multires_head([f.double() for f in feats], [w.double() for w in weights],
                                [b.double() for b in biases], base)
         bound = _bound(lambda f, w, b: R.multires_head(f, w, b, base), feats, weights, biases)
-        assert bool(((got.double() - want).abs() <= _head_tolerance(dtype, 2048, bound, want)).all())
+        assert bool(((got.double() - want).abs() <= _head_tolerance(dtype, ct, bound, want)).all())
         grad = torch.randn_like(got)
         flat = C.multires_head_backward_cuda(grad, feats, weights, base, False)
-        zeros = [torch.zeros(1024, dtype=torch.float64, device=DEV)] * 3
+        zeros = [torch.zeros(cs, dtype=torch.float64, device=DEV)] * 3
         _, want_w, want_b = R.multires_head_backward(grad.double(), [f.double() for f in feats],
                                                      [w.double() for w in weights], zeros, base)
         _, bw, bb = R.multires_head_backward(grad.double().abs(), [f.double().abs() for f in feats],
                                              [w.double().abs() for w in weights], zeros, base)
         for i in range(3):
             for got_t, want_t, bound_t in ((flat[3 + i], want_w[i], bw[i]), (flat[6 + i], want_b[i], bb[i])):
-                tol = _head_tolerance(dtype, 2 * 49, bound_t, want_t)
+                tol = _head_tolerance(dtype, positions, bound_t, want_t)
                 assert bool(((got_t.double() - want_t).abs() <= tol).all()), (dtype, i)
 
 

@@ -16,22 +16,17 @@
 // The epilogue forms acc, optionally acc * scale + shift in float32 (separately rounded, like the reference),
 // stages the tile in shared memory and writes it coalesced as int32/float32/float16/bfloat16, NCHW or
 // channels_last.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
+//
+// Build: the kernels use CUDA's own headers only and are instantiated explicitly; the torch-facing host code
+// is compiled in the host pass alone (#ifndef __CUDA_ARCH__), so nvcc's per-GPU-target passes skip torch's
+// headers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
-#include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <limits>
-#include <mutex>
-#include <set>
-#include <sstream>
-#include <string>
-#include <utility>
-
-#include "../checks.h"
-#include "../ops.h"
 
 namespace candle {
 namespace {
@@ -40,7 +35,6 @@ constexpr int kThreads = 256;
 constexpr int kStageWords = 32;  // K words per pipeline stage = 4 MMA k-steps of 256 bits
 constexpr int kStages = 3;
 constexpr int kMaxTcTaps = 9;  // tensor-core path: kh, kw <= 3
-constexpr int64_t kIndexLimit = std::numeric_limits<int32_t>::max();
 
 struct ConvParams {
   const uint32_t* xbits;  // x_packed
@@ -62,14 +56,16 @@ struct ConvParams {
 // ------------------------------------------------------------------------------------------------------
 // Shared pieces of both paths.
 
+// VEC4: rows are read as 16-byte vectors (words % 4 == 0, 16-byte aligned bases).
+template <bool VEC4>
 __global__ void popcount_rows_kernel(const uint32_t* __restrict__ x, int rows_x, const uint32_t* __restrict__ w,
-                                     int rows_w, int words, bool vec4, int* __restrict__ pa, int* __restrict__ pb) {
+                                     int rows_w, int words, int* __restrict__ pa, int* __restrict__ pb) {
   const int total = rows_x + rows_w;
   for (int row = blockIdx.x * blockDim.x + threadIdx.x; row < total; row += gridDim.x * blockDim.x) {
     const uint32_t* src = row < rows_x ? x + static_cast<int64_t>(row) * words
                                        : w + static_cast<int64_t>(row - rows_x) * words;
     int s = 0;
-    if (vec4) {
+    if constexpr (VEC4) {
       for (int k = 0; k < words; k += 4) {
         const uint4 v = *reinterpret_cast<const uint4*>(src + k);
         s += __popc(v.x) + __popc(v.y) + __popc(v.z) + __popc(v.w);
@@ -413,26 +409,28 @@ __global__ void __launch_bounds__(kThreads) bconv_tc_kernel(const ConvParams p) 
 }
 
 // ------------------------------------------------------------------------------------------------------
-// CUDA-core path: any kernel size, stride, dilation and arch. 64 pixels x 64 channels per block, 4x4 per
-// thread, K in slices of 16 words through shared memory; the same AND-popcount identity as above.
+// CUDA-core path: any kernel size, stride, dilation and arch. TILE (64) pixels x 64 channels per block, 4x4
+// per thread, K in slices of 16 words through shared memory; the same AND-popcount identity as above.
 
 constexpr int kPopTile = 64;
 constexpr int kPopK = 16;
 
+template <int TILE>
 __global__ void __launch_bounds__(kThreads) bconv_popc_kernel(const ConvParams p) {
-  __shared__ __align__(16) uint32_t a_s[kPopK][kPopTile + 4];
-  __shared__ __align__(16) uint32_t b_s[kPopK][kPopTile + 4];
-  __shared__ int row_iy0[kPopTile], row_ix0[kPopTile], row_img[kPopTile], row_out[kPopTile], row_sa[kPopTile],
-      row_rng[kPopTile], pb_tot[kPopTile];
+  static_assert(TILE == 64, "16 x 16 threads of 4 x 4 outputs; the first 2 x TILE threads set up the tables");
+  __shared__ __align__(16) uint32_t a_s[kPopK][TILE + 4];
+  __shared__ __align__(16) uint32_t b_s[kPopK][TILE + 4];
+  __shared__ int row_iy0[TILE], row_ix0[TILE], row_img[TILE], row_out[TILE], row_sa[TILE],
+      row_rng[TILE], pb_tot[TILE];
   const int tid = threadIdx.x;
-  const int tiles_n = (p.cout + kPopTile - 1) / kPopTile;
+  const int tiles_n = (p.cout + TILE - 1) / TILE;
   const int m_tile = blockIdx.x / tiles_n;
-  const int m0 = m_tile * kPopTile, n0 = (blockIdx.x - m_tile * tiles_n) * kPopTile;
-  if (tid < kPopTile) {
+  const int m0 = m_tile * TILE, n0 = (blockIdx.x - m_tile * tiles_n) * TILE;
+  if (tid < TILE) {
     row_geometry(p, m0 + tid, row_iy0[tid], row_ix0[tid], row_img[tid], row_out[tid]);
     row_popcounts(p, row_iy0[tid], row_ix0[tid], row_img[tid], row_rng[tid], row_sa[tid]);
-  } else if (tid < 2 * kPopTile) {
-    const int c = tid - kPopTile;
+  } else if (tid < 2 * TILE) {
+    const int c = tid - TILE;
     int s = 0;
     if (n0 + c < p.cout)
       for (int tap = 0; tap < p.taps; ++tap) s += p.pb[static_cast<int64_t>(n0 + c) * p.taps + tap];
@@ -455,7 +453,7 @@ __global__ void __launch_bounds__(kThreads) bconv_popc_kernel(const ConvParams p
       dx = (tap - ky * p.kw) * p.dw;
     }
 #pragma unroll
-    for (int i = 0; i < kPopTile / (kThreads / kPopK); ++i) {
+    for (int i = 0; i < TILE / (kThreads / kPopK); ++i) {
       const int r = r_first + i * (kThreads / kPopK);
       const int iy = row_iy0[r] + dy, ix = row_ix0[r] + dx;
       const bool ok = k_ok && static_cast<unsigned>(iy) < static_cast<unsigned>(p.h) &&
@@ -497,6 +495,41 @@ __global__ void __launch_bounds__(kThreads) bconv_popc_kernel(const ConvParams p
     }
   }
 }
+
+// Every tile shape and cp.async width the host code launches, instantiated in every compilation pass.
+#define CANDLE_TC_KERNELS(CHUNK)                                                   \
+  template __global__ void bconv_tc_kernel<128, 128, 2, 4, CHUNK>(const ConvParams); \
+  template __global__ void bconv_tc_kernel<128, 64, 4, 2, CHUNK>(const ConvParams);  \
+  template __global__ void bconv_tc_kernel<64, 64, 2, 4, CHUNK>(const ConvParams);
+CANDLE_TC_KERNELS(4)
+CANDLE_TC_KERNELS(2)
+CANDLE_TC_KERNELS(1)
+#undef CANDLE_TC_KERNELS
+template __global__ void bconv_popc_kernel<kPopTile>(const ConvParams);
+template __global__ void popcount_rows_kernel<true>(const uint32_t*, int, const uint32_t*, int, int, int*, int*);
+template __global__ void popcount_rows_kernel<false>(const uint32_t*, int, const uint32_t*, int, int, int*, int*);
+
+}  // namespace
+}  // namespace candle
+
+#ifndef __CUDA_ARCH__  // host pass only: torch's headers and the entry points
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <string>
+#include <utility>
+
+#include "../checks.h"
+#include "../ops.h"
+
+namespace candle {
+namespace {
+
+constexpr int64_t kIndexLimit = std::numeric_limits<int32_t>::max();
 
 // ------------------------------------------------------------------------------------------------------
 // Host side: plan, launch.
@@ -610,7 +643,8 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& w, int64_t channels, int
                     path);
   TORCH_CHECK_VALUE(g.kh <= 255 && g.kw <= 255, "kernel size must be at most 255, got ", g.kh, "x", g.kw);
   TORCH_CHECK_VALUE(x.numel() <= kIndexLimit && w.numel() <= kIndexLimit &&
-                        g.n * g.cout * g.ho * g.wo <= kIndexLimit && g.cout * g.kh * g.kw * g.words <= kIndexLimit,
+                        g.n * g.cout * g.ho * g.wo <= kIndexLimit && g.cout * g.kh * g.kw * g.words <= kIndexLimit &&
+                        g.n * g.h * g.w + g.cout * g.kh * g.kw <= kIndexLimit,
                     "binary_conv2d_cuda needs fewer than 2^31 elements in each of x_packed, w_packed and the output");
   const auto* prop = at::cuda::getDeviceProperties(x.device().index());
   const auto addr_x = reinterpret_cast<uintptr_t>(x.data_ptr()), addr_w = reinterpret_cast<uintptr_t>(w.data_ptr());
@@ -628,9 +662,9 @@ at::Tensor binary_conv2d_cuda_path(const at::Tensor& x_packed, const at::Tensor&
                                    int64_t dil_w, const c10::optional<at::Tensor>& scale,
                                    const c10::optional<at::Tensor>& shift, int64_t out_kind,
                                    bool channels_last_out, int64_t path) {
-  c10::cuda::CUDAGuard guard(x_packed.device());
   const Prepared prep = prepare(x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, scale,
-                                shift, out_kind, path);
+                                shift, out_kind, path);  // validates first: the guard needs a CUDA device
+  c10::cuda::CUDAGuard guard(x_packed.device());
   const ConvGeometry& g = prep.g;
   static const at::ScalarType kinds[] = {at::kInt, at::kFloat, at::kHalf, at::kBFloat16};
   auto out = at::empty({g.n, g.cout, g.ho, g.wo},
@@ -661,8 +695,9 @@ at::Tensor binary_conv2d_cuda_path(const at::Tensor& x_packed, const at::Tensor&
                     reinterpret_cast<uintptr_t>(p.wbits) % 16 == 0;
   const int sms = at::cuda::getDeviceProperties(x_packed.device().index())->multiProcessorCount;
   const int64_t count_blocks = std::min<int64_t>((rows_x + rows_w + kThreads - 1) / kThreads, 8LL * sms);
-  popcount_rows_kernel<<<static_cast<unsigned>(count_blocks), kThreads, 0, stream>>>(
-      p.xbits, static_cast<int>(rows_x), p.wbits, static_cast<int>(rows_w), p.words, vec4, counts.data_ptr<int32_t>(),
+  auto count_kernel = vec4 ? popcount_rows_kernel<true> : popcount_rows_kernel<false>;
+  count_kernel<<<static_cast<unsigned>(count_blocks), kThreads, 0, stream>>>(
+      p.xbits, static_cast<int>(rows_x), p.wbits, static_cast<int>(rows_w), p.words, counts.data_ptr<int32_t>(),
       counts.data_ptr<int32_t>() + rows_x);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -678,7 +713,7 @@ at::Tensor binary_conv2d_cuda_path(const at::Tensor& x_packed, const at::Tensor&
   } else {
     const int64_t blocks = ((p.m + kPopTile - 1) / kPopTile) * static_cast<int64_t>((p.cout + kPopTile - 1) / kPopTile);
     TORCH_CHECK_VALUE(blocks <= kIndexLimit, "binary_conv2d_cuda: problem too large");
-    bconv_popc_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+    bconv_popc_kernel<kPopTile><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -695,10 +730,10 @@ at::Tensor binary_conv2d_cuda(const at::Tensor& x_packed, const at::Tensor& w_pa
 std::string binary_conv2d_cuda_plan(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                                     int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                                     int64_t dil_w, int64_t path) {
-  c10::cuda::CUDAGuard guard(x_packed.device());
   return describe(prepare(x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, c10::nullopt,
                           c10::nullopt, 0, path)
                       .plan);
 }
 
 }  // namespace candle
+#endif  // __CUDA_ARCH__

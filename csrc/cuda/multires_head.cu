@@ -20,23 +20,17 @@
 // mma.sync m16n8k16 (float16/bfloat16, float32 accumulation) or m16n8k8 TF32 (float32). float32 follows
 // torch.backends.cudnn.allow_tf32 like the eager convolution: TF32 when allowed, else 3xTF32 (big/small split,
 // float32-level accuracy).
-#include <ATen/Context.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/detail/IntegerDivider.cuh>
-#include <c10/cuda/CUDAGuard.h>
+//
+// Build: the kernels use CUDA's own headers only (float, __half, __nv_bfloat16) and are instantiated
+// explicitly; the torch-facing host code is compiled in the host pass alone (#ifndef __CUDA_ARCH__), so nvcc's
+// per-GPU-target passes skip torch's headers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
-#include <algorithm>
+#include <cstdint>
 #include <limits>
-#include <mutex>
-#include <set>
 #include <type_traits>
-#include <utility>
-#include <vector>
-
-#include "../checks.h"
-#include "../ops.h"
 
 namespace candle {
 namespace {
@@ -47,9 +41,16 @@ constexpr int BM = 128, BN = 128, BK = 32;
 constexpr int WARPS_N = 4, WM = 64, WN = 32, MT = WM / 16, NT = WN / 8;
 constexpr int kPitchMN = 128 + 8;  // [k][m or n] tiles: 272-byte (16-bit) rows, conflict-free ldmatrix.trans
 constexpr int kStagePitch = BN + 8;
-constexpr int kMaxSide = 1024;
-constexpr int64_t kIndexLimit = std::numeric_limits<int32_t>::max();
-using Divider = at::cuda::detail::IntDivider<uint32_t>;
+// n / d for 0 <= n < 2^31 by a multiply and a shift (d fixed per launch, set up on the host).
+struct FastDiv {
+  uint32_t d, m, s;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t divisor) : d(divisor), m(0), s(0) {
+    while (s < 31 && (1u << s) < d) ++s;
+    m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << s) - d)) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
+};
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define CANDLE_MMA_ENABLED 1
@@ -64,14 +65,14 @@ struct Traits {
   __device__ static S from_float(float f) { return f; }
 };
 template <>
-struct Traits<at::Half> {
+struct Traits<__half> {
   using S = uint16_t;
   static constexpr int kVec = 8;
   __device__ static float to_float(S v) { return __half2float(__ushort_as_half(v)); }
   __device__ static S from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
 };
 template <>
-struct Traits<at::BFloat16> {
+struct Traits<__nv_bfloat16> {
   using S = uint16_t;
   static constexpr int kVec = 8;
   __device__ static float to_float(S v) { return __bfloat162float(__ushort_as_bfloat16(v)); }
@@ -107,7 +108,7 @@ struct ResInfo {
   int ct, h, w;
   int ncy, ncx;  // columns per image along y and x
   int cols;      // N * ncy * ncx
-  Divider cols_per_img, ncx_div;
+  FastDiv cols_per_img, ncx_div;
   int vec;  // W rows may be read with 16-byte vectors
   int block_begin, tiles_m, tiles_n, splits, ktiles_per_split;
 };
@@ -165,10 +166,11 @@ struct Column {
 __device__ __forceinline__ Column column_of(const ResInfo& R, int stride, const int* tab_y, const int* tab_x, int j) {
   Column c{0, 0, 0, 0, 0, 0, false};
   if (j < 0 || j >= R.cols) return c;
-  const auto q = R.cols_per_img.divmod(static_cast<uint32_t>(j));
-  const auto yx = R.ncx_div.divmod(q.mod);
-  const int cy = static_cast<int>(yx.div), cx = static_cast<int>(yx.mod);
-  c.img = static_cast<int>(q.div);
+  const uint32_t img = R.cols_per_img.div(static_cast<uint32_t>(j));
+  const uint32_t rem = static_cast<uint32_t>(j) - img * R.cols_per_img.d;
+  const uint32_t cy_u = R.ncx_div.div(rem);
+  const int cy = static_cast<int>(cy_u), cx = static_cast<int>(rem - cy_u * R.ncx_div.d);
+  c.img = static_cast<int>(img);
   c.src = tab_y[cy] * R.w + tab_x[cx];
   c.y0 = tab_y[stride + cy];
   c.y1 = tab_y[2 * stride + cy];
@@ -215,7 +217,7 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
 template <typename T>
 __device__ __forceinline__ void mma16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #ifdef CANDLE_MMA_ENABLED
-  if constexpr (std::is_same<T, at::BFloat16>::value) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
@@ -780,6 +782,41 @@ __global__ void __launch_bounds__(kThreads, 1) mr_grad_feature_kernel(const Head
 #endif
 }
 
+// Every kernel the host code launches, for float32, float16 and bfloat16, in every compilation pass.
+#define CANDLE_HEAD_KERNELS(T)                                              \
+  template __global__ void mr_forward_kernel<T>(const HeadParams);          \
+  template __global__ void mr_grad_weight_kernel<T>(const HeadParams);      \
+  template __global__ void mr_splitk_reduce_kernel<T>(const HeadParams);    \
+  template __global__ void mr_grad_bias_kernel<T>(const HeadParams);        \
+  template __global__ void mr_grad_feature_kernel<T>(const HeadParams);
+CANDLE_HEAD_KERNELS(float)
+CANDLE_HEAD_KERNELS(__half)
+CANDLE_HEAD_KERNELS(__nv_bfloat16)
+#undef CANDLE_HEAD_KERNELS
+
+}  // namespace
+}  // namespace candle
+
+#ifndef __CUDA_ARCH__  // host pass only: torch's headers and the entry points
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <mutex>
+#include <set>
+#include <utility>
+#include <vector>
+
+#include "../checks.h"
+#include "../ops.h"
+
+namespace candle {
+namespace {
+
+constexpr int kMaxSide = 1024;  // largest base map side (the per-block axis tables live in shared memory)
+constexpr int64_t kIndexLimit = std::numeric_limits<int32_t>::max();
+
 // ------------------------------------------------------------------------------------------------------
 // Host side.
 
@@ -880,8 +917,8 @@ HeadParams make_params(const Validated& v, const at::Tensor& like, BlocksFor blo
     const int64_t cols = v.n * R.ncy * R.ncx;
     TORCH_CHECK_VALUE(cols <= kIndexLimit, "too many output positions");
     R.cols = static_cast<int>(cols);
-    R.cols_per_img = Divider(static_cast<uint32_t>(R.ncy * R.ncx));
-    R.ncx_div = Divider(static_cast<uint32_t>(R.ncx));
+    R.cols_per_img = FastDiv(static_cast<uint32_t>(R.ncy * R.ncx));
+    R.ncx_div = FastDiv(static_cast<uint32_t>(R.ncx));
     R.vec = (R.ct % vec_elems == 0 && reinterpret_cast<uintptr_t>(R.weight) % 16 == 0) ? 1 : 0;
     R.block_begin = static_cast<int>(total_blocks);
     const int64_t blocks = blocks_for(r, R);
@@ -910,10 +947,10 @@ void dispatch_head_dtype(at::ScalarType dtype, F&& f) {
       f(float{});
       break;
     case at::kHalf:
-      f(at::Half{});
+      f(__half{});
       break;
     case at::kBFloat16:
-      f(at::BFloat16{});
+      f(__nv_bfloat16{});
       break;
     default:
       TORCH_CHECK_TYPE(false, "multires_head_cuda supports float32, float16 and bfloat16, got ", dtype);
@@ -1077,3 +1114,4 @@ std::vector<at::Tensor> multires_head_backward_cuda(const at::Tensor& grad_in, c
 }
 
 }  // namespace candle
+#endif  // __CUDA_ARCH__

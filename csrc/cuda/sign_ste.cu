@@ -4,26 +4,55 @@
 // in place (no layout copy), use 16-byte accesses where the shape allows, and keep every index inside one
 // launch below 2^31 by splitting the batch on the host (each image is a contiguous slab in both layouts).
 //
+// Build: the kernels use CUDA's own headers only and are instantiated explicitly below; the torch-facing
+// host code is compiled in the host pass alone (#ifndef __CUDA_ARCH__), so the per-GPU-target passes of nvcc
+// do not parse the torch headers.
+//
 // Rounding: reference.py binarises u = x - bias.to(x.dtype) in x's dtype. The bias is rounded to x's dtype on
 // the host and the subtraction is done in float (double for float64): the sign of the exact difference of two
 // values of x's dtype is the sign of its correctly rounded value, so the bits equal the reference's bits.
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/detail/IntegerDivider.cuh>
-#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
-#include <algorithm>
-#include <limits>
-
-#include "../checks.h"
-#include "../ops.h"
+#include <cstdint>
 
 namespace candle {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kIndexLimit = std::numeric_limits<int32_t>::max();
-using Divider = at::cuda::detail::IntDivider<uint32_t>;
+
+// Element types as CUDA sees them (float, double, __half, __nv_bfloat16), their math type and conversions.
+template <typename T>
+struct Num {
+  using Acc = T;
+  static __device__ __forceinline__ Acc to_acc(T v) { return v; }
+  static __device__ __forceinline__ T from_acc(Acc v) { return v; }
+};
+template <>
+struct Num<__half> {
+  using Acc = float;
+  static __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_acc(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  using Acc = float;
+  static __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
+};
+
+// n / d and n % d for 0 <= n < 2^31 by a multiply and a shift (d fixed per launch, set up on the host).
+struct FastDiv {
+  uint32_t d, m, s;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t divisor) : d(divisor), m(0), s(0) {
+    while (s < 31 && (1u << s) < d) ++s;
+    m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << s) - d)) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
+  __device__ __forceinline__ uint32_t mod(uint32_t n) const { return n - div(n) * d; }
+};
 
 // VEC elements of T in one 16-byte access.
 template <typename T, int VEC>
@@ -43,6 +72,313 @@ __device__ __forceinline__ Acc approx_sign_grad(Acc u) {
   if (u >= Acc(0) && u < Acc(1)) return Acc(2) - Acc(2) * u;
   return Acc(0);
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// sign_pack, NCHW. Block (32, 8): threadIdx.y picks one of 8 output words, threadIdx.x VEC consecutive pixels.
+// Each thread reads its 32 channel planes with VEC-wide loads (coalesced along the pixels), builds VEC words,
+// and the block transposes them in shared memory so the [pixel][word] output is written contiguously.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    sign_pack_nchw_kernel(const T* __restrict__ x, const typename Num<T>::Acc* __restrict__ bias,
+                          uint32_t* __restrict__ out, int channels, int hw, int words, int pixel_tiles) {
+  using Acc = typename Num<T>::Acc;
+  constexpr int kTilePixels = 32 * VEC;
+  __shared__ uint32_t tile[kTilePixels][9];
+  const int img = blockIdx.x / pixel_tiles;
+  const int p_tile = (blockIdx.x - img * pixel_tiles) * kTilePixels;
+  const int p0 = p_tile + threadIdx.x * VEC;
+  const int word0 = blockIdx.y * 8;
+  const int k = word0 + threadIdx.y;
+  uint32_t bits[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) bits[v] = 0;
+  if (k < words && p0 < hw) {
+    const int c0 = k * 32;
+    const int nc = min(32, channels - c0);
+    const T* src = x + (static_cast<int64_t>(img) * channels + c0) * hw + p0;
+    if (VEC > 1 && p0 + VEC <= hw) {
+#pragma unroll 8
+      for (int j = 0; j < nc; ++j) {
+        const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(src + static_cast<int64_t>(j) * hw);
+        const Acc b = bias ? bias[c0 + j] : Acc(0);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) bits[v] |= static_cast<uint32_t>(Num<T>::to_acc(pk.v[v]) - b >= Acc(0)) << j;
+      }
+    } else {
+      const int nv = min(VEC, hw - p0);
+#pragma unroll 4
+      for (int j = 0; j < nc; ++j) {
+        const Acc b = bias ? bias[c0 + j] : Acc(0);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v)  // constant indices keep bits[] in registers
+          if (v < nv)
+            bits[v] |= static_cast<uint32_t>(Num<T>::to_acc(src[static_cast<int64_t>(j) * hw + v]) - b >= Acc(0))
+                       << j;
+      }
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) tile[threadIdx.x * VEC + v][threadIdx.y] = bits[v];
+  __syncthreads();
+  const int np = min(kTilePixels, hw - p_tile);
+  const int nw = min(8, words - word0);
+  const int tid = threadIdx.y * 32 + threadIdx.x;
+  uint32_t* dst = out + (static_cast<int64_t>(img) * hw + p_tile) * words + word0;
+  for (int i = tid; i < np * nw; i += kThreads) {
+    const int p = i / nw, w = i - p * nw;
+    dst[static_cast<int64_t>(p) * words + w] = tile[p][w];
+  }
+}
+
+// sign_pack, channels_last with C % 32 == 0: the packed output is the input read as one flat bit stream, word
+// i holding elements 32i..32i+31. A group of 32/VEC lanes builds one word from VEC-wide loads.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    sign_pack_flat_kernel(const T* __restrict__ x, const typename Num<T>::Acc* __restrict__ bias,
+                          uint32_t* __restrict__ out, int total_vecs, int channels) {
+  using Acc = typename Num<T>::Acc;
+  constexpr int kGroup = 32 / VEC;
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (kThreads / 32);
+  // Warp-uniform loop: every lane takes part in the shuffles.
+  for (int base = (blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5)) * 32; base < total_vecs; base += warps * 32) {
+    const int vi = base + lane;
+    uint32_t bits = 0;
+    if (vi < total_vecs) {
+      const int e0 = vi * VEC;
+      const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(x + e0);
+      const int c0 = e0 % channels;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const Acc b = bias ? bias[c0 + v] : Acc(0);
+        bits |= static_cast<uint32_t>(Num<T>::to_acc(pk.v[v]) - b >= Acc(0)) << ((lane % kGroup) * VEC + v);
+      }
+    }
+#pragma unroll
+    for (int off = 1; off < kGroup; off <<= 1) bits |= __shfl_xor_sync(0xffffffffu, bits, off);
+    if (vi < total_vecs && lane % kGroup == 0) out[vi / kGroup] = bits;
+  }
+}
+
+// sign_pack, channels_last with any C: one warp per (pixel, word), lane j reads channel 32*word + j and the
+// word is the warp's ballot.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    sign_pack_ballot_kernel(const T* __restrict__ x, const typename Num<T>::Acc* __restrict__ bias,
+                            uint32_t* __restrict__ out, int total_words, int channels, int words) {
+  using Acc = typename Num<T>::Acc;
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (kThreads / 32);
+  for (int w = blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5); w < total_words; w += warps) {
+    const int pix = w / words, k = w - pix * words;
+    const int c = k * 32 + lane;
+    bool bit = false;
+    if (c < channels) {
+      const Acc b = bias ? bias[c] : Acc(0);
+      bit = Num<T>::to_acc(x[static_cast<int64_t>(pix) * channels + c]) - b >= Acc(0);
+    }
+    const uint32_t word = __ballot_sync(0xffffffffu, bit);
+    if (lane == 0) out[w] = word;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// sign_ste forward: y = +1 where x - bias >= 0 else -1, in x's dtype and layout. `inner` is the size of the
+// dims after the channel dim for contiguous tensors (channel = (e / inner) % C) and 1 for channels_last
+// (channel = e % C). VEC > 1 only when the VEC elements of one access share the channel (inner % VEC == 0) or
+// hold consecutive channels (channels_last, C % VEC == 0).
+template <typename T, int VEC, bool kChannelsLast>
+__global__ void __launch_bounds__(kThreads)
+    sign_ste_fwd_kernel(const T* __restrict__ x, const typename Num<T>::Acc* __restrict__ bias, T* __restrict__ y,
+                        int total_vecs, FastDiv inner, FastDiv channels) {
+  using Acc = typename Num<T>::Acc;
+  const T one = Num<T>::from_acc(Acc(1)), minus_one = Num<T>::from_acc(Acc(-1));
+  for (int vi = blockIdx.x * kThreads + threadIdx.x; vi < total_vecs; vi += gridDim.x * kThreads) {
+    const uint32_t e0 = static_cast<uint32_t>(vi) * VEC;
+    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(x + e0);
+    Pack<T, VEC> res;
+    if (bias) {
+      const uint32_t c0 = kChannelsLast ? channels.mod(e0) : channels.mod(inner.div(e0));
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const Acc b = bias[kChannelsLast ? c0 + v : c0];
+        res.v[v] = Num<T>::to_acc(pk.v[v]) - b >= Acc(0) ? one : minus_one;
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) res.v[v] = Num<T>::to_acc(pk.v[v]) >= Acc(0) ? one : minus_one;
+    }
+    *reinterpret_cast<Pack<T, VEC>*>(y + e0) = res;
+  }
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc block_sum(Acc v, Acc* shared) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  Acc total = Acc(0);
+  if (warp == 0) {
+    total = lane < kThreads / 32 ? shared[lane] : Acc(0);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+  }
+  return total;  // valid in thread 0
+}
+
+// sign_ste backward on a contiguous [N, C, inner] tensor (inner >= 2). Block b owns one channel c and one
+// slice [q0, q1) of that channel's N * inner elements (in units of VEC-wide vectors, inner % VEC == 0): it
+// writes grad_x for them and adds -(sum of grad_x) into gb_acc[c] with one atomic.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    sign_ste_bwd_rows_kernel(const T* __restrict__ grad, const T* __restrict__ x,
+                             const typename Num<T>::Acc* __restrict__ bias, T* __restrict__ gx,
+                             typename Num<T>::Acc* __restrict__ gb_acc, int channels, int inner_vecs,
+                             FastDiv inner_div, int slices, int slice_len, int per_channel) {
+  using Acc = typename Num<T>::Acc;
+  constexpr int kUnroll = 4;
+  __shared__ Acc partial[kThreads / 32];
+  const int c = blockIdx.x / slices;
+  const int q0 = (blockIdx.x - c * slices) * slice_len;
+  const int q1 = min(per_channel, q0 + slice_len);
+  const Acc b = bias ? bias[c] : Acc(0);
+  Acc sum = Acc(0);
+  for (int q = q0 + threadIdx.x; q < q1; q += kThreads * kUnroll) {
+    Pack<T, VEC> g[kUnroll], xv[kUnroll];
+    int off[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int qu = q + u * kThreads;
+      off[u] = -1;
+      if (qu < q1) {
+        const int img = static_cast<int>(inner_div.div(static_cast<uint32_t>(qu)));
+        off[u] = (img * channels + c) * inner_vecs + (qu - img * inner_vecs);
+        g[u] = reinterpret_cast<const Pack<T, VEC>*>(grad)[off[u]];
+        xv[u] = reinterpret_cast<const Pack<T, VEC>*>(x)[off[u]];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (off[u] < 0) continue;
+      Pack<T, VEC> r;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        r.v[v] = Num<T>::from_acc(Num<T>::to_acc(g[u].v[v]) * approx_sign_grad(Num<T>::to_acc(xv[u].v[v]) - b));
+        sum += Num<T>::to_acc(r.v[v]);  // the sum of the stored values, as the reference sums grad_x
+      }
+      reinterpret_cast<Pack<T, VEC>*>(gx)[off[u]] = r;
+    }
+  }
+  const Acc total = block_sum(sum, partial);
+  if (threadIdx.x == 0) atomicAdd(gb_acc + c, -total);
+}
+
+// sign_ste backward with the channel as the fastest dim ([M, C]: channels_last, rank 2, or inner == 1).
+// `virtual_threads` is a multiple of C/VEC, so each thread keeps the same VEC channels on every step of its
+// stride and holds VEC running sums, added to gb_acc once at the end.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    sign_ste_bwd_cols_kernel(const T* __restrict__ grad, const T* __restrict__ x,
+                             const typename Num<T>::Acc* __restrict__ bias, T* __restrict__ gx,
+                             typename Num<T>::Acc* __restrict__ gb_acc, int channels, int total_vecs,
+                             int virtual_threads) {
+  using Acc = typename Num<T>::Acc;
+  constexpr int kUnroll = 4;
+  const int t = blockIdx.x * kThreads + threadIdx.x;
+  if (t >= virtual_threads) return;
+  const int c0 = (t % (channels / VEC)) * VEC;
+  Acc b[VEC], sum[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    b[v] = bias ? bias[c0 + v] : Acc(0);
+    sum[v] = Acc(0);
+  }
+  const Pack<T, VEC>* gp = reinterpret_cast<const Pack<T, VEC>*>(grad);
+  const Pack<T, VEC>* xp = reinterpret_cast<const Pack<T, VEC>*>(x);
+  Pack<T, VEC>* op = reinterpret_cast<Pack<T, VEC>*>(gx);
+  for (int64_t vi = t; vi < total_vecs; vi += static_cast<int64_t>(virtual_threads) * kUnroll) {
+    Pack<T, VEC> g[kUnroll], xv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t vu = vi + static_cast<int64_t>(u) * virtual_threads;
+      if (vu < total_vecs) {
+        g[u] = gp[vu];
+        xv[u] = xp[vu];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t vu = vi + static_cast<int64_t>(u) * virtual_threads;
+      if (vu >= total_vecs) continue;
+      Pack<T, VEC> r;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        r.v[v] = Num<T>::from_acc(Num<T>::to_acc(g[u].v[v]) * approx_sign_grad(Num<T>::to_acc(xv[u].v[v]) - b[v]));
+        sum[v] += Num<T>::to_acc(r.v[v]);
+      }
+      op[vu] = r;
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) atomicAdd(gb_acc + c0 + v, -sum[v]);
+}
+
+// Every variant the host code launches, instantiated in every compilation pass.
+#define CANDLE_SIGN_KERNELS(T, ACC, V)                                                                        \
+  template __global__ void sign_pack_nchw_kernel<T, V>(const T*, const ACC*, uint32_t*, int, int, int, int);    \
+  template __global__ void sign_pack_nchw_kernel<T, 1>(const T*, const ACC*, uint32_t*, int, int, int, int);    \
+  template __global__ void sign_pack_flat_kernel<T, V>(const T*, const ACC*, uint32_t*, int, int);              \
+  template __global__ void sign_pack_ballot_kernel<T>(const T*, const ACC*, uint32_t*, int, int, int);          \
+  template __global__ void sign_ste_fwd_kernel<T, V, true>(const T*, const ACC*, T*, int, FastDiv, FastDiv);    \
+  template __global__ void sign_ste_fwd_kernel<T, V, false>(const T*, const ACC*, T*, int, FastDiv, FastDiv);   \
+  template __global__ void sign_ste_fwd_kernel<T, 1, true>(const T*, const ACC*, T*, int, FastDiv, FastDiv);    \
+  template __global__ void sign_ste_fwd_kernel<T, 1, false>(const T*, const ACC*, T*, int, FastDiv, FastDiv);   \
+  template __global__ void sign_ste_bwd_rows_kernel<T, V>(const T*, const T*, const ACC*, T*, ACC*, int, int,   \
+                                                          FastDiv, int, int, int);                              \
+  template __global__ void sign_ste_bwd_rows_kernel<T, 1>(const T*, const T*, const ACC*, T*, ACC*, int, int,   \
+                                                          FastDiv, int, int, int);                              \
+  template __global__ void sign_ste_bwd_cols_kernel<T, V>(const T*, const T*, const ACC*, T*, ACC*, int, int,   \
+                                                          int);                                                 \
+  template __global__ void sign_ste_bwd_cols_kernel<T, 1>(const T*, const T*, const ACC*, T*, ACC*, int, int, int);
+CANDLE_SIGN_KERNELS(float, float, 4)
+CANDLE_SIGN_KERNELS(double, double, 2)
+CANDLE_SIGN_KERNELS(__half, float, 8)
+CANDLE_SIGN_KERNELS(__nv_bfloat16, float, 8)
+#undef CANDLE_SIGN_KERNELS
+
+}  // namespace
+}  // namespace candle
+
+#ifndef __CUDA_ARCH__  // host pass only: torch's headers and the entry points
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "../checks.h"
+#include "../ops.h"
+
+namespace candle {
+namespace {
+
+constexpr int64_t kIndexLimit = std::numeric_limits<int32_t>::max();
+
+// torch's 16-bit types -> CUDA's (same bits).
+template <typename S>
+struct Raw {
+  using type = S;
+};
+template <>
+struct Raw<at::Half> {
+  using type = __half;
+};
+template <>
+struct Raw<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
 
 // float32/float16/bfloat16/float64 (checks.h's check_float leaves float64 out; these kernels take it).
 void check_float_any(const at::Tensor& t, const char* name) {
@@ -88,268 +424,16 @@ c10::optional<at::Tensor> prepare_bias(const c10::optional<at::Tensor>& bias, co
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// sign_pack, NCHW. Block (32, 8): threadIdx.y picks one of 8 output words, threadIdx.x VEC consecutive pixels.
-// Each thread reads its 32 channel planes with VEC-wide loads (coalesced along the pixels), builds VEC words,
-// and the block transposes them in shared memory so the [pixel][word] output is written contiguously.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    sign_pack_nchw_kernel(const T* __restrict__ x, const at::opmath_type<T>* __restrict__ bias,
-                          uint32_t* __restrict__ out, int channels, int hw, int words, int pixel_tiles) {
-  using Acc = at::opmath_type<T>;
-  constexpr int kTilePixels = 32 * VEC;
-  __shared__ uint32_t tile[kTilePixels][9];
-  const int img = blockIdx.x / pixel_tiles;
-  const int p_tile = (blockIdx.x - img * pixel_tiles) * kTilePixels;
-  const int p0 = p_tile + threadIdx.x * VEC;
-  const int word0 = blockIdx.y * 8;
-  const int k = word0 + threadIdx.y;
-  uint32_t bits[VEC];
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) bits[v] = 0;
-  if (k < words && p0 < hw) {
-    const int c0 = k * 32;
-    const int nc = min(32, channels - c0);
-    const T* src = x + (static_cast<int64_t>(img) * channels + c0) * hw + p0;
-    if (VEC > 1 && p0 + VEC <= hw) {
-#pragma unroll 8
-      for (int j = 0; j < nc; ++j) {
-        const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(src + static_cast<int64_t>(j) * hw);
-        const Acc b = bias ? bias[c0 + j] : Acc(0);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) bits[v] |= static_cast<uint32_t>(static_cast<Acc>(pk.v[v]) - b >= Acc(0)) << j;
-      }
-    } else {
-      const int nv = min(VEC, hw - p0);
-#pragma unroll 4
-      for (int j = 0; j < nc; ++j) {
-        const Acc b = bias ? bias[c0 + j] : Acc(0);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v)  // constant indices keep bits[] in registers
-          if (v < nv)
-            bits[v] |= static_cast<uint32_t>(static_cast<Acc>(src[static_cast<int64_t>(j) * hw + v]) - b >= Acc(0))
-                       << j;
-      }
-    }
-  }
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) tile[threadIdx.x * VEC + v][threadIdx.y] = bits[v];
-  __syncthreads();
-  const int np = min(kTilePixels, hw - p_tile);
-  const int nw = min(8, words - word0);
-  const int tid = threadIdx.y * 32 + threadIdx.x;
-  uint32_t* dst = out + (static_cast<int64_t>(img) * hw + p_tile) * words + word0;
-  for (int i = tid; i < np * nw; i += kThreads) {
-    const int p = i / nw, w = i - p * nw;
-    dst[static_cast<int64_t>(p) * words + w] = tile[p][w];
-  }
-}
-
-// sign_pack, channels_last with C % 32 == 0: the packed output is the input read as one flat bit stream, word
-// i holding elements 32i..32i+31. A group of 32/VEC lanes builds one word from VEC-wide loads.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    sign_pack_flat_kernel(const T* __restrict__ x, const at::opmath_type<T>* __restrict__ bias,
-                          uint32_t* __restrict__ out, int total_vecs, int channels) {
-  using Acc = at::opmath_type<T>;
-  constexpr int kGroup = 32 / VEC;
-  const int lane = threadIdx.x & 31;
-  const int warps = gridDim.x * (kThreads / 32);
-  // Warp-uniform loop: every lane takes part in the shuffles.
-  for (int base = (blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5)) * 32; base < total_vecs; base += warps * 32) {
-    const int vi = base + lane;
-    uint32_t bits = 0;
-    if (vi < total_vecs) {
-      const int e0 = vi * VEC;
-      const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(x + e0);
-      const int c0 = e0 % channels;
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        const Acc b = bias ? bias[c0 + v] : Acc(0);
-        bits |= static_cast<uint32_t>(static_cast<Acc>(pk.v[v]) - b >= Acc(0)) << ((lane % kGroup) * VEC + v);
-      }
-    }
-#pragma unroll
-    for (int off = 1; off < kGroup; off <<= 1) bits |= __shfl_xor_sync(0xffffffffu, bits, off);
-    if (vi < total_vecs && lane % kGroup == 0) out[vi / kGroup] = bits;
-  }
-}
-
-// sign_pack, channels_last with any C: one warp per (pixel, word), lane j reads channel 32*word + j and the
-// word is the warp's ballot.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    sign_pack_ballot_kernel(const T* __restrict__ x, const at::opmath_type<T>* __restrict__ bias,
-                            uint32_t* __restrict__ out, int total_words, int channels, int words) {
-  using Acc = at::opmath_type<T>;
-  const int lane = threadIdx.x & 31;
-  const int warps = gridDim.x * (kThreads / 32);
-  for (int w = blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5); w < total_words; w += warps) {
-    const int pix = w / words, k = w - pix * words;
-    const int c = k * 32 + lane;
-    bool bit = false;
-    if (c < channels) {
-      const Acc b = bias ? bias[c] : Acc(0);
-      bit = static_cast<Acc>(x[static_cast<int64_t>(pix) * channels + c]) - b >= Acc(0);
-    }
-    const uint32_t word = __ballot_sync(0xffffffffu, bit);
-    if (lane == 0) out[w] = word;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// sign_ste forward: y = +1 where x - bias >= 0 else -1, in x's dtype and layout. `inner` is the size of the
-// dims after the channel dim for contiguous tensors (channel = (e / inner) % C) and 1 for channels_last
-// (channel = e % C). VEC > 1 only when the VEC elements of one access share the channel (inner % VEC == 0) or
-// hold consecutive channels (channels_last, C % VEC == 0).
-template <typename T, int VEC, bool kChannelsLast>
-__global__ void __launch_bounds__(kThreads)
-    sign_ste_fwd_kernel(const T* __restrict__ x, const at::opmath_type<T>* __restrict__ bias, T* __restrict__ y,
-                        int total_vecs, Divider inner, Divider channels) {
-  using Acc = at::opmath_type<T>;
-  const T one = T(1.0f), minus_one = T(-1.0f);
-  for (int vi = blockIdx.x * kThreads + threadIdx.x; vi < total_vecs; vi += gridDim.x * kThreads) {
-    const uint32_t e0 = static_cast<uint32_t>(vi) * VEC;
-    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(x + e0);
-    Pack<T, VEC> res;
-    if (bias) {
-      const uint32_t c0 = kChannelsLast ? channels.mod(e0) : channels.mod(inner.div(e0));
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        const Acc b = bias[kChannelsLast ? c0 + v : c0];
-        res.v[v] = static_cast<Acc>(pk.v[v]) - b >= Acc(0) ? one : minus_one;
-      }
-    } else {
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) res.v[v] = static_cast<Acc>(pk.v[v]) >= Acc(0) ? one : minus_one;
-    }
-    *reinterpret_cast<Pack<T, VEC>*>(y + e0) = res;
-  }
-}
-
-template <typename Acc>
-__device__ __forceinline__ Acc block_sum(Acc v, Acc* shared) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  Acc total = Acc(0);
-  if (warp == 0) {
-    total = lane < kThreads / 32 ? shared[lane] : Acc(0);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
-  }
-  return total;  // valid in thread 0
-}
-
-// sign_ste backward on a contiguous [N, C, inner] tensor (inner >= 2). Block b owns one channel c and one
-// slice [q0, q1) of that channel's N * inner elements (in units of VEC-wide vectors, inner % VEC == 0): it
-// writes grad_x for them and adds -(sum of grad_x) into gb_acc[c] with one atomic.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    sign_ste_bwd_rows_kernel(const T* __restrict__ grad, const T* __restrict__ x,
-                             const at::opmath_type<T>* __restrict__ bias, T* __restrict__ gx,
-                             at::opmath_type<T>* __restrict__ gb_acc, int channels, int inner_vecs,
-                             Divider inner_div, int slices, int slice_len, int per_channel) {
-  using Acc = at::opmath_type<T>;
-  constexpr int kUnroll = 4;
-  __shared__ Acc partial[kThreads / 32];
-  const int c = blockIdx.x / slices;
-  const int q0 = (blockIdx.x - c * slices) * slice_len;
-  const int q1 = min(per_channel, q0 + slice_len);
-  const Acc b = bias ? bias[c] : Acc(0);
-  Acc sum = Acc(0);
-  for (int q = q0 + threadIdx.x; q < q1; q += kThreads * kUnroll) {
-    Pack<T, VEC> g[kUnroll], xv[kUnroll];
-    int off[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int qu = q + u * kThreads;
-      off[u] = -1;
-      if (qu < q1) {
-        const auto dm = inner_div.divmod(static_cast<uint32_t>(qu));
-        off[u] = (static_cast<int>(dm.div) * channels + c) * inner_vecs + static_cast<int>(dm.mod);
-        g[u] = reinterpret_cast<const Pack<T, VEC>*>(grad)[off[u]];
-        xv[u] = reinterpret_cast<const Pack<T, VEC>*>(x)[off[u]];
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (off[u] < 0) continue;
-      Pack<T, VEC> r;
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        r.v[v] = static_cast<T>(static_cast<Acc>(g[u].v[v]) * approx_sign_grad(static_cast<Acc>(xv[u].v[v]) - b));
-        sum += static_cast<Acc>(r.v[v]);  // the sum of the stored values, as the reference sums grad_x
-      }
-      reinterpret_cast<Pack<T, VEC>*>(gx)[off[u]] = r;
-    }
-  }
-  const Acc total = block_sum(sum, partial);
-  if (threadIdx.x == 0) atomicAdd(gb_acc + c, -total);
-}
-
-// sign_ste backward with the channel as the fastest dim ([M, C]: channels_last, rank 2, or inner == 1).
-// `virtual_threads` is a multiple of C/VEC, so each thread keeps the same VEC channels on every step of its
-// stride and holds VEC running sums, added to gb_acc once at the end.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    sign_ste_bwd_cols_kernel(const T* __restrict__ grad, const T* __restrict__ x,
-                             const at::opmath_type<T>* __restrict__ bias, T* __restrict__ gx,
-                             at::opmath_type<T>* __restrict__ gb_acc, int channels, int total_vecs,
-                             int virtual_threads) {
-  using Acc = at::opmath_type<T>;
-  constexpr int kUnroll = 4;
-  const int t = blockIdx.x * kThreads + threadIdx.x;
-  if (t >= virtual_threads) return;
-  const int c0 = (t % (channels / VEC)) * VEC;
-  Acc b[VEC], sum[VEC];
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    b[v] = bias ? bias[c0 + v] : Acc(0);
-    sum[v] = Acc(0);
-  }
-  const Pack<T, VEC>* gp = reinterpret_cast<const Pack<T, VEC>*>(grad);
-  const Pack<T, VEC>* xp = reinterpret_cast<const Pack<T, VEC>*>(x);
-  Pack<T, VEC>* op = reinterpret_cast<Pack<T, VEC>*>(gx);
-  for (int64_t vi = t; vi < total_vecs; vi += static_cast<int64_t>(virtual_threads) * kUnroll) {
-    Pack<T, VEC> g[kUnroll], xv[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t vu = vi + static_cast<int64_t>(u) * virtual_threads;
-      if (vu < total_vecs) {
-        g[u] = gp[vu];
-        xv[u] = xp[vu];
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t vu = vi + static_cast<int64_t>(u) * virtual_threads;
-      if (vu >= total_vecs) continue;
-      Pack<T, VEC> r;
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        r.v[v] = static_cast<T>(static_cast<Acc>(g[u].v[v]) * approx_sign_grad(static_cast<Acc>(xv[u].v[v]) - b[v]));
-        sum[v] += static_cast<Acc>(r.v[v]);
-      }
-      op[vu] = r;
-    }
-  }
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) atomicAdd(gb_acc + c0 + v, -sum[v]);
-}
-
-// ---------------------------------------------------------------------------------------------------------
 // Host launchers. Each handles one batch slice [n0, n0 + n) whose indices fit in 32 bits.
 
 template <typename T>
-void launch_sign_pack(const at::Tensor& x, const at::opmath_type<T>* bias, uint32_t* out, Layout layout,
+void launch_sign_pack(const at::Tensor& x, const typename Num<T>::Acc* bias, uint32_t* out, Layout layout,
                       cudaStream_t stream) {
   constexpr int V = vec_width<T>();
   const int64_t n_all = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
   const int64_t words = words_for(c);
   const int64_t chunk = images_per_launch(std::max(c, words * 32) * hw, "x");
-  const T* base = x.data_ptr<T>();
+  const T* base = static_cast<const T*>(x.data_ptr());
   for (int64_t n0 = 0; n0 < n_all; n0 += chunk) {
     const int64_t n = std::min(chunk, n_all - n0);
     const T* xs = base + n0 * c * hw;
@@ -394,17 +478,17 @@ ChannelGeometry channel_geometry(const at::Tensor& x, Layout layout) {
 }
 
 template <typename T>
-void launch_sign_ste_fwd(const at::Tensor& x, const at::opmath_type<T>* bias, at::Tensor& y, Layout layout,
+void launch_sign_ste_fwd(const at::Tensor& x, const typename Num<T>::Acc* bias, at::Tensor& y, Layout layout,
                          cudaStream_t stream) {
   constexpr int V = vec_width<T>();
   const ChannelGeometry g = channel_geometry(x, layout);
   const bool cl = g.inner == 1;
   const int64_t chunk = images_per_launch(g.per_image, "x");
   const bool vec = (cl ? g.c % V == 0 : g.inner % V == 0) && aligned16(x.data_ptr()) && aligned16(y.data_ptr());
-  const T* xb = x.data_ptr<T>();
-  T* yb = y.data_ptr<T>();
-  const Divider inner(static_cast<uint32_t>(std::min<int64_t>(g.inner, kIndexLimit)));
-  const Divider chans(static_cast<uint32_t>(g.c));
+  const T* xb = static_cast<const T*>(x.data_ptr());
+  T* yb = static_cast<T*>(y.data_ptr());
+  const FastDiv inner(static_cast<uint32_t>(std::min<int64_t>(g.inner, kIndexLimit)));
+  const FastDiv chans(static_cast<uint32_t>(g.c));
   for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
     const int64_t total = std::min(chunk, g.n - n0) * g.per_image;
     const T* xs = xb + n0 * g.per_image;
@@ -425,7 +509,7 @@ void launch_sign_ste_fwd(const at::Tensor& x, const at::opmath_type<T>* bias, at
 }
 
 template <typename T, int VEC>
-void launch_bwd_rows(const T* grad, const T* x, const at::opmath_type<T>* bias, T* gx, at::opmath_type<T>* gb,
+void launch_bwd_rows(const T* grad, const T* x, const typename Num<T>::Acc* bias, T* gx, typename Num<T>::Acc* gb,
                      int64_t n, int64_t c, int64_t inner, cudaStream_t stream) {
   const int64_t inner_vecs = inner / VEC;
   const int64_t per_channel = n * inner_vecs;
@@ -437,13 +521,13 @@ void launch_bwd_rows(const T* grad, const T* x, const at::opmath_type<T>* bias, 
   slices = (per_channel + slice_len - 1) / slice_len;
   TORCH_CHECK_VALUE(c * slices <= kIndexLimit, "x is too large for sign_ste_backward_cuda");
   sign_ste_bwd_rows_kernel<T, VEC><<<static_cast<unsigned>(c * slices), kThreads, 0, stream>>>(
-      grad, x, bias, gx, gb, c, inner_vecs, Divider(static_cast<uint32_t>(inner_vecs)), slices, slice_len,
+      grad, x, bias, gx, gb, c, inner_vecs, FastDiv(static_cast<uint32_t>(inner_vecs)), slices, slice_len,
       per_channel);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int VEC>
-void launch_bwd_cols(const T* grad, const T* x, const at::opmath_type<T>* bias, T* gx, at::opmath_type<T>* gb,
+void launch_bwd_cols(const T* grad, const T* x, const typename Num<T>::Acc* bias, T* gx, typename Num<T>::Acc* gb,
                      int64_t rows, int64_t c, cudaStream_t stream) {
   const int64_t groups = c / VEC;
   const int64_t target = 2048LL * num_sms();
@@ -456,9 +540,9 @@ void launch_bwd_cols(const T* grad, const T* x, const at::opmath_type<T>* bias, 
 }
 
 template <typename T>
-void launch_sign_ste_bwd(const at::Tensor& grad, const at::Tensor& x, const at::opmath_type<T>* bias,
+void launch_sign_ste_bwd(const at::Tensor& grad, const at::Tensor& x, const typename Num<T>::Acc* bias,
                          at::Tensor& gx, at::Tensor& gb_acc, Layout layout, cudaStream_t stream) {
-  using Acc = at::opmath_type<T>;
+  using Acc = typename Num<T>::Acc;
   constexpr int V = vec_width<T>();
   const ChannelGeometry g = channel_geometry(x, layout);
   const int64_t chunk = images_per_launch(g.per_image, "x");
@@ -467,9 +551,9 @@ void launch_sign_ste_bwd(const at::Tensor& grad, const at::Tensor& x, const at::
   for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
     const int64_t n = std::min(chunk, g.n - n0);
     const int64_t off = n0 * g.per_image;
-    const T* gs = grad.data_ptr<T>() + off;
-    const T* xs = x.data_ptr<T>() + off;
-    T* os = gx.data_ptr<T>() + off;
+    const T* gs = static_cast<const T*>(grad.data_ptr()) + off;
+    const T* xs = static_cast<const T*>(x.data_ptr()) + off;
+    T* os = static_cast<T*>(gx.data_ptr()) + off;
     if (g.inner >= 2) {
       if (aligned && g.inner % V == 0) {
         launch_bwd_rows<T, V>(gs, xs, bias, os, gb, n, g.c, g.inner, stream);
@@ -507,8 +591,9 @@ at::Tensor sign_pack_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor
   auto out = at::empty({x.size(0), x.size(2), x.size(3), words_for(x.size(1))}, x.options().dtype(at::kInt));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sign_pack_cuda", [&] {
-    using Acc = at::opmath_type<scalar_t>;
-    launch_sign_pack<scalar_t>(x, b ? b->data_ptr<Acc>() : nullptr,
+    using T = typename Raw<scalar_t>::type;
+    using Acc = typename Num<T>::Acc;
+    launch_sign_pack<T>(x, b ? b->data_ptr<Acc>() : nullptr,
                                reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), layout, stream);
   });
   return out;
@@ -524,8 +609,9 @@ at::Tensor sign_ste_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>
   auto y = at::empty_like(x);  // keeps x's layout
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sign_ste_cuda", [&] {
-    using Acc = at::opmath_type<scalar_t>;
-    launch_sign_ste_fwd<scalar_t>(x, b ? b->data_ptr<Acc>() : nullptr, y, layout, stream);
+    using T = typename Raw<scalar_t>::type;
+    using Acc = typename Num<T>::Acc;
+    launch_sign_ste_fwd<T>(x, b ? b->data_ptr<Acc>() : nullptr, y, layout, stream);
   });
   return y;
 }
@@ -552,11 +638,13 @@ std::tuple<at::Tensor, at::Tensor> sign_ste_backward_cuda(const at::Tensor& grad
   auto gb_acc = at::zeros({x.size(1)}, x.options().dtype(math));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sign_ste_backward_cuda", [&] {
-    using Acc = at::opmath_type<scalar_t>;
-    launch_sign_ste_bwd<scalar_t>(grad, x, b ? b->data_ptr<Acc>() : nullptr, gx, gb_acc, layout, stream);
+    using T = typename Raw<scalar_t>::type;
+    using Acc = typename Num<T>::Acc;
+    launch_sign_ste_bwd<T>(grad, x, b ? b->data_ptr<Acc>() : nullptr, gx, gb_acc, layout, stream);
   });
   const auto gb_dtype = bias.has_value() ? bias->scalar_type() : x.scalar_type();
   return {gx, gb_dtype == math ? gb_acc : gb_acc.to(gb_dtype)};
 }
 
 }  // namespace candle
+#endif  // __CUDA_ARCH__
