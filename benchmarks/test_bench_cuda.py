@@ -151,9 +151,10 @@ def test_sign_ste_backward(benchmark, capsys, size, dtype, layout):
     x = _stream_input(size, dtype, layout)
     grad = torch.randn_like(x)
     bias = torch.randn(x.shape[1], device="cuda", dtype=dtype)
-    gx, gb = C.sign_ste_backward_cuda(grad, x, bias)
-    want_gx, want_gb = R.sign_ste_backward(grad, x, bias)
-    torch.testing.assert_close(gx, want_gx, rtol=2e-2, atol=2e-2)
+    gx, _ = C.sign_ste_backward_cuda(grad, x, bias)
+    # The kernel computes in float32 and rounds grad_x once: compare with the float32 reference.
+    want_gx, _ = R.sign_ste_backward(grad.float(), x.float(), bias.float())
+    torch.testing.assert_close(gx.float(), want_gx, rtol=torch.finfo(dtype).eps, atol=1e-6)
     dst = torch.empty_like(x)
     times = {"cuda": _median_ms(lambda: C.sign_ste_backward_cuda(grad, x, bias)),
              "copy": _median_ms(lambda: dst.copy_(x)),
