@@ -215,4 +215,4 @@ def test_compiled_module_rejects_bad_input_directly():
         mod.binary_conv2d_cpu(torch.zeros(1, 2, 2, 3, dtype=torch.int32), torch.zeros(1, 1, 1, 1, dtype=torch.int32),
                               32, 1, 1, 0, 0, 1, 1, None, None, 0)
     with pytest.raises(TypeError, match="dtype"):
-        mod.sign_pack_cpu(torch.zeros(1, 2, 2, 2, dtype=torch.float64), None)
+        mod.sign_pack_cpu(torch.zeros(1, 2, 2, 2, dtype=torch.int32), None)
