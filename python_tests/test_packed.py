@@ -1,4 +1,5 @@
 """Packed inference: PackedBinaryConv2d, freeze() equivalence and folding rules, save_packed/load_packed."""
+import importlib
 import io
 import os
 from collections import OrderedDict
@@ -13,6 +14,9 @@ from candle_ext import reference
 from candle_ext.models import PackedBinaryConv2d, freeze, load_packed, reactnet_a, save_packed
 from candle_ext.models import packed as packed_module
 from candle_ext.nn import BinaryConv2d, LearnableBias, RSign, binarize_
+
+# The module, not the function of the same name that candle_ext.ops exports.
+conv_ops = importlib.import_module("candle_ext.ops.binary_conv2d")
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -110,6 +114,48 @@ def test_freeze_folds_only_certain_dataflow():
     x = torch.randn(2, 16, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("cpu" not in candle_ext.backends(), reason="needs the compiled CPU kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_packed_conv_direct_kernel_path_equals_custom_ops(monkeypatch, dtype):
+    """Eager CPU calls skip the custom ops and call the C++ kernels directly: the result must be bit for bit
+    what the custom ops give (cpu kernel under torch.compile, and the plain-PyTorch reference)."""
+    torch.manual_seed(11)
+    seq = randomise(nn.Sequential(RSign(70), BinaryConv2d(70, 40, 3, 2, 1, bias=False), nn.BatchNorm2d(40)),
+                    11).eval()
+    packed = freeze(seq)[1]
+    x = torch.randn(2, 70, 13, 10).to(dtype)
+    with torch.no_grad():
+        with monkeypatch.context() as m:  # the eager call must not reach the custom ops
+            m.setattr(conv_ops, "binary_conv2d", None)
+            m.setattr(conv_ops, "sign_pack", None)
+            direct = packed(x)
+        compiled = torch.compile(packed, backend="aot_eager", fullgraph=True)(x)
+        monkeypatch.setenv("CANDLE_EXT_BACKEND", "reference")
+        ref = packed(x)
+    assert direct.dtype == dtype
+    assert torch.equal(direct, compiled)
+    assert torch.equal(direct, ref)
+
+
+def test_packed_conv_rejects_bad_input():
+    packed = PackedBinaryConv2d(64, 8, 3, padding=1, threshold=True)
+    with pytest.raises(ValueError, match="60 channels, expected 64"):
+        packed(torch.randn(1, 60, 5, 5))  # 60 and 64 channels both pack into 2 words
+    with pytest.raises(ValueError, match="4 dimensions"):
+        packed(torch.randn(64, 5, 5))
+    with pytest.raises(TypeError, match="dtype int32"):
+        packed(torch.zeros(1, 64, 5, 5, dtype=torch.int32))
+
+
+def test_frozen_reactnet_under_torch_compile():
+    torch.manual_seed(12)
+    model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), 12).eval()
+    frozen = freeze(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(frozen, backend="aot_eager")(x), frozen(x))
 
 
 # ------------------------------------------------------------------------------------------ freeze ReActNet-A

@@ -20,7 +20,8 @@ from torch import nn
 
 from candle_ext.nn.binarize import BINARIZED_ATTR, binarize_names_
 from candle_ext.nn.layers import BinaryConv2d, LearnableBias, RSign
-from candle_ext.ops import binary_conv2d, sign_pack
+from candle_ext.ops import sign_pack
+from candle_ext.ops.binary_conv2d import packed_inference_conv
 from candle_ext.ops.bitpack import num_words
 
 ARCH_ATTR = "candle_arch"
@@ -82,10 +83,8 @@ class PackedBinaryConv2d(nn.Module):
         self.shift.copy_(shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = x.dtype if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
-        words = sign_pack(x, None if self.threshold is None else self.threshold.to(x.dtype))
-        out = binary_conv2d(words, self.weight_packed, self.scale, self.stride, self.padding, self.dilation,
-                            in_channels=self.in_channels, shift=self.shift, out_dtype=out_dtype)
+        out = packed_inference_conv(x, self.threshold, self.weight_packed, self.in_channels, self.stride,
+                                    self.padding, self.dilation, self.scale, self.shift)
         return out.to(x.dtype)
 
     def extra_repr(self):

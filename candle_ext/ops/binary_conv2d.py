@@ -8,13 +8,13 @@ Two custom ops:
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from candle_ext import backend, reference
 from candle_ext.ops import validate
-from candle_ext.ops.bitpack import _sign_pack, check_packed
+from candle_ext.ops.bitpack import _sign_pack, check_packed, sign_pack
 
 _IMPLS = ("cuda", "triton", "cpu", "reference")
 _OUT_KIND = {None: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -159,3 +159,37 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, scale: Optional[tor
     elif out_dtype not in _OUT_KIND:
         raise TypeError(f"out_dtype must be float32, float16, bfloat16 or int32, got {out_dtype}")
     return _binary_conv2d_packed(xp, wp, in_channels, stride, padding, dilation, scale, shift, out_dtype)
+
+
+def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_packed: torch.Tensor,
+                          in_channels: int, stride: Tuple[int, int], padding: Tuple[int, int],
+                          dilation: Tuple[int, int], scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """sign(x - threshold) packed, then the packed conv with the float epilogue acc * scale + shift, in x's
+    float dtype (float32 for float64 x): the forward of a frozen binary conv (models/packed.py), whose
+    stride/padding/dilation are already pairs of ints.
+
+    Eager CPU calls served by the cpu backend go straight to the compiled kernels, which check their inputs in
+    C++: the two custom ops and the public checks cost ~100 us per layer, more than the kernel itself on most
+    ReActNet-A layers. Under torch.compile/export, torch.jit.trace, on tensor subclasses and on other backends
+    the custom ops run.
+    """
+    validate.tensor("x", x, validate.FLOAT_DTYPES, ndim=4)
+    if x.shape[1] != in_channels:  # pad bits would hide a mismatch within one word
+        raise ValueError(f"x has {x.shape[1]} channels, expected {in_channels}")
+    out_dtype = x.dtype if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    if threshold is not None and threshold.dtype != x.dtype:
+        threshold = threshold.to(x.dtype)
+    # sign_pack and binary_conv2d implement the same backends, so one selection serves both.
+    if (type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and backend.select("binary_conv2d", "cpu", _IMPLS) == "cpu"):
+        module = backend.compiled_module()
+        words = module.sign_pack_cpu(x, threshold)
+        if scale.dtype != torch.float32 or shift.dtype != torch.float32:
+            scale, shift = scale.float(), shift.float()
+        out = module.binary_conv2d_cpu(words, w_packed.contiguous(), in_channels, stride[0], stride[1],
+                                       padding[0], padding[1], dilation[0], dilation[1], scale.contiguous(),
+                                       shift.contiguous(), 1)
+        return out if out_dtype == torch.float32 else out.to(out_dtype)
+    words = sign_pack(x, threshold)
+    return binary_conv2d(words, w_packed, scale, stride, padding, dilation, in_channels=in_channels, shift=shift,
+                         out_dtype=out_dtype)
