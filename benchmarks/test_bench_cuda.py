@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from candle_ext import backend
 from candle_ext import reference as R
+from gpu_timing import say, synced
 from reactnet_shapes import reactnet_a_shapes
 
 
@@ -68,19 +69,6 @@ def _median_ms(fn):
         return statistics.median(times)
 
 
-def _say(capsys, text):
-    with capsys.disabled():
-        print("\n" + text)
-
-
-def _synced(fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-    return run
-
-
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=str)
 def test_binary_conv(benchmark, capsys, shape, batch):
@@ -108,9 +96,9 @@ def test_binary_conv(benchmark, capsys, shape, batch):
     base = times["cudnn fp16 CL"]
     parts = [f"{k} {v:.3f} ms {ops / v / 1e9:.1f} TOPS ({base / v:.2f}x)" for k, v in times.items()]
     plan = C.binary_conv2d_cuda_plan(xp, wp, shape.cin, *args, 0)
-    _say(capsys, f"[cuda conv {shape} x{shape.count} batch {batch}; {plan}] " + ", ".join(parts))
+    say(capsys, f"[cuda conv {shape} x{shape.count} batch {batch}; {plan}] " + ", ".join(parts))
     benchmark.extra_info.update(times, shape=str(shape), batch=batch, plan=plan)
-    benchmark.pedantic(_synced(lambda: C.binary_conv2d_cuda(xp, wp, shape.cin, *args, None, None, 2, True)),
+    benchmark.pedantic(synced(lambda: C.binary_conv2d_cuda(xp, wp, shape.cin, *args, None, None, 2, True)),
                        rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
@@ -135,12 +123,12 @@ def test_sign_pack(benchmark, capsys, size, dtype, layout):
     moved = x.numel() * x.element_size() + x.numel() // 8  # read x, write 1 bit per element
     cuda_gbs = moved / times["cuda"] / 1e6
     copy_gbs = 2 * x.numel() * x.element_size() / times["copy"] / 1e6
-    _say(capsys, f"[cuda sign_pack {tuple(x.shape)} {dtype} {layout}] "
+    say(capsys, f"[cuda sign_pack {tuple(x.shape)} {dtype} {layout}] "
          + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
          + f"; cuda {cuda_gbs:.0f} GB/s = {cuda_gbs / copy_gbs:.0%} of the copy's {copy_gbs:.0f} GB/s; "
          f"eager/cuda {times['eager'] / times['cuda']:.1f}x")
     benchmark.extra_info.update(times)
-    benchmark.pedantic(_synced(lambda: C.sign_pack_cuda(x, bias)), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(synced(lambda: C.sign_pack_cuda(x, bias)), rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -162,12 +150,12 @@ def test_sign_ste_backward(benchmark, capsys, size, dtype, layout):
     moved = 3 * x.numel() * x.element_size()  # read grad and x, write grad_x (grad_bias is negligible)
     cuda_gbs = moved / times["cuda"] / 1e6
     copy_gbs = 2 * x.numel() * x.element_size() / times["copy"] / 1e6
-    _say(capsys, f"[cuda sign_ste backward {tuple(x.shape)} {dtype} {layout}] "
+    say(capsys, f"[cuda sign_ste backward {tuple(x.shape)} {dtype} {layout}] "
          + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
          + f"; cuda {cuda_gbs:.0f} GB/s = {cuda_gbs / copy_gbs:.0%} of the copy's {copy_gbs:.0f} GB/s; "
          f"eager/cuda {times['eager'] / times['cuda']:.1f}x")
     benchmark.extra_info.update(times)
-    benchmark.pedantic(_synced(lambda: C.sign_ste_backward_cuda(grad, x, bias)), rounds=ROUNDS, iterations=1,
+    benchmark.pedantic(synced(lambda: C.sign_ste_backward_cuda(grad, x, bias)), rounds=ROUNDS, iterations=1,
                        warmup_rounds=1)
 
 
@@ -201,11 +189,11 @@ def test_multires_head(benchmark, capsys, head, dtype):
         "cuda bwd": _median_ms(lambda: C.multires_head_backward_cuda(grad, feats, wd, base, False)),
     }
     flops = sum(2 * n * cs * ct * min(h, sizes[base][0]) * min(w, sizes[base][1]) for h, w in sizes)
-    _say(capsys, f"[cuda multires head n{n} C_T={ct} C_S={cs} {sizes} {dtype}] "
+    say(capsys, f"[cuda multires head n{n} C_T={ct} C_S={cs} {sizes} {dtype}] "
          + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
          + f"; forward eager/cuda {times['eager fwd'] / times['cuda fwd']:.2f}x "
          f"({flops / times['cuda fwd'] / 1e9:.0f} TFLOP/s on the gathered columns), backward (weights+biases) "
          f"eager/cuda {times['eager bwd'] / times['cuda bwd']:.2f}x")
     benchmark.extra_info.update(times)
-    benchmark.pedantic(_synced(lambda: C.multires_head_cuda(feats, wd, bd, base)), rounds=ROUNDS, iterations=1,
+    benchmark.pedantic(synced(lambda: C.multires_head_cuda(feats, wd, bd, base)), rounds=ROUNDS, iterations=1,
                        warmup_rounds=1)

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpu_timing import say, synced
 from reactnet_shapes import reactnet_a_shapes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton benchmarks need a CUDA GPU")
@@ -40,19 +41,6 @@ HEADS = [(2, 64, 32, [(2, 2), (4, 4), (8, 8)], 1)] if SMOKE else [
 def _median_ms(fn):
     triton = pytest.importorskip("triton")
     return triton.testing.do_bench(fn, warmup=max(5, REP_MS // 8), rep=REP_MS, return_mode="median")
-
-
-def _say(capsys, text):
-    with capsys.disabled():
-        print("\n" + text)
-
-
-def _synced(fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-    return run
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -83,10 +71,10 @@ def test_binary_conv(benchmark, capsys, shape, batch):
                                                         method=m))
     base = times["cudnn fp16 CL"]
     parts = [f"{k} {v:.3f} ms {ops / v / 1e9:.1f} TOPS ({base / v:.2f}x)" for k, v in times.items()]
-    _say(capsys, f"[triton conv {shape} batch {batch}] " + ", ".join(parts))
+    say(capsys, f"[triton conv {shape} batch {batch}] " + ", ".join(parts))
     benchmark.extra_info.update({k: v for k, v in times.items()}, shape=str(shape), batch=batch)
     default = tconv.default_method(dev)
-    benchmark.pedantic(_synced(lambda: tconv.binary_conv2d_packed(xp, wp, shape.cin, *args,
+    benchmark.pedantic(synced(lambda: tconv.binary_conv2d_packed(xp, wp, shape.cin, *args,
                                                                   out_dtype=torch.float16, method=default)),
                        rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
@@ -111,11 +99,11 @@ def test_sign_pack(benchmark, capsys, dtype, layout):
     triton_gbs = (x.numel() * x.element_size() + x.numel() // 8) / times["triton"] / 1e6
     copy_gbs = 2 * x.numel() * x.element_size() / times["copy"] / 1e6
     parts = [f"{k} {v:.3f} ms" for k, v in times.items()]
-    _say(capsys, f"[triton sign_pack {tuple(x.shape)} {dtype} {layout}] " + ", ".join(parts)
+    say(capsys, f"[triton sign_pack {tuple(x.shape)} {dtype} {layout}] " + ", ".join(parts)
          + f"; triton {triton_gbs:.0f} GB/s ({triton_gbs / copy_gbs:.0%} of the copy's {copy_gbs:.0f} GB/s); "
          f"eager/triton {times['eager'] / times['triton']:.2f}x")
     benchmark.extra_info.update(times)
-    benchmark.pedantic(_synced(lambda: tsign.sign_pack(x, bias)), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(synced(lambda: tsign.sign_pack(x, bias)), rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
 def _eager_head(feats, weights, biases, base):
@@ -147,10 +135,10 @@ def test_multires_head(benchmark, capsys, head, dtype):
         "eager bwd": _median_ms(lambda: torch.autograd.grad(eager_out, params, grad, retain_graph=True)),
         "triton bwd": _median_ms(lambda: thead.multires_head_backward(grad, feats, wd, base, False)),
     }
-    _say(capsys, f"[triton multires head n{n} C_T={ct} C_S={cs} {sizes} {dtype}] "
+    say(capsys, f"[triton multires head n{n} C_T={ct} C_S={cs} {sizes} {dtype}] "
          + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
          + f"; forward eager/triton {times['eager fwd'] / times['triton fwd']:.2f}x, backward (weights+biases) "
          f"eager/triton {times['eager bwd'] / times['triton bwd']:.2f}x")
     benchmark.extra_info.update(times)
-    benchmark.pedantic(_synced(lambda: thead.multires_head(feats, wd, [b.detach() for b in biases], base)),
+    benchmark.pedantic(synced(lambda: thead.multires_head(feats, wd, [b.detach() for b in biases], base)),
                        rounds=ROUNDS, iterations=1, warmup_rounds=1)
