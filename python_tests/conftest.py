@@ -25,3 +25,13 @@ def force_backend(monkeypatch):
     def _force(name):
         monkeypatch.setenv("CANDLE_EXT_BACKEND", name)
     return _force
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread is faster, and kinder to a shared 2-core machine. Training test
+    modules use it for all their tests (pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

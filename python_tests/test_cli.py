@@ -18,14 +18,7 @@ from candle_ext.cli import load_config, main
 
 CLASSES = ["a", "b", "c", "d"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and kinder to a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make_folder(root, counts, seed):

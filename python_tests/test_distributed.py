@@ -168,8 +168,8 @@ def _distill(env: DistEnv):
     return state, metrics
 
 
-def _syncbn_check(env: DistEnv):
-    """GlooSyncBatchNorm on this rank's half of a batch; returns what the parent compares with nn.BatchNorm2d."""
+def _syncbn_inputs():
+    """Batch, output gradient and BatchNorm2d of the sync-BN check (built alike in the workers and the parent)."""
     g = torch.Generator().manual_seed(5)
     x = 3 * torch.randn(6, 5, 3, 4, generator=g) + 1.5
     gy = torch.randn(6, 5, 3, 4, generator=g)
@@ -177,6 +177,12 @@ def _syncbn_check(env: DistEnv):
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5, generator=g)
         bn.bias.uniform_(-1, 1, generator=g)
+    return x, gy, bn
+
+
+def _syncbn_check(env: DistEnv):
+    """GlooSyncBatchNorm on this rank's half of a batch; returns what the parent compares with nn.BatchNorm2d."""
+    x, gy, bn = _syncbn_inputs()
     sbn = convert_sync_batchnorm(bn, env)
     assert isinstance(sbn, GlooSyncBatchNorm) and sbn.weight is bn.weight
     back = revert_sync_batchnorm(nn.Sequential(convert_sync_batchnorm(nn.BatchNorm1d(3), env)))
@@ -248,13 +254,7 @@ def two_ranks(tmp_path_factory):
 
 
 def test_sync_batchnorm_matches_full_batch_batchnorm(two_ranks):
-    g = torch.Generator().manual_seed(5)
-    x = 3 * torch.randn(6, 5, 3, 4, generator=g) + 1.5
-    gy = torch.randn(6, 5, 3, 4, generator=g)
-    bn = nn.BatchNorm2d(5, momentum=0.3)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5, generator=g)
-        bn.bias.uniform_(-1, 1, generator=g)
+    x, gy, bn = _syncbn_inputs()
     xf = x.clone().requires_grad_(True)
     for it in range(2):
         y = bn(xf)

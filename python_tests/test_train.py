@@ -18,14 +18,7 @@ from candle_ext.train.losses import pool
 
 NUM_CLASSES = 4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and kinder to a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_label_aware_epsilons_concave_form():
