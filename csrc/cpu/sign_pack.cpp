@@ -22,6 +22,7 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include "isa.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define CANDLE_HAVE_AVX2_PATH 1
@@ -217,13 +218,10 @@ bool pack_avx2(const PackJob& j, bool nhwc) {
 }
 #endif  // CANDLE_HAVE_AVX2_PATH
 
-// CANDLE_EXT_CPU_ISA=portable forces the portable path (tests use it to check both paths on one machine).
 bool use_avx2() {
 #ifdef CANDLE_HAVE_AVX2_PATH
   static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  if (!supported) return false;
-  const char* isa = std::getenv("CANDLE_EXT_CPU_ISA");
-  return !(isa && std::strcmp(isa, "portable") == 0);
+  return supported && !portable_isa_forced();
 #else
   return false;
 #endif
