@@ -75,10 +75,13 @@ inline ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& w, int6
   TORCH_CHECK_VALUE(dh >= 1 && dw >= 1, "dilation must be >= 1, got (", dh, ", ", dw, ")");
   ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(1), w.size(2),
                  sh, sw, ph, pw, dh, dw, 0, 0};
-  g.ho = (g.h + 2 * ph - dh * (g.kh - 1) - 1) / sh + 1;
-  g.wo = (g.w + 2 * pw - dw * (g.kw - 1) - 1) / sw + 1;
-  TORCH_CHECK_VALUE(g.ho >= 1 && g.wo >= 1, "input ", g.h, "x", g.w, " with padding (", ph, ", ", pw,
+  // Check the spans before dividing: C++ division truncates toward zero, so a span of -1 with stride 2 would
+  // give one output row where F.conv2d raises.
+  const int64_t span_h = g.h + 2 * ph - dh * (g.kh - 1) - 1, span_w = g.w + 2 * pw - dw * (g.kw - 1) - 1;
+  TORCH_CHECK_VALUE(span_h >= 0 && span_w >= 0, "input ", g.h, "x", g.w, " with padding (", ph, ", ", pw,
                     ") is smaller than the dilated kernel");
+  g.ho = span_h / sh + 1;
+  g.wo = span_w / sw + 1;
   return g;
 }
 

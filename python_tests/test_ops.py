@@ -1,4 +1,5 @@
 """The public ops: dispatch, autograd, custom-op registration (opcheck), torch.compile, and bad inputs."""
+import importlib
 import warnings
 
 import pytest
@@ -80,6 +81,18 @@ def test_multires_head_matches_reference_and_grads():
     exp = torch.autograd.grad(want, feats + ws + bs, g)
     for a, e in zip(got, exp):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("triton_ok", [True, False])
+def test_multires_head_float64_never_goes_to_the_cuda_kernels(monkeypatch, triton_ok):
+    """The CUDA head kernels take float32/16/bf16 only: where CUDA would be chosen, float64 goes to Triton
+    (or the reference without it); other dtypes stay on CUDA."""
+    head_module = importlib.import_module("candle_ext.ops.multires_head")  # the module, not the function
+    monkeypatch.setattr(backend, "select", lambda op, device_type, impls: "cuda")
+    monkeypatch.setattr(backend, "status", lambda name: (triton_ok, "" if triton_ok else "missing"))
+    assert head_module._impl("multires_head", torch.zeros(1, dtype=torch.float64)) == (
+        "triton" if triton_ok else "reference")
+    assert head_module._impl("multires_head_backward", torch.zeros(1, dtype=torch.float32)) == "cuda"
 
 
 def test_opcheck_every_op():
@@ -216,3 +229,7 @@ def test_compiled_module_rejects_bad_input_directly():
                               32, 1, 1, 0, 0, 1, 1, None, None, 0)
     with pytest.raises(TypeError, match="dtype"):
         mod.sign_pack_cpu(torch.zeros(1, 2, 2, 2, dtype=torch.int32), None)
+    # A 2x2 input under a 3x3 kernel with stride 2 has no output (a truncating division would make one row).
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        mod.binary_conv2d_cpu(torch.zeros(1, 2, 2, 1, dtype=torch.int32), torch.zeros(4, 3, 3, 1, dtype=torch.int32),
+                              32, 2, 2, 0, 0, 1, 1, None, None, 0)

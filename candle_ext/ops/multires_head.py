@@ -16,10 +16,18 @@ from candle_ext.ops import validate
 _IMPLS = ("cuda", "triton", "reference")
 
 
+def _impl(op: str, t: torch.Tensor) -> str:
+    impl = backend.select(op, t.device.type, _IMPLS)
+    if impl == "cuda" and t.dtype == torch.float64:
+        # The CUDA kernels are float32/float16/bfloat16 only; Triton and the reference also take float64.
+        return "triton" if backend.status("triton")[0] else "reference"
+    return impl
+
+
 @torch.library.custom_op("candle_ext::multires_head", mutates_args=())
 def _multires_head(features: List[torch.Tensor], weights: List[torch.Tensor], biases: List[torch.Tensor],
                    base: int) -> torch.Tensor:
-    impl = backend.select("multires_head", features[0].device.type, _IMPLS)
+    impl = _impl("multires_head", features[0])
     if impl == "cuda":
         return backend.compiled_module().multires_head_cuda(features, weights, biases, base)
     if impl == "triton":
@@ -39,7 +47,7 @@ def _multires_head_backward(grad: torch.Tensor, features: List[torch.Tensor], we
                             base: int, features_grad: bool) -> List[torch.Tensor]:
     """Flat list [grad_features..., grad_weights..., grad_biases...]; grad_features are empty tensors
     when features_grad is False (the teacher encoder is frozen)."""
-    impl = backend.select("multires_head_backward", grad.device.type, _IMPLS)
+    impl = _impl("multires_head_backward", grad)
     if impl == "cuda":
         return list(backend.compiled_module().multires_head_backward_cuda(grad, features, weights, base,
                                                                           features_grad))
