@@ -61,7 +61,9 @@ template <bool VEC4>
 __global__ void popcount_rows_kernel(const uint32_t* __restrict__ x, int rows_x, const uint32_t* __restrict__ w,
                                      int rows_w, int words, int* __restrict__ pa, int* __restrict__ pb) {
   const int total = rows_x + rows_w;
-  for (int row = blockIdx.x * blockDim.x + threadIdx.x; row < total; row += gridDim.x * blockDim.x) {
+  // 64-bit counter: the last grid-stride step may pass 2^31.
+  for (int64_t row = blockIdx.x * blockDim.x + threadIdx.x; row < total;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const uint32_t* src = row < rows_x ? x + static_cast<int64_t>(row) * words
                                        : w + static_cast<int64_t>(row - rows_x) * words;
     int s = 0;

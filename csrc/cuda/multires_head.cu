@@ -803,8 +803,8 @@ CANDLE_HEAD_KERNELS(__nv_bfloat16)
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <map>
 #include <mutex>
-#include <set>
 #include <utility>
 #include <vector>
 
@@ -820,15 +820,18 @@ constexpr int64_t kIndexLimit = std::numeric_limits<int32_t>::max();
 // ------------------------------------------------------------------------------------------------------
 // Host side.
 
+// The dynamic shared memory a launch needs grows with the base map (the axis tables), so the opt-in limit is
+// raised whenever a call needs more than any earlier one on this kernel and device.
 void ensure_smem(const void* kernel, int bytes) {
   static std::mutex mu;
-  static std::set<std::pair<const void*, int>> done;
+  static std::map<std::pair<const void*, int>, int> granted;
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   std::lock_guard<std::mutex> lock(mu);
-  if (done.count({kernel, dev})) return;
+  int& have = granted[{kernel, dev}];
+  if (bytes <= have) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  done.insert({kernel, dev});
+  have = bytes;
 }
 
 struct Validated {

@@ -193,7 +193,9 @@ __global__ void __launch_bounds__(kThreads)
                         int total_vecs, FastDiv inner, FastDiv channels) {
   using Acc = typename Num<T>::Acc;
   const T one = Num<T>::from_acc(Acc(1)), minus_one = Num<T>::from_acc(Acc(-1));
-  for (int vi = blockIdx.x * kThreads + threadIdx.x; vi < total_vecs; vi += gridDim.x * kThreads) {
+  // 64-bit counter: total_vecs < 2^31, but the last grid-stride step may pass 2^31 and must not wrap.
+  for (int64_t vi = blockIdx.x * kThreads + threadIdx.x; vi < total_vecs;
+       vi += static_cast<int64_t>(gridDim.x) * kThreads) {
     const uint32_t e0 = static_cast<uint32_t>(vi) * VEC;
     const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(x + e0);
     Pack<T, VEC> res;
@@ -241,20 +243,21 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kUnroll = 4;
   __shared__ Acc partial[kThreads / 32];
   const int c = blockIdx.x / slices;
-  const int q0 = (blockIdx.x - c * slices) * slice_len;
-  const int q1 = min(per_channel, q0 + slice_len);
+  // 64-bit: q0 + slice_len and the strided q may pass 2^31 (per_channel itself is < 2^31).
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x - c * slices) * slice_len;
+  const int64_t q1 = q0 + slice_len < per_channel ? q0 + slice_len : per_channel;
   const Acc b = bias ? bias[c] : Acc(0);
   Acc sum = Acc(0);
-  for (int q = q0 + threadIdx.x; q < q1; q += kThreads * kUnroll) {
+  for (int64_t q = q0 + threadIdx.x; q < q1; q += kThreads * kUnroll) {
     Pack<T, VEC> g[kUnroll], xv[kUnroll];
     int off[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int qu = q + u * kThreads;
+      const int64_t qu = q + u * kThreads;
       off[u] = -1;
       if (qu < q1) {
         const int img = static_cast<int>(inner_div.div(static_cast<uint32_t>(qu)));
-        off[u] = (img * channels + c) * inner_vecs + (qu - img * inner_vecs);
+        off[u] = (img * channels + c) * inner_vecs + static_cast<int>(qu - static_cast<int64_t>(img) * inner_vecs);
         g[u] = reinterpret_cast<const Pack<T, VEC>*>(grad)[off[u]];
         xv[u] = reinterpret_cast<const Pack<T, VEC>*>(x)[off[u]];
       }
