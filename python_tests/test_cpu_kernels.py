@@ -115,6 +115,7 @@ EDGE_CASES = [
     (1, 8, 5, 9, 9, (3, 1), (1, 2), (1, 0), (2, 1)),   # rectangular kernel, per-axis stride/padding/dilation
     (2, 40, 12, 7, 12, (1, 5), (2, 1), (0, 2), (1, 2)),
     (1, 16, 18, 65, 3, 3, 1, 1, 1),           # more than one 64-pixel tile, odd tile remainder
+    (1, 2640, 17, 4, 5, 5, 1, 2, 1),          # K = 25 x 83 words = 66,400 bits >= 2^16: u32 partial sums
 ]
 
 
