@@ -5,7 +5,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "candle-ext compiled kernels";
   m.attr("cpu_features") = candle::cpu_features();
   m.def("sign_pack_cpu", &candle::sign_pack_cpu, "pack sign(x - bias) of NCHW float32 into int32 words");
-  m.def("binary_conv2d_cpu", &candle::binary_conv2d_cpu, "binary conv on packed words (CPU)");
+  m.def("binary_conv2d_cpu", &candle::binary_conv2d_cpu,
+        "binary conv on packed words (CPU); residual/slope/post_shift: the rest of a ReActNet block, fused",
+        py::arg("x_packed"), py::arg("w_packed"), py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"),
+        py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"), py::arg("dil_w"), py::arg("scale"), py::arg("shift"),
+        py::arg("out_kind"), py::arg("residual") = py::none(), py::arg("slope") = py::none(),
+        py::arg("post_shift") = py::none());
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("sign_pack_cuda", &candle::sign_pack_cuda, "pack sign(x - bias) into int32 words (CUDA)");

@@ -17,7 +17,9 @@ const char* cpu_features();
 at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                              int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                              int64_t dil_w, const c10::optional<at::Tensor>& scale,
-                             const c10::optional<at::Tensor>& shift, int64_t out_kind);
+                             const c10::optional<at::Tensor>& shift, int64_t out_kind,
+                             const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& slope,
+                             const c10::optional<at::Tensor>& post_shift);
 
 #ifdef WITH_CUDA
 // csrc/cuda/sign_ste.cu: x float32/float16/bfloat16/float64, NCHW or channels_last read in place.

@@ -73,6 +73,18 @@ def _check_conv(n, cin, cout, h, w, k, stride, padding, dilation, seed, full_ref
 
     out = candle_ext.binary_conv2d(x, wt, scale, s, p, d)
     assert torch.equal(out, want.float() * sc)
+
+    # The fused block epilogue of frozen ReActNet blocks: + residual (repeated when it has fewer channels),
+    # PReLU, + post_shift, each rounded like the eager op, so bit for bit the eager composition.
+    slope, post_shift = torch.randn(cout, generator=g), torch.randn(cout, generator=g)
+    for rc in sorted({cout, cout // 2} - {0}):
+        if cout % rc:
+            continue
+        res = torch.randn(n, rc, *fused.shape[2:], generator=g)
+        got = _C.binary_conv2d_cpu(xp.contiguous(), wp.contiguous(), cin, s[0], s[1], p[0], p[1], d[0], d[1],
+                                   scale, shift, 1, res, slope, post_shift)
+        eager = torch.prelu(fused + res.repeat(1, cout // rc, 1, 1), slope) + post_shift.reshape(1, -1, 1, 1)
+        assert torch.equal(got, eager)
     if full_reference:
         assert torch.equal(acc, R.binary_conv2d_packed(xp, wp, cin, s, p, d))
         assert torch.equal(fused, R.binary_conv2d_packed(xp, wp, cin, s, p, d, scale, shift, torch.float32))

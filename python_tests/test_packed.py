@@ -149,6 +149,25 @@ def test_packed_conv_rejects_bad_input():
         packed(torch.zeros(1, 64, 5, 5, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("small_input, size", [(True, 32), (False, 96)])
+def test_frozen_reactnet_fused_blocks_equal_the_eager_composition(monkeypatch, small_input, size):
+    """Frozen blocks add the residual, PReLU and zeta in the CPU kernel's epilogue (float32); that must be bit
+    for bit the eager ops the custom-op path runs (cpu kernel under torch.compile, and the reference)."""
+    torch.manual_seed(13)
+    model = randomise(reactnet_a(num_classes=10, small_input=small_input, width_mult=0.25), 13).eval()
+    frozen = freeze(model)
+    x = torch.randn(2, 3, size, size)
+    # The encoder, where the binary blocks are (the float classifier's GEMM may round differently from one
+    # allocation to the next).
+    with torch.no_grad():
+        fused = frozen.encoder(x)
+        compiled = torch.compile(frozen.encoder, backend="aot_eager")(x)
+        monkeypatch.setenv("CANDLE_EXT_BACKEND", "reference")
+        ref = frozen.encoder(x)
+    assert torch.equal(fused, compiled)
+    assert torch.equal(fused, ref)
+
+
 def test_frozen_reactnet_under_torch_compile():
     torch.manual_seed(12)
     model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), 12).eval()

@@ -82,10 +82,13 @@ class PackedBinaryConv2d(nn.Module):
         self.scale.copy_(self.scale.double() * k)
         self.shift.copy_(shift)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = packed_inference_conv(x, self.threshold, self.weight_packed, self.in_channels, self.stride,
-                                    self.padding, self.dilation, self.scale, self.shift)
-        return out.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, slope: Optional[torch.Tensor] = None,
+                post_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The conv; optionally followed by + residual, PReLU(slope), + post_shift (a fused ReActNet block,
+        see PackedReActBlock), which the CPU kernel applies in its epilogue."""
+        return packed_inference_conv(x, self.threshold, self.weight_packed, self.in_channels, self.stride,
+                                     self.padding, self.dilation, self.scale, self.shift, residual, slope,
+                                     post_shift)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -161,17 +161,38 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, scale: Optional[tor
     return _binary_conv2d_packed(xp, wp, in_channels, stride, padding, dilation, scale, shift, out_dtype)
 
 
+def _post_ops(out: torch.Tensor, residual: Optional[torch.Tensor], slope: Optional[torch.Tensor],
+              post_shift: Optional[torch.Tensor]) -> torch.Tensor:
+    """out + residual (repeated over out's channels when it has fewer, like a concat [r, r]), PReLU(slope),
+    + post_shift, as eager ops in out's dtype."""
+    if residual is not None:
+        if residual.shape[1] == out.shape[1]:
+            out.add_(residual)
+        else:
+            n, c, h, w = residual.shape
+            out.view(n, out.shape[1] // c, c, h, w).add_(residual.unsqueeze(1))
+    if slope is not None:
+        out = torch.prelu(out, slope.to(out.dtype))
+    if post_shift is not None:
+        out.add_(post_shift.to(out.dtype).reshape(1, -1, 1, 1))
+    return out
+
+
 def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_packed: torch.Tensor,
                           in_channels: int, stride: Tuple[int, int], padding: Tuple[int, int],
-                          dilation: Tuple[int, int], scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+                          dilation: Tuple[int, int], scale: torch.Tensor, shift: torch.Tensor,
+                          residual: Optional[torch.Tensor] = None, slope: Optional[torch.Tensor] = None,
+                          post_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """sign(x - threshold) packed, then the packed conv with the float epilogue acc * scale + shift, in x's
-    float dtype (float32 for float64 x): the forward of a frozen binary conv (models/packed.py), whose
-    stride/padding/dilation are already pairs of ints.
+    dtype (computed in float32 for float64 x): the forward of a frozen binary conv (models/packed.py), whose
+    stride/padding/dilation are already pairs of ints. Optionally the rest of a ReActNet block follows:
+    + residual (repeated over the channels when it has fewer), PReLU with per-channel `slope`, + post_shift.
 
     Eager CPU calls served by the cpu backend go straight to the compiled kernels, which check their inputs in
     C++: the two custom ops and the public checks cost ~100 us per layer, more than the kernel itself on most
-    ReActNet-A layers. Under torch.compile/export, torch.jit.trace, on tensor subclasses and on other backends
-    the custom ops run.
+    ReActNet-A layers; for float32 the kernel's epilogue also applies the residual, PReLU and shift (one pass
+    over the output instead of three eager ops, each rounded the same way). Under torch.compile/export,
+    torch.jit.trace, on tensor subclasses and on other backends the custom ops and eager ops run.
     """
     validate.tensor("x", x, validate.FLOAT_DTYPES, ndim=4)
     if x.shape[1] != in_channels:  # pad bits would hide a mismatch within one word
@@ -186,10 +207,17 @@ def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_
         words = module.sign_pack_cpu(x, threshold)
         if scale.dtype != torch.float32 or shift.dtype != torch.float32:
             scale, shift = scale.float(), shift.float()
+        fuse = x.dtype == torch.float32 and (residual is None or (type(residual) is torch.Tensor
+                                                                  and residual.dtype == torch.float32))
+        post = ((None if residual is None else residual.contiguous()),
+                (None if slope is None else slope.float().contiguous()),
+                (None if post_shift is None else post_shift.float().reshape(-1).contiguous())) if fuse else ()
         out = module.binary_conv2d_cpu(words, w_packed.contiguous(), in_channels, stride[0], stride[1],
                                        padding[0], padding[1], dilation[0], dilation[1], scale.contiguous(),
-                                       shift.contiguous(), 1)
-        return out if out_dtype == torch.float32 else out.to(out_dtype)
+                                       shift.contiguous(), 1, *post)
+        out = out.to(x.dtype)
+        return out if fuse else _post_ops(out, residual, slope, post_shift)
     words = sign_pack(x, threshold)
-    return binary_conv2d(words, w_packed, scale, stride, padding, dilation, in_channels=in_channels, shift=shift,
-                         out_dtype=out_dtype)
+    out = binary_conv2d(words, w_packed, scale, stride, padding, dilation, in_channels=in_channels, shift=shift,
+                        out_dtype=out_dtype).to(x.dtype)
+    return _post_ops(out, residual, slope, post_shift)

@@ -59,20 +59,43 @@ CANDLE_INLINE void valid_taps(int64_t o, int64_t stride, int64_t pad, int64_t di
   while (hi > lo && start + (hi - 1) * dil >= size) --hi;
 }
 
+// a * b rounded to float32 on its own: the empty asm (or volatile) keeps the compiler from contracting it
+// with a following add into an FMA, so every step rounds as the eager PyTorch ops it replaces.
+CANDLE_INLINE float mul_rounded(float a, float b) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  float v = a * b;
+  __asm__("" : "+x"(v));
+  return v;
+#else
+  volatile float product = a * b;
+  return product;
+#endif
+}
+
 // The float epilogue rounds the product before adding the shift, as reference.py does (acc * scale, then
-// + shift, two float32 roundings). The empty asm keeps the compiler from contracting the two into an FMA.
+// + shift, two float32 roundings).
 CANDLE_INLINE float epilogue(int32_t acc, const float* scale, const float* shift, int64_t co) {
   float v = static_cast<float>(acc);
-  if (scale) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    v = v * scale[co];
-    __asm__("" : "+x"(v));
-#else
-    volatile float product = v * scale[co];
-    v = product;
-#endif
-  }
+  if (scale) v = mul_rounded(v, scale[co]);
   if (shift) v = v + shift[co];
+  return v;
+}
+
+// Optional steps after the float epilogue, the rest of a packed ReActNet block (models/reactnet.py), each
+// rounded like the eager op it replaces: v += residual[n, co % res_channels, y, x] (a residual with fewer
+// channels repeats, as the doubling blocks' concat [y, y] does); v = v > 0 ? v : v * slope[co] (PReLU);
+// v += post_shift[co].
+struct Post {
+  const float* residual = nullptr;  // NCHW [N, res_channels, Ho, Wo]
+  int64_t res_channels = 0;
+  const float* slope = nullptr;
+  const float* post_shift = nullptr;
+};
+
+CANDLE_INLINE float post_ops(float v, const Post& post, int64_t img, int64_t co, int64_t pix, int64_t hw) {
+  if (post.residual) v = v + post.residual[(img * post.res_channels + co % post.res_channels) * hw + pix];
+  if (post.slope && !(v > 0.0f)) v = mul_rounded(v, post.slope[co]);
+  if (post.post_shift) v = v + post.post_shift[co];
   return v;
 }
 
@@ -134,6 +157,7 @@ struct PortableArgs {
   const float* shift;
   int32_t* out_i;
   float* out_f;
+  Post post;
 };
 
 // Output rows [begin, end) of the N * Ho rows.
@@ -166,7 +190,7 @@ CANDLE_INLINE void portable_rows_impl(const PortableArgs& a, int64_t begin, int6
           if (a.out_i) {
             a.out_i[o] = acc;
           } else {
-            a.out_f[o] = epilogue(acc, a.scale, a.shift, co0 + j);
+            a.out_f[o] = post_ops(epilogue(acc, a.scale, a.shift, co0 + j), a.post, img, co0 + j, pix, hw);
           }
         }
       }
@@ -184,8 +208,8 @@ __attribute__((target("popcnt"))) void portable_rows_popcnt(const PortableArgs& 
 #endif
 
 void conv_portable(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
-                   const float* scale, const float* shift, int32_t* out_i, float* out_f) {
-  const PortableArgs args{g, channels, x, w, scale, shift, out_i, out_f};
+                   const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post) {
+  const PortableArgs args{g, channels, x, w, scale, shift, out_i, out_f, post};
   void (*rows)(const PortableArgs&, int64_t, int64_t) = portable_rows;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   if (__builtin_cpu_supports("popcnt")) rows = portable_rows_popcnt;
@@ -515,10 +539,11 @@ CANDLE_AVX2_INLINE void transpose8x8(__m256i* r) {
 
 // Partial popcounts [kTile pixels][width] -> out[co][pixel] = base[pixel] - 2 * popcount, then the epilogue.
 // kKind: 0 int32 output, 1 float32 acc, 2 acc * scale, 3 acc + shift, 4 acc * scale + shift.
+// post.residual, when set, points at this tile's first pixel of its image.
 template <typename S, int kKind>
 CANDLE_AVX2 void write_tile_kind(const S* part, int64_t width, const int32_t* base, int64_t npix, int64_t c0,
                                  int64_t ncout, int64_t hw, int32_t* out_i, float* out_f, const float* scale,
-                                 const float* shift) {
+                                 const float* shift, const Post& post) {
   for (int64_t p8 = 0; p8 < npix; p8 += 8) {
     const int64_t np = std::min<int64_t>(8, npix - p8);
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(np)),
@@ -553,6 +578,16 @@ CANDLE_AVX2 void write_tile_kind(const S* part, int64_t width, const int32_t* ba
             __asm__("" : "+x"(v));  // no FMA contraction: round the product first, like the reference
           }
           if constexpr (kKind == 3 || kKind == 4) v = _mm256_add_ps(v, _mm256_set1_ps(shift[co]));
+          if (post.residual) {
+            const float* res = post.residual + (co % post.res_channels) * hw + p8;
+            v = _mm256_add_ps(v, np == 8 ? _mm256_loadu_ps(res) : _mm256_maskload_ps(res, mask));
+          }
+          if (post.slope) {
+            __m256 neg = _mm256_mul_ps(v, _mm256_set1_ps(post.slope[co]));
+            __asm__("" : "+x"(neg));  // rounded on its own, like torch.prelu
+            v = _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
+          }
+          if (post.post_shift) v = _mm256_add_ps(v, _mm256_set1_ps(post.post_shift[co]));
           if (np == 8) {
             _mm256_storeu_ps(out_f + o, v);
           } else {
@@ -567,19 +602,24 @@ CANDLE_AVX2 void write_tile_kind(const S* part, int64_t width, const int32_t* ba
 template <typename S>
 CANDLE_AVX2 void write_tile(const S* part, int64_t width, const int32_t* base, int64_t npix, int64_t c0,
                             int64_t ncout, int64_t hw, int32_t* out_i, float* out_f, const float* scale,
-                            const float* shift) {
+                            const float* shift, const Post& post) {
   const int kind = out_i ? 0 : 1 + (scale ? 1 : 0) + (shift ? 2 : 0);
   switch (kind) {
     case 0:
-      return write_tile_kind<S, 0>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift);
+      return write_tile_kind<S, 0>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift,
+                                         post);
     case 1:
-      return write_tile_kind<S, 1>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift);
+      return write_tile_kind<S, 1>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift,
+                                         post);
     case 2:
-      return write_tile_kind<S, 2>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift);
+      return write_tile_kind<S, 2>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift,
+                                         post);
     case 3:
-      return write_tile_kind<S, 3>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift);
+      return write_tile_kind<S, 3>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift,
+                                         post);
     default:
-      return write_tile_kind<S, 4>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift);
+      return write_tile_kind<S, 4>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift,
+                                         post);
   }
 }
 
@@ -595,6 +635,7 @@ struct AvxPlan {
   const float* shift;
   int32_t* out_i;
   float* out_f;
+  Post post;
 };
 
 // Tasks [begin, end) of (block, image, tile): popcounts chunk by chunk into partial sums, then the epilogue.
@@ -648,13 +689,15 @@ CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
     }
     const int64_t c0 = blk.g0 * kGroup, ncout = std::min<int64_t>(width, g.cout - c0);
     const int64_t out_off = img * g.cout * pl.hw + q0;
+    Post post = pl.post;
+    if (post.residual) post.residual += img * post.res_channels * pl.hw + q0;
     write_tile(part.data(), width, base, npix, c0, ncout, pl.hw, pl.out_i ? pl.out_i + out_off : nullptr,
-               pl.out_f ? pl.out_f + out_off : nullptr, pl.scale, pl.shift);
+               pl.out_f ? pl.out_f + out_off : nullptr, pl.scale, pl.shift, post);
   }
 }
 
 void conv_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w, const float* scale,
-               const float* shift, int32_t* out_i, float* out_f) {
+               const float* shift, int32_t* out_i, float* out_f, const Post& post) {
   AvxPlan pl;
   pl.g = g;
   pl.channels = channels;
@@ -667,6 +710,7 @@ void conv_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const
   pl.shift = shift;
   pl.out_i = out_i;
   pl.out_f = out_f;
+  pl.post = post;
   const int64_t bt = pl.bt, kbytes = g.kh * g.kw * bt;
   for (int64_t o = 0; o < g.ho; ++o) {
     int64_t lo, hi;
@@ -748,7 +792,9 @@ bool use_avx2() {
 at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                              int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                              int64_t dil_w, const c10::optional<at::Tensor>& scale,
-                             const c10::optional<at::Tensor>& shift, int64_t out_kind) {
+                             const c10::optional<at::Tensor>& shift, int64_t out_kind,
+                             const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& slope,
+                             const c10::optional<at::Tensor>& post_shift) {
   check_packed_conv(x_packed, w_packed, channels, c10::kCPU);
   const ConvGeometry g = conv_geometry(x_packed, w_packed, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w);
   check_channel_vector(scale, "scale", g.cout, x_packed);
@@ -757,6 +803,26 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_pac
                     out_kind);
   TORCH_CHECK_VALUE(out_kind == 1 || (!scale.has_value() && !shift.has_value()),
                     "scale/shift need a float output (out_kind 1)");
+  check_channel_vector(slope, "slope", g.cout, x_packed);
+  check_channel_vector(post_shift, "post_shift", g.cout, x_packed);
+  TORCH_CHECK_VALUE(out_kind == 1 || (!residual.has_value() && !slope.has_value() && !post_shift.has_value()),
+                    "residual/slope/post_shift need a float output (out_kind 1)");
+  Post post;
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    check_device(r, "residual", c10::kCPU);
+    check_dtype(r, "residual", at::kFloat);
+    check_dim(r, "residual", 4);
+    check_contiguous(r, "residual");
+    TORCH_CHECK_VALUE(r.size(0) == g.n && r.size(2) == g.ho && r.size(3) == g.wo && r.size(1) >= 1 &&
+                          g.cout % r.size(1) == 0,
+                      "residual must have shape (", g.n, ", C, ", g.ho, ", ", g.wo, ") with C dividing ", g.cout,
+                      ", got ", r.sizes());
+    post.residual = r.data_ptr<float>();
+    post.res_channels = r.size(1);
+  }
+  post.slope = slope.has_value() ? slope->data_ptr<float>() : nullptr;
+  post.post_shift = post_shift.has_value() ? post_shift->data_ptr<float>() : nullptr;
   TORCH_CHECK_VALUE(channels <= g.words * 32, "channels ", channels, " do not fit in ", g.words, " words");
   TORCH_CHECK_VALUE(g.kh * g.kw * channels <= INT32_MAX, "kernel ", g.kh, "x", g.kw, " with ", channels,
                     " channels overflows the int32 accumulators");
@@ -769,11 +835,11 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_pac
   float* of = out_kind == 1 ? out.data_ptr<float>() : nullptr;
 #ifdef CANDLE_HAVE_AVX2_PATH
   if (use_avx2()) {
-    conv_avx2(g, channels, x, w, sc, sh, oi, of);
+    conv_avx2(g, channels, x, w, sc, sh, oi, of, post);
     return out;
   }
 #endif
-  conv_portable(g, channels, x, w, sc, sh, oi, of);
+  conv_portable(g, channels, x, w, sc, sh, oi, of, post);
   return out;
 }
 
