@@ -196,6 +196,15 @@ def test_conv_entry_point_rejects_bad_arguments():
         _C.binary_conv2d_cpu(xp.float(), wp, 40, 1, 1, 1, 1, 1, 1, None, None, 0)
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):
         _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 0, 0, 3, 3, None, None, 0)
+    out_shape = _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 1).shape
+    with pytest.raises(ValueError, match="residual must have shape"):  # 3 channels do not divide 8
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 1, torch.zeros(out_shape[0], 3, *out_shape[2:]))
+    with pytest.raises(ValueError, match="residual must have shape"):
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 1, torch.zeros(out_shape[0], 8, 1, 1))
+    with pytest.raises(ValueError, match="need a float output"):
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 0, None, torch.ones(8))
+    with pytest.raises(ValueError, match="slope must have shape"):
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 1, None, torch.ones(5))
 
 
 # ---------------------------------------------------------------------------------------------------------------
