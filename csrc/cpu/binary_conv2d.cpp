@@ -539,8 +539,9 @@ CANDLE_AVX2_INLINE void transpose8x8(__m256i* r) {
 
 // Partial popcounts [kTile pixels][width] -> out[co][pixel] = base[pixel] - 2 * popcount, then the epilogue.
 // kKind: 0 int32 output, 1 float32 acc, 2 acc * scale, 3 acc + shift, 4 acc * scale + shift.
-// post.residual, when set, points at this tile's first pixel of its image.
-template <typename S, int kKind>
+// post.residual, when set, points at this tile's first pixel of its image. kPost: any post step is set (a
+// separate instantiation, so the plain epilogue keeps its tight loop).
+template <typename S, int kKind, bool kPost>
 CANDLE_AVX2 void write_tile_kind(const S* part, int64_t width, const int32_t* base, int64_t npix, int64_t c0,
                                  int64_t ncout, int64_t hw, int32_t* out_i, float* out_f, const float* scale,
                                  const float* shift, const Post& post) {
@@ -578,16 +579,18 @@ CANDLE_AVX2 void write_tile_kind(const S* part, int64_t width, const int32_t* ba
             __asm__("" : "+x"(v));  // no FMA contraction: round the product first, like the reference
           }
           if constexpr (kKind == 3 || kKind == 4) v = _mm256_add_ps(v, _mm256_set1_ps(shift[co]));
-          if (post.residual) {
-            const float* res = post.residual + (co % post.res_channels) * hw + p8;
-            v = _mm256_add_ps(v, np == 8 ? _mm256_loadu_ps(res) : _mm256_maskload_ps(res, mask));
+          if constexpr (kPost) {
+            if (post.residual) {
+              const float* res = post.residual + (co % post.res_channels) * hw + p8;
+              v = _mm256_add_ps(v, np == 8 ? _mm256_loadu_ps(res) : _mm256_maskload_ps(res, mask));
+            }
+            if (post.slope) {
+              __m256 neg = _mm256_mul_ps(v, _mm256_set1_ps(post.slope[co]));
+              __asm__("" : "+x"(neg));  // rounded on its own, like torch.prelu
+              v = _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
+            }
+            if (post.post_shift) v = _mm256_add_ps(v, _mm256_set1_ps(post.post_shift[co]));
           }
-          if (post.slope) {
-            __m256 neg = _mm256_mul_ps(v, _mm256_set1_ps(post.slope[co]));
-            __asm__("" : "+x"(neg));  // rounded on its own, like torch.prelu
-            v = _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
-          }
-          if (post.post_shift) v = _mm256_add_ps(v, _mm256_set1_ps(post.post_shift[co]));
           if (np == 8) {
             _mm256_storeu_ps(out_f + o, v);
           } else {
@@ -604,23 +607,22 @@ CANDLE_AVX2 void write_tile(const S* part, int64_t width, const int32_t* base, i
                             int64_t ncout, int64_t hw, int32_t* out_i, float* out_f, const float* scale,
                             const float* shift, const Post& post) {
   const int kind = out_i ? 0 : 1 + (scale ? 1 : 0) + (shift ? 2 : 0);
+  const bool with_post = post.residual || post.slope || post.post_shift;  // float output only (checked)
+#define CANDLE_WRITE_TILE(K, P) \
+  write_tile_kind<S, K, P>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift, post)
   switch (kind) {
     case 0:
-      return write_tile_kind<S, 0>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift,
-                                         post);
+      return CANDLE_WRITE_TILE(0, false);
     case 1:
-      return write_tile_kind<S, 1>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift,
-                                         post);
+      return with_post ? CANDLE_WRITE_TILE(1, true) : CANDLE_WRITE_TILE(1, false);
     case 2:
-      return write_tile_kind<S, 2>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift,
-                                         post);
+      return with_post ? CANDLE_WRITE_TILE(2, true) : CANDLE_WRITE_TILE(2, false);
     case 3:
-      return write_tile_kind<S, 3>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift,
-                                         post);
+      return with_post ? CANDLE_WRITE_TILE(3, true) : CANDLE_WRITE_TILE(3, false);
     default:
-      return write_tile_kind<S, 4>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift,
-                                         post);
+      return with_post ? CANDLE_WRITE_TILE(4, true) : CANDLE_WRITE_TILE(4, false);
   }
+#undef CANDLE_WRITE_TILE
 }
 
 struct AvxPlan {
