@@ -38,15 +38,16 @@ def _binary_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, channe
     if impl == "triton":
         from candle_ext.triton import binary_conv2d as triton_conv
         return triton_conv.binary_conv2d_packed(x_packed, w_packed, channels, stride, padding, dilation,
-                                                scale, shift, out_dtype)
+                                                scale, shift, out_dtype).contiguous()
     if impl == "cpu":
         out = backend.compiled_module().binary_conv2d_cpu(
             x_packed.contiguous(), w_packed.contiguous(), channels, *args,
             None if scale is None else scale.float().contiguous(),
             None if shift is None else shift.float().contiguous(), 0 if out_dtype is None else 1)
         return out if out_dtype in (None, torch.float32) else out.to(out_dtype)
+    # Contiguous like the fake kernel says, whatever the input layout (torch.compile relies on it).
     return reference.binary_conv2d_packed(x_packed, w_packed, channels, stride, padding, dilation,
-                                          scale, shift, out_dtype)
+                                          scale, shift, out_dtype).contiguous()
 
 
 @_binary_conv2d_packed.register_fake
