@@ -11,7 +11,7 @@ All three are memory-bound, single-pass kernels:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -193,13 +193,14 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _splits(tiles: int, length: int, block: int, device: torch.device, small: bool) -> int:
-    """How many programs share one reduction axis: enough programs to fill the device (about 4 per SM), never
-    more than there are blocks along the axis. One under the interpreter's tile shapes (fewest programs)."""
-    if small:
-        return 1
-    want = max(1, (4 * sm_count(device) + tiles - 1) // tiles)
-    return max(1, min(want, triton.cdiv(length, block)))
+def _splits(tiles: int, length: int, block: int, device: torch.device, small: bool) -> Tuple[int, int]:
+    """(splits, chunk): how many programs share one reduction axis of `length`, each taking `chunk` elements (a
+    multiple of `block`). Enough programs to fill the device (about 4 per SM), never more than there are blocks
+    along the axis; one under the interpreter's tile shapes (fewest programs)."""
+    want = 1 if small else max(1, (4 * sm_count(device) + tiles - 1) // tiles)
+    splits = max(1, min(want, triton.cdiv(length, block)))
+    chunk = triton.cdiv(triton.cdiv(length, splits), block) * block
+    return triton.cdiv(length, chunk), chunk
 
 
 def sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
@@ -221,9 +222,7 @@ def sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.
         block_c = min(128, next_pow2(c))
         block_m = max(1, (8192 if small else 4096) // block_c)
         col_tiles = triton.cdiv(c, block_c)
-        splits = _splits(col_tiles, m, block_m, x.device, small)
-        chunk = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
-        splits = triton.cdiv(m, chunk)
+        splits, chunk = _splits(col_tiles, m, block_m, x.device, small)
         part = torch.empty((splits, c), dtype=acc_torch, device=x.device)
         _ste_bwd_cols_kernel[(col_tiles, splits)](gv, xv, b, gx, part, m, c, chunk, HAS_BIAS=has_bias, ACC=acc,
                                                   BLOCK_M=block_m, BLOCK_C=block_c, num_warps=8)
@@ -238,9 +237,7 @@ def sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.
         block_s = min(1024, next_pow2(s))
         block_r = max(1, (8192 if small else 4096) // block_s)
         row_tiles = triton.cdiv(rows, block_r)
-        splits = _splits(row_tiles, s, block_s, x.device, small)
-        chunk = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
-        splits = triton.cdiv(s, chunk)
+        splits, chunk = _splits(row_tiles, s, block_s, x.device, small)
         part = torch.empty((splits, rows), dtype=acc_torch, device=x.device)
         _ste_bwd_rows_kernel[(row_tiles, splits)](gc, xc, b, gx, part, rows, c, s, chunk, HAS_BIAS=has_bias,
                                                   ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, num_warps=8)
