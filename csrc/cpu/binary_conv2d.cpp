@@ -783,9 +783,9 @@ void conv_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const
 bool use_avx2() {
 #ifdef CANDLE_HAVE_AVX2_PATH
   static const bool supported = __builtin_cpu_supports("avx2");
-  return supported && !portable_isa_forced();
+  return avx2_path(supported);
 #else
-  return false;
+  return avx2_path(false);  // still refuses an unknown CANDLE_EXT_CPU_ISA
 #endif
 }
 
@@ -836,7 +836,7 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_pac
   int32_t* oi = out_kind == 0 ? out.data_ptr<int32_t>() : nullptr;
   float* of = out_kind == 1 ? out.data_ptr<float>() : nullptr;
 #ifdef CANDLE_HAVE_AVX2_PATH
-  if (use_avx2()) {
+  if (use_avx2() && padded_copy_is_modest(g)) {
     conv_avx2(g, channels, x, w, sc, sh, oi, of, post);
     return out;
   }

@@ -221,9 +221,9 @@ bool pack_avx2(const PackJob& j, bool nhwc) {
 bool use_avx2() {
 #ifdef CANDLE_HAVE_AVX2_PATH
   static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return supported && !portable_isa_forced();
+  return avx2_path(supported);
 #else
-  return false;
+  return avx2_path(false);  // still refuses an unknown CANDLE_EXT_CPU_ISA
 #endif
 }
 
