@@ -96,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="student state_dict (repeatable); the first is the main model")
     sp.add_argument("--baseline", help="NAME of the checkpoint to plot per-class gains against")
     sp.add_argument("--log", help="distillation JSONL log for the lambda plot")
+    sp = sub.add_parser("compare", help="every method x every seed on the same teacher and data -> "
+                                        "OUT/results.md, results.json, lambda curves, bar chart (resumable)")
+    common(sp)
+    sp.add_argument("--methods", nargs="+", default=["all"], metavar="M",
+                    help="modes (optionally MODE@single / MODE@multi for the teacher kind) or presets: "
+                         "baselines, ladder, all (default)")
+    sp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S", help="default: 0 1 2")
     sp = sub.add_parser("config", help="print the configuration a command would run with (YAML)")
     common(sp)
     sp = sub.add_parser("export", help="freeze a student into its packed 1-bit form (save_packed)")
@@ -124,6 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     `candle: error: ...` on stderr and returns 2 (--debug prints the traceback and re-raises)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         cfg = load_config(args.config, args.set, _shortcuts(args))
         if args.command == "config":
@@ -147,6 +155,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _dispatch(args, cfg: Config) -> int:
     from candle_ext.train import pipeline
     from candle_ext.train.distributed import distributed
+    if args.command == "compare":
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise ValueError("candle compare runs in one process; start it without torchrun")
+        return _compare(args, cfg)
     if args.command == "export":
         if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun: one writer is enough
             return 0
@@ -187,6 +199,14 @@ def _run(args, cfg: Config, ctx) -> int:
     elif args.command == "demo":
         pipeline.demo(ctx, resume=args.resume)
     return 0
+
+
+def _compare(args, cfg: Config) -> int:
+    from candle_ext.train.compare import compare
+    command = "candle " + " ".join(sys.argv[1:]) if args.argv is None else "candle " + " ".join(args.argv)
+    rep = compare(cfg, args.methods, args.seeds, command, log=lambda m: print(m, flush=True))  # a line per run
+    print(open(os.path.join(cfg.out_dir, "results.md")).read(), end="")
+    return 0 if rep["summary"] else 1
 
 
 def _label_only_data(cfg: Config):

@@ -257,3 +257,43 @@ def test_resume_after_sigkill_matches_uninterrupted(workspace, tmp_path):
     b = json.load(open(dirs["killed"] / "r_report.json"))
     assert a["test"]["per_class"] == b["test"]["per_class"] and a["history"] == b["history"]
     assert open(dirs["full"] / "r.jsonl").read() == open(dirs["killed"] / "r.jsonl").read()
+
+
+def test_compare_runs_every_method_and_seed_and_resumes(workspace, tmp_path, capsys):
+    root, cfg = workspace
+    out = tmp_path / "cmp"
+    argv = ["compare", "--config", str(cfg), "--out", str(out), "--set", "distill.epochs=1",
+            "--methods", "scratch", "tau_norm", "kd", "adversarial", "fixed@single", "--seeds", "0", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("seed 0:") == 5 and printed.count("seed 1:") == 5
+    assert "tau_norm seed 0" in printed and "from the scratch run" in printed
+    res = json.load(open(out / "results.json"))
+    assert set(res["summary"]) == {"scratch", "tau_norm", "kd", "adversarial", "fixed@single"}
+    for label, s in res["summary"].items():
+        assert s["seeds"] == [0, 1] and set(s["mean"]) == {"top1", "head", "medium", "tail"}
+        top1 = [s["runs"][k]["top1"] for k in ("0", "1")]
+        assert s["mean"]["top1"] == pytest.approx(np.mean(top1))
+        assert s["std"]["top1"] == pytest.approx(np.std(top1, ddof=1))
+    assert len(res["teachers"]) == 2  # multi- and single-resolution, each calibrated once
+    assert res["verdict"]["main"] == "adversarial"
+    md = (out / "results.md").read_text()
+    assert "| adversarial |" in md and "+-" in md and "Command: `candle compare" in md
+    for png in ("lambda_curves.png", "top1_bars.png"):
+        assert (out / png).stat().st_size > 1000
+    # The tau-normalised classifier of the scratch run: unit-norm rows.
+    sd = torch.load(out / "runs" / "tau_norm_s0" / "tau_norm_student.pt", weights_only=True)
+    assert torch.allclose(sd["classifier.fc.weight"].norm(dim=1), torch.ones(4), atol=1e-5)
+    # Run again: nothing is trained twice.
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.count("done before") == 10
+    assert json.load(open(out / "results.json"))["summary"] == res["summary"]
+
+
+@pytest.mark.parametrize("methods, match", [(["nope"], "unknown method 'nope'"),
+                                            (["kd@triple"], "@single or @multi")])
+def test_compare_rejects_unknown_methods(workspace, tmp_path, methods, match, capsys):
+    root, cfg = workspace
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "c"), "--methods", *methods]) == 2
+    assert re.search(match, capsys.readouterr().err)

@@ -14,7 +14,9 @@ from candle_ext.models import reactnet_a
 from candle_ext.nn import MultiResolutionTeacher
 from candle_ext.train import (AdversarialBalancer, build_distill_parts, distill_step, feature_similarity_loss,
                               kl_loss, label_aware_epsilons, label_aware_smoothing_loss, load_teacher)
-from candle_ext.train.losses import pool
+from candle_ext.train.balancer import make_phi_optimizer
+from candle_ext.train.losses import (balanced_softmax_loss, dive_loss, log_prior, logit_adjusted_loss, pool,
+                                     tau_normalize_)
 
 NUM_CLASSES = 4
 
@@ -250,3 +252,157 @@ def test_offline_teacher_features_beat_random_on_fashion_mnist():
     acc_pre, acc_rnd = ncm_accuracy(pre), ncm_accuracy(rnd)
     # measured: 0.52 pretrained vs 0.38 random (chance 0.10)
     assert acc_pre > 0.45 and acc_pre > acc_rnd + 0.08, (acc_pre, acc_rnd)
+
+
+# ---------------------------------------------------------------------------------- adversarial balancer
+
+
+def _balancer_run(stream, update="natural", lr=0.02, tau=0.1, seed=0):
+    """lambda per step when phi ascends on a given stream of (K, F) loss values (what distill_step does)."""
+    torch.manual_seed(seed)
+    bal = AdversarialBalancer(update, tau)
+    opt = make_phi_optimizer(bal, lr)
+    lams = []
+    for k, f in stream:
+        lam = bal(torch.tensor(k), torch.tensor(f))
+        opt.zero_grad()
+        bal.ascent_objective().backward()
+        opt.step()
+        lams.append(float(lam.detach()))
+    return np.array(lams)
+
+
+def _swapping_stream(steps, seed=0):
+    """K below F, then above, then below again, with batch noise on both."""
+    rng = np.random.default_rng(seed)
+    k = np.concatenate([np.full(steps, 0.3), np.full(steps, 0.9), np.full(steps, 0.3)]) + rng.normal(0, .05, 3 * steps)
+    f = np.full(3 * steps, 0.6) + rng.normal(0, 0.05, 3 * steps)
+    return list(zip(k, f))
+
+
+def test_balancer_follows_the_larger_loss_and_comes_back():
+    lam = _balancer_run(_swapping_stream(300))
+    target = 1 / (1 + math.exp(-0.3 / 0.1))  # sigmoid((F - K) / tau) with |F - K| = 0.3
+    assert lam[299] > 0.9 and abs(lam[299] - target) < 0.05  # F > K: toward F
+    assert lam[599] < 0.1 and abs(lam[599] - (1 - target)) < 0.05  # swapped: back down, to the mirror value
+    assert lam[899] > 0.9
+    # It follows within a bounded number of steps after each swap, and moves smoothly (no jumps).
+    assert np.argmax(lam[300:] < 0.5) < 150 and np.argmax(lam[600:] > 0.5) < 150
+    assert np.abs(np.diff(lam)).max() < 0.05
+
+
+def test_balancer_stays_off_the_rails_for_a_demo_length_run():
+    # Loss values shaped like the demo's (480 steps): KL starts near 3.7 and falls fast to ~0.2, FS starts near
+    # 1 and falls slowly to ~0.22. lambda first leans to KL, then to FS while FS is the larger, then back
+    # toward the middle as the two meet, and never comes near 0 or 1.
+    rng = np.random.default_rng(1)
+    stream = [(0.2 + 3.5 * math.exp(-i / 15) + rng.normal(0, 0.03), 0.22 + 0.78 * math.exp(-i / 150) +
+               rng.normal(0, 0.02)) for i in range(480)]
+    lam = _balancer_run(stream)
+    assert 0.05 < lam.min() and lam.max() < 0.95
+    assert lam[:30].mean() < 0.5 < lam[100:200].mean()
+    assert lam[-1] < lam[100:200].max()  # the gap closes, lambda comes back toward 0.5
+    assert np.abs(np.diff(lam)).max() < 0.05  # no jumps: a few hundredths per step at the most
+
+
+def test_plain_ascent_saturates_and_locks():
+    """Alg. 1 as written (update 'sgd' or 'adam' on L) at rates that move lambda: after 2000 steps with F > K it
+    is saturated, and 500 steps after the order flips it is still on the wrong rail; the natural update comes
+    back within 100 steps. This is why 'natural' is the default."""
+    stream = [(0.3, 0.9)] * 2000 + [(0.9, 0.3)] * 500
+    natural = _balancer_run(stream, "natural", lr=0.02)
+    for update, lr in (("sgd", 0.1), ("adam", 1e-2)):
+        plain = _balancer_run(stream, update, lr=lr)
+        assert plain[1999] > 1 - 1e-3 and plain[-1] > 0.99, update
+    assert natural[1999] > 0.99 and np.argmax(natural[2000:] < 0.5) < 100 and natural[-1] < 0.01
+
+
+def test_balancer_objective_and_errors():
+    bal = AdversarialBalancer("natural", 0.5)
+    with pytest.raises(RuntimeError, match="before"):
+        bal.ascent_objective()
+    k, f = torch.tensor(0.2), torch.tensor(0.7)
+    lam = bal(k, f)
+    z = torch.logit(lam)
+    assert float(bal.ascent_objective()) == pytest.approx(float(z * 0.5 - 0.25 * z * z), rel=1e-5)
+    plain = AdversarialBalancer("sgd")
+    lam = plain(k, f)
+    assert float(plain.ascent_objective()) == pytest.approx(float((1 - lam) * k + lam * f), rel=1e-6)
+    with pytest.raises(ValueError, match="update"):
+        AdversarialBalancer("rmsprop")
+    with pytest.raises(ValueError, match="tau"):
+        AdversarialBalancer("natural", 0)
+
+
+# ----------------------------------------------------------------------------------- long-tailed baselines
+
+
+def test_logit_adjusted_and_balanced_softmax():
+    counts = [100, 10, 1]
+    lp = log_prior(counts)
+    assert torch.allclose(lp.exp().sum(), torch.tensor(1.0))
+    logits, y = torch.tensor([[2.0, 1.0, 0.5], [0.1, 0.2, 0.3]]), torch.tensor([0, 2])
+    manual = F.cross_entropy(logits + torch.log(torch.tensor([100 / 111, 10 / 111, 1 / 111])), y)
+    assert float(logit_adjusted_loss(logits, y, lp, 1.0)) == pytest.approx(float(manual), rel=1e-5)
+    assert float(balanced_softmax_loss(logits, y, lp)) == pytest.approx(float(manual), rel=1e-5)
+    # Balanced Softmax is the count-weighted softmax: p_y = n_y e^z_y / sum_j n_j e^z_j
+    n = torch.tensor(counts, dtype=torch.float32)
+    p = (n * logits.exp()) / (n * logits.exp()).sum(1, keepdim=True)
+    assert float(balanced_softmax_loss(logits, y, lp)) == pytest.approx(float(-p[[0, 1], y].log().mean()), rel=1e-5)
+    assert float(logit_adjusted_loss(logits, y, lp, 0.0)) == pytest.approx(float(F.cross_entropy(logits, y)))
+    # A tail label gets a larger loss than under plain CE, a head label a smaller one.
+    assert float(logit_adjusted_loss(logits[1:], y[1:], lp)) > float(F.cross_entropy(logits[1:], y[1:]))
+    assert float(logit_adjusted_loss(logits[:1], y[:1], lp)) < float(F.cross_entropy(logits[:1], y[:1]))
+    with pytest.raises(ValueError, match="positive"):
+        log_prior([3, 0, 1])
+
+
+def test_dive_loss_parts():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(4, 3), torch.randn(4, 3) * 3, torch.tensor([0, 1, 2, 0])
+    lp = log_prior([50, 5, 1])
+    assert float(dive_loss(s, t, y, lp, alpha=0.0)) == pytest.approx(float(balanced_softmax_loss(s, y, lp)), rel=1e-5)
+    # alpha = 1: pure distillation to the power-flattened teacher, zero when the student matches it exactly
+    p = F.softmax(t / 3.0, 1).pow(0.5)
+    q = p / p.sum(1, keepdim=True)
+    matching = 3.0 * q.log()
+    assert float(dive_loss(matching, t, y, lp, alpha=1.0)) == pytest.approx(0.0, abs=1e-5)
+    assert float(dive_loss(s, t, y, lp, alpha=1.0)) > 0.01
+
+
+def test_tau_normalization():
+    lin = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[3.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0.5, 0.5]]))
+        lin.bias.copy_(torch.tensor([0.3, 0.1, 0.2]))
+    x = torch.randn(5, 4)
+    before = lin(x)
+    norms = lin.weight.norm(dim=1)
+    tau_normalize_(lin, 1.0)
+    assert torch.allclose(lin.weight.norm(dim=1), torch.ones(3), atol=1e-6)
+    assert torch.allclose(lin(x), before / norms, atol=1e-6)
+    lin2 = torch.nn.Linear(4, 3)
+    w = lin2.weight.detach().clone()
+    tau_normalize_(lin2, 0.0)
+    assert torch.equal(lin2.weight, w)
+
+
+@pytest.mark.parametrize("mode", ["kd", "dive", "ce_balanced", "balanced_softmax", "logit_adjusted", "tau_norm"])
+def test_baseline_modes_step(mode):
+    student, x, y, tl, tf = _student_and_batch(4)
+    ref = copy.deepcopy(student)
+    lp = log_prior([5, 3, 2, 1])
+    parts = build_distill_parts(student, mode, lr=1e-3, log_prior=lp)
+    out = distill_step(parts, x, y, tl, tf)
+    assert "lambda" not in out and math.isfinite(out["loss"])
+    logits = ref(x)
+    expect = {"kd": lambda: kl_loss(tl, logits), "dive": lambda: dive_loss(logits, tl, y, lp),
+              "balanced_softmax": lambda: balanced_softmax_loss(logits, y, lp),
+              "logit_adjusted": lambda: logit_adjusted_loss(logits, y, lp)}.get(mode, lambda: F.cross_entropy(logits, y))
+    assert out["loss"] == pytest.approx(float(expect()), rel=1e-4)
+    # one objective: the classifier's gradient is that loss's
+    for p, g in zip(student.classifier.parameters(), _grads(ref, expect(), list(ref.classifier.parameters()))):
+        assert torch.allclose(p.grad, g, atol=1e-6)
+    if mode in ("kd", "dive"):
+        with pytest.raises(ValueError, match="teacher_logits"):
+            distill_step(parts, x, y)

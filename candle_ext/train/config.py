@@ -79,10 +79,11 @@ class DistillConfig:
     epochs: int = _spec(20, lo=1, hi=100_000)
     batch_size: int = _spec(64, lo=2, hi=1_000_000)
     lr: float = _spec(0.005, lo=0.0, hi=10.0, lo_open=True)
-    phi_lr: Optional[float] = _spec(None, lo=0.0, hi=10.0, lo_open=True, doc="balancer step size (null: lr)")
-    phi_update: str = _spec("sgd", choices=UPDATES, doc="balancer ascent: sgd (Alg. 1's plain ascent) or adam")
-    logit_bound: Optional[float] = _spec(3.0, lo=0.0, hi=49.0, lo_open=True,
-                                         doc="|balancer logit| bound (null: unbounded, lambda can lock)")
+    phi_lr: Optional[float] = _spec(0.02, lo=0.0, hi=10.0, lo_open=True, doc="balancer step size (null: lr)")
+    phi_update: str = _spec("natural", choices=UPDATES, doc="balancer ascent (train/balancer.py): natural, "
+                                                            "or sgd / adam on L (Alg. 1 as written)")
+    phi_tau: float = _spec(0.1, lo=0.0, hi=100.0, lo_open=True,
+                           doc="natural update: entropy weight; lambda settles at sigmoid((F - K) / tau)")
     fixed_lambda: float = _spec(0.5, lo=0.0, hi=1.0)
     temperature: float = _spec(1.0, lo=0.0, hi=100.0, lo_open=True)
     la_tau: float = _spec(1.0, lo=0.0, hi=10.0, doc="logit_adjusted: weight of the log prior")

@@ -93,12 +93,12 @@ def _cosine(opt: torch.optim.Optimizer, total_steps: int):
 def build_distill_parts(student: nn.Module, mode: str = "adversarial", lr: float = 0.01,
                         phi_lr: Optional[float] = None, total_steps: int = 1, fixed_lambda: float = 0.5,
                         temperature: float = 1.0, balancer: Optional[AdversarialBalancer] = None,
-                        phi_update: str = "sgd", log_prior: Optional[torch.Tensor] = None, la_tau: float = 1.0,
+                        log_prior: Optional[torch.Tensor] = None, la_tau: float = 1.0,
                         dive_alpha: float = 0.5, dive_temperature: float = 3.0) -> DistillParts:
     """Adam (weight decay 0) for classifier and encoder with a cosine schedule over total_steps; for CANDLE
-    (mode 'adversarial') the balancer's ascent optimizer (phi_update: 'sgd' = Alg. 1's plain ascent, or 'adam')
-    at the constant rate phi_lr (default lr): a decaying rate would freeze lambda wherever it is late in
-    training instead of letting it follow the losses."""
+    (mode 'adversarial') the balancer (default: AdversarialBalancer()) and its ascent optimizer at the constant
+    rate phi_lr (default lr): a decaying rate would freeze lambda wherever it is late in training instead of
+    letting it follow the losses."""
     if mode not in METHODS:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 0.0 <= fixed_lambda <= 1.0:
@@ -113,7 +113,7 @@ def build_distill_parts(student: nn.Module, mode: str = "adversarial", lr: float
                          dive_temperature=dive_temperature)
     if mode == "adversarial":
         parts.balancer = balancer if balancer is not None else AdversarialBalancer()
-        parts.opt_phi = make_phi_optimizer(parts.balancer, phi_update, phi_lr if phi_lr is not None else lr)
+        parts.opt_phi = make_phi_optimizer(parts.balancer, phi_lr if phi_lr is not None else lr)
     parts.schedulers = [_cosine(o, total_steps) for o in (parts.opt_cls, parts.opt_enc)]
     return parts
 
@@ -144,7 +144,6 @@ def _step(parts: DistillParts) -> None:
     parts.opt_cls.step()
     if parts.opt_phi is not None:
         parts.opt_phi.step()
-        parts.balancer.project_()
     parts.opt_enc.step()
     for s in parts.schedulers:
         s.step()
@@ -181,18 +180,15 @@ def distill_step(parts: DistillParts, x: torch.Tensor, y: torch.Tensor,
     else:
         k = kl_loss(teacher_logits, logits, parts.temperature)
         cls_loss = k  # Alg. 1: the classifier descends on K only
-        lam = parts.balancer(k, fs) if mode == "adversarial" else torch.tensor(parts.fixed_lambda)
+        lam = parts.balancer(k, fs).detach() if mode == "adversarial" else torch.tensor(parts.fixed_lambda)
         enc_loss = (1.0 - lam) * k + lam * fs
         out["kl"] = float(k.detach())
     # Classifier: gradient of its own loss with respect to classifier weights only.
     _assign(cls_p, torch.autograd.grad(cls_loss, cls_p, retain_graph=True, allow_unused=True))
-    if mode == "adversarial":
+    _assign(enc_p, torch.autograd.grad(enc_loss, enc_p, allow_unused=True))
+    if mode == "adversarial":  # phi ascends its objective for this step's K and F (balancer.py)
         phi = list(parts.balancer.parameters())
-        g = torch.autograd.grad(enc_loss, enc_p + phi, allow_unused=True)
-        _assign(enc_p, g[:len(enc_p)])
-        _assign(phi, g[len(enc_p):])
-    else:
-        _assign(enc_p, torch.autograd.grad(enc_loss, enc_p, allow_unused=True))
+        _assign(phi, torch.autograd.grad(parts.balancer.ascent_objective(), phi, allow_unused=True))
     _step(parts)
     out.update(fs=float(fs.detach()), loss=float(enc_loss.detach()), **{"lambda": float(lam.detach())})
     return out

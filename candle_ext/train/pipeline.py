@@ -217,7 +217,7 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
                               labels[i].to(ctx.device), eps)
 
     history = fit(ctx.out, "calibrate", epochs, sampler, lbs, step,
-                  {"head": _HeadState(teacher), "opt": opt, "sched": sched}, resume, None, ctx.progress,
+                  {"head": _HeadState(teacher, os.path.join(ctx.out, "calibrate_last.pt")), "opt": opt, "sched": sched}, resume, None, ctx.progress,
                   stop_after_steps, ctx.dist)
     if ctx.dist.is_main:
         save_teacher(teacher, ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"))
@@ -232,14 +232,21 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
 class _HeadState:
     """state_dict of the teacher's trainable head only (the frozen encoder is rebuilt, never saved)."""
 
-    def __init__(self, teacher: MultiResolutionTeacher):
-        self.t = teacher
+    def __init__(self, teacher: MultiResolutionTeacher, source: str = "checkpoint"):
+        self.t, self.source = teacher, source
 
     def state_dict(self):
         return {k: v for k, v in self.t.state_dict().items() if not k.startswith("encoder.")}
 
     def load_state_dict(self, sd):
-        self.t.load_state_dict(sd, strict=False)
+        mine = self.state_dict()
+        missing, unexpected = sorted(set(mine) - set(sd)), sorted(set(sd) - set(mine))
+        wrong = sorted(k for k in set(mine) & set(sd) if tuple(mine[k].shape) != tuple(sd[k].shape))
+        if missing or unexpected or wrong:
+            raise ValueError(f"{self.source}: the calibration checkpoint does not fit this teacher head: missing "
+                             f"{missing}, unexpected {unexpected}, shape mismatch {wrong} (was it written with "
+                             "other teacher resolutions or another student width?)")
+        self.t.load_state_dict(sd, strict=False)  # the frozen encoder is not in the checkpoint
 
 
 @torch.no_grad()
@@ -276,8 +283,8 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
     counts = np.bincount(ctx.train.labels, minlength=ctx.num_classes)
     prior = log_prior(counts).to(ctx.device) if counts.min() > 0 else None
     parts = build_distill_parts(student, mode, d.lr, d.phi_lr, steps, d.fixed_lambda, d.temperature,
-                                SyncedBalancer(ctx.dist, d.logit_bound) if mode == "adversarial" else None,
-                                phi_update=d.phi_update, log_prior=prior, la_tau=d.la_tau,
+                                SyncedBalancer(ctx.dist, d.phi_update, d.phi_tau) if mode == "adversarial" else
+                                None, log_prior=prior, la_tau=d.la_tau,
                                 dive_alpha=d.dive_alpha, dive_temperature=d.dive_temperature)
     if parts.balancer is not None:
         parts.balancer.to(ctx.device)

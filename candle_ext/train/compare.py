@@ -1,0 +1,268 @@
+"""`candle compare`: every method x every seed on the same data, teacher and student, with mean +- std.
+
+The teacher is calibrated once per teacher kind (multi-resolution, single-resolution) and its frozen encoder
+features are computed once per kind; every run reuses them. Runs are independent folders under OUT/runs/, and
+a finished run (its report.json) is never trained again, so an interrupted comparison continues where it
+stopped (an unfinished run resumes from its last epoch checkpoint). Outputs: OUT/results.json, OUT/results.md,
+OUT/lambda_curves.png and OUT/top1_bars.png.
+
+A method is named MODE (a key of distill.METHODS, with the configuration's teacher) or MODE@single /
+MODE@multi (the same with a single- or multi-resolution teacher): the paper's Table 3 ladder is
+feature@single, fixed@single, adversarial@single, adversarial@multi.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from candle_ext.train import checkpoint
+from candle_ext.train.config import Config
+from candle_ext.train.distill import METHODS
+from candle_ext.train.evaluate import write_json
+from candle_ext.train.losses import tau_normalize_
+
+PRESETS: Dict[str, List[str]] = {
+    "baselines": ["scratch", "ce_balanced", "balanced_softmax", "logit_adjusted", "tau_norm", "kd", "dive"],
+    "ladder": ["feature@single", "fixed@single", "adversarial@single", "adversarial@multi"],
+}
+PRESETS["all"] = PRESETS["baselines"] + ["fixed", "adversarial"] + PRESETS["ladder"][:3]
+CANDLE = "adversarial"  # CANDLE itself: the adversarial mode with the configuration's (multi-res) teacher
+GROUPS = ("top1", "head", "medium", "tail")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    label: str
+    mode: str
+    multires: Optional[bool]  # None: the configuration's teacher.multires
+
+
+def parse_method(name: str) -> Variant:
+    """'kd' -> Variant('kd', 'kd', None); 'fixed@single' -> Variant('fixed@single', 'fixed', False)."""
+    if not isinstance(name, str):
+        raise ValueError(f"a method is a string, got {name!r}")
+    mode, _, kind = name.partition("@")
+    if mode not in METHODS:
+        raise ValueError(f"unknown method {name!r}: the modes are {', '.join(METHODS)}, optionally with @single "
+                         f"or @multi; presets: {', '.join(PRESETS)}")
+    if kind not in ("", "single", "multi"):
+        raise ValueError(f"method {name!r}: the teacher suffix must be @single or @multi, got @{kind}")
+    return Variant(name, mode, {"": None, "single": False, "multi": True}[kind])
+
+
+def expand(methods: Sequence[str]) -> List[Variant]:
+    """Method names and preset names -> variants, in order, without repeats."""
+    out: List[Variant] = []
+    for m in methods:
+        for name in PRESETS.get(m, [m]):
+            v = parse_method(name)
+            if v.label not in [o.label for o in out]:
+                out.append(v)
+    if not out:
+        raise ValueError("no methods given: name modes or presets")
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarize(results: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Dict[str, object]]:
+    """Per method: the per-seed figures, and mean and sample standard deviation of each group."""
+    out = {}
+    for label, runs in results.items():
+        seeds = sorted(runs)
+        out[label] = {"seeds": seeds, "runs": {str(s): {g: runs[s][g] for g in GROUPS} for s in seeds},
+                      "mean": {}, "std": {}}
+        for g in GROUPS:
+            out[label]["mean"][g], out[label]["std"][g] = _mean_std([runs[s][g] for s in seeds])
+    return out
+
+
+def verdict(summary: Dict[str, Dict[str, object]], main: str = CANDLE) -> Optional[Dict[str, object]]:
+    """CANDLE against the best other method by mean top-1: the margin, and whether it exceeds two standard
+    deviations of either (the bar the project set itself)."""
+    if main not in summary:
+        return None
+    others = {k: v for k, v in summary.items() if k != main and not k.startswith(main + "@")}
+    if not others:
+        return None
+    best = max(others, key=lambda k: others[k]["mean"]["top1"])
+    m, b = summary[main], others[best]
+    margin = m["mean"]["top1"] - b["mean"]["top1"]
+    bar = 2 * max(m["std"]["top1"], b["std"]["top1"])
+    return {"main": main, "best_other": best, "margin": margin, "two_std": bar, "beats_by_two_std": margin > bar}
+
+
+def markdown(summary: Dict[str, Dict[str, object]], teachers: Dict[str, Dict[str, float]],
+             command: str) -> str:
+    lines = ["| method | top-1 | head | medium | tail | seeds |", "|---|---|---|---|---|---|"]
+    for label, t in teachers.items():
+        lines.append(f"| teacher ({label}, FP, calibrated) | " + " | ".join(f"{t[g]:.2f}" for g in GROUPS) + " | - |")
+    for label, s in sorted(summary.items(), key=lambda kv: -kv[1]["mean"]["top1"]):
+        cells = [f"{s['mean'][g]:.2f} +- {s['std'][g]:.2f}" for g in GROUPS]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(s['seeds'])} |")
+    lines.append("")
+    lines.append("Per seed, top-1: " + "; ".join(
+        f"{label} " + ", ".join(f"{s['runs'][str(k)]['top1']:.2f}" for k in s["seeds"])
+        for label, s in summary.items()))
+    v = verdict(summary)
+    if v is not None:
+        lines.append("")
+        lines.append(f"CANDLE ({v['main']}) minus the best other method ({v['best_other']}): {v['margin']:+.2f} "
+                     f"points of mean top-1; two standard deviations: {v['two_std']:.2f}; "
+                     f"{'beats it by more' if v['beats_by_two_std'] else 'does NOT beat it by more'}.")
+    lines += ["", f"Command: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out: str, summary, lambda_logs: Dict[str, List[str]]) -> Dict[str, str]:
+    from candle_ext.train.evaluate import _plt
+    plt = _plt()
+    files = {}
+    if lambda_logs:
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        for label, paths in lambda_logs.items():
+            for i, path in enumerate(paths):
+                lam = [json.loads(l)["lambda"] for l in open(path) if '"lambda"' in l]
+                ax.plot(lam, color=f"C{list(lambda_logs).index(label)}", alpha=0.8, linewidth=1,
+                        label=label if i == 0 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("lambda (weight of FS)")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        fig.tight_layout()
+        files["lambda"] = os.path.join(out, "lambda_curves.png")
+        fig.savefig(files["lambda"], dpi=110)
+        plt.close(fig)
+    labels = sorted(summary, key=lambda k: -summary[k]["mean"]["top1"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4))
+    width = 0.2
+    for j, g in enumerate(GROUPS):
+        ax.bar(np.arange(len(labels)) + (j - 1.5) * width, [summary[k]["mean"][g] for k in labels], width,
+               yerr=[summary[k]["std"][g] for k in labels], capsize=2, label=g)
+    ax.set_xticks(np.arange(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%), mean +- std over seeds")
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    files["bars"] = os.path.join(out, "top1_bars.png")
+    fig.savefig(files["bars"], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: str = "candle compare",
+            log=print) -> Dict[str, object]:
+    """Run every method for every seed (skipping finished runs) and write the results into cfg.out_dir."""
+    from candle_ext.train import pipeline  # the engine; imported here to keep this module light to import
+
+    variants = expand(methods)
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
+    out = cfg.out_dir
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    base = pipeline.Context(cfg.replace(progress=False))
+    train, test = base.train, base.test
+
+    teachers: Dict[bool, object] = {}
+    caches: Dict[bool, List[torch.Tensor]] = {}
+    teacher_reports: Dict[str, Dict[str, float]] = {}
+
+    def kind_of(v: Variant) -> bool:
+        return cfg.teacher.multires if v.multires is None else v.multires
+
+    def teacher_for(multires: bool):
+        """(calibrated teacher, encoder feature cache) for one teacher kind, calibrated once."""
+        if multires not in teachers:
+            kind = "multi" if multires else "single"
+            tdir = os.path.join(out, f"teacher_{kind}")
+            ctx = pipeline.Context(cfg.replace(**{"out_dir": tdir, "teacher.multires": multires,
+                                                  "progress": False}), train, test)
+            path = os.path.join(tdir, "teacher.pt")
+            t0 = time.time()
+            if os.path.exists(os.path.join(tdir, "teacher_report.json")):
+                teacher = pipeline.load_calibrated_teacher(ctx.cfg.teacher, path)
+                teacher = teacher.to(ctx.device).eval()
+                cache = pipeline.encode_dataset(teacher, train, cfg.calibrate.batch_size, ctx.device)
+                rep = json.load(open(os.path.join(tdir, "teacher_report.json")))
+            else:
+                teacher, rep, cache = pipeline.calibrate(ctx, resume=True)
+                rep = {g: rep["test"][g] for g in GROUPS}
+                write_json(rep, os.path.join(tdir, "teacher_report.json"))
+            teachers[multires], caches[multires] = teacher, cache
+            teacher_reports[f"{kind}-resolution {ctx.res}"] = rep
+            log(f"teacher ({kind}-resolution {ctx.res}): top-1 {rep['top1']:.2f} ({time.time() - t0:.0f}s)")
+        return teachers[multires], caches[multires]
+
+    # tau_norm is the CE run with its classifier normalised afterwards: derive it from scratch's run when both
+    # train the same way, instead of training twice.
+    order = sorted(variants, key=lambda v: v.mode == "tau_norm")
+    total = len(order) * len(seeds)
+    results: Dict[str, Dict[int, Dict[str, float]]] = {v.label: {} for v in variants}
+    lambda_logs: Dict[str, List[str]] = {}
+    done = 0
+    for seed in seeds:
+        for v in order:
+            done += 1
+            run_dir = os.path.join(out, "runs", f"{v.label.replace('@', '-')}_s{seed}")
+            rep_path = os.path.join(run_dir, "report.json")
+            t0 = time.time()
+            if os.path.exists(rep_path):
+                test_rep = json.load(open(rep_path))["test"]
+                how = "done before"
+            else:
+                multires = kind_of(v)
+                run_cfg = cfg.replace(**{"seed": seed, "out_dir": run_dir, "teacher.multires": multires,
+                                         "progress": False})
+                ctx = pipeline.Context(run_cfg, train, test)
+                scratch_dir = os.path.join(out, "runs", f"scratch_s{seed}")
+                if (v.mode == "tau_norm" and cfg.distill.scratch_sampler == "random"
+                        and os.path.exists(os.path.join(scratch_dir, "report.json"))):
+                    student = pipeline.load_student(ctx, os.path.join(scratch_dir, "scratch_student.pt"))
+                    tau_normalize_(student.classifier.fc, cfg.distill.tau_norm)
+                    rep = {"mode": "tau_norm", "derived_from": scratch_dir,
+                           "test": pipeline.evaluate_student(ctx, student)}
+                    checkpoint.save_atomic(student.state_dict(), os.path.join(run_dir, "tau_norm_student.pt"))
+                    how = "from the scratch run"
+                else:
+                    teacher = cache = None
+                    method = METHODS[v.mode]
+                    if method.teacher == "calibrated":
+                        teacher, cache = teacher_for(multires)
+                    elif method.teacher == "pretrained":
+                        cache = teacher_for(multires)[1]  # the frozen encoder's features are the same
+                        teacher = pipeline.build_teacher(run_cfg.teacher, ctx.num_classes, ctx.student_channels(),
+                                                         cfg.seed)
+                    _, rep = pipeline.distill(ctx, v.mode, teacher, cache, name=v.mode, resume=True)
+                    how = f"{rep['train_seconds']:.0f}s"
+                write_json(rep, rep_path)
+                test_rep = rep["test"]
+            results[v.label][seed] = {g: test_rep[g] for g in GROUPS}
+            if v.mode == "adversarial":
+                lambda_logs.setdefault(v.label, []).append(os.path.join(run_dir, "adversarial.jsonl"))
+            log(f"[{done}/{total}] {v.label} seed {seed}: top-1 {test_rep['top1']:.2f} (head {test_rep['head']:.1f}, "
+                f"medium {test_rep['medium']:.1f}, tail {test_rep['tail']:.1f}; {how}, {time.time() - t0:.0f}s)")
+    for multires in sorted({kind_of(v) for v in variants if METHODS[v.mode].teacher == "calibrated"}):
+        teacher_for(multires)  # every calibrated teacher kind in the table, even when all its runs were done
+    summary = summarize(results)
+    plots = _plots(out, summary, {k: [p for p in ps if os.path.exists(p)] for k, ps in lambda_logs.items()})
+    report = {"command": command, "config": cfg.to_dict(), "methods": [v.label for v in variants], "seeds": seeds,
+              "teachers": teacher_reports, "summary": summary, "verdict": verdict(summary), "plots": plots,
+              "train_size": len(train), "test_size": len(test),
+              "train_counts": np.bincount(train.labels, minlength=train.num_classes).tolist(),
+              "groups": base.groups}
+    write_json(report, os.path.join(out, "results.json"))
+    table = markdown(summary, teacher_reports, command)
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(table)
+    return report
