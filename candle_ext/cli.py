@@ -30,14 +30,25 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def presets() -> List[str]:
+    """The configuration files shipped in candle_ext/configs/ (usable as --config NAME)."""
+    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml")) if os.path.isdir(PRESET_DIR) else []
+
+
 def load_config(path: Optional[str] = None, sets: Optional[List[str]] = None, extra: Optional[dict] = None
                 ) -> Config:
-    """The defaults (candle_ext/train/config.py), overlaid with the YAML/JSON file `path`, the --set items and
-    `extra` (the shortcut flags), validated: ValueError names the first bad key."""
+    """The defaults (candle_ext/train/config.py), overlaid with the YAML/JSON file `path` (or a shipped preset
+    named so, see presets()), the --set items and `extra` (the shortcut flags), validated: ValueError names the
+    first bad key."""
     raw: dict = {}
+    if path and not os.path.exists(path) and path in presets():
+        path = os.path.join(PRESET_DIR, path + ".yaml")
     if path:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise FileNotFoundError(f"config file {path} does not exist (shipped presets: {', '.join(presets())})")
         with open(path) as fh:
             try:
                 user = json.load(fh) if path.endswith(".json") else yaml.safe_load(fh)
@@ -67,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(sp):
-        sp.add_argument("--config", help="YAML or JSON config laid over the defaults (candle config prints them)")
+        sp.add_argument("--config", help="YAML or JSON config laid over the defaults (candle config prints them), "
+                        "or the name of a shipped preset (candle_ext/configs/NAME.yaml)")
         sp.add_argument("--debug", action="store_true", help="print the traceback of an error")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set distill.epochs=20 (repeatable)")
@@ -82,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, help_ in (("calibrate", "stage 1: calibrate the multi-resolution teacher -> OUT/teacher.pt"),
                         ("distill", "stage 2: distill the binary student -> OUT/<name>_student.pt"),
-                        ("demo", "Fashion-MNIST-LT demo: calibrate, CANDLE vs scratch, report, packed model")):
+                        ("demo", "Fashion-MNIST-LT demo: calibrate, CANDLE vs the strongest baseline, report, packed model")):
         sp = sub.add_parser(name, help=help_)
         common(sp)
         sp.add_argument("--resume", action="store_true", help="continue from the last per-epoch checkpoint")

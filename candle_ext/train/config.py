@@ -40,7 +40,7 @@ class DataConfig:
                                                           "(null: all)")
     imbalance_ratio: Optional[float] = _spec(100.0, lo=1.0, hi=1e6, doc="n_max / n_min of the derived LT set "
                                                                        "(null: use the set as given)")
-    test_per_class: Optional[int] = _spec(None, lo=1, doc="balanced test subsample (null: the whole test set)")
+    test_per_class: Optional[int] = _spec(300, lo=1, doc="balanced test subsample (null: the whole test set)")
     groups: str = _spec("auto", choices=("auto", "count", "thirds"))
     seed: int = _spec(0, lo=0, hi=2**31 - 1)
 
@@ -50,8 +50,9 @@ class TeacherConfig:
     name: str = _spec("efficientnet_lite0", doc="timm name or torchvision:NAME")
     weights: Optional[str] = _spec(None, doc="local state_dict file")
     pretrained: bool = _spec(False, doc="hub weights (needs the network)")
-    resolutions: List[int] = _spec([32, 64, 96], lo=8, hi=4096)
-    base: int = _spec(0, lo=-16, hi=16, doc="index into resolutions: the student's input resolution")
+    resolutions: List[int] = _spec([32, 48, 96], lo=8, hi=4096, doc="Downsample / Identity / Upsample views; "
+                                                                   "paper: 128, 224, 480")
+    base: int = _spec(1, lo=-16, hi=16, doc="index into resolutions: the student's input resolution")
     multires: bool = _spec(True, doc="false: single-resolution teacher (Table 3 ablation)")
 
 
@@ -76,6 +77,8 @@ class CalibrateConfig:
 @dataclass
 class DistillConfig:
     mode: str = _spec("adversarial", choices=METHODS)
+    baseline: str = _spec("kd", choices=METHODS, doc="the method `candle demo` trains beside CANDLE (the strongest "
+                                                     "baseline in the README's comparison)")
     epochs: int = _spec(20, lo=1, hi=100_000)
     batch_size: int = _spec(64, lo=2, hi=1_000_000)
     lr: float = _spec(0.005, lo=0.0, hi=10.0, lo_open=True)

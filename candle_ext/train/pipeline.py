@@ -416,21 +416,22 @@ def write_reports(ctx: Context, results: Dict[str, Dict], lambda_log: Optional[s
 
 
 def demo(ctx: Context, resume: bool = False) -> Dict:
-    """Calibrate the teacher, distill CANDLE, train the same student from scratch, evaluate both, plot,
-    report and export the packed CANDLE student."""
+    """Calibrate the teacher, distill CANDLE, train the same student with the strongest baseline
+    (distill.baseline) on the same data, teacher and epochs, evaluate both, plot, report and export the packed
+    CANDLE student."""
     t0 = time.time()
     teacher, trep, cache = calibrate(ctx, resume=resume)
     ctx.log(f"[{time.time() - t0:.0f}s] calibration done")
-    mode = ctx.cfg.distill.mode
+    mode, baseline = ctx.cfg.distill.mode, ctx.cfg.distill.baseline
     s_candle, crep = distill(ctx, mode, teacher, cache, name="candle", resume=resume)
-    del cache
     ctx.log(f"[{time.time() - t0:.0f}s] CANDLE distillation done")
-    _, srep = distill(ctx, "scratch", name="scratch", resume=resume)
-    ctx.log(f"[{time.time() - t0:.0f}s] scratch baseline done")
-    results = {"teacher (FP, calibrated)": {"test": trep["test"]}, "candle": crep, "scratch": srep}
+    _, brep = distill(ctx, baseline, teacher, cache, name=baseline, resume=resume)
+    del cache
+    ctx.log(f"[{time.time() - t0:.0f}s] baseline {baseline} done")
+    results = {"teacher (FP, calibrated)": {"test": trep["test"]}, "candle": crep, baseline: brep}
     if not ctx.dist.is_main:  # reports, plots and the packed model come from rank 0
         return {"results": results}
-    table = write_reports(ctx, results, os.path.join(ctx.out, "candle.jsonl"), "scratch", "candle")
+    table = write_reports(ctx, results, os.path.join(ctx.out, "candle.jsonl"), baseline, "candle")
     packed = os.path.join(ctx.out, "candle_packed.pt")
     try:
         export_student(s_candle, packed)
