@@ -42,6 +42,9 @@ void sign_pack_portable(const PackJob& j);
 #if defined(CANDLE_HAVE_AVX2_PATH)
 bool sign_pack_avx2(const PackJob& j, bool nhwc);  // false: not served (float64), take the portable path
 #endif
+#if defined(CANDLE_HAVE_NEON_PATH)
+bool sign_pack_neon(const PackJob& j, bool nhwc);  // false: not served (float64), take the portable path
+#endif
 
 // ------------------------------------------------------------------------------------------------------------
 // binary_conv2d on packed words: x [N, H, W, words], w [Cout, kh, kw, words] -> out [N, Cout, Ho, Wo], int32
@@ -68,6 +71,10 @@ void binary_conv2d_portable(const ConvGeometry& g, int64_t channels, const uint3
                             const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
 #if defined(CANDLE_HAVE_AVX2_PATH)
 void binary_conv2d_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
+                        const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
+#endif
+#if defined(CANDLE_HAVE_NEON_PATH)
+void binary_conv2d_neon(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
                         const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
 #endif
 
