@@ -293,6 +293,13 @@ def test_aarch64_neon_under_qemu_matches_reference(drivers, cases):
         _missing("aarch64 toolchain missing: " + ", ".join(drivers.missing) + "; install with `apt-get install "
                  "g++-aarch64-linux-gnu qemu-user` (scripts/setup_env.sh does, as root)")
     assert _best(aarch64) == "neon"  # else the NEON path would silently not be tested
+    # The path the extension would take on aarch64, and what `python -m candle_ext.info` would say.
+    env = {k: v for k, v in os.environ.items() if k != "CANDLE_EXT_CPU_ISA"}
+    active = subprocess.run([*aarch64, "--active-isa"], capture_output=True, text=True, check=True, env=env)
+    assert active.stdout.splitlines() == ["neon", "aarch64, NEON kernels"]
+    forced = subprocess.run([*aarch64, "--active-isa"], capture_output=True, text=True, check=True,
+                            env={**env, "CANDLE_EXT_CPU_ISA": "portable"})
+    assert forced.stdout.splitlines()[0] == "portable"
     _run(aarch64, cases, ["portable", "neon"])
     _check_paths(cases, ["portable", "neon"])
 

@@ -61,10 +61,10 @@ inline Isa active_isa() { return portable_isa_forced() ? Isa::Portable : best_is
 inline const char* isa_description() {
 #if defined(__x86_64__)
   if (best_isa() == Isa::Portable) return "x86-64, portable kernels (no AVX2)";
-  return portable_isa_forced() ? "x86-64, portable kernels (CANDLE_EXT_CPU_ISA=portable; AVX2 available)"
+  return portable_isa_forced() ? "x86-64, portable kernels: CANDLE_EXT_CPU_ISA=portable, AVX2 available"
                                : "x86-64, AVX2 kernels";
 #elif defined(CANDLE_HAVE_NEON_PATH)
-  return portable_isa_forced() ? "aarch64, portable kernels (CANDLE_EXT_CPU_ISA=portable; NEON available)"
+  return portable_isa_forced() ? "aarch64, portable kernels: CANDLE_EXT_CPU_ISA=portable, NEON available"
                                : "aarch64, NEON kernels";
 #else
   return "portable kernels";

@@ -4,6 +4,8 @@
 // path it is asked for and writes the raw outputs; the test compares them with reference.py.
 //
 //   driver --best-isa                   print the best path of this build and CPU (isa.h)
+//   driver --active-isa                 print the path the extension would take now (CANDLE_EXT_CPU_ISA
+//                                       applied) and its line for `python -m candle_ext.info`
 //   driver DIR ISA[,ISA...] [THREADS]   run DIR/cases.txt on each named path (avx2, neon, portable) with
 //                                       THREADS threads (default 1), writing DIR/<id>.<isa>.out
 //
@@ -207,8 +209,12 @@ int main(int argc, char** argv) {
       std::printf("%s\n", candle::cpu::isa_name(candle::cpu::best_isa()));
       return 0;
     }
+    if (argc == 2 && std::string(argv[1]) == "--active-isa") {
+      std::printf("%s\n%s\n", candle::cpu::isa_name(candle::cpu::active_isa()), candle::cpu::isa_description());
+      return 0;
+    }
     if (argc < 3 || argc > 4) {
-      std::fprintf(stderr, "usage: %s --best-isa | DIR ISA[,ISA...] [THREADS]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s --best-isa | --active-isa | DIR ISA[,ISA...] [THREADS]\n", argv[0]);
       return 2;
     }
     const std::string dir = argv[1];
