@@ -1,8 +1,9 @@
 """The `candle` command: calibrate, distill, evaluate, export, demo.
 
-Configuration: the packaged demo config (candle_ext/configs/demo.yaml), overlaid with --config FILE (YAML or
-JSON), overlaid with --set key.sub=value and the shortcut flags (--device, --seed, --out, --amp,
---channels-last).
+Configuration: the defaults of candle_ext/train/config.py (the offline demo), overlaid with --config FILE (YAML
+or JSON), --set key.sub=value and the shortcut flags (--device, --seed, --out, --amp, --channels-last); every
+key is validated once, here (`candle config` prints the result). Errors are one line on stderr and exit status 2
+(--debug: the traceback too).
 
 Multi-GPU / multi-node: start the same command under torchrun, e.g.
     torchrun --nproc_per_node=4 -m candle_ext.cli distill --config run.yaml --device cuda
@@ -11,56 +12,63 @@ the config are global; logs, checkpoints and reports come from rank 0."""
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
+import traceback
 from typing import List, Optional
 
 import yaml
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
+from candle_ext.train.config import METHODS, Config, parse_override
 
 
 def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
+    out = dict(base)
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def load_config(path: Optional[str] = None, sets: Optional[List[str]] = None) -> dict:
-    with open(DEFAULT_CONFIG) as fh:
-        cfg = yaml.safe_load(fh)
+def load_config(path: Optional[str] = None, sets: Optional[List[str]] = None, extra: Optional[dict] = None
+                ) -> Config:
+    """The defaults (candle_ext/train/config.py), overlaid with the YAML/JSON file `path`, the --set items and
+    `extra` (the shortcut flags), validated: ValueError names the first bad key."""
+    raw: dict = {}
     if path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path} does not exist")
         with open(path) as fh:
-            user = json.load(fh) if path.endswith(".json") else yaml.safe_load(fh)
+            try:
+                user = json.load(fh) if path.endswith(".json") else yaml.safe_load(fh)
+            except (json.JSONDecodeError, yaml.YAMLError) as exc:
+                raise ValueError(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}:"
+                                 f" {exc}") from exc
+        if user is None:
+            user = {}
         if not isinstance(user, dict):
             raise ValueError(f"config file {path} must hold a mapping, got {type(user).__name__}")
-        cfg = _merge(cfg, user)
+        raw = _merge(raw, user)
     for item in sets or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects key.sub=value, got {item!r}")
-        key, value = item.split("=", 1)
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
+        key, value = parse_override(item)
+        *parents, last = key.split(".")
+        node = raw
+        for p in parents:
+            if not isinstance(node.get(p, {}), dict):
                 raise ValueError(f"--set {item!r}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
-    return cfg
+            node = node.setdefault(p, {})
+        node[last] = value
+    return Config.from_dict(_merge(raw, extra or {}))
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="candle", description="CANDLE: long-tailed recognition on binary networks "
+    p = _Parser(prog="candle", description="CANDLE: long-tailed recognition on binary networks "
                                 "by calibrating a pretrained teacher and distilling with adversarial balancing")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(sp):
-        sp.add_argument("--config", help="YAML or JSON config overlaid on the packaged demo config")
+        sp.add_argument("--config", help="YAML or JSON config laid over the defaults (candle config prints them)")
+        sp.add_argument("--debug", action="store_true", help="print the traceback of an error")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set distill.epochs=20 (repeatable)")
         sp.add_argument("--device", choices=["cpu", "cuda"], help="overrides config 'device'")
@@ -79,8 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         common(sp)
         sp.add_argument("--resume", action="store_true", help="continue from the last per-epoch checkpoint")
         if name == "distill":
-            sp.add_argument("--mode", choices=["adversarial", "fixed", "feature", "scratch"],
-                            help="overrides distill.mode")
+            sp.add_argument("--mode", choices=METHODS, help="overrides distill.mode")
             sp.add_argument("--name", help="run name (files OUT/<name>*); default: the mode")
             sp.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # kill simulation (tests)
     sp = sub.add_parser("evaluate", help="evaluate student checkpoints -> OUT/report.json, report.md, plots")
@@ -89,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="student state_dict (repeatable); the first is the main model")
     sp.add_argument("--baseline", help="NAME of the checkpoint to plot per-class gains against")
     sp.add_argument("--log", help="distillation JSONL log for the lambda plot")
+    sp = sub.add_parser("config", help="print the configuration a command would run with (YAML)")
+    common(sp)
     sp = sub.add_parser("export", help="freeze a student into its packed 1-bit form (save_packed)")
     common(sp)
     sp.add_argument("--checkpoint", required=True, help="student state_dict")
@@ -96,19 +105,46 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    for key in ("device", "seed"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
+def _shortcuts(args) -> dict:
+    extra = {k: getattr(args, k) for k in ("device", "seed", "amp", "channels_last") if getattr(args, k) is not None}
     if args.out:
-        cfg["out_dir"] = args.out
+        extra["out_dir"] = args.out
     if args.no_progress:
-        cfg["progress"] = False
-    for key in ("amp", "channels_last"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
+        extra["progress"] = False
+    return extra
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage errors: one line and exit status 2, like every CLI error
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the `candle` command. A bad argument, config value, file or dataset prints one line
+    `candle: error: ...` on stderr and returns 2 (--debug prints the traceback and re-raises)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set, _shortcuts(args))
+        if args.command == "config":
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        return _dispatch(args, cfg)
+    except (ValueError, TypeError, OSError, KeyError) as exc:
+        if args.debug:
+            raise
+        msg = str(exc) if not isinstance(exc, KeyError) else f"missing key {exc}"
+        print(f"candle: error: {msg.splitlines()[0] if msg else type(exc).__name__}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # not a user error: a bug, or the machine (out of memory ...)
+        if args.debug:
+            raise
+        print(f"candle: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args, cfg: Config) -> int:
     from candle_ext.train import pipeline
     from candle_ext.train.distributed import distributed
     if args.command == "export":
@@ -120,11 +156,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"packed model written to {args.output}")
         return 0
     # Under torchrun this joins the process group (NCCL for cuda, gloo for cpu); otherwise one process.
-    with distributed(cfg.get("device", "cpu")) as env:
+    with distributed(cfg.device) as env:
         return _run(args, cfg, pipeline.Context(cfg, dist=env))
 
 
-def _run(args, cfg: dict, ctx) -> int:
+def _run(args, cfg: Config, ctx) -> int:
     from candle_ext.train import pipeline
     main_rank = ctx.dist.is_main  # reports and printed results from rank 0 only
     if args.command == "calibrate":
@@ -132,7 +168,7 @@ def _run(args, cfg: dict, ctx) -> int:
         if main_rank:
             pipeline.write_json({k: v for k, v in rep.items()}, os.path.join(ctx.out, "calibrate_report.json"))
     elif args.command == "distill":
-        mode = args.mode or cfg.get("distill", {}).get("mode", "adversarial")
+        mode = args.mode or cfg.distill.mode
         name = args.name or mode
         _, rep = pipeline.distill(ctx, mode, name=name, resume=args.resume,
                                   stop_after_steps=args.stop_after_steps)
@@ -153,10 +189,12 @@ def _run(args, cfg: dict, ctx) -> int:
     return 0
 
 
-def _label_only_data(cfg: dict):
+def _label_only_data(cfg: Config):
     """Export needs the class count only; build the data the same way (cheap for in-memory sources)."""
+    import dataclasses
+
     from candle_ext.data import build_datasets
-    return build_datasets(cfg.get("data", {}))
+    return build_datasets(dataclasses.asdict(cfg.data))
 
 
 if __name__ == "__main__":

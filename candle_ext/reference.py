@@ -58,6 +58,14 @@ def unpack(words: torch.Tensor, channels: int) -> torch.Tensor:
     return (bits.to(torch.float32) * 2 - 1).permute(0, 3, 1, 2).contiguous()
 
 
+def check_pad_bits(name: str, words: torch.Tensor, channels: int) -> None:
+    """Packed words must have their pad bits (channels >= `channels` in the last word) at 0: a kernel counts a
+    set pad bit as a channel, unpack ignores it, so such words have no single meaning and are refused."""
+    used = channels % WORD_BITS
+    if used and bool(((words[..., -1].to(torch.int64) & 0xFFFFFFFF) >> used).any()):
+        raise ValueError(f"{name} has pad bits set past channel {channels} in its last word")
+
+
 def approx_sign_grad(u: torch.Tensor) -> torch.Tensor:
     """Derivative of ReActNet's ApproxSign: 2+2u on [-1,0), 2-2u on [0,1), 0 elsewhere."""
     zero = torch.zeros((), dtype=u.dtype, device=u.device)
@@ -109,6 +117,8 @@ def binary_conv2d_packed(
     out_dtype None: the exact int32 accumulators [N, Cout, Ho, Wo] (scale/shift must be None).
     out_dtype float: acc * scale + shift (per output channel; either may be None), in that dtype.
     """
+    for name, words in (("x_packed", x_packed), ("w_packed", w_packed)):
+        check_pad_bits(name, words, channels)
     x = unpack(x_packed, channels).to(torch.float64)
     # [Cout, kh, kw, words] is the activation layout with N=Cout, H=kh, W=kw: unpack gives [Cout, C, kh, kw].
     w = unpack(w_packed, channels).to(torch.float64)
@@ -131,19 +141,42 @@ def nearest_indices(in_size: int, out_size: int, device=None) -> torch.Tensor:
     return F.interpolate(src, size=out_size, mode="nearest").reshape(out_size).to(torch.int64)
 
 
+def resize_matrix(in_size: int, out_size: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """[out_size, in_size]: the linear map of the head's resize along one axis. Shrinking: area (average) over
+    the window [floor(i*in/out), ceil((i+1)*in/out)) of F.adaptive_avg_pool2d / interpolate(mode='area'), so
+    no position is dropped; growing or equal: nearest (F.interpolate(mode='nearest')), a copy."""
+    m = torch.zeros(out_size, in_size, dtype=dtype, device=device)
+    if in_size > out_size:
+        for i in range(out_size):
+            lo, hi = (i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)
+            m[i, lo:hi] = 1.0 / (hi - lo)
+    else:
+        m[torch.arange(out_size), nearest_indices(in_size, out_size, device)] = 1.0
+    return m
+
+
+def resize(y: torch.Tensor, size) -> torch.Tensor:
+    """y [N, C, h, w] resized to `size` axis by axis with resize_matrix (area where it shrinks, nearest where it
+    grows)."""
+    rh = resize_matrix(y.shape[-2], size[0], y.dtype, y.device)
+    rw = resize_matrix(y.shape[-1], size[1], y.dtype, y.device)
+    return torch.einsum("ih,nchw,jw->ncij", rh, y, rw)
+
+
 def multires_head(
     features: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor],
     biases: Sequence[Optional[torch.Tensor]],
     base: int = 1,
 ) -> torch.Tensor:
-    """Per resolution r: 1x1 conv (weights[r]: [C_S, C_T], biases[r]: [C_S]), nearest resize to the size of
-    features[base], then concat on channels -> [N, R*C_S, h_base, w_base] (paper Alg. 2)."""
+    """Per resolution r: 1x1 conv (weights[r]: [C_S, C_T], biases[r]: [C_S]), resized to the size of
+    features[base] (area where a map shrinks, nearest where it grows: `resize`), then concat on channels ->
+    [N, R*C_S, h_base, w_base] (paper Alg. 2: Downsample / Identity / Upsample)."""
     size = features[base].shape[-2:]
     outs = []
     for f, w, b in zip(features, weights, biases):
         y = F.conv2d(f, w.reshape(w.shape[0], w.shape[1], 1, 1), b)
-        outs.append(F.interpolate(y, size=size, mode="nearest"))
+        outs.append(resize(y, size))
     return torch.cat(outs, dim=1)
 
 
@@ -156,19 +189,18 @@ def multires_head_backward(
 ):
     """Gradients of multires_head: (grad_features, grad_weights, grad_biases), lists per resolution.
 
-    The nearest resize is a gather, so its transpose scatters (adds) the base-size gradient back onto each
-    resolution's grid; the 1x1 conv's gradients follow from there."""
+    The resize is linear, out = R_h y R_w^T per channel, so its transpose sends the base-size gradient back onto
+    each resolution's grid (spreading it over an area window, or adding it up where nearest copied); the 1x1
+    conv's gradients follow from there."""
     hb, wb = features[base].shape[-2:]
     cs = weights[0].shape[0]
     g_feats, g_weights, g_biases = [], [], []
     for r, (f, w, b) in enumerate(zip(features, weights, biases)):
         g = grad[:, r * cs:(r + 1) * cs]  # N, C_S, hb, wb
         h, wd = f.shape[-2:]
-        ih = nearest_indices(h, hb, grad.device)
-        iw = nearest_indices(wd, wb, grad.device)
-        flat = (ih.reshape(-1, 1) * wd + iw.reshape(1, -1)).reshape(-1)  # hb*wb source positions
-        gy = torch.zeros(g.shape[0], cs, h * wd, dtype=grad.dtype, device=grad.device)
-        gy.index_add_(2, flat, g.reshape(g.shape[0], cs, hb * wb))  # N, C_S, h*w
+        rh = resize_matrix(h, hb, grad.dtype, grad.device)
+        rw = resize_matrix(wd, wb, grad.dtype, grad.device)
+        gy = torch.einsum("ih,nsij,jw->nshw", rh, g, rw).reshape(g.shape[0], cs, h * wd)  # N, C_S, h*w
         fx = f.reshape(f.shape[0], f.shape[1], h * wd)
         g_weights.append(torch.einsum("nsp,ntp->st", gy, fx.to(gy.dtype)).to(w.dtype))
         g_biases.append(None if b is None else gy.sum(dim=(0, 2)).to(b.dtype))

@@ -68,21 +68,60 @@ struct ConvGeometry {
   int64_t n, h, w, words, cout, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
 };
 
+// Every size, stride, padding, dilation and padded extent of a conv fits in a signed 32-bit int (the GPU kernels
+// index with 32-bit arithmetic); with each factor below 2^31 the 64-bit products below cannot overflow.
+constexpr int64_t kMaxGeometry = INT32_MAX;
+constexpr int64_t kMaxOutputElements = int64_t(1) << 40;  // ~4 TB of int32: anything larger is a mistake
+
+inline void check_geometry_value(int64_t v, int64_t lo, const char* name) {
+  TORCH_CHECK_VALUE(v >= lo && v <= kMaxGeometry, name, " must lie in [", lo, ", ", kMaxGeometry, "], got ", v);
+}
+
 inline ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& w, int64_t sh, int64_t sw, int64_t ph,
                                   int64_t pw, int64_t dh, int64_t dw) {
-  TORCH_CHECK_VALUE(sh >= 1 && sw >= 1, "stride must be >= 1, got (", sh, ", ", sw, ")");
-  TORCH_CHECK_VALUE(ph >= 0 && pw >= 0, "padding must be >= 0, got (", ph, ", ", pw, ")");
-  TORCH_CHECK_VALUE(dh >= 1 && dw >= 1, "dilation must be >= 1, got (", dh, ", ", dw, ")");
+  check_geometry_value(sh, 1, "stride_h");
+  check_geometry_value(sw, 1, "stride_w");
+  check_geometry_value(ph, 0, "pad_h");
+  check_geometry_value(pw, 0, "pad_w");
+  check_geometry_value(dh, 1, "dil_h");
+  check_geometry_value(dw, 1, "dil_w");
+  for (int d = 0; d < 4; ++d) {
+    check_geometry_value(x.size(d), 1, "x_packed size");
+    check_geometry_value(w.size(d), 1, "w_packed size");
+  }
   ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(1), w.size(2),
                  sh, sw, ph, pw, dh, dw, 0, 0};
+  // Each term is < 2^31, so these sums and products stay far below 2^63.
+  const int64_t padded_h = g.h + 2 * ph, padded_w = g.w + 2 * pw;
+  const int64_t extent_h = dh * (g.kh - 1) + 1, extent_w = dw * (g.kw - 1) + 1;
+  TORCH_CHECK_VALUE(padded_h <= kMaxGeometry && padded_w <= kMaxGeometry && extent_h <= kMaxGeometry &&
+                        extent_w <= kMaxGeometry,
+                    "conv geometry exceeds the limit ", kMaxGeometry, ": padded input ", padded_h, "x", padded_w,
+                    ", dilated kernel ", extent_h, "x", extent_w);
   // Check the spans before dividing: C++ division truncates toward zero, so a span of -1 with stride 2 would
   // give one output row where F.conv2d raises.
-  const int64_t span_h = g.h + 2 * ph - dh * (g.kh - 1) - 1, span_w = g.w + 2 * pw - dw * (g.kw - 1) - 1;
+  const int64_t span_h = padded_h - extent_h, span_w = padded_w - extent_w;
   TORCH_CHECK_VALUE(span_h >= 0 && span_w >= 0, "input ", g.h, "x", g.w, " with padding (", ph, ", ", pw,
                     ") is smaller than the dilated kernel");
   g.ho = span_h / sh + 1;
   g.wo = span_w / sw + 1;
+  // The output must be allocatable: N * Cout * Ho * Wo elements, multiplied with overflow checks.
+  int64_t elements = 1;
+  for (int64_t f : {g.n, g.cout, g.ho, g.wo}) {
+    TORCH_CHECK_VALUE(elements <= kMaxOutputElements / f, "conv output ", g.n, "x", g.cout, "x", g.ho, "x", g.wo,
+                      " has more than ", kMaxOutputElements, " elements");
+    elements *= f;
+  }
   return g;
+}
+
+// Whether a kernel that materialises the zero-padded input (the AVX2 CPU path) may do so: the padded image may
+// hold at most 4x the input's pixels plus 64K. Huge padding (allowed by F.conv2d) would otherwise allocate
+// gigabytes for a handful of outputs; such calls take a path that skips padded taps instead.
+inline bool padded_copy_is_modest(const ConvGeometry& g) {
+  const int64_t padded = (g.h + 2 * g.ph) * (g.w + 2 * g.pw);  // < 2^62: both factors are < 2^31
+  const int64_t pixels = g.h * g.w;                             // <= padded
+  return pixels < (int64_t(1) << 56) && padded <= 4 * pixels + (int64_t(1) << 16);
 }
 
 }  // namespace candle

@@ -2,6 +2,7 @@
 resume after SIGKILL."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -57,15 +58,91 @@ def workspace(tmp_path_factory):
 
 def test_config_overrides(tmp_path):
     cfg = load_config(None, ["distill.epochs=7", "teacher.resolutions=[8, 16]", "data.imbalance_ratio=10"])
-    assert cfg["distill"]["epochs"] == 7 and cfg["teacher"]["resolutions"] == [8, 16]
-    assert cfg["data"]["imbalance_ratio"] == 10 and cfg["distill"]["mode"] == "adversarial"
+    assert cfg.distill.epochs == 7 and cfg.teacher.resolutions == [8, 16]
+    assert cfg.data.imbalance_ratio == 10 and cfg.distill.mode == "adversarial"
     j = tmp_path / "c.json"
     j.write_text(json.dumps({"distill": {"lr": 0.5}}))
-    assert load_config(str(j))["distill"]["lr"] == 0.5
+    assert load_config(str(j)).distill.lr == 0.5
     with pytest.raises(ValueError, match="key.sub=value"):
         load_config(None, ["distill.epochs"])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize("item, match", [
+    ("distill.epoch=3", "unknown config key 'distill.epoch' .did you mean 'distill.epochs'"),
+    ("distill.epochs=-1", "distill.epochs must be >= 1, got -1"),
+    ("distill.epochs=0", "distill.epochs must be >= 1"),
+    ("distill.epochs=1.9", "distill.epochs must be an integer, got float: 1.9"),
+    ("distill.epochs=abc", "distill.epochs must be an integer, got str: 'abc'"),
+    ("distill.lr=fast", "distill.lr must be a finite number, got str: 'fast'"),
+    ("distill.lr=0", "distill.lr must be > 0.0"),
+    ("distill.lr=.nan", "distill.lr must be a finite number"),
+    ("distill.mode=magic", "distill.mode must be one of"),
+    ("data.imbalance_ratio=0", "data.imbalance_ratio must be >= 1.0, got 0"),
+    ("teacher.resolutions=[]", "teacher.resolutions must list at least one resolution"),
+    ("teacher.resolutions=32", "teacher.resolutions must be a list of integers"),
+    ("teacher.resolutions=[32, 2.5]", r"teacher.resolutions\[1\] must be an integer"),
+    ("teacher.base=3", "teacher.base must index teacher.resolutions"),
+    ("student.width_mult=0", "student.width_mult must be > 0.0"),
+    ("student.small_input=1", "student.small_input must be true or false"),
+    ("calibrate.batch_size=1", "calibrate.batch_size must be >= 2"),
+    ("threads=0", "threads must be >= 1"),
+    ("device=tpu", "device must be one of cpu, cuda"),
+    ("data=3", "data must be a mapping"),
+    ("nosuchkey=1", "unknown config key 'nosuchkey'"),
+    ("data.source=imagefolder", "data.source=imagefolder needs data.train_dir, data.test_dir"),
+])
+def test_bad_config_values_name_the_key(item, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [item])
+
+
+def test_bad_config_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distill: {epochs: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        load_config(str(listy))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("distill:\n  epcohs: 3\n")
+    with pytest.raises(ValueError, match="distill.epcohs.*distill.epochs"):
+        load_config(str(typo))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["distill", "--set", "distill.epoch=3"], "unknown config key 'distill.epoch'"),
+    (["calibrate", "--set", "calibrate.lr=fast"], "calibrate.lr must be a finite number"),
+    (["demo", "--set", "teacher.resolutions=[]"], "teacher.resolutions must list at least one"),
+    (["distill", "--config", "/no/such/file.yaml"], "/no/such/file.yaml does not exist"),
+    (["distill", "--mode", "nope"], "invalid choice"),
+])
+def test_cli_errors_are_one_line_and_exit_2(argv, match, capsys):
+    code = None
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors exit 2 too
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if not l.startswith("usage:") and l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(match, lines[0]), lines[0]
+
+
+def test_cli_debug_flag_shows_the_traceback():
+    with pytest.raises(ValueError, match="distill.epoch"):
+        main(["distill", "--debug", "--set", "distill.epoch=3"])
+
+
+def test_cli_config_command_prints_the_effective_config(capsys):
+    assert main(["config", "--set", "distill.epochs=3", "--seed", "5"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["distill"]["epochs"] == 3 and printed["seed"] == 5
+    assert set(printed) >= {"data", "teacher", "student", "calibrate", "distill"}
 
 
 def test_cli_end_to_end(workspace, capsys):
@@ -100,16 +177,45 @@ def test_cli_end_to_end(workspace, capsys):
     assert model(torch.rand(2, 3, 16, 16)).shape == (2, 4)
 
 
-def test_bad_data_errors_through_cli(tmp_path):
+def test_bad_data_errors_through_cli(tmp_path, capsys):
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "train" / "b").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "a" / "0.png")
     args = ["calibrate", "--out", str(tmp_path / "o"), "--set", "data.source=imagefolder",
             "--set", f"data.train_dir={tmp_path / 'train'}", "--set", f"data.test_dir={tmp_path / 'train'}"]
-    with pytest.raises(ValueError, match="class 'b'"):
-        main(args)
-    with pytest.raises(ValueError, match="data.source"):
-        main(["calibrate", "--out", str(tmp_path / "o"), "--set", "data.source=webdataset"])
+    assert main(args) == 2
+    assert "class 'b'" in capsys.readouterr().err
+    assert main(["calibrate", "--out", str(tmp_path / "o"), "--set", "data.source=webdataset"]) == 2
+    assert "data.source" in capsys.readouterr().err
+
+
+def test_imbalance_ratio_that_empties_classes_is_refused(workspace, capsys):
+    root, cfg = workspace
+    # 4 classes of 24/12/8/4 images: n_max = 12, so ratio 100 would keep floor(12/100) = 0 of the rarest class.
+    assert main(["calibrate", "--config", str(cfg), "--out", str(root / "r100"),
+                 "--set", "data.imbalance_ratio=100"]) == 2
+    err = capsys.readouterr().err
+    assert "without a training sample" in err and "ratio" in err
+
+
+def test_last_batch_of_one_trains(workspace, tmp_path):
+    """13 training images with batch size 4: the last batch of one is merged into the one before it (batch norm
+    cannot train on one sample)."""
+    root, cfg = workspace
+    from candle_ext.train.loop import epoch_batches, steps_per_epoch
+    batches = epoch_batches(np.arange(13), 4)
+    assert [len(b) for b in batches] == [4, 4, 5] and steps_per_epoch(13, 4) == 3
+    assert sorted(np.concatenate(batches).tolist()) == list(range(13))
+    assert [len(b) for b in epoch_batches(np.arange(14), 4)] == [4, 4, 4, 2] and steps_per_epoch(14, 4) == 4
+    small = tmp_path / "small"
+    _make_folder(small / "train", [5, 4, 2, 2], 3)  # 13 images
+    _make_folder(small / "test", [2, 2, 2, 2], 4)
+    out = tmp_path / "o"
+    assert main(["distill", "--config", str(cfg), "--out", str(out), "--mode", "scratch",
+                 "--set", f"data.train_dir={small / 'train'}", "--set", f"data.test_dir={small / 'test'}",
+                 "--set", "distill.batch_size=4", "--set", "distill.epochs=2"]) == 0
+    log = [json.loads(l) for l in open(out / "scratch.jsonl")]
+    assert len(log) == 2 * 3
 
 
 def _distill_cmd(cfg, out):

@@ -297,9 +297,14 @@ def test_aarch64_neon_under_qemu_matches_reference(drivers, cases):
     env = {k: v for k, v in os.environ.items() if k != "CANDLE_EXT_CPU_ISA"}
     active = subprocess.run([*aarch64, "--active-isa"], capture_output=True, text=True, check=True, env=env)
     assert active.stdout.splitlines() == ["neon", "aarch64, NEON kernels"]
-    forced = subprocess.run([*aarch64, "--active-isa"], capture_output=True, text=True, check=True,
-                            env={**env, "CANDLE_EXT_CPU_ISA": "portable"})
-    assert forced.stdout.splitlines()[0] == "portable"
+    for value, line in (("portable", "portable"), ("neon", "neon")):
+        forced = subprocess.run([*aarch64, "--active-isa"], capture_output=True, text=True, check=True,
+                                env={**env, "CANDLE_EXT_CPU_ISA": value})
+        assert forced.stdout.splitlines()[0] == line
+    for value in ("avx2", "garbage"):  # a path this CPU lacks, no path at all: refused, naming the variable
+        refused = subprocess.run([*aarch64, "--active-isa"], capture_output=True, text=True,
+                                 env={**env, "CANDLE_EXT_CPU_ISA": value})
+        assert refused.returncode != 0 and "CANDLE_EXT_CPU_ISA" in refused.stderr, refused.stderr
     _run(aarch64, cases, ["portable", "neon"])
     _check_paths(cases, ["portable", "neon"])
 
@@ -313,3 +318,10 @@ def test_extension_reports_the_path_in_use(monkeypatch):
     assert ("AVX2 kernels" in _C.cpu_features) == (native == "avx2")
     monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")
     assert _C.cpu_isa() == "portable"
+    monkeypatch.setenv("CANDLE_EXT_CPU_ISA", native)
+    assert _C.cpu_isa() == native
+    lacking = "neon" if native != "neon" else "avx2"
+    for value in (lacking, "garbage"):
+        monkeypatch.setenv("CANDLE_EXT_CPU_ISA", value)
+        with pytest.raises(ValueError, match="CANDLE_EXT_CPU_ISA"):
+            _C.cpu_isa()

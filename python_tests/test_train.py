@@ -182,7 +182,10 @@ def test_cosine_schedule_reaches_zero():
     distill_step(parts, x, y, tl, tf)
     assert parts.opt_enc.param_groups[0]["lr"] == pytest.approx(0.005)
     distill_step(parts, x, y, tl, tf)
-    assert parts.opt_phi.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert parts.opt_enc.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert parts.opt_cls.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # The balancer keeps its rate: a decaying one would freeze lambda late in training.
+    assert parts.opt_phi.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
 def test_load_teacher_frozen_and_errors(tmp_path):

@@ -51,7 +51,7 @@ def build_datasets(cfg: dict) -> Tuple[ImageSet, ImageSet]:
     if cfg.get("train_per_class"):  # a smaller balanced pool first (CPU demo budget), then the LT derivation
         train = _balanced_subset(train, int(cfg["train_per_class"]), int(cfg.get("seed", 0)))
     ratio = cfg.get("imbalance_ratio")
-    if ratio:
+    if ratio is not None:
         train = train.subset(make_long_tailed(train.labels, float(ratio), int(cfg.get("seed", 0)),
                                               train.num_classes))
     if cfg.get("test_per_class"):

@@ -54,6 +54,11 @@ def make_long_tailed(dataset, ratio: float, seed: int = 0, num_classes: int | No
         raise ValueError(f"labels must lie in [0, {c}), got range [{labels.min()}, {labels.max()}]")
     order = class_order(labels, c)
     counts = long_tailed_counts(len(labels) / c, c, ratio)
+    if min(counts) < 1:
+        empty = [int(order[i]) for i, n in enumerate(counts) if n < 1]
+        raise ValueError(f"imbalance ratio {ratio} on {len(labels)} samples of {c} classes (n_max = "
+                         f"{len(labels) / c:.1f}) leaves classes {empty} without a training sample: use more data "
+                         f"per class or a ratio of at most {len(labels) / c:.0f}")
     rng = np.random.default_rng(seed)
     keep = []
     for rank, cls in enumerate(order):

@@ -20,15 +20,22 @@ from torch import nn
 
 from candle_ext.nn.binarize import BINARIZED_ATTR, binarize_names_
 from candle_ext.nn.layers import BinaryConv2d, LearnableBias, RSign
-from candle_ext.ops import sign_pack
+from candle_ext.ops import sign_pack, validate
 from candle_ext.ops.binary_conv2d import packed_inference_conv
-from candle_ext.ops.bitpack import num_words
+from candle_ext.ops.bitpack import check_packed, num_words
 
 ARCH_ATTR = "candle_arch"
 FORMAT = "candle-ext packed model"
 VERSION = 1
-# Builders a file may name. Importing an arbitrary dotted name from a file would run arbitrary code.
-BUILDER_PREFIXES = ("candle_ext.models.", "torchvision.models.", "timm.")
+# The model builders a packed file may name, matched exactly (never by prefix, never imported by a name the file
+# chose): candle-ext's own models, torchvision's registered classification models and timm.create_model with
+# a registered timm model name. Anything else would let a file run code when it is loaded.
+TORCHVISION_PREFIX = "torchvision.models."
+TIMM_BUILDER = "timm.create_model"
+# Builder kwargs that would fetch or read weights, or hand a file path to the builder: the packed file holds
+# the weights, so none of these has a place in one.
+_FORBIDDEN_KWARGS = ("pretrained", "weights", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
+                     "cache_dir", "pretrained_strict", "model_args")
 _FP16_MAX = 65504.0
 HALF_MIN_NUMEL = 4096  # save_packed(half=True) stores float tensors at least this large in float16
 
@@ -42,10 +49,10 @@ class PackedBinaryConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  threshold: bool = False, device=None):
         super().__init__()
-        pair = nn.modules.utils._pair
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
-        self.padding, self.dilation = pair(padding), pair(dilation)
+        self.in_channels = validate.integer("in_channels", in_channels)
+        self.out_channels = validate.integer("out_channels", out_channels)
+        self.kernel_size, self.stride = validate.pair("kernel_size", kernel_size, 1), validate.pair("stride", stride, 1)
+        self.padding, self.dilation = validate.pair("padding", padding, 0), validate.pair("dilation", dilation, 1)
         kh, kw = self.kernel_size
         self.register_buffer("weight_packed", torch.zeros(out_channels, kh, kw, num_words(in_channels),
                                                           dtype=torch.int32, device=device))
@@ -178,41 +185,76 @@ def freeze(model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------- save / load
 
-def _plain(value, where="arch"):
-    """Check that an architecture description holds only plain data (json-representable)."""
+def _plain(value, where="arch", depth: int = 0):
+    """Check that an architecture description holds only plain data (json-representable, nested <= 16)."""
+    if depth > 16:
+        raise TypeError(f"{where} is nested more than 16 levels deep")
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
-        return [_plain(v, where) for v in value]
+        return [_plain(v, where, depth + 1) for v in value]
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _plain(v, where) for k, v in value.items()}
+        return {k: _plain(v, where, depth + 1) for k, v in value.items()}
     raise TypeError(f"{where} must hold plain data (str/int/float/bool/None, lists, dicts with str keys), got "
                     f"{type(value).__name__}: {value!r}")
 
 
+def _candle_builders() -> dict:
+    from candle_ext.models.reactnet import reactnet_a  # reactnet imports this module: import when needed
+    return {"candle_ext.models.reactnet_a": reactnet_a}
+
+
+def _builder(name: str, kwargs: dict, source: str):
+    """The callable and kwargs that build the float model `name` names, if the name is on the allow-list."""
+    candle = _candle_builders()
+    if name in candle:
+        return candle[name], kwargs
+    if name.startswith(TORCHVISION_PREFIX):
+        import torchvision.models as tvm
+        model_name = name[len(TORCHVISION_PREFIX):]
+        if model_name in tvm.list_models(module=tvm):  # the classification models torchvision registers
+            return tvm.get_model_builder(model_name), kwargs
+    if name == TIMM_BUILDER:
+        import timm
+        model_name = kwargs.get("model_name")
+        if isinstance(model_name, str) and model_name in timm.list_models():
+            return timm.create_model, kwargs
+        raise ValueError(f"{source}: builder {name!r} needs kwargs['model_name'] naming a timm model, got "
+                         f"{model_name!r}")
+    raise ValueError(f"{source}: builder {name!r} is not allowed; a packed file may name "
+                     f"{sorted(candle)}, '{TORCHVISION_PREFIX}<a torchvision classification model>' or "
+                     f"'{TIMM_BUILDER}' with a timm model_name")
+
+
 def _check_arch(arch, source: str) -> dict:
-    if not (isinstance(arch, dict) and isinstance(arch.get("builder"), str)
+    """The validated architecture description: an allow-listed builder and plain-data kwargs (no weights,
+    no paths). Nothing is imported by a name the description chose, and nothing is called here."""
+    if not (isinstance(arch, dict) and set(arch) <= {"builder", "kwargs"} and isinstance(arch.get("builder"), str)
             and isinstance(arch.get("kwargs", {}), dict)):
         raise ValueError(f"{source}: arch must be a dict {{'builder': 'module.function', 'kwargs': {{...}}}}, "
                          f"got {arch!r}")
     builder = arch["builder"]
-    if not builder.startswith(BUILDER_PREFIXES):
-        raise ValueError(f"{source}: builder {builder!r} is not allowed; expected a name starting with one of "
-                         f"{BUILDER_PREFIXES}")
-    kwargs = arch.get("kwargs", {})
-    if kwargs.get("pretrained") or kwargs.get("weights") is not None:
-        raise ValueError(f"{source}: builder kwargs ask for pretrained weights ({kwargs}); the packed file holds "
-                         "the weights, so the model is built without them")
-    return {"builder": builder, "kwargs": _plain(kwargs)}
+    try:
+        kwargs = _plain(arch.get("kwargs", {}), f"{source}: arch kwargs")
+    except TypeError as exc:
+        raise ValueError(str(exc)) from exc
+    if not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise ValueError(f"{source}: arch kwargs keys must be identifiers, got {sorted(map(repr, kwargs))}")
+    bad = [k for k in _FORBIDDEN_KWARGS if k in kwargs and kwargs[k] not in (None, False)]
+    if bad:
+        raise ValueError(f"{source}: builder kwargs {bad} ask for pretrained weights or files ({kwargs}); the "
+                         "packed file holds the weights, so the model is built without them")
+    _builder(builder, kwargs, source)  # raises unless the builder is allowed
+    return {"builder": builder, "kwargs": kwargs}
 
 
 def _build(arch: dict, source: str) -> nn.Module:
-    module_name, _, attr = arch["builder"].rpartition(".")
+    fn, kwargs = _builder(arch["builder"], arch["kwargs"], source)
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"{source}: cannot find the model builder {arch['builder']!r}: {exc}") from exc
-    model = fn(**arch["kwargs"])
+        model = fn(**kwargs)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"{source}: builder {arch['builder']!r} rejected kwargs {kwargs}: "
+                         f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ValueError(f"{source}: builder {arch['builder']!r} returned {type(model).__name__}, not a Module")
     return model
@@ -268,7 +310,10 @@ def _skeleton(arch: dict, binarized, source: str) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         model = _build(arch, source)
         if binarized:
-            binarize_names_(model, binarized)
+            try:
+                binarize_names_(model, binarized)
+            except ValueError as exc:
+                raise ValueError(f"{source}: the binarized conv list does not fit the model: {exc}") from exc
         return freeze(model)
 
 
@@ -321,7 +366,10 @@ def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict]
     index, data = _flatten(state)
     header = {"format": FORMAT, "version": VERSION, "arch": arch, "binarized": binarized, "half": bool(half),
               "index": index}
-    torch.save({**header, "data": data, "sha256": _digest(header, data)}, path)
+    try:
+        torch.save({**header, "data": data, "sha256": _digest(header, data)}, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer raises RuntimeError for a missing folder
+        raise OSError(f"save_packed: cannot write the packed model to {str(path)!r}: {exc}") from exc
     return os.path.getsize(path)
 
 
@@ -353,5 +401,11 @@ def load_packed(path, map_location="cpu") -> nn.Module:
     except RuntimeError as exc:
         raise ValueError(f"{path}: the saved weights do not fit the model that {arch['builder']} builds: "
                          f"{exc}") from exc
+    for name, m in frozen.named_modules():
+        if isinstance(m, PackedBinaryConv2d):  # the kernels rely on pad bits being 0: check the file's words
+            try:
+                check_packed(f"{name}.weight_packed", m.weight_packed, m.in_channels)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from exc
     setattr(frozen, ARCH_ATTR, arch)
     return frozen.to(map_location)

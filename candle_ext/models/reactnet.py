@@ -135,16 +135,24 @@ class ClassifierHead(nn.Module):
         return self.fc(torch.flatten(self.pool(features), 1))
 
 
+# Limits that keep a hostile description (a packed file's arch kwargs) from allocating absurd models.
+MAX_CLASSES = 1_000_000
+MAX_WIDTH_MULT = 16.0
+
+
 class ReActNetA(nn.Module):
     """model(x) == model.classifier(model.encoder(x)); model.encoder(x) is the final feature map
     [N, model.num_features, h, w] before pooling."""
 
     def __init__(self, num_classes: int = 1000, small_input: bool = False, width_mult: float = 1.0):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not width_mult > 0:
-            raise ValueError(f"width_mult must be a positive number, got {width_mult!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+            raise ValueError(f"num_classes must be an int in [1, {MAX_CLASSES}], got {num_classes!r}")
+        if (isinstance(width_mult, bool) or not isinstance(width_mult, (int, float))
+                or not 0 < width_mult <= MAX_WIDTH_MULT):
+            raise ValueError(f"width_mult must be a number in (0, {MAX_WIDTH_MULT}], got {width_mult!r}")
+        if not isinstance(small_input, bool):
+            raise TypeError(f"small_input must be a bool, got {small_input!r}")
         # Every width is the stem width times a power of two, so doubling blocks stay exact doublings.
         stem = max(8, int(round(STEM_CHANNELS * width_mult / 8)) * 8)
         layers = OrderedDict(stem=nn.Sequential(OrderedDict(

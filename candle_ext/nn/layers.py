@@ -4,7 +4,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from candle_ext.ops import binary_conv2d, sign_ste
+from candle_ext.ops import binary_conv2d, sign_ste, validate
+
+
+def _channels(name: str, value) -> int:
+    return validate.integer(name, value, 1, validate.MAX_GEOMETRY)
+
+
+def _check_input(layer: nn.Module, x, channels: int) -> None:
+    """Layers take float NCHW-like input with their channel count (packed words go through the ops)."""
+    validate.tensor("input", x, validate.FLOAT_DTYPES)
+    if x.dim() < 2 or x.shape[1] != channels:
+        raise ValueError(f"{type(layer).__name__}({channels}) got input of shape {tuple(x.shape)}; expected "
+                         f"{channels} channels in dim 1")
 
 
 class BinaryConv2d(nn.Conv2d):
@@ -21,6 +33,12 @@ class BinaryConv2d(nn.Conv2d):
             raise ValueError(f"BinaryConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
         if isinstance(padding, str):
             raise ValueError(f"BinaryConv2d needs explicit integer padding, got {padding!r}")
+        _channels("in_channels", in_channels)
+        _channels("out_channels", out_channels)
+        validate.pair("kernel_size", kernel_size, 1)
+        validate.pair("stride", stride, 1)
+        validate.pair("padding", padding, 0)
+        validate.pair("dilation", dilation, 1)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
 
@@ -28,6 +46,7 @@ class BinaryConv2d(nn.Conv2d):
         return self.weight.detach().abs().mean(dim=(1, 2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        validate.tensor("input", x, validate.FLOAT_DTYPES, ndim=4)  # int32 words: use candle_ext.binary_conv2d
         w = torch.clamp(self.weight, -1.0, 1.0)  # sign(clamp(w)) == sign(w); the clamp shapes the gradient
         out = binary_conv2d(x, w, self.scale().to(x.dtype), self.stride, self.padding, self.dilation)
         if self.bias is not None:
@@ -40,9 +59,10 @@ class LearnableBias(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(channels))
+        self.bias = nn.Parameter(torch.zeros(_channels("channels", channels)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(self, x, self.bias.numel())
         return x + self.bias.reshape(1, -1, 1, 1).to(x.dtype)
 
 
@@ -51,9 +71,10 @@ class RSign(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(channels))
+        self.bias = nn.Parameter(torch.zeros(_channels("channels", channels)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(self, x, self.bias.numel())
         return sign_ste(x, self.bias.to(x.dtype))
 
 
@@ -62,10 +83,12 @@ class RPReLU(nn.Module):
 
     def __init__(self, channels: int, init: float = 0.25):
         super().__init__()
+        _channels("channels", channels)
         self.gamma = nn.Parameter(torch.zeros(channels))
         self.prelu = nn.PReLU(channels, init=init)
         self.zeta = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(self, x, self.gamma.numel())
         shape = (1, -1, 1, 1)
         return self.prelu(x - self.gamma.reshape(shape)) + self.zeta.reshape(shape)

@@ -1,5 +1,5 @@
 """MultiResolutionTeacher: a frozen encoder fed the image at several resolutions, calibrated by per-resolution
-1x1 convs + nearest resize + concat (the fused candle_ext.multires_head op) and a pool + linear classifier
+1x1 convs + resize (area where a map shrinks, nearest where it grows) + concat (the fused candle_ext.multires_head op) and a pool + linear classifier
 (paper Alg. 2)."""
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from candle_ext.ops.bitpack import _sign_pack, check_packed, sign_pack
 
 _IMPLS = ("cuda", "triton", "cpu", "reference")
 _OUT_KIND = {None: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+MAX_OUTPUT_ELEMENTS = 2**40  # as csrc/checks.h: an output this large is a mistake, refused before allocating
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -62,9 +63,12 @@ def _(x_packed, w_packed, channels, stride, padding, dilation, scale, shift, out
 @torch.library.custom_op("candle_ext::binary_conv2d", mutates_args=())
 def _binary_conv2d(input: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], stride: List[int],
                    padding: List[int], dilation: List[int]) -> torch.Tensor:
-    out_dtype = input.dtype if input.dtype in _OUT_KIND else torch.float32
-    out = _binary_conv2d_packed(_sign_pack(input, None), _sign_pack(weight, None), input.shape[1], stride,
-                                padding, dilation, scale, None, out_dtype)
+    xp, wp = _sign_pack(input, None), _sign_pack(weight, None)
+    if input.dtype == torch.float64:  # exact int32 accumulators, scaled in float64 (no float32 step)
+        acc = _binary_conv2d_packed(xp, wp, input.shape[1], stride, padding, dilation, None, None, None)
+        out = acc.to(torch.float64)
+        return out if scale is None else out * scale.to(torch.float64).reshape(1, -1, 1, 1)
+    out = _binary_conv2d_packed(xp, wp, input.shape[1], stride, padding, dilation, scale, None, input.dtype)
     return out.to(input.dtype)
 
 
@@ -115,9 +119,11 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, scale: Optional[tor
 
     input: float NCHW, or int32 words [N, H, W, ceil(C/32)] from sign_pack.
     weight: float [Cout, C, kh, kw], or int32 words [Cout, kh, kw, ceil(C/32)].
-    in_channels: the unpadded channel count C; needed only when both input and weight are packed.
+    in_channels: the unpadded channel count C; needed only when both input and weight are packed. Packed
+    words must have their pad bits at 0 (sign_pack's output always has).
     shift, out_dtype: packed path only (no autograd): the result is acc * scale + shift in out_dtype (float32
-    by default); out_dtype=torch.int32 with no scale/shift returns the exact integer accumulators.
+    by default, float64 computed in float64); out_dtype=torch.int32 with no scale/shift returns the exact
+    integer accumulators. Float input and weight with neither shift nor out_dtype take the differentiable path.
     """
     validate.tensor("input", input, validate.FLOAT_DTYPES + (torch.int32,), ndim=4)
     validate.tensor("weight", weight, validate.FLOAT_DTYPES + (torch.int32,), ndim=4)
@@ -128,9 +134,11 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, scale: Optional[tor
         cout, kh, kw, _ = weight.shape
     else:
         cout, _, kh, kw = weight.shape
-    if in_channels is None:
-        if packed_in and packed_w:
-            raise ValueError("in_channels is required when both input and weight are packed int32 words")
+    if in_channels is not None:
+        validate.integer("in_channels", in_channels, 1, validate.MAX_GEOMETRY)
+    elif packed_in and packed_w:
+        raise ValueError("in_channels is required when both input and weight are packed int32 words")
+    else:
         in_channels = weight.shape[1] if not packed_w else input.shape[1]
     if not packed_in and input.shape[1] != in_channels:
         raise ValueError(f"input has {input.shape[1]} channels but weight expects {in_channels}")
@@ -143,23 +151,33 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, scale: Optional[tor
     validate.per_channel("scale", scale, cout, input.device)
     validate.per_channel("shift", shift, cout, input.device)
     h, w = (input.shape[1], input.shape[2]) if packed_in else (input.shape[2], input.shape[3])
-    for name, size, k, i in (("height", h, kh, 0), ("width", w, kw, 1)):
-        if output_size(size, k, stride[i], padding[i], dilation[i]) < 1:
-            raise ValueError(f"input {name} {size} with padding {padding[i]} is smaller than the dilated kernel "
-                             f"{dilation[i] * (k - 1) + 1}")
+    ho, wo = validate.conv_output_sizes((h, w), (kh, kw), stride, padding, dilation)
+    if input.shape[0] * cout * ho * wo > MAX_OUTPUT_ELEMENTS:
+        raise ValueError(f"the output {input.shape[0]}x{cout}x{ho}x{wo} has more than {MAX_OUTPUT_ELEMENTS} "
+                         f"elements (stride {tuple(stride)}, padding {tuple(padding)}, dilation {tuple(dilation)})")
     if not (packed_in or packed_w) and shift is None and out_dtype is None:
         return _binary_conv2d(input, weight, scale, stride, padding, dilation)
-    xp = input if packed_in else _sign_pack(input, None)
-    wp = weight if packed_w else _sign_pack(weight, None)
+    # The packed path has no autograd: say so now rather than at backward() with torch's generic message.
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, scale, shift)):
+        raise ValueError("binary_conv2d on packed words (or with shift/out_dtype) has no gradient, but an input "
+                         "requires grad: call it under torch.no_grad(), detach the inputs, or pass float input "
+                         "and weight without shift/out_dtype for the differentiable path")
     if out_dtype == torch.int32:
         if scale is not None or shift is not None:
             raise ValueError("out_dtype=torch.int32 returns raw accumulators: pass neither scale nor shift")
-        out_dtype = None
-    elif out_dtype is None:
-        out_dtype = torch.float32
-    elif out_dtype not in _OUT_KIND:
-        raise TypeError(f"out_dtype must be float32, float16, bfloat16 or int32, got {out_dtype}")
-    return _binary_conv2d_packed(xp, wp, in_channels, stride, padding, dilation, scale, shift, out_dtype)
+    elif out_dtype is not None and out_dtype not in _OUT_KIND and out_dtype != torch.float64:
+        raise TypeError(f"out_dtype must be float32, float16, bfloat16, float64 or int32, got {out_dtype!r}")
+    xp = input if packed_in else _sign_pack(input, None)
+    wp = weight if packed_w else _sign_pack(weight, None)
+    if out_dtype == torch.int32:
+        return _binary_conv2d_packed(xp, wp, in_channels, stride, padding, dilation, None, None, None)
+    if out_dtype == torch.float64:  # exact accumulators, epilogue in float64
+        out = _binary_conv2d_packed(xp, wp, in_channels, stride, padding, dilation, None, None, None).double()
+        if scale is not None:
+            out = out * scale.double().reshape(1, -1, 1, 1)
+        return out if shift is None else out + shift.double().reshape(1, -1, 1, 1)
+    return _binary_conv2d_packed(xp, wp, in_channels, stride, padding, dilation, scale, shift,
+                                 out_dtype if out_dtype is not None else torch.float32)
 
 
 def _post_ops(out: torch.Tensor, residual: Optional[torch.Tensor], slope: Optional[torch.Tensor],

@@ -57,11 +57,31 @@ def _(words, channels):
     return words.new_empty((n, channels, h, w), dtype=torch.float32)
 
 
-def check_packed(name: str, words, channels: int):
+def pad_mask(channels: int) -> int:
+    """The bits of the last word that lie past `channels` (the pad bits), as an int32 value; 0 when C % 32 == 0."""
+    used = channels % WORD_BITS
+    if used == 0:
+        return 0
+    mask = ~((1 << used) - 1) & 0xFFFFFFFF
+    return mask - (1 << 32) if mask >= 1 << 31 else mask
+
+
+def check_packed(name: str, words, channels: int, check_pad_bits: bool = True):
+    """Packed words for `channels` channels: int32 [*, *, *, ceil(C/32)], pad bits 0. A set pad bit would be
+    read as an extra +1 channel by the kernels (they rely on the rule) but ignored by unpack: such words, e.g.
+    packed from more channels than `channels` says, are refused here instead of giving a wrong result (not
+    while torch.compile/export trace, which see no values)."""
     validate.tensor(name, words, (torch.int32,), ndim=4)
     if words.shape[-1] != num_words(channels):
         raise ValueError(f"{name} has {words.shape[-1]} words per pixel, expected ceil({channels}/32) = "
                          f"{num_words(channels)} for {channels} channels")
+    mask = pad_mask(channels)
+    # A data-dependent check: skipped while torch.compile/export trace (no values then).
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    if check_pad_bits and mask and not tracing and bool((words[..., -1] & mask).any()):
+        raise ValueError(f"{name} has pad bits set: the bits for channels {channels}..{words.shape[-1] * 32 - 1} "
+                         f"of its last word must be 0 for {channels} channels (were the words packed from more "
+                         f"than {channels} channels?)")
 
 
 def sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -73,7 +93,6 @@ def sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Ten
 
 def unpack(words: torch.Tensor, channels: int) -> torch.Tensor:
     """The +-1 float32 NCHW tensor that `words` (from sign_pack) holds; `channels` is the unpadded count."""
-    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    validate.integer("channels", channels)
     check_packed("words", words, channels)
     return _unpack(words, channels)

@@ -1,8 +1,12 @@
 """multires_head: the teacher's "size interpolation & concat" module (paper Alg. 2) as one op.
 
-For each resolution r: y_r = 1x1 conv of features[r] (weights[r]: [C_S, C_T], biases[r]: [C_S]), resized
-(nearest, F.interpolate semantics) to the spatial size of features[base], and the results concatenated on
-channels -> [N, R*C_S, h_base, w_base]. Fused kernels never materialise the per-resolution maps.
+For each resolution r: y_r = 1x1 conv of features[r] (weights[r]: [C_S, C_T], biases[r]: [C_S]), resized to
+the spatial size of features[base] (area/average where a map shrinks, so nothing is dropped; nearest where it
+grows; reference.resize), and the results concatenated on channels -> [N, R*C_S, h_base, w_base].
+
+Every backend runs the area step first, on the features (adaptive average pooling of the maps larger than the
+base: it commutes with the 1x1 conv, both being linear, and makes the conv cheaper); the fused kernels then do
+1x1 conv + nearest resize + concat without materialising the per-resolution maps.
 """
 from __future__ import annotations
 
@@ -89,11 +93,21 @@ _multires_head.register_autograd(_backward, setup_context=_setup_context)
 def multires_head(features: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
                   biases: Optional[Sequence[Optional[torch.Tensor]]] = None, base: Optional[int] = None
                   ) -> torch.Tensor:
-    """Fused per-resolution 1x1 conv + nearest resize to features[base]'s size + channel concat.
+    """Fused per-resolution 1x1 conv + resize to features[base]'s size (area where a map shrinks, nearest
+    where it grows) + channel concat.
 
     features: R tensors [N, C_T, h_r, w_r] (one dtype, one device); weights: R tensors [C_S, C_T] (or
     [C_S, C_T, 1, 1]); biases: R tensors [C_S] or None; base: index of the base resolution (default: the
     middle one, as in small/base/large). Returns [N, R*C_S, h_base, w_base]."""
+    for name, seq in (("features", features), ("weights", weights), ("biases", biases)):
+        if seq is None and name == "biases":
+            continue
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple of tensors, one per resolution, got "
+                            f"{type(seq).__name__}" + (f" of shape {tuple(seq.shape)}" if isinstance(seq, torch.Tensor)
+                                                       else ""))
+    if base is not None and (isinstance(base, bool) or not isinstance(base, int)):
+        raise TypeError(f"base must be an int index into features, got {base!r}")
     features, weights = list(features), list(weights)
     if not features:
         raise ValueError("features is empty; expected one feature map per resolution")

@@ -1,6 +1,7 @@
-"""Distillation with adversarial balancing (paper Alg. 1), the Table 3 ablation modes and the from-scratch
-baseline. Construction (build_distill_parts) and the per-step function (distill_step) are separate and hold no
-global state, so a data-parallel wrapper can reuse them."""
+"""Training the binary student: CANDLE's distillation with adversarial balancing (paper Alg. 1), the Table 3
+ablation modes and the standard long-tailed baselines, each defined once in METHODS. Construction
+(build_distill_parts) and the per-step function (distill_step) are separate and hold no global state, so a
+data-parallel wrapper can reuse them."""
 from __future__ import annotations
 
 import math
@@ -11,13 +12,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from candle_ext.train.balancer import AdversarialBalancer
-from candle_ext.train.losses import feature_similarity_loss, kl_loss
+from candle_ext.train.balancer import AdversarialBalancer, make_phi_optimizer
+from candle_ext.train.losses import (balanced_softmax_loss, dive_loss, feature_similarity_loss, kl_loss,
+                                     logit_adjusted_loss)
 
-# scratch: plain cross entropy on labels. feature: uncalibrated teacher, feature distillation only (the
-# classifier learns from labels, the encoder from FS only). fixed: calibrate & distill, L = (1-l)K + lF with a
-# fixed l. adversarial: CANDLE, l = AB_phi(K, F) learned by gradient ascent.
-MODES = ("scratch", "feature", "fixed", "adversarial")
+
+@dataclass(frozen=True)
+class Method:
+    """How a method trains the student. teacher: None, 'calibrated' (teacher.pt of the calibration stage) or
+    'pretrained' (the uncalibrated teacher, for its features only). sampler: 'distill' follows distill.sampler,
+    'scratch' follows distill.scratch_sampler, 'random' is always instance sampling."""
+    name: str
+    summary: str
+    teacher: Optional[str] = None
+    sampler: str = "random"
+
+
+METHODS: Dict[str, Method] = {m.name: m for m in (
+    Method("adversarial", "CANDLE: KL + feature similarity, lambda learned by adversarial ascent (Alg. 1)",
+           "calibrated", "distill"),
+    Method("fixed", "calibrate & distill with a fixed lambda: (1-l) KL + l FS", "calibrated", "distill"),
+    Method("feature", "uncalibrated teacher: encoder on FS only, classifier on CE", "pretrained", "distill"),
+    Method("kd", "plain KD from the calibrated teacher: KL only", "calibrated", "distill"),
+    Method("dive", "DiVE-style: (1-a) balanced-softmax CE + a T^2 KL to the power-flattened teacher",
+           "calibrated", "random"),
+    Method("scratch", "cross-entropy on labels (random sampling unless distill.scratch_sampler says)",
+           None, "scratch"),
+    Method("ce_balanced", "cross-entropy with class-balanced sampling", None, "balanced"),
+    Method("balanced_softmax", "Balanced Softmax (Ren et al. 2020)", None, "random"),
+    Method("logit_adjusted", "logit-adjusted loss (Menon et al. 2021), tau = distill.la_tau", None, "random"),
+    Method("tau_norm", "cross-entropy, then post-hoc tau-normalised classifier (Kang et al. 2020)", None,
+           "random"),
+)}
+MODES = tuple(METHODS)
 
 
 @dataclass
@@ -31,6 +58,10 @@ class DistillParts:
     schedulers: List[torch.optim.lr_scheduler.LRScheduler] = field(default_factory=list)
     fixed_lambda: float = 0.5
     temperature: float = 1.0
+    log_prior: Optional[torch.Tensor] = None  # log class prior of the training set (logit-adjusted losses)
+    la_tau: float = 1.0
+    dive_alpha: float = 0.5
+    dive_temperature: float = 3.0
 
     def modules(self) -> Dict[str, object]:
         """Everything a checkpoint must hold."""
@@ -61,23 +92,29 @@ def _cosine(opt: torch.optim.Optimizer, total_steps: int):
 
 def build_distill_parts(student: nn.Module, mode: str = "adversarial", lr: float = 0.01,
                         phi_lr: Optional[float] = None, total_steps: int = 1, fixed_lambda: float = 0.5,
-                        temperature: float = 1.0, balancer: Optional[AdversarialBalancer] = None) -> DistillParts:
-    """Adam (weight decay 0) for classifier, encoder and phi, each with a cosine schedule over total_steps."""
-    if mode not in MODES:
+                        temperature: float = 1.0, balancer: Optional[AdversarialBalancer] = None,
+                        phi_update: str = "sgd", log_prior: Optional[torch.Tensor] = None, la_tau: float = 1.0,
+                        dive_alpha: float = 0.5, dive_temperature: float = 3.0) -> DistillParts:
+    """Adam (weight decay 0) for classifier and encoder with a cosine schedule over total_steps; for CANDLE
+    (mode 'adversarial') the balancer's ascent optimizer (phi_update: 'sgd' = Alg. 1's plain ascent, or 'adam')
+    at the constant rate phi_lr (default lr): a decaying rate would freeze lambda wherever it is late in
+    training instead of letting it follow the losses."""
+    if mode not in METHODS:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 0.0 <= fixed_lambda <= 1.0:
         raise ValueError(f"fixed_lambda must lie in [0, 1], got {fixed_lambda}")
+    if mode in ("balanced_softmax", "logit_adjusted", "dive") and log_prior is None:
+        raise ValueError(f"mode {mode!r} needs log_prior (the log class prior of the training set)")
     enc, cls = split_student(student)
     opt_cls = torch.optim.Adam(cls, lr=lr, weight_decay=0.0)
     opt_enc = torch.optim.Adam(enc, lr=lr, weight_decay=0.0)
-    parts = DistillParts(student, mode, opt_cls, opt_enc, fixed_lambda=fixed_lambda, temperature=temperature)
+    parts = DistillParts(student, mode, opt_cls, opt_enc, fixed_lambda=fixed_lambda, temperature=temperature,
+                         log_prior=log_prior, la_tau=la_tau, dive_alpha=dive_alpha,
+                         dive_temperature=dive_temperature)
     if mode == "adversarial":
         parts.balancer = balancer if balancer is not None else AdversarialBalancer()
-        # maximize=True: Adam ascends L with respect to phi (Alg. 1, phi <- phi + eta grad L).
-        parts.opt_phi = torch.optim.Adam(parts.balancer.parameters(), lr=phi_lr if phi_lr is not None else lr,
-                                         weight_decay=0.0, maximize=True)
-    parts.schedulers = [_cosine(o, total_steps) for o in (parts.opt_cls, parts.opt_enc, parts.opt_phi)
-                        if o is not None]
+        parts.opt_phi = make_phi_optimizer(parts.balancer, phi_update, phi_lr if phi_lr is not None else lr)
+    parts.schedulers = [_cosine(o, total_steps) for o in (parts.opt_cls, parts.opt_enc)]
     return parts
 
 
@@ -86,29 +123,55 @@ def _assign(params, grads) -> None:
         p.grad = torch.zeros_like(p) if g is None else g
 
 
+def _label_loss(parts: DistillParts, logits: torch.Tensor, y: torch.Tensor,
+                teacher_logits: Optional[torch.Tensor]) -> torch.Tensor:
+    """The loss of a method that trains the whole student on one objective (no feature distillation)."""
+    mode = parts.mode
+    if mode in ("scratch", "ce_balanced", "tau_norm"):
+        return F.cross_entropy(logits, y)
+    if mode == "balanced_softmax":
+        return balanced_softmax_loss(logits, y, parts.log_prior)
+    if mode == "logit_adjusted":
+        return logit_adjusted_loss(logits, y, parts.log_prior, parts.la_tau)
+    if mode == "kd":
+        return kl_loss(teacher_logits, logits, parts.temperature)
+    if mode == "dive":
+        return dive_loss(logits, teacher_logits, y, parts.log_prior, parts.dive_alpha, parts.dive_temperature)
+    raise AssertionError(mode)
+
+
+def _step(parts: DistillParts) -> None:
+    parts.opt_cls.step()
+    if parts.opt_phi is not None:
+        parts.opt_phi.step()
+        parts.balancer.project_()
+    parts.opt_enc.step()
+    for s in parts.schedulers:
+        s.step()
+
+
 def distill_step(parts: DistillParts, x: torch.Tensor, y: torch.Tensor,
                  teacher_logits: Optional[torch.Tensor] = None,
                  teacher_features: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """One optimisation step. x: student input at the base resolution (normalised); teacher_logits [N, C] and
     teacher_features (base-resolution branch, [N, C_S, h, w] or pooled [N, C_S]) come from the frozen teacher."""
     student, mode = parts.student, parts.mode
+    method = METHODS[mode]
     student.train()
     enc_p, cls_p = split_student(student)
     feat = student.encoder(x)
     logits = student.classifier(feat)
     out = {"acc": float((logits.detach().argmax(1) == y).float().mean())}
-    if mode == "scratch":
-        loss = F.cross_entropy(logits, y)
-        g = torch.autograd.grad(loss, cls_p + enc_p, allow_unused=True)
-        _assign(cls_p + enc_p, g)
-        parts.opt_cls.step()
-        parts.opt_enc.step()
-        for s in parts.schedulers:
-            s.step()
+    if method.teacher == "calibrated" and teacher_logits is None:
+        raise ValueError(f"mode {mode!r} needs teacher_logits")
+    if mode not in ("adversarial", "fixed", "feature"):  # one objective for the whole student
+        loss = _label_loss(parts, logits, y, teacher_logits)
+        _assign(cls_p + enc_p, torch.autograd.grad(loss, cls_p + enc_p, allow_unused=True))
+        _step(parts)
         out["loss"] = float(loss.detach())
         return out
-    if teacher_features is None or (mode != "feature" and teacher_logits is None):
-        raise ValueError(f"mode {mode!r} needs teacher_features" + ("" if mode == "feature" else " and logits"))
+    if teacher_features is None:
+        raise ValueError(f"mode {mode!r} needs teacher_features")
     fs = feature_similarity_loss(teacher_features, feat)
     if mode == "feature":
         cls_loss = F.cross_entropy(logits, y)
@@ -130,11 +193,6 @@ def distill_step(parts: DistillParts, x: torch.Tensor, y: torch.Tensor,
         _assign(phi, g[len(enc_p):])
     else:
         _assign(enc_p, torch.autograd.grad(enc_loss, enc_p, allow_unused=True))
-    parts.opt_cls.step()
-    if parts.opt_phi is not None:
-        parts.opt_phi.step()
-    parts.opt_enc.step()
-    for s in parts.schedulers:
-        s.step()
+    _step(parts)
     out.update(fs=float(fs.detach()), loss=float(enc_loss.detach()), **{"lambda": float(lam.detach())})
     return out

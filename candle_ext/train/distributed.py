@@ -474,8 +474,8 @@ class SyncedBalancer(AdversarialBalancer):
     runs in float32 even under autocast (two inputs; bf16 would only cost accuracy). Same state_dict as
     AdversarialBalancer."""
 
-    def __init__(self, env: DistEnv):
-        super().__init__()
+    def __init__(self, env: DistEnv, logit_bound: Optional[float] = 3.0):
+        super().__init__(logit_bound)
         self.env = env
 
     def forward(self, kl: torch.Tensor, fs: torch.Tensor) -> torch.Tensor:

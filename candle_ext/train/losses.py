@@ -51,3 +51,52 @@ def feature_similarity_loss(teacher_features: torch.Tensor, student_features: to
         raise ValueError(f"teacher features have {t.shape[1]} channels, student {s.shape[1]}; the teacher's 1x1 "
                          f"convs must map to the student's channel count")
     return (1.0 - F.cosine_similarity(t.float(), s.float(), dim=1)).mean()
+
+
+# ------------------------------------------------------------------------------ long-tailed baselines' losses
+
+def log_prior(class_counts: Sequence[int]) -> torch.Tensor:
+    """log pi_y of the training label distribution (counts normalised); every class needs a sample."""
+    n = torch.as_tensor(list(class_counts), dtype=torch.float64)
+    if n.numel() == 0 or (n <= 0).any():
+        raise ValueError(f"class_counts must be positive for every class, got {list(class_counts)}")
+    return (n / n.sum()).log().float()
+
+
+def logit_adjusted_loss(logits: torch.Tensor, target: torch.Tensor, log_prior: torch.Tensor,
+                        tau: float = 1.0) -> torch.Tensor:
+    """Logit-adjusted cross entropy (Menon et al. 2021): CE(logits + tau * log pi, y). Training sees the prior
+    added, so the plain logits at test time are calibrated for a balanced label distribution."""
+    return F.cross_entropy(logits + tau * log_prior.to(logits.device, logits.dtype), target)
+
+
+def balanced_softmax_loss(logits: torch.Tensor, target: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    """Balanced Softmax (Ren et al. 2020): the softmax weighted by the class counts, p_y = n_y e^{z_y} /
+    sum_j n_j e^{z_j}, i.e. CE(logits + log n). It is the logit-adjusted loss with tau = 1 (log n and log pi
+    differ by a constant, which the softmax ignores)."""
+    return logit_adjusted_loss(logits, target, log_prior, 1.0)
+
+
+def dive_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+              log_prior: torch.Tensor, alpha: float = 0.5, temperature: float = 3.0, power: float = 0.5
+              ) -> torch.Tensor:
+    """DiVE-style distillation (He et al. 2021): (1 - alpha) * Balanced Softmax CE on the labels + alpha * T^2 *
+    KL(q || softmax(s / T)), where q is the teacher's temperature-T distribution flattened by a power
+    normalisation q ~ p^power (DiVE's "virtual examples" for the tail)."""
+    p = F.softmax(teacher_logits.detach().float() / temperature, dim=1).pow(power)
+    q = p / p.sum(dim=1, keepdim=True)
+    s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    kd = F.kl_div(s, q, reduction="batchmean") * temperature ** 2
+    return (1.0 - alpha) * balanced_softmax_loss(student_logits, target, log_prior) + alpha * kd
+
+
+@torch.no_grad()
+def tau_normalize_(linear: torch.nn.Linear, tau: float = 1.0) -> torch.nn.Linear:
+    """Post-hoc tau-normalisation (Kang et al. 2020) in place: row j of the classifier (weight and bias) is
+    divided by ||w_j||^tau, so logit j becomes z_j / ||w_j||^tau; tau = 0 leaves it as it is. Head classes, whose
+    weight norms grow largest under instance sampling, lose their advantage."""
+    norms = linear.weight.norm(dim=1).clamp_min(1e-12).pow(tau)
+    linear.weight.div_(norms.unsqueeze(1))
+    if linear.bias is not None:
+        linear.bias.div_(norms)
+    return linear

@@ -5,10 +5,11 @@ Data-parallel: a Context made with a distributed DistEnv (torchrun) shards every
 cache and the evaluation, and writes files from rank 0 only (candle_ext.train.distributed)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,29 +20,30 @@ from candle_ext.data import build_datasets, class_groups, class_order
 from candle_ext.nn.multires import MultiResolutionTeacher
 from candle_ext.train import checkpoint
 from candle_ext.train.calibrate import calibrate_step, make_calibration
-from candle_ext.train.distill import build_distill_parts, distill_step
+from candle_ext.train.config import Config, StudentConfig, TeacherConfig
+from candle_ext.train.distill import METHODS, build_distill_parts, distill_step
+from candle_ext.train.losses import log_prior, tau_normalize_
 from candle_ext.train.distributed import (DistEnv, Precision, SyncedBalancer, all_gather_rows, barrier,
                                           broadcast_module, broadcast_object, convert_sync_batchnorm, local_batch_size,
                                           make_distributed_sampler, rank_seed, revert_sync_batchnorm,
                                           sync_optimizer)
 from candle_ext.train.evaluate import (accuracy_report, classifier_weight_norms, markdown_table, plot_gain,
                                        plot_lambda, plot_weight_norms, predict, write_json)
-from candle_ext.train.loop import fit
+from candle_ext.train.loop import fit, steps_per_epoch
 from candle_ext.train.teacher import load_teacher
 
 
-def _reactnet(num_classes: int, cfg: dict) -> nn.Module:
+def _reactnet(num_classes: int, cfg: StudentConfig) -> nn.Module:
     from candle_ext.models import reactnet_a
-    return reactnet_a(num_classes, small_input=bool(cfg.get("small_input", True)),
-                      width_mult=float(cfg.get("width_mult", 1.0)))
+    return reactnet_a(num_classes, small_input=cfg.small_input, width_mult=cfg.width_mult)
 
 
 # Student architectures by config name; tests register small stand-ins here.
-STUDENTS: Dict[str, Callable[[int, dict], nn.Module]] = {"reactnet_a": _reactnet}
+STUDENTS: Dict[str, Callable[[int, StudentConfig], nn.Module]] = {"reactnet_a": _reactnet}
 
 
-def build_student(cfg: dict, num_classes: int, seed: int) -> nn.Module:
-    arch = cfg.get("arch", "reactnet_a")
+def build_student(cfg: StudentConfig, num_classes: int, seed: int) -> nn.Module:
+    arch = cfg.arch
     if arch not in STUDENTS:
         raise ValueError(f"student.arch must be one of {sorted(STUDENTS)}, got {arch!r}")
     torch.manual_seed(seed)  # the same initial student for every method compared
@@ -51,17 +53,17 @@ def build_student(cfg: dict, num_classes: int, seed: int) -> nn.Module:
     return model
 
 
-def teacher_resolutions(tcfg: dict) -> Tuple[List[int], int]:
-    res = [int(r) for r in tcfg.get("resolutions", [128, 224, 480])]
-    base = int(tcfg.get("base", 1)) % len(res)
-    if not tcfg.get("multires", True):  # ablation: single-resolution teacher at the student's resolution
+def teacher_resolutions(tcfg: TeacherConfig) -> Tuple[List[int], int]:
+    res = list(tcfg.resolutions)
+    base = tcfg.base % len(res)
+    if not tcfg.multires:  # ablation: single-resolution teacher at the student's resolution
         return [res[base]], 0
     return res, base
 
 
-def build_teacher(tcfg: dict, num_classes: int, student_channels: int, seed: int) -> MultiResolutionTeacher:
-    enc, _ = load_teacher(tcfg.get("name", "efficientnet_lite0"), tcfg.get("weights"),
-                          bool(tcfg.get("pretrained", False)))
+def build_teacher(tcfg: TeacherConfig, num_classes: int, student_channels: int, seed: int
+                  ) -> MultiResolutionTeacher:
+    enc, _ = load_teacher(tcfg.name, tcfg.weights, tcfg.pretrained)
     res, base = teacher_resolutions(tcfg)
     torch.manual_seed(seed)
     return MultiResolutionTeacher(enc, num_classes, student_channels, res, base)
@@ -112,20 +114,21 @@ def teacher_outputs(teacher: MultiResolutionTeacher, feats: List[torch.Tensor], 
     return torch.cat(logits), torch.cat(fvec)
 
 
-def save_teacher(teacher: MultiResolutionTeacher, tcfg: dict, path: str) -> None:
+def save_teacher(teacher: MultiResolutionTeacher, tcfg: TeacherConfig, path: str) -> None:
     head = {k: v for k, v in teacher.state_dict().items() if not k.startswith("encoder.")}
     checkpoint.save_atomic({"head": head, "resolutions": teacher.resolutions, "base": teacher.base,
-                            "name": tcfg.get("name", "efficientnet_lite0"),
+                            "name": tcfg.name,
                             "student_channels": teacher.student_channels, "num_classes": teacher.num_classes},
                            path)
 
 
-def load_calibrated_teacher(tcfg: dict, path: str, dist: Optional[DistEnv] = None) -> MultiResolutionTeacher:
+def load_calibrated_teacher(tcfg: TeacherConfig, path: str, dist: Optional[DistEnv] = None
+                            ) -> MultiResolutionTeacher:
     """The teacher saved by save_teacher; distributed: rank 0 reads it and sends it to the others (no shared
     filesystem needed)."""
     env = dist if dist is not None else DistEnv()
     ck = broadcast_object(checkpoint.load(path) if env.is_main else None, env)
-    enc, _ = load_teacher(ck["name"], tcfg.get("weights"), bool(tcfg.get("pretrained", False)))
+    enc, _ = load_teacher(ck["name"], tcfg.weights, tcfg.pretrained)
     t = MultiResolutionTeacher(enc, int(ck["num_classes"]), int(ck["student_channels"]),
                                [int(r) for r in ck["resolutions"]], int(ck["base"]))
     missing, unexpected = t.load_state_dict(ck["head"], strict=False)
@@ -148,35 +151,33 @@ class Context:
     """Everything one run shares: config, data, groups, device, output folder, the process group (dist) and
     the precision switches (config keys amp, channels_last: bf16 autocast and NHWC on CUDA, default on)."""
 
-    def __init__(self, cfg: dict, train=None, test=None, dist: Optional[DistEnv] = None):
-        self.cfg = cfg
+    def __init__(self, cfg: Union[Config, dict], train=None, test=None, dist: Optional[DistEnv] = None):
+        self.cfg = cfg if isinstance(cfg, Config) else Config.from_dict(cfg)
+        cfg = self.cfg
         self.dist = dist if dist is not None else DistEnv()
-        self.seed = int(cfg.get("seed", 0))
-        self.device = cfg.get("device", "cpu")
+        self.seed = cfg.seed
+        self.device = cfg.device
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if cfg.get("threads"):  # intra-op threads; 1 can beat the default on a shared, oversubscribed CPU
-            torch.set_num_threads(int(cfg["threads"]))
-        self.out = cfg.get("out_dir", "runs/candle")
-        os.makedirs(self.out, exist_ok=True)
+        if cfg.threads:  # intra-op threads; 1 can beat the default on a shared, oversubscribed CPU
+            torch.set_num_threads(cfg.threads)
+        self.out = cfg.out_dir
         if train is None:
-            train, test = build_datasets(cfg.get("data", {}))
+            train, test = build_datasets(dataclasses.asdict(cfg.data))
+        os.makedirs(self.out, exist_ok=True)
         self.train, self.test = train, test
         self.num_classes = train.num_classes
-        self.groups = class_groups(train.labels, self.num_classes, cfg.get("data", {}).get("groups", "auto"))
+        self.groups = class_groups(train.labels, self.num_classes, cfg.data.groups)
         self.order = class_order(train.labels, self.num_classes).tolist()
-        self.progress = bool(cfg.get("progress", True))
-        self.res, self.base = teacher_resolutions(cfg.get("teacher", {}))
+        self.progress = cfg.progress
+        self.res, self.base = teacher_resolutions(cfg.teacher)
         self.size = self.res[self.base]
         self._channels: Optional[int] = None
-        self.precision = Precision(bool(cfg.get("amp", True)), bool(cfg.get("channels_last", True)),
-                                   "cuda" if self.device == "cuda" else "cpu")
+        self.precision = Precision(cfg.amp, cfg.channels_last, "cuda" if self.device == "cuda" else "cpu")
 
     def student_channels(self) -> int:
         if self._channels is None:
-            self._channels = build_student(self.cfg.get("student", {}), self.num_classes, self.seed).num_features
+            self._channels = build_student(self.cfg.student, self.num_classes, self.seed).num_features
         return self._channels
 
     @property
@@ -192,22 +193,21 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
               stop_after_steps: Optional[int] = None) -> Tuple[MultiResolutionTeacher, Dict, List[torch.Tensor]]:
     """Stage 1: train the 1x1 convs and classifier of the multi-resolution teacher with class-balanced
     sampling and label-aware smoothing. Saves {out}/teacher.pt; returns (teacher, report, encoder cache)."""
-    c = ctx.cfg.get("calibrate", {})
-    teacher = build_teacher(ctx.cfg.get("teacher", {}), ctx.num_classes, ctx.student_channels(), ctx.seed)
+    c = ctx.cfg.calibrate
+    teacher = build_teacher(ctx.cfg.teacher, ctx.num_classes, ctx.student_channels(), ctx.seed)
     teacher = ctx.precision.model(_to_device(teacher, ctx.device))
     broadcast_module(teacher, ctx.dist)
-    bs = int(c.get("batch_size", 128))
+    bs = c.batch_size
     lbs = local_batch_size(bs, ctx.dist)
     t0 = time.time()
     if cache is None:
         cache = encode_dataset(teacher, ctx.train, lbs, ctx.device, ctx.progress, ctx.dist, ctx.precision)
     t_enc = time.time() - t0
-    epochs = int(c.get("epochs", 5))
+    epochs = c.epochs
     counts = np.bincount(ctx.train.labels, minlength=ctx.num_classes)
-    sampler = make_distributed_sampler(ctx.train.labels, c.get("sampler", "balanced"), ctx.seed, ctx.dist)
-    opt, sched, eps = make_calibration(teacher, counts, float(c.get("lr", 1e-3)),
-                                       epochs * -(-len(sampler) // lbs), float(c.get("eps_head", 0.3)),
-                                       float(c.get("eps_tail", 0.0)))
+    sampler = make_distributed_sampler(ctx.train.labels, c.sampler, ctx.seed, ctx.dist)
+    opt, sched, eps = make_calibration(teacher, counts, c.lr, epochs * steps_per_epoch(len(sampler), lbs),
+                                       c.eps_head, c.eps_tail)
     sync_optimizer(opt, ctx.dist)
     labels = torch.as_tensor(ctx.train.labels)
 
@@ -220,10 +220,10 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
                   {"head": _HeadState(teacher), "opt": opt, "sched": sched}, resume, None, ctx.progress,
                   stop_after_steps, ctx.dist)
     if ctx.dist.is_main:
-        save_teacher(teacher, ctx.cfg.get("teacher", {}), os.path.join(ctx.out, "teacher.pt"))
+        save_teacher(teacher, ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"))
     barrier(ctx.dist)  # teacher.pt exists for every rank of a following stage
     report = {"encode_seconds": t_enc, "history": history}
-    if c.get("evaluate", True):
+    if c.evaluate:
         report["test"] = evaluate_teacher(ctx, teacher)
         ctx.log(f"calibrated teacher: top-1 {report['test']['top1']:.2f}")
     return teacher, report, cache
@@ -256,42 +256,46 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
     """Stage 2 (or the scratch baseline): train the binary student. mode defaults to distill.mode. The
     teacher defaults to {out}/teacher.pt (mode 'feature' uses an uncalibrated teacher). Saves
     {out}/{name}_student.pt; returns (student, report)."""
-    d = ctx.cfg.get("distill", {})
-    mode = mode or d.get("mode", "adversarial")
+    d = ctx.cfg.distill
+    mode = mode or d.mode
+    if mode not in METHODS:
+        raise ValueError(f"mode must be one of {', '.join(METHODS)}, got {mode!r}")
+    method = METHODS[mode]
     name = name or mode
-    bs = int(d.get("batch_size", 128))
+    bs = d.batch_size
     lbs = local_batch_size(bs, ctx.dist)
-    epochs = int(d.get("epochs", 10))
-    # The scratch baseline keeps plain instance sampling (its own key) so it stays the paper's plain-CE baseline.
-    kind = d.get("scratch_sampler", "random") if mode == "scratch" else d.get("sampler", "random")
+    epochs = d.epochs
+    kind = {"distill": d.sampler, "scratch": d.scratch_sampler}.get(method.sampler, method.sampler)
     sampler = make_distributed_sampler(ctx.train.labels, kind, ctx.seed, ctx.dist)
-    steps = epochs * -(-len(sampler) // lbs)
-    student = build_student(ctx.cfg.get("student", {}), ctx.num_classes, ctx.seed)
+    steps = epochs * steps_per_epoch(len(sampler), lbs)
+    student = build_student(ctx.cfg.student, ctx.num_classes, ctx.seed)
     # Global batch statistics in every BN: the N-process run computes the 1-process run's function.
     student = ctx.precision.model(convert_sync_batchnorm(student, ctx.dist).to(ctx.device))
     broadcast_module(student, ctx.dist)
     torch.manual_seed(ctx.seed + 1)
-    parts = build_distill_parts(student, mode, float(d.get("lr", 0.01)), d.get("phi_lr"), steps,
-                                float(d.get("fixed_lambda", 0.5)), float(d.get("temperature", 1.0)),
-                                SyncedBalancer(ctx.dist) if mode == "adversarial" else None)
+    counts = np.bincount(ctx.train.labels, minlength=ctx.num_classes)
+    prior = log_prior(counts).to(ctx.device) if counts.min() > 0 else None
+    parts = build_distill_parts(student, mode, d.lr, d.phi_lr, steps, d.fixed_lambda, d.temperature,
+                                SyncedBalancer(ctx.dist, d.logit_bound) if mode == "adversarial" else None,
+                                phi_update=d.phi_update, log_prior=prior, la_tau=d.la_tau,
+                                dive_alpha=d.dive_alpha, dive_temperature=d.dive_temperature)
     if parts.balancer is not None:
         parts.balancer.to(ctx.device)
         broadcast_module(parts.balancer, ctx.dist)
     for opt in (parts.opt_cls, parts.opt_enc, parts.opt_phi):
         if opt is not None:
             sync_optimizer(opt, ctx.dist)  # each of Alg. 1's three gradient groups averaged before its step
-    augment = bool(d.get("augment", False))
+    augment = d.augment
     if augment and ctx.dist.distributed:
         torch.manual_seed(rank_seed(ctx.seed + 1, ctx.dist))  # different crops and flips on every rank
     t_logits = t_feats = None
-    if mode != "scratch":
+    if method.teacher is not None:
         if teacher is None:
             tpath = os.path.join(ctx.out, "teacher.pt")
-            if mode == "feature":
-                teacher = build_teacher(ctx.cfg.get("teacher", {}), ctx.num_classes, student.num_features,
-                                        ctx.seed)
+            if method.teacher == "pretrained":
+                teacher = build_teacher(ctx.cfg.teacher, ctx.num_classes, student.num_features, ctx.seed)
             else:
-                teacher = load_calibrated_teacher(ctx.cfg.get("teacher", {}), tpath, ctx.dist)
+                teacher = load_calibrated_teacher(ctx.cfg.teacher, tpath, ctx.dist)
         teacher = ctx.precision.model(_to_device(teacher, ctx.device)).eval()
         if teacher.student_channels != student.num_features:
             raise ValueError(f"teacher maps to {teacher.student_channels} channels, the student has "
@@ -301,6 +305,8 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
                 cache = encode_dataset(teacher, ctx.train, lbs, ctx.device, ctx.progress, ctx.dist,
                                        ctx.precision)
             t_logits, t_feats = teacher_outputs(teacher, cache, bs, ctx.device)
+    else:
+        teacher = None
     labels = torch.as_tensor(ctx.train.labels)
 
     def step(idx):
@@ -311,7 +317,7 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
         x = ctx.precision.input(x.to(ctx.device))
         tl = tf = None
         with ctx.precision.autocast():  # bf16 for teacher and student on CUDA when enabled
-            if mode != "scratch":
+            if teacher is not None:
                 if t_logits is not None:
                     tl, tf = t_logits[i].to(ctx.device), t_feats[i].to(ctx.device)
                 else:
@@ -321,7 +327,7 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
             return distill_step(parts, (x - 0.5) / 0.5, labels[i].to(ctx.device), tl, tf)
 
     def end_of_epoch(epoch):
-        if not d.get("eval_every_epoch", False):
+        if not d.eval_every_epoch:
             return {}
         return {"test_top1": evaluate_student(ctx, student)["top1"]}
 
@@ -329,6 +335,8 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
     history = fit(ctx.out, name, epochs, sampler, lbs, step, parts.modules(), resume, end_of_epoch, ctx.progress,
                   stop_after_steps, ctx.dist)
     student = revert_sync_batchnorm(student)  # plain BatchNorm2d again (same tensors): freeze/export expect it
+    if mode == "tau_norm":
+        tau_normalize_(student.classifier.fc, d.tau_norm)
     if ctx.dist.is_main:
         checkpoint.save_atomic(student.state_dict(), os.path.join(ctx.out, f"{name}_student.pt"))
     report = {"mode": mode, "train_seconds": time.time() - t0, "history": history,
@@ -364,7 +372,7 @@ def evaluate_student(ctx: Context, student: nn.Module) -> Dict:
 
 
 def load_student(ctx: Context, path: str) -> nn.Module:
-    student = build_student(ctx.cfg.get("student", {}), ctx.num_classes, ctx.seed)
+    student = build_student(ctx.cfg.student, ctx.num_classes, ctx.seed)
     student.load_state_dict(checkpoint.load(path))
     return student.to(ctx.device).eval()
 
@@ -391,7 +399,7 @@ def write_reports(ctx: Context, results: Dict[str, Dict], lambda_log: Optional[s
         plots["gain"] = os.path.join(ctx.out, "per_class_gain.png")
         plot_gain(rows[main]["per_class"], rows[baseline]["per_class"], ctx.order, plots["gain"],
                   f"{main} - {baseline}")
-    write_json({"config": ctx.cfg, "groups": ctx.groups, "class_order": ctx.order,
+    write_json({"config": ctx.cfg.to_dict(), "groups": ctx.groups, "class_order": ctx.order,
                 "train_counts": np.bincount(ctx.train.labels, minlength=ctx.num_classes).tolist(),
                 "test_size": len(ctx.test), "results": results, "plots": plots},
                os.path.join(ctx.out, "report.json"))
@@ -406,7 +414,7 @@ def demo(ctx: Context, resume: bool = False) -> Dict:
     t0 = time.time()
     teacher, trep, cache = calibrate(ctx, resume=resume)
     ctx.log(f"[{time.time() - t0:.0f}s] calibration done")
-    mode = ctx.cfg.get("distill", {}).get("mode", "adversarial")
+    mode = ctx.cfg.distill.mode
     s_candle, crep = distill(ctx, mode, teacher, cache, name="candle", resume=resume)
     del cache
     ctx.log(f"[{time.time() - t0:.0f}s] CANDLE distillation done")

@@ -1,5 +1,9 @@
 """Triton fused multi-resolution teacher head (semantics: candle_ext.reference.multires_head and _backward).
 
+Maps larger than the base are first average-pooled to it on the host (_area_pooled: the area half of the
+resize; the 1x1 conv commutes with it), and their feature gradients go back through that pooling; the kernels
+below see maps no larger than the base, which they copy or grow by nearest.
+
 Forward, one launch per resolution r: a GEMM tile of BLOCK_M base-grid positions x BLOCK_N student channels.
 Each base position (i, j) reads the teacher features at its nearest source position (ih[i], iw[j]) (index
 vectors precomputed on the host with reference.nearest_indices, i.e. exactly F.interpolate's choice), the 1x1
@@ -26,6 +30,7 @@ import functools
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -177,10 +182,20 @@ def _gemm(f: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: torc
                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
 
 
+def _area_pooled(features: Sequence[torch.Tensor], base: int) -> List[torch.Tensor]:
+    """The area step of the head's resize: maps larger than the base (along an axis) average-pooled to it, as
+    F.adaptive_avg_pool2d does; it commutes with the 1x1 conv, so the kernels below only copy or grow (nearest)."""
+    hb, wb = features[base].shape[-2:]
+    return [F.adaptive_avg_pool2d(f, (min(f.shape[-2], hb), min(f.shape[-1], wb)))
+            if f.shape[-2] > hb or f.shape[-1] > wb else f for f in features]
+
+
 def multires_head(features: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
                   biases: Sequence[Optional[torch.Tensor]], base: int = 1) -> torch.Tensor:
     """[N, R*C_S, h_base, w_base]: per resolution 1x1 conv (weights[r] [C_S, C_T], biases[r] [C_S] or None),
-    nearest-resized to features[base]'s size, concatenated on channels; in features[0]'s dtype."""
+    resized to features[base]'s size (area where it shrinks, nearest where it grows), concatenated on channels;
+    in features[0]'s dtype."""
+    features = _area_pooled(features, base)
     n, _, hb, wb = features[base].shape
     cs = weights[0].shape[0]
     dtype, device = features[0].dtype, features[0].device
@@ -218,6 +233,7 @@ def multires_head_backward(grad: torch.Tensor, features: Sequence[torch.Tensor],
     cs = weights[0].shape[0]
     device = g.device
     g_feats, g_weights, g_biases = [], [], []
+    originals, features = features, _area_pooled(features, base)
     for r, (f, w) in enumerate(zip(features, weights)):
         w2 = w.reshape(w.shape[0], w.shape[1])
         ct, h, wd = f.shape[1], f.shape[2], f.shape[3]
@@ -242,6 +258,9 @@ def multires_head_backward(grad: torch.Tensor, features: Sequence[torch.Tensor],
             gf = torch.empty_like(f)  # f's layout (channels_last stays channels_last), like the fake kernel
             # grad_f = W^T gy: the forward GEMM with weight W^T ([C_T, C_S] as a strided view), identity gather.
             _gemm(gy, w2.to(gy.dtype).t(), None, gf, _indices(h, h, device), _indices(wd, wd, device), 0)
+            if f is not originals[r]:  # through the area pooling, back onto the original map (in its layout)
+                gf = torch.empty_like(originals[r]).copy_(
+                    torch.ops.aten._adaptive_avg_pool2d_backward(gf, originals[r]))
             g_feats.append(gf)
         else:
             g_feats.append(f.new_empty(0))

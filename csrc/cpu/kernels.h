@@ -80,7 +80,7 @@ void binary_conv2d_neon(const ConvGeometry& g, int64_t channels, const uint32_t*
 
 // ------------------------------------------------------------------------------------------------------------
 // Dispatch (dispatch.cpp): run the kernel on `isa`'s path, or on the portable path where `isa` has none for
-// this call. The entry points pass active_isa(); the test driver names the path.
+// this call. The entry points pass the path isa.h chose (choose_isa); the test driver names it.
 
 void sign_pack(Isa isa, const PackJob& j, bool nhwc);
 void binary_conv2d(Isa isa, const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,

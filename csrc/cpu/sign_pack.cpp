@@ -14,13 +14,14 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include "isa_check.h"
 #include "kernels.h"
 
 namespace candle {
 
-const char* cpu_features() { return cpu::isa_description(); }
+std::string cpu_features() { return cpu::isa_description(); }
 
-std::string cpu_isa() { return cpu::isa_name(cpu::active_isa()); }
+std::string cpu_isa() { return cpu::isa_name(chosen_isa()); }
 
 at::Tensor sign_pack_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& bias) {
   check_device(x_in, "x", c10::kCPU);
@@ -57,7 +58,7 @@ at::Tensor sign_pack_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>
       j.bias_f = bias_x.data_ptr<float>();
     }
   }
-  cpu::sign_pack(cpu::active_isa(), j, nhwc);
+  cpu::sign_pack(chosen_isa(), j, nhwc);
   return out;
 }
 

@@ -962,8 +962,55 @@ void dispatch_head_dtype(at::ScalarType dtype, F&& f) {
 
 }  // namespace
 
+namespace {
+
+// The area half of the head's resize (reference.resize): maps larger than the base along an axis are average-
+// pooled to it first with ATen's adaptive average pool, which commutes with the 1x1 conv; the fused kernels
+// then only copy or grow maps (nearest). Malformed inputs pass through untouched for validate_head to report.
+std::vector<at::Tensor> area_pooled(const std::vector<at::Tensor>& features, int64_t base) {
+  const int64_t count = static_cast<int64_t>(features.size());
+  if (base < 0 || base >= count || features[base].dim() != 4) return features;
+  const int64_t hb = features[base].size(2), wb = features[base].size(3);
+  std::vector<at::Tensor> out(features);
+  for (auto& f : out)
+    if (f.dim() == 4 && (f.size(2) > hb || f.size(3) > wb))
+      f = at::adaptive_avg_pool2d(f, {std::min(f.size(2), hb), std::min(f.size(3), wb)});
+  return out;
+}
+
+at::Tensor forward_nearest(const std::vector<at::Tensor>& features, const std::vector<at::Tensor>& weights,
+                           const std::vector<at::Tensor>& biases, int64_t base);
+std::vector<at::Tensor> backward_nearest(const at::Tensor& grad_in, const std::vector<at::Tensor>& features,
+                                         const std::vector<at::Tensor>& weights, int64_t base, bool features_grad);
+
+}  // namespace
+
 at::Tensor multires_head_cuda(const std::vector<at::Tensor>& features, const std::vector<at::Tensor>& weights,
                               const std::vector<at::Tensor>& biases, int64_t base) {
+  TORCH_CHECK_VALUE(!features.empty(), "features is empty; expected one feature map per resolution");
+  check_device(features[0], "features[0]", c10::kCUDA);
+  c10::cuda::CUDAGuard guard(features[0].device());
+  return forward_nearest(area_pooled(features, base), weights, biases, base);
+}
+
+std::vector<at::Tensor> backward_nearest(const at::Tensor& grad_in, const std::vector<at::Tensor>& features,
+                                         const std::vector<at::Tensor>& weights, int64_t base, bool features_grad) {
+  TORCH_CHECK_VALUE(!features.empty(), "features is empty; expected one feature map per resolution");
+  check_device(features[0], "features[0]", c10::kCUDA);
+  c10::cuda::CUDAGuard guard(features[0].device());
+  const std::vector<at::Tensor> pooled = area_pooled(features, base);
+  std::vector<at::Tensor> flat = backward_nearest(grad_in, pooled, weights, base, features_grad);
+  if (features_grad)
+    for (size_t r = 0; r < features.size(); ++r)
+      if (!pooled[r].is_same(features[r]))  // back through the pooling, in the original map's layout
+        flat[r] = at::empty_like(features[r]).copy_(at::_adaptive_avg_pool2d_backward(flat[r], features[r]));
+  return flat;
+}
+
+namespace {
+
+at::Tensor forward_nearest(const std::vector<at::Tensor>& features, const std::vector<at::Tensor>& weights,
+                           const std::vector<at::Tensor>& biases, int64_t base) {
   TORCH_CHECK_VALUE(!features.empty(), "features is empty; expected one feature map per resolution");
   check_device(features[0], "features[0]", c10::kCUDA);
   c10::cuda::CUDAGuard guard(features[0].device());
@@ -1005,9 +1052,8 @@ at::Tensor multires_head_cuda(const std::vector<at::Tensor>& features, const std
   return out;
 }
 
-std::vector<at::Tensor> multires_head_backward_cuda(const at::Tensor& grad_in, const std::vector<at::Tensor>& features,
-                                                    const std::vector<at::Tensor>& weights, int64_t base,
-                                                    bool features_grad) {
+std::vector<at::Tensor> backward_nearest(const at::Tensor& grad_in, const std::vector<at::Tensor>& features,
+                                         const std::vector<at::Tensor>& weights, int64_t base, bool features_grad) {
   TORCH_CHECK_VALUE(!features.empty(), "features is empty; expected one feature map per resolution");
   check_device(features[0], "features[0]", c10::kCUDA);
   c10::cuda::CUDAGuard guard(features[0].device());
@@ -1115,6 +1161,8 @@ std::vector<at::Tensor> multires_head_backward_cuda(const at::Tensor& grad_in, c
     for (auto& t : *list) flat.push_back(t);
   return flat;
 }
+
+}  // namespace
 
 }  // namespace candle
 #endif  // __CUDA_ARCH__

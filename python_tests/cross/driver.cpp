@@ -210,7 +210,10 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (argc == 2 && std::string(argv[1]) == "--active-isa") {
-      std::printf("%s\n%s\n", candle::cpu::isa_name(candle::cpu::active_isa()), candle::cpu::isa_description());
+      candle::cpu::Isa isa;
+      std::string error;
+      if (!candle::cpu::choose_isa(isa, error)) throw std::runtime_error(error);
+      std::printf("%s\n%s\n", candle::cpu::isa_name(isa), candle::cpu::isa_description().c_str());
       return 0;
     }
     if (argc < 3 || argc > 4) {

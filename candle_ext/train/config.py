@@ -1,0 +1,254 @@
+"""The typed configuration of a training run: every key, its type, its range and its default, in one place.
+
+A run's configuration is parsed and validated once (Config.from_dict, called by the `candle` command and by
+pipeline.Context): unknown keys, wrong types and out-of-range values raise ValueError naming the dotted key,
+the value seen and what is expected. The defaults are the offline demo (Fashion-MNIST-LT ratio 100 on a 2-core
+CPU, EfficientNet-Lite0 teacher, binary ReActNet-A student); the presets in candle_ext/configs/ and a user's
+--config file are laid over them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
+
+from candle_ext.train.balancer import UPDATES
+from candle_ext.train.distill import MODES as METHODS  # CANDLE, its ablations and the LT baselines
+
+
+def _spec(default, *, choices=None, lo=None, hi=None, lo_open=False, doc=""):
+    """A dataclass field with its checks: choices, or a numeric range [lo, hi] ((lo, hi] with lo_open)."""
+    kwargs = {"default_factory": (lambda: list(default))} if isinstance(default, list) else {"default": default}
+    return field(metadata={"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    source: str = _spec("fashion_mnist", choices=("fashion_mnist", "imagefolder", "split_file", "torchvision"))
+    root: Optional[str] = _spec(None, doc="fashion_mnist: idx folder (default /usr/share/datasets/fashion-mnist);"
+                                         " split_file: image root; torchvision: download folder")
+    download: bool = _spec(False, doc="torchvision/fashion_mnist download when the files are absent (network)")
+    train_dir: Optional[str] = _spec(None, doc="imagefolder: training folder of class folders")
+    test_dir: Optional[str] = _spec(None, doc="imagefolder: test folder of class folders")
+    train_split: Optional[str] = _spec(None, doc="split_file: 'path label' lines")
+    test_split: Optional[str] = _spec(None)
+    num_classes: Optional[int] = _spec(None, lo=2, hi=1_000_000)
+    name: Optional[str] = _spec(None, doc="torchvision: dataset class name, e.g. CIFAR10")
+    train_per_class: Optional[int] = _spec(600, lo=1, doc="balanced pool per class before the LT derivation "
+                                                          "(null: all)")
+    imbalance_ratio: Optional[float] = _spec(100.0, lo=1.0, hi=1e6, doc="n_max / n_min of the derived LT set "
+                                                                       "(null: use the set as given)")
+    test_per_class: Optional[int] = _spec(None, lo=1, doc="balanced test subsample (null: the whole test set)")
+    groups: str = _spec("auto", choices=("auto", "count", "thirds"))
+    seed: int = _spec(0, lo=0, hi=2**31 - 1)
+
+
+@dataclass
+class TeacherConfig:
+    name: str = _spec("efficientnet_lite0", doc="timm name or torchvision:NAME")
+    weights: Optional[str] = _spec(None, doc="local state_dict file")
+    pretrained: bool = _spec(False, doc="hub weights (needs the network)")
+    resolutions: List[int] = _spec([32, 64, 96], lo=8, hi=4096)
+    base: int = _spec(0, lo=-16, hi=16, doc="index into resolutions: the student's input resolution")
+    multires: bool = _spec(True, doc="false: single-resolution teacher (Table 3 ablation)")
+
+
+@dataclass
+class StudentConfig:
+    arch: str = _spec("reactnet_a")
+    small_input: bool = _spec(False, doc="stride-1 stem (for 32x32 inputs)")
+    width_mult: float = _spec(0.25, lo=0.0, hi=16.0, lo_open=True)
+
+
+@dataclass
+class CalibrateConfig:
+    epochs: int = _spec(8, lo=1, hi=100_000)
+    batch_size: int = _spec(128, lo=2, hi=1_000_000)
+    lr: float = _spec(0.003, lo=0.0, hi=10.0, lo_open=True)
+    eps_head: float = _spec(0.3, lo=0.0, hi=0.999)
+    eps_tail: float = _spec(0.0, lo=0.0, hi=0.999)
+    sampler: str = _spec("balanced", choices=("balanced", "random"))
+    evaluate: bool = _spec(True)
+
+
+@dataclass
+class DistillConfig:
+    mode: str = _spec("adversarial", choices=METHODS)
+    epochs: int = _spec(20, lo=1, hi=100_000)
+    batch_size: int = _spec(64, lo=2, hi=1_000_000)
+    lr: float = _spec(0.005, lo=0.0, hi=10.0, lo_open=True)
+    phi_lr: Optional[float] = _spec(None, lo=0.0, hi=10.0, lo_open=True, doc="balancer step size (null: lr)")
+    phi_update: str = _spec("sgd", choices=UPDATES, doc="balancer ascent: sgd (Alg. 1's plain ascent) or adam")
+    logit_bound: Optional[float] = _spec(3.0, lo=0.0, hi=49.0, lo_open=True,
+                                         doc="|balancer logit| bound (null: unbounded, lambda can lock)")
+    fixed_lambda: float = _spec(0.5, lo=0.0, hi=1.0)
+    temperature: float = _spec(1.0, lo=0.0, hi=100.0, lo_open=True)
+    la_tau: float = _spec(1.0, lo=0.0, hi=10.0, doc="logit_adjusted: weight of the log prior")
+    dive_alpha: float = _spec(0.5, lo=0.0, hi=1.0, doc="dive: weight of the distillation term")
+    dive_temperature: float = _spec(3.0, lo=0.0, hi=100.0, lo_open=True)
+    tau_norm: float = _spec(1.0, lo=0.0, hi=4.0, doc="tau_norm: exponent of the classifier norm")
+    augment: bool = _spec(False, doc="false: the frozen teacher's outputs are computed once and cached")
+    sampler: str = _spec("balanced", choices=("balanced", "random"))
+    scratch_sampler: str = _spec("random", choices=("balanced", "random"))
+    eval_every_epoch: bool = _spec(False)
+
+
+@dataclass
+class Config:
+    seed: int = _spec(0, lo=0, hi=2**31 - 1)
+    device: str = _spec("cpu", choices=("cpu", "cuda"))
+    out_dir: str = _spec("runs/demo")
+    progress: bool = _spec(True)
+    threads: Optional[int] = _spec(1, lo=1, hi=4096, doc="torch intra-op threads (null: torch's default)")
+    amp: bool = _spec(True, doc="bf16 autocast on CUDA")
+    channels_last: bool = _spec(True, doc="channels_last on CUDA")
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    @classmethod
+    def from_dict(cls, raw: Optional[dict] = None) -> "Config":
+        """The defaults overlaid with `raw` (nested dicts), validated; ValueError names the first bad key."""
+        cfg = _parse(cls, raw or {}, "")
+        cfg.check()
+        return cfg
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "Config":
+        """A copy with dotted keys changed, validated: cfg.replace(**{'distill.mode': 'kd'})."""
+        raw = self.to_dict()
+        for key, value in changes.items():
+            node = raw
+            *path, last = key.split(".")
+            for p in path:
+                node = node[p]
+            node[last] = value
+        return Config.from_dict(raw)
+
+    def check(self) -> None:
+        """Checks that involve more than one key."""
+        res = self.teacher.resolutions
+        if not res:
+            raise ValueError("teacher.resolutions must list at least one resolution, got []")
+        if not -len(res) <= self.teacher.base < len(res):
+            raise ValueError(f"teacher.base must index teacher.resolutions {res}, got {self.teacher.base}")
+        d = self.data
+        need = {"imagefolder": ("train_dir", "test_dir"), "split_file": ("train_split", "test_split"),
+                "torchvision": ("name",)}.get(d.source, ())
+        missing = [k for k in need if getattr(d, k) is None]
+        if missing:
+            raise ValueError(f"data.source={d.source} needs " + ", ".join(f"data.{k}" for k in missing))
+        if self.calibrate.eps_tail > self.calibrate.eps_head:
+            raise ValueError(f"calibrate.eps_tail ({self.calibrate.eps_tail}) must not exceed calibrate.eps_head "
+                             f"({self.calibrate.eps_head})")
+
+
+SECTIONS = {"data": DataConfig, "teacher": TeacherConfig, "student": StudentConfig, "calibrate": CalibrateConfig,
+            "distill": DistillConfig}
+
+
+def keys() -> List[str]:
+    """Every dotted key a configuration may set."""
+    out = []
+    for f in dataclasses.fields(Config):
+        if f.name in SECTIONS:
+            out += [f"{f.name}.{g.name}" for g in dataclasses.fields(SECTIONS[f.name])]
+        else:
+            out.append(f.name)
+    return out
+
+
+def _unknown(key: str, known: List[str]) -> ValueError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _parse(cls, raw: Any, prefix: str):
+    where = prefix.rstrip(".") or "the configuration"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a mapping of keys to values, got {type(raw).__name__}: {raw!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise _unknown(f"{prefix}{key}", keys())
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            values[name] = _parse(typ, raw[name], f"{prefix}{name}.")
+        else:
+            values[name] = _value(f"{prefix}{name}", raw[name], typ, f.metadata)
+    return cls(**values)
+
+
+def _describe(typ) -> str:
+    if get_origin(typ) is Union:
+        inner = [a for a in get_args(typ) if a is not type(None)]
+        return f"{_describe(inner[0])} or null"
+    if get_origin(typ) in (list, List):
+        return f"a list of {_PLURAL.get(get_args(typ)[0], 'values')}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
+
+
+_PLURAL = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+
+
+def _value(key: str, value: Any, typ, meta) -> Any:
+    """value checked against typ (int, float, bool, str, Optional[...], List[...]) and the field's checks."""
+    if get_origin(typ) is Union:
+        if value is None:
+            return None
+        typ = [a for a in get_args(typ) if a is not type(None)][0]
+    bad = ValueError(f"{key} must be {_describe(typ)}, got {type(value).__name__}: {value!r}")
+    if get_origin(typ) in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_value(f"{key}[{i}]", v, get_args(typ)[0], meta) for i, v in enumerate(value)]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {type(value).__name__}: {value!r}")
+        value = float(value)
+    elif typ is str:
+        if not isinstance(value, str):
+            raise bad
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        raise ValueError(f"{key} must be {'>' if meta.get('lo_open') else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{key} must be <= {hi}, got {value!r}")
+    return value
+
+
+def parse_override(item: str) -> Tuple[str, Any]:
+    """'key.sub=value' (value in YAML syntax) -> (key, value); ValueError when it is not of that form."""
+    import yaml
+    if "=" not in item:
+        raise ValueError(f"--set expects key.sub=value, got {item!r}")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key not in keys() and key not in SECTIONS:
+        raise _unknown(key, keys())
+    try:
+        return key, yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--set {key}: cannot read {text!r} as a value: {exc}") from exc

@@ -1,0 +1,344 @@
+"""Hostile and edge input against the public API, the layers, packed files and the `candle` command: every bad
+input raises a clear error naming the argument, nothing a file names is executed, nothing crashes the process.
+Calls that could crash (huge geometry reaching the kernels) run in a subprocess, so a segfault fails the test
+instead of killing the run."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import candle_ext
+from candle_ext import reference
+from candle_ext.models import load_packed, reactnet_a, save_packed
+from candle_ext.models import packed as packed_module
+from candle_ext.nn import BinaryConv2d, LearnableBias, RPReLU, RSign
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run_isolated(code: str, env=None):
+    """Run `code` in a fresh interpreter; returns (exit status, stdout + stderr)."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ packed files
+
+
+def _rewrite(src, dst, **changes):
+    """A copy of the packed file `src` with header fields changed and a valid checksum (a well-formed forgery)."""
+    blob = torch.load(src, weights_only=True)
+    blob.update(changes)
+    header = {k: blob[k] for k in packed_module._HEADER_KEYS}
+    blob["sha256"] = packed_module._digest(header, blob["data"])
+    torch.save(blob, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("packed") / "good.pt"
+    torch.manual_seed(3)
+    save_packed(reactnet_a(num_classes=4, small_input=True, width_mult=0.125), path)
+    return path
+
+
+EVIL_ARCHES = [
+    {"builder": "subprocess.run", "kwargs": {"args": ["touch", "{marker}"]}},
+    {"builder": "os.system", "kwargs": {"command": "touch {marker}"}},
+    {"builder": "builtins.exec", "kwargs": {"source": "open('{marker}', 'w')"}},
+    # nested: an allowed-looking module path whose function builds what its own kwargs name
+    {"builder": "candle_ext.models.packed._build",
+     "kwargs": {"arch": {"builder": "subprocess.run", "kwargs": {"args": ["touch", "{marker}"]}},
+                "source": "x"}},
+    # a module re-exported under candle_ext.models (aliased) and dotted paths through attributes
+    {"builder": "candle_ext.models.reactnet.torch.load", "kwargs": {"f": "{marker}"}},
+    {"builder": "candle_ext.models.packed.importlib.import_module", "kwargs": {"name": "antigravity"}},
+    {"builder": "candle_ext.models.packed.os.system", "kwargs": {"command": "touch {marker}"}},
+    {"builder": "torchvision.models.resnet.torch.hub.load", "kwargs": {"repo_or_dir": "{marker}"}},
+    {"builder": "timm.models._builder.load_checkpoint", "kwargs": {"checkpoint_path": "{marker}"}},
+    {"builder": "torchvision.models.get_model", "kwargs": {"name": "resnet18"}},
+    {"builder": "timm.create_model", "kwargs": {"model_name": "resnet18", "checkpoint_path": "{marker}"}},
+    {"builder": "timm.create_model", "kwargs": {"model_name": "../../../tmp/evil"}},
+    {"builder": "candle_ext.models.reactnet_a", "kwargs": {"num_classes": 4, "width_mult": 1e9}},
+    {"builder": "candle_ext.models.reactnet_a", "kwargs": {"num_classes": 10**12}},
+    {"builder": "candle_ext.models.reactnet_a", "kwargs": {}, "extra": "subprocess.run"},
+    "candle_ext.models.reactnet_a",
+]
+
+
+@pytest.mark.parametrize("arch", EVIL_ARCHES, ids=lambda a: str(a)[:60])
+def test_load_packed_never_calls_what_a_file_names(good_file, tmp_path, arch):
+    marker = tmp_path / "ran"
+
+    def fill(v):
+        if isinstance(v, str):
+            return v.replace("{marker}", str(marker))
+        if isinstance(v, list):
+            return [fill(x) for x in v]
+        if isinstance(v, dict):
+            return {k: fill(x) for k, x in v.items()}
+        return v
+
+    evil = _rewrite(good_file, tmp_path / "evil.pt", arch=fill(arch))
+    # In a subprocess: whatever happens must not be a side effect on this test process either.
+    code = f"""
+        import candle_ext
+        try:
+            candle_ext.load_packed({str(evil)!r})
+        except ValueError as exc:
+            print("REFUSED", exc)
+        """
+    rc, out = _run_isolated(code)
+    assert rc == 0, out
+    assert "REFUSED" in out and str(evil) in out, out
+    assert not marker.exists(), "a builder named by the file ran"
+
+
+def test_load_packed_rejects_weight_words_with_pad_bits(good_file, tmp_path):
+    blob = torch.load(good_file, weights_only=True)
+    index = blob["index"]
+    # Find a packed weight whose conv has a channel count that is not a multiple of 32 and set its pad bits.
+    model = load_packed(good_file)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, candle_ext.models.PackedBinaryConv2d)}
+    name = next(n for n, m in convs.items() if m.in_channels % 32)
+    key = f"{name}.weight_packed"
+    offset = 0
+    for k, dtype, shape in index:
+        count = int(torch.tensor(shape).prod()) if shape else 1
+        if k == key:
+            break
+        if dtype == "int32":
+            offset += count
+    blob["data"]["int32"][offset:offset + count] = -1  # every bit set, pad bits included
+    bad = _rewrite(good_file, tmp_path / "padbits.pt", data=blob["data"])
+    with pytest.raises(ValueError, match="pad bits") as info:
+        load_packed(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_save_packed_to_unwritable_path_names_it(tmp_path):
+    model = reactnet_a(num_classes=3, small_input=True, width_mult=0.125)
+    target = tmp_path / "no" / "such" / "folder" / "m.pt"
+    with pytest.raises(OSError, match="no/such/folder"):
+        save_packed(model, target)
+
+
+# ------------------------------------------------------------------------------------- huge geometry
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"padding": 2**60, "stride": 2**61},
+    {"padding": 2**62},
+    {"dilation": 2**61},
+    {"dilation": 2**31},
+    {"stride": 2**63 - 1},
+    {"padding": (2**31 - 2, 0)},
+    {"padding": 2**30, "dilation": 2**30},
+])
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_huge_geometry_is_refused_without_crashing(kwargs, isa):
+    code = f"""
+        import torch, candle_ext
+        x, w = torch.randn(1, 4, 6, 6), torch.randn(2, 4, 3, 3)
+        try:
+            y = candle_ext.binary_conv2d(x, w, **{kwargs!r})
+            print("ACCEPTED", tuple(y.shape))
+        except ValueError as exc:
+            print("REFUSED", exc)
+        """
+    rc, out = _run_isolated(code, {"CANDLE_EXT_CPU_ISA": isa} if isa == "portable" else {})
+    assert rc == 0, f"process died with status {rc}: {out}"
+    assert "REFUSED" in out, out
+    assert any(word in out for word in ("padding", "dilation", "stride", "limit")), out
+
+
+@pytest.mark.parametrize("args", [
+    (2**60, 2**60, 0, 0, 1, 1),  # stride
+    (1, 1, 2**60, 2**60, 1, 1),  # padding
+    (1, 1, 0, 0, 2**62, 2**62),  # dilation
+    (1, 1, 2**31 - 1, 0, 1, 1),  # padded extent past the limit
+    (1, 1, -5, 0, 1, 1),
+    (0, 1, 0, 0, 1, 1),
+])
+def test_compiled_kernel_checks_geometry_itself(args):
+    code = f"""
+        import torch, candle_ext
+        from candle_ext import backend
+        C = backend.compiled_module()
+        xp = candle_ext.sign_pack(torch.randn(1, 4, 6, 6)); wp = candle_ext.sign_pack(torch.randn(2, 4, 3, 3))
+        try:
+            C.binary_conv2d_cpu(xp, wp, 4, *{args!r}, None, None, 0, None, None, None)
+            print("ACCEPTED")
+        except ValueError as exc:
+            print("REFUSED", exc)
+        """
+    rc, out = _run_isolated(code)
+    assert rc == 0, f"process died with status {rc}: {out}"
+    assert "REFUSED" in out, out
+
+
+def test_huge_padding_takes_no_huge_allocation():
+    # padding = dilation = 4096 on a 6x6 input: legal (F.conv2d accepts it), 6x6 output, and exact; the AVX2
+    # path would have materialised a ~8200x8200 padded image, so the call goes to the path that skips taps.
+    code = """
+        import resource, torch, candle_ext
+        from candle_ext import reference
+        torch.manual_seed(0)
+        x, w = torch.randn(1, 40, 6, 6), torch.randn(3, 40, 3, 3)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        y = candle_ext.binary_conv2d(x, w, padding=4096, dilation=4096, out_dtype=torch.int32)
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        ref = reference.binary_conv2d(x, w, padding=(4096, 4096), dilation=(4096, 4096)).round().int()
+        print("EQUAL", torch.equal(y, ref), "GROWN_MB", grown_mb)
+        """
+    rc, out = _run_isolated(code)
+    assert rc == 0, out
+    assert "EQUAL True" in out, out
+    assert float(out.split("GROWN_MB")[1]) < 100, out
+
+
+# ---------------------------------------------------------------------------- silently misread words
+
+
+def test_packed_weight_with_pad_bits_is_refused():
+    torch.manual_seed(0)
+    x = torch.randn(1, 60, 5, 5)
+    wp = candle_ext.sign_pack(torch.randn(4, 64, 3, 3))  # 64 channels: bits 60..63 may be set
+    assert (wp[..., -1] & candle_ext.ops.bitpack.pad_mask(60)).any()
+    with pytest.raises(ValueError, match="pad bits"):
+        candle_ext.binary_conv2d(x, wp, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="pad bits"):
+        reference.binary_conv2d_packed(candle_ext.sign_pack(x), wp, 60)
+
+
+@pytest.mark.parametrize("channels", [1, 5, 31, 33, 63])
+def test_words_of_minus_one_are_refused_for_every_partial_word(channels):
+    words = torch.full((1, 3, 3, (channels + 31) // 32), -1, dtype=torch.int32)
+    w = torch.full((2, 1, 1, (channels + 31) // 32), -1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="pad bits"):
+        candle_ext.binary_conv2d(words, w, in_channels=channels, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="pad bits"):
+        candle_ext.unpack(words, channels)
+
+
+@pytest.mark.parametrize("channels", [32, 64])
+def test_full_words_have_no_pad_bits(channels):
+    words = torch.full((1, 3, 3, channels // 32), -1, dtype=torch.int32)
+    w = torch.full((2, 1, 1, channels // 32), -1, dtype=torch.int32)
+    out = candle_ext.binary_conv2d(words, w, in_channels=channels, out_dtype=torch.int32)
+    assert torch.equal(out, torch.full((1, 2, 3, 3), channels, dtype=torch.int32))
+
+
+def test_float_input_channels_must_match_packed_weight():
+    wp = candle_ext.sign_pack(torch.randn(4, 60, 3, 3))
+    with pytest.raises(ValueError, match="in_channels|channels"):
+        candle_ext.binary_conv2d(torch.randn(1, 60, 5, 5), wp, in_channels=59)
+    with pytest.raises(ValueError, match="words"):
+        candle_ext.binary_conv2d(torch.randn(1, 70, 5, 5), wp)
+
+
+@pytest.mark.parametrize("layer", [BinaryConv2d(4, 8, 1), BinaryConv2d(4, 8, 3, padding=1)])
+def test_layers_refuse_integer_input(layer):
+    with pytest.raises(TypeError, match="input has dtype int32"):
+        layer(torch.randint(0, 5, (2, 4, 6, 1), dtype=torch.int32))
+    with pytest.raises(TypeError, match="input has dtype int64"):
+        layer(torch.randint(0, 5, (2, 4, 6, 6)))
+
+
+def test_float64_is_computed_in_float64():
+    torch.manual_seed(1)
+    x, w = torch.randn(1, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    scale = torch.tensor([1e40, 1e-50], dtype=torch.float64)
+    out = candle_ext.binary_conv2d(x, w, scale=scale, padding=1)
+    ref = reference.binary_conv2d(x, w, scale, padding=(1, 1))
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    assert torch.equal(out, ref)
+    # out_dtype float64 on the packed path too
+    packed = candle_ext.binary_conv2d(x, candle_ext.sign_pack(w), scale=scale, padding=1, out_dtype=torch.float64)
+    assert torch.equal(packed, ref)
+    s = torch.tensor([0.7, 1.3], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s_: candle_ext.binary_conv2d(x, w, scale=s_, padding=1), (s,))
+
+
+def test_packed_path_with_gradients_fails_at_the_call():
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    wp = candle_ext.sign_pack(torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="no gradient"):
+        candle_ext.binary_conv2d(x, wp)
+    with torch.no_grad():
+        assert candle_ext.binary_conv2d(x, wp).shape == (1, 2, 3, 3)
+
+
+# ------------------------------------------------------------------------------------- error messages
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 5, 4, 4), torch.randn(2, 5, 1, 1), scale=[1.0] * 2),
+     TypeError, "scale must be a"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 5, 4, 4), torch.randn(2, 5, 1, 1), shift="0"),
+     TypeError, "shift must be a"),
+    (lambda: candle_ext.binary_conv2d(candle_ext.sign_pack(torch.randn(1, 32, 4, 4)),
+                                      candle_ext.sign_pack(torch.randn(2, 32, 1, 1)), in_channels="32"),
+     TypeError, "in_channels must be an int"),
+    (lambda: candle_ext.binary_conv2d(candle_ext.sign_pack(torch.randn(1, 32, 4, 4)),
+                                      candle_ext.sign_pack(torch.randn(2, 32, 1, 1)), in_channels=2.5),
+     TypeError, "in_channels must be an int"),
+    (lambda: candle_ext.binary_conv2d(candle_ext.sign_pack(torch.randn(1, 32, 4, 4)),
+                                      candle_ext.sign_pack(torch.randn(2, 32, 1, 1)), in_channels=0),
+     ValueError, "in_channels must lie in"),
+    (lambda: candle_ext.binary_conv2d(candle_ext.sign_pack(torch.randn(1, 32, 4, 4)),
+                                      candle_ext.sign_pack(torch.randn(2, 32, 1, 1)), in_channels=True),
+     TypeError, "in_channels must be an int"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 5, 4, 4), torch.randn(2, 5, 1, 1), stride=True),
+     TypeError, "stride"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 5, 4, 4), torch.randn(2, 5, 1, 1), padding=1.5),
+     TypeError, "padding"),
+    (lambda: candle_ext.binary_conv2d([[1.0]], torch.randn(2, 5, 1, 1)), TypeError, "input must be a torch.Tensor"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 5, 4, 4), torch.randn(2, 5, 1, 1), out_dtype=torch.int64),
+     TypeError, "out_dtype"),
+    (lambda: BinaryConv2d("32", 8, 3), TypeError, "in_channels must be an int"),
+    (lambda: BinaryConv2d(2.5, 8, 3), TypeError, "in_channels must be an int"),
+    (lambda: BinaryConv2d(0, 8, 3), ValueError, "in_channels must lie in"),
+    (lambda: BinaryConv2d(True, 8, 3), TypeError, "in_channels must be an int"),
+    (lambda: BinaryConv2d(4, 8, 3, stride=0), ValueError, "stride"),
+    (lambda: BinaryConv2d(4, 8, 0), ValueError, "kernel_size"),
+    (lambda: RSign(4)(torch.randn(2, 3, 5, 5)), ValueError, r"RSign\(4\) got input of shape \(2, 3, 5, 5\)"),
+    (lambda: LearnableBias(4)(torch.randn(2, 3, 5, 5)), ValueError, r"LearnableBias\(4\)"),
+    (lambda: RPReLU(4)(torch.randn(2, 3, 5, 5)), ValueError, r"RPReLU\(4\)"),
+    (lambda: RSign("4"), TypeError, "channels must be an int"),
+    (lambda: RSign(4)(torch.zeros(2, 4, 3, 3, dtype=torch.int32)), TypeError, "input has dtype int32"),
+    (lambda: candle_ext.multires_head(torch.randn(2, 8, 4, 4), [torch.randn(3, 8)]), TypeError,
+     "features must be a list or tuple of tensors"),
+    (lambda: candle_ext.multires_head([torch.randn(2, 8, 4, 4)], torch.randn(3, 8)), TypeError,
+     "weights must be a list or tuple"),
+    (lambda: candle_ext.multires_head([torch.randn(2, 8, 4, 4)], [torch.randn(3, 8)], base="0"), TypeError,
+     "base must be an int"),
+    (lambda: candle_ext.unpack(torch.zeros(1, 2, 2, 1, dtype=torch.int32), "5"), TypeError,
+     "channels must be an int"),
+    (lambda: candle_ext.models.PackedBinaryConv2d("8", 4, 3), TypeError, "in_channels must be an int"),
+    (lambda: reactnet_a(num_classes=True), ValueError, "num_classes"),
+    (lambda: reactnet_a(num_classes=10, width_mult=1e6), ValueError, "width_mult"),
+])
+def test_errors_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("value", ["garbage", "AVX2 ", "avx9000"])
+def test_unknown_cpu_isa_is_refused(value):
+    code = """
+        import torch, candle_ext
+        try:
+            candle_ext.binary_conv2d(torch.randn(1, 4, 5, 5), torch.randn(2, 4, 3, 3), out_dtype=torch.int32)
+            print("ACCEPTED")
+        except ValueError as exc:
+            print("REFUSED", exc)
+        """
+    rc, out = _run_isolated(code, {"CANDLE_EXT_CPU_ISA": value})
+    assert rc == 0, out
+    assert "REFUSED" in out and "CANDLE_EXT_CPU_ISA" in out, out
