@@ -174,6 +174,9 @@ def cases(tmp_path_factory):
         c.conv(cfg.n, cfg.cin, cfg.cout, cfg.h, cfg.w, cfg.k, cfg.stride, cfg.padding, cfg.dilation, seed=i)
     for i, case in enumerate(EDGE_CASES):
         c.conv(*case, seed=500 + i)
+    # Padding and dilation far larger than the input: almost every tap is padding (hostile-input geometry).
+    for i, case in enumerate([(1, 40, 3, 6, 6, 3, 1, 64, 64), (2, 33, 5, 5, 4, (3, 5), (2, 1), (40, 9), (20, 3))]):
+        c.conv(*case, seed=700 + i)
     # Most bits set in every XOR, with many steps between the accumulators' flushes on every path.
     for i, case in enumerate([(1, 2640, 17, 4, 5, 5, 1, 2, 1), (1, 300, 7, 6, 6, 5, 1, 2, 1),
                               (2, 1024, 9, 3, 4, 3, 1, 1, 1), (1, 1000, 6, 5, 5, 3, 2, 1, 2),
