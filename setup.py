@@ -19,7 +19,8 @@ def _is_toolkit(path):
     """A real CUDA toolkit: nvcc, the runtime headers and libcudart side by side."""
     if not path:
         return False
-    libs = [os.path.join(path, d) for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"))]
+    targets = [os.path.join("targets", t, "lib") for t in ("x86_64-linux", "aarch64-linux", "sbsa-linux")]
+    libs = [os.path.join(path, d) for d in ("lib64", "lib", *targets)]
     return (os.path.isfile(os.path.join(path, "bin", "nvcc"))
             and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
             and any(glob.glob(os.path.join(d, "libcudart*")) for d in libs))

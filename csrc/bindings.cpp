@@ -4,6 +4,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "candle-ext compiled kernels";
   m.attr("cpu_features") = candle::cpu_features();
+  m.def("cpu_isa", &candle::cpu_isa, "the CPU kernel path the next call takes: avx2, neon or portable");
   m.def("sign_pack_cpu", &candle::sign_pack_cpu, "pack sign(x - bias) of NCHW float32 into int32 words");
   m.def("binary_conv2d_cpu", &candle::binary_conv2d_cpu,
         "binary conv on packed words (CPU); residual/slope/post_shift: the rest of a ReActNet block, fused",

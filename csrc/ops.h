@@ -12,7 +12,10 @@ namespace candle {
 
 // csrc/cpu/sign_pack.cpp
 at::Tensor sign_pack_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& bias);
-const char* cpu_features();
+// The CPU kernels' machine and path ("x86-64, AVX2 kernels", "aarch64, NEON kernels", ...) as at import, and the
+// path the next call takes ("avx2", "neon" or "portable"; CANDLE_EXT_CPU_ISA is read on every call).
+std::string cpu_features();
+std::string cpu_isa();
 // csrc/cpu/binary_conv2d.cpp
 at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                              int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,

@@ -24,6 +24,18 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
     echo "   (could not install dataset-fashion-mnist; the demo will try a download instead)"
 fi
 
+# The aarch64 kernel tests (python_tests/test_cross_isa.py): a cross compiler and a user-mode emulator, both
+# Debian. Without them that test skips (on CI, where scripts/test.sh requires it, it fails).
+if ! { command -v aarch64-linux-gnu-g++ && { command -v qemu-aarch64 || command -v qemu-aarch64-static; }; } \
+     >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "== installing g++-aarch64-linux-gnu and qemu-user (Debian; aarch64 kernels tested under emulation)"
+  CROSS_PKGS="g++-aarch64-linux-gnu qemu-user"
+  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $CROSS_PKGS >/dev/null 2>&1 ||
+     (apt-get update -q >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $CROSS_PKGS >/dev/null)) ||
+    echo "   (could not install them; the aarch64 test in python_tests/test_cross_isa.py will skip)"
+fi
+
 # CI compiles the CUDA sources for Hopper only, to save time; users get the full default list.
 if [ "${CI:-}" = "true" ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST=9.0

@@ -1,0 +1,600 @@
+// Binary conv, AVX2 path (x86-64 with AVX2, chosen at run time: isa.h): a binary GEMM whose popcount is a table
+// lookup. Torch-free; the entry point is binary_conv2d.cpp.
+//   - Every activation byte v selects a 32-byte table [popcount(lo(v) ^ i) | popcount(hi(v) ^ i)], i < 16.
+//     vpshufb with that table and a vector of 16 weight nibbles (16 output channels, low nibbles in the low
+//     lane, high nibbles in the high lane) gives 32 per-channel popcounts of 4 bits each: one shuffle and one
+//     byte add per 128 binary MACs, with no XOR and no horizontal reduction in the inner loop.
+//   - The input is turned into an image of table offsets (u16 per byte, 2 bytes per input byte) with a border
+//     of "zero table" offsets: padded taps add 0 to the popcount and are not counted in valid_taps, so every
+//     pixel, border or not, runs the same unbranched inner loop.
+//   - Weights are transposed to [K bytes][16-channel group][32 nibbles], in blocks of <= 96 output channels;
+//     the layouts of recently used weights are kept (reused only when the packed bytes compare equal).
+//   - The micro-kernel holds P pixels x G groups of byte accumulators in registers (2 x 4..6, 3 x 3, 4 x 1..2),
+//     loads each weight vector once for its P pixels and each pixel's table once for its G groups.
+//   - Byte accumulators grow by <= 4 per step; every <= 63 steps they are added into u16 partial sums (u32
+//     when K has 2^16 bits or more), which a transposing epilogue turns into NCHW int32 or float32 outputs.
+// The code uses target attributes, never global -m flags; off x86-64 this file compiles to nothing.
+#include "isa.h"
+
+#if defined(CANDLE_HAVE_AVX2_PATH)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "binary_conv2d_common.h"
+#include "kernels.h"
+#include "parallel.h"
+
+namespace candle {
+namespace cpu {
+namespace {
+
+#define CANDLE_AVX2 __attribute__((target("avx2")))
+#define CANDLE_AVX2_INLINE inline __attribute__((always_inline, target("avx2")))
+
+constexpr int kGroup = 16;        // output channels per weight vector
+constexpr int kMaxGroups = 6;     // groups per block: 2 pixels x 6 groups = 12 of the 16 vector registers
+constexpr int kMaxSteps = 63;     // byte accumulators grow by <= 4 per step: 63 * 4 = 252 < 256
+constexpr int kTile = 64;         // output pixels per task (a multiple of 8 for the transposed epilogue)
+constexpr uint16_t kZeroTable = 256 * 32;  // offset of the all-zero table used for padded taps
+
+// 257 tables of 32 bytes: table v < 256 is [popcount((v & 15) ^ i) | popcount((v >> 4) ^ i)] for i < 16;
+// table 256 is all zeros (a padded tap).
+struct Tables {
+  alignas(64) uint8_t bytes[257 * 32];
+  Tables() {
+    for (int v = 0; v < 256; ++v) {
+      for (int i = 0; i < 16; ++i) {
+        bytes[v * 32 + i] = static_cast<uint8_t>(__builtin_popcount((v & 15) ^ i));
+        bytes[v * 32 + 16 + i] = static_cast<uint8_t>(__builtin_popcount((v >> 4) ^ i));
+      }
+    }
+    std::memset(bytes + 256 * 32, 0, 32);
+  }
+};
+
+const uint8_t* popcount_tables() {
+  static const Tables t;
+  return t.bytes;
+}
+
+// A run of consecutive K bytes that are also consecutive in the offset image (one kernel row of taps when the
+// horizontal dilation is 1, else one tap). `off` is relative to the pixel's top-left tap.
+struct Segment {
+  int64_t off;
+  int64_t len;
+};
+
+// Segments grouped into chunks of <= kMaxSteps K bytes; weights of chunk c start at K byte `k0`.
+struct Chunk {
+  int seg_begin, seg_end;
+  int64_t k0;
+};
+
+// One block of output channels: groups [g0, g0 + groups), weights at `w` laid out [K][groups][32].
+struct Block {
+  int64_t g0;
+  int groups;
+  uint8_t* w;
+};
+
+// acc[P * g + p] += shuffle(table of pixel p, weight nibbles of group g), for every pixel p < P.
+template <int P, int I = 0>
+CANDLE_AVX2_INLINE void mac_pixels(__m256i* acc, const __m256i* t, __m256i wv) {
+  acc[I] = _mm256_add_epi8(acc[I], _mm256_shuffle_epi8(t[I], wv));
+  if constexpr (I + 1 < P) mac_pixels<P, I + 1>(acc, t, wv);
+}
+
+template <int P, int G, int I = 0>
+CANDLE_AVX2_INLINE void mac_groups(__m256i* acc, const __m256i* t, const uint8_t* w) {
+  __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + I * 32));
+  // Keep the weights in a register for all P pixels: as a memory operand of every shuffle they would be
+  // loaded P times, and the load ports are a bottleneck of this loop.
+  __asm__("" : "+x"(wv));
+  mac_pixels<P>(acc + P * I, t, wv);
+  if constexpr (I + 1 < G) mac_groups<P, G, I + 1>(acc, t, w);
+}
+
+template <int P, int I = 0>
+CANDLE_AVX2_INLINE void load_tables(__m256i* t, const uint16_t* const* q, int64_t k, const uint8_t* tables) {
+  t[I] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tables + q[I][k]));
+  if constexpr (I + 1 < P) load_tables<P, I + 1>(t, q, k, tables);
+}
+
+template <int N, int I = 0>
+CANDLE_AVX2_INLINE void zero_all(__m256i* acc) {
+  acc[I] = _mm256_setzero_si256();
+  if constexpr (I + 1 < N) zero_all<N, I + 1>(acc);
+}
+
+// Byte accumulator (16 channels, low nibbles | high nibbles) -> 16 popcounts added into (or stored to) dst.
+// Partial sums are u16 when the whole K fits (K bits < 2^16: every ReActNet layer), else u32; u16 halves the
+// cost of this flush, which runs every <= 63 steps.
+template <typename S>
+CANDLE_AVX2_INLINE void flush_group(__m256i acc, S* dst, bool first) {
+  __m256i s = _mm256_add_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(acc)),
+                               _mm256_cvtepu8_epi16(_mm256_extracti128_si256(acc, 1)));
+  if constexpr (sizeof(S) == 2) {
+    if (!first) s = _mm256_add_epi16(s, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), s);
+  } else {
+    __m256i lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(s));
+    __m256i hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(s, 1));
+    if (!first) {
+      lo = _mm256_add_epi32(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst)));
+      hi = _mm256_add_epi32(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + 8)));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 8), hi);
+  }
+}
+
+template <int P, int G, typename S, int I = 0>
+CANDLE_AVX2_INLINE void flush_all(const __m256i* acc, S* const* d, bool first) {
+  flush_group<S>(acc[I], d[I % P] + (I / P) * kGroup, first);
+  if constexpr (I + 1 < P * G) flush_all<P, G, S, I + 1>(acc, d, first);
+}
+
+// Popcounts of one chunk for P pixels (offset-image bases q[p]) and G groups, into partial sums d[p].
+template <int P, int G, typename S>
+CANDLE_AVX2 __attribute__((noinline)) void chunk_kernel(const uint16_t* const* base, const Segment* seg, int nseg,
+                                                         const uint8_t* w, const uint8_t* tables, S* const* d,
+                                                         bool first) {
+  __m256i acc[P * G];
+  zero_all<P * G>(acc);
+  const uint16_t* q[P];
+  for (int s = 0; s < nseg; ++s) {
+    for (int p = 0; p < P; ++p) q[p] = base[p] + seg[s].off;
+    const int64_t len = seg[s].len;
+    for (int64_t k = 0; k < len; ++k) {
+      __m256i t[P];
+      load_tables<P>(t, q, k, tables);
+      mac_groups<P, G>(acc, t, w);
+      w += G * 32;
+    }
+  }
+  flush_all<P, G, S>(acc, d, first);
+}
+
+template <typename S>
+using ChunkKernel = void (*)(const uint16_t* const*, const Segment*, int, const uint8_t*, const uint8_t*, S* const*,
+                             bool);
+
+// Pixels per micro-tile for a block of G groups: P * G byte accumulators, P tables and one weight vector must
+// fit in the 16 vector registers, and more pixels share each weight load and each offset load.
+constexpr int pixels_for(int groups) { return groups <= 2 ? 4 : groups == 3 ? 3 : 2; }
+
+template <typename S>
+constexpr ChunkKernel<S> kChunkKernels[kMaxGroups + 1] = {
+    nullptr,
+    chunk_kernel<pixels_for(1), 1, S>,
+    chunk_kernel<pixels_for(2), 2, S>,
+    chunk_kernel<pixels_for(3), 3, S>,
+    chunk_kernel<pixels_for(4), 4, S>,
+    chunk_kernel<pixels_for(5), 5, S>,
+    chunk_kernel<pixels_for(6), 6, S>};
+
+// Offset image [N][Hp][Wp][bytes per tap]: 32 * byte for input bytes, kZeroTable on the zero-padding border;
+// rows [begin, end) of the N * Hp padded rows.
+CANDLE_AVX2 void build_offset_rows(const ConvGeometry& g, int64_t hp, int64_t wp, const uint8_t* x, uint16_t* oi,
+                                   int64_t begin, int64_t end) {
+  const int64_t bt = g.words * 4;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t img = r / hp, iy = r % hp - g.ph;
+    uint16_t* dst = oi + r * wp * bt;
+    if (iy < 0 || iy >= g.h) {
+      std::fill(dst, dst + wp * bt, kZeroTable);
+      continue;
+    }
+    std::fill(dst, dst + g.pw * bt, kZeroTable);
+    uint16_t* mid = dst + g.pw * bt;
+    const uint8_t* src = x + (img * g.h + iy) * g.w * bt;
+    const int64_t n = g.w * bt;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(mid + i), _mm256_slli_epi16(_mm256_cvtepu8_epi16(v), 5));
+    }
+    for (; i < n; ++i) mid[i] = static_cast<uint16_t>(src[i] * 32);
+    std::fill(mid + n, dst + wp * bt, kZeroTable);
+  }
+}
+
+// 16 rows of 16 bytes -> 16 columns of 16 bytes (out[j] byte i = in[i] byte j): four rounds of unpacks.
+CANDLE_AVX2_INLINE void transpose16x16(const __m128i* in, __m128i* out) {
+  __m128i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {  // a[2i], a[2i+1]: rows 2i, 2i+1 interleaved, columns 0-7 and 8-15
+    a[2 * i] = _mm_unpacklo_epi8(in[2 * i], in[2 * i + 1]);
+    a[2 * i + 1] = _mm_unpackhi_epi8(in[2 * i], in[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // b[4i + m]: rows 4i..4i+3, columns 4m..4m+3
+    b[4 * i] = _mm_unpacklo_epi16(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm_unpackhi_epi16(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm_unpacklo_epi16(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm_unpackhi_epi16(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i) {  // a[8i + n]: rows 8i..8i+7, columns 2n, 2n+1
+    for (int m = 0; m < 4; ++m) {
+      a[8 * i + 2 * m] = _mm_unpacklo_epi32(b[8 * i + m], b[8 * i + 4 + m]);
+      a[8 * i + 2 * m + 1] = _mm_unpackhi_epi32(b[8 * i + m], b[8 * i + 4 + m]);
+    }
+  }
+  for (int n = 0; n < 8; ++n) {
+    out[2 * n] = _mm_unpacklo_epi64(a[n], a[8 + n]);
+    out[2 * n + 1] = _mm_unpackhi_epi64(a[n], a[8 + n]);
+  }
+}
+
+// Weights [Cout][K bytes] -> per block [K][groups][32]: 16 low nibbles of byte k of the group's 16 output
+// channels, then their 16 high nibbles. Output channels past Cout are zero (their results are discarded).
+// Tasks [begin, end) of (group, 16-byte K chunk).
+CANDLE_AVX2 void build_weight_tasks(const uint8_t* w, int64_t cout, int64_t kbytes, const std::vector<Block>& blocks,
+                                    int64_t begin, int64_t end) {
+  const int64_t kchunks = (kbytes + 15) / 16;
+  const __m128i low = _mm_set1_epi8(0x0f);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t grp = task / kchunks, k0 = (task % kchunks) * 16;
+    size_t bi = 0;
+    while (grp >= blocks[bi].g0 + blocks[bi].groups) ++bi;
+    const Block& blk = blocks[bi];
+    const int64_t gl = grp - blk.g0, nk = std::min<int64_t>(16, kbytes - k0);
+    __m128i rows[16], cols[16];
+    for (int c = 0; c < 16; ++c) {
+      const int64_t co = grp * kGroup + c;
+      if (co >= cout) {
+        rows[c] = _mm_setzero_si128();
+      } else if (nk == 16) {
+        rows[c] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + co * kbytes + k0));
+      } else {
+        alignas(16) uint8_t tmp[16] = {0};
+        std::memcpy(tmp, w + co * kbytes + k0, static_cast<size_t>(nk));
+        rows[c] = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+      }
+    }
+    transpose16x16(rows, cols);
+    uint8_t* dst = blk.w + (k0 * blk.groups + gl) * 32;
+    for (int64_t k = 0; k < nk; ++k) {
+      const __m128i lo = _mm_and_si128(cols[k], low);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(cols[k], 4), low);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + k * blk.groups * 32), _mm256_set_m128i(hi, lo));
+    }
+  }
+}
+
+// The transposed weights of one packed weight tensor, with a copy of the packed bytes they were built from.
+struct WeightLayout {
+  std::vector<uint8_t> source;
+  int64_t cout = 0, kbytes = 0;
+  std::vector<uint8_t> storage;
+  std::vector<Block> blocks;  // point into storage
+};
+
+std::shared_ptr<const WeightLayout> build_layout(const uint8_t* w, int64_t cout, int64_t kbytes) {
+  auto lay = std::make_shared<WeightLayout>();
+  lay->source.assign(w, w + cout * kbytes);
+  lay->cout = cout;
+  lay->kbytes = kbytes;
+  // Output-channel blocks of <= kMaxGroups groups of 16, balanced.
+  const int64_t ngroups = (cout + kGroup - 1) / kGroup;
+  const int64_t nblocks = (ngroups + kMaxGroups - 1) / kMaxGroups;
+  lay->storage.resize(static_cast<size_t>(ngroups * kbytes * 32 + 64));
+  uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(lay->storage.data()) + 63) & ~uintptr_t(63));
+  for (int64_t b = 0, g0 = 0; b < nblocks; ++b) {
+    const int groups = static_cast<int>(ngroups / nblocks + (b < ngroups % nblocks ? 1 : 0));
+    lay->blocks.push_back({g0, groups, base + g0 * kbytes * 32});
+    g0 += groups;
+  }
+  parallel_for(0, ngroups * ((kbytes + 15) / 16), 256, [&](int64_t begin, int64_t end) {
+    build_weight_tasks(w, cout, kbytes, lay->blocks, begin, end);
+  });
+  return lay;
+}
+
+// Deployed networks call the conv with the same packed weights every time, and transposing them costs up to
+// a fifth of a call on the small layers. The last layouts built are kept and reused when the packed bytes are
+// equal (an exact comparison, never a pointer or a hash), so a changed weight tensor is never served stale.
+constexpr size_t kCacheEntries = 64;
+constexpr size_t kCacheBytes = size_t(256) << 20;
+
+std::shared_ptr<const WeightLayout> weight_layout(const uint8_t* w, int64_t cout, int64_t kbytes) {
+  static std::mutex mu;
+  static std::list<std::shared_ptr<const WeightLayout>> cache;  // most recently used first
+  const size_t bytes = static_cast<size_t>(cout * kbytes);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = cache.begin(); it != cache.end(); ++it) {
+      const WeightLayout& e = **it;
+      if (e.cout == cout && e.kbytes == kbytes && std::memcmp(e.source.data(), w, bytes) == 0) {
+        cache.splice(cache.begin(), cache, it);
+        return cache.front();
+      }
+    }
+  }
+  std::shared_ptr<const WeightLayout> lay = build_layout(w, cout, kbytes);
+  std::lock_guard<std::mutex> lock(mu);
+  cache.push_front(lay);
+  size_t total = 0, n = 0;
+  for (auto it = cache.begin(); it != cache.end();) {
+    total += (*it)->source.size() + (*it)->storage.size();
+    if (++n > kCacheEntries || (n > 1 && total > kCacheBytes)) {
+      it = cache.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return lay;
+}
+
+// 8x8 transpose of int32 (rows r[0..7] -> columns).
+CANDLE_AVX2_INLINE void transpose8x8(__m256i* r) {
+  const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+  const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+  const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+  const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+  const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+  r[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+  r[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+  r[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+  r[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+  r[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+  r[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+  r[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+  r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+}
+
+// Partial popcounts [kTile pixels][width] -> out[co][pixel] = base[pixel] - 2 * popcount, then the epilogue.
+// kKind: 0 int32 output, 1 float32 acc, 2 acc * scale, 3 acc + shift, 4 acc * scale + shift.
+// post.residual, when set, points at this tile's first pixel of its image. kPost: any post step is set (a
+// separate instantiation, so the plain epilogue keeps its tight loop).
+template <typename S, int kKind, bool kPost>
+CANDLE_AVX2 void write_tile_kind(const S* part, int64_t width, const int32_t* base, int64_t npix, int64_t c0,
+                                 int64_t ncout, int64_t hw, int32_t* out_i, float* out_f, const float* scale,
+                                 const float* shift, const Post& post) {
+  for (int64_t p8 = 0; p8 < npix; p8 += 8) {
+    const int64_t np = std::min<int64_t>(8, npix - p8);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(np)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + p8));
+    for (int64_t j8 = 0; j8 < ncout; j8 += 8) {
+      __m256i r[8];
+      for (int i = 0; i < 8; ++i) {
+        const S* row = part + (p8 + i) * width + j8;
+        if constexpr (sizeof(S) == 2) {
+          r[i] = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+        } else {
+          r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+        }
+      }
+      transpose8x8(r);
+      const int64_t nc = std::min<int64_t>(8, ncout - j8);
+      for (int64_t j = 0; j < nc; ++j) {
+        const int64_t co = c0 + j8 + j;
+        const __m256i acc = _mm256_sub_epi32(b, _mm256_slli_epi32(r[j], 1));
+        const int64_t o = co * hw + p8;
+        if constexpr (kKind == 0) {
+          if (np == 8) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_i + o), acc);
+          } else {
+            _mm256_maskstore_epi32(out_i + o, mask, acc);
+          }
+        } else {
+          __m256 v = _mm256_cvtepi32_ps(acc);
+          if constexpr (kKind == 2 || kKind == 4) {
+            v = _mm256_mul_ps(v, _mm256_set1_ps(scale[co]));
+            __asm__("" : "+x"(v));  // no FMA contraction: round the product first, like the reference
+          }
+          if constexpr (kKind == 3 || kKind == 4) v = _mm256_add_ps(v, _mm256_set1_ps(shift[co]));
+          if constexpr (kPost) {
+            if (post.residual) {
+              const float* res = post.residual + (co % post.res_channels) * hw + p8;
+              v = _mm256_add_ps(v, np == 8 ? _mm256_loadu_ps(res) : _mm256_maskload_ps(res, mask));
+            }
+            if (post.slope) {
+              __m256 neg = _mm256_mul_ps(v, _mm256_set1_ps(post.slope[co]));
+              __asm__("" : "+x"(neg));  // rounded on its own, like torch.prelu
+              v = _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
+            }
+            if (post.post_shift) v = _mm256_add_ps(v, _mm256_set1_ps(post.post_shift[co]));
+          }
+          if (np == 8) {
+            _mm256_storeu_ps(out_f + o, v);
+          } else {
+            _mm256_maskstore_ps(out_f + o, mask, v);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename S>
+CANDLE_AVX2 void write_tile(const S* part, int64_t width, const int32_t* base, int64_t npix, int64_t c0,
+                            int64_t ncout, int64_t hw, int32_t* out_i, float* out_f, const float* scale,
+                            const float* shift, const Post& post) {
+  const int kind = out_i ? 0 : 1 + (scale ? 1 : 0) + (shift ? 2 : 0);
+  const bool with_post = post.residual || post.slope || post.post_shift;  // float output only (checked)
+#define CANDLE_WRITE_TILE(K, P) \
+  write_tile_kind<S, K, P>(part, width, base, npix, c0, ncout, hw, out_i, out_f, scale, shift, post)
+  switch (kind) {
+    case 0:
+      return CANDLE_WRITE_TILE(0, false);
+    case 1:
+      return with_post ? CANDLE_WRITE_TILE(1, true) : CANDLE_WRITE_TILE(1, false);
+    case 2:
+      return with_post ? CANDLE_WRITE_TILE(2, true) : CANDLE_WRITE_TILE(2, false);
+    case 3:
+      return with_post ? CANDLE_WRITE_TILE(3, true) : CANDLE_WRITE_TILE(3, false);
+    default:
+      return with_post ? CANDLE_WRITE_TILE(4, true) : CANDLE_WRITE_TILE(4, false);
+  }
+#undef CANDLE_WRITE_TILE
+}
+
+struct AvxPlan {
+  ConvGeometry g;
+  int64_t channels, bt, hp, wp, hw, ntiles;
+  std::vector<Block> blocks;
+  std::vector<Segment> segs;
+  std::vector<Chunk> chunks;
+  std::vector<int32_t> valid_y, valid_x;  // valid kernel rows per output row, valid kernel columns per column
+  const uint16_t* oi;
+  const float* scale;
+  const float* shift;
+  int32_t* out_i;
+  float* out_f;
+  Post post;
+};
+
+// Tasks [begin, end) of (block, image, tile): popcounts chunk by chunk into partial sums, then the epilogue.
+template <typename S>
+CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
+  const ConvGeometry& g = pl.g;
+  const uint8_t* tables = popcount_tables();
+  // Rows kTile .. kTile + 3 are spares for the repeated pixels of a short last micro-tile.
+  std::vector<S> part(static_cast<size_t>(kTile + 4) * kMaxGroups * kGroup);
+  const uint16_t* pix[kTile];
+  alignas(32) int32_t base[kTile];
+  const int64_t row_step = g.sh * pl.wp * pl.bt, col_step = g.sw * pl.bt;
+  const int32_t chans = static_cast<int32_t>(pl.channels);
+  const int32_t* valid_x = pl.valid_x.data();
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t tile = task % pl.ntiles, img = (task / pl.ntiles) % g.n;
+    const Block& blk = pl.blocks[task / (pl.ntiles * g.n)];
+    const int64_t q0 = tile * kTile, npix = std::min<int64_t>(kTile, pl.hw - q0);
+    const int64_t width = blk.groups * kGroup;
+    // Incremental pixel setup (no multiplies per pixel): with few channels it is a visible share of the call.
+    int64_t oy = q0 / g.wo, ox = q0 % g.wo;
+    const uint16_t* row = pl.oi + (img * pl.hp + oy * g.sh) * pl.wp * pl.bt;
+    int32_t row_taps = pl.valid_y[oy] * chans;
+    for (int64_t p = 0; p < npix; ++p) {
+      pix[p] = row + ox * col_step;
+      base[p] = row_taps * valid_x[ox];
+      if (++ox == g.wo && p + 1 < npix) {
+        ox = 0;
+        ++oy;
+        row += row_step;
+        row_taps = pl.valid_y[oy] * chans;
+      }
+    }
+    for (int64_t p = npix; p < kTile; ++p) base[p] = 0;
+    const ChunkKernel<S> kern = kChunkKernels<S>[blk.groups];
+    const int np = pixels_for(blk.groups);
+    for (size_t c = 0; c < pl.chunks.size(); ++c) {
+      const Chunk& ch = pl.chunks[c];
+      const uint8_t* wc = blk.w + ch.k0 * blk.groups * 32;
+      for (int64_t p = 0; p < npix; p += np) {
+        // A short last micro-tile repeats its first pixel and sends the copies' sums to spare rows.
+        const uint16_t* q[4];
+        S* d[4];
+        for (int i = 0; i < np; ++i) {
+          const bool real = p + i < npix;
+          q[i] = pix[real ? p + i : p];
+          d[i] = part.data() + (real ? p + i : kTile + i) * width;
+        }
+        kern(q, pl.segs.data() + ch.seg_begin, ch.seg_end - ch.seg_begin, wc, tables, d, c == 0);
+      }
+    }
+    const int64_t c0 = blk.g0 * kGroup, ncout = std::min<int64_t>(width, g.cout - c0);
+    const int64_t out_off = img * g.cout * pl.hw + q0;
+    Post post = pl.post;
+    if (post.residual) post.residual += img * post.res_channels * pl.hw + q0;
+    write_tile(part.data(), width, base, npix, c0, ncout, pl.hw, pl.out_i ? pl.out_i + out_off : nullptr,
+               pl.out_f ? pl.out_f + out_off : nullptr, pl.scale, pl.shift, post);
+  }
+}
+
+}  // namespace
+
+void binary_conv2d_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
+                        const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post) {
+  AvxPlan pl;
+  pl.g = g;
+  pl.channels = channels;
+  pl.bt = g.words * 4;
+  pl.hp = g.h + 2 * g.ph;
+  pl.wp = g.w + 2 * g.pw;
+  pl.hw = g.ho * g.wo;
+  pl.ntiles = (pl.hw + kTile - 1) / kTile;
+  pl.scale = scale;
+  pl.shift = shift;
+  pl.out_i = out_i;
+  pl.out_f = out_f;
+  pl.post = post;
+  const int64_t bt = pl.bt, kbytes = g.kh * g.kw * bt;
+  for (int64_t o = 0; o < g.ho; ++o) {
+    int64_t lo, hi;
+    valid_taps(o, g.sh, g.ph, g.dh, g.kh, g.h, lo, hi);
+    pl.valid_y.push_back(static_cast<int32_t>(hi - lo));
+  }
+  for (int64_t o = 0; o < g.wo; ++o) {
+    int64_t lo, hi;
+    valid_taps(o, g.sw, g.pw, g.dw, g.kw, g.w, lo, hi);
+    pl.valid_x.push_back(static_cast<int32_t>(hi - lo));
+  }
+
+  const std::shared_ptr<const WeightLayout> layout = weight_layout(reinterpret_cast<const uint8_t*>(w), g.cout, kbytes);
+  pl.blocks = layout->blocks;
+  const int64_t nblocks = static_cast<int64_t>(pl.blocks.size());
+
+  const std::unique_ptr<uint16_t[]> oi(new uint16_t[static_cast<size_t>(g.n * pl.hp * pl.wp * bt)]);
+  uint16_t* oi_ptr = oi.get();
+  const uint8_t* xb = reinterpret_cast<const uint8_t*>(x);
+  // Grains keep small setup jobs on the calling thread: a parallel region costs a wake-up of every thread.
+  const int64_t row_grain = std::max<int64_t>(1, (int64_t(1) << 16) / (pl.wp * bt));
+  parallel_for(0, g.n * pl.hp, row_grain, [&](int64_t begin, int64_t end) {
+    build_offset_rows(g, pl.hp, pl.wp, xb, oi_ptr, begin, end);
+  });
+  pl.oi = oi_ptr;
+
+  // K bytes in (ky, kx, byte) order as runs of the offset image, cut into chunks of <= kMaxSteps bytes.
+  std::vector<Segment> runs;
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    if (g.dw == 1) {
+      runs.push_back({ky * g.dh * pl.wp * bt, g.kw * bt});
+    } else {
+      for (int64_t kx = 0; kx < g.kw; ++kx) runs.push_back({(ky * g.dh * pl.wp + kx * g.dw) * bt, bt});
+    }
+  }
+  // Equal chunks: a short last chunk would pay the per-chunk costs (call, flush) for little work.
+  const int64_t nchunks = (kbytes + kMaxSteps - 1) / kMaxSteps;
+  const int64_t chunk_len = (kbytes + nchunks - 1) / nchunks;
+  int64_t k = 0, in_chunk = 0;
+  pl.chunks.push_back({0, 0, 0});
+  for (const Segment& r : runs) {
+    for (int64_t done = 0; done < r.len;) {
+      if (in_chunk == chunk_len) {
+        pl.chunks.back().seg_end = static_cast<int>(pl.segs.size());
+        pl.chunks.push_back({static_cast<int>(pl.segs.size()), 0, k});
+        in_chunk = 0;
+      }
+      const int64_t len = std::min(r.len - done, chunk_len - in_chunk);
+      pl.segs.push_back({r.off + done, len});
+      done += len;
+      k += len;
+      in_chunk += len;
+    }
+  }
+  pl.chunks.back().seg_end = static_cast<int>(pl.segs.size());
+
+  parallel_for(0, nblocks * g.n * pl.ntiles, 1, [&](int64_t begin, int64_t end) {
+    if (kbytes * 8 < (int64_t(1) << 16)) {
+      run_tasks<uint16_t>(pl, begin, end);
+    } else {
+      run_tasks<uint32_t>(pl, begin, end);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace candle
+
+#endif  // CANDLE_HAVE_AVX2_PATH

@@ -1,0 +1,43 @@
+// Which kernel path serves a call: the path isa.h chose (passed in), else the portable one. Torch-free.
+#include "kernels.h"
+
+namespace candle {
+namespace cpu {
+
+void sign_pack(Isa isa, const PackJob& j, bool nhwc) {
+  (void)nhwc;  // read by the vector paths only
+  switch (isa) {
+#if defined(CANDLE_HAVE_AVX2_PATH)
+    case Isa::Avx2:
+      if (sign_pack_avx2(j, nhwc)) return;
+      break;
+#endif
+#if defined(CANDLE_HAVE_NEON_PATH)
+    case Isa::Neon:
+      if (sign_pack_neon(j, nhwc)) return;
+      break;
+#endif
+    default:
+      break;
+  }
+  sign_pack_portable(j);
+}
+
+void binary_conv2d(Isa isa, const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
+                   const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post) {
+  switch (isa) {
+#if defined(CANDLE_HAVE_AVX2_PATH)
+    case Isa::Avx2:
+      return binary_conv2d_avx2(g, channels, x, w, scale, shift, out_i, out_f, post);
+#endif
+#if defined(CANDLE_HAVE_NEON_PATH)
+    case Isa::Neon:
+      return binary_conv2d_neon(g, channels, x, w, scale, shift, out_i, out_f, post);
+#endif
+    default:
+      return binary_conv2d_portable(g, channels, x, w, scale, shift, out_i, out_f, post);
+  }
+}
+
+}  // namespace cpu
+}  // namespace candle

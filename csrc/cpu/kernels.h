@@ -1,0 +1,90 @@
+// The torch-free interface of the CPU kernel cores: plain C++ on raw pointers and sizes. The ATen entry points
+// (sign_pack.cpp, binary_conv2d.cpp) validate their tensors and call the dispatchers at the bottom; the
+// cross-compiled test driver (python_tests/cross/driver.cpp) calls the same dispatchers on data read from files.
+//
+// Files: <op>_portable.cpp (every CPU), <op>_avx2.cpp (x86-64), <op>_neon.cpp (aarch64), dispatch.cpp (which
+// path serves a call, from isa.h). The cores trust their arguments: the entry points check them.
+#pragma once
+#include <cstdint>
+
+#include "isa.h"
+
+namespace candle {
+namespace cpu {
+
+// ------------------------------------------------------------------------------------------------------------
+// sign_pack: float [N, C, H, W] (element strides sn, sc, sh, sw) -> uint32 words [N, H, W, words], bit 1 =
+// x - bias >= 0 (layout: candle_ext/ops/bitpack.py).
+
+enum class DType { Float32, Float16, BFloat16, Float64 };
+
+// IEEE binary16 and bfloat16 as their bits (the cores convert them to float32 exactly).
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+struct PackJob {
+  int64_t n, c, h, w, words;
+  int64_t sn, sc, sh, sw;  // element strides of x
+  const void* x;
+  DType dtype;
+  const float* bias_f;   // bias rounded to x's dtype, as float (float32/16/bf16 inputs), or null
+  const double* bias_d;  // bias as double (float64 input), or null
+  uint32_t* out;
+};
+
+// nhwc: x is channels_last-contiguous (sc == 1, sw == c, ...); else the fast paths need NCHW-contiguous x, and
+// the portable path reads any strides.
+void sign_pack_portable(const PackJob& j);
+#if defined(CANDLE_HAVE_AVX2_PATH)
+bool sign_pack_avx2(const PackJob& j, bool nhwc);  // false: not served (float64), take the portable path
+#endif
+#if defined(CANDLE_HAVE_NEON_PATH)
+bool sign_pack_neon(const PackJob& j, bool nhwc);  // false: not served (float64), take the portable path
+#endif
+
+// ------------------------------------------------------------------------------------------------------------
+// binary_conv2d on packed words: x [N, H, W, words], w [Cout, kh, kw, words] -> out [N, Cout, Ho, Wo], int32
+// accumulators (out_i) or float32 acc * scale + shift (out_f; scale and shift optional) followed by the
+// optional Post steps.
+
+struct ConvGeometry {
+  int64_t n, h, w, words, cout, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
+};
+
+// Optional steps after the float epilogue, the rest of a packed ReActNet block (models/reactnet.py), each
+// rounded like the eager op it replaces: v += residual[n, co % res_channels, y, x] (a residual with fewer
+// channels repeats, as the doubling blocks' concat [y, y] does); v = v > 0 ? v : v * slope[co] (PReLU);
+// v += post_shift[co].
+struct Post {
+  const float* residual = nullptr;  // NCHW [N, res_channels, Ho, Wo]
+  int64_t res_channels = 0;
+  const float* slope = nullptr;
+  const float* post_shift = nullptr;
+};
+
+// Exactly one of out_i / out_f is set; scale, shift and post need out_f.
+void binary_conv2d_portable(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
+                            const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
+#if defined(CANDLE_HAVE_AVX2_PATH)
+void binary_conv2d_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
+                        const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
+#endif
+#if defined(CANDLE_HAVE_NEON_PATH)
+void binary_conv2d_neon(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
+                        const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
+#endif
+
+// ------------------------------------------------------------------------------------------------------------
+// Dispatch (dispatch.cpp): run the kernel on `isa`'s path, or on the portable path where `isa` has none for
+// this call. The entry points pass the path isa.h chose (choose_isa); the test driver names it.
+
+void sign_pack(Isa isa, const PackJob& j, bool nhwc);
+void binary_conv2d(Isa isa, const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
+                   const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
+
+}  // namespace cpu
+}  // namespace candle

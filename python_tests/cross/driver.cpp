@@ -1,0 +1,251 @@
+// Torch-free test driver for the CPU kernel cores (csrc/cpu/kernels.h), built by python_tests/test_cross_isa.py
+// natively (x86-64: portable and AVX2 paths) and with the aarch64 cross compiler (run under qemu-aarch64:
+// portable and NEON paths). The test writes the cases and their inputs; this program runs every case on every
+// path it is asked for and writes the raw outputs; the test compares them with reference.py.
+//
+//   driver --best-isa                   print the best path of this build and CPU (isa.h)
+//   driver --active-isa                 print the path the extension would take now (CANDLE_EXT_CPU_ISA
+//                                       applied) and its line for `python -m candle_ext.info`
+//   driver DIR ISA[,ISA...] [THREADS]   run DIR/cases.txt on each named path (avx2, neon, portable) with
+//                                       THREADS threads (default 1), writing DIR/<id>.<isa>.out
+//
+// cases.txt, one case per line (all little-endian raw files in DIR, named <id>.<what>):
+//   conv ID n h w words channels cout kh kw sh sw ph pw dh dw out_kind scale shift res_channels slope post_shift
+//        files: x (int32 [n,h,w,words]), w (int32 [cout,kh,kw,words]), and, when their flag is 1 (res_channels
+//        > 0 for res), scale / shift / slope / post_shift (float32 [cout]) and res (float32
+//        [n,res_channels,ho,wo]); out_kind 0 writes int32, 1 float32 [n,cout,ho,wo]
+//   pack ID dtype n c h w nhwc bias
+//        dtype f32|f16|bf16|f64; file x in NCHW (nhwc 0) or channels_last (nhwc 1) order; bias (float32, or
+//        float64 for f64, [c], already rounded to x's dtype) when bias is 1; writes int32 [n,h,w,ceil(c/32)]
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace {
+
+int g_threads = 1;
+
+std::vector<char> read_file(const std::string& path, size_t bytes) {
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
+  if (!f) throw std::runtime_error("cannot open " + path);
+  const size_t size = static_cast<size_t>(f.tellg());
+  if (size != bytes) {
+    throw std::runtime_error(path + " has " + std::to_string(size) + " bytes, expected " + std::to_string(bytes));
+  }
+  std::vector<char> data(bytes);
+  f.seekg(0);
+  f.read(data.data(), static_cast<std::streamsize>(bytes));
+  return data;
+}
+
+void write_file(const std::string& path, const void* data, size_t bytes) {
+  std::ofstream f(path, std::ios::binary);
+  f.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
+  if (!f) throw std::runtime_error("cannot write " + path);
+}
+
+candle::cpu::Isa parse_isa(const std::string& name) {
+  using candle::cpu::Isa;
+  const Isa best = candle::cpu::best_isa();
+  for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Neon}) {
+    if (name != candle::cpu::isa_name(isa)) continue;
+    // Only the portable path and the best path are there to run (a path another CPU would take is not).
+    if (isa != Isa::Portable && isa != best) {
+      throw std::runtime_error(name + " is not available here (best path: " + candle::cpu::isa_name(best) + ")");
+    }
+    return isa;
+  }
+  throw std::runtime_error("unknown path " + name);
+}
+
+// An output buffer filled with a poison pattern, with kGuard poisoned words on either side: an output the kernel
+// does not write keeps the pattern (and fails the comparison), a write outside the output is reported.
+constexpr size_t kGuard = 64;
+constexpr uint32_t kPoison = 0xa5a5a5a5u;
+
+struct Output {
+  std::vector<uint32_t> words;
+  explicit Output(size_t count) : words(count + 2 * kGuard, kPoison) {}
+  void* data() { return words.data() + kGuard; }
+  void write(const std::string& path) {
+    for (size_t i = 0; i < kGuard; ++i) {
+      if (words[i] != kPoison || words[words.size() - 1 - i] != kPoison) {
+        throw std::runtime_error("the kernel wrote outside its output for " + path);
+      }
+    }
+    write_file(path, data(), 4 * (words.size() - 2 * kGuard));
+  }
+};
+
+template <typename T>
+std::vector<T> as(const std::vector<char>& bytes) {
+  std::vector<T> v(bytes.size() / sizeof(T));
+  std::memcpy(v.data(), bytes.data(), bytes.size());
+  return v;
+}
+
+void run_conv(std::istringstream& in, const std::string& dir, const std::string& id,
+              const std::vector<candle::cpu::Isa>& isas) {
+  candle::cpu::ConvGeometry g{};
+  int64_t channels, out_kind, has_scale, has_shift, res_channels, has_slope, has_post;
+  in >> g.n >> g.h >> g.w >> g.words >> channels >> g.cout >> g.kh >> g.kw >> g.sh >> g.sw >> g.ph >> g.pw >> g.dh >>
+      g.dw >> out_kind >> has_scale >> has_shift >> res_channels >> has_slope >> has_post;
+  if (!in) throw std::runtime_error("bad conv line for " + id);
+  const int64_t span_h = g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1, span_w = g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1;
+  if (span_h < 0 || span_w < 0 || g.sh < 1 || g.sw < 1 || channels > 32 * g.words || channels <= 32 * (g.words - 1)) {
+    throw std::runtime_error("bad conv geometry for " + id);
+  }
+  g.ho = span_h / g.sh + 1;
+  g.wo = span_w / g.sw + 1;
+  const std::string base = dir + "/" + id + ".";
+  const auto x = as<uint32_t>(read_file(base + "x", 4 * g.n * g.h * g.w * g.words));
+  const auto w = as<uint32_t>(read_file(base + "w", 4 * g.cout * g.kh * g.kw * g.words));
+  const size_t vec = 4 * static_cast<size_t>(g.cout);
+  auto optional = [&](bool present, const char* what, size_t bytes) {
+    return present ? as<float>(read_file(base + what, bytes)) : std::vector<float>();
+  };
+  const std::vector<float> scale = optional(has_scale, "scale", vec), shift = optional(has_shift, "shift", vec);
+  const std::vector<float> slope = optional(has_slope, "slope", vec);
+  const std::vector<float> post_shift = optional(has_post, "post_shift", vec);
+  const std::vector<float> res = optional(res_channels > 0, "res", 4 * g.n * res_channels * g.ho * g.wo);
+  candle::cpu::Post post;
+  post.residual = res_channels ? res.data() : nullptr;
+  post.res_channels = res_channels;
+  post.slope = has_slope ? slope.data() : nullptr;
+  post.post_shift = has_post ? post_shift.data() : nullptr;
+  const size_t count = static_cast<size_t>(g.n * g.cout * g.ho * g.wo);
+  for (candle::cpu::Isa isa : isas) {
+    Output out(count);
+    candle::cpu::binary_conv2d(isa, g, channels, x.data(), w.data(), has_scale ? scale.data() : nullptr,
+                               has_shift ? shift.data() : nullptr,
+                               out_kind == 0 ? static_cast<int32_t*>(out.data()) : nullptr,
+                               out_kind == 1 ? static_cast<float*>(out.data()) : nullptr, post);
+    out.write(base + candle::cpu::isa_name(isa) + ".out");
+  }
+}
+
+void run_pack(std::istringstream& in, const std::string& dir, const std::string& id,
+              const std::vector<candle::cpu::Isa>& isas) {
+  std::string dtype_name;
+  int64_t n, c, h, w, nhwc, has_bias;
+  in >> dtype_name >> n >> c >> h >> w >> nhwc >> has_bias;
+  if (!in) throw std::runtime_error("bad pack line for " + id);
+  using candle::cpu::DType;
+  DType dtype;
+  size_t elem;
+  if (dtype_name == "f32") {
+    dtype = DType::Float32, elem = 4;
+  } else if (dtype_name == "f16") {
+    dtype = DType::Float16, elem = 2;
+  } else if (dtype_name == "bf16") {
+    dtype = DType::BFloat16, elem = 2;
+  } else if (dtype_name == "f64") {
+    dtype = DType::Float64, elem = 8;
+  } else {
+    throw std::runtime_error("bad dtype " + dtype_name);
+  }
+  const std::string base = dir + "/" + id + ".";
+  const auto x = read_file(base + "x", elem * n * c * h * w);
+  const size_t bias_elem = dtype == DType::Float64 ? 8 : 4;
+  const auto bias = has_bias ? read_file(base + "bias", bias_elem * c) : std::vector<char>();
+  const int64_t words = (c + 31) / 32;
+  candle::cpu::PackJob j{};
+  j.n = n, j.c = c, j.h = h, j.w = w, j.words = words;
+  if (nhwc) {
+    j.sn = h * w * c, j.sc = 1, j.sh = w * c, j.sw = c;
+  } else {
+    j.sn = c * h * w, j.sc = h * w, j.sh = w, j.sw = 1;
+  }
+  j.x = x.data();
+  j.dtype = dtype;
+  j.bias_f = has_bias && dtype != DType::Float64 ? reinterpret_cast<const float*>(bias.data()) : nullptr;
+  j.bias_d = has_bias && dtype == DType::Float64 ? reinterpret_cast<const double*>(bias.data()) : nullptr;
+  for (candle::cpu::Isa isa : isas) {
+    Output out(static_cast<size_t>(n * h * w * words));
+    j.out = static_cast<uint32_t*>(out.data());
+    candle::cpu::sign_pack(isa, j, nhwc != 0);
+    out.write(base + candle::cpu::isa_name(isa) + ".out");
+  }
+}
+
+}  // namespace
+
+namespace candle {
+namespace cpu {
+
+// Like at::parallel_for: [begin, end) in at most g_threads chunks of >= grain, each on its own thread.
+void parallel_for_impl(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& f) {
+  const int64_t range = end - begin;
+  int64_t chunks = std::min<int64_t>(g_threads, (range + grain - 1) / std::max<int64_t>(grain, 1));
+  if (chunks <= 1) {
+    f(begin, end);
+    return;
+  }
+  const int64_t size = (range + chunks - 1) / chunks;
+  std::vector<std::thread> pool;
+  for (int64_t b = begin + size; b < end; b += size) pool.emplace_back(f, b, std::min(end, b + size));
+  f(begin, std::min(end, begin + size));
+  for (std::thread& t : pool) t.join();
+}
+
+}  // namespace cpu
+}  // namespace candle
+
+int main(int argc, char** argv) {
+  try {
+    if (argc == 2 && std::string(argv[1]) == "--best-isa") {
+      std::printf("%s\n", candle::cpu::isa_name(candle::cpu::best_isa()));
+      return 0;
+    }
+    if (argc == 2 && std::string(argv[1]) == "--active-isa") {
+      candle::cpu::Isa isa;
+      std::string error;
+      if (!candle::cpu::choose_isa(isa, error)) throw std::runtime_error(error);
+      std::printf("%s\n%s\n", candle::cpu::isa_name(isa), candle::cpu::isa_description().c_str());
+      return 0;
+    }
+    if (argc < 3 || argc > 4) {
+      std::fprintf(stderr, "usage: %s --best-isa | --active-isa | DIR ISA[,ISA...] [THREADS]\n", argv[0]);
+      return 2;
+    }
+    const std::string dir = argv[1];
+    std::vector<candle::cpu::Isa> isas;
+    std::stringstream names(argv[2]);
+    for (std::string name; std::getline(names, name, ',');) isas.push_back(parse_isa(name));
+    if (argc == 4) g_threads = std::max(1, std::atoi(argv[3]));
+    std::ifstream cases(dir + "/cases.txt");
+    if (!cases) throw std::runtime_error("cannot open " + dir + "/cases.txt");
+    int done = 0;
+    for (std::string line; std::getline(cases, line);) {
+      if (line.empty()) continue;
+      std::istringstream in(line);
+      std::string kind, id;
+      in >> kind >> id;
+      if (kind == "conv") {
+        run_conv(in, dir, id, isas);
+      } else if (kind == "pack") {
+        run_pack(in, dir, id, isas);
+      } else {
+        throw std::runtime_error("unknown case kind " + kind);
+      }
+      ++done;
+    }
+    std::printf("%d cases on %s, %d threads\n", done, argv[2], g_threads);
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "driver: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,330 @@
+"""Every CPU kernel path, including aarch64 NEON under emulation, against candle_ext/reference.py.
+
+The kernel cores (csrc/cpu/*.cpp except the ATen entry points) are plain C++ on raw pointers. This test builds
+them with python_tests/cross/driver.cpp, a torch-free driver, twice:
+- natively (x86-64 here): the portable and AVX2 paths, run directly;
+- with the aarch64 cross compiler (Debian g++-aarch64-linux-gnu), linked statically and run under user-mode
+  emulation (Debian qemu-user: qemu-aarch64): the portable and NEON paths.
+Both builds use -Wall -Wextra -Werror, so a warning in the cores fails here too. The test writes the inputs of
+every case (random conv shapes of test_cpu_kernels.py, its edge cases, and sign_pack inputs with special
+values), runs each driver once on all cases with 3 threads, and compares every path's output with the
+reference bit for bit: int32 accumulators and packed words, and the float32 epilogues (acc * scale + shift,
+then residual / PReLU / post_shift as the eager ops compute them). Emulation checks results only; it says
+nothing about aarch64 speed.
+
+Without the cross compiler or qemu the aarch64 test skips and says what to install (scripts/setup_env.sh
+installs both when run as root on Debian); CANDLE_EXT_REQUIRE_CROSS=1 (set by scripts/test.sh on CI) turns that
+skip into a failure.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from candle_ext import backend, reference as R
+from shapes import random_conv_configs
+from test_cpu_kernels import EDGE_CASES, SIGN_SHAPES, _sign_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+DRIVER = Path(__file__).resolve().parent / "cross" / "driver.cpp"
+# The ATen entry points include torch; every other csrc/cpu/*.cpp is a torch-free core.
+ENTRY_POINTS = {"binary_conv2d.cpp", "sign_pack.cpp"}
+FLAGS = ["-std=c++20", "-O3", "-Wall", "-Wextra", "-Werror", "-DCANDLE_EXT_TORCH_FREE", f"-I{CSRC}", "-pthread"]
+THREADS = 3  # odd, so the parallel splits are uneven
+REQUIRE = os.environ.get("CANDLE_EXT_REQUIRE_CROSS", "0") == "1"
+
+CROSS_CXX = "aarch64-linux-gnu-g++"
+QEMU = ("qemu-aarch64", "qemu-aarch64-static")
+
+
+def _cores():
+    return sorted(str(p) for p in (CSRC / "cpu").glob("*.cpp") if p.name not in ENTRY_POINTS)
+
+
+def _missing(what):
+    if REQUIRE:
+        pytest.fail(f"{what} (CANDLE_EXT_REQUIRE_CROSS=1)")
+    pytest.skip(what)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cases: inputs written for the driver, expected outputs kept here.
+
+def _write(path: Path, t: torch.Tensor):
+    t = t.contiguous()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.view(torch.int16)
+    path.write_bytes(t.numpy().tobytes())
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class Cases:
+    def __init__(self, root: Path):
+        self.root = root
+        self.lines = []
+        self.expected = {}  # id -> (tensor, description)
+
+    def conv(self, n, cin, cout, h, w, k, stride, padding, dilation, seed, extreme=False):
+        """Three calls on one configuration: int32, a float epilogue, and the fused block epilogue.
+
+        extreme: x all +1 and the weights of every other output channel all -1, so every byte of every XOR
+        has 8 bits set (the most a byte accumulator can gain per step: its flush interval is tested)."""
+        g = torch.Generator().manual_seed(seed)
+        kh, kw = _pair(k)
+        (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+        x = torch.randn(n, cin, h, w, generator=g)
+        wt = torch.randn(cout, cin, kh, kw, generator=g)
+        x.view(-1)[::7] = 0.0  # sign(0) = +1
+        if extreme:
+            x.fill_(1.0)
+            wt.fill_(1.0)
+            wt[::2] = -1.0
+        xp, wp = R.sign_pack(x), R.sign_pack(wt)
+        ref = R.binary_conv2d(x, wt, None, (sh, sw), (ph, pw), (dh, dw))  # exact integers in float32
+        acc = ref.to(torch.int32)
+        assert torch.equal(acc.float(), ref)
+        ho, wo = acc.shape[2:]
+        scale = torch.rand(cout, generator=g) + 0.05
+        shift = torch.randn(cout, generator=g)
+        slope, post_shift = torch.randn(cout, generator=g), torch.randn(cout, generator=g)
+        # Residuals with every channel count the kernel accepts: cout, or a divisor (repeated).
+        divisors = [d for d in (cout, cout // 2, 1) if d >= 1 and cout % d == 0]
+        rc = divisors[seed % len(divisors)]
+        res = torch.randn(n, rc, ho, wo, generator=g)
+        desc = (("extreme " if extreme else "") +
+                f"conv n{n} c{cin} o{cout} {h}x{w} k{kh}x{kw} s{sh},{sw} p{ph},{pw} d{dh},{dw}")
+        sc4, sh4 = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
+
+        def add(variant, out_kind, want, use_scale=False, use_shift=False, use_res=False, use_slope=False,
+                use_post=False):
+            cid = f"c{len(self.lines)}"
+            _write(self.root / f"{cid}.x", xp)
+            _write(self.root / f"{cid}.w", wp)
+            for flag, name, t in ((use_scale, "scale", scale), (use_shift, "shift", shift), (use_res, "res", res),
+                                  (use_slope, "slope", slope), (use_post, "post_shift", post_shift)):
+                if flag:
+                    _write(self.root / f"{cid}.{name}", t)
+            words = xp.shape[3]
+            fields = [n, h, w, words, cin, cout, kh, kw, sh, sw, ph, pw, dh, dw, out_kind, int(use_scale),
+                      int(use_shift), rc if use_res else 0, int(use_slope), int(use_post)]
+            self.lines.append(f"conv {cid} " + " ".join(str(int(v)) for v in fields))
+            self.expected[cid] = (want, f"{desc} {variant}")
+
+        add("int32", 0, acc)
+        # The plain float epilogue, rotating over its four forms.
+        form = seed % 4
+        use_scale, use_shift = form in (0, 2), form in (0, 1)
+        v = acc.float()
+        if use_scale:
+            v = v * sc4
+        if use_shift:
+            v = v + sh4
+        add(f"float scale={use_scale} shift={use_shift}", 1, v, use_scale, use_shift)
+        # The fused block epilogue (residual, PReLU, post_shift; every non-empty subset over the seeds) after
+        # acc * scale + shift, as the eager ops of a frozen ReActNet block compute it.
+        subset = 1 + seed % 7
+        use_res, use_slope, use_post = bool(subset & 1), bool(subset & 2), bool(subset & 4)
+        v = acc.float() * sc4 + sh4
+        if use_res:
+            v = v + res.repeat(1, cout // rc, 1, 1)
+        if use_slope:
+            v = torch.prelu(v, slope)
+        if use_post:
+            v = v + post_shift.reshape(1, -1, 1, 1)
+        add(f"fused res={use_res}(C={rc}) prelu={use_slope} post_shift={use_post}", 1, v, True, True, use_res,
+            use_slope, use_post)
+
+    def pack(self, x: torch.Tensor, bias, nhwc: bool):
+        cid = f"p{len(self.lines)}"
+        n, c, h, w = x.shape
+        dtype = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64"}[x.dtype]
+        _write(self.root / f"{cid}.x", x.permute(0, 2, 3, 1) if nhwc else x)
+        if bias is not None:  # rounded to x's dtype, held in float32 (float64 for float64 x), as the entry point does
+            _write(self.root / f"{cid}.bias", bias.to(x.dtype).to(torch.float64 if dtype == "f64" else torch.float32))
+        self.lines.append(f"pack {cid} {dtype} {n} {c} {h} {w} {int(nhwc)} {int(bias is not None)}")
+        want = R.sign_pack(x, bias)
+        self.expected[cid] = (want, f"sign_pack {dtype} {tuple(x.shape)} {'nhwc' if nhwc else 'nchw'} "
+                                    f"bias={bias is not None}")
+
+    def finish(self):
+        (self.root / "cases.txt").write_text("\n".join(self.lines) + "\n")
+
+
+def _special_sign_input():
+    x = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-45, -1e-45, 3.0, -3.0])
+    bias = torch.tensor([0.0, 0.0, float("inf"), float("-inf"), 0.0, 0.0, 0.0, 3.0, -3.0])
+    # 9 special channels, repeated to 45 (past a word and not a multiple of 4 or 8), 2 x 3 x 5 pixels.
+    return x.repeat(5).reshape(1, 45, 1, 1).repeat(2, 1, 3, 5), bias.repeat(5)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    c = Cases(tmp_path_factory.mktemp("cross_cases"))
+    for i, cfg in enumerate(random_conv_configs(200, seed=2024)):  # the configs of test_cpu_kernels.py
+        c.conv(cfg.n, cfg.cin, cfg.cout, cfg.h, cfg.w, cfg.k, cfg.stride, cfg.padding, cfg.dilation, seed=i)
+    for i, case in enumerate(EDGE_CASES):
+        c.conv(*case, seed=500 + i)
+    # Padding and dilation far larger than the input: almost every tap is padding (hostile-input geometry).
+    for i, case in enumerate([(1, 40, 3, 6, 6, 3, 1, 64, 64), (2, 33, 5, 5, 4, (3, 5), (2, 1), (40, 9), (20, 3))]):
+        c.conv(*case, seed=700 + i)
+    # Most bits set in every XOR, with many steps between the accumulators' flushes on every path.
+    for i, case in enumerate([(1, 2640, 17, 4, 5, 5, 1, 2, 1), (1, 300, 7, 6, 6, 5, 1, 2, 1),
+                              (2, 1024, 9, 3, 4, 3, 1, 1, 1), (1, 1000, 6, 5, 5, 3, 2, 1, 2),
+                              (1, 512, 21, 9, 9, 1, 1, 0, 1)]):
+        c.conv(*case, seed=600 + i, extreme=True)
+    shapes = SIGN_SHAPES + [(2, 200, 7, 9), (1, 45, 5, 13), (3, 4, 2, 3)]
+    for i, shape in enumerate(shapes):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            x, bias = _sign_inputs(*shape, dtype, seed=i)
+            for nhwc in (False, True):
+                for b in (None, bias):
+                    c.pack(x, b, nhwc)
+    xs, bs = _special_sign_input()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for nhwc in (False, True):
+            for b in (None, bs):
+                c.pack(xs.to(dtype), b, nhwc)
+    c.finish()
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Builds and runs.
+
+def _run(cmd, cases, isas):
+    started = time.monotonic()
+    proc = subprocess.run([*cmd, str(cases.root), ",".join(isas), str(THREADS)], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    print(f"{' '.join(cmd)}: {proc.stdout.strip()} in {time.monotonic() - started:.1f} s")
+
+
+def _compare(cases, isa):
+    """Every case's output on `isa` against its expected tensor, bit for bit; the failures, described."""
+    bad = []
+    for cid, (want, desc) in cases.expected.items():
+        path = cases.root / f"{cid}.{isa}.out"
+        got = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.int32)
+        want_bits = (want.contiguous().view(torch.int32) if want.dtype == torch.float32 else want).reshape(-1)
+        if got.numel() != want_bits.numel():
+            bad.append(f"{desc}: {got.numel()} values, expected {want_bits.numel()}")
+        elif not torch.equal(got, want_bits):
+            wrong = (got != want_bits).nonzero().reshape(-1)
+            i = int(wrong[0])
+            if want.dtype == torch.float32:
+                g, w = got.view(torch.float32)[i].item(), want.reshape(-1)[i].item()
+            else:
+                g, w = int(got[i]), int(want_bits[i])
+            bad.append(f"{desc}: {wrong.numel()} of {got.numel()} differ, first at flat index {i}: {g!r} != {w!r}")
+    return bad
+
+
+def _check_paths(cases, isas):
+    for isa in isas:
+        bad = _compare(cases, isa)
+        assert not bad, f"{isa} path: {len(bad)} of {len(cases.expected)} cases differ:\n" + "\n".join(bad[:20])
+
+
+class Drivers:
+    """Both drivers, compiled in the background (the two compilers run in parallel, while the cases are written);
+    `get` waits for one and returns its command, or None where its toolchain is missing."""
+
+    def __init__(self, out: Path):
+        native_cxx = shutil.which("g++") or shutil.which("c++")
+        cross_cxx = shutil.which(CROSS_CXX)
+        qemu = next((q for q in map(shutil.which, QEMU) if q), None)
+        self.missing = [what for what, ok in ((f"{CROSS_CXX} (Debian g++-aarch64-linux-gnu)", cross_cxx),
+                                              ("qemu-aarch64 (Debian qemu-user)", qemu)) if not ok]
+        self.pending, self.commands = {}, {}
+        if native_cxx:
+            self._start("native", native_cxx, out / "driver-native", [], [])
+        if cross_cxx and qemu:
+            self._start("aarch64", cross_cxx, out / "driver-aarch64", ["-static"], [qemu])
+
+    def _start(self, name, cxx, binary, extra, runner):
+        cmd = [cxx, *FLAGS, *extra, *_cores(), str(DRIVER), "-o", str(binary)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.pending[name] = (proc, cmd, [*runner, str(binary)])
+
+    def get(self, name):
+        if name in self.pending:
+            proc, cmd, run = self.pending.pop(name)
+            out, _ = proc.communicate()
+            assert proc.returncode == 0, f"build failed: {' '.join(cmd)}\n{out}"
+            self.commands[name] = run
+        return self.commands.get(name)
+
+
+@pytest.fixture(scope="module")
+def drivers(tmp_path_factory):
+    d = Drivers(tmp_path_factory.mktemp("cross_build"))
+    yield d
+    for proc, _, _ in d.pending.values():
+        proc.kill()
+        proc.wait()
+
+
+def _best(cmd):
+    return subprocess.run([*cmd, "--best-isa"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_native_paths_match_reference(drivers, cases):
+    """x86-64 here: the portable and the AVX2 path of the torch-free cores (the harness itself checked)."""
+    native = drivers.get("native")
+    if native is None:
+        pytest.skip("no native C++ compiler (g++)")
+    best = _best(native)
+    isas = ["portable"] + ([best] if best != "portable" else [])
+    _run(native, cases, isas)
+    _check_paths(cases, isas)
+
+
+def test_aarch64_neon_under_qemu_matches_reference(drivers, cases):
+    """aarch64 NEON and portable paths, cross-compiled and run under qemu-aarch64."""
+    aarch64 = drivers.get("aarch64")
+    if aarch64 is None:
+        _missing("aarch64 toolchain missing: " + ", ".join(drivers.missing) + "; install with `apt-get install "
+                 "g++-aarch64-linux-gnu qemu-user` (scripts/setup_env.sh does, as root)")
+    assert _best(aarch64) == "neon"  # else the NEON path would silently not be tested
+    # The path the extension would take on aarch64, and what `python -m candle_ext.info` would say.
+    env = {k: v for k, v in os.environ.items() if k != "CANDLE_EXT_CPU_ISA"}
+    active = subprocess.run([*aarch64, "--active-isa"], capture_output=True, text=True, check=True, env=env)
+    assert active.stdout.splitlines() == ["neon", "aarch64, NEON kernels"]
+    for value, line in (("portable", "portable"), ("neon", "neon")):
+        forced = subprocess.run([*aarch64, "--active-isa"], capture_output=True, text=True, check=True,
+                                env={**env, "CANDLE_EXT_CPU_ISA": value})
+        assert forced.stdout.splitlines()[0] == line
+    for value in ("avx2", "garbage"):  # a path this CPU lacks, no path at all: refused, naming the variable
+        refused = subprocess.run([*aarch64, "--active-isa"], capture_output=True, text=True,
+                                 env={**env, "CANDLE_EXT_CPU_ISA": value})
+        assert refused.returncode != 0 and "CANDLE_EXT_CPU_ISA" in refused.stderr, refused.stderr
+    _run(aarch64, cases, ["portable", "neon"])
+    _check_paths(cases, ["portable", "neon"])
+
+
+@pytest.mark.skipif(backend.compiled_module() is None, reason="candle_ext._C is not built")
+def test_extension_reports_the_path_in_use(monkeypatch):
+    _C = backend.compiled_module()
+    monkeypatch.delenv("CANDLE_EXT_CPU_ISA", raising=False)
+    native = _C.cpu_isa()
+    assert native in ("avx2", "neon", "portable")
+    assert ("AVX2 kernels" in _C.cpu_features) == (native == "avx2")
+    monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")
+    assert _C.cpu_isa() == "portable"
+    monkeypatch.setenv("CANDLE_EXT_CPU_ISA", native)
+    assert _C.cpu_isa() == native
+    lacking = "neon" if native != "neon" else "avx2"
+    for value in (lacking, "garbage"):
+        monkeypatch.setenv("CANDLE_EXT_CPU_ISA", value)
+        with pytest.raises(ValueError, match="CANDLE_EXT_CPU_ISA"):
+            _C.cpu_isa()
