@@ -463,6 +463,53 @@ def test_multires_head_large_and_split_k(C, cfg, monkeypatch):
                 assert bool(((got_t.double() - want_t).abs() <= tol).all()), (dtype, i)
 
 
+def test_multires_head_largest_base_map(C, monkeypatch):
+    """A 1024-wide base map (the largest the kernels take: axis tables of kMaxSide entries, the most dynamic
+    shared memory they ask for) with up- and downsampled resolutions; forward and weight/bias gradients."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    cfg = (1, 24, 8, [(300, 512), (700, 1024), (1030, 9)], 1)
+    n, _, cs, sizes, base = cfg
+    feats, weights, biases, base = _head_inputs(cfg, torch.float32, 21)
+    got = C.multires_head_cuda(feats, weights, biases, base)
+    f64, w64, b64 = [f.double() for f in feats], [w.double() for w in weights], [b.double() for b in biases]
+    want = R.multires_head(f64, w64, b64, base)
+    bound = _bound(lambda f, w, b: R.multires_head(f, w, b, base), feats, weights, biases)
+    assert bool(((got.double() - want).abs() <= _head_tolerance(torch.float32, 24, bound, want)).all())
+    grad = torch.randn_like(got)
+    flat = C.multires_head_backward_cuda(grad, feats, weights, base, True)
+    zeros = [torch.zeros(cs, dtype=torch.float64, device=DEV)] * 3
+    want_f, want_w, want_b = R.multires_head_backward(grad.double(), f64, w64, zeros, base)
+    bf, bw, bb = R.multires_head_backward(grad.double().abs(), [f.abs() for f in f64], [w.abs() for w in w64],
+                                          zeros, base)
+    positions = n * sizes[base][0] * sizes[base][1]
+    for i in range(3):
+        for got_t, want_t, bound_t, k in ((flat[i], want_f[i], bf[i], cs), (flat[3 + i], want_w[i], bw[i], positions),
+                                          (flat[6 + i], want_b[i], bb[i], positions)):
+            tol = _head_tolerance(torch.float32, k, bound_t, want_t)
+            assert bool(((got_t.double() - want_t).abs() <= tol).all()), i
+
+
+def test_build_below_sm80_refuses_tensor_core_kernels(C):
+    """A build whose TORCH_CUDA_ARCH_LIST has only archs < 8.0 (e.g. 7.5+PTX) runs its PTX on an sm_80+ GPU,
+    where the tensor-core kernels are __trap(): the conv takes the popcount path (exactly right) and the head
+    refuses with a clear error. Only meaningful for such a build; skipped otherwise."""
+    archs = backend.build_info("cuda_archs", "")
+    nums = [float(a.split("+")[0]) for a in archs.replace(" ", ";").split(";") if a.strip()]
+    if not nums or max(nums) >= 8.0 or torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip(f"needs a build for archs < 8.0 only (this one: {archs!r}) and an sm_80+ GPU")
+    cfg = ConvConfig(2, 64, 40, 9, 9, 3, 1, 1, 1)
+    xp, wp = _packed_pair(cfg, 1)
+    plan = C.binary_conv2d_cuda_plan(xp, wp, cfg.cin, 1, 1, 1, 1, 1, 1, 0)
+    assert plan.startswith("popcount") and "below 8.0" in plan, plan
+    want = R.binary_conv2d_packed(xp, wp, cfg.cin, (1, 1), (1, 1), (1, 1))
+    assert torch.equal(C.binary_conv2d_cuda(xp, wp, cfg.cin, 1, 1, 1, 1, 1, 1, None, None, 0, False), want)
+    with pytest.raises(ValueError, match="tensor-core path cannot run"):
+        C.binary_conv2d_cuda_path(xp, wp, cfg.cin, 1, 1, 1, 1, 1, 1, None, None, 0, False, 1)
+    feats, weights, biases, base = _head_inputs((1, 8, 4, [(2, 2), (3, 3)], 1), torch.float32, 13)
+    with pytest.raises(RuntimeError, match="no sm_80\\+ code"):
+        C.multires_head_cuda(feats, weights, biases, base)
+
+
 def test_multires_head_autograd_through_public_api(C, cuda_backend, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     feats, weights, biases, base = _head_inputs((2, 40, 24, [(3, 3), (5, 5), (9, 9)], 1), torch.float32, 11)

@@ -262,6 +262,73 @@ def test_binary_conv2d_strided_packed_input(monkeypatch):
         assert torch.equal(got, want), method
 
 
+# GPU-only cases: shapes the interpreter cannot afford, and choices only a GPU makes.
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", tconv.METHODS)
+def test_binary_conv2d_wide_tiles_on_gpu(method):
+    """Cout > 64 (the 128-channel, 8-warp tl.dot tiles of real layers), 1 to 5 words per pixel (BLOCK_KW 1
+    and 2), 1x1 and 3x3, stride 2: exact int32."""
+    torch.manual_seed(22)
+    for n, cin, cout, hw, k, s, p in ((2, 100, 130, 9, 3, 1, 1), (1, 64, 256, 14, 1, 1, 0), (1, 256, 96, 7, 3, 2, 1),
+                                      (2, 160, 200, 6, 3, 1, 1), (1, 32, 128, 28, 3, 2, 1)):
+        x = torch.randn(n, cin, hw, hw, device=DEVICE)
+        w = torch.randn(cout, cin, k, k, device=DEVICE)
+        got = tconv.binary_conv2d_packed(R.sign_pack(x), R.sign_pack(w), cin, (s, s), (p, p), (1, 1), method=method)
+        want = R.binary_conv2d(x.double(), w.double(), None, (s, s), (p, p)).to(torch.int32)
+        assert torch.equal(got, want), (n, cin, cout, hw, k, s, p)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", tconv.METHODS)
+def test_binary_conv2d_64bit_offsets_on_gpu(method):
+    """An output of more than 2^31 elements takes the kernels' 64-bit offset variant (IDX=int64): a 1x1 conv
+    with 9 output channels over 2^28 pixels of one word (dot = 32 - 2 popcount(x ^ w)), checked on sampled
+    pixels of every channel, the last ones (offsets past 2^31) included."""
+    need = 12 * 2 ** 30
+    if torch.cuda.get_device_properties(0).total_memory < need:
+        pytest.skip(f"needs {need / 2 ** 30:.0f} GiB of GPU memory")
+    side, cout = 2 ** 14, 9
+    g = torch.Generator(device=DEVICE).manual_seed(23)
+    xp = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, side, side, 1), dtype=torch.int32, device=DEVICE, generator=g)
+    wp = torch.randint(-2 ** 31, 2 ** 31 - 1, (cout, 1, 1, 1), dtype=torch.int32, device=DEVICE, generator=g)
+    out = tconv.binary_conv2d_packed(xp, wp, 32, (1, 1), (0, 0), (1, 1), method=method)
+    assert out.shape == (1, cout, side, side) and out.numel() >= 2 ** 31
+    pixels = side * side
+    flat = torch.cat([torch.randint(0, pixels, (4096,), device=DEVICE, generator=g),
+                      torch.arange(pixels - 64, pixels, device=DEVICE)])
+    words = xp.view(-1)[flat].long() & 0xFFFFFFFF
+    for co in range(cout):
+        diff = words ^ (int(wp[co].item()) & 0xFFFFFFFF)
+        pop = ((diff.unsqueeze(-1) >> torch.arange(32, device=DEVICE)) & 1).sum(-1)
+        assert torch.equal(out[0, co].reshape(-1)[flat], (32 - 2 * pop).to(torch.int32)), co
+
+
+@pytest.mark.cuda
+def test_multires_head_tf32_on_gpu(monkeypatch):
+    """float32 with torch.backends.cudnn.allow_tf32 (the default on GPUs): the tl.dot tiles run as TF32 (operands
+    rounded to 10 mantissa bits), within 2^-9 of the float64 reference relative to the sum of |terms|."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    torch.manual_seed(24)
+    feats, weights, biases = _head_inputs(2, 70, 20, [(2, 3), (5, 4), (9, 10)], torch.float32)
+    out = candle_ext.multires_head(feats, weights, biases, 1)
+    want = R.multires_head([f.double() for f in feats], [w.double() for w in weights],
+                           [b.double() for b in biases], 1)
+    bound = R.multires_head([f.double().abs() for f in feats], [w.double().abs() for w in weights],
+                            [b.double().abs() for b in biases], 1)
+    assert bool(((out.double() - want).abs() <= 2.0 ** -9 * bound + 1e-6).all())
+    g = torch.randn_like(out)
+    flat = thead.multires_head_backward(g, feats, weights, 1, True)
+    zeros = [torch.zeros(20, dtype=torch.float64, device=DEVICE)] * 3
+    gf, gw, _ = R.multires_head_backward(g.double(), [f.double() for f in feats], [w.double() for w in weights],
+                                         zeros, 1)
+    bf, bw, _ = R.multires_head_backward(g.double().abs(), [f.double().abs() for f in feats],
+                                         [w.double().abs() for w in weights], zeros, 1)
+    for i in range(3):
+        assert bool(((flat[i].double() - gf[i]).abs() <= 2.0 ** -9 * bf[i] + 1e-6).all()), i
+        assert bool(((flat[3 + i].double() - gw[i]).abs() <= 2.0 ** -9 * bw[i] + 1e-6).all()), i
+
+
 def test_conv_method_selection(monkeypatch):
     monkeypatch.delenv(tconv.METHOD_ENV, raising=False)
     assert tconv.default_method(torch.device("cpu")) == "popc"

@@ -16,10 +16,18 @@ candle_ext/reference.py:
 Under TRITON_INTERPRET=1 (set before triton is first imported) the same kernels run on CPU tensors through
 Triton's interpreter; the tests use that on machines without a GPU. Nothing in this file imports triton, so
 `import candle_ext.triton` works on installs without it; the op modules need it.
+
+Launch configurations: every launcher takes its kernel, tile constexprs, num_warps and num_stages from a small
+*_config function of the problem sizes (a LaunchConfig); each op module lists those functions in
+LAUNCH_CONFIGS. python_tests/test_gpu_static.py enumerates them and compiles every configuration ahead of time
+for sm_80 and sm_90 (no GPU needed), so a tile choice that fails to compile, spills registers or needs too much
+shared memory fails CI.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -69,3 +77,28 @@ def capability(device: torch.device):
     if device.type != "cuda":
         return (0, 0)
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """What a launcher chooses besides its arguments: the kernel, its tile constexprs, num_warps and num_stages
+    (None: Triton's default). The launcher passes config.kwargs() to the kernel next to its arguments and the
+    constexprs that follow from them (dtypes, flags)."""
+    kernel: Any
+    constexprs: Tuple[Tuple[str, Any], ...]
+    num_warps: int
+    num_stages: Optional[int] = None
+
+    @classmethod
+    def of(cls, kernel, num_warps: int, num_stages: Optional[int] = None, **constexprs) -> "LaunchConfig":
+        return cls(kernel, tuple(sorted(constexprs.items())), num_warps, num_stages)
+
+    def __getitem__(self, name: str):
+        return dict(self.constexprs)[name]
+
+    def kwargs(self) -> dict:
+        """The tile constexprs and launch options, as keyword arguments of kernel[grid](...)."""
+        out = dict(self.constexprs, num_warps=self.num_warps)
+        if self.num_stages is not None:
+            out["num_stages"] = self.num_stages
+        return out

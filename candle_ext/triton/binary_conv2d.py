@@ -20,14 +20,14 @@ capability >= 8.0 and "popc" elsewhere (including the interpreter).
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from candle_ext.triton import capability, interpreter_tiles, is_interpreted, next_pow2
+from candle_ext.triton import LaunchConfig, capability, interpreter_tiles, is_interpreted, next_pow2
 
 METHOD_ENV = "CANDLE_EXT_TRITON_CONV"
 METHODS = ("popc", "dot")
@@ -164,6 +164,31 @@ def default_method(device: torch.device) -> str:
     return "popc"
 
 
+def conv_config(method: Literal["popc", "dot"], cout: int, words: int, pixels: int) -> LaunchConfig:
+    """Kernel and tiles for `cout` output channels, `words` packed words per input pixel and `pixels` output
+    pixels (N*Ho*Wo). tl.dot needs every block dimension >= 16. On sm_80/sm_90 (ptxas, Triton 3.8) these compile
+    without register spills (python_tests/test_gpu_static.py checks it): dot 128x128 (8 warps) ~200-255
+    registers/thread, popc 64x64 (8 warps) ~150."""
+    kernel = _conv_dot_kernel if method == "dot" else _conv_popc_kernel
+    if method == "dot":
+        block_n = max(16, min(128, next_pow2(cout)))
+        block_m = 128
+    else:
+        block_n = max(16, min(64, next_pow2(cout)))
+        block_m = 64
+    small = interpreter_tiles(kernel)
+    if small:  # few, large programs: the interpreter runs programs one after another in Python
+        block_m = max(16, min(256, next_pow2(pixels)))
+    if method == "dot":
+        block_kw = min(8 if small else 2, next_pow2(words))  # 64 channels per tl.dot step on the GPU
+        warps = 8 if block_m * block_n >= 128 * 128 else 4
+        return LaunchConfig.of(kernel, warps, 3, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KW=block_kw)
+    return LaunchConfig.of(kernel, 8, BLOCK_M=block_m, BLOCK_N=block_n)
+
+
+LAUNCH_CONFIGS = (conv_config,)
+
+
 def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
@@ -189,29 +214,14 @@ def binary_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, channel
     method = method or default_method(x.device)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    kernel = _conv_dot_kernel if method == "dot" else _conv_popc_kernel
-    small = interpreter_tiles(kernel)
-    # Tile shapes: tl.dot needs every block dimension >= 16. On sm_90 (ptxas, Triton 3.8) these compile without
-    # register spills: dot 128x128 (8 warps) ~200 registers/thread, popc 64x64 (8 warps) ~150.
-    if method == "dot":
-        block_n = max(16, min(128, next_pow2(cout)))
-        block_m = 128
-    else:
-        block_n = max(16, min(64, next_pow2(cout)))
-        block_m = 64
-    if small:  # few, large programs: the interpreter runs programs one after another in Python
-        block_m = max(16, min(256, next_pow2(m)))
-    grid = (triton.cdiv(m, block_m), triton.cdiv(cout, block_n))
+    cfg = conv_config(method, cout, nw, m)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, cfg["BLOCK_N"]))
     args = (x, w, out if sc is None else sc, out if sf is None else sf, out,
             channels, h, wd, nw, cout, ho, wo, m, kh, kw, sh, sw, ph, pw, dh, dw)
     # 32-bit offset arithmetic (fewer registers) unless a tensor is too large for it.
     idx = tl.int32 if max(x.numel(), w.numel(), out.numel()) < 2 ** 31 else tl.int64
-    flags = dict(HAS_SCALE=sc is not None, HAS_SHIFT=sf is not None, FLOAT_OUT=float_out, IDX=idx,
-                 BLOCK_M=block_m, BLOCK_N=block_n)
-    if method == "dot":
-        block_kw = min(8 if small else 2, next_pow2(nw))  # 64 channels per tl.dot step on the GPU
-        warps = 8 if block_m * block_n >= 128 * 128 else 4
-        _conv_dot_kernel[grid](*args, **flags, BLOCK_KW=block_kw, num_warps=warps, num_stages=3)
-    else:
-        _conv_popc_kernel[grid](*args, **flags, INTRINSIC=not is_interpreted(kernel), num_warps=8)
+    flags = dict(HAS_SCALE=sc is not None, HAS_SHIFT=sf is not None, FLOAT_OUT=float_out, IDX=idx)
+    if method == "popc":
+        flags["INTRINSIC"] = not is_interpreted(cfg.kernel)
+    cfg.kernel[grid](*args, **flags, **cfg.kwargs())
     return out

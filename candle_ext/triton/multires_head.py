@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from candle_ext import reference
-from candle_ext.triton import interpreter_tiles, is_interpreted, next_pow2
+from candle_ext.triton import LaunchConfig, interpreter_tiles, is_interpreted, next_pow2
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
@@ -162,6 +162,38 @@ def _dot_types(dtypes: Sequence[torch.dtype], kernel, device: torch.device):
     return tl.float32, tl.float32, ("tf32" if tf32 else "ieee")
 
 
+def gemm_config(cout: int, cin: int, positions: int) -> LaunchConfig:
+    """Tiles of _head_gemm_kernel: BLOCK_M of `positions` gathered positions x BLOCK_N of `cout` output
+    channels, K = `cin` in BLOCK_K steps."""
+    small = interpreter_tiles(_head_gemm_kernel)
+    block_m = max(16, min(256, next_pow2(positions))) if small else 64
+    block_n = max(16, min(128 if small else 64, next_pow2(cout)))
+    block_k = max(16, min(128 if small else 32, next_pow2(cin)))
+    return LaunchConfig.of(_head_gemm_kernel, 4, 3, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+def wgrad_config(student: int, teacher: int, positions: int) -> LaunchConfig:
+    """Tiles of _head_wgrad_kernel: [BLOCK_S of `student` channels, BLOCK_T of `teacher` channels], K = the
+    `positions` base positions in BLOCK_Q steps. 64x64x32 tiles: no register spills on sm_80/sm_90 with 8
+    warps, float64 included."""
+    small = interpreter_tiles(_head_wgrad_kernel)
+    block_s = max(16, min(128 if small else 64, next_pow2(student)))
+    block_t = max(16, min(128 if small else 64, next_pow2(teacher)))
+    block_q = max(16, min(256, next_pow2(positions))) if small else 32
+    return LaunchConfig.of(_head_wgrad_kernel, 8, 3, BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_Q=block_q)
+
+
+def scatter_config(pixels: int) -> LaunchConfig:
+    """Tiles of _scatter_kernel for a source grid of `pixels` positions: BLOCK_P planes x BLOCK_HW positions."""
+    small = interpreter_tiles(_scatter_kernel)
+    block_hw = min(256 if small else 128, next_pow2(pixels))
+    block_p = max(1, (8192 if small else 2048) // block_hw)
+    return LaunchConfig.of(_scatter_kernel, 4, BLOCK_P=block_p, BLOCK_HW=block_hw)
+
+
+LAUNCH_CONFIGS = (gemm_config, wgrad_config, scatter_config)
+
+
 def _gemm(f: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: torch.Tensor, ih: torch.Tensor,
           iw: torch.Tensor, c_off: int):
     """out[:, c_off:c_off+Cout] (any strides, spatial size len(ih) x len(iw)) = 1x1 conv of f (any strides)
@@ -171,15 +203,11 @@ def _gemm(f: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: torc
     ho, wo = ih.numel(), iw.numel()
     m = n * ho * wo
     dot_t, acc, prec = _dot_types((f.dtype, w.dtype), _head_gemm_kernel, f.device)
-    small = interpreter_tiles(_head_gemm_kernel)
-    block_m = max(16, min(256, next_pow2(m))) if small else 64
-    block_n = max(16, min(128 if small else 64, next_pow2(cout)))
-    block_k = max(16, min(128 if small else 32, next_pow2(cin)))
-    grid = (triton.cdiv(m, block_m), triton.cdiv(cout, block_n))
-    _head_gemm_kernel[grid](f, w, out if b is None else b, out, ih, iw,
-                            m, cin, cout, ho, wo, *f.stride(), w.stride(0), w.stride(1), *out.stride(), c_off,
-                            HAS_BIAS=b is not None, DOT_T=dot_t, ACC=acc, PREC=prec,
-                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    cfg = gemm_config(cout, cin, m)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, cfg["BLOCK_N"]))
+    cfg.kernel[grid](f, w, out if b is None else b, out, ih, iw,
+                     m, cin, cout, ho, wo, *f.stride(), w.stride(0), w.stride(1), *out.stride(), c_off,
+                     HAS_BIAS=b is not None, DOT_T=dot_t, ACC=acc, PREC=prec, **cfg.kwargs())
 
 
 def _area_pooled(features: Sequence[torch.Tensor], base: int) -> List[torch.Tensor]:
@@ -214,12 +242,10 @@ def _scatter(g: torch.Tensor, c_off: int, cs: int, h: int, w: int) -> torch.Tens
     c0, c1, max_c = _runs(w, wb, g.device)
     gy = torch.empty((n, cs, h, w), dtype=g.dtype, device=g.device)
     acc = tl.float64 if g.dtype == torch.float64 else tl.float32
-    small = interpreter_tiles(_scatter_kernel)
-    block_hw = min(256 if small else 128, next_pow2(h * w))
-    block_p = max(1, (8192 if small else 2048) // block_hw)
-    grid = (triton.cdiv(n * cs, block_p), triton.cdiv(h * w, block_hw))
-    _scatter_kernel[grid](g, gy, r0, r1, c0, c1, n * cs, cs, h, w, hb, wb, g.stride(0), c_off, max_r, max_c,
-                          ACC=acc, BLOCK_P=block_p, BLOCK_HW=block_hw, num_warps=4)
+    cfg = scatter_config(h * w)
+    grid = (triton.cdiv(n * cs, cfg["BLOCK_P"]), triton.cdiv(h * w, cfg["BLOCK_HW"]))
+    cfg.kernel[grid](g, gy, r0, r1, c0, c1, n * cs, cs, h, w, hb, wb, g.stride(0), c_off, max_r, max_c,
+                     ACC=acc, **cfg.kwargs())
     return gy
 
 
@@ -242,15 +268,10 @@ def multires_head_backward(grad: torch.Tensor, features: Sequence[torch.Tensor],
         gb = torch.empty((cs,), dtype=w.dtype, device=device)
         m = n * hb * wb
         dot_t, acc, prec = _dot_types((g.dtype, f.dtype), _head_wgrad_kernel, device)
-        small = interpreter_tiles(_head_wgrad_kernel)
-        block_s = max(16, min(128 if small else 64, next_pow2(cs)))
-        block_t = max(16, min(128 if small else 64, next_pow2(ct)))
-        # 64x64x32 tiles: without register spills on sm_90 with 8 warps, float64 included.
-        block_q = max(16, min(256, next_pow2(m))) if small else 32
-        grid = (triton.cdiv(cs, block_s), triton.cdiv(ct, block_t))
-        _head_wgrad_kernel[grid](g, f, gw, gb, ih, iw, m, ct, cs, hb, wb, g.stride(0), r * cs, *f.stride(),
-                                 *gw.stride(), DOT_T=dot_t, ACC=acc, PREC=prec, BLOCK_S=block_s,
-                                 BLOCK_T=block_t, BLOCK_Q=block_q, num_warps=8, num_stages=3)
+        cfg = wgrad_config(cs, ct, m)
+        grid = (triton.cdiv(cs, cfg["BLOCK_S"]), triton.cdiv(ct, cfg["BLOCK_T"]))
+        cfg.kernel[grid](g, f, gw, gb, ih, iw, m, ct, cs, hb, wb, g.stride(0), r * cs, *f.stride(),
+                         *gw.stride(), DOT_T=dot_t, ACC=acc, PREC=prec, **cfg.kwargs())
         g_weights.append(gw.reshape(w.shape))
         g_biases.append(gb)
         if features_grad:

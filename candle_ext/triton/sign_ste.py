@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from candle_ext.triton import interpreter_tiles, next_pow2, sm_count
+from candle_ext.triton import LaunchConfig, interpreter_tiles, next_pow2, sm_count
 
 WORD_BITS = 32
 
@@ -119,6 +119,41 @@ def _ste_bwd_cols_kernel(g_ptr, x_ptr, bias_ptr, gx_ptr, part_ptr, M, C, chunk,
     tl.store(part_ptr + tl.program_id(1).to(tl.int64) * C + cols, tl.sum(acc, axis=0), mask=c_ok)
 
 
+def sign_pack_config(channels_fast: bool, pixels: int, words: int) -> LaunchConfig:
+    """Tiles of _sign_pack_kernel for an image of `pixels` pixels and `words` packed words per pixel; the
+    channels are contiguous in memory when `channels_fast`."""
+    if interpreter_tiles(_sign_pack_kernel):
+        block_p, block_words = min(256, next_pow2(pixels)), min(8, next_pow2(words))
+    elif channels_fast:  # channels_last: a pixel's channels are contiguous, so take several words per pixel
+        block_p, block_words = 32, min(4, next_pow2(words))
+    else:  # NCHW: consecutive pixels are contiguous, one word (32 channel planes) per program
+        block_p, block_words = min(128, next_pow2(pixels)), 1
+    return LaunchConfig.of(_sign_pack_kernel, 4, BLOCK_P=block_p, WORDS=block_words)
+
+
+def sign_ste_config() -> LaunchConfig:
+    """Tiles of the flat elementwise _sign_ste_kernel."""
+    return LaunchConfig.of(_sign_ste_kernel, 4, BLOCK=4096 if interpreter_tiles(_sign_ste_kernel) else 1024)
+
+
+def ste_backward_config(channels_last: bool, channels: int, spatial: int) -> LaunchConfig:
+    """Kernel and tiles of the STE backward: the column kernel over [N*spatial, channels] when x is
+    channels-last dense, else the row kernel over [N*channels, spatial]. 4096-element tiles over 8 warps: no
+    register spills on sm_80/sm_90 for any dtype, float64 included."""
+    if channels_last:
+        small = interpreter_tiles(_ste_bwd_cols_kernel)
+        block_c = min(128, next_pow2(channels))
+        block_m = max(1, (8192 if small else 4096) // block_c)
+        return LaunchConfig.of(_ste_bwd_cols_kernel, 8, BLOCK_M=block_m, BLOCK_C=block_c)
+    small = interpreter_tiles(_ste_bwd_rows_kernel)
+    block_s = min(1024, next_pow2(spatial))
+    block_r = max(1, (8192 if small else 4096) // block_s)
+    return LaunchConfig.of(_ste_bwd_rows_kernel, 8, BLOCK_R=block_r, BLOCK_S=block_s)
+
+
+LAUNCH_CONFIGS = (sign_pack_config, sign_ste_config, ste_backward_config)
+
+
 def _bias_arg(bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The bias rounded to x's dtype, as the reference subtracts it. Without a bias, x stands in for the unused
     pointer argument (HAS_BIAS=False never dereferences it)."""
@@ -146,18 +181,11 @@ def sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Ten
     s_hw = x.stride(3) if w > 1 else x.stride(2)
     nw = (c + WORD_BITS - 1) // WORD_BITS
     out = torch.empty((n, h, w, nw), dtype=torch.int32, device=x.device)
-    channels_fast = x.stride(1) == 1 and c > 1
-    if interpreter_tiles(_sign_pack_kernel):
-        block_p, words, warps = min(256, next_pow2(h * w)), min(8, next_pow2(nw)), 4
-    elif channels_fast:  # channels_last: a pixel's channels are contiguous, so take several words per pixel
-        block_p, words, warps = 32, min(4, next_pow2(nw)), 4
-    else:  # NCHW: consecutive pixels are contiguous, one word (32 channel planes) per program
-        block_p, words, warps = min(128, next_pow2(h * w)), 1, 4
-    pix_blocks = triton.cdiv(h * w, block_p)
-    grid = (n * pix_blocks, triton.cdiv(nw, words))
-    _sign_pack_kernel[grid](x, _bias_arg(bias, x), out, c, h * w, nw, pix_blocks, x.stride(0), x.stride(1), s_hw,
-                            HAS_BIAS=bias is not None, CMP=_compute_dtype(x), BLOCK_P=block_p, WORDS=words,
-                            num_warps=warps)
+    cfg = sign_pack_config(x.stride(1) == 1 and c > 1, h * w, nw)
+    pix_blocks = triton.cdiv(h * w, cfg["BLOCK_P"])
+    grid = (n * pix_blocks, triton.cdiv(nw, cfg["WORDS"]))
+    cfg.kernel[grid](x, _bias_arg(bias, x), out, c, h * w, nw, pix_blocks, x.stride(0), x.stride(1), s_hw,
+                     HAS_BIAS=bias is not None, CMP=_compute_dtype(x), **cfg.kwargs())
     return out
 
 
@@ -176,10 +204,9 @@ def sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tens
     # Dense memory is walked flat; the element at memory offset o lies in channel (o // stride(1)) % C.
     c_stride = x.stride(1) if c > 1 else 1
     numel = x.numel()
-    block = 4096 if interpreter_tiles(_sign_ste_kernel) else 1024
-    _sign_ste_kernel[(triton.cdiv(numel, block),)](x, _bias_arg(bias, x), out, numel, c, c_stride,
-                                                    HAS_BIAS=bias is not None, CMP=_compute_dtype(x), BLOCK=block,
-                                                    num_warps=4)
+    cfg = sign_ste_config()
+    cfg.kernel[(triton.cdiv(numel, cfg["BLOCK"]),)](x, _bias_arg(bias, x), out, numel, c, c_stride,
+                                                    HAS_BIAS=bias is not None, CMP=_compute_dtype(x), **cfg.kwargs())
     return out
 
 
@@ -218,14 +245,12 @@ def sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.
         gv = grad.movedim(1, -1).contiguous()
         gx = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
         m = xv.numel() // c
-        # 4096-element tiles over 8 warps: no register spills on sm_90 for any dtype (float64 included).
-        block_c = min(128, next_pow2(c))
-        block_m = max(1, (8192 if small else 4096) // block_c)
-        col_tiles = triton.cdiv(c, block_c)
-        splits, chunk = _splits(col_tiles, m, block_m, x.device, small)
+        cfg = ste_backward_config(True, c, m)
+        col_tiles = triton.cdiv(c, cfg["BLOCK_C"])
+        splits, chunk = _splits(col_tiles, m, cfg["BLOCK_M"], x.device, small)
         part = torch.empty((splits, c), dtype=acc_torch, device=x.device)
-        _ste_bwd_cols_kernel[(col_tiles, splits)](gv, xv, b, gx, part, m, c, chunk, HAS_BIAS=has_bias, ACC=acc,
-                                                  BLOCK_M=block_m, BLOCK_C=block_c, num_warps=8)
+        cfg.kernel[(col_tiles, splits)](gv, xv, b, gx, part, m, c, chunk, HAS_BIAS=has_bias, ACC=acc,
+                                        **cfg.kwargs())
         gb = part.sum(0)
         gx = gx.movedim(-1, 1)
     else:
@@ -234,13 +259,12 @@ def sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.
         gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         rows = x.shape[0] * c
         s = xc.numel() // rows
-        block_s = min(1024, next_pow2(s))
-        block_r = max(1, (8192 if small else 4096) // block_s)
-        row_tiles = triton.cdiv(rows, block_r)
-        splits, chunk = _splits(row_tiles, s, block_s, x.device, small)
+        cfg = ste_backward_config(False, c, s)
+        row_tiles = triton.cdiv(rows, cfg["BLOCK_R"])
+        splits, chunk = _splits(row_tiles, s, cfg["BLOCK_S"], x.device, small)
         part = torch.empty((splits, rows), dtype=acc_torch, device=x.device)
-        _ste_bwd_rows_kernel[(row_tiles, splits)](gc, xc, b, gx, part, rows, c, s, chunk, HAS_BIAS=has_bias,
-                                                  ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s, num_warps=8)
+        cfg.kernel[(row_tiles, splits)](gc, xc, b, gx, part, rows, c, s, chunk, HAS_BIAS=has_bias, ACC=acc,
+                                        **cfg.kwargs())
         gb = part.sum(0).reshape(x.shape[0], c).sum(0)
         if not x.is_contiguous():  # e.g. a permuted dense x: hand back its layout, as the op's fake kernel does
             like = torch.empty_like(x)

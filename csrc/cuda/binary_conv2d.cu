@@ -163,8 +163,13 @@ __device__ __forceinline__ void store_out(const ConvParams& p, int64_t idx, int 
 // ------------------------------------------------------------------------------------------------------
 // Tensor-core path (sm_80+): mma.sync m16n8k256 b1 AND-popc, 3-stage cp.async pipeline.
 
+// Device passes below sm_80 have no 1-bit MMA: there the tensor-core kernel is compiled to __trap() (CANDLE_TC_TRAP),
+// never to an empty body that an sm_80+ GPU could JIT from compute_7x PTX and run "successfully". The host side
+// never launches it from such code either (tc_kernel_ptx_arch below).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define CANDLE_TC_ENABLED 1
+#elif defined(__CUDA_ARCH__)
+#define CANDLE_TC_TRAP 1
 #endif
 
 // Shared-memory word offset of word `word` of tile row `row` (32 words = 8 chunks of 16 bytes per row). The
@@ -407,6 +412,8 @@ __global__ void __launch_bounds__(kThreads) bconv_tc_kernel(const ConvParams p) 
         store_out(p, static_cast<int64_t>(row_out[r]) + static_cast<int64_t>(n0 + c) * howo, stage_s[c * pitch + r]);
     }
   }
+#elif defined(CANDLE_TC_TRAP)
+  __trap();  // compiled for an arch < 8.0: no 1-bit tensor cores, so no result; never return without one
 #endif
 }
 
@@ -519,6 +526,7 @@ template __global__ void popcount_rows_kernel<false>(const uint32_t*, int, const
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <map>
 #include <mutex>
 #include <set>
 #include <sstream>
@@ -546,8 +554,24 @@ struct Plan {
 
 bool tc_shape_ok(int64_t kh, int64_t kw, int64_t sh, int64_t sw) { return kh <= 3 && kw <= 3 && sh <= 2 && sw <= 2; }
 
-Plan make_plan(int major, int sms, int64_t smem_optin, int64_t m, int64_t cout, int64_t words, int64_t kh,
-               int64_t kw, int64_t sh, int64_t sw, bool x16, bool x8, Path path) {
+// The PTX arch the tensor-core kernel that `device` would run was compiled for (cached per device). Below 80
+// means the build had only archs < 8.0 in TORCH_CUDA_ARCH_LIST and this sm_80+ GPU JIT-compiles their PTX,
+// whose tensor-core kernels are __trap() (see CANDLE_TC_TRAP): the plan must not pick them.
+int tc_kernel_ptx_arch(c10::DeviceIndex device) {
+  static std::mutex mu;
+  static std::map<int, int> known;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(device);
+  if (it != known.end()) return it->second;
+  c10::cuda::CUDAGuard guard(device);
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(bconv_tc_kernel<64, 64, 2, 4, 1>)));
+  known[device] = attr.ptxVersion;
+  return attr.ptxVersion;
+}
+
+Plan make_plan(int major, int tc_ptx_arch, int sms, int64_t smem_optin, int64_t m, int64_t cout, int64_t words,
+               int64_t kh, int64_t kw, int64_t sh, int64_t sw, bool x16, bool x8, Path path) {
   Plan plan;
   if (path == Path::kPopcount) {
     plan.why = "the CUDA-core path was asked for";
@@ -555,6 +579,10 @@ Plan make_plan(int major, int sms, int64_t smem_optin, int64_t m, int64_t cout, 
   }
   if (major < 8) {
     plan.why = "1-bit tensor cores (mma m16n8k256 b1) need compute capability 8.0 or newer";
+  } else if (tc_ptx_arch < 80) {
+    plan.why = "this build of candle_ext._C has no sm_80+ code for this GPU (its TORCH_CUDA_ARCH_LIST had only "
+               "archs below 8.0, so the tensor-core kernel is JIT-compiled from compute_" +
+               std::to_string(tc_ptx_arch) + " PTX, where it traps); rebuild with an arch >= 8.0";
   } else if (!tc_shape_ok(kh, kw, sh, sw)) {
     plan.why = "the tensor-core path serves kernels up to 3x3 and strides up to 2";
   }
@@ -650,7 +678,9 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& w, int64_t channels, int
                     "binary_conv2d_cuda needs fewer than 2^31 elements in each of x_packed, w_packed and the output");
   const auto* prop = at::cuda::getDeviceProperties(x.device().index());
   const auto addr_x = reinterpret_cast<uintptr_t>(x.data_ptr()), addr_w = reinterpret_cast<uintptr_t>(w.data_ptr());
-  Plan plan = make_plan(prop->major, prop->multiProcessorCount, static_cast<int64_t>(prop->sharedMemPerBlockOptin),
+  const int tc_ptx_arch = prop->major >= 8 ? tc_kernel_ptx_arch(x.device().index()) : 0;
+  Plan plan = make_plan(prop->major, tc_ptx_arch, prop->multiProcessorCount,
+                        static_cast<int64_t>(prop->sharedMemPerBlockOptin),
                         g.n * g.ho * g.wo, g.cout, g.words, g.kh, g.kw, g.sh, g.sw,
                         addr_x % 16 == 0 && addr_w % 16 == 0, addr_x % 8 == 0 && addr_w % 8 == 0,
                         static_cast<Path>(path));
@@ -738,4 +768,15 @@ std::string binary_conv2d_cuda_plan(const at::Tensor& x_packed, const at::Tensor
 }
 
 }  // namespace candle
+
+// The most dynamic shared memory the host code above asks for, per kernel, as "name prefix=bytes;..." with the
+// prefixes of the demangled kernel names (spaces removed). Not part of the API: python_tests/test_gpu_static.py
+// reads it with ctypes from the built module and adds it to each kernel's static shared memory from the cubin.
+extern "C" __attribute__((visibility("default"))) const char* candle_ext_binary_conv2d_dynamic_smem() {
+  using namespace candle;
+  static const std::string table =
+      "bconv_tc_kernel<128,128,=" + std::to_string(tc_smem_bytes<128, 128>()) + ";bconv_tc_kernel<128,64,=" +
+      std::to_string(tc_smem_bytes<128, 64>()) + ";bconv_tc_kernel<64,64,=" + std::to_string(tc_smem_bytes<64, 64>());
+  return table.c_str();
+}
 #endif  // __CUDA_ARCH__

@@ -52,8 +52,13 @@ struct FastDiv {
   __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
 };
 
+// Device passes below sm_80 have no mma.sync for these types: there the GEMM kernels are compiled to __trap()
+// (CANDLE_MMA_TRAP), never to empty bodies that an sm_80+ GPU could JIT from compute_7x PTX and run
+// "successfully". The host side refuses to launch them from such code too (mma_kernel_ptx_arch below).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define CANDLE_MMA_ENABLED 1
+#elif defined(__CUDA_ARCH__)
+#define CANDLE_MMA_TRAP 1
 #endif
 
 // Storage type in shared memory and registers: raw 16-bit patterns, or float.
@@ -553,6 +558,8 @@ __global__ void __launch_bounds__(kThreads, 1) mr_forward_kernel(const HeadParam
     for (int y = col.y0; y < col.y1; ++y)
       for (int x = col.x0; x < col.x1; ++x) o[y * P.wb + x] = v;
   }
+#elif defined(CANDLE_MMA_TRAP)
+  __trap();  // compiled for an arch < 8.0: no tensor cores, so no result; never return without one
 #endif
 }
 
@@ -645,6 +652,8 @@ __global__ void __launch_bounds__(kThreads, 1) mr_grad_weight_kernel(const HeadP
           static_cast<S*>(R.grad_weight)[idx] = Traits<T>::from_float(acc[mt][nt][e]);
         }
       }
+#elif defined(CANDLE_MMA_TRAP)
+  __trap();  // compiled for an arch < 8.0: no tensor cores, so no result; never return without one
 #endif
 }
 
@@ -779,6 +788,8 @@ __global__ void __launch_bounds__(kThreads, 1) mr_grad_feature_kernel(const Head
     if (t >= R.ct) break;
     gf[t * hw] = Traits<T>::from_float(st[m * kStagePitch + jl]);
   }
+#elif defined(CANDLE_MMA_TRAP)
+  __trap();  // compiled for an arch < 8.0: no tensor cores, so no result; never return without one
 #endif
 }
 
@@ -805,6 +816,7 @@ CANDLE_HEAD_KERNELS(__nv_bfloat16)
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -832,6 +844,22 @@ void ensure_smem(const void* kernel, int bytes) {
   if (bytes <= have) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   have = bytes;
+}
+
+// The PTX arch the tensor-core kernels that `device` would run were compiled for (cached per device). Below 80
+// means the build had only archs < 8.0 in TORCH_CUDA_ARCH_LIST and this sm_80+ GPU JIT-compiles their PTX,
+// whose GEMM kernels are __trap() (see CANDLE_MMA_TRAP).
+int mma_kernel_ptx_arch(c10::DeviceIndex device) {
+  static std::mutex mu;
+  static std::map<int, int> known;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(device);
+  if (it != known.end()) return it->second;
+  c10::cuda::CUDAGuard guard(device);
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(mr_forward_kernel<float>)));
+  known[device] = attr.ptxVersion;
+  return attr.ptxVersion;
 }
 
 struct Validated {
@@ -888,6 +916,11 @@ Validated validate_head(const std::vector<at::Tensor>& features, const std::vect
   const auto* prop = at::cuda::getDeviceProperties(f0.device().index());
   TORCH_CHECK_VALUE(prop->major >= 8, "multires_head_cuda needs compute capability 8.0 or newer (mma.sync tensor "
                     "cores); this GPU is ", prop->major, ".", prop->minor);
+  const int ptx_arch = mma_kernel_ptx_arch(f0.device().index());
+  TORCH_CHECK(ptx_arch >= 80, "multires_head_cuda: this build of candle_ext._C has no sm_80+ code for this ",
+              prop->major, ".", prop->minor, " GPU (its TORCH_CUDA_ARCH_LIST had only archs below 8.0, so the "
+              "tensor-core kernels are JIT-compiled from compute_", ptx_arch, " PTX, where they trap); rebuild with "
+              "an arch >= 8.0 in TORCH_CUDA_ARCH_LIST, or use CANDLE_EXT_BACKEND=triton");
   return v;
 }
 
@@ -1165,4 +1198,29 @@ std::vector<at::Tensor> backward_nearest(const at::Tensor& grad_in, const std::v
 }  // namespace
 
 }  // namespace candle
+
+// The most dynamic shared memory the host code above asks for, per kernel (the GEMM tiles plus axis tables for
+// a kMaxSide base map), as "name prefix=bytes;..." with the prefixes of the demangled kernel names (spaces
+// removed). Not part of the API: python_tests/test_gpu_static.py reads it with ctypes from the built module and
+// adds it to each kernel's static shared memory from the cubin.
+extern "C" __attribute__((visibility("default"))) const char* candle_ext_multires_head_dynamic_smem() {
+  using namespace candle;
+  static const std::string table = [] {
+    std::string t;
+    auto add = [&t](const char* name, int gemm_bytes) {
+      t += std::string(t.empty() ? "" : ";") + name + "=" + std::to_string(gemm_bytes + 6 * kMaxSide * 4);
+    };
+    add("mr_forward_kernel<float>", gemm_smem_bytes<float, true, false, true>());
+    add("mr_forward_kernel<__half>", gemm_smem_bytes<__half, true, false, true>());
+    add("mr_forward_kernel<__nv_bfloat16>", gemm_smem_bytes<__nv_bfloat16, true, false, true>());
+    add("mr_grad_weight_kernel<float>", gemm_smem_bytes<float, true, true, false>());
+    add("mr_grad_weight_kernel<__half>", gemm_smem_bytes<__half, true, true, false>());
+    add("mr_grad_weight_kernel<__nv_bfloat16>", gemm_smem_bytes<__nv_bfloat16, true, true, false>());
+    add("mr_grad_feature_kernel<float>", gemm_smem_bytes<float, false, false, true>());
+    add("mr_grad_feature_kernel<__half>", gemm_smem_bytes<__half, false, false, true>());
+    add("mr_grad_feature_kernel<__nv_bfloat16>", gemm_smem_bytes<__nv_bfloat16, false, false, true>());
+    return t;
+  }();
+  return table.c_str();
+}
 #endif  // __CUDA_ARCH__
