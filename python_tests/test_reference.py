@@ -88,3 +88,31 @@ def test_nearest_indices_match_interpolate(size):
     x = torch.arange(src, dtype=torch.float32).reshape(1, 1, src, 1).expand(1, 1, src, 2)
     want = F.interpolate(x, size=(dst, 2), mode="nearest")[0, 0, :, 0].long()
     assert torch.equal(R.nearest_indices(src, dst), want)
+
+
+@pytest.mark.parametrize("size", [(15, 7), (3, 1), (9, 2), (2, 2), (4, 7), (1, 5), (7, 3), (10, 4)])
+def test_resize_is_area_when_shrinking_and_nearest_when_growing(size):
+    """reference.resize: area (F.adaptive_avg_pool2d, i.e. interpolate 'area') along an axis that shrinks, so no
+    position is dropped; nearest (F.interpolate 'nearest') along one that grows or stays."""
+    src, dst = size
+    x = torch.randn(2, 3, src, 5, dtype=torch.float64)
+    got = R.resize(x, (dst, 5))
+    if src > dst:
+        want = F.adaptive_avg_pool2d(x, (dst, 5))
+        assert torch.allclose(R.resize_matrix(src, dst).sum(1), torch.ones(dst, dtype=torch.float64))
+    else:
+        want = F.interpolate(x, size=(dst, 5), mode="nearest")
+    torch.testing.assert_close(got, want)
+    # mixed: rows shrink, columns grow
+    y = torch.randn(1, 2, 9, 2, dtype=torch.float64)
+    want = F.interpolate(F.adaptive_avg_pool2d(y, (4, 2)), size=(4, 5), mode="nearest")
+    torch.testing.assert_close(R.resize(y, (4, 5)), want)
+
+
+def test_multires_head_keeps_every_position_of_a_larger_map():
+    """A 3x3 map brought to a 1x1 base: the head sees the mean of all nine positions (the old nearest resize kept
+    only the top-left one)."""
+    f_base, f_large = torch.randn(2, 4, 1, 1, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    w = [torch.eye(4, dtype=torch.float64)] * 2
+    out = R.multires_head([f_base, f_large], w, [None, None], 0)
+    torch.testing.assert_close(out[:, 4:, 0, 0], f_large.mean(dim=(2, 3)))

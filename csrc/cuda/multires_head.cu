@@ -1026,8 +1026,9 @@ at::Tensor multires_head_cuda(const std::vector<at::Tensor>& features, const std
   return forward_nearest(area_pooled(features, base), weights, biases, base);
 }
 
-std::vector<at::Tensor> backward_nearest(const at::Tensor& grad_in, const std::vector<at::Tensor>& features,
-                                         const std::vector<at::Tensor>& weights, int64_t base, bool features_grad) {
+std::vector<at::Tensor> multires_head_backward_cuda(const at::Tensor& grad_in, const std::vector<at::Tensor>& features,
+                                                    const std::vector<at::Tensor>& weights, int64_t base,
+                                                    bool features_grad) {
   TORCH_CHECK_VALUE(!features.empty(), "features is empty; expected one feature map per resolution");
   check_device(features[0], "features[0]", c10::kCUDA);
   c10::cuda::CUDAGuard guard(features[0].device());
