@@ -23,10 +23,12 @@ from candle_ext.train.calibrate import calibrate_step, make_calibration
 from candle_ext.train.config import Config, StudentConfig, TeacherConfig
 from candle_ext.train.distill import METHODS, build_distill_parts, distill_step
 from candle_ext.train.losses import log_prior, tau_normalize_
-from candle_ext.train.distributed import (DistEnv, Precision, SyncedBalancer, all_gather_rows, barrier,
-                                          broadcast_module, broadcast_object, convert_sync_batchnorm, local_batch_size,
-                                          make_distributed_sampler, rank_seed, revert_sync_batchnorm,
-                                          sync_optimizer)
+from candle_ext.data.sampler import make_rank_sampler
+from candle_ext.nn.sync_batchnorm import convert_sync_batchnorm, revert_sync_batchnorm
+from candle_ext.train.balancer import SyncedBalancer
+from candle_ext.train.context import Precision, rank_seed
+from candle_ext.train.distributed import (DistEnv, all_gather_rows, barrier, broadcast_module, broadcast_object,
+                                          local_batch_size, sync_optimizer)
 from candle_ext.train.evaluate import (accuracy_report, classifier_weight_norms, markdown_table, plot_gain,
                                        plot_lambda, plot_weight_norms, predict, write_json)
 from candle_ext.train.loop import fit, steps_per_epoch
@@ -205,7 +207,7 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
     t_enc = time.time() - t0
     epochs = c.epochs
     counts = np.bincount(ctx.train.labels, minlength=ctx.num_classes)
-    sampler = make_distributed_sampler(ctx.train.labels, c.sampler, ctx.seed, ctx.dist)
+    sampler = make_rank_sampler(ctx.train.labels, c.sampler, ctx.seed, ctx.dist.rank, ctx.dist.world_size)
     opt, sched, eps = make_calibration(teacher, counts, c.lr, epochs * steps_per_epoch(len(sampler), lbs),
                                        c.eps_head, c.eps_tail)
     sync_optimizer(opt, ctx.dist)
@@ -273,11 +275,13 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
     lbs = local_batch_size(bs, ctx.dist)
     epochs = d.epochs
     kind = {"distill": d.sampler, "scratch": d.scratch_sampler}.get(method.sampler, method.sampler)
-    sampler = make_distributed_sampler(ctx.train.labels, kind, ctx.seed, ctx.dist)
+    sampler = make_rank_sampler(ctx.train.labels, kind, ctx.seed, ctx.dist.rank, ctx.dist.world_size)
     steps = epochs * steps_per_epoch(len(sampler), lbs)
     student = build_student(ctx.cfg.student, ctx.num_classes, ctx.seed)
     # Global batch statistics in every BN: the N-process run computes the 1-process run's function.
-    student = ctx.precision.model(convert_sync_batchnorm(student, ctx.dist).to(ctx.device))
+    if ctx.dist.distributed:
+        student = convert_sync_batchnorm(student, ctx.dist.device.type)
+    student = ctx.precision.model(student.to(ctx.device))
     broadcast_module(student, ctx.dist)
     torch.manual_seed(ctx.seed + 1)
     counts = np.bincount(ctx.train.labels, minlength=ctx.num_classes)
