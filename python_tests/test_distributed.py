@@ -289,8 +289,8 @@ def cli_config(tmp_path_factory):
 
 
 def _register_student():
-    from candle_ext.train import pipeline
-    pipeline.STUDENTS["tiny_ddp"] = lambda num_classes, cfg: _TinyStudent(num_classes)
+    from candle_ext.train.student import STUDENTS
+    STUDENTS["tiny_ddp"] = lambda num_classes, cfg: _TinyStudent(num_classes)
 
 
 def _cli_worker(rank, world, ports, root, phase):

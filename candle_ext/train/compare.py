@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -25,8 +24,10 @@ import torch
 from candle_ext.train import checkpoint
 from candle_ext.train.config import Config
 from candle_ext.train.distill import METHODS
-from candle_ext.train.evaluate import write_json
+from candle_ext.train.evaluate import evaluate_student, write_json
 from candle_ext.train.losses import tau_normalize_
+from candle_ext.train.student import load_student
+from candle_ext.train.teacher import build_teacher, encode_dataset, load_calibrated_teacher
 
 PRESETS: Dict[str, List[str]] = {
     "baselines": ["scratch", "ce_balanced", "balanced_softmax", "logit_adjusted", "tau_norm", "kd", "dive"],
@@ -191,9 +192,9 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
             path = os.path.join(tdir, "teacher.pt")
             t0 = time.time()
             if os.path.exists(os.path.join(tdir, "teacher_report.json")):
-                teacher = pipeline.load_calibrated_teacher(ctx.cfg.teacher, path)
+                teacher = load_calibrated_teacher(ctx.cfg.teacher, path)
                 teacher = teacher.to(ctx.device).eval()
-                cache = pipeline.encode_dataset(teacher, train, cfg.calibrate.batch_size, ctx.device)
+                cache = encode_dataset(teacher, train, cfg.calibrate.batch_size, ctx.device)
                 rep = json.load(open(os.path.join(tdir, "teacher_report.json")))
             else:
                 teacher, rep, cache = pipeline.calibrate(ctx, resume=True)
@@ -228,10 +229,10 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
                 scratch_dir = os.path.join(out, "runs", f"scratch_s{seed}")
                 if (v.mode == "tau_norm" and cfg.distill.scratch_sampler == "random"
                         and os.path.exists(os.path.join(scratch_dir, "report.json"))):
-                    student = pipeline.load_student(ctx, os.path.join(scratch_dir, "scratch_student.pt"))
+                    student = load_student(ctx, os.path.join(scratch_dir, "scratch_student.pt"))
                     tau_normalize_(student.classifier.fc, cfg.distill.tau_norm)
                     rep = {"mode": "tau_norm", "derived_from": scratch_dir,
-                           "test": pipeline.evaluate_student(ctx, student)}
+                           "test": evaluate_student(ctx, student)}
                     checkpoint.save_atomic(student.state_dict(), os.path.join(run_dir, "tau_norm_student.pt"))
                     how = "from the scratch run"
                 else:
@@ -241,8 +242,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
                         teacher, cache = teacher_for(multires)
                     elif method.teacher == "pretrained":
                         cache = teacher_for(multires)[1]  # the frozen encoder's features are the same
-                        teacher = pipeline.build_teacher(run_cfg.teacher, ctx.num_classes, ctx.student_channels(),
-                                                         cfg.seed)
+                        teacher = build_teacher(run_cfg.teacher, ctx.num_classes, ctx.student_channels(), cfg.seed)
                     _, rep = pipeline.distill(ctx, v.mode, teacher, cache, name=v.mode, resume=True)
                     how = f"{rep['train_seconds']:.0f}s"
                 write_json(rep, rep_path)

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,126 +17,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from candle_ext.data import build_datasets, class_groups, class_order
-from candle_ext.nn.multires import MultiResolutionTeacher
-from candle_ext.train import checkpoint
-from candle_ext.train.calibrate import calibrate_step, make_calibration
-from candle_ext.train.config import Config, StudentConfig, TeacherConfig
-from candle_ext.train.distill import METHODS, build_distill_parts, distill_step
-from candle_ext.train.losses import log_prior, tau_normalize_
 from candle_ext.data.sampler import make_rank_sampler
+from candle_ext.nn.multires import MultiResolutionTeacher
 from candle_ext.nn.sync_batchnorm import convert_sync_batchnorm, revert_sync_batchnorm
+from candle_ext.train import checkpoint
 from candle_ext.train.balancer import SyncedBalancer
+from candle_ext.train.calibrate import calibrate_step, make_calibration
+from candle_ext.train.config import Config
 from candle_ext.train.context import Precision, rank_seed
-from candle_ext.train.distributed import (DistEnv, all_gather_rows, barrier, broadcast_module, broadcast_object,
-                                          local_batch_size, sync_optimizer)
-from candle_ext.train.evaluate import (accuracy_report, classifier_weight_norms, markdown_table, plot_gain,
-                                       plot_lambda, plot_weight_norms, predict, write_json)
+from candle_ext.train.distill import METHODS, build_distill_parts, distill_step
+from candle_ext.train.distributed import DistEnv, barrier, broadcast_module, local_batch_size, sync_optimizer
+from candle_ext.train.evaluate import evaluate_student, evaluate_teacher, write_json, write_reports
 from candle_ext.train.loop import fit, steps_per_epoch
-from candle_ext.train.teacher import load_teacher
-
-
-def _reactnet(num_classes: int, cfg: StudentConfig) -> nn.Module:
-    from candle_ext.models import reactnet_a
-    return reactnet_a(num_classes, small_input=cfg.small_input, width_mult=cfg.width_mult)
-
-
-# Student architectures by config name; tests register small stand-ins here.
-STUDENTS: Dict[str, Callable[[int, StudentConfig], nn.Module]] = {"reactnet_a": _reactnet}
-
-
-def build_student(cfg: StudentConfig, num_classes: int, seed: int) -> nn.Module:
-    arch = cfg.arch
-    if arch not in STUDENTS:
-        raise ValueError(f"student.arch must be one of {sorted(STUDENTS)}, got {arch!r}")
-    torch.manual_seed(seed)  # the same initial student for every method compared
-    model = STUDENTS[arch](num_classes, cfg)
-    if not isinstance(getattr(model, "num_features", None), int):
-        raise TypeError(f"student {arch!r} must expose num_features (encoder output channels)")
-    return model
-
-
-def teacher_resolutions(tcfg: TeacherConfig) -> Tuple[List[int], int]:
-    res = list(tcfg.resolutions)
-    base = tcfg.base % len(res)
-    if not tcfg.multires:  # ablation: single-resolution teacher at the student's resolution
-        return [res[base]], 0
-    return res, base
-
-
-def build_teacher(tcfg: TeacherConfig, num_classes: int, student_channels: int, seed: int
-                  ) -> MultiResolutionTeacher:
-    enc, _ = load_teacher(tcfg.name, tcfg.weights, tcfg.pretrained)
-    res, base = teacher_resolutions(tcfg)
-    torch.manual_seed(seed)
-    return MultiResolutionTeacher(enc, num_classes, student_channels, res, base)
+from candle_ext.train.losses import log_prior, tau_normalize_
+from candle_ext.train.student import build_student, export_student
+from candle_ext.train.teacher import (HeadState, build_teacher, encode_dataset, load_calibrated_teacher,
+                                      save_teacher, teacher_outputs, teacher_resolutions)
 
 
 def _to_device(t: MultiResolutionTeacher, device: str) -> MultiResolutionTeacher:
     return t.to(device)
-
-
-@torch.no_grad()
-def encode_dataset(teacher: MultiResolutionTeacher, data, batch_size: int, device: str,
-                   progress: bool = False, dist: Optional[DistEnv] = None,
-                   precision: Optional[Precision] = None) -> List[torch.Tensor]:
-    """The frozen encoder's feature maps for every image, per resolution (float16, CPU): the calibration
-    cache (valid because the encoder is frozen and augmentation is off). Distributed: each chunk of
-    batch_size x world images is split over the ranks and gathered, so every rank ends with the whole cache."""
-    env = dist if dist is not None else DistEnv()
-    prec = precision if precision is not None else Precision(False, False)
-    chunks: List[List[torch.Tensor]] = [[] for _ in teacher.resolutions]
-    step = batch_size * env.world_size
-    it = range(0, len(data), step)
-    if progress and env.is_main:
-        from tqdm import tqdm
-        it = tqdm(it, desc="teacher features", leave=False, dynamic_ncols=True)
-    for i in it:
-        chunk = np.arange(i, min(i + step, len(data)))
-        mine = chunk[env.rank::env.world_size]
-        # A rank left without images encodes one anyway (and drops it): collectives need every rank.
-        x = prec.input(data.batch(mine if len(mine) else chunk[:1], teacher.base_resolution).to(device))
-        with prec.autocast():
-            feats = teacher.encode(x)
-        for r, f in enumerate(feats):
-            chunks[r].append(all_gather_rows(f[:len(mine)].half().contiguous(), env).cpu())
-    return [torch.cat(c) for c in chunks]
-
-
-@torch.no_grad()
-def teacher_outputs(teacher: MultiResolutionTeacher, feats: List[torch.Tensor], batch_size: int, device: str
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(logits, pooled base-branch features) of the teacher for cached encoder maps."""
-    teacher.eval()
-    logits, fvec = [], []
-    n = feats[0].shape[0]
-    for i in range(0, n, batch_size):
-        lg, fb = teacher.head([f[i:i + batch_size].to(device) for f in feats])
-        logits.append(lg.cpu())
-        fvec.append(fb.mean(dim=(2, 3)).cpu())
-    return torch.cat(logits), torch.cat(fvec)
-
-
-def save_teacher(teacher: MultiResolutionTeacher, tcfg: TeacherConfig, path: str) -> None:
-    head = {k: v for k, v in teacher.state_dict().items() if not k.startswith("encoder.")}
-    checkpoint.save_atomic({"head": head, "resolutions": teacher.resolutions, "base": teacher.base,
-                            "name": tcfg.name,
-                            "student_channels": teacher.student_channels, "num_classes": teacher.num_classes},
-                           path)
-
-
-def load_calibrated_teacher(tcfg: TeacherConfig, path: str, dist: Optional[DistEnv] = None
-                            ) -> MultiResolutionTeacher:
-    """The teacher saved by save_teacher; distributed: rank 0 reads it and sends it to the others (no shared
-    filesystem needed)."""
-    env = dist if dist is not None else DistEnv()
-    ck = broadcast_object(checkpoint.load(path) if env.is_main else None, env)
-    enc, _ = load_teacher(ck["name"], tcfg.weights, tcfg.pretrained)
-    t = MultiResolutionTeacher(enc, int(ck["num_classes"]), int(ck["student_channels"]),
-                               [int(r) for r in ck["resolutions"]], int(ck["base"]))
-    missing, unexpected = t.load_state_dict(ck["head"], strict=False)
-    if unexpected or any(not k.startswith("encoder.") for k in missing):
-        raise ValueError(f"teacher checkpoint {path} does not fit: missing {missing}, unexpected {unexpected}")
-    return t
 
 
 def _augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
@@ -219,7 +119,7 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
                               labels[i].to(ctx.device), eps)
 
     history = fit(ctx.out, "calibrate", epochs, sampler, lbs, step,
-                  {"head": _HeadState(teacher, os.path.join(ctx.out, "calibrate_last.pt")), "opt": opt, "sched": sched}, resume, None, ctx.progress,
+                  {"head": HeadState(teacher, os.path.join(ctx.out, "calibrate_last.pt")), "opt": opt, "sched": sched}, resume, None, ctx.progress,
                   stop_after_steps, ctx.dist)
     if ctx.dist.is_main:
         save_teacher(teacher, ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"))
@@ -229,34 +129,6 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
         report["test"] = evaluate_teacher(ctx, teacher)
         ctx.log(f"calibrated teacher: top-1 {report['test']['top1']:.2f}")
     return teacher, report, cache
-
-
-class _HeadState:
-    """state_dict of the teacher's trainable head only (the frozen encoder is rebuilt, never saved)."""
-
-    def __init__(self, teacher: MultiResolutionTeacher, source: str = "checkpoint"):
-        self.t, self.source = teacher, source
-
-    def state_dict(self):
-        return {k: v for k, v in self.t.state_dict().items() if not k.startswith("encoder.")}
-
-    def load_state_dict(self, sd):
-        mine = self.state_dict()
-        missing, unexpected = sorted(set(mine) - set(sd)), sorted(set(sd) - set(mine))
-        wrong = sorted(k for k in set(mine) & set(sd) if tuple(mine[k].shape) != tuple(sd[k].shape))
-        if missing or unexpected or wrong:
-            raise ValueError(f"{self.source}: the calibration checkpoint does not fit this teacher head: missing "
-                             f"{missing}, unexpected {unexpected}, shape mismatch {wrong} (was it written with "
-                             "other teacher resolutions or another student width?)")
-        self.t.load_state_dict(sd, strict=False)  # the frozen encoder is not in the checkpoint
-
-
-@torch.no_grad()
-def evaluate_teacher(ctx: Context, teacher: MultiResolutionTeacher) -> Dict:
-    teacher.eval()
-    feats = encode_dataset(teacher, ctx.test, 256, ctx.device, dist=ctx.dist, precision=ctx.precision)
-    logits, _ = teacher_outputs(teacher, feats, 256, ctx.device)
-    return accuracy_report(logits.argmax(1).numpy(), ctx.test.labels, ctx.groups, ctx.num_classes)
 
 
 def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiResolutionTeacher] = None,
@@ -354,69 +226,6 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
               "test": evaluate_student(ctx, student)}
     ctx.log(f"{name}: top-1 {report['test']['top1']:.2f}")
     return student, report
-
-
-class _Shard:
-    """The positions of a dataset that one rank evaluates (dataset.batch interface)."""
-
-    def __init__(self, data, positions):
-        self.data, self.positions = data, np.asarray(positions, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def batch(self, indices, size: int) -> torch.Tensor:
-        return self.data.batch(self.positions[np.asarray(indices, dtype=np.int64)], size)
-
-
-def evaluate_student(ctx: Context, student: nn.Module) -> Dict:
-    student.eval()
-    if ctx.dist.distributed:  # each rank predicts a strided share; the gather restores the order
-        mine = _Shard(ctx.test, np.arange(ctx.dist.rank, len(ctx.test), ctx.dist.world_size))
-        local = torch.as_tensor(predict(student, mine, ctx.size, 256, ctx.device), dtype=torch.int64)
-        preds = all_gather_rows(local, ctx.dist).numpy()
-    else:
-        preds = predict(student, ctx.test, ctx.size, 256, ctx.device)
-    rep = accuracy_report(preds, ctx.test.labels, ctx.groups, ctx.num_classes)
-    rep["weight_norms"] = classifier_weight_norms(student.classifier.fc)
-    return rep
-
-
-def load_student(ctx: Context, path: str) -> nn.Module:
-    student = build_student(ctx.cfg.student, ctx.num_classes, ctx.seed)
-    student.load_state_dict(checkpoint.load(path))
-    return student.to(ctx.device).eval()
-
-
-def export_student(student: nn.Module, path: str) -> None:
-    from candle_ext.models import freeze, save_packed
-    save_packed(freeze(student), path)
-
-
-def write_reports(ctx: Context, results: Dict[str, Dict], lambda_log: Optional[str], baseline: str,
-                  main: str) -> str:
-    """report.json, report.md and the plots into the output folder; returns the markdown table."""
-    rows = {k: v["test"] for k, v in results.items()}
-    table = markdown_table(rows)
-    plots = {}
-    if lambda_log and os.path.exists(lambda_log):
-        plots["lambda"] = os.path.join(ctx.out, "lambda_schedule.png")
-        plot_lambda(lambda_log, plots["lambda"])
-    norms = {k: v["weight_norms"] for k, v in rows.items() if "weight_norms" in v}
-    if norms:
-        plots["weight_norms"] = os.path.join(ctx.out, "class_weight_norms.png")
-        plot_weight_norms(norms, ctx.order, plots["weight_norms"])
-    if baseline in rows and main in rows:
-        plots["gain"] = os.path.join(ctx.out, "per_class_gain.png")
-        plot_gain(rows[main]["per_class"], rows[baseline]["per_class"], ctx.order, plots["gain"],
-                  f"{main} - {baseline}")
-    write_json({"config": ctx.cfg.to_dict(), "groups": ctx.groups, "class_order": ctx.order,
-                "train_counts": np.bincount(ctx.train.labels, minlength=ctx.num_classes).tolist(),
-                "test_size": len(ctx.test), "results": results, "plots": plots},
-               os.path.join(ctx.out, "report.json"))
-    with open(os.path.join(ctx.out, "report.md"), "w") as fh:
-        fh.write(table + "\n")
-    return table
 
 
 def demo(ctx: Context, resume: bool = False) -> Dict:
