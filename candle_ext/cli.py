@@ -165,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _dispatch(args, cfg: Config) -> int:
-    from candle_ext.train import pipeline
+    from candle_ext.train.context import Context
     from candle_ext.train.distributed import distributed
     from candle_ext.train.student import export_student, load_student
     if args.command == "compare":
@@ -175,14 +175,14 @@ def _dispatch(args, cfg: Config) -> int:
     if args.command == "export":
         if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun: one writer is enough
             return 0
-        ctx = pipeline.Context(cfg, *_label_only_data(cfg))
+        ctx = Context(cfg, *_label_only_data(cfg))
         student = load_student(ctx, args.checkpoint)
         export_student(student, args.output)
         print(f"packed model written to {args.output}")
         return 0
     # Under torchrun this joins the process group (NCCL for cuda, gloo for cpu); otherwise one process.
     with distributed(cfg.device) as env:
-        return _run(args, cfg, pipeline.Context(cfg, dist=env))
+        return _run(args, cfg, Context(cfg, dist=env))
 
 
 def _run(args, cfg: Config, ctx) -> int:

@@ -164,13 +164,49 @@ def _collectives_check(env: DistEnv):
             "grads": grads}
 
 
+def _tiny_context(env: DistEnv, out_dir: str):
+    """A run context on 10 in-memory 8x8 images (no files read): what the stages see."""
+    from candle_ext.data import TensorImageSet
+    from candle_ext.train.context import Context
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (10, 3, 8, 8), generator=g, dtype=torch.uint8)
+    data = TensorImageSet(images, [0, 0, 0, 0, 1, 1, 1, 2, 2, 3], ["a", "b", "c", "d"])
+    cfg = {"out_dir": out_dir, "progress": False, "threads": None, "teacher": {"resolutions": [8], "base": 0}}
+    return Context(cfg, data, data, dist=env)
+
+
+def _context_check(env: DistEnv, out_dir: str):
+    """The run context's door to the process group: place (sync BN + broadcast), synced optimizers, the rank's
+    sampler and batch, gathered rows."""
+    ctx = _tiny_context(env, os.path.join(out_dir, f"ctx{env.rank}"))
+    torch.manual_seed(100 + env.rank)  # different initial weights on every rank: place must broadcast rank 0's
+    student = ctx.place(_TinyStudent(), sync_bn=True)
+    placed = {k: v.clone() for k, v in student.state_dict().items()}
+    opt = torch.optim.SGD(student.parameters(), lr=1.0)
+    ctx.sync_optimizers(opt, None)
+    for p in student.parameters():
+        p.grad = torch.full_like(p, float(env.rank + 1))  # rank 0: 1, rank 1: 2 -> averaged: 1.5
+    opt.step()
+    stepped = {k: v.clone() for k, v in student.state_dict().items()}
+    bn_types = sorted({type(m).__name__ for m in student.modules() if "Norm" in type(m).__name__})
+    plain = ctx.unsync_batchnorm(student)
+    sampler = ctx.sampler("balanced")
+    sampler.set_epoch(0)
+    return {"bn_types": bn_types,
+            "plain_bn_types": sorted({type(m).__name__ for m in plain.modules() if "Norm" in type(m).__name__}),
+            "placed": placed, "stepped": stepped, "sampler": type(sampler).__name__,
+            "indices": list(iter(sampler)), "local_batch": ctx.local_batch(8),
+            "gathered": ctx.gather_rows(torch.arange(10)[list(shard_indices(10, env))]), "is_main": ctx.is_main}
+
+
 def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     env = init_distributed("cpu")
     try:
-        result = {"syncbn": _syncbn_check(env), "collectives": _collectives_check(env), "distill": _distill(env)}
+        result = {"syncbn": _syncbn_check(env), "collectives": _collectives_check(env), "distill": _distill(env),
+                  "context": _context_check(env, out_dir)}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         teardown(env)
@@ -230,6 +266,39 @@ def test_collective_helpers(two_ranks):
         assert torch.equal(g[0], torch.full((3,), 1.5)) and torch.equal(g[1], torch.full((2, 2), 5.0))
         assert g[2].dtype == torch.float64 and torch.equal(g[2], torch.arange(4, dtype=torch.float64) * 1.5)
         assert torch.equal(g[3], torch.zeros(5))
+
+
+def test_run_context_single_process(tmp_path):
+    """One process: the context's door is the plain single-process operation (nothing converted, no hooks)."""
+    from candle_ext.data import ClassBalancedSampler
+    ctx = _tiny_context(DistEnv(), str(tmp_path))
+    model = _TinyStudent()
+    assert ctx.place(model, sync_bn=True) is model
+    assert all(type(m) is not GlooSyncBatchNorm for m in model.modules())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx.sync_optimizers(opt, None)
+    assert not opt._optimizer_step_pre_hooks
+    assert isinstance(ctx.sampler("balanced"), ClassBalancedSampler) and ctx.local_batch(8) == 8
+    t = torch.arange(5)
+    assert ctx.gather_rows(t) is t and ctx.is_main and ctx.size == 8
+
+
+def test_run_context_two_processes(two_ranks):
+    c0, c1 = (q["context"] for q in two_ranks)
+    for c in (c0, c1):
+        assert c["bn_types"] == ["GlooSyncBatchNorm"] and c["plain_bn_types"] == ["BatchNorm2d"]
+        assert c["sampler"] == "DistributedEpochSampler" and c["local_batch"] == 4
+        assert torch.equal(c["gathered"], torch.arange(10))
+    assert (c0["is_main"], c1["is_main"]) == (True, False)
+    for k in c0["placed"]:  # rank 0's start on both ranks, and the same averaged step
+        assert torch.equal(c0["placed"][k], c1["placed"][k]), k
+        assert torch.equal(c0["stepped"][k], c1["stepped"][k]), k
+    weight = "encoder.0.weight"
+    torch.testing.assert_close(c0["stepped"][weight], c0["placed"][weight] - 1.5)
+    glob = make_rank_sampler([0, 0, 0, 0, 1, 1, 1, 2, 2, 3], "balanced", 0)  # the context's labels and seed
+    glob.set_epoch(0)
+    order = list(iter(glob))
+    assert c0["indices"] == order[0::2] and c1["indices"] == order[1::2]  # strided shares of one global order
 
 
 def test_two_process_distillation_matches_one_process(two_ranks):

@@ -21,8 +21,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from candle_ext.train import checkpoint
+from candle_ext.train import checkpoint, pipeline
 from candle_ext.train.config import Config
+from candle_ext.train.context import Context
 from candle_ext.train.distill import METHODS
 from candle_ext.train.evaluate import evaluate_student, write_json
 from candle_ext.train.losses import tau_normalize_
@@ -164,15 +165,13 @@ def _plots(out: str, summary, lambda_logs: Dict[str, List[str]]) -> Dict[str, st
 def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: str = "candle compare",
             log=print) -> Dict[str, object]:
     """Run every method for every seed (skipping finished runs) and write the results into cfg.out_dir."""
-    from candle_ext.train import pipeline  # the engine; imported here to keep this module light to import
-
     variants = expand(methods)
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
     out = cfg.out_dir
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
-    base = pipeline.Context(cfg.replace(progress=False))
+    base = Context(cfg.replace(progress=False))
     train, test = base.train, base.test
 
     teachers: Dict[bool, object] = {}
@@ -187,8 +186,8 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
         if multires not in teachers:
             kind = "multi" if multires else "single"
             tdir = os.path.join(out, f"teacher_{kind}")
-            ctx = pipeline.Context(cfg.replace(**{"out_dir": tdir, "teacher.multires": multires,
-                                                  "progress": False}), train, test)
+            ctx = Context(cfg.replace(**{"out_dir": tdir, "teacher.multires": multires, "progress": False}),
+                          train, test)
             path = os.path.join(tdir, "teacher.pt")
             t0 = time.time()
             if os.path.exists(os.path.join(tdir, "teacher_report.json")):
@@ -225,7 +224,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
                 multires = kind_of(v)
                 run_cfg = cfg.replace(**{"seed": seed, "out_dir": run_dir, "teacher.multires": multires,
                                          "progress": False})
-                ctx = pipeline.Context(run_cfg, train, test)
+                ctx = Context(run_cfg, train, test)
                 scratch_dir = os.path.join(out, "runs", f"scratch_s{seed}")
                 if (v.mode == "tau_norm" and cfg.distill.scratch_sampler == "random"
                         and os.path.exists(os.path.join(scratch_dir, "report.json"))):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from candle_ext.nn.multires import MultiResolutionTeacher
-from candle_ext.train.distributed import all_gather_rows, shard_indices
+from candle_ext.train.distributed import shard_indices
 from candle_ext.train.teacher import encode_dataset, teacher_outputs
 
 
@@ -73,7 +73,7 @@ def evaluate_student(ctx, student: nn.Module) -> Dict:
     if ctx.dist.distributed:
         mine = _Shard(ctx.test, shard_indices(len(ctx.test), ctx.dist))
         local = torch.as_tensor(predict(student, mine, ctx.size, 256, ctx.device), dtype=torch.int64)
-        preds = all_gather_rows(local, ctx.dist).numpy()
+        preds = ctx.gather_rows(local).numpy()
     else:
         preds = predict(student, ctx.test, ctx.size, 256, ctx.device)
     rep = accuracy_report(preds, ctx.test.labels, ctx.groups, ctx.num_classes)
