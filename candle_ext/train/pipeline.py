@@ -104,7 +104,8 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
     if parts.balancer is not None:
         ctx.place(parts.balancer)
     ctx.sync_optimizers(parts.opt_cls, parts.opt_enc, parts.opt_phi)  # Alg. 1's three gradient groups
-    if d.augment and ctx.dist.distributed:
+    aug = d.augment
+    if aug and ctx.dist.distributed:
         torch.manual_seed(ctx.rank_seed(ctx.seed + 1))  # different crops and flips on every rank
     t_logits = t_feats = None
     if method.teacher is not None:
@@ -117,7 +118,7 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
         if teacher.student_channels != student.num_features:
             raise ValueError(f"teacher maps to {teacher.student_channels} channels, the student has "
                              f"{student.num_features}; calibrate with the same student config")
-        if not d.augment:  # the frozen teacher's outputs, once for the whole run
+        if not aug:  # the frozen teacher's outputs, once for the whole run
             if cache is None:
                 cache = encode_dataset(teacher, ctx.train, lbs, ctx.device, ctx.progress, ctx.dist,
                                        ctx.precision)
@@ -129,7 +130,7 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
     def step(idx):
         i = torch.as_tensor(idx)
         x = ctx.train.batch(idx, ctx.size)
-        if d.augment:
+        if aug:
             x = augment(x)
         x = ctx.precision.input(x.to(ctx.device))
         tl = tf = None
