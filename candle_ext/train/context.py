@@ -13,8 +13,8 @@ never talk to torch.distributed, samplers or precision switches themselves; they
     ctx.gather_rows(t)                undo a strided shard (sharded inference)
     ctx.is_main / ctx.barrier() / ctx.log(msg)
 
-With one process every one of these is the plain single-process operation (no group, no conversion, no
-communication), so a single-process run computes exactly what it computed before data-parallel support."""
+With one process each of these is the plain single-process operation: no batch norm conversion, no optimizer
+hooks, no communication."""
 from __future__ import annotations
 
 import contextlib
@@ -110,8 +110,8 @@ class Context:
         """model ready to train in this run, in this order: its batch norms synchronized over the ranks
         (sync_bn, data-parallel runs only: the N-process run then computes the 1-process function), moved to
         the device, in the precision policy's memory format (channels_last for 4-D weights on CUDA), and with
-        rank 0's parameters and buffers on every rank (broadcast). Returns the model to use (a converted copy
-        of the module tree when sync_bn converts; the parameters are the same tensors)."""
+        rank 0's parameters and buffers on every rank (broadcast). Use the returned module: the conversion may
+        replace batch norm modules (keeping the same parameter and buffer tensors)."""
         if sync_bn and self.dist.distributed:
             model = convert_sync_batchnorm(model, self.dist.device.type)
         model = self.precision.model(model.to(self.device))
