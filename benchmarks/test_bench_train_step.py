@@ -10,7 +10,7 @@ descent on L). Same teacher encoder weights, same student weights, same batch, s
   the teacher head as eager F.conv2d (1x1) + F.interpolate(nearest) + torch.cat; everything float32.
 - "plain bf16": the same with bf16 autocast and channels_last (the float baseline at its best).
 - "candle fp32": candle_ext layers and ops (sign_ste, binary_conv2d, the fused multires_head), float32.
-- "candle bf16": candle-ext with its GPU defaults: bf16 autocast + channels_last (candle_ext.train.distributed
+- "candle bf16": candle-ext with its GPU defaults: bf16 autocast + channels_last (candle_ext.train.context
   .Precision).
 
 The Fig. 2 test times one epoch (teacher on the fly) and measures peak GPU memory with the teacher at the three
@@ -32,7 +32,7 @@ from torch import nn
 from candle_ext.models import reactnet_a
 from candle_ext.nn import BinaryConv2d, MultiResolutionTeacher, RSign
 from candle_ext.train.distill import build_distill_parts, distill_step
-from candle_ext.train.distributed import Precision
+from candle_ext.train.context import Precision
 
 SMOKE = os.environ.get("CANDLE_BENCH_SMOKE", "0") == "1"
 GPU = torch.cuda.is_available()

@@ -165,8 +165,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _dispatch(args, cfg: Config) -> int:
-    from candle_ext.train import pipeline
+    from candle_ext.train.context import Context
     from candle_ext.train.distributed import distributed
+    from candle_ext.train.student import export_student, load_student
     if args.command == "compare":
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
             raise ValueError("candle compare runs in one process; start it without torchrun")
@@ -174,40 +175,42 @@ def _dispatch(args, cfg: Config) -> int:
     if args.command == "export":
         if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun: one writer is enough
             return 0
-        ctx = pipeline.Context(cfg, *_label_only_data(cfg))
-        student = pipeline.load_student(ctx, args.checkpoint)
-        pipeline.export_student(student, args.output)
+        ctx = Context(cfg, *_label_only_data(cfg))
+        student = load_student(ctx, args.checkpoint)
+        export_student(student, args.output)
         print(f"packed model written to {args.output}")
         return 0
     # Under torchrun this joins the process group (NCCL for cuda, gloo for cpu); otherwise one process.
     with distributed(cfg.device) as env:
-        return _run(args, cfg, pipeline.Context(cfg, dist=env))
+        return _run(args, cfg, Context(cfg, dist=env))
 
 
 def _run(args, cfg: Config, ctx) -> int:
     from candle_ext.train import pipeline
+    from candle_ext.train.evaluate import evaluate_student, write_json, write_reports
+    from candle_ext.train.student import load_student
     main_rank = ctx.dist.is_main  # reports and printed results from rank 0 only
     if args.command == "calibrate":
         _, rep, _ = pipeline.calibrate(ctx, resume=args.resume)
         if main_rank:
-            pipeline.write_json({k: v for k, v in rep.items()}, os.path.join(ctx.out, "calibrate_report.json"))
+            write_json({k: v for k, v in rep.items()}, os.path.join(ctx.out, "calibrate_report.json"))
     elif args.command == "distill":
         mode = args.mode or cfg.distill.mode
         name = args.name or mode
         _, rep = pipeline.distill(ctx, mode, name=name, resume=args.resume,
                                   stop_after_steps=args.stop_after_steps)
         if main_rank:
-            pipeline.write_json(rep, os.path.join(ctx.out, f"{name}_report.json"))
+            write_json(rep, os.path.join(ctx.out, f"{name}_report.json"))
             print(json.dumps({k: rep["test"][k] for k in ("top1", "head", "medium", "tail")}))
     elif args.command == "evaluate":
         results, names = {}, []
         for item in args.checkpoint:
             name, path = item.split("=", 1) if "=" in item else (os.path.splitext(os.path.basename(item))[0], item)
-            results[name] = {"test": pipeline.evaluate_student(ctx, pipeline.load_student(ctx, path))}
+            results[name] = {"test": evaluate_student(ctx, load_student(ctx, path))}
             names.append(name)
         baseline = args.baseline or (names[1] if len(names) > 1 else names[0])
         if main_rank:
-            print(pipeline.write_reports(ctx, results, args.log, baseline, names[0]))
+            print(write_reports(ctx, results, args.log, baseline, names[0]))
     elif args.command == "demo":
         pipeline.demo(ctx, resume=args.resume)
     return 0

@@ -1,5 +1,7 @@
-"""Long-tailed derivation (paper Table 6), class groups, class-balanced sampling, data sources, bad data."""
+"""Long-tailed derivation (paper Table 6), class groups, class-balanced sampling and a rank's share of it, data
+sources, bad data."""
 import gzip
+import math
 import os
 import struct
 
@@ -8,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from candle_ext.data import (REGISTRY, ClassBalancedSampler, RandomEpochSampler, build_datasets, class_groups,
-                             class_order, dataset_info, fashion_mnist, image_folder, long_tailed_counts,
-                             make_long_tailed, split_file)
+from candle_ext.data import (REGISTRY, ClassBalancedSampler, DistributedEpochSampler, RandomEpochSampler,
+                             build_datasets, class_groups, class_order, dataset_info, fashion_mnist, image_folder,
+                             long_tailed_counts, make_long_tailed, make_rank_sampler, split_file)
 from candle_ext.data.sources import FASHION_MNIST_DIR, TensorImageSet
 
 
@@ -81,6 +83,73 @@ def test_class_balanced_sampler_balances_and_replays():
     assert list(s) != first
     r = RandomEpochSampler(labels, seed=5)
     assert sorted(r) == list(range(1110))
+
+
+# ------------------------------------------------------------------ a rank's share of a sampler (data-parallel)
+
+def _labels(n=23, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.choice(5, size=n, p=[0.5, 0.25, 0.15, 0.07, 0.03])
+
+
+@pytest.mark.parametrize("kind", ["random", "balanced"])
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_distributed_sampler_shards_the_global_sequence(kind, world):
+    labels = _labels()
+    make = (lambda: RandomEpochSampler(labels, seed=3)) if kind == "random" else \
+        (lambda: ClassBalancedSampler(labels, seed=3))
+    for epoch in (0, 4):
+        ref = make()
+        ref.set_epoch(epoch)
+        glob = list(iter(ref))
+        shards = []
+        for r in range(world):
+            s = DistributedEpochSampler(make(), world, r)
+            s.set_epoch(epoch)
+            shards.append(list(iter(s)))
+            assert s.global_indices()[:len(glob)] == glob  # every rank draws the same global sequence
+        per = math.ceil(len(glob) / world)
+        assert all(len(sh) == per for sh in shards) and len(DistributedEpochSampler(make(), world, 0)) == per
+        padded = glob + glob[:per * world - len(glob)]  # padding wraps around to the start
+        for r in range(world):
+            assert shards[r] == padded[r::world]
+        # per-rank batch b: batch i of all ranks together is global batch i of batch b*world
+        b = 2
+        for i in range(0, per, b):
+            union = sorted(x for sh in shards for x in sh[i:i + b])
+            assert union == sorted(padded[i * world:(i + b) * world])
+    a, b_ = DistributedEpochSampler(make(), 2, 0), DistributedEpochSampler(make(), 2, 0)
+    a.set_epoch(0)
+    b_.set_epoch(1)
+    assert list(iter(a)) != list(iter(b_))
+
+
+def test_distributed_sampler_class_balanced_share_stays_balanced():
+    labels = _labels(400, seed=1)
+    counts = np.zeros(5)
+    for r in range(2):
+        s = DistributedEpochSampler(ClassBalancedSampler(labels, seed=0, num_samples=4000), 2, r)
+        s.set_epoch(0)
+        counts += np.bincount(labels[list(iter(s))], minlength=5)
+    assert counts.sum() == 4000
+    assert np.all(np.abs(counts / 4000 - 0.2) < 0.03)  # uniform over classes despite the 0.5..0.03 skew
+
+
+def test_distributed_sampler_wraps_more_than_once_and_rejects_bad_arguments():
+    s = DistributedEpochSampler(RandomEpochSampler([0, 1, 0], seed=0), 8, 7)
+    s.set_epoch(0)
+    assert len(s) == 1 and len(s.global_indices()) == 8 and sorted(set(s.global_indices())) == [0, 1, 2]
+    with pytest.raises(ValueError, match="rank"):
+        DistributedEpochSampler(RandomEpochSampler([0, 1], seed=0), 2, 2)
+    with pytest.raises(ValueError, match="num_replicas"):
+        DistributedEpochSampler(RandomEpochSampler([0, 1], seed=0), 0, 0)
+    with pytest.raises(TypeError, match="set_epoch"):
+        DistributedEpochSampler([0, 1, 2], 2, 0)
+    single = make_rank_sampler([0, 1, 1], "random", 0)
+    assert isinstance(single, RandomEpochSampler)
+    share = make_rank_sampler([0, 1, 1], "balanced", 0, rank=1, world_size=2)
+    assert isinstance(share, DistributedEpochSampler) and isinstance(share.sampler, ClassBalancedSampler)
+    assert (share.rank, share.num_replicas) == (1, 2)
 
 
 def _write_png(path, value, size=12):

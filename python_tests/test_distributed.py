@@ -1,6 +1,6 @@
-"""Data-parallel training on CPU/gloo: distributed samplers, the exact synchronized batch norm, collective
-helpers, and a 2-process Alg. 1 distillation that must match the 1-process run with the same global batch."""
-import math
+"""Data-parallel training on CPU/gloo: the exact synchronized batch norm, collective helpers, and a 2-process
+Alg. 1 distillation that must match the 1-process run with the same global batch (the rank's sampler share is
+tested in test_data.py)."""
 import os
 import socket
 import time
@@ -11,15 +11,15 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from candle_ext.data.sampler import ClassBalancedSampler, RandomEpochSampler
+from candle_ext.data.sampler import make_rank_sampler
 from candle_ext.models.reactnet import ClassifierHead
 from candle_ext.nn.layers import BinaryConv2d, RPReLU, RSign
+from candle_ext.nn.sync_batchnorm import GlooSyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from candle_ext.train.balancer import SyncedBalancer
 from candle_ext.train.distill import build_distill_parts, distill_step
-from candle_ext.train.distributed import (DistEnv, DistributedEpochSampler, GlooSyncBatchNorm, SyncedBalancer,
-                                          all_gather_rows, all_reduce_gradients, broadcast_object,
-                                          convert_sync_batchnorm, gather_object, init_distributed,
-                                          local_batch_size, make_distributed_sampler, reduce_metrics,
-                                          revert_sync_batchnorm, shard_indices, sync_optimizer, teardown)
+from candle_ext.train.distributed import (DistEnv, all_gather_rows, all_reduce_gradients, broadcast_object,
+                                          gather_object, init_distributed, local_batch_size, reduce_metrics,
+                                          shard_indices, sync_optimizer, teardown)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -30,73 +30,14 @@ N_SAMPLES = 24  # 3 global batches per epoch
 CLASSES = 4
 
 
-# --------------------------------------------------------------------------------------------------- samplers
+# ------------------------------------------------------------------------------------------- batch sharding
 
-def _labels(n=23, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.choice(5, size=n, p=[0.5, 0.25, 0.15, 0.07, 0.03])
-
-
-@pytest.mark.parametrize("kind", ["random", "balanced"])
-@pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_distributed_sampler_shards_the_global_sequence(kind, world):
-    labels = _labels()
-    make = (lambda: RandomEpochSampler(labels, seed=3)) if kind == "random" else \
-        (lambda: ClassBalancedSampler(labels, seed=3))
-    for epoch in (0, 4):
-        ref = make()
-        ref.set_epoch(epoch)
-        glob = list(iter(ref))
-        shards = []
-        for r in range(world):
-            s = DistributedEpochSampler(make(), world, r)
-            s.set_epoch(epoch)
-            shards.append(list(iter(s)))
-            assert s.global_indices()[:len(glob)] == glob  # every rank draws the same global sequence
-        per = math.ceil(len(glob) / world)
-        assert all(len(sh) == per for sh in shards) and len(DistributedEpochSampler(make(), world, 0)) == per
-        padded = glob + glob[:per * world - len(glob)]  # padding wraps around to the start
-        for r in range(world):
-            assert shards[r] == padded[r::world]
-        # per-rank batch b: batch i of all ranks together is global batch i of batch b*world
-        b = 2
-        for i in range(0, per, b):
-            union = sorted(x for sh in shards for x in sh[i:i + b])
-            assert union == sorted(padded[i * world:(i + b) * world])
-    a, b_ = DistributedEpochSampler(make(), 2, 0), DistributedEpochSampler(make(), 2, 0)
-    a.set_epoch(0)
-    b_.set_epoch(1)
-    assert list(iter(a)) != list(iter(b_))
-
-
-def test_distributed_sampler_class_balanced_share_stays_balanced():
-    labels = _labels(400, seed=1)
-    counts = np.zeros(5)
-    for r in range(2):
-        s = DistributedEpochSampler(ClassBalancedSampler(labels, seed=0, num_samples=4000), 2, r)
-        s.set_epoch(0)
-        counts += np.bincount(labels[list(iter(s))], minlength=5)
-    assert counts.sum() == 4000
-    assert np.all(np.abs(counts / 4000 - 0.2) < 0.03)  # uniform over classes despite the 0.5..0.03 skew
-
-
-def test_distributed_sampler_wraps_more_than_once_and_rejects_bad_arguments():
-    s = DistributedEpochSampler(RandomEpochSampler([0, 1, 0], seed=0), 8, 7)
-    s.set_epoch(0)
-    assert len(s) == 1 and len(s.global_indices()) == 8 and sorted(set(s.global_indices())) == [0, 1, 2]
-    with pytest.raises(ValueError, match="rank"):
-        DistributedEpochSampler(RandomEpochSampler([0, 1], seed=0), 2, 2)
-    with pytest.raises(ValueError, match="num_replicas"):
-        DistributedEpochSampler(RandomEpochSampler([0, 1], seed=0), 0, 0)
-    with pytest.raises(TypeError, match="set_epoch"):
-        DistributedEpochSampler([0, 1, 2], 2, 0)
+def test_local_batch_size_and_shard_indices():
     env = DistEnv(rank=1, world_size=3)
     assert local_batch_size(12, env) == 4
     with pytest.raises(ValueError, match="divisible"):
         local_batch_size(10, env)
     assert list(shard_indices(7, env)) == [1, 4]
-    single = make_distributed_sampler([0, 1, 1], "random", 0, DistEnv())
-    assert isinstance(single, RandomEpochSampler)
 
 
 def test_single_process_environment(monkeypatch):
@@ -147,13 +88,15 @@ def _distill(env: DistEnv):
     """EPOCHS epochs of Alg. 1 (adversarial) with the global batch split over env's ranks."""
     x, y, tl, tf = _data()
     torch.manual_seed(0)
-    student = convert_sync_batchnorm(_TinyStudent(), env)
+    student = _TinyStudent()
+    if env.distributed:  # global batch statistics in every BN (what the run context does)
+        student = convert_sync_batchnorm(student, "cpu")
     torch.manual_seed(1)
     steps = EPOCHS * N_SAMPLES // GLOBAL_BATCH
     parts = build_distill_parts(student, "adversarial", lr=0.01, total_steps=steps, balancer=SyncedBalancer(env))
     for opt in (parts.opt_cls, parts.opt_enc, parts.opt_phi):
         sync_optimizer(opt, env)
-    sampler = make_distributed_sampler(y.numpy(), "balanced", 5, env)
+    sampler = make_rank_sampler(y.numpy(), "balanced", 5, env.rank, env.world_size)
     b = local_batch_size(GLOBAL_BATCH, env)
     metrics = []
     for epoch in range(EPOCHS):
@@ -183,9 +126,9 @@ def _syncbn_inputs():
 def _syncbn_check(env: DistEnv):
     """GlooSyncBatchNorm on this rank's half of a batch; returns what the parent compares with nn.BatchNorm2d."""
     x, gy, bn = _syncbn_inputs()
-    sbn = convert_sync_batchnorm(bn, env)
+    sbn = convert_sync_batchnorm(bn, "cpu")
     assert isinstance(sbn, GlooSyncBatchNorm) and sbn.weight is bn.weight
-    back = revert_sync_batchnorm(nn.Sequential(convert_sync_batchnorm(nn.BatchNorm1d(3), env)))
+    back = revert_sync_batchnorm(nn.Sequential(convert_sync_batchnorm(nn.BatchNorm1d(3), "cpu")))
     assert type(back[0]) is nn.BatchNorm1d and not hasattr(back[0], "_plain_cls")
     lo, hi = 3 * env.rank, 3 * env.rank + 3  # rank r holds samples lo..hi-1 (uneven sizes also work)
     xl = x[lo:hi].clone().requires_grad_(True)
@@ -221,13 +164,49 @@ def _collectives_check(env: DistEnv):
             "grads": grads}
 
 
+def _tiny_context(env: DistEnv, out_dir: str):
+    """A run context on 10 in-memory 8x8 images (no files read): what the stages see."""
+    from candle_ext.data import TensorImageSet
+    from candle_ext.train.context import Context
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (10, 3, 8, 8), generator=g, dtype=torch.uint8)
+    data = TensorImageSet(images, [0, 0, 0, 0, 1, 1, 1, 2, 2, 3], ["a", "b", "c", "d"])
+    cfg = {"out_dir": out_dir, "progress": False, "threads": None, "teacher": {"resolutions": [8], "base": 0}}
+    return Context(cfg, data, data, dist=env)
+
+
+def _context_check(env: DistEnv, out_dir: str):
+    """The run context's door to the process group: place (sync BN + broadcast), synced optimizers, the rank's
+    sampler and batch, gathered rows."""
+    ctx = _tiny_context(env, os.path.join(out_dir, f"ctx{env.rank}"))
+    torch.manual_seed(100 + env.rank)  # different initial weights on every rank: place must broadcast rank 0's
+    student = ctx.place(_TinyStudent(), sync_bn=True)
+    placed = {k: v.clone() for k, v in student.state_dict().items()}
+    opt = torch.optim.SGD(student.parameters(), lr=1.0)
+    ctx.sync_optimizers(opt, None)
+    for p in student.parameters():
+        p.grad = torch.full_like(p, float(env.rank + 1))  # rank 0: 1, rank 1: 2 -> averaged: 1.5
+    opt.step()
+    stepped = {k: v.clone() for k, v in student.state_dict().items()}
+    bn_types = sorted({type(m).__name__ for m in student.modules() if "Norm" in type(m).__name__})
+    plain = ctx.unsync_batchnorm(student)
+    sampler = ctx.sampler("balanced")
+    sampler.set_epoch(0)
+    return {"bn_types": bn_types,
+            "plain_bn_types": sorted({type(m).__name__ for m in plain.modules() if "Norm" in type(m).__name__}),
+            "placed": placed, "stepped": stepped, "sampler": type(sampler).__name__,
+            "indices": list(iter(sampler)), "local_batch": ctx.local_batch(8),
+            "gathered": ctx.gather_rows(torch.arange(10)[list(shard_indices(10, env))]), "is_main": ctx.is_main}
+
+
 def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     env = init_distributed("cpu")
     try:
-        result = {"syncbn": _syncbn_check(env), "collectives": _collectives_check(env), "distill": _distill(env)}
+        result = {"syncbn": _syncbn_check(env), "collectives": _collectives_check(env), "distill": _distill(env),
+                  "context": _context_check(env, out_dir)}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         teardown(env)
@@ -289,6 +268,39 @@ def test_collective_helpers(two_ranks):
         assert torch.equal(g[3], torch.zeros(5))
 
 
+def test_run_context_single_process(tmp_path):
+    """One process: the context's door is the plain single-process operation (nothing converted, no hooks)."""
+    from candle_ext.data import ClassBalancedSampler
+    ctx = _tiny_context(DistEnv(), str(tmp_path))
+    model = _TinyStudent()
+    assert ctx.place(model, sync_bn=True) is model
+    assert all(type(m) is not GlooSyncBatchNorm for m in model.modules())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx.sync_optimizers(opt, None)
+    assert not opt._optimizer_step_pre_hooks
+    assert isinstance(ctx.sampler("balanced"), ClassBalancedSampler) and ctx.local_batch(8) == 8
+    t = torch.arange(5)
+    assert ctx.gather_rows(t) is t and ctx.is_main and ctx.size == 8
+
+
+def test_run_context_two_processes(two_ranks):
+    c0, c1 = (q["context"] for q in two_ranks)
+    for c in (c0, c1):
+        assert c["bn_types"] == ["GlooSyncBatchNorm"] and c["plain_bn_types"] == ["BatchNorm2d"]
+        assert c["sampler"] == "DistributedEpochSampler" and c["local_batch"] == 4
+        assert torch.equal(c["gathered"], torch.arange(10))
+    assert (c0["is_main"], c1["is_main"]) == (True, False)
+    for k in c0["placed"]:  # rank 0's start on both ranks, and the same averaged step
+        assert torch.equal(c0["placed"][k], c1["placed"][k]), k
+        assert torch.equal(c0["stepped"][k], c1["stepped"][k]), k
+    weight = "encoder.0.weight"
+    torch.testing.assert_close(c0["stepped"][weight], c0["placed"][weight] - 1.5)
+    glob = make_rank_sampler([0, 0, 0, 0, 1, 1, 1, 2, 2, 3], "balanced", 0)  # the context's labels and seed
+    glob.set_epoch(0)
+    order = list(iter(glob))
+    assert c0["indices"] == order[0::2] and c1["indices"] == order[1::2]  # strided shares of one global order
+
+
 def test_two_process_distillation_matches_one_process(two_ranks):
     ref_state, ref_metrics = _distill(DistEnv())
     n_steps = EPOCHS * N_SAMPLES // GLOBAL_BATCH
@@ -346,8 +358,8 @@ def cli_config(tmp_path_factory):
 
 
 def _register_student():
-    from candle_ext.train import pipeline
-    pipeline.STUDENTS["tiny_ddp"] = lambda num_classes, cfg: _TinyStudent(num_classes)
+    from candle_ext.train.student import STUDENTS
+    STUDENTS["tiny_ddp"] = lambda num_classes, cfg: _TinyStudent(num_classes)
 
 
 def _cli_worker(rank, world, ports, root, phase):

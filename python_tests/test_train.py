@@ -406,3 +406,66 @@ def test_baseline_modes_step(mode):
     if mode in ("kd", "dive"):
         with pytest.raises(ValueError, match="teacher_logits"):
             distill_step(parts, x, y)
+
+
+# ------------------------------------------------------------------------------------------------ layering
+
+def _candle_imports(path, package_dir):
+    """candle_ext modules a source file imports (module level and inside functions; not under TYPE_CHECKING)."""
+    import ast
+    tree = ast.parse(open(path).read())
+    found = set()
+
+    def visit(node):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            return  # annotations only: never imported at run time
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("candle_ext"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("candle_ext"):
+            for a in node.names:  # `from candle_ext.train import checkpoint` imports the submodule
+                sub = f"{node.module}.{a.name}"
+                is_module = os.path.exists(os.path.join(package_dir, *sub.split(".")[1:]) + ".py")
+                found.add(sub if is_module else node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def test_training_modules_import_one_way():
+    """cli -> train -> models/nn/data -> ops: nothing below imports candle_ext.train or the cli;
+    train/distributed.py is a leaf (torch.distributed only); the training modules import each other without a
+    cycle (the order is printed on failure)."""
+    import candle_ext
+    pkg = os.path.dirname(candle_ext.__file__)
+    graph = {}
+    for root, _, files in os.walk(pkg):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(root, f), os.path.dirname(pkg))[:-3].replace(os.sep, ".")
+                graph[rel.removesuffix(".__init__")] = _candle_imports(os.path.join(root, f), pkg)
+    above = ("candle_ext.train", "candle_ext.cli")
+    for mod, deps in graph.items():
+        if not mod.startswith(above):
+            bad = sorted(d for d in deps if d.startswith(above))
+            assert not bad, f"{mod} imports {bad}: only the cli and train/ may use the training layer"
+    assert graph["candle_ext.train.distributed"] == set(), graph["candle_ext.train.distributed"]
+    assert not any(d.startswith("candle_ext.train") for d in graph["candle_ext.nn.sync_batchnorm"])
+    train = {m: {d for d in deps if d.startswith("candle_ext.train.")} for m, deps in graph.items()
+             if m.startswith("candle_ext.train.")}
+    order, state = [], {}
+
+    def visit(m, path):
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", f"import cycle in candle_ext.train: {' -> '.join(path + [m])}"
+        state[m] = "open"
+        for d in sorted(train.get(m, ())):
+            visit(d, path + [m])
+        state[m] = "done"
+        order.append(m)
+
+    for m in sorted(train):
+        visit(m, [])
+    assert order.index("candle_ext.train.context") < order.index("candle_ext.train.pipeline"), order

@@ -8,12 +8,14 @@ import numpy as np
 
 from candle_ext.data.longtail import class_groups, class_order, labels_of, long_tailed_counts, make_long_tailed
 from candle_ext.data.registry import REGISTRY, DatasetInfo, dataset_info
-from candle_ext.data.sampler import ClassBalancedSampler, RandomEpochSampler, make_sampler
+from candle_ext.data.sampler import (ClassBalancedSampler, DistributedEpochSampler, RandomEpochSampler,
+                                     make_rank_sampler, make_sampler)
 from candle_ext.data.sources import (FileImageSet, ImageSet, TensorImageSet, fashion_mnist, image_folder,
                                      split_file, torchvision_dataset)
 
 __all__ = ["make_long_tailed", "long_tailed_counts", "class_order", "class_groups", "labels_of", "REGISTRY",
            "DatasetInfo", "dataset_info", "ClassBalancedSampler", "RandomEpochSampler", "make_sampler",
+           "DistributedEpochSampler", "make_rank_sampler",
            "ImageSet", "TensorImageSet", "FileImageSet", "image_folder", "split_file", "fashion_mnist",
            "torchvision_dataset", "build_datasets"]
 

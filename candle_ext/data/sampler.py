@@ -1,7 +1,10 @@
-"""Samplers whose order is a pure function of (seed, epoch), so a resumed run replays the same batches."""
+"""Samplers whose order is a pure function of (seed, epoch), so a resumed run replays the same batches, and
+their share for one rank of a data-parallel run (DistributedEpochSampler: it needs the rank and the number of
+ranks only, never torch.distributed)."""
 from __future__ import annotations
 
-from typing import Iterator
+import math
+from typing import Iterator, List
 
 import numpy as np
 import torch
@@ -66,3 +69,49 @@ def make_sampler(data, kind: str, seed: int) -> _EpochSampler:
     if kind == "random":
         return RandomEpochSampler(data, seed)
     raise ValueError(f"sampler must be 'balanced' or 'random', got {kind!r}")
+
+
+class DistributedEpochSampler(Sampler):
+    """This rank's share of a (seed, epoch)-deterministic sampler (RandomEpochSampler, ClassBalancedSampler).
+
+    Every rank draws the same global sequence (the wrapped sampler after set_epoch), pads it by wrapping around
+    to a multiple of num_replicas and takes positions rank, rank + num_replicas, ... With a per-rank batch b,
+    batch i of all ranks together is exactly global batch i (positions i*b*N .. (i+1)*b*N - 1) of a
+    single-process run with batch b*N over the padded sequence."""
+
+    def __init__(self, sampler, num_replicas: int, rank: int):
+        if not (hasattr(sampler, "set_epoch") and hasattr(sampler, "__iter__") and hasattr(sampler, "__len__")):
+            raise TypeError(f"sampler must have set_epoch, __iter__ and __len__, got {type(sampler).__name__}")
+        if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
+            raise ValueError(f"num_replicas must be a positive int, got {num_replicas!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be an int in [0, {num_replicas}), got {rank!r}")
+        if len(sampler) == 0:
+            raise ValueError("the wrapped sampler is empty")
+        self.sampler, self.num_replicas, self.rank = sampler, num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def global_indices(self) -> List[int]:
+        """The padded global sequence of this epoch (identical on every rank)."""
+        order = list(iter(self.sampler))
+        total = self.num_replicas * math.ceil(len(order) / self.num_replicas)
+        while len(order) < total:  # wrap around (more than once only when num_replicas > dataset size)
+            order.extend(order[:total - len(order)])
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.global_indices()[self.rank::self.num_replicas])
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.num_replicas)
+
+
+def make_rank_sampler(data, kind: str, seed: int, rank: int = 0, world_size: int = 1):
+    """make_sampler(data, kind, seed) for one rank of world_size: the plain sampler for a single process, its
+    DistributedEpochSampler share otherwise."""
+    base = make_sampler(data, kind, seed)
+    return DistributedEpochSampler(base, world_size, rank) if world_size > 1 else base

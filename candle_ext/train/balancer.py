@@ -16,13 +16,18 @@ moves toward the larger of the two losses. How phi ascends is `update`:
   locks at 0 or 1 even after the order of K and F flips (observed: z ran to -7, then +11 and stayed), and the
   MLP learns an ever steeper step function of F - K, so lambda flickers between the rails when batch noise
   moves F - K across 0. The README's balancer section has the measurements behind the default.
+
+SyncedBalancer is AB_phi for data-parallel runs: the same MLP fed the K and F of the global batch.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from candle_ext.train.distributed import DistEnv, comm_device
 
 UPDATES = ("natural", "sgd", "adam")
 
@@ -72,3 +77,23 @@ def make_phi_optimizer(balancer: AdversarialBalancer, lr: float) -> torch.optim.
     if balancer.update == "adam":
         return torch.optim.Adam(balancer.parameters(), lr=lr, weight_decay=0.0, maximize=True)
     return torch.optim.SGD(balancer.parameters(), lr=lr, maximize=True)
+
+
+class SyncedBalancer(AdversarialBalancer):
+    """AB_phi fed the global K and F: the two loss values are averaged across ranks before the MLP, so lambda
+    is the one the single-process run computes for the same global batch (and identical on every rank). The MLP
+    runs in float32 even under autocast (two inputs; bf16 would only cost accuracy). Same state_dict as
+    AdversarialBalancer."""
+
+    def __init__(self, env: DistEnv, update: str = "natural", tau: float = 0.1):
+        super().__init__(update, tau)
+        self.env = env
+
+    def forward(self, kl: torch.Tensor, fs: torch.Tensor) -> torch.Tensor:
+        kf = torch.stack([kl.detach().float().reshape(()), fs.detach().float().reshape(())])
+        if self.env.distributed:
+            buf = kf.to(comm_device(self.env))
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            kf = (buf / self.env.world_size).to(kl.device)
+        with torch.autocast(device_type=kl.device.type, enabled=False):
+            return super().forward(kf[0], kf[1])

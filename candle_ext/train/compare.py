@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -22,11 +21,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from candle_ext.train import checkpoint
+from candle_ext.train import checkpoint, pipeline
 from candle_ext.train.config import Config
+from candle_ext.train.context import Context
 from candle_ext.train.distill import METHODS
-from candle_ext.train.evaluate import write_json
+from candle_ext.train.evaluate import evaluate_student, write_json
 from candle_ext.train.losses import tau_normalize_
+from candle_ext.train.student import load_student
+from candle_ext.train.teacher import build_teacher, encode_dataset, load_calibrated_teacher
 
 PRESETS: Dict[str, List[str]] = {
     "baselines": ["scratch", "ce_balanced", "balanced_softmax", "logit_adjusted", "tau_norm", "kd", "dive"],
@@ -163,15 +165,13 @@ def _plots(out: str, summary, lambda_logs: Dict[str, List[str]]) -> Dict[str, st
 def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: str = "candle compare",
             log=print) -> Dict[str, object]:
     """Run every method for every seed (skipping finished runs) and write the results into cfg.out_dir."""
-    from candle_ext.train import pipeline  # the engine; imported here to keep this module light to import
-
     variants = expand(methods)
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
     out = cfg.out_dir
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
-    base = pipeline.Context(cfg.replace(progress=False))
+    base = Context(cfg.replace(progress=False))
     train, test = base.train, base.test
 
     teachers: Dict[bool, object] = {}
@@ -186,14 +186,14 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
         if multires not in teachers:
             kind = "multi" if multires else "single"
             tdir = os.path.join(out, f"teacher_{kind}")
-            ctx = pipeline.Context(cfg.replace(**{"out_dir": tdir, "teacher.multires": multires,
-                                                  "progress": False}), train, test)
+            ctx = Context(cfg.replace(**{"out_dir": tdir, "teacher.multires": multires, "progress": False}),
+                          train, test)
             path = os.path.join(tdir, "teacher.pt")
             t0 = time.time()
             if os.path.exists(os.path.join(tdir, "teacher_report.json")):
-                teacher = pipeline.load_calibrated_teacher(ctx.cfg.teacher, path)
+                teacher = load_calibrated_teacher(ctx.cfg.teacher, path)
                 teacher = teacher.to(ctx.device).eval()
-                cache = pipeline.encode_dataset(teacher, train, cfg.calibrate.batch_size, ctx.device)
+                cache = encode_dataset(teacher, train, cfg.calibrate.batch_size, ctx.device)
                 rep = json.load(open(os.path.join(tdir, "teacher_report.json")))
             else:
                 teacher, rep, cache = pipeline.calibrate(ctx, resume=True)
@@ -224,14 +224,14 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
                 multires = kind_of(v)
                 run_cfg = cfg.replace(**{"seed": seed, "out_dir": run_dir, "teacher.multires": multires,
                                          "progress": False})
-                ctx = pipeline.Context(run_cfg, train, test)
+                ctx = Context(run_cfg, train, test)
                 scratch_dir = os.path.join(out, "runs", f"scratch_s{seed}")
                 if (v.mode == "tau_norm" and cfg.distill.scratch_sampler == "random"
                         and os.path.exists(os.path.join(scratch_dir, "report.json"))):
-                    student = pipeline.load_student(ctx, os.path.join(scratch_dir, "scratch_student.pt"))
+                    student = load_student(ctx, os.path.join(scratch_dir, "scratch_student.pt"))
                     tau_normalize_(student.classifier.fc, cfg.distill.tau_norm)
                     rep = {"mode": "tau_norm", "derived_from": scratch_dir,
-                           "test": pipeline.evaluate_student(ctx, student)}
+                           "test": evaluate_student(ctx, student)}
                     checkpoint.save_atomic(student.state_dict(), os.path.join(run_dir, "tau_norm_student.pt"))
                     how = "from the scratch run"
                 else:
@@ -241,8 +241,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
                         teacher, cache = teacher_for(multires)
                     elif method.teacher == "pretrained":
                         cache = teacher_for(multires)[1]  # the frozen encoder's features are the same
-                        teacher = pipeline.build_teacher(run_cfg.teacher, ctx.num_classes, ctx.student_channels(),
-                                                         cfg.seed)
+                        teacher = build_teacher(run_cfg.teacher, ctx.num_classes, ctx.student_channels(), cfg.seed)
                     _, rep = pipeline.distill(ctx, v.mode, teacher, cache, name=v.mode, resume=True)
                     how = f"{rep['train_seconds']:.0f}s"
                 write_json(rep, rep_path)

@@ -1,7 +1,7 @@
 """The typed configuration of a training run: every key, its type, its range and its default, in one place.
 
 A run's configuration is parsed and validated once (Config.from_dict, called by the `candle` command and by
-pipeline.Context): unknown keys, wrong types and out-of-range values raise ValueError naming the dotted key,
+context.Context): unknown keys, wrong types and out-of-range values raise ValueError naming the dotted key,
 the value seen and what is expected. The defaults are the offline demo (Fashion-MNIST-LT ratio 100 on a 2-core
 CPU, EfficientNet-Lite0 teacher, binary ReActNet-A student); the presets in candle_ext/configs/ and a user's
 --config file are laid over them.

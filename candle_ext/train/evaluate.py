@@ -1,5 +1,6 @@
-"""Evaluation: top-1 overall / head / medium / tail, per-class accuracy, classifier weight norms, plots and
-reports."""
+"""Evaluation: top-1 overall / head / medium / tail, per-class accuracy, classifier weight norms; a run's
+student and teacher evaluated on its test set (sharded over the ranks of a data-parallel run and gathered in
+order); plots and reports."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from torch import nn
+
+from candle_ext.nn.multires import MultiResolutionTeacher
+from candle_ext.train.distributed import shard_indices
+from candle_ext.train.teacher import encode_dataset, teacher_outputs
 
 
 @torch.no_grad()
@@ -44,6 +50,47 @@ def accuracy_report(preds: np.ndarray, labels: np.ndarray, groups: Dict[str, Lis
 def classifier_weight_norms(linear: torch.nn.Linear) -> List[float]:
     return linear.weight.detach().float().norm(dim=1).cpu().tolist()
 
+
+# -------------------------------------------------------------------------------- a run's models, evaluated
+
+class _Shard:
+    """The positions of a dataset that one rank evaluates (dataset.batch interface)."""
+
+    def __init__(self, data, positions):
+        self.data, self.positions = data, np.asarray(positions, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def batch(self, indices, size: int) -> torch.Tensor:
+        return self.data.batch(self.positions[np.asarray(indices, dtype=np.int64)], size)
+
+
+def evaluate_student(ctx, student: nn.Module) -> Dict:
+    """accuracy_report of the student on ctx's test set (at the student's resolution), plus its classifier
+    weight norms. Distributed: each rank predicts a strided share and the gather restores the order."""
+    student.eval()
+    if ctx.dist.distributed:
+        mine = _Shard(ctx.test, shard_indices(len(ctx.test), ctx.dist))
+        local = torch.as_tensor(predict(student, mine, ctx.size, 256, ctx.device), dtype=torch.int64)
+        preds = ctx.gather_rows(local).numpy()
+    else:
+        preds = predict(student, ctx.test, ctx.size, 256, ctx.device)
+    rep = accuracy_report(preds, ctx.test.labels, ctx.groups, ctx.num_classes)
+    rep["weight_norms"] = classifier_weight_norms(student.classifier.fc)
+    return rep
+
+
+@torch.no_grad()
+def evaluate_teacher(ctx, teacher: MultiResolutionTeacher) -> Dict:
+    """accuracy_report of the (calibrated) teacher on ctx's test set; its encoder runs sharded."""
+    teacher.eval()
+    feats = encode_dataset(teacher, ctx.test, 256, ctx.device, dist=ctx.dist, precision=ctx.precision)
+    logits, _ = teacher_outputs(teacher, feats, 256, ctx.device)
+    return accuracy_report(logits.argmax(1).numpy(), ctx.test.labels, ctx.groups, ctx.num_classes)
+
+
+# ------------------------------------------------------------------------------------------ plots and reports
 
 def _plt():
     import matplotlib
@@ -105,6 +152,31 @@ def markdown_table(rows: Dict[str, Dict[str, float]]) -> str:
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in ("top1", "head", "medium", "tail")) + " |")
     return "\n".join(lines)
+
+
+def write_reports(ctx, results: Dict[str, Dict], lambda_log: Optional[str], baseline: str, main: str) -> str:
+    """report.json, report.md and the plots into ctx's output folder; returns the markdown table."""
+    rows = {k: v["test"] for k, v in results.items()}
+    table = markdown_table(rows)
+    plots = {}
+    if lambda_log and os.path.exists(lambda_log):
+        plots["lambda"] = os.path.join(ctx.out, "lambda_schedule.png")
+        plot_lambda(lambda_log, plots["lambda"])
+    norms = {k: v["weight_norms"] for k, v in rows.items() if "weight_norms" in v}
+    if norms:
+        plots["weight_norms"] = os.path.join(ctx.out, "class_weight_norms.png")
+        plot_weight_norms(norms, ctx.order, plots["weight_norms"])
+    if baseline in rows and main in rows:
+        plots["gain"] = os.path.join(ctx.out, "per_class_gain.png")
+        plot_gain(rows[main]["per_class"], rows[baseline]["per_class"], ctx.order, plots["gain"],
+                  f"{main} - {baseline}")
+    write_json({"config": ctx.cfg.to_dict(), "groups": ctx.groups, "class_order": ctx.order,
+                "train_counts": np.bincount(ctx.train.labels, minlength=ctx.num_classes).tolist(),
+                "test_size": len(ctx.test), "results": results, "plots": plots},
+               os.path.join(ctx.out, "report.json"))
+    with open(os.path.join(ctx.out, "report.md"), "w") as fh:
+        fh.write(table + "\n")
+    return table
 
 
 def write_json(obj, path: str) -> None:

@@ -1,143 +1,37 @@
-"""Calibrate, distill, evaluate and the demo as functions of a config dict (the `candle` command's engine).
-
-Data-parallel: a Context made with a distributed DistEnv (torchrun) shards every global batch over the ranks
-(config batch sizes are global), averages gradients and metrics, synchronizes batch norm, shards the teacher
-cache and the evaluation, and writes files from rank 0 only (candle_ext.train.distributed)."""
+"""The training stages of the `candle` command: calibrate (stage 1), distill (stage 2, or a baseline) and the
+demo that runs both and reports. Each stage reads the typed configuration (candle_ext.train.config) through
+the run context (candle_ext.train.context.Context), which places models, syncs optimizers, builds samplers and
+gathers results, so the same code runs on one process or data-parallel under torchrun (config batch sizes are
+global; files come from rank 0). What a stage trains with lives elsewhere: the teacher in train/teacher.py, the
+student in train/student.py, the methods and their step in train/distill.py (METHODS) and train/losses.py,
+evaluation and reports in train/evaluate.py."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from candle_ext.data import build_datasets, class_groups, class_order
 from candle_ext.nn.multires import MultiResolutionTeacher
 from candle_ext.train import checkpoint
+from candle_ext.train.balancer import SyncedBalancer
 from candle_ext.train.calibrate import calibrate_step, make_calibration
-from candle_ext.train.config import Config, StudentConfig, TeacherConfig
+from candle_ext.train.context import Context
 from candle_ext.train.distill import METHODS, build_distill_parts, distill_step
+from candle_ext.train.evaluate import evaluate_student, evaluate_teacher, write_json, write_reports
+from candle_ext.train.loop import steps_per_epoch
 from candle_ext.train.losses import log_prior, tau_normalize_
-from candle_ext.train.distributed import (DistEnv, Precision, SyncedBalancer, all_gather_rows, barrier,
-                                          broadcast_module, broadcast_object, convert_sync_batchnorm, local_batch_size,
-                                          make_distributed_sampler, rank_seed, revert_sync_batchnorm,
-                                          sync_optimizer)
-from candle_ext.train.evaluate import (accuracy_report, classifier_weight_norms, markdown_table, plot_gain,
-                                       plot_lambda, plot_weight_norms, predict, write_json)
-from candle_ext.train.loop import fit, steps_per_epoch
-from candle_ext.train.teacher import load_teacher
+from candle_ext.train.student import build_student, export_student
+from candle_ext.train.teacher import (HeadState, build_teacher, encode_dataset, load_calibrated_teacher,
+                                      save_teacher, teacher_outputs)
 
 
-def _reactnet(num_classes: int, cfg: StudentConfig) -> nn.Module:
-    from candle_ext.models import reactnet_a
-    return reactnet_a(num_classes, small_input=cfg.small_input, width_mult=cfg.width_mult)
-
-
-# Student architectures by config name; tests register small stand-ins here.
-STUDENTS: Dict[str, Callable[[int, StudentConfig], nn.Module]] = {"reactnet_a": _reactnet}
-
-
-def build_student(cfg: StudentConfig, num_classes: int, seed: int) -> nn.Module:
-    arch = cfg.arch
-    if arch not in STUDENTS:
-        raise ValueError(f"student.arch must be one of {sorted(STUDENTS)}, got {arch!r}")
-    torch.manual_seed(seed)  # the same initial student for every method compared
-    model = STUDENTS[arch](num_classes, cfg)
-    if not isinstance(getattr(model, "num_features", None), int):
-        raise TypeError(f"student {arch!r} must expose num_features (encoder output channels)")
-    return model
-
-
-def teacher_resolutions(tcfg: TeacherConfig) -> Tuple[List[int], int]:
-    res = list(tcfg.resolutions)
-    base = tcfg.base % len(res)
-    if not tcfg.multires:  # ablation: single-resolution teacher at the student's resolution
-        return [res[base]], 0
-    return res, base
-
-
-def build_teacher(tcfg: TeacherConfig, num_classes: int, student_channels: int, seed: int
-                  ) -> MultiResolutionTeacher:
-    enc, _ = load_teacher(tcfg.name, tcfg.weights, tcfg.pretrained)
-    res, base = teacher_resolutions(tcfg)
-    torch.manual_seed(seed)
-    return MultiResolutionTeacher(enc, num_classes, student_channels, res, base)
-
-
-def _to_device(t: MultiResolutionTeacher, device: str) -> MultiResolutionTeacher:
-    return t.to(device)
-
-
-@torch.no_grad()
-def encode_dataset(teacher: MultiResolutionTeacher, data, batch_size: int, device: str,
-                   progress: bool = False, dist: Optional[DistEnv] = None,
-                   precision: Optional[Precision] = None) -> List[torch.Tensor]:
-    """The frozen encoder's feature maps for every image, per resolution (float16, CPU): the calibration
-    cache (valid because the encoder is frozen and augmentation is off). Distributed: each chunk of
-    batch_size x world images is split over the ranks and gathered, so every rank ends with the whole cache."""
-    env = dist if dist is not None else DistEnv()
-    prec = precision if precision is not None else Precision(False, False)
-    chunks: List[List[torch.Tensor]] = [[] for _ in teacher.resolutions]
-    step = batch_size * env.world_size
-    it = range(0, len(data), step)
-    if progress and env.is_main:
-        from tqdm import tqdm
-        it = tqdm(it, desc="teacher features", leave=False, dynamic_ncols=True)
-    for i in it:
-        chunk = np.arange(i, min(i + step, len(data)))
-        mine = chunk[env.rank::env.world_size]
-        # A rank left without images encodes one anyway (and drops it): collectives need every rank.
-        x = prec.input(data.batch(mine if len(mine) else chunk[:1], teacher.base_resolution).to(device))
-        with prec.autocast():
-            feats = teacher.encode(x)
-        for r, f in enumerate(feats):
-            chunks[r].append(all_gather_rows(f[:len(mine)].half().contiguous(), env).cpu())
-    return [torch.cat(c) for c in chunks]
-
-
-@torch.no_grad()
-def teacher_outputs(teacher: MultiResolutionTeacher, feats: List[torch.Tensor], batch_size: int, device: str
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(logits, pooled base-branch features) of the teacher for cached encoder maps."""
-    teacher.eval()
-    logits, fvec = [], []
-    n = feats[0].shape[0]
-    for i in range(0, n, batch_size):
-        lg, fb = teacher.head([f[i:i + batch_size].to(device) for f in feats])
-        logits.append(lg.cpu())
-        fvec.append(fb.mean(dim=(2, 3)).cpu())
-    return torch.cat(logits), torch.cat(fvec)
-
-
-def save_teacher(teacher: MultiResolutionTeacher, tcfg: TeacherConfig, path: str) -> None:
-    head = {k: v for k, v in teacher.state_dict().items() if not k.startswith("encoder.")}
-    checkpoint.save_atomic({"head": head, "resolutions": teacher.resolutions, "base": teacher.base,
-                            "name": tcfg.name,
-                            "student_channels": teacher.student_channels, "num_classes": teacher.num_classes},
-                           path)
-
-
-def load_calibrated_teacher(tcfg: TeacherConfig, path: str, dist: Optional[DistEnv] = None
-                            ) -> MultiResolutionTeacher:
-    """The teacher saved by save_teacher; distributed: rank 0 reads it and sends it to the others (no shared
-    filesystem needed)."""
-    env = dist if dist is not None else DistEnv()
-    ck = broadcast_object(checkpoint.load(path) if env.is_main else None, env)
-    enc, _ = load_teacher(ck["name"], tcfg.weights, tcfg.pretrained)
-    t = MultiResolutionTeacher(enc, int(ck["num_classes"]), int(ck["student_channels"]),
-                               [int(r) for r in ck["resolutions"]], int(ck["base"]))
-    missing, unexpected = t.load_state_dict(ck["head"], strict=False)
-    if unexpected or any(not k.startswith("encoder.") for k in missing):
-        raise ValueError(f"teacher checkpoint {path} does not fit: missing {missing}, unexpected {unexpected}")
-    return t
-
-
-def _augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     """Random horizontal flip and random crop after zero padding (torch RNG: replayed on resume)."""
     n, _, h, w = x.shape
     flip = torch.rand(n) < 0.5
@@ -147,68 +41,22 @@ def _augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     return torch.stack([xp[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
-class Context:
-    """Everything one run shares: config, data, groups, device, output folder, the process group (dist) and
-    the precision switches (config keys amp, channels_last: bf16 autocast and NHWC on CUDA, default on)."""
-
-    def __init__(self, cfg: Union[Config, dict], train=None, test=None, dist: Optional[DistEnv] = None):
-        self.cfg = cfg if isinstance(cfg, Config) else Config.from_dict(cfg)
-        cfg = self.cfg
-        self.dist = dist if dist is not None else DistEnv()
-        self.seed = cfg.seed
-        self.device = cfg.device
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
-        if cfg.threads:  # intra-op threads; 1 can beat the default on a shared, oversubscribed CPU
-            torch.set_num_threads(cfg.threads)
-        self.out = cfg.out_dir
-        if train is None:
-            train, test = build_datasets(dataclasses.asdict(cfg.data))
-        os.makedirs(self.out, exist_ok=True)
-        self.train, self.test = train, test
-        self.num_classes = train.num_classes
-        self.groups = class_groups(train.labels, self.num_classes, cfg.data.groups)
-        self.order = class_order(train.labels, self.num_classes).tolist()
-        self.progress = cfg.progress
-        self.res, self.base = teacher_resolutions(cfg.teacher)
-        self.size = self.res[self.base]
-        self._channels: Optional[int] = None
-        self.precision = Precision(cfg.amp, cfg.channels_last, "cuda" if self.device == "cuda" else "cpu")
-
-    def student_channels(self) -> int:
-        if self._channels is None:
-            self._channels = build_student(self.cfg.student, self.num_classes, self.seed).num_features
-        return self._channels
-
-    @property
-    def progress_here(self) -> bool:
-        return self.progress and self.dist.is_main
-
-    def log(self, msg: str) -> None:
-        if self.progress_here:
-            print(msg, flush=True)
-
-
 def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Tensor]] = None,
               stop_after_steps: Optional[int] = None) -> Tuple[MultiResolutionTeacher, Dict, List[torch.Tensor]]:
     """Stage 1: train the 1x1 convs and classifier of the multi-resolution teacher with class-balanced
     sampling and label-aware smoothing. Saves {out}/teacher.pt; returns (teacher, report, encoder cache)."""
     c = ctx.cfg.calibrate
-    teacher = build_teacher(ctx.cfg.teacher, ctx.num_classes, ctx.student_channels(), ctx.seed)
-    teacher = ctx.precision.model(_to_device(teacher, ctx.device))
-    broadcast_module(teacher, ctx.dist)
-    bs = c.batch_size
-    lbs = local_batch_size(bs, ctx.dist)
+    teacher = ctx.place(build_teacher(ctx.cfg.teacher, ctx.num_classes, ctx.student_channels(), ctx.seed))
+    lbs = ctx.local_batch(c.batch_size)
     t0 = time.time()
     if cache is None:
         cache = encode_dataset(teacher, ctx.train, lbs, ctx.device, ctx.progress, ctx.dist, ctx.precision)
     t_enc = time.time() - t0
-    epochs = c.epochs
     counts = np.bincount(ctx.train.labels, minlength=ctx.num_classes)
-    sampler = make_distributed_sampler(ctx.train.labels, c.sampler, ctx.seed, ctx.dist)
-    opt, sched, eps = make_calibration(teacher, counts, c.lr, epochs * steps_per_epoch(len(sampler), lbs),
+    sampler = ctx.sampler(c.sampler)
+    opt, sched, eps = make_calibration(teacher, counts, c.lr, c.epochs * steps_per_epoch(len(sampler), lbs),
                                        c.eps_head, c.eps_tail)
-    sync_optimizer(opt, ctx.dist)
+    ctx.sync_optimizers(opt)
     labels = torch.as_tensor(ctx.train.labels)
 
     def step(idx):
@@ -216,12 +64,12 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
         return calibrate_step(teacher, opt, sched, [f[i].to(ctx.device) for f in cache],
                               labels[i].to(ctx.device), eps)
 
-    history = fit(ctx.out, "calibrate", epochs, sampler, lbs, step,
-                  {"head": _HeadState(teacher, os.path.join(ctx.out, "calibrate_last.pt")), "opt": opt, "sched": sched}, resume, None, ctx.progress,
-                  stop_after_steps, ctx.dist)
-    if ctx.dist.is_main:
+    head = HeadState(teacher, os.path.join(ctx.out, "calibrate_last.pt"))
+    history = ctx.fit("calibrate", c.epochs, sampler, lbs, step, {"head": head, "opt": opt, "sched": sched},
+                      resume, None, stop_after_steps)
+    if ctx.is_main:
         save_teacher(teacher, ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"))
-    barrier(ctx.dist)  # teacher.pt exists for every rank of a following stage
+    ctx.barrier()  # teacher.pt exists for every rank of a following stage
     report = {"encode_seconds": t_enc, "history": history}
     if c.evaluate:
         report["test"] = evaluate_teacher(ctx, teacher)
@@ -229,39 +77,12 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
     return teacher, report, cache
 
 
-class _HeadState:
-    """state_dict of the teacher's trainable head only (the frozen encoder is rebuilt, never saved)."""
-
-    def __init__(self, teacher: MultiResolutionTeacher, source: str = "checkpoint"):
-        self.t, self.source = teacher, source
-
-    def state_dict(self):
-        return {k: v for k, v in self.t.state_dict().items() if not k.startswith("encoder.")}
-
-    def load_state_dict(self, sd):
-        mine = self.state_dict()
-        missing, unexpected = sorted(set(mine) - set(sd)), sorted(set(sd) - set(mine))
-        wrong = sorted(k for k in set(mine) & set(sd) if tuple(mine[k].shape) != tuple(sd[k].shape))
-        if missing or unexpected or wrong:
-            raise ValueError(f"{self.source}: the calibration checkpoint does not fit this teacher head: missing "
-                             f"{missing}, unexpected {unexpected}, shape mismatch {wrong} (was it written with "
-                             "other teacher resolutions or another student width?)")
-        self.t.load_state_dict(sd, strict=False)  # the frozen encoder is not in the checkpoint
-
-
-@torch.no_grad()
-def evaluate_teacher(ctx: Context, teacher: MultiResolutionTeacher) -> Dict:
-    teacher.eval()
-    feats = encode_dataset(teacher, ctx.test, 256, ctx.device, dist=ctx.dist, precision=ctx.precision)
-    logits, _ = teacher_outputs(teacher, feats, 256, ctx.device)
-    return accuracy_report(logits.argmax(1).numpy(), ctx.test.labels, ctx.groups, ctx.num_classes)
-
-
 def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiResolutionTeacher] = None,
             cache: Optional[List[torch.Tensor]] = None, name: Optional[str] = None, resume: bool = False,
             stop_after_steps: Optional[int] = None) -> Tuple[nn.Module, Dict]:
-    """Stage 2 (or the scratch baseline): train the binary student. mode defaults to distill.mode. The
-    teacher defaults to {out}/teacher.pt (mode 'feature' uses an uncalibrated teacher). Saves
+    """Stage 2 (or a baseline): train the binary student with the method `mode` (a key of distill.METHODS,
+    default distill.mode). The teacher defaults to {out}/teacher.pt (mode 'feature' uses an uncalibrated
+    teacher); cache: the teacher's encoder features of the training set, when already computed. Saves
     {out}/{name}_student.pt; returns (student, report)."""
     d = ctx.cfg.distill
     mode = mode or d.mode
@@ -269,16 +90,10 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
         raise ValueError(f"mode must be one of {', '.join(METHODS)}, got {mode!r}")
     method = METHODS[mode]
     name = name or mode
-    bs = d.batch_size
-    lbs = local_batch_size(bs, ctx.dist)
-    epochs = d.epochs
-    kind = {"distill": d.sampler, "scratch": d.scratch_sampler}.get(method.sampler, method.sampler)
-    sampler = make_distributed_sampler(ctx.train.labels, kind, ctx.seed, ctx.dist)
-    steps = epochs * steps_per_epoch(len(sampler), lbs)
-    student = build_student(ctx.cfg.student, ctx.num_classes, ctx.seed)
-    # Global batch statistics in every BN: the N-process run computes the 1-process run's function.
-    student = ctx.precision.model(convert_sync_batchnorm(student, ctx.dist).to(ctx.device))
-    broadcast_module(student, ctx.dist)
+    lbs = ctx.local_batch(d.batch_size)
+    sampler = ctx.sampler({"distill": d.sampler, "scratch": d.scratch_sampler}.get(method.sampler, method.sampler))
+    steps = d.epochs * steps_per_epoch(len(sampler), lbs)
+    student = ctx.place(build_student(ctx.cfg.student, ctx.num_classes, ctx.seed), sync_bn=True)
     torch.manual_seed(ctx.seed + 1)
     counts = np.bincount(ctx.train.labels, minlength=ctx.num_classes)
     prior = log_prior(counts).to(ctx.device) if counts.min() > 0 else None
@@ -287,31 +102,27 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
                                 None, log_prior=prior, la_tau=d.la_tau,
                                 dive_alpha=d.dive_alpha, dive_temperature=d.dive_temperature)
     if parts.balancer is not None:
-        parts.balancer.to(ctx.device)
-        broadcast_module(parts.balancer, ctx.dist)
-    for opt in (parts.opt_cls, parts.opt_enc, parts.opt_phi):
-        if opt is not None:
-            sync_optimizer(opt, ctx.dist)  # each of Alg. 1's three gradient groups averaged before its step
-    augment = d.augment
-    if augment and ctx.dist.distributed:
-        torch.manual_seed(rank_seed(ctx.seed + 1, ctx.dist))  # different crops and flips on every rank
+        ctx.place(parts.balancer)
+    ctx.sync_optimizers(parts.opt_cls, parts.opt_enc, parts.opt_phi)  # Alg. 1's three gradient groups
+    aug = d.augment
+    if aug and ctx.dist.distributed:
+        torch.manual_seed(ctx.rank_seed(ctx.seed + 1))  # different crops and flips on every rank
     t_logits = t_feats = None
     if method.teacher is not None:
         if teacher is None:
-            tpath = os.path.join(ctx.out, "teacher.pt")
             if method.teacher == "pretrained":
                 teacher = build_teacher(ctx.cfg.teacher, ctx.num_classes, student.num_features, ctx.seed)
             else:
-                teacher = load_calibrated_teacher(ctx.cfg.teacher, tpath, ctx.dist)
-        teacher = ctx.precision.model(_to_device(teacher, ctx.device)).eval()
+                teacher = load_calibrated_teacher(ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"), ctx.dist)
+        teacher = ctx.place(teacher, broadcast=False).eval()  # identical on every rank already
         if teacher.student_channels != student.num_features:
             raise ValueError(f"teacher maps to {teacher.student_channels} channels, the student has "
                              f"{student.num_features}; calibrate with the same student config")
-        if not augment:
+        if not aug:  # the frozen teacher's outputs, once for the whole run
             if cache is None:
                 cache = encode_dataset(teacher, ctx.train, lbs, ctx.device, ctx.progress, ctx.dist,
                                        ctx.precision)
-            t_logits, t_feats = teacher_outputs(teacher, cache, bs, ctx.device)
+            t_logits, t_feats = teacher_outputs(teacher, cache, d.batch_size, ctx.device)
     else:
         teacher = None
     labels = torch.as_tensor(ctx.train.labels)
@@ -319,8 +130,8 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
     def step(idx):
         i = torch.as_tensor(idx)
         x = ctx.train.batch(idx, ctx.size)
-        if augment:
-            x = _augment(x)
+        if aug:
+            x = augment(x)
         x = ctx.precision.input(x.to(ctx.device))
         tl = tf = None
         with ctx.precision.autocast():  # bf16 for teacher and student on CUDA when enabled
@@ -339,80 +150,16 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
         return {"test_top1": evaluate_student(ctx, student)["top1"]}
 
     t0 = time.time()
-    history = fit(ctx.out, name, epochs, sampler, lbs, step, parts.modules(), resume, end_of_epoch, ctx.progress,
-                  stop_after_steps, ctx.dist)
-    student = revert_sync_batchnorm(student)  # plain BatchNorm2d again (same tensors): freeze/export expect it
+    history = ctx.fit(name, d.epochs, sampler, lbs, step, parts.modules(), resume, end_of_epoch, stop_after_steps)
+    student = ctx.unsync_batchnorm(student)
     if mode == "tau_norm":
         tau_normalize_(student.classifier.fc, d.tau_norm)
-    if ctx.dist.is_main:
+    if ctx.is_main:
         checkpoint.save_atomic(student.state_dict(), os.path.join(ctx.out, f"{name}_student.pt"))
     report = {"mode": mode, "train_seconds": time.time() - t0, "history": history,
               "test": evaluate_student(ctx, student)}
     ctx.log(f"{name}: top-1 {report['test']['top1']:.2f}")
     return student, report
-
-
-class _Shard:
-    """The positions of a dataset that one rank evaluates (dataset.batch interface)."""
-
-    def __init__(self, data, positions):
-        self.data, self.positions = data, np.asarray(positions, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def batch(self, indices, size: int) -> torch.Tensor:
-        return self.data.batch(self.positions[np.asarray(indices, dtype=np.int64)], size)
-
-
-def evaluate_student(ctx: Context, student: nn.Module) -> Dict:
-    student.eval()
-    if ctx.dist.distributed:  # each rank predicts a strided share; the gather restores the order
-        mine = _Shard(ctx.test, np.arange(ctx.dist.rank, len(ctx.test), ctx.dist.world_size))
-        local = torch.as_tensor(predict(student, mine, ctx.size, 256, ctx.device), dtype=torch.int64)
-        preds = all_gather_rows(local, ctx.dist).numpy()
-    else:
-        preds = predict(student, ctx.test, ctx.size, 256, ctx.device)
-    rep = accuracy_report(preds, ctx.test.labels, ctx.groups, ctx.num_classes)
-    rep["weight_norms"] = classifier_weight_norms(student.classifier.fc)
-    return rep
-
-
-def load_student(ctx: Context, path: str) -> nn.Module:
-    student = build_student(ctx.cfg.student, ctx.num_classes, ctx.seed)
-    student.load_state_dict(checkpoint.load(path))
-    return student.to(ctx.device).eval()
-
-
-def export_student(student: nn.Module, path: str) -> None:
-    from candle_ext.models import freeze, save_packed
-    save_packed(freeze(student), path)
-
-
-def write_reports(ctx: Context, results: Dict[str, Dict], lambda_log: Optional[str], baseline: str,
-                  main: str) -> str:
-    """report.json, report.md and the plots into the output folder; returns the markdown table."""
-    rows = {k: v["test"] for k, v in results.items()}
-    table = markdown_table(rows)
-    plots = {}
-    if lambda_log and os.path.exists(lambda_log):
-        plots["lambda"] = os.path.join(ctx.out, "lambda_schedule.png")
-        plot_lambda(lambda_log, plots["lambda"])
-    norms = {k: v["weight_norms"] for k, v in rows.items() if "weight_norms" in v}
-    if norms:
-        plots["weight_norms"] = os.path.join(ctx.out, "class_weight_norms.png")
-        plot_weight_norms(norms, ctx.order, plots["weight_norms"])
-    if baseline in rows and main in rows:
-        plots["gain"] = os.path.join(ctx.out, "per_class_gain.png")
-        plot_gain(rows[main]["per_class"], rows[baseline]["per_class"], ctx.order, plots["gain"],
-                  f"{main} - {baseline}")
-    write_json({"config": ctx.cfg.to_dict(), "groups": ctx.groups, "class_order": ctx.order,
-                "train_counts": np.bincount(ctx.train.labels, minlength=ctx.num_classes).tolist(),
-                "test_size": len(ctx.test), "results": results, "plots": plots},
-               os.path.join(ctx.out, "report.json"))
-    with open(os.path.join(ctx.out, "report.md"), "w") as fh:
-        fh.write(table + "\n")
-    return table
 
 
 def demo(ctx: Context, resume: bool = False) -> Dict:
@@ -429,7 +176,7 @@ def demo(ctx: Context, resume: bool = False) -> Dict:
     del cache
     ctx.log(f"[{time.time() - t0:.0f}s] baseline {baseline} done")
     results = {"teacher (FP, calibrated)": {"test": trep["test"]}, "candle": crep, baseline: brep}
-    if not ctx.dist.is_main:  # reports, plots and the packed model come from rank 0
+    if not ctx.is_main:  # reports, plots and the packed model come from rank 0
         return {"results": results}
     table = write_reports(ctx, results, os.path.join(ctx.out, "candle.jsonl"), baseline, "candle")
     packed = os.path.join(ctx.out, "candle_packed.pt")

