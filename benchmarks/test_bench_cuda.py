@@ -8,7 +8,7 @@ or without a CUDA build of candle_ext._C.
 - sign_pack and the STE backward against the eager PyTorch composition (candle_ext.reference) and against a
   device copy of the same bytes (the memory-bound ceiling: the kernel's bytes moved / time vs the copy's).
 - Multi-resolution head forward and backward (weights and biases; the teacher encoder is frozen) against the
-  eager composition (1x1 conv, nearest interpolate, cat; autograd) at teacher sizes: C_T = 2048 and 1280 at
+  eager composition (1x1 conv, area/nearest resize, cat; autograd) at teacher sizes: C_T = 2048 and 1280 at
   4x4 / 7x7 / 15x15 -> C_S = 1024.
 
 Times are medians after warm-up (triton.testing.do_bench when Triton is installed, CUDA events otherwise);
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from candle_ext import backend
 from candle_ext import reference as R
+from eager_head import eager_head
 from gpu_timing import say, synced
 from reactnet_shapes import reactnet_a_shapes
 
@@ -159,13 +160,6 @@ def test_sign_ste_backward(benchmark, capsys, size, dtype, layout):
                        warmup_rounds=1)
 
 
-def _eager_head(feats, weights, biases, base):
-    size = feats[base].shape[-2:]
-    outs = [F.interpolate(F.conv2d(f, w[:, :, None, None], b), size=size, mode="nearest")
-            for f, w, b in zip(feats, weights, biases)]
-    return torch.cat(outs, dim=1)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("head", HEADS, ids=lambda h: f"n{h[0]}-t{h[1]}-s{h[2]}-{h[3]}")
 def test_multires_head(benchmark, capsys, head, dtype):
@@ -177,13 +171,13 @@ def test_multires_head(benchmark, capsys, head, dtype):
     weights = [(torch.randn(cs, ct, device="cuda") / ct ** 0.5).to(dtype).requires_grad_(True) for _ in sizes]
     biases = [torch.randn(cs, device="cuda", dtype=dtype).requires_grad_(True) for _ in sizes]
     wd, bd = [w.detach() for w in weights], [b.detach() for b in biases]
-    eager_out = _eager_head(feats, weights, biases, base)
+    eager_out = eager_head(feats, weights, biases, base)
     out = C.multires_head_cuda(feats, wd, bd, base)
     torch.testing.assert_close(out.float(), eager_out.detach().float(), rtol=3e-2, atol=3e-2)
     grad = torch.randn_like(eager_out)
     params = weights + biases
     times = {
-        "eager fwd": _median_ms(lambda: _eager_head(feats, wd, bd, base)),
+        "eager fwd": _median_ms(lambda: eager_head(feats, wd, bd, base)),
         "cuda fwd": _median_ms(lambda: C.multires_head_cuda(feats, wd, bd, base)),
         "eager bwd": _median_ms(lambda: torch.autograd.grad(eager_out, params, grad, retain_graph=True)),
         "cuda bwd": _median_ms(lambda: C.multires_head_backward_cuda(grad, feats, wd, base, False)),

@@ -7,7 +7,7 @@ descent on L). Same teacher encoder weights, same student weights, same batch, s
 
 - "plain fp32": ReActNet-A with torch.sign + an autograd straight-through estimator (ApproxSign gradient for
   RSign, identity for the binarised weights) and float nn.Conv2d-style F.conv2d on the +-1 tensors (cuDNN);
-  the teacher head as eager F.conv2d (1x1) + F.interpolate(nearest) + torch.cat; everything float32.
+  the teacher head as eager F.conv2d (1x1) + area/nearest resize + torch.cat; everything float32.
 - "plain bf16": the same with bf16 autocast and channels_last (the float baseline at its best).
 - "candle fp32": candle_ext layers and ops (sign_ste, binary_conv2d, the fused multires_head), float32.
 - "candle bf16": candle-ext with its GPU defaults: bf16 autocast + channels_last (candle_ext.train.context
@@ -33,6 +33,7 @@ from candle_ext.models import reactnet_a
 from candle_ext.nn import BinaryConv2d, MultiResolutionTeacher, RSign
 from candle_ext.train.distill import build_distill_parts, distill_step
 from candle_ext.train.context import Precision
+from eager_head import eager_resize
 
 SMOKE = os.environ.get("CANDLE_BENCH_SMOKE", "0") == "1"
 GPU = torch.cuda.is_available()
@@ -118,8 +119,9 @@ def plain_student(model: nn.Module) -> nn.Module:
 
 
 class PlainTeacher(nn.Module):
-    """The calibrated multi-resolution teacher with the eager head: per resolution a 1x1 F.conv2d, nearest
-    F.interpolate to the base map's size, torch.cat; pool + linear classifier. Shares the teacher's tensors."""
+    """The calibrated multi-resolution teacher with the eager head: per resolution a 1x1 F.conv2d, the area/
+    nearest resize to the base map's size (eager_head.py), torch.cat; pool + linear classifier. Shares the
+    teacher's tensors."""
 
     def __init__(self, t: MultiResolutionTeacher):
         super().__init__()
@@ -133,7 +135,7 @@ class PlainTeacher(nn.Module):
             maps = []
             for f, w, b in zip(feats, t.proj_weight, t.proj_bias):
                 m = F.conv2d(f, w.to(f.dtype)[:, :, None, None], b.to(f.dtype))
-                maps.append(m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest"))
+                maps.append(eager_resize(m, size))
             cat = torch.cat(maps, dim=1)
             logits = t.fc(cat.mean(dim=(2, 3)))
             c = t.student_channels

@@ -7,7 +7,7 @@
 - sign_pack: the Triton kernel against a device copy of the same input bytes (the memory-bound ceiling) and
   the eager composition (compare, permute, pack) of candle_ext.reference.
 - Multi-resolution head: the fused Triton forward and weight/bias backward against the eager composition
-  (1x1 conv, nearest interpolate, cat; autograd for the backward) at teacher-like sizes.
+  (1x1 conv, area/nearest resize, cat; autograd for the backward) at teacher-like sizes.
 
 Each test times every variant with triton.testing.do_bench (median after warm-up) and prints medians, the
 effective rate and the ratio baseline / Triton; pytest-benchmark also records the Triton kernel. Nothing
@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from eager_head import eager_head
 from gpu_timing import say, synced
 from reactnet_shapes import reactnet_a_shapes
 
@@ -106,13 +107,6 @@ def test_sign_pack(benchmark, capsys, dtype, layout):
     benchmark.pedantic(synced(lambda: tsign.sign_pack(x, bias)), rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
-def _eager_head(feats, weights, biases, base):
-    size = feats[base].shape[-2:]
-    outs = [F.interpolate(F.conv2d(f, w[:, :, None, None], b), size=size, mode="nearest")
-            for f, w, b in zip(feats, weights, biases)]
-    return torch.cat(outs, dim=1)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("head", HEADS, ids=lambda h: f"n{h[0]}-t{h[1]}-s{h[2]}-{h[3]}")
 def test_multires_head(benchmark, capsys, head, dtype):
@@ -123,14 +117,14 @@ def test_multires_head(benchmark, capsys, head, dtype):
     feats = [torch.randn(n, ct, h, w, device="cuda", dtype=dtype) for h, w in sizes]
     weights = [(torch.randn(cs, ct, device="cuda") / ct ** 0.5).to(dtype).requires_grad_(True) for _ in sizes]
     biases = [torch.randn(cs, device="cuda", dtype=dtype).requires_grad_(True) for _ in sizes]
-    eager_out = _eager_head(feats, weights, biases, base)
+    eager_out = eager_head(feats, weights, biases, base)
     tri_out = thead.multires_head(feats, [w.detach() for w in weights], [b.detach() for b in biases], base)
     torch.testing.assert_close(tri_out.float(), eager_out.detach().float(), rtol=2e-2, atol=2e-2)
     grad = torch.randn_like(eager_out)
     params = weights + biases
     wd = [w.detach() for w in weights]
     times = {
-        "eager fwd": _median_ms(lambda: _eager_head(feats, wd, [b.detach() for b in biases], base)),
+        "eager fwd": _median_ms(lambda: eager_head(feats, wd, [b.detach() for b in biases], base)),
         "triton fwd": _median_ms(lambda: thead.multires_head(feats, wd, [b.detach() for b in biases], base)),
         "eager bwd": _median_ms(lambda: torch.autograd.grad(eager_out, params, grad, retain_graph=True)),
         "triton bwd": _median_ms(lambda: thead.multires_head_backward(grad, feats, wd, base, False)),
