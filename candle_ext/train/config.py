@@ -50,8 +50,8 @@ class TeacherConfig:
     name: str = _spec("efficientnet_lite0", doc="timm name or torchvision:NAME")
     weights: Optional[str] = _spec(None, doc="local state_dict file")
     pretrained: bool = _spec(False, doc="hub weights (needs the network)")
-    resolutions: List[int] = _spec([32, 48, 96], lo=8, hi=4096, doc="Downsample / Identity / Upsample views; "
-                                                                   "paper: 128, 224, 480")
+    resolutions: List[int] = _spec([32, 48, 192], lo=8, hi=4096, doc="Downsample / Identity / Upsample views; "
+                                                                    "paper: 128, 224, 480")
     base: int = _spec(1, lo=-16, hi=16, doc="index into resolutions: the student's input resolution")
     multires: bool = _spec(True, doc="false: single-resolution teacher (Table 3 ablation)")
 
@@ -65,7 +65,7 @@ class StudentConfig:
 
 @dataclass
 class CalibrateConfig:
-    epochs: int = _spec(8, lo=1, hi=100_000)
+    epochs: int = _spec(30, lo=1, hi=100_000, doc="cheap: the frozen encoder's features are cached")
     batch_size: int = _spec(128, lo=2, hi=1_000_000)
     lr: float = _spec(0.003, lo=0.0, hi=10.0, lo_open=True)
     eps_head: float = _spec(0.3, lo=0.0, hi=0.999)
