@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import traceback
 from typing import List, Optional
 
 import yaml
