@@ -3,8 +3,10 @@
 Every test forces the cpu backend. Integer results (packed words, conv accumulators) must be bit-identical.
 The float epilogue acc * scale + shift is computed like reference.py (the product rounded to float32, then the
 shift added), so it is compared bit for bit too; the float API is also compared with reference.binary_conv2d
-(an F.conv2d on +-1 tensors) within rtol=1e-6, atol=1e-5. Both kernel paths run here: the AVX2 path (chosen at
-run time on this machine) and the portable C++ path (CANDLE_EXT_CPU_ISA=portable).
+(an F.conv2d on +-1 tensors) within rtol=1e-6, atol=1e-5. Every kernel path this CPU runs is tested: the one
+chosen at run time ("native"), the portable C++ path (CANDLE_EXT_CPU_ISA=portable) and the x86 paths forced by
+name ("avx2", "avx512"); a path this CPU lacks skips with the reason (the AVX-512 path is also checked without
+AVX-512 hardware, emulated by SIMDe, in test_cross_isa.py).
 """
 import pytest
 import torch
@@ -18,7 +20,26 @@ _C = backend.compiled_module()
 pytestmark = pytest.mark.skipif(_C is None, reason="candle_ext._C is not built")
 
 CONFIGS = random_conv_configs(200, seed=2024)
-ISAS = ("native", "portable")
+ISAS = ("native", "portable", "avx2", "avx512")
+
+
+def _isa_available(name):
+    """None when this CPU and build run the path `name`, else why not."""
+    if _C is None:
+        return "candle_ext._C is not built"
+    import os
+    before = os.environ.get("CANDLE_EXT_CPU_ISA")
+    os.environ["CANDLE_EXT_CPU_ISA"] = name
+    try:
+        _C.cpu_isa()
+        return None
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        if before is None:
+            del os.environ["CANDLE_EXT_CPU_ISA"]
+        else:
+            os.environ["CANDLE_EXT_CPU_ISA"] = before
 
 
 @pytest.fixture(autouse=True)
@@ -28,11 +49,21 @@ def cpu_backend(force_backend):
 
 @pytest.fixture
 def isa(request, monkeypatch):
-    """Run a test on the AVX2 path (where the CPU has it) or on the portable path."""
-    if request.param == "portable":
-        monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")
-    else:
+    """Run a test on the best path of this CPU ("native"), the portable path, or the AVX2 / AVX-512 path by
+    name (skipped, with the reason, where this CPU lacks it; "avx2" also skips where it is the native path)."""
+    if request.param == "native":
         monkeypatch.delenv("CANDLE_EXT_CPU_ISA", raising=False)
+        return request.param
+    if request.param != "portable":
+        why = _isa_available(request.param)
+        if why is not None:
+            extra = ("; its code is checked without AVX-512 hardware, emulated by SIMDe, in "
+                     "test_cross_isa.py::test_avx512_under_simde_matches_reference") if request.param == "avx512" else ""
+            pytest.skip(f"no {request.param} path on this machine: {why}{extra}")
+        monkeypatch.delenv("CANDLE_EXT_CPU_ISA", raising=False)
+        if request.param == "avx2" and _C.cpu_isa() == "avx2":
+            pytest.skip("the AVX2 path is this machine's native path (tested as 'native')")
+    monkeypatch.setenv("CANDLE_EXT_CPU_ISA", request.param)
     return request.param
 
 
@@ -105,6 +136,14 @@ def test_conv_random_configs_portable_path(index, monkeypatch):
     _check_conv(c.n, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.padding, c.dilation, seed=1000 + index)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512"], indirect=True)
+@pytest.mark.parametrize("index", range(1, len(CONFIGS), 4), ids=[str(c) for c in CONFIGS[1::4]])
+def test_conv_random_configs_x86_paths(index, isa):
+    """The x86 paths other than this machine's native one (on an AVX-512 CPU: AVX2), on every 4th config."""
+    c = CONFIGS[index]
+    _check_conv(c.n, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.padding, c.dilation, seed=2000 + index)
+
+
 # Output-channel counts around the kernel's blocking (groups of 16, blocks of <= 6 groups, 2-4 pixels per
 # micro-tile), channel counts around words and tables, and borders where most or all taps are padding.
 EDGE_CASES = [
@@ -162,9 +201,10 @@ def test_conv_threads_do_not_change_results(isa):
         torch.set_num_threads(before)
 
 
-def test_conv_weights_changed_in_place_are_not_served_stale():
-    # The AVX2 path keeps the layouts of recent weights; an in-place change of the same tensor (same data
-    # pointer, same shape) must be seen.
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_conv_weights_changed_in_place_are_not_served_stale(isa):
+    # The AVX2 and AVX-512 paths keep the layouts of recent weights; an in-place change of the same tensor (same
+    # data pointer, same shape) must be seen.
     torch.manual_seed(6)
     xp = R.sign_pack(torch.randn(1, 70, 9, 9))
     wp = R.sign_pack(torch.randn(40, 70, 3, 3))

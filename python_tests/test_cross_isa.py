@@ -1,24 +1,28 @@
 """Every CPU kernel path, including aarch64 NEON under emulation, against candle_ext/reference.py.
 
 The kernel cores (csrc/cpu/*.cpp except the ATen entry points) are plain C++ on raw pointers. This test builds
-them with python_tests/cross/driver.cpp, a torch-free driver, twice:
-- natively (x86-64 here): the portable and AVX2 paths, run directly;
+them with python_tests/cross/driver.cpp, a torch-free driver, three times:
+- natively (x86-64 here): the portable and AVX2 paths, and the AVX-512 path where this CPU has it, run directly;
+- natively with -DCANDLE_EXT_SIMDE_AVX512: the AVX-512 sources compiled against SIMDe (Debian libsimde-dev:
+  header-only portable implementations of the AVX-512 intrinsics, csrc/cpu/avx512_intrin.h), so the AVX-512
+  path runs, emulated, on any x86-64 (this machine and CI runners without AVX-512 included);
 - with the aarch64 cross compiler (Debian g++-aarch64-linux-gnu), linked statically and run under user-mode
   emulation (Debian qemu-user: qemu-aarch64): the portable and NEON paths.
-Both builds use -Wall -Wextra -Werror, so a warning in the cores fails here too. The test writes the inputs of
+All builds use -Wall -Wextra -Werror, so a warning in the cores fails here too. The test writes the inputs of
 every case (random conv shapes of test_cpu_kernels.py, its edge cases, and sign_pack inputs with special
 values), runs each driver once on all cases with 3 threads, and compares every path's output with the
 reference bit for bit: int32 accumulators and packed words, and the float32 epilogues (acc * scale + shift,
 then residual / PReLU / post_shift as the eager ops compute them). Emulation checks results only; it says
 nothing about aarch64 speed.
 
-Without the cross compiler or qemu the aarch64 test skips and says what to install (scripts/setup_env.sh
-installs both when run as root on Debian); CANDLE_EXT_REQUIRE_CROSS=1 (set by scripts/test.sh on CI) turns that
-skip into a failure.
+Without the cross compiler or qemu the aarch64 test skips, and without SIMDe the emulated AVX-512 test skips; each
+says what to install (scripts/setup_env.sh installs them when run as root on Debian). CANDLE_EXT_REQUIRE_CROSS=1
+(set by scripts/test.sh on CI) turns those skips into failures.
 """
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import time
@@ -42,6 +46,8 @@ REQUIRE = os.environ.get("CANDLE_EXT_REQUIRE_CROSS", "0") == "1"
 
 CROSS_CXX = "aarch64-linux-gnu-g++"
 QEMU = ("qemu-aarch64", "qemu-aarch64-static")
+SIMDE_HEADER = "simde/x86/avx512.h"
+X86 = platform.machine() in ("x86_64", "AMD64")
 
 
 def _cores():
@@ -245,9 +251,18 @@ class Drivers:
         qemu = next((q for q in map(shutil.which, QEMU) if q), None)
         self.missing = [what for what, ok in ((f"{CROSS_CXX} (Debian g++-aarch64-linux-gnu)", cross_cxx),
                                               ("qemu-aarch64 (Debian qemu-user)", qemu)) if not ok]
+        self.simde_missing = None
         self.pending, self.commands = {}, {}
         if native_cxx:
             self._start("native", native_cxx, out / "driver-native", [], [])
+            if not X86:
+                pass  # the AVX-512 sources compile to nothing elsewhere: nothing to emulate
+            elif not _has_header(native_cxx, SIMDE_HEADER):
+                self.simde_missing = f"SIMDe is missing ({SIMDE_HEADER} not found by {native_cxx})"
+            else:
+                self._start("simde", native_cxx, out / "driver-simde", ["-DCANDLE_EXT_SIMDE_AVX512"], [])
+        else:
+            self.simde_missing = "no native C++ compiler (g++)"
         if cross_cxx and qemu:
             self._start("aarch64", cross_cxx, out / "driver-aarch64", ["-static"], [qemu])
 
@@ -265,6 +280,12 @@ class Drivers:
         return self.commands.get(name)
 
 
+def _has_header(cxx, header):
+    probe = subprocess.run([cxx, "-x", "c++", "-std=c++20", "-fsyntax-only", "-"], input=f"#include <{header}>\n",
+                           capture_output=True, text=True)
+    return probe.returncode == 0
+
+
 @pytest.fixture(scope="module")
 def drivers(tmp_path_factory):
     d = Drivers(tmp_path_factory.mktemp("cross_build"))
@@ -278,15 +299,38 @@ def _best(cmd):
     return subprocess.run([*cmd, "--best-isa"], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def _isas(cmd):
+    return subprocess.run([*cmd, "--isas"], capture_output=True, text=True, check=True).stdout.strip().split(",")
+
+
 def test_native_paths_match_reference(drivers, cases):
-    """x86-64 here: the portable and the AVX2 path of the torch-free cores (the harness itself checked)."""
+    """x86-64 here: the portable, the AVX2 and (where this CPU has AVX-512) the AVX-512 path of the torch-free
+    cores, natively (the harness itself checked)."""
     native = drivers.get("native")
     if native is None:
         pytest.skip("no native C++ compiler (g++)")
-    best = _best(native)
-    isas = ["portable"] + ([best] if best != "portable" else [])
+    isas = _isas(native)
+    assert isas[0] == "portable" and _best(native) == isas[-1]
     _run(native, cases, isas)
     _check_paths(cases, isas)
+
+
+def test_avx512_under_simde_matches_reference(drivers, cases):
+    """The AVX-512 path (sign_pack and the conv with every epilogue) compiled against SIMDe's portable
+    implementations of the intrinsics and run on this CPU, whatever it has: checks the AVX-512 code on machines
+    without AVX-512. The portable path of the same build runs beside it."""
+    if not X86:
+        pytest.skip(f"the AVX-512 path exists on x86-64 only (this machine is {platform.machine()})")
+    if drivers.simde_missing:
+        _missing("AVX-512 emulation unavailable: " + drivers.simde_missing + "; install it with `apt-get install "
+                 "libsimde-dev` (scripts/setup_env.sh does, as root)")
+    simde = drivers.get("simde")
+    assert _best(simde) == "avx512"  # else the AVX-512 path would silently not be tested
+    env = {k: v for k, v in os.environ.items() if k != "CANDLE_EXT_CPU_ISA"}
+    active = subprocess.run([*simde, "--active-isa"], capture_output=True, text=True, check=True, env=env)
+    assert active.stdout.splitlines() == ["avx512", "x86-64, AVX-512 (SIMDe emulation) kernels"]
+    _run(simde, cases, ["portable", "avx512"])
+    _check_paths(cases, ["portable", "avx512"])
 
 
 def test_aarch64_neon_under_qemu_matches_reference(drivers, cases):
@@ -317,14 +361,20 @@ def test_extension_reports_the_path_in_use(monkeypatch):
     _C = backend.compiled_module()
     monkeypatch.delenv("CANDLE_EXT_CPU_ISA", raising=False)
     native = _C.cpu_isa()
-    assert native in ("avx2", "neon", "portable")
+    assert native in ("avx512", "avx2", "neon", "portable")
     assert ("AVX2 kernels" in _C.cpu_features) == (native == "avx2")
+    assert ("AVX-512 kernels" in _C.cpu_features) == (native == "avx512")
     monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")
     assert _C.cpu_isa() == "portable"
     monkeypatch.setenv("CANDLE_EXT_CPU_ISA", native)
     assert _C.cpu_isa() == native
-    lacking = "neon" if native != "neon" else "avx2"
-    for value in (lacking, "garbage"):
+    if native == "avx512":  # an AVX-512 CPU runs the AVX2 path too
+        monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "avx2")
+        assert _C.cpu_isa() == "avx2"
+    lacking = ["neon"] if native != "neon" else ["avx2", "avx512"]
+    if native == "avx2":
+        lacking.append("avx512")
+    for value in (*lacking, "garbage"):
         monkeypatch.setenv("CANDLE_EXT_CPU_ISA", value)
         with pytest.raises(ValueError, match="CANDLE_EXT_CPU_ISA"):
             _C.cpu_isa()

@@ -59,9 +59,9 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_pac
   const cpu::ConvGeometry cg{g.n, g.h, g.w, g.words, g.cout, g.kh, g.kw, g.sh,
                              g.sw, g.ph, g.pw, g.dh, g.dw, g.ho, g.wo};
   cpu::Isa isa = chosen_isa();
-  // The AVX2 path materialises the zero-padded input: huge padding (legal in F.conv2d) would allocate gigabytes
-  // for a handful of outputs, so such calls take the portable path, which skips padded taps.
-  if (isa == cpu::Isa::Avx2 && !padded_copy_is_modest(g)) isa = cpu::Isa::Portable;
+  // The AVX2 and AVX-512 paths materialise the zero-padded input: huge padding (legal in F.conv2d) would
+  // allocate gigabytes for a handful of outputs, so such calls take the portable path, which skips padded taps.
+  if ((isa == cpu::Isa::Avx2 || isa == cpu::Isa::Avx512) && !padded_copy_is_modest(g)) isa = cpu::Isa::Portable;
   cpu::binary_conv2d(isa, cg, channels, x, w, sc, sh, oi, of, post);
   return out;
 }

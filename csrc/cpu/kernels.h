@@ -2,8 +2,8 @@
 // (sign_pack.cpp, binary_conv2d.cpp) validate their tensors and call the dispatchers at the bottom; the
 // cross-compiled test driver (python_tests/cross/driver.cpp) calls the same dispatchers on data read from files.
 //
-// Files: <op>_portable.cpp (every CPU), <op>_avx2.cpp (x86-64), <op>_neon.cpp (aarch64), dispatch.cpp (which
-// path serves a call, from isa.h). The cores trust their arguments: the entry points check them.
+// Files: <op>_portable.cpp (every CPU), <op>_avx2.cpp and <op>_avx512.cpp (x86-64), <op>_neon.cpp (aarch64),
+// dispatch.cpp (which path serves a call, from isa.h). The cores trust their arguments: the entry points check them.
 #pragma once
 #include <cstdint>
 
@@ -42,6 +42,9 @@ void sign_pack_portable(const PackJob& j);
 #if defined(CANDLE_HAVE_AVX2_PATH)
 bool sign_pack_avx2(const PackJob& j, bool nhwc);  // false: not served (float64), take the portable path
 #endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+bool sign_pack_avx512(const PackJob& j, bool nhwc);  // false: not served (float64), take the portable path
+#endif
 #if defined(CANDLE_HAVE_NEON_PATH)
 bool sign_pack_neon(const PackJob& j, bool nhwc);  // false: not served (float64), take the portable path
 #endif
@@ -72,6 +75,10 @@ void binary_conv2d_portable(const ConvGeometry& g, int64_t channels, const uint3
 #if defined(CANDLE_HAVE_AVX2_PATH)
 void binary_conv2d_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
                         const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
+#endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+void binary_conv2d_avx512(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
+                          const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
 #endif
 #if defined(CANDLE_HAVE_NEON_PATH)
 void binary_conv2d_neon(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,

@@ -1,12 +1,14 @@
 // Torch-free test driver for the CPU kernel cores (csrc/cpu/kernels.h), built by python_tests/test_cross_isa.py
-// natively (x86-64: portable and AVX2 paths) and with the aarch64 cross compiler (run under qemu-aarch64:
-// portable and NEON paths). The test writes the cases and their inputs; this program runs every case on every
+// natively (x86-64: portable, AVX2 and, where the CPU has it, AVX-512 paths), natively with the AVX-512 sources
+// compiled against SIMDe (-DCANDLE_EXT_SIMDE_AVX512: the AVX-512 path emulated, on any x86-64) and with the
+// aarch64 cross compiler (run under qemu-aarch64: portable and NEON paths). The test writes the cases and their inputs; this program runs every case on every
 // path it is asked for and writes the raw outputs; the test compares them with reference.py.
 //
 //   driver --best-isa                   print the best path of this build and CPU (isa.h)
+//   driver --isas                       print every path this build and CPU run, comma-separated
 //   driver --active-isa                 print the path the extension would take now (CANDLE_EXT_CPU_ISA
 //                                       applied) and its line for `python -m candle_ext.info`
-//   driver DIR ISA[,ISA...] [THREADS]   run DIR/cases.txt on each named path (avx2, neon, portable) with
+//   driver DIR ISA[,ISA...] [THREADS]   run DIR/cases.txt on each named path (avx512, avx2, neon, portable) with
 //                                       THREADS threads (default 1), writing DIR/<id>.<isa>.out
 //
 // cases.txt, one case per line (all little-endian raw files in DIR, named <id>.<what>):
@@ -58,12 +60,12 @@ void write_file(const std::string& path, const void* data, size_t bytes) {
 
 candle::cpu::Isa parse_isa(const std::string& name) {
   using candle::cpu::Isa;
-  const Isa best = candle::cpu::best_isa();
-  for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Neon}) {
+  for (Isa isa : candle::cpu::kIsas) {
     if (name != candle::cpu::isa_name(isa)) continue;
-    // Only the portable path and the best path are there to run (a path another CPU would take is not).
-    if (isa != Isa::Portable && isa != best) {
-      throw std::runtime_error(name + " is not available here (best path: " + candle::cpu::isa_name(best) + ")");
+    // Only the paths this build has and this CPU runs (AVX-512 anywhere in the SIMDe build).
+    if (!candle::cpu::isa_available(isa)) {
+      throw std::runtime_error(name + " is not available here (best path: " +
+                               candle::cpu::isa_name(candle::cpu::best_isa()) + ")");
     }
     return isa;
   }
@@ -209,6 +211,16 @@ int main(int argc, char** argv) {
       std::printf("%s\n", candle::cpu::isa_name(candle::cpu::best_isa()));
       return 0;
     }
+    if (argc == 2 && std::string(argv[1]) == "--isas") {
+      std::string names;
+      for (candle::cpu::Isa isa : candle::cpu::kIsas) {
+        if (!candle::cpu::isa_available(isa)) continue;
+        if (!names.empty()) names += ',';
+        names += candle::cpu::isa_name(isa);
+      }
+      std::printf("%s\n", names.c_str());
+      return 0;
+    }
     if (argc == 2 && std::string(argv[1]) == "--active-isa") {
       candle::cpu::Isa isa;
       std::string error;
@@ -217,7 +229,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (argc < 3 || argc > 4) {
-      std::fprintf(stderr, "usage: %s --best-isa | --active-isa | DIR ISA[,ISA...] [THREADS]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s --best-isa | --isas | --active-isa | DIR ISA[,ISA...] [THREADS]\n", argv[0]);
       return 2;
     }
     const std::string dir = argv[1];
