@@ -248,6 +248,97 @@ def test_conv_entry_point_rejects_bad_arguments():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# NHWC mode (binary_conv2d_cpu_nhwc): the fused chains of frozen models
+
+NHWC_CASES = EDGE_CASES[:18] + [
+    (1, 32, 64, 12, 10, 1, 1, 0, 1),         # a doubling 1x1 conv (residual with half the channels)
+    (2, 64, 64, 9, 8, 3, 2, 1, 1),           # stride 2
+    (1, 96, 200, 6, 6, 3, 1, 1, 1),          # blocks of 6/4 groups, 200 = 6 words + 8 channels
+]
+
+
+def _check_nhwc(n, cin, cout, h, w, k, stride, padding, dilation, seed):
+    """Every output combination of the NHWC mode against the eager composition of reference.py's ops."""
+    from candle_ext.ops.binary_conv2d import shortcut_avg_pool_2x2
+    g = torch.Generator().manual_seed(seed)
+    kh, kw = _pair(k)
+    x = torch.randn(n, cin, h, w, generator=g)
+    x.view(-1)[::7] = 0.0
+    xp, wp = R.sign_pack(x), R.sign_pack(torch.randn(cout, cin, kh, kw, generator=g))
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    acc = R.binary_conv2d_packed(xp, wp, cin, s, p, d)
+    ho, wo = acc.shape[2:]
+    scale, shift = torch.rand(cout, generator=g) + 0.05, torch.randn(cout, generator=g)
+    slope, post, thr = (torch.randn(cout, generator=g) for _ in range(3))
+    args = (xp, wp, cin, s[0], s[1], p[0], p[1], d[0], d[1])
+    sc, sh = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
+    for rc in sorted({cout, cout // 2, 1} - {0}):
+        if cout % rc:
+            continue
+        for pool in (False, True):
+            f = 2 if pool else 1
+            res = torch.randn(n, rc, f * ho, f * wo, generator=g)
+            want = acc.float() * sc + sh
+            want = want + (shortcut_avg_pool_2x2(res) if pool else res).repeat(1, cout // rc, 1, 1)
+            want = torch.prelu(want, slope) + post.reshape(1, -1, 1, 1)
+            for layout in (torch.channels_last, torch.contiguous_format):  # the latter is copied first
+                r = res.contiguous(memory_format=layout)
+                out, words = _C.binary_conv2d_cpu_nhwc(*args, scale, shift, r, pool, slope, post, True, True, thr)
+                assert out.is_contiguous(memory_format=torch.channels_last) and out.shape == want.shape
+                assert torch.equal(out, want), (rc, pool, layout)
+                assert torch.equal(words, R.sign_pack(want, thr)), (rc, pool, layout)
+    # Packed signs only, no threshold, no residual; scale or shift alone.
+    for use_scale, use_shift in ((True, False), (False, True), (False, False)):
+        v = acc.float()
+        v = v * sc if use_scale else v
+        v = v + sh if use_shift else v
+        out, words = _C.binary_conv2d_cpu_nhwc(*args, scale if use_scale else None, shift if use_shift else None,
+                                               None, False, None, None, False, True, None)
+        assert out.numel() == 0 and torch.equal(words, R.sign_pack(v))
+        out, words = _C.binary_conv2d_cpu_nhwc(*args, scale if use_scale else None, shift if use_shift else None,
+                                               None, False, slope, None, True, False, None)
+        assert words.numel() == 0 and torch.equal(out, torch.prelu(v, slope))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("case", NHWC_CASES, ids=[str(c) for c in NHWC_CASES])
+def test_conv_nhwc_mode_matches_reference(case, isa):
+    _check_nhwc(*case, seed=17)
+
+
+@pytest.mark.parametrize("index", range(2, len(CONFIGS), 10), ids=[str(c) for c in CONFIGS[2::10]])
+def test_conv_nhwc_mode_random_configs(index):
+    c = CONFIGS[index]
+    _check_nhwc(c.n, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.padding, c.dilation, seed=3000 + index)
+
+
+def test_conv_nhwc_entry_point_rejects_bad_arguments():
+    xp = R.sign_pack(torch.randn(1, 40, 6, 6))
+    wp = R.sign_pack(torch.randn(8, 40, 3, 3))
+    args = (xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None)
+    with pytest.raises(ValueError, match="nothing to compute"):
+        _C.binary_conv2d_cpu_nhwc(*args, None, False, None, None, False, False, None)
+    with pytest.raises(ValueError, match="pack_threshold needs packed_out"):
+        _C.binary_conv2d_cpu_nhwc(*args, None, False, None, None, True, False, torch.zeros(8))
+    with pytest.raises(ValueError, match="residual_pool needs a residual"):
+        _C.binary_conv2d_cpu_nhwc(*args, None, True, None, None, True, False, None)
+    with pytest.raises(ValueError, match="pack_threshold must have shape"):
+        _C.binary_conv2d_cpu_nhwc(*args, None, False, None, None, True, True, torch.zeros(5))
+    with pytest.raises(ValueError, match="residual must have shape .* twice the output size"):
+        _C.binary_conv2d_cpu_nhwc(*args, torch.zeros(1, 8, 6, 6), True, None, None, True, False, None)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        _C.binary_conv2d_cpu_nhwc(*args, torch.zeros(1, 3, 6, 6), False, None, None, True, False, None)
+    with pytest.raises(TypeError, match="residual has dtype"):
+        _C.binary_conv2d_cpu_nhwc(*args, torch.zeros(1, 8, 6, 6, dtype=torch.float64), False, None, None, True,
+                                  False, None)
+    with pytest.raises(ValueError, match="residual must have 4 dimensions"):
+        _C.binary_conv2d_cpu_nhwc(*args, torch.zeros(8, 6, 6), False, None, None, True, False, None)
+    with pytest.raises(TypeError, match="x_packed"):
+        _C.binary_conv2d_cpu_nhwc(xp.float(), wp, 40, 1, 1, 1, 1, 1, 1, None, None, None, False, None, None, True,
+                                  False, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # sign_pack
 
 def _sign_inputs(n, c, h, w, dtype, seed):

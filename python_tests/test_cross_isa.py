@@ -81,7 +81,7 @@ class Cases:
         self.expected = {}  # id -> (tensor, description)
 
     def conv(self, n, cin, cout, h, w, k, stride, padding, dilation, seed, extreme=False):
-        """Three calls on one configuration: int32, a float epilogue, and the fused block epilogue.
+        """Four calls on one configuration: int32, a float epilogue, the fused block epilogue, and the NHWC mode.
 
         extreme: x all +1 and the weights of every other output channel all -1, so every byte of every XOR
         has 8 bits set (the most a byte accumulator can gain per step: its flush interval is tested)."""
@@ -103,6 +103,7 @@ class Cases:
         scale = torch.rand(cout, generator=g) + 0.05
         shift = torch.randn(cout, generator=g)
         slope, post_shift = torch.randn(cout, generator=g), torch.randn(cout, generator=g)
+        threshold = torch.randn(cout, generator=g)
         # Residuals with every channel count the kernel accepts: cout, or a divisor (repeated).
         divisors = [d for d in (cout, cout // 2, 1) if d >= 1 and cout % d == 0]
         rc = divisors[seed % len(divisors)]
@@ -112,17 +113,19 @@ class Cases:
         sc4, sh4 = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
 
         def add(variant, out_kind, want, use_scale=False, use_shift=False, use_res=False, use_slope=False,
-                use_post=False):
+                use_post=False, nhwc=False, res_pool=False, packed=False, use_thr=False, res_t=None):
             cid = f"c{len(self.lines)}"
             _write(self.root / f"{cid}.x", xp)
             _write(self.root / f"{cid}.w", wp)
-            for flag, name, t in ((use_scale, "scale", scale), (use_shift, "shift", shift), (use_res, "res", res),
-                                  (use_slope, "slope", slope), (use_post, "post_shift", post_shift)):
+            for flag, name, t in ((use_scale, "scale", scale), (use_shift, "shift", shift),
+                                  (use_res, "res", res if res_t is None else res_t), (use_slope, "slope", slope),
+                                  (use_post, "post_shift", post_shift), (use_thr, "pack_threshold", threshold)):
                 if flag:
                     _write(self.root / f"{cid}.{name}", t)
             words = xp.shape[3]
             fields = [n, h, w, words, cin, cout, kh, kw, sh, sw, ph, pw, dh, dw, out_kind, int(use_scale),
-                      int(use_shift), rc if use_res else 0, int(use_slope), int(use_post)]
+                      int(use_shift), rc if use_res else 0, int(use_slope), int(use_post), int(nhwc), int(res_pool),
+                      int(packed), int(use_thr)]
             self.lines.append(f"conv {cid} " + " ".join(str(int(v)) for v in fields))
             self.expected[cid] = (want, f"{desc} {variant}")
 
@@ -149,6 +152,37 @@ class Cases:
             v = v + post_shift.reshape(1, -1, 1, 1)
         add(f"fused res={use_res}(C={rc}) prelu={use_slope} post_shift={use_post}", 1, v, True, True, use_res,
             use_slope, use_post)
+        # NHWC mode (the fused chains of frozen models): channels-last float output and/or the packed signs of
+        # the output against a threshold, channels-last residual, pooled over 2x2 windows or not; the flags
+        # rotate over the seeds.
+        bits = seed * 2654435761 % 2**16
+        float_out, packed = (True, True) if bits % 3 == 0 else (True, False) if bits % 3 == 1 else (False, True)
+        use_thr, res_pool = bool(bits & 8) and packed, bool(bits & 16)
+        use_res, use_slope, use_post = bool(bits & 32) or res_pool, bool(bits & 64), bool(bits & 128)
+        use_scale, use_shift = bool(bits & 256), bool(bits & 512)
+        pool = 2 if res_pool else 1
+        res_nhwc = torch.randn(n, pool * ho, pool * wo, rc, generator=g)
+        v = acc.float()
+        if use_scale:
+            v = v * sc4
+        if use_shift:
+            v = v + sh4
+        if use_res:
+            r = res_nhwc.permute(0, 3, 1, 2)
+            if res_pool:  # models/reactnet.py's _avg_pool_2x2, op by op
+                r = (r[..., 0::2, 0::2] + r[..., 1::2, 0::2]).add_(r[..., 0::2, 1::2]).add_(r[..., 1::2, 1::2]).mul_(0.25)
+            v = v + r.repeat(1, cout // rc, 1, 1)
+        if use_slope:
+            v = torch.prelu(v, slope)
+        if use_post:
+            v = v + post_shift.reshape(1, -1, 1, 1)
+        parts = [v.permute(0, 2, 3, 1).contiguous().view(torch.int32).reshape(-1)] if float_out else []
+        if packed:
+            parts.append(R.sign_pack(v, threshold if use_thr else None).reshape(-1))
+        add(f"nhwc float={float_out} packed={packed} threshold={use_thr} scale={use_scale} shift={use_shift} "
+            f"res={use_res}(C={rc}, pool={res_pool}) prelu={use_slope} post_shift={use_post}", 1 if float_out else 2,
+            torch.cat(parts), use_scale, use_shift, use_res, use_slope, use_post, True, res_pool, packed, use_thr,
+            res_nhwc)
 
     def pack(self, x: torch.Tensor, bias, nhwc: bool):
         cid = f"p{len(self.lines)}"

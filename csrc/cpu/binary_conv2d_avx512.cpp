@@ -237,7 +237,126 @@ struct Plan {
   int32_t* out_i;
   float* out_f;
   Post post;
+  const NhwcParams* nhwc = nullptr;  // NHWC mode's prepared parameters
 };
+
+// NHWC mode: the residual of channels co .. co + n - 1 (n <= 16) at output pixel (oy, ox) of image img.
+CANDLE_AVX512_INLINE __m512 residual16(const Post& post, const ConvGeometry& g, int64_t img, int64_t oy, int64_t ox,
+                                       int64_t co, int64_t n) {
+  const int64_t rc = post.res_channels, ch = co % rc;
+  if (n == 16 && ch + 16 <= rc) {  // 16 contiguous channels (rc a multiple of 16: every ReActNet layer)
+    if (!post.res_pool) return _mm512_loadu_ps(post.residual + ((img * g.ho + oy) * g.wo + ox) * rc + ch);
+    const int64_t row = 2 * g.wo * rc;
+    const float* r = post.residual + ((img * 2 * g.ho + 2 * oy) * 2 * g.wo + 2 * ox) * rc + ch;
+    __m512 v = _mm512_add_ps(_mm512_loadu_ps(r), _mm512_loadu_ps(r + row));
+    v = _mm512_add_ps(v, _mm512_loadu_ps(r + rc));
+    v = _mm512_add_ps(v, _mm512_loadu_ps(r + row + rc));
+    return rounded(_mm512_mul_ps(v, _mm512_set1_ps(0.25f)));
+  }
+  alignas(64) float tmp[16] = {};
+  for (int64_t j = 0; j < n; ++j) tmp[j] = residual_nhwc(post, img, co + j, oy, ox, g.ho, g.wo);
+  return _mm512_load_ps(tmp);
+}
+
+// NHWC mode epilogue: accumulators [npix][width] (popcounts of the valid taps) of pixels q0 .. q0 + npix - 1 of
+// image img -> float values of channels c0 .. c0 + ncout - 1, stored channels-last and/or as packed signs. c0
+// is a multiple of 32.
+CANDLE_AVX512 void write_tile_nhwc(const Plan& pl, const int32_t* part, int64_t width, const int32_t* base,
+                                   int64_t img, int64_t q0, int64_t npix, int64_t c0, int64_t ncout) {
+  const ConvGeometry& g = pl.g;
+  const Post& post = pl.post;
+  const int64_t out_words = (g.cout + 31) / 32;
+  int64_t oy = q0 / g.wo, ox = q0 % g.wo;
+  for (int64_t p = 0; p < npix; ++p) {
+    const int64_t pix = (img * g.ho + oy) * g.wo + ox;
+    const __m512i b = _mm512_set1_epi32(base[p]);
+    const int32_t* row = part + p * width;
+    uint32_t word = 0;
+    for (int64_t j = 0; j < ncout; j += 16) {
+      const int64_t co = c0 + j, n = std::min<int64_t>(16, ncout - j);
+      const __m512i pop = _mm512_loadu_si512(row + j);
+      __m512 v = avx512::cvt_i32_ps(_mm512_sub_epi32(b, _mm512_slli_epi32(pop, 1)));
+      if (pl.scale) v = rounded(_mm512_mul_ps(v, load_lanes(pl.scale + co, n)));
+      if (pl.shift) v = _mm512_add_ps(v, load_lanes(pl.shift + co, n));
+      if (post.residual) v = _mm512_add_ps(v, residual16(post, g, img, oy, ox, co, n));
+      if (post.slope) {
+        const __m512 neg = rounded(_mm512_mul_ps(v, load_lanes(post.slope + co, n)));
+        v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ), neg, v);
+      }
+      if (post.post_shift) v = _mm512_add_ps(v, load_lanes(post.post_shift + co, n));
+      if (pl.out_f) store_lanes(pl.out_f + pix * g.cout + co, v, n);
+      if (post.packed) {
+        const __m512 t = post.pack_threshold ? load_lanes(post.pack_threshold + co, n) : _mm512_setzero_ps();
+        const uint32_t bits = static_cast<uint32_t>(
+            _mm512_cmp_ps_mask(_mm512_sub_ps(v, t), _mm512_setzero_ps(), _CMP_GE_OQ));
+        word |= (bits & ((1u << n) - 1)) << (co % 32);
+        if ((co + 16) % 32 == 0 || j + 16 >= ncout) {
+          post.packed[pix * out_words + co / 32] = word;
+          word = 0;
+        }
+      }
+    }
+    if (++ox == g.wo) {
+      ox = 0;
+      ++oy;
+    }
+  }
+}
+
+// NHWC mode epilogue, the fast form (no residual, or one whose channel count is a multiple of 16): channel chunks
+// outermost, so the per-channel parameters (NhwcParams: identities where a step is absent) stay in registers
+// over the tile's pixels; one branch-free body per residual mode. pix / res_off: nhwc_pixel_offsets.
+template <int kRes, bool kOut, bool kPack>
+CANDLE_AVX512 void write_tile_nhwc_fast(const Plan& pl, const int32_t* part, int64_t width, const int32_t* base,
+                                        int64_t npix, const int64_t* pix, const int64_t* res_off, int64_t c0,
+                                        int64_t ncout) {
+  const ConvGeometry& g = pl.g;
+  const Post& post = pl.post;
+  const NhwcParams& prm = *pl.nhwc;
+  uint32_t words[kTile][kMaxGroups * kLanes / 32] = {};
+  const int64_t rc = post.res_channels, row = 2 * g.wo * rc;
+  for (int64_t j = 0; j < ncout; j += 16) {
+    const int64_t co = c0 + j, n = std::min<int64_t>(16, ncout - j);
+    const __m512 sc = _mm512_loadu_ps(prm.scale + co), sh = _mm512_loadu_ps(prm.shift + co);
+    const __m512 sl = _mm512_loadu_ps(prm.slope + co), ps = _mm512_loadu_ps(prm.post_shift + co);
+    const __m512 th = _mm512_loadu_ps(prm.threshold + co), zero = _mm512_setzero_ps();
+    const float* res = kRes ? post.residual + co % rc : nullptr;
+    for (int64_t p = 0; p < npix; ++p) {
+      const __m512i pop = _mm512_loadu_si512(part + p * width + j);
+      __m512 v = avx512::cvt_i32_ps(_mm512_sub_epi32(_mm512_set1_epi32(base[p]), _mm512_slli_epi32(pop, 1)));
+      v = _mm512_add_ps(rounded(_mm512_mul_ps(v, sc)), sh);
+      if constexpr (kRes == 1) v = _mm512_add_ps(v, _mm512_loadu_ps(res + res_off[p]));
+      if constexpr (kRes == 2) {
+        const float* r = res + res_off[p];
+        __m512 a = _mm512_add_ps(_mm512_loadu_ps(r), _mm512_loadu_ps(r + row));
+        a = _mm512_add_ps(a, _mm512_loadu_ps(r + rc));
+        a = _mm512_add_ps(a, _mm512_loadu_ps(r + row + rc));
+        v = _mm512_add_ps(v, rounded(_mm512_mul_ps(a, _mm512_set1_ps(0.25f))));
+      }
+      const __m512 neg = rounded(_mm512_mul_ps(v, sl));
+      v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), neg, v);
+      v = _mm512_add_ps(v, ps);
+      if constexpr (kOut) store_lanes(pl.out_f + pix[p] * g.cout + co, v, n);
+      if constexpr (kPack) {
+        const uint32_t bits = static_cast<uint32_t>(_mm512_cmp_ps_mask(_mm512_sub_ps(v, th), zero, _CMP_GE_OQ));
+        words[p][j / 32] |= (bits & ((1u << n) - 1)) << (j % 32);
+      }
+    }
+  }
+  if constexpr (kPack) {
+    const int64_t out_words = (g.cout + 31) / 32, nw = (ncout + 31) / 32;
+    for (int64_t p = 0; p < npix; ++p) {
+      for (int64_t k = 0; k < nw; ++k) post.packed[pix[p] * out_words + c0 / 32 + k] = words[p][k];
+    }
+  }
+}
+
+using NhwcTileFn = void (*)(const Plan&, const int32_t*, int64_t, const int32_t*, int64_t, const int64_t*,
+                            const int64_t*, int64_t, int64_t);
+
+template <int kRes>
+constexpr NhwcTileFn kNhwcTileFns[4] = {nullptr, write_tile_nhwc_fast<kRes, false, true>,
+                                        write_tile_nhwc_fast<kRes, true, false>, write_tile_nhwc_fast<kRes, true, true>};
 
 // Accumulator tile [kTile][width] of popcount sums -> outputs (NCHW): subtract the padded taps' popcounts of
 // border pixels, then acc = valid_taps * C - 2 * popcount and the epilogue.
@@ -267,6 +386,18 @@ CANDLE_AVX512 void write_tile(const Plan& pl, int32_t* part, int64_t width, int6
       ox = 0;
       ++oy;
     }
+  }
+  if (pl.post.nhwc) {
+    if (pl.post.residual && pl.post.res_channels % 16 != 0) {  // residual channels not in whole vectors: generic
+      return write_tile_nhwc(pl, part, width, base, img, q0, npix, c0, ncout);
+    }
+    int64_t pix[kTile], res_off[kTile];
+    nhwc_pixel_offsets(g, pl.post, img, q0, npix, pix, res_off);
+    const int fn = (pl.out_f ? 2 : 0) + (pl.post.packed ? 1 : 0);
+    const NhwcTileFn write = pl.nhwc->res_mode == 0   ? kNhwcTileFns<0>[fn]
+                             : pl.nhwc->res_mode == 1 ? kNhwcTileFns<1>[fn]
+                                                      : kNhwcTileFns<2>[fn];
+    return write(pl, part, width, base, npix, pix, res_off, c0, ncout);
   }
   const int64_t hw = pl.hw;
   for (int64_t p16 = 0; p16 < npix; p16 += 16) {
@@ -361,6 +492,11 @@ void binary_conv2d_avx512(const ConvGeometry& g, int64_t channels, const uint32_
   pl.out_i = out_i;
   pl.out_f = out_f;
   pl.post = post;
+  std::unique_ptr<NhwcParams> nhwc;
+  if (post.nhwc) {
+    nhwc.reset(new NhwcParams(g.cout, scale, shift, post));
+    pl.nhwc = nhwc.get();
+  }
   for (int64_t o = 0; o < g.ho; ++o) {
     int64_t lo, hi;
     valid_taps(o, g.sh, g.ph, g.dh, g.kh, g.h, lo, hi);

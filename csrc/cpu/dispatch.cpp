@@ -41,11 +41,13 @@ void binary_conv2d(Isa isa, const ConvGeometry& g, int64_t channels, const uint3
 #endif
 #if defined(CANDLE_HAVE_NEON_PATH)
     case Isa::Neon:
+      if (post.nhwc) break;  // NHWC mode: the portable path
       return binary_conv2d_neon(g, channels, x, w, scale, shift, out_i, out_f, post);
 #endif
     default:
-      return binary_conv2d_portable(g, channels, x, w, scale, shift, out_i, out_f, post);
+      break;
   }
+  binary_conv2d_portable(g, channels, x, w, scale, shift, out_i, out_f, post);
 }
 
 }  // namespace cpu
