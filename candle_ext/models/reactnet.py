@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from candle_ext.models.packed import ARCH_ATTR, PackedBinaryConv2d
+from candle_ext.models.packed import ARCH_ATTR, PackedBinaryConv2d, carried_words, carry_words
 from candle_ext.nn.layers import BinaryConv2d, RPReLU, RSign
-from candle_ext.ops.binary_conv2d import packed_chain_available, shortcut_avg_pool_2x2
+from candle_ext.ops.binary_conv2d import packed_chain_available, packed_chain_conv, shortcut_avg_pool_2x2
 
 # MobileNetV1 plan: stem width, then the 13 blocks as (in, out, stride) for a stem of 32 channels.
 STEM_CHANNELS = 32
@@ -87,6 +87,13 @@ def _folded_conv(branch: nn.Module):
 _avg_pool_2x2 = shortcut_avg_pool_2x2
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run forward hooks (its own or global ones)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or getattr(torch.nn.modules.module, "_global_forward_hooks", None)
+                or getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None))
+
+
 class PackedReActBlock(nn.Module):
     """Inference form of a ReActBlock, made by candle_ext.freeze. Besides the packed convs (threshold, scale
     and BN folded), RPReLU's input shifts are folded into the conv epilogues and the first RPReLU's output
@@ -122,7 +129,7 @@ class PackedReActBlock(nn.Module):
     @property
     def chain_threshold(self) -> torch.Tensor:
         """The threshold this block binarises its input with (models/packed.py links chains by it)."""
-        return self.conv3.threshold
+        return self._modules["conv3"]._buffers["threshold"]
 
     def chain_link(self, successor: nn.Module):
         """Write the packed signs of this block's output for `successor` (its chain_threshold) in the fused chain."""
@@ -143,13 +150,26 @@ class PackedReActBlock(nn.Module):
                 residual = _avg_pool_2x2(x)
             else:
                 pool = True  # averaged in the kernel's epilogue
-        y = self.conv3(x, residual, self.slope1, residual_pool=pool, channels_last=True,
-                       pack_threshold=self.conv1.threshold)
         successor = self._chain_next
         next_threshold = None if successor is None else successor.chain_threshold
-        if next_threshold is None or next_threshold.numel() != self.out_channels:  # the end of the chain
-            return self.conv1(y, y, self.slope2, self.zeta2)
-        return self.conv1(y, y, self.slope2, self.zeta2, channels_last=True, pack_threshold=next_threshold)
+        if next_threshold is not None and next_threshold.numel() != self.out_channels:
+            next_threshold = None  # not this block's consumer after all: end the chain here
+        c3, c1 = self._modules["conv3"], self._modules["conv1"]
+        b, b3, b1 = self._buffers, c3._buffers, c1._buffers  # direct: nn.Module.__getattr__ costs ~1 us a name
+        if _hooked(c3) or _hooked(c1):  # through the modules, so that their hooks see every call
+            y = c3(x, residual, b["slope1"], residual_pool=pool, channels_last=True, pack_threshold=b1["threshold"])
+            if next_threshold is None:
+                return c1(y, y, b["slope2"], b["zeta2"])
+            return c1(y, y, b["slope2"], b["zeta2"], channels_last=True, pack_threshold=next_threshold)
+        t3 = b3["threshold"]
+        y, y_words = packed_chain_conv(x, carried_words(x, t3), t3, b3["weight_packed"], c3.in_channels, c3.stride,
+                                       c3.padding, c3.dilation, b3["scale"], b3["shift"], residual, pool,
+                                       b["slope1"], None, True, b1["threshold"])
+        out, words = packed_chain_conv(y, y_words, b1["threshold"], b1["weight_packed"], c1.in_channels, c1.stride,
+                                       c1.padding, c1.dilation, b1["scale"], b1["shift"], y, False, b["slope2"],
+                                       b["zeta2"].view(-1), next_threshold is not None, next_threshold)
+        carry_words(out, words, next_threshold)
+        return out
 
     def extra_repr(self):
         return f"{self.in_channels} -> {self.out_channels}, stride={self.stride}"

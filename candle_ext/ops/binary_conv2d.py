@@ -8,6 +8,7 @@ Two custom ops:
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -214,10 +215,20 @@ def packed_chain_available(x: torch.Tensor) -> bool:
     if not (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
         return False
-    if backend.select("binary_conv2d", "cpu", _IMPLS) != "cpu":
-        return False
-    module = backend.compiled_module()
-    return hasattr(module, "binary_conv2d_cpu_nhwc") and module.cpu_isa() in ("avx2", "avx512")
+    # The answer depends only on the install and on these variables (read on every call, as the kernels do):
+    # remembered per value, since a frozen network asks for every conv.
+    key = tuple(os.environ.get(name) for name in _CHAIN_ENV)
+    ok = _chain_cache.get(key)
+    if ok is None:
+        module = backend.compiled_module()
+        ok = (backend.select("binary_conv2d", "cpu", _IMPLS) == "cpu" and hasattr(module, "binary_conv2d_cpu_nhwc")
+              and module.cpu_isa() in ("avx2", "avx512"))
+        _chain_cache[key] = ok
+    return ok
+
+
+_CHAIN_ENV = ("CANDLE_EXT_BACKEND", "CANDLE_EXT_CPU_ISA", "TRITON_INTERPRET")
+_chain_cache = {}
 
 
 def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_packed: torch.Tensor,
@@ -280,6 +291,27 @@ def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
     return (out, sign_pack(out, pack_threshold)) if pack else out
+
+
+def packed_chain_conv(x: torch.Tensor, x_words: Optional[torch.Tensor], threshold: torch.Tensor,
+                      w_packed: torch.Tensor, in_channels: int, stride: Tuple[int, int], padding: Tuple[int, int],
+                      dilation: Tuple[int, int], scale: torch.Tensor, shift: torch.Tensor,
+                      residual: Optional[torch.Tensor], residual_pool: bool, slope: Optional[torch.Tensor],
+                      post_shift: Optional[torch.Tensor], channels_last: bool,
+                      pack_threshold: Optional[torch.Tensor]):
+    """packed_inference_conv's chain mode without its Python checks and fallbacks, for a caller that established
+    packed_chain_available(x) and passes float32 contiguous per-channel tensors (frozen models' buffers) and
+    x_words = sign_pack(x, threshold) or None: the frozen ReActNet chain, where the Python work per conv
+    outweighed the kernel on the small layers. The C++ entry points still check every tensor they get.
+    Returns (out, sign_pack(out, pack_threshold) or an empty tensor without pack_threshold)."""
+    module = backend.compiled_module()
+    if x_words is None:
+        x_words = module.sign_pack_cpu(x, threshold)
+    out, words = module.binary_conv2d_cpu_nhwc(x_words, w_packed, in_channels, stride[0], stride[1], padding[0],
+                                               padding[1], dilation[0], dilation[1], scale, shift, residual,
+                                               residual_pool, slope, post_shift, True, pack_threshold is not None,
+                                               pack_threshold)
+    return (out if channels_last else out.contiguous()), words
 
 
 def _packed_inference_conv(x, threshold, w_packed, in_channels, stride, padding, dilation, scale, shift, residual,

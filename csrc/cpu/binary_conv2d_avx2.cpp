@@ -607,7 +607,7 @@ constexpr NhwcTileFn<S> kNhwcTileFns[4] = {nullptr, write_tile_nhwc_fast<S, kRes
 
 struct AvxPlan {
   ConvGeometry g;
-  int64_t channels, bt, hp, wp, hw, ntiles;
+  int64_t channels, bt, hp, wp, hw, ntiles, tile;
   std::vector<Block> blocks;
   std::vector<Segment> segs;
   std::vector<Chunk> chunks;
@@ -634,9 +634,11 @@ CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
   const int32_t chans = static_cast<int32_t>(pl.channels);
   const int32_t* valid_x = pl.valid_x.data();
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t tile = task % pl.ntiles, img = (task / pl.ntiles) % g.n;
-    const Block& blk = pl.blocks[task / (pl.ntiles * g.n)];
-    const int64_t q0 = tile * kTile, npix = std::min<int64_t>(kTile, pl.hw - q0);
+    // Tile-major: the output-channel blocks of one tile are neighbouring tasks.
+    const int64_t nblocks = static_cast<int64_t>(pl.blocks.size());
+    const Block& blk = pl.blocks[task % nblocks];
+    const int64_t tile = (task / nblocks) % pl.ntiles, img = task / (nblocks * pl.ntiles);
+    const int64_t q0 = tile * pl.tile, npix = std::min<int64_t>(pl.tile, pl.hw - q0);
     const int64_t width = blk.groups * kGroup;
     // Incremental pixel setup (no multiplies per pixel): with few channels it is a visible share of the call.
     int64_t oy = q0 / g.wo, ox = q0 % g.wo;
@@ -704,7 +706,7 @@ void binary_conv2d_avx2(const ConvGeometry& g, int64_t channels, const uint32_t*
   pl.hp = g.h + 2 * g.ph;
   pl.wp = g.w + 2 * g.pw;
   pl.hw = g.ho * g.wo;
-  pl.ntiles = (pl.hw + kTile - 1) / kTile;
+  pixel_tiles(g.n, pl.hw, kTile, parallel_threads(), pl.ntiles, pl.tile);
   pl.scale = scale;
   pl.shift = shift;
   pl.out_i = out_i;

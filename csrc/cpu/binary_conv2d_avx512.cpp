@@ -227,7 +227,7 @@ CANDLE_AVX512_INLINE __m512 rounded(__m512 v) {
 
 struct Plan {
   ConvGeometry g;
-  int64_t channels, hp, wp, hw, ntiles, taps;
+  int64_t channels, hp, wp, hw, ntiles, tile, taps;
   const Layout* layout;
   std::vector<Segment> segs;
   std::vector<int32_t> ky0, ky1, kx0, kx1;  // valid kernel rows per output row, columns per output column
@@ -444,9 +444,11 @@ CANDLE_AVX512 void run_tasks(const Plan& pl, int64_t begin, int64_t end) {
   const uint32_t* pix[kTile];
   const int64_t row_step = g.sh * pl.wp * g.words, col_step = g.sw * g.words;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t tile = task % pl.ntiles, img = (task / pl.ntiles) % g.n;
-    const Block& blk = pl.layout->blocks[task / (pl.ntiles * g.n)];
-    const int64_t q0 = tile * kTile, npix = std::min<int64_t>(kTile, pl.hw - q0);
+    // Tile-major: the output-channel blocks of one tile are neighbouring tasks.
+    const int64_t nblocks = static_cast<int64_t>(pl.layout->blocks.size());
+    const Block& blk = pl.layout->blocks[task % nblocks];
+    const int64_t tile = (task / nblocks) % pl.ntiles, img = task / (nblocks * pl.ntiles);
+    const int64_t q0 = tile * pl.tile, npix = std::min<int64_t>(pl.tile, pl.hw - q0);
     const int64_t width = blk.groups * kLanes;
     int64_t oy = q0 / g.wo, ox = q0 % g.wo;
     const uint32_t* row = pl.xp + (img * pl.hp + oy * g.sh) * pl.wp * g.words;
@@ -485,7 +487,7 @@ void binary_conv2d_avx512(const ConvGeometry& g, int64_t channels, const uint32_
   pl.hp = g.h + 2 * g.ph;
   pl.wp = g.w + 2 * g.pw;
   pl.hw = g.ho * g.wo;
-  pl.ntiles = (pl.hw + kTile - 1) / kTile;
+  pixel_tiles(g.n, pl.hw, kTile, parallel_threads(), pl.ntiles, pl.tile);
   pl.taps = g.kh * g.kw;
   pl.scale = scale;
   pl.shift = shift;

@@ -4,6 +4,7 @@
 // the input: sum over valid taps of (C - 2 * popcount(x_tap XOR w_tap)) = valid_taps * C - 2 * popcount_sum.
 // Pad bits (channels past C in the last word) are 0 in both operands, so they never count.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -27,6 +28,19 @@ CANDLE_INLINE void valid_taps(int64_t o, int64_t stride, int64_t pad, int64_t di
   while (lo < k && start + lo * dil < 0) ++lo;
   hi = k;
   while (hi > lo && start + (hi - 1) * dil >= size) --hi;
+}
+
+// Pixel tiles of the vector paths: at most max_tile pixels each, equal sizes, and, when an image has few tiles,
+// a multiple of the thread count of them, so that tile-major tasks (every output-channel block of a tile in a
+// row) split into equal shares (parallel_for gives each thread a contiguous range of tasks).
+CANDLE_INLINE void pixel_tiles(int64_t n, int64_t hw, int64_t max_tile, int64_t threads, int64_t& ntiles,
+                               int64_t& tile) {
+  ntiles = (hw + max_tile - 1) / max_tile;
+  if (threads > 1 && n * ntiles < 16 * threads && n % threads != 0) {
+    ntiles = std::min(hw, (ntiles + threads - 1) / threads * threads);
+  }
+  tile = (hw + ntiles - 1) / ntiles;
+  ntiles = (hw + tile - 1) / tile;
 }
 
 // a * b rounded to float32 on its own: the empty asm (or volatile) keeps the compiler from contracting it

@@ -216,6 +216,8 @@ void parallel_for_impl(int64_t begin, int64_t end, int64_t grain, const std::fun
   for (std::thread& t : pool) t.join();
 }
 
+int64_t parallel_threads() { return g_threads; }
+
 }  // namespace cpu
 }  // namespace candle
 
