@@ -13,7 +13,7 @@ namespace candle {
 // csrc/cpu/sign_pack.cpp
 at::Tensor sign_pack_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& bias);
 // The CPU kernels' machine and path ("x86-64, AVX2 kernels", "aarch64, NEON kernels", ...) as at import, and the
-// path the next call takes ("avx2", "neon" or "portable"; CANDLE_EXT_CPU_ISA is read on every call).
+// path the next call takes ("avx512", "avx2", "neon" or "portable"; CANDLE_EXT_CPU_ISA is read on every call).
 std::string cpu_features();
 std::string cpu_isa();
 // csrc/cpu/binary_conv2d.cpp
@@ -23,6 +23,16 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_pac
                              const c10::optional<at::Tensor>& shift, int64_t out_kind,
                              const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& slope,
                              const c10::optional<at::Tensor>& post_shift);
+// The float epilogue in NHWC mode (csrc/cpu/kernels.h): residual channels-last (copied to it otherwise), of the
+// output's size or twice it with residual_pool (2x2-averaged on the fly); returns (float32 [N, Cout, Ho, Wo]
+// channels_last, or an empty tensor without float_out; int32 words [N, Ho, Wo, ceil(Cout/32)] of
+// sign(out - pack_threshold), or an empty tensor without packed_out).
+std::tuple<at::Tensor, at::Tensor> binary_conv2d_cpu_nhwc(
+    const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& residual, bool residual_pool,
+    const c10::optional<at::Tensor>& slope, const c10::optional<at::Tensor>& post_shift, bool float_out,
+    bool packed_out, const c10::optional<at::Tensor>& pack_threshold);
 
 #ifdef WITH_CUDA
 // csrc/cuda/sign_ste.cu: x float32/float16/bfloat16/float64, NCHW or channels_last read in place.

@@ -3,8 +3,10 @@
 Every test forces the cpu backend. Integer results (packed words, conv accumulators) must be bit-identical.
 The float epilogue acc * scale + shift is computed like reference.py (the product rounded to float32, then the
 shift added), so it is compared bit for bit too; the float API is also compared with reference.binary_conv2d
-(an F.conv2d on +-1 tensors) within rtol=1e-6, atol=1e-5. Both kernel paths run here: the AVX2 path (chosen at
-run time on this machine) and the portable C++ path (CANDLE_EXT_CPU_ISA=portable).
+(an F.conv2d on +-1 tensors) within rtol=1e-6, atol=1e-5. Every kernel path this CPU runs is tested: the one
+chosen at run time ("native"), the portable C++ path (CANDLE_EXT_CPU_ISA=portable) and the x86 paths forced by
+name ("avx2", "avx512"); a path this CPU lacks skips with the reason (the AVX-512 path is also checked without
+AVX-512 hardware, emulated by SIMDe, in test_cross_isa.py).
 """
 import pytest
 import torch
@@ -18,7 +20,26 @@ _C = backend.compiled_module()
 pytestmark = pytest.mark.skipif(_C is None, reason="candle_ext._C is not built")
 
 CONFIGS = random_conv_configs(200, seed=2024)
-ISAS = ("native", "portable")
+ISAS = ("native", "portable", "avx2", "avx512")
+
+
+def _isa_available(name):
+    """None when this CPU and build run the path `name`, else why not."""
+    if _C is None:
+        return "candle_ext._C is not built"
+    import os
+    before = os.environ.get("CANDLE_EXT_CPU_ISA")
+    os.environ["CANDLE_EXT_CPU_ISA"] = name
+    try:
+        _C.cpu_isa()
+        return None
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        if before is None:
+            del os.environ["CANDLE_EXT_CPU_ISA"]
+        else:
+            os.environ["CANDLE_EXT_CPU_ISA"] = before
 
 
 @pytest.fixture(autouse=True)
@@ -28,11 +49,21 @@ def cpu_backend(force_backend):
 
 @pytest.fixture
 def isa(request, monkeypatch):
-    """Run a test on the AVX2 path (where the CPU has it) or on the portable path."""
-    if request.param == "portable":
-        monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")
-    else:
+    """Run a test on the best path of this CPU ("native"), the portable path, or the AVX2 / AVX-512 path by
+    name (skipped, with the reason, where this CPU lacks it; "avx2" also skips where it is the native path)."""
+    if request.param == "native":
         monkeypatch.delenv("CANDLE_EXT_CPU_ISA", raising=False)
+        return request.param
+    if request.param != "portable":
+        why = _isa_available(request.param)
+        if why is not None:
+            extra = ("; its code is checked without AVX-512 hardware, emulated by SIMDe, in "
+                     "test_cross_isa.py::test_avx512_under_simde_matches_reference") if request.param == "avx512" else ""
+            pytest.skip(f"no {request.param} path on this machine: {why}{extra}")
+        monkeypatch.delenv("CANDLE_EXT_CPU_ISA", raising=False)
+        if request.param == "avx2" and _C.cpu_isa() == "avx2":
+            pytest.skip("the AVX2 path is this machine's native path (tested as 'native')")
+    monkeypatch.setenv("CANDLE_EXT_CPU_ISA", request.param)
     return request.param
 
 
@@ -105,6 +136,14 @@ def test_conv_random_configs_portable_path(index, monkeypatch):
     _check_conv(c.n, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.padding, c.dilation, seed=1000 + index)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512"], indirect=True)
+@pytest.mark.parametrize("index", range(1, len(CONFIGS), 4), ids=[str(c) for c in CONFIGS[1::4]])
+def test_conv_random_configs_x86_paths(index, isa):
+    """The x86 paths other than this machine's native one (on an AVX-512 CPU: AVX2), on every 4th config."""
+    c = CONFIGS[index]
+    _check_conv(c.n, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.padding, c.dilation, seed=2000 + index)
+
+
 # Output-channel counts around the kernel's blocking (groups of 16, blocks of <= 6 groups, 2-4 pixels per
 # micro-tile), channel counts around words and tables, and borders where most or all taps are padding.
 EDGE_CASES = [
@@ -162,9 +201,10 @@ def test_conv_threads_do_not_change_results(isa):
         torch.set_num_threads(before)
 
 
-def test_conv_weights_changed_in_place_are_not_served_stale():
-    # The AVX2 path keeps the layouts of recent weights; an in-place change of the same tensor (same data
-    # pointer, same shape) must be seen.
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_conv_weights_changed_in_place_are_not_served_stale(isa):
+    # The AVX2 and AVX-512 paths keep the layouts of recent weights; an in-place change of the same tensor (same
+    # data pointer, same shape) must be seen.
     torch.manual_seed(6)
     xp = R.sign_pack(torch.randn(1, 70, 9, 9))
     wp = R.sign_pack(torch.randn(40, 70, 3, 3))
@@ -205,6 +245,97 @@ def test_conv_entry_point_rejects_bad_arguments():
         _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 0, None, torch.ones(8))
     with pytest.raises(ValueError, match="slope must have shape"):
         _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 1, None, torch.ones(5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NHWC mode (binary_conv2d_cpu_nhwc): the fused chains of frozen models
+
+NHWC_CASES = EDGE_CASES[:18] + [
+    (1, 32, 64, 12, 10, 1, 1, 0, 1),         # a doubling 1x1 conv (residual with half the channels)
+    (2, 64, 64, 9, 8, 3, 2, 1, 1),           # stride 2
+    (1, 96, 200, 6, 6, 3, 1, 1, 1),          # blocks of 6/4 groups, 200 = 6 words + 8 channels
+]
+
+
+def _check_nhwc(n, cin, cout, h, w, k, stride, padding, dilation, seed):
+    """Every output combination of the NHWC mode against the eager composition of reference.py's ops."""
+    from candle_ext.ops.binary_conv2d import shortcut_avg_pool_2x2
+    g = torch.Generator().manual_seed(seed)
+    kh, kw = _pair(k)
+    x = torch.randn(n, cin, h, w, generator=g)
+    x.view(-1)[::7] = 0.0
+    xp, wp = R.sign_pack(x), R.sign_pack(torch.randn(cout, cin, kh, kw, generator=g))
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    acc = R.binary_conv2d_packed(xp, wp, cin, s, p, d)
+    ho, wo = acc.shape[2:]
+    scale, shift = torch.rand(cout, generator=g) + 0.05, torch.randn(cout, generator=g)
+    slope, post, thr = (torch.randn(cout, generator=g) for _ in range(3))
+    args = (xp, wp, cin, s[0], s[1], p[0], p[1], d[0], d[1])
+    sc, sh = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
+    for rc in sorted({cout, cout // 2, 1} - {0}):
+        if cout % rc:
+            continue
+        for pool in (False, True):
+            f = 2 if pool else 1
+            res = torch.randn(n, rc, f * ho, f * wo, generator=g)
+            want = acc.float() * sc + sh
+            want = want + (shortcut_avg_pool_2x2(res) if pool else res).repeat(1, cout // rc, 1, 1)
+            want = torch.prelu(want, slope) + post.reshape(1, -1, 1, 1)
+            for layout in (torch.channels_last, torch.contiguous_format):  # the latter is copied first
+                r = res.contiguous(memory_format=layout)
+                out, words = _C.binary_conv2d_cpu_nhwc(*args, scale, shift, r, pool, slope, post, True, True, thr)
+                assert out.is_contiguous(memory_format=torch.channels_last) and out.shape == want.shape
+                assert torch.equal(out, want), (rc, pool, layout)
+                assert torch.equal(words, R.sign_pack(want, thr)), (rc, pool, layout)
+    # Packed signs only, no threshold, no residual; scale or shift alone.
+    for use_scale, use_shift in ((True, False), (False, True), (False, False)):
+        v = acc.float()
+        v = v * sc if use_scale else v
+        v = v + sh if use_shift else v
+        out, words = _C.binary_conv2d_cpu_nhwc(*args, scale if use_scale else None, shift if use_shift else None,
+                                               None, False, None, None, False, True, None)
+        assert out.numel() == 0 and torch.equal(words, R.sign_pack(v))
+        out, words = _C.binary_conv2d_cpu_nhwc(*args, scale if use_scale else None, shift if use_shift else None,
+                                               None, False, slope, None, True, False, None)
+        assert words.numel() == 0 and torch.equal(out, torch.prelu(v, slope))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("case", NHWC_CASES, ids=[str(c) for c in NHWC_CASES])
+def test_conv_nhwc_mode_matches_reference(case, isa):
+    _check_nhwc(*case, seed=17)
+
+
+@pytest.mark.parametrize("index", range(2, len(CONFIGS), 10), ids=[str(c) for c in CONFIGS[2::10]])
+def test_conv_nhwc_mode_random_configs(index):
+    c = CONFIGS[index]
+    _check_nhwc(c.n, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.padding, c.dilation, seed=3000 + index)
+
+
+def test_conv_nhwc_entry_point_rejects_bad_arguments():
+    xp = R.sign_pack(torch.randn(1, 40, 6, 6))
+    wp = R.sign_pack(torch.randn(8, 40, 3, 3))
+    args = (xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None)
+    with pytest.raises(ValueError, match="nothing to compute"):
+        _C.binary_conv2d_cpu_nhwc(*args, None, False, None, None, False, False, None)
+    with pytest.raises(ValueError, match="pack_threshold needs packed_out"):
+        _C.binary_conv2d_cpu_nhwc(*args, None, False, None, None, True, False, torch.zeros(8))
+    with pytest.raises(ValueError, match="residual_pool needs a residual"):
+        _C.binary_conv2d_cpu_nhwc(*args, None, True, None, None, True, False, None)
+    with pytest.raises(ValueError, match="pack_threshold must have shape"):
+        _C.binary_conv2d_cpu_nhwc(*args, None, False, None, None, True, True, torch.zeros(5))
+    with pytest.raises(ValueError, match="residual must have shape .* twice the output size"):
+        _C.binary_conv2d_cpu_nhwc(*args, torch.zeros(1, 8, 6, 6), True, None, None, True, False, None)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        _C.binary_conv2d_cpu_nhwc(*args, torch.zeros(1, 3, 6, 6), False, None, None, True, False, None)
+    with pytest.raises(TypeError, match="residual has dtype"):
+        _C.binary_conv2d_cpu_nhwc(*args, torch.zeros(1, 8, 6, 6, dtype=torch.float64), False, None, None, True,
+                                  False, None)
+    with pytest.raises(ValueError, match="residual must have 4 dimensions"):
+        _C.binary_conv2d_cpu_nhwc(*args, torch.zeros(8, 6, 6), False, None, None, True, False, None)
+    with pytest.raises(TypeError, match="x_packed"):
+        _C.binary_conv2d_cpu_nhwc(xp.float(), wp, 40, 1, 1, 1, 1, 1, 1, None, None, None, False, None, None, True,
+                                  False, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,24 +1,28 @@
 """Every CPU kernel path, including aarch64 NEON under emulation, against candle_ext/reference.py.
 
 The kernel cores (csrc/cpu/*.cpp except the ATen entry points) are plain C++ on raw pointers. This test builds
-them with python_tests/cross/driver.cpp, a torch-free driver, twice:
-- natively (x86-64 here): the portable and AVX2 paths, run directly;
+them with python_tests/cross/driver.cpp, a torch-free driver, three times:
+- natively (x86-64 here): the portable and AVX2 paths, and the AVX-512 path where this CPU has it, run directly;
+- natively with -DCANDLE_EXT_SIMDE_AVX512: the AVX-512 sources compiled against SIMDe (Debian libsimde-dev:
+  header-only portable implementations of the AVX-512 intrinsics, csrc/cpu/avx512_intrin.h), so the AVX-512
+  path runs, emulated, on any x86-64 (this machine and CI runners without AVX-512 included);
 - with the aarch64 cross compiler (Debian g++-aarch64-linux-gnu), linked statically and run under user-mode
   emulation (Debian qemu-user: qemu-aarch64): the portable and NEON paths.
-Both builds use -Wall -Wextra -Werror, so a warning in the cores fails here too. The test writes the inputs of
+All builds use -Wall -Wextra -Werror, so a warning in the cores fails here too. The test writes the inputs of
 every case (random conv shapes of test_cpu_kernels.py, its edge cases, and sign_pack inputs with special
 values), runs each driver once on all cases with 3 threads, and compares every path's output with the
 reference bit for bit: int32 accumulators and packed words, and the float32 epilogues (acc * scale + shift,
 then residual / PReLU / post_shift as the eager ops compute them). Emulation checks results only; it says
 nothing about aarch64 speed.
 
-Without the cross compiler or qemu the aarch64 test skips and says what to install (scripts/setup_env.sh
-installs both when run as root on Debian); CANDLE_EXT_REQUIRE_CROSS=1 (set by scripts/test.sh on CI) turns that
-skip into a failure.
+Without the cross compiler or qemu the aarch64 test skips, and without SIMDe the emulated AVX-512 test skips; each
+says what to install (scripts/setup_env.sh installs them when run as root on Debian). CANDLE_EXT_REQUIRE_CROSS=1
+(set by scripts/test.sh on CI) turns those skips into failures.
 """
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import time
@@ -42,6 +46,8 @@ REQUIRE = os.environ.get("CANDLE_EXT_REQUIRE_CROSS", "0") == "1"
 
 CROSS_CXX = "aarch64-linux-gnu-g++"
 QEMU = ("qemu-aarch64", "qemu-aarch64-static")
+SIMDE_HEADER = "simde/x86/avx512.h"
+X86 = platform.machine() in ("x86_64", "AMD64")
 
 
 def _cores():
@@ -75,7 +81,7 @@ class Cases:
         self.expected = {}  # id -> (tensor, description)
 
     def conv(self, n, cin, cout, h, w, k, stride, padding, dilation, seed, extreme=False):
-        """Three calls on one configuration: int32, a float epilogue, and the fused block epilogue.
+        """Four calls on one configuration: int32, a float epilogue, the fused block epilogue, and the NHWC mode.
 
         extreme: x all +1 and the weights of every other output channel all -1, so every byte of every XOR
         has 8 bits set (the most a byte accumulator can gain per step: its flush interval is tested)."""
@@ -97,6 +103,7 @@ class Cases:
         scale = torch.rand(cout, generator=g) + 0.05
         shift = torch.randn(cout, generator=g)
         slope, post_shift = torch.randn(cout, generator=g), torch.randn(cout, generator=g)
+        threshold = torch.randn(cout, generator=g)
         # Residuals with every channel count the kernel accepts: cout, or a divisor (repeated).
         divisors = [d for d in (cout, cout // 2, 1) if d >= 1 and cout % d == 0]
         rc = divisors[seed % len(divisors)]
@@ -106,17 +113,19 @@ class Cases:
         sc4, sh4 = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
 
         def add(variant, out_kind, want, use_scale=False, use_shift=False, use_res=False, use_slope=False,
-                use_post=False):
+                use_post=False, nhwc=False, res_pool=False, packed=False, use_thr=False, res_t=None):
             cid = f"c{len(self.lines)}"
             _write(self.root / f"{cid}.x", xp)
             _write(self.root / f"{cid}.w", wp)
-            for flag, name, t in ((use_scale, "scale", scale), (use_shift, "shift", shift), (use_res, "res", res),
-                                  (use_slope, "slope", slope), (use_post, "post_shift", post_shift)):
+            for flag, name, t in ((use_scale, "scale", scale), (use_shift, "shift", shift),
+                                  (use_res, "res", res if res_t is None else res_t), (use_slope, "slope", slope),
+                                  (use_post, "post_shift", post_shift), (use_thr, "pack_threshold", threshold)):
                 if flag:
                     _write(self.root / f"{cid}.{name}", t)
             words = xp.shape[3]
             fields = [n, h, w, words, cin, cout, kh, kw, sh, sw, ph, pw, dh, dw, out_kind, int(use_scale),
-                      int(use_shift), rc if use_res else 0, int(use_slope), int(use_post)]
+                      int(use_shift), rc if use_res else 0, int(use_slope), int(use_post), int(nhwc), int(res_pool),
+                      int(packed), int(use_thr)]
             self.lines.append(f"conv {cid} " + " ".join(str(int(v)) for v in fields))
             self.expected[cid] = (want, f"{desc} {variant}")
 
@@ -143,6 +152,37 @@ class Cases:
             v = v + post_shift.reshape(1, -1, 1, 1)
         add(f"fused res={use_res}(C={rc}) prelu={use_slope} post_shift={use_post}", 1, v, True, True, use_res,
             use_slope, use_post)
+        # NHWC mode (the fused chains of frozen models): channels-last float output and/or the packed signs of
+        # the output against a threshold, channels-last residual, pooled over 2x2 windows or not; the flags
+        # rotate over the seeds.
+        bits = seed * 2654435761 % 2**16
+        float_out, packed = (True, True) if bits % 3 == 0 else (True, False) if bits % 3 == 1 else (False, True)
+        use_thr, res_pool = bool(bits & 8) and packed, bool(bits & 16)
+        use_res, use_slope, use_post = bool(bits & 32) or res_pool, bool(bits & 64), bool(bits & 128)
+        use_scale, use_shift = bool(bits & 256), bool(bits & 512)
+        pool = 2 if res_pool else 1
+        res_nhwc = torch.randn(n, pool * ho, pool * wo, rc, generator=g)
+        v = acc.float()
+        if use_scale:
+            v = v * sc4
+        if use_shift:
+            v = v + sh4
+        if use_res:
+            r = res_nhwc.permute(0, 3, 1, 2)
+            if res_pool:  # models/reactnet.py's _avg_pool_2x2, op by op
+                r = (r[..., 0::2, 0::2] + r[..., 1::2, 0::2]).add_(r[..., 0::2, 1::2]).add_(r[..., 1::2, 1::2]).mul_(0.25)
+            v = v + r.repeat(1, cout // rc, 1, 1)
+        if use_slope:
+            v = torch.prelu(v, slope)
+        if use_post:
+            v = v + post_shift.reshape(1, -1, 1, 1)
+        parts = [v.permute(0, 2, 3, 1).contiguous().view(torch.int32).reshape(-1)] if float_out else []
+        if packed:
+            parts.append(R.sign_pack(v, threshold if use_thr else None).reshape(-1))
+        add(f"nhwc float={float_out} packed={packed} threshold={use_thr} scale={use_scale} shift={use_shift} "
+            f"res={use_res}(C={rc}, pool={res_pool}) prelu={use_slope} post_shift={use_post}", 1 if float_out else 2,
+            torch.cat(parts), use_scale, use_shift, use_res, use_slope, use_post, True, res_pool, packed, use_thr,
+            res_nhwc)
 
     def pack(self, x: torch.Tensor, bias, nhwc: bool):
         cid = f"p{len(self.lines)}"
@@ -245,9 +285,18 @@ class Drivers:
         qemu = next((q for q in map(shutil.which, QEMU) if q), None)
         self.missing = [what for what, ok in ((f"{CROSS_CXX} (Debian g++-aarch64-linux-gnu)", cross_cxx),
                                               ("qemu-aarch64 (Debian qemu-user)", qemu)) if not ok]
+        self.simde_missing = None
         self.pending, self.commands = {}, {}
         if native_cxx:
             self._start("native", native_cxx, out / "driver-native", [], [])
+            if not X86:
+                pass  # the AVX-512 sources compile to nothing elsewhere: nothing to emulate
+            elif not _has_header(native_cxx, SIMDE_HEADER):
+                self.simde_missing = f"SIMDe is missing ({SIMDE_HEADER} not found by {native_cxx})"
+            else:
+                self._start("simde", native_cxx, out / "driver-simde", ["-DCANDLE_EXT_SIMDE_AVX512"], [])
+        else:
+            self.simde_missing = "no native C++ compiler (g++)"
         if cross_cxx and qemu:
             self._start("aarch64", cross_cxx, out / "driver-aarch64", ["-static"], [qemu])
 
@@ -265,6 +314,12 @@ class Drivers:
         return self.commands.get(name)
 
 
+def _has_header(cxx, header):
+    probe = subprocess.run([cxx, "-x", "c++", "-std=c++20", "-fsyntax-only", "-"], input=f"#include <{header}>\n",
+                           capture_output=True, text=True)
+    return probe.returncode == 0
+
+
 @pytest.fixture(scope="module")
 def drivers(tmp_path_factory):
     d = Drivers(tmp_path_factory.mktemp("cross_build"))
@@ -278,15 +333,38 @@ def _best(cmd):
     return subprocess.run([*cmd, "--best-isa"], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def _isas(cmd):
+    return subprocess.run([*cmd, "--isas"], capture_output=True, text=True, check=True).stdout.strip().split(",")
+
+
 def test_native_paths_match_reference(drivers, cases):
-    """x86-64 here: the portable and the AVX2 path of the torch-free cores (the harness itself checked)."""
+    """x86-64 here: the portable, the AVX2 and (where this CPU has AVX-512) the AVX-512 path of the torch-free
+    cores, natively (the harness itself checked)."""
     native = drivers.get("native")
     if native is None:
         pytest.skip("no native C++ compiler (g++)")
-    best = _best(native)
-    isas = ["portable"] + ([best] if best != "portable" else [])
+    isas = _isas(native)
+    assert isas[0] == "portable" and _best(native) == isas[-1]
     _run(native, cases, isas)
     _check_paths(cases, isas)
+
+
+def test_avx512_under_simde_matches_reference(drivers, cases):
+    """The AVX-512 path (sign_pack and the conv with every epilogue) compiled against SIMDe's portable
+    implementations of the intrinsics and run on this CPU, whatever it has: checks the AVX-512 code on machines
+    without AVX-512. The portable path of the same build runs beside it."""
+    if not X86:
+        pytest.skip(f"the AVX-512 path exists on x86-64 only (this machine is {platform.machine()})")
+    if drivers.simde_missing:
+        _missing("AVX-512 emulation unavailable: " + drivers.simde_missing + "; install it with `apt-get install "
+                 "libsimde-dev` (scripts/setup_env.sh does, as root)")
+    simde = drivers.get("simde")
+    assert _best(simde) == "avx512"  # else the AVX-512 path would silently not be tested
+    env = {k: v for k, v in os.environ.items() if k != "CANDLE_EXT_CPU_ISA"}
+    active = subprocess.run([*simde, "--active-isa"], capture_output=True, text=True, check=True, env=env)
+    assert active.stdout.splitlines() == ["avx512", "x86-64, AVX-512 (SIMDe emulation) kernels"]
+    _run(simde, cases, ["portable", "avx512"])
+    _check_paths(cases, ["portable", "avx512"])
 
 
 def test_aarch64_neon_under_qemu_matches_reference(drivers, cases):
@@ -317,14 +395,20 @@ def test_extension_reports_the_path_in_use(monkeypatch):
     _C = backend.compiled_module()
     monkeypatch.delenv("CANDLE_EXT_CPU_ISA", raising=False)
     native = _C.cpu_isa()
-    assert native in ("avx2", "neon", "portable")
+    assert native in ("avx512", "avx2", "neon", "portable")
     assert ("AVX2 kernels" in _C.cpu_features) == (native == "avx2")
+    assert ("AVX-512 kernels" in _C.cpu_features) == (native == "avx512")
     monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")
     assert _C.cpu_isa() == "portable"
     monkeypatch.setenv("CANDLE_EXT_CPU_ISA", native)
     assert _C.cpu_isa() == native
-    lacking = "neon" if native != "neon" else "avx2"
-    for value in (lacking, "garbage"):
+    if native == "avx512":  # an AVX-512 CPU runs the AVX2 path too
+        monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "avx2")
+        assert _C.cpu_isa() == "avx2"
+    lacking = ["neon"] if native != "neon" else ["avx2", "avx512"]
+    if native == "avx2":
+        lacking.append("avx512")
+    for value in (*lacking, "garbage"):
         monkeypatch.setenv("CANDLE_EXT_CPU_ISA", value)
         with pytest.raises(ValueError, match="CANDLE_EXT_CPU_ISA"):
             _C.cpu_isa()

@@ -36,6 +36,17 @@ if ! { command -v aarch64-linux-gnu-g++ && { command -v qemu-aarch64 || command 
     echo "   (could not install them; the aarch64 test in python_tests/test_cross_isa.py will skip)"
 fi
 
+# The AVX-512 kernel tests without AVX-512 hardware (python_tests/test_cross_isa.py): SIMDe's header-only
+# implementations of the AVX-512 intrinsics (Debian libsimde-dev). Without it that test skips (on CI it fails).
+if [ "$(uname -m)" = x86_64 ] && [ ! -f /usr/include/simde/x86/avx512.h ] && command -v apt-get >/dev/null 2>&1 \
+     && [ "$(id -u)" = 0 ]; then
+  echo "== installing libsimde-dev (Debian; the AVX-512 kernels tested under SIMDe emulation)"
+  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libsimde-dev >/dev/null 2>&1 ||
+     (apt-get update -q >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libsimde-dev >/dev/null)) ||
+    echo "   (could not install it; the AVX-512 emulation test in python_tests/test_cross_isa.py will skip)"
+fi
+
 # CI compiles the CUDA sources for Hopper only, to save time; users get the full default list.
 if [ "${CI:-}" = "true" ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST=9.0

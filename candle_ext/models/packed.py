@@ -90,16 +90,54 @@ class PackedBinaryConv2d(nn.Module):
         self.shift.copy_(shift)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, slope: Optional[torch.Tensor] = None,
-                post_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+                post_shift: Optional[torch.Tensor] = None, *, residual_pool: bool = False, channels_last: bool = False,
+                pack_threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The conv; optionally followed by + residual, PReLU(slope), + post_shift (a fused ReActNet block,
-        see PackedReActBlock), which the CPU kernel applies in its epilogue."""
-        return packed_inference_conv(x, self.threshold, self.weight_packed, self.in_channels, self.stride,
-                                     self.padding, self.dilation, self.scale, self.shift, residual, slope,
-                                     post_shift)
+        see PackedReActBlock), which the CPU kernel applies in its epilogue.
+
+        Fused chain (PackedReActBlock): residual_pool averages the residual (twice the output's size) over 2x2
+        windows first; channels_last returns the output in that memory format; pack_threshold also computes
+        the packed signs of the output against it, which the returned tensor carries (carried_words) for the
+        conv that binarises it next. An input that carries its own signs for this conv's threshold is not
+        packed again."""
+        words = carried_words(x, self.threshold)
+        if pack_threshold is None:
+            return packed_inference_conv(x, self.threshold, self.weight_packed, self.in_channels, self.stride,
+                                         self.padding, self.dilation, self.scale, self.shift, residual, slope,
+                                         post_shift, x_words=words, residual_pool=residual_pool,
+                                         channels_last=channels_last)
+        out, out_words = packed_inference_conv(x, self.threshold, self.weight_packed, self.in_channels, self.stride,
+                                               self.padding, self.dilation, self.scale, self.shift, residual, slope,
+                                               post_shift, x_words=words, residual_pool=residual_pool,
+                                               channels_last=channels_last, pack_threshold=pack_threshold,
+                                               pack=True)
+        carry_words(out, out_words, pack_threshold)
+        return out
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, threshold={self.threshold is not None}")
+
+
+# The packed signs a fused chain's output tensor carries for the next conv: (words, threshold tensor, the
+# threshold's version, the output's version). Valid while neither tensor changed (version counters) and only for
+# that very threshold tensor: a conv with another threshold, or after an in-place change, packs again.
+CHAIN_ATTR = "_candle_chain_words"
+
+
+def carry_words(out: torch.Tensor, words: torch.Tensor, threshold: Optional[torch.Tensor]):
+    """Attach sign_pack(out, threshold) = words to `out` for the next conv of a fused chain."""
+    if threshold is not None:
+        setattr(out, CHAIN_ATTR, (words, threshold, threshold._version, out._version))
+
+
+def carried_words(x: torch.Tensor, threshold: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """sign_pack(x, threshold) when x carries it (carry_words) and neither tensor changed since, else None."""
+    carried = getattr(x, CHAIN_ATTR, None) if threshold is not None else None
+    if carried is None:
+        return None
+    words, t, t_version, x_version = carried
+    return words if t is threshold and t._version == t_version and x._version == x_version else None
 
 
 def _first_packed(module: nn.Module) -> Optional[PackedBinaryConv2d]:
@@ -156,6 +194,18 @@ def _fold_sequential(seq: nn.Sequential):
             seq._modules[nxt] = nn.Identity()
 
 
+def _link_chains(seq: nn.Sequential):
+    """Consecutive children of a Sequential (nn.Identity between them skipped) where the first can also write the
+    packed signs of its output (chain_link: PackedReActBlock) and the second binarises its input first
+    (chain_threshold): link them, so that the fused chain packs each activation once. A runtime link only (no
+    submodule, no state_dict entry): the packed file format does not change."""
+    kids = [m for m in seq._modules.values() if m is not None and not isinstance(m, nn.Identity)]
+    for a, b in zip(kids, kids[1:]):
+        link = getattr(a, "chain_link", None)
+        if callable(link) and isinstance(getattr(b, "chain_threshold", None), torch.Tensor):
+            link(b)
+
+
 def _convert(module: nn.Module) -> nn.Module:
     if isinstance(module, BinaryConv2d):
         return PackedBinaryConv2d.from_binary(module)
@@ -164,6 +214,7 @@ def _convert(module: nn.Module) -> nn.Module:
             module._modules[name] = _convert(child)
     if isinstance(module, nn.Sequential):
         _fold_sequential(module)
+        _link_chains(module)
     # A module that knows its own dataflow may fold further once its children are packed (ReActBlock does).
     to_packed = getattr(module, "to_packed", None)
     return to_packed() if callable(to_packed) else module

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from candle_ext.models.packed import ARCH_ATTR, PackedBinaryConv2d
+from candle_ext.models.packed import ARCH_ATTR, PackedBinaryConv2d, carried_words, carry_words
 from candle_ext.nn.layers import BinaryConv2d, RPReLU, RSign
+from candle_ext.ops.binary_conv2d import packed_chain_available, packed_chain_conv, shortcut_avg_pool_2x2
 
 # MobileNetV1 plan: stem width, then the 13 blocks as (in, out, stride) for a stem of 32 channels.
 STEM_CHANNELS = 32
@@ -81,20 +82,31 @@ def _folded_conv(branch: nn.Module):
     return None
 
 
-def _avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
-    """The 2x2 stride-2 average pool of the shortcut; on even sizes as four strided adds, which is several
-    times faster than avg_pool2d on the CPU."""
-    if x.shape[-1] % 2 or x.shape[-2] % 2:
-        return F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
-    out = x[..., 0::2, 0::2] + x[..., 1::2, 0::2]
-    return out.add_(x[..., 0::2, 1::2]).add_(x[..., 1::2, 1::2]).mul_(0.25)
+# The shortcut pool of packed blocks (on even sizes four strided adds; the CPU kernel's residual_pool computes
+# the same in its epilogue).
+_avg_pool_2x2 = shortcut_avg_pool_2x2
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run forward hooks (its own or global ones)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or getattr(torch.nn.modules.module, "_global_forward_hooks", None)
+                or getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None))
 
 
 class PackedReActBlock(nn.Module):
     """Inference form of a ReActBlock, made by candle_ext.freeze. Besides the packed convs (threshold, scale
     and BN folded), RPReLU's input shifts are folded into the conv epilogues and the first RPReLU's output
     shift into the 1x1 conv (its threshold and its shift, which also carries the residual's share), so a block
-    is: conv, add shortcut, PReLU, conv, add residual (in place, no concat), PReLU, add zeta."""
+    is: conv, add shortcut, PReLU, conv, add residual (in place, no concat), PReLU, add zeta.
+
+    Fused chain (eager float32 on an AVX2/AVX-512 CPU: packed_chain_available): each conv is one kernel pass
+    with an NHWC epilogue that reads the residual channels-last (the stride-2 shortcut pooled on the fly) and
+    writes the output channels-last together with its packed signs for the next conv (the 3x3 conv's for the
+    1x1 conv; the 1x1 conv's for the next block's 3x3 conv, when freeze() linked the two: consecutive blocks of
+    an nn.Sequential). The next block takes those signs instead of packing its input again, as long as neither
+    the tensor nor its threshold changed since (version counters). A block without a linked successor returns
+    a contiguous (NCHW) tensor; the values are bit for bit those of the per-conv path."""
 
     def __init__(self, block: ReActBlock, conv3: PackedBinaryConv2d, conv1: PackedBinaryConv2d):
         super().__init__()
@@ -112,12 +124,52 @@ class PackedReActBlock(nn.Module):
         self.register_buffer("slope1", block.act1.prelu.weight.detach().float().expand(block.in_channels).clone())
         self.register_buffer("slope2", block.act2.prelu.weight.detach().float().expand(block.out_channels).clone())
         self.register_buffer("zeta2", z2.float().reshape(1, -1, 1, 1))
+        object.__setattr__(self, "_chain_next", None)  # not a submodule: no state_dict entry, no recursion
+
+    @property
+    def chain_threshold(self) -> torch.Tensor:
+        """The threshold this block binarises its input with (models/packed.py links chains by it)."""
+        return self._modules["conv3"]._buffers["threshold"]
+
+    def chain_link(self, successor: nn.Module):
+        """Write the packed signs of this block's output for `successor` (its chain_threshold) in the fused chain."""
+        object.__setattr__(self, "_chain_next", successor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if packed_chain_available(x):
+            return self._forward_chain(x)
         # The residual adds, PReLUs and zeta run in the convs' epilogues (on the CPU kernel; eager ops elsewhere).
         # A doubling block's residual [y, y] is y itself, repeated over the output channels (no concat).
         y = self.conv3(x, residual=_avg_pool_2x2(x) if self.stride == 2 else x, slope=self.slope1)
         return self.conv1(y, residual=y, slope=self.slope2, post_shift=self.zeta2)
+
+    def _forward_chain(self, x: torch.Tensor) -> torch.Tensor:
+        residual, pool = x, False
+        if self.stride == 2:
+            if x.shape[-1] % 2 or x.shape[-2] % 2:
+                residual = _avg_pool_2x2(x)
+            else:
+                pool = True  # averaged in the kernel's epilogue
+        successor = self._chain_next
+        next_threshold = None if successor is None else successor.chain_threshold
+        if next_threshold is not None and next_threshold.numel() != self.out_channels:
+            next_threshold = None  # not this block's consumer after all: end the chain here
+        c3, c1 = self._modules["conv3"], self._modules["conv1"]
+        b, b3, b1 = self._buffers, c3._buffers, c1._buffers  # direct: nn.Module.__getattr__ costs ~1 us a name
+        if _hooked(c3) or _hooked(c1):  # through the modules, so that their hooks see every call
+            y = c3(x, residual, b["slope1"], residual_pool=pool, channels_last=True, pack_threshold=b1["threshold"])
+            if next_threshold is None:
+                return c1(y, y, b["slope2"], b["zeta2"])
+            return c1(y, y, b["slope2"], b["zeta2"], channels_last=True, pack_threshold=next_threshold)
+        t3 = b3["threshold"]
+        y, y_words = packed_chain_conv(x, carried_words(x, t3), t3, b3["weight_packed"], c3.in_channels, c3.stride,
+                                       c3.padding, c3.dilation, b3["scale"], b3["shift"], residual, pool,
+                                       b["slope1"], None, True, b1["threshold"])
+        out, words = packed_chain_conv(y, y_words, b1["threshold"], b1["weight_packed"], c1.in_channels, c1.stride,
+                                       c1.padding, c1.dilation, b1["scale"], b1["shift"], y, False, b["slope2"],
+                                       b["zeta2"].view(-1), next_threshold is not None, next_threshold)
+        carry_words(out, words, next_threshold)
+        return out
 
     def extra_repr(self):
         return f"{self.in_channels} -> {self.out_channels}, stride={self.stride}"

@@ -8,6 +8,7 @@ Two custom ops:
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -197,11 +198,46 @@ def _post_ops(out: torch.Tensor, residual: Optional[torch.Tensor], slope: Option
     return out
 
 
+def shortcut_avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """The 2x2 stride-2 average pool of a ReActNet shortcut (ceil_mode, count_include_pad=False); on even sizes as
+    four strided adds, ((x00 + x10) + x01) + x11) * 0.25, which is several times faster than avg_pool2d on the CPU
+    and is what the CPU kernel's residual_pool computes."""
+    if x.shape[-1] % 2 or x.shape[-2] % 2:
+        return torch.nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
+    out = x[..., 0::2, 0::2] + x[..., 1::2, 0::2]
+    return out.add_(x[..., 0::2, 1::2]).add_(x[..., 1::2, 1::2]).mul_(0.25)
+
+
+def packed_chain_available(x: torch.Tensor) -> bool:
+    """Whether packed_inference_conv's chain mode takes its one-pass kernel path for input `x`: an eager call on a
+    plain float32 CPU tensor, served by the cpu backend on an AVX2 or AVX-512 kernel path (elsewhere the chain
+    mode gives the same values through eager ops, and frozen models keep their per-conv path)."""
+    if not (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+        return False
+    # The answer depends only on the install and on these variables (read on every call, as the kernels do):
+    # remembered per value, since a frozen network asks for every conv.
+    key = tuple(os.environ.get(name) for name in _CHAIN_ENV)
+    ok = _chain_cache.get(key)
+    if ok is None:
+        module = backend.compiled_module()
+        ok = (backend.select("binary_conv2d", "cpu", _IMPLS) == "cpu" and hasattr(module, "binary_conv2d_cpu_nhwc")
+              and module.cpu_isa() in ("avx2", "avx512"))
+        _chain_cache[key] = ok
+    return ok
+
+
+_CHAIN_ENV = ("CANDLE_EXT_BACKEND", "CANDLE_EXT_CPU_ISA", "TRITON_INTERPRET")
+_chain_cache = {}
+
+
 def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_packed: torch.Tensor,
                           in_channels: int, stride: Tuple[int, int], padding: Tuple[int, int],
                           dilation: Tuple[int, int], scale: torch.Tensor, shift: torch.Tensor,
                           residual: Optional[torch.Tensor] = None, slope: Optional[torch.Tensor] = None,
-                          post_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          post_shift: Optional[torch.Tensor] = None, *, x_words: Optional[torch.Tensor] = None,
+                          residual_pool: bool = False, channels_last: bool = False,
+                          pack_threshold: Optional[torch.Tensor] = None, pack: bool = False):
     """sign(x - threshold) packed, then the packed conv with the float epilogue acc * scale + shift, in x's
     dtype (computed in float32 for float64 x): the forward of a frozen binary conv (models/packed.py), whose
     stride/padding/dilation are already pairs of ints. Optionally the rest of a ReActNet block follows:
@@ -212,10 +248,74 @@ def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_
     ReActNet-A layers; for float32 the kernel's epilogue also applies the residual, PReLU and shift (one pass
     over the output instead of three eager ops, each rounded the same way). Under torch.compile/export,
     torch.jit.trace, on tensor subclasses and on other backends the custom ops and eager ops run.
+
+    Chain mode (the fused chains of frozen models, models/reactnet.py), keyword-only:
+      x_words        sign_pack(x, threshold), when the previous conv already wrote it (then x is not packed again)
+      residual_pool  the residual has twice the output's size and is averaged over 2x2 windows first
+                     (shortcut_avg_pool_2x2)
+      channels_last  the output in channels_last memory format
+      pack           also return sign_pack(out, pack_threshold): (out, words), the next conv's input
+    With packed_chain_available(x) (float32, AVX2/AVX-512) one kernel pass computes all of it (NHWC epilogue:
+    the residual read channels-last and pooled on the fly, the output's signs packed as it is written);
+    otherwise the same values come from the path above and eager ops.
     """
     validate.tensor("x", x, validate.FLOAT_DTYPES, ndim=4)
     if x.shape[1] != in_channels:  # pad bits would hide a mismatch within one word
         raise ValueError(f"x has {x.shape[1]} channels, expected {in_channels}")
+    chain = x_words is not None or residual_pool or channels_last or pack
+    if chain and packed_chain_available(x) and (residual is None or (type(residual) is torch.Tensor
+                                                                     and residual.dtype == torch.float32)):
+        module = backend.compiled_module()
+        if x_words is None:
+            x_words = module.sign_pack_cpu(x, threshold)
+        elif x_words.shape != (x.shape[0], x.shape[2], x.shape[3], (in_channels + 31) // 32):
+            raise ValueError(f"x_words has shape {tuple(x_words.shape)}, expected the packed shape of x "
+                             f"{tuple(x.shape)}")
+        if scale.dtype != torch.float32 or shift.dtype != torch.float32:
+            scale, shift = scale.float(), shift.float()
+        if pack_threshold is not None and pack_threshold.dtype != torch.float32:
+            pack_threshold = pack_threshold.float()
+        out, words = module.binary_conv2d_cpu_nhwc(
+            x_words, w_packed.contiguous(), in_channels, stride[0], stride[1], padding[0], padding[1], dilation[0],
+            dilation[1], scale.contiguous(), shift.contiguous(), residual, residual_pool,
+            None if slope is None else slope.float().contiguous(),
+            None if post_shift is None else post_shift.float().reshape(-1).contiguous(), True, pack,
+            None if pack_threshold is None else pack_threshold.contiguous())
+        if not channels_last:
+            out = out.contiguous()
+        return (out, words) if pack else out
+    if residual_pool:
+        residual = shortcut_avg_pool_2x2(residual)
+    out = _packed_inference_conv(x, threshold, w_packed, in_channels, stride, padding, dilation, scale, shift,
+                                 residual, slope, post_shift)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return (out, sign_pack(out, pack_threshold)) if pack else out
+
+
+def packed_chain_conv(x: torch.Tensor, x_words: Optional[torch.Tensor], threshold: torch.Tensor,
+                      w_packed: torch.Tensor, in_channels: int, stride: Tuple[int, int], padding: Tuple[int, int],
+                      dilation: Tuple[int, int], scale: torch.Tensor, shift: torch.Tensor,
+                      residual: Optional[torch.Tensor], residual_pool: bool, slope: Optional[torch.Tensor],
+                      post_shift: Optional[torch.Tensor], channels_last: bool,
+                      pack_threshold: Optional[torch.Tensor]):
+    """packed_inference_conv's chain mode without its Python checks and fallbacks, for a caller that established
+    packed_chain_available(x) and passes float32 contiguous per-channel tensors (frozen models' buffers) and
+    x_words = sign_pack(x, threshold) or None: the frozen ReActNet chain, where the Python work per conv
+    outweighed the kernel on the small layers. The C++ entry points still check every tensor they get.
+    Returns (out, sign_pack(out, pack_threshold) or an empty tensor without pack_threshold)."""
+    module = backend.compiled_module()
+    if x_words is None:
+        x_words = module.sign_pack_cpu(x, threshold)
+    out, words = module.binary_conv2d_cpu_nhwc(x_words, w_packed, in_channels, stride[0], stride[1], padding[0],
+                                               padding[1], dilation[0], dilation[1], scale, shift, residual,
+                                               residual_pool, slope, post_shift, True, pack_threshold is not None,
+                                               pack_threshold)
+    return (out if channels_last else out.contiguous()), words
+
+
+def _packed_inference_conv(x, threshold, w_packed, in_channels, stride, padding, dilation, scale, shift, residual,
+                           slope, post_shift):
     out_dtype = x.dtype if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
     if threshold is not None and threshold.dtype != x.dtype:
         threshold = threshold.to(x.dtype)

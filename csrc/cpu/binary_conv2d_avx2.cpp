@@ -280,13 +280,16 @@ std::shared_ptr<const WeightLayout> build_layout(const uint8_t* w, int64_t cout,
   lay->source.assign(w, w + cout * kbytes);
   lay->cout = cout;
   lay->kbytes = kbytes;
-  // Output-channel blocks of <= kMaxGroups groups of 16, balanced.
+  // Output-channel blocks of <= kMaxGroups groups of 16, balanced, each (but the last) an even number of groups:
+  // every block starts on a 32-channel boundary, so the packed output words of NHWC mode have one writer.
   const int64_t ngroups = (cout + kGroup - 1) / kGroup;
-  const int64_t nblocks = (ngroups + kMaxGroups - 1) / kMaxGroups;
+  const int64_t npairs = (ngroups + 1) / 2, max_pairs = kMaxGroups / 2;
+  const int64_t nblocks = (npairs + max_pairs - 1) / max_pairs;
   lay->storage.resize(static_cast<size_t>(ngroups * kbytes * 32 + 64));
   uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(lay->storage.data()) + 63) & ~uintptr_t(63));
   for (int64_t b = 0, g0 = 0; b < nblocks; ++b) {
-    const int groups = static_cast<int>(ngroups / nblocks + (b < ngroups % nblocks ? 1 : 0));
+    const int64_t pairs = npairs / nblocks + (b < npairs % nblocks ? 1 : 0);
+    const int groups = static_cast<int>(std::min<int64_t>(2 * pairs, ngroups - g0));
     lay->blocks.push_back({g0, groups, base + g0 * kbytes * 32});
     g0 += groups;
   }
@@ -439,9 +442,172 @@ CANDLE_AVX2 void write_tile(const S* part, int64_t width, const int32_t* base, i
 #undef CANDLE_WRITE_TILE
 }
 
+// The first n (< 8) floats at p, the others 0 (no read past them).
+CANDLE_AVX2_INLINE __m256 load_first(const float* p, int64_t n) {
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+CANDLE_AVX2_INLINE __m256 load_channels(const float* p, int64_t n) { return n == 8 ? _mm256_loadu_ps(p) : load_first(p, n); }
+
+// NHWC mode: the residual of channels co .. co + n - 1 (n <= 8) at output pixel (oy, ox) of image img.
+CANDLE_AVX2_INLINE __m256 residual8(const Post& post, const ConvGeometry& g, int64_t img, int64_t oy, int64_t ox,
+                                    int64_t co, int64_t n) {
+  const int64_t rc = post.res_channels, ch = co % rc;
+  if (n == 8 && ch + 8 <= rc) {  // 8 contiguous channels (rc a multiple of 8: every ReActNet layer)
+    if (!post.res_pool) return _mm256_loadu_ps(post.residual + ((img * g.ho + oy) * g.wo + ox) * rc + ch);
+    const int64_t row = 2 * g.wo * rc;
+    const float* r = post.residual + ((img * 2 * g.ho + 2 * oy) * 2 * g.wo + 2 * ox) * rc + ch;
+    __m256 v = _mm256_add_ps(_mm256_loadu_ps(r), _mm256_loadu_ps(r + row));
+    v = _mm256_add_ps(v, _mm256_loadu_ps(r + rc));
+    v = _mm256_add_ps(v, _mm256_loadu_ps(r + row + rc));
+    v = _mm256_mul_ps(v, _mm256_set1_ps(0.25f));
+    __asm__("" : "+x"(v));  // rounded on its own before it is added
+    return v;
+  }
+  alignas(32) float tmp[8] = {};
+  for (int64_t j = 0; j < n; ++j) tmp[j] = residual_nhwc(post, img, co + j, oy, ox, g.ho, g.wo);
+  return _mm256_load_ps(tmp);
+}
+
+// NHWC mode epilogue: partial popcounts [npix][width] of pixels q0 .. q0 + npix - 1 of image img -> float
+// values of channels c0 .. c0 + ncout - 1, stored channels-last and/or as packed signs. c0 is a multiple of 32.
+template <typename S>
+CANDLE_AVX2 void write_tile_nhwc(const S* part, int64_t width, const int32_t* base, int64_t npix, int64_t img,
+                                 int64_t q0, int64_t c0, int64_t ncout, const ConvGeometry& g, float* out_f,
+                                 const float* scale, const float* shift, const Post& post) {
+  const int64_t out_words = (g.cout + 31) / 32;
+  int64_t oy = q0 / g.wo, ox = q0 % g.wo;
+  for (int64_t p = 0; p < npix; ++p) {
+    const int64_t pix = (img * g.ho + oy) * g.wo + ox;
+    const __m256i b = _mm256_set1_epi32(base[p]);
+    const S* row = part + p * width;
+    uint32_t word = 0;
+    for (int64_t j = 0; j < ncout; j += 8) {
+      const int64_t co = c0 + j, n = std::min<int64_t>(8, ncout - j);
+      __m256i pop;
+      if constexpr (sizeof(S) == 2) {
+        pop = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
+      } else {
+        pop = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
+      }
+      __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(b, _mm256_slli_epi32(pop, 1)));
+      if (scale) {
+        v = _mm256_mul_ps(v, load_channels(scale + co, n));
+        __asm__("" : "+x"(v));  // no FMA contraction: round the product first, like the reference
+      }
+      if (shift) v = _mm256_add_ps(v, load_channels(shift + co, n));
+      if (post.residual) v = _mm256_add_ps(v, residual8(post, g, img, oy, ox, co, n));
+      if (post.slope) {
+        __m256 neg = _mm256_mul_ps(v, load_channels(post.slope + co, n));
+        __asm__("" : "+x"(neg));  // rounded on its own, like torch.prelu
+        v = _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
+      }
+      if (post.post_shift) v = _mm256_add_ps(v, load_channels(post.post_shift + co, n));
+      if (out_f) {
+        float* o = out_f + pix * g.cout + co;
+        if (n == 8) {
+          _mm256_storeu_ps(o, v);
+        } else {
+          _mm256_maskstore_ps(o, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
+        }
+      }
+      if (post.packed) {
+        const __m256 t = post.pack_threshold ? load_channels(post.pack_threshold + co, n) : _mm256_setzero_ps();
+        const uint32_t bits = static_cast<uint32_t>(
+            _mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(v, t), _mm256_setzero_ps(), _CMP_GE_OQ)));
+        word |= (bits & ((1u << n) - 1)) << (co % 32);
+        if ((co + 8) % 32 == 0 || j + 8 >= ncout) {
+          post.packed[pix * out_words + co / 32] = word;
+          word = 0;
+        }
+      }
+    }
+    if (++ox == g.wo) {
+      ox = 0;
+      ++oy;
+    }
+  }
+}
+
+// NHWC mode epilogue, the fast form (no residual, or one whose channel count is a multiple of 8): channel chunks
+// outermost, so the per-channel parameters (NhwcParams: identities where a step is absent) stay in registers
+// over the tile's pixels; one branch-free body per residual mode. pix / res_off: nhwc_pixel_offsets.
+template <typename S, int kRes, bool kOut, bool kPack>
+CANDLE_AVX2 void write_tile_nhwc_fast(const S* part, int64_t width, const int32_t* base, int64_t npix,
+                                      const int64_t* pix, const int64_t* res_off, int64_t c0, int64_t ncout,
+                                      const ConvGeometry& g, float* out_f, const NhwcParams& prm, const Post& post) {
+  uint32_t words[kTile][kMaxGroups * kGroup / 32] = {};
+  const int64_t rc = post.res_channels, row = 2 * g.wo * rc;
+  for (int64_t j = 0; j < ncout; j += 8) {
+    const int64_t co = c0 + j, n = std::min<int64_t>(8, ncout - j);
+    const __m256 sc = _mm256_loadu_ps(prm.scale + co), sh = _mm256_loadu_ps(prm.shift + co);
+    const __m256 sl = _mm256_loadu_ps(prm.slope + co), ps = _mm256_loadu_ps(prm.post_shift + co);
+    const __m256 th = _mm256_loadu_ps(prm.threshold + co), zero = _mm256_setzero_ps();
+    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const float* res = kRes ? post.residual + co % rc : nullptr;
+    for (int64_t p = 0; p < npix; ++p) {
+      __m256i pop;
+      if constexpr (sizeof(S) == 2) {
+        pop = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(part + p * width + j)));
+      } else {
+        pop = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(part + p * width + j));
+      }
+      __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_set1_epi32(base[p]), _mm256_slli_epi32(pop, 1)));
+      v = _mm256_mul_ps(v, sc);
+      __asm__("" : "+x"(v));  // no FMA contraction: every step rounds on its own, like the eager ops
+      v = _mm256_add_ps(v, sh);
+      if constexpr (kRes == 1) v = _mm256_add_ps(v, _mm256_loadu_ps(res + res_off[p]));
+      if constexpr (kRes == 2) {
+        const float* r = res + res_off[p];
+        __m256 a = _mm256_add_ps(_mm256_loadu_ps(r), _mm256_loadu_ps(r + row));
+        a = _mm256_add_ps(a, _mm256_loadu_ps(r + rc));
+        a = _mm256_add_ps(a, _mm256_loadu_ps(r + row + rc));
+        a = _mm256_mul_ps(a, _mm256_set1_ps(0.25f));
+        __asm__("" : "+x"(a));
+        v = _mm256_add_ps(v, a);
+      }
+      __m256 neg = _mm256_mul_ps(v, sl);
+      __asm__("" : "+x"(neg));
+      v = _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
+      v = _mm256_add_ps(v, ps);
+      if constexpr (kOut) {
+        float* o = out_f + pix[p] * g.cout + co;
+        if (n == 8) {
+          _mm256_storeu_ps(o, v);
+        } else {
+          _mm256_maskstore_ps(o, lanes, v);
+        }
+      }
+      if constexpr (kPack) {
+        const uint32_t bits =
+            static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(v, th), zero, _CMP_GE_OQ)));
+        words[p][j / 32] |= (bits & ((1u << n) - 1)) << (j % 32);
+      }
+    }
+  }
+  if constexpr (kPack) {
+    const int64_t out_words = (g.cout + 31) / 32, nw = (ncout + 31) / 32;
+    for (int64_t p = 0; p < npix; ++p) {
+      for (int64_t k = 0; k < nw; ++k) post.packed[pix[p] * out_words + c0 / 32 + k] = words[p][k];
+    }
+  }
+}
+
+template <typename S>
+using NhwcTileFn = void (*)(const S*, int64_t, const int32_t*, int64_t, const int64_t*, const int64_t*, int64_t, int64_t,
+                            const ConvGeometry&, float*, const NhwcParams&, const Post&);
+
+template <typename S, int kRes>
+constexpr NhwcTileFn<S> kNhwcTileFns[4] = {nullptr, write_tile_nhwc_fast<S, kRes, false, true>,
+                                           write_tile_nhwc_fast<S, kRes, true, false>,
+                                           write_tile_nhwc_fast<S, kRes, true, true>};
+
 struct AvxPlan {
   ConvGeometry g;
-  int64_t channels, bt, hp, wp, hw, ntiles;
+  int64_t channels, bt, hp, wp, hw, ntiles, tile;
   std::vector<Block> blocks;
   std::vector<Segment> segs;
   std::vector<Chunk> chunks;
@@ -452,6 +618,7 @@ struct AvxPlan {
   int32_t* out_i;
   float* out_f;
   Post post;
+  const NhwcParams* nhwc = nullptr;  // NHWC mode's prepared parameters
 };
 
 // Tasks [begin, end) of (block, image, tile): popcounts chunk by chunk into partial sums, then the epilogue.
@@ -467,9 +634,11 @@ CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
   const int32_t chans = static_cast<int32_t>(pl.channels);
   const int32_t* valid_x = pl.valid_x.data();
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t tile = task % pl.ntiles, img = (task / pl.ntiles) % g.n;
-    const Block& blk = pl.blocks[task / (pl.ntiles * g.n)];
-    const int64_t q0 = tile * kTile, npix = std::min<int64_t>(kTile, pl.hw - q0);
+    // Tile-major: the output-channel blocks of one tile are neighbouring tasks.
+    const int64_t nblocks = static_cast<int64_t>(pl.blocks.size());
+    const Block& blk = pl.blocks[task % nblocks];
+    const int64_t tile = (task / nblocks) % pl.ntiles, img = task / (nblocks * pl.ntiles);
+    const int64_t q0 = tile * pl.tile, npix = std::min<int64_t>(pl.tile, pl.hw - q0);
     const int64_t width = blk.groups * kGroup;
     // Incremental pixel setup (no multiplies per pixel): with few channels it is a visible share of the call.
     int64_t oy = q0 / g.wo, ox = q0 % g.wo;
@@ -504,6 +673,20 @@ CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
       }
     }
     const int64_t c0 = blk.g0 * kGroup, ncout = std::min<int64_t>(width, g.cout - c0);
+    if (pl.post.nhwc) {
+      if (pl.post.residual && pl.post.res_channels % 8 != 0) {  // residual channels not in whole vectors: generic
+        write_tile_nhwc(part.data(), width, base, npix, img, q0, c0, ncout, g, pl.out_f, pl.scale, pl.shift, pl.post);
+        continue;
+      }
+      int64_t pix_index[kTile], res_off[kTile];
+      nhwc_pixel_offsets(g, pl.post, img, q0, npix, pix_index, res_off);
+      const int fn = (pl.out_f ? 2 : 0) + (pl.post.packed ? 1 : 0);
+      const NhwcTileFn<S> write = pl.nhwc->res_mode == 0   ? kNhwcTileFns<S, 0>[fn]
+                                  : pl.nhwc->res_mode == 1 ? kNhwcTileFns<S, 1>[fn]
+                                                           : kNhwcTileFns<S, 2>[fn];
+      write(part.data(), width, base, npix, pix_index, res_off, c0, ncout, g, pl.out_f, *pl.nhwc, pl.post);
+      continue;
+    }
     const int64_t out_off = img * g.cout * pl.hw + q0;
     Post post = pl.post;
     if (post.residual) post.residual += img * post.res_channels * pl.hw + q0;
@@ -523,12 +706,17 @@ void binary_conv2d_avx2(const ConvGeometry& g, int64_t channels, const uint32_t*
   pl.hp = g.h + 2 * g.ph;
   pl.wp = g.w + 2 * g.pw;
   pl.hw = g.ho * g.wo;
-  pl.ntiles = (pl.hw + kTile - 1) / kTile;
+  pixel_tiles(g.n, pl.hw, kTile, parallel_threads(), pl.ntiles, pl.tile);
   pl.scale = scale;
   pl.shift = shift;
   pl.out_i = out_i;
   pl.out_f = out_f;
   pl.post = post;
+  std::unique_ptr<NhwcParams> nhwc;
+  if (post.nhwc) {
+    nhwc.reset(new NhwcParams(g.cout, scale, shift, post));
+    pl.nhwc = nhwc.get();
+  }
   const int64_t bt = pl.bt, kbytes = g.kh * g.kw * bt;
   for (int64_t o = 0; o < g.ho; ++o) {
     int64_t lo, hi;

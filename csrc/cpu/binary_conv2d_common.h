@@ -4,7 +4,9 @@
 // the input: sum over valid taps of (C - 2 * popcount(x_tap XOR w_tap)) = valid_taps * C - 2 * popcount_sum.
 // Pad bits (channels past C in the last word) are 0 in both operands, so they never count.
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "kernels.h"
 
@@ -26,6 +28,19 @@ CANDLE_INLINE void valid_taps(int64_t o, int64_t stride, int64_t pad, int64_t di
   while (lo < k && start + lo * dil < 0) ++lo;
   hi = k;
   while (hi > lo && start + (hi - 1) * dil >= size) --hi;
+}
+
+// Pixel tiles of the vector paths: at most max_tile pixels each, equal sizes, and, when an image has few tiles,
+// a multiple of the thread count of them, so that tile-major tasks (every output-channel block of a tile in a
+// row) split into equal shares (parallel_for gives each thread a contiguous range of tasks).
+CANDLE_INLINE void pixel_tiles(int64_t n, int64_t hw, int64_t max_tile, int64_t threads, int64_t& ntiles,
+                               int64_t& tile) {
+  ntiles = (hw + max_tile - 1) / max_tile;
+  if (threads > 1 && n * ntiles < 16 * threads && n % threads != 0) {
+    ntiles = std::min(hw, (ntiles + threads - 1) / threads * threads);
+  }
+  tile = (hw + ntiles - 1) / ntiles;
+  ntiles = (hw + tile - 1) / tile;
 }
 
 // a * b rounded to float32 on its own: the empty asm (or volatile) keeps the compiler from contracting it
@@ -60,6 +75,82 @@ CANDLE_INLINE float post_ops(float v, const Post& post, int64_t img, int64_t co,
   if (post.slope && !(v > 0.0f)) v = mul_rounded(v, post.slope[co]);
   if (post.post_shift) v = v + post.post_shift[co];
   return v;
+}
+
+// NHWC mode, prepared once per call for the vector epilogues: the per-channel parameters padded to `cpad`
+// channels (a multiple of 16) and with identities where a step is absent, so that one branch-free body serves
+// every combination: scale 1 (v * 1 = v), shift and post_shift -0.0 (v + -0.0 = v, -0.0 included), slope 1
+// (PReLU with slope 1 is the identity), threshold 0.
+struct NhwcParams {
+  std::vector<float> store;
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  const float* slope = nullptr;
+  const float* post_shift = nullptr;
+  const float* threshold = nullptr;
+  int64_t cpad = 0;
+  int res_mode = 0;  // 0 no residual, 1 residual, 2 residual pooled over 2x2 windows
+
+  NhwcParams(int64_t cout, const float* sc, const float* sh, const Post& post) {
+    cpad = (cout + 15) / 16 * 16;
+    store.assign(static_cast<size_t>(5 * cpad), 0.0f);
+    float* d = store.data();
+    const float* src[5] = {sc, sh, post.slope, post.post_shift, post.pack_threshold};
+    const float identity[5] = {1.0f, -0.0f, 1.0f, -0.0f, 0.0f};
+    for (int k = 0; k < 5; ++k) {
+      for (int64_t c = 0; c < cpad; ++c) d[k * cpad + c] = src[k] && c < cout ? src[k][c] : identity[k];
+    }
+    scale = d;
+    shift = d + cpad;
+    slope = d + 2 * cpad;
+    post_shift = d + 3 * cpad;
+    threshold = d + 4 * cpad;
+    res_mode = post.residual ? (post.res_pool ? 2 : 1) : 0;
+  }
+};
+
+// NHWC mode: per output pixel q0 .. q0 + npix - 1 of image img (row-major), its index in the NHWC output and
+// the offset of its residual (channel 0; the top-left of its 2x2 window when pooled).
+inline void nhwc_pixel_offsets(const ConvGeometry& g, const Post& post, int64_t img, int64_t q0, int64_t npix,
+                               int64_t* pix, int64_t* res_off) {
+  int64_t oy = q0 / g.wo, ox = q0 % g.wo;
+  for (int64_t p = 0; p < npix; ++p) {
+    pix[p] = (img * g.ho + oy) * g.wo + ox;
+    res_off[p] = post.res_pool ? ((img * 2 * g.ho + 2 * oy) * 2 * g.wo + 2 * ox) * post.res_channels
+                               : pix[p] * post.res_channels;
+    if (++ox == g.wo) {
+      ox = 0;
+      ++oy;
+    }
+  }
+}
+
+// NHWC mode (kernels.h): the residual of output pixel (oy, ox), channel co; pooled over its 2x2 window with
+// res_pool, in the order of models/reactnet.py's _avg_pool_2x2.
+CANDLE_INLINE float residual_nhwc(const Post& post, int64_t img, int64_t co, int64_t oy, int64_t ox, int64_t ho,
+                                  int64_t wo) {
+  const int64_t rc = post.res_channels, ch = co % rc;
+  if (!post.res_pool) return post.residual[((img * ho + oy) * wo + ox) * rc + ch];
+  const int64_t row = 2 * wo * rc;
+  const float* r = post.residual + ((img * 2 * ho + 2 * oy) * 2 * wo + 2 * ox) * rc + ch;
+  float s = r[0] + r[row];
+  s = s + r[rc];
+  s = s + r[row + rc];
+  return mul_rounded(s, 0.25f);
+}
+
+// The Post steps on one value in NHWC mode.
+CANDLE_INLINE float post_ops_nhwc(float v, const Post& post, int64_t img, int64_t co, int64_t oy, int64_t ox,
+                                  int64_t ho, int64_t wo) {
+  if (post.residual) v = v + residual_nhwc(post, img, co, oy, ox, ho, wo);
+  if (post.slope && !(v > 0.0f)) v = mul_rounded(v, post.slope[co]);
+  if (post.post_shift) v = v + post.post_shift[co];
+  return v;
+}
+
+// The packed sign of a final value (NHWC mode's packed output): v - threshold >= 0.
+CANDLE_INLINE bool packed_sign(float v, const Post& post, int64_t co) {
+  return v - (post.pack_threshold ? post.pack_threshold[co] : 0.0f) >= 0.0f;
 }
 
 }  // namespace cpu

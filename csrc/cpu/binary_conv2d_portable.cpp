@@ -85,6 +85,8 @@ CANDLE_INLINE void portable_rows_impl(const PortableArgs& a, int64_t begin, int6
       valid_taps(ox, g.sw, g.pw, g.dw, g.kw, g.w, kx0, kx1);
       const int64_t base = (ky1 - ky0) * (kx1 - kx0) * a.channels;
       const int64_t pix = oy * g.wo + ox;
+      const int64_t nhwc_pix = (img * g.ho + oy) * g.wo + ox;  // the pixel's index in NHWC mode
+      uint32_t word = 0;                                       // NHWC mode: packed signs of the current word
       for (int64_t co0 = 0; co0 < g.cout; co0 += kBlock) {
         const int64_t nco = std::min<int64_t>(kBlock, g.cout - co0);
         int64_t pop[kBlock] = {};
@@ -97,11 +99,24 @@ CANDLE_INLINE void portable_rows_impl(const PortableArgs& a, int64_t begin, int6
         }
         for (int64_t j = 0; j < nco; ++j) {
           const int32_t acc = static_cast<int32_t>(base - 2 * pop[j]);
-          const int64_t o = (img * g.cout + co0 + j) * hw + pix;
+          const int64_t co = co0 + j;
+          if (a.post.nhwc) {
+            const float v = post_ops_nhwc(epilogue(acc, a.scale, a.shift, co), a.post, img, co, oy, ox, g.ho, g.wo);
+            if (a.out_f) a.out_f[nhwc_pix * g.cout + co] = v;
+            if (a.post.packed) {
+              if (packed_sign(v, a.post, co)) word |= 1u << (co % 32);
+              if (co % 32 == 31 || co == g.cout - 1) {
+                a.post.packed[nhwc_pix * ((g.cout + 31) / 32) + co / 32] = word;
+                word = 0;
+              }
+            }
+            continue;
+          }
+          const int64_t o = (img * g.cout + co) * hw + pix;
           if (a.out_i) {
             a.out_i[o] = acc;
           } else {
-            a.out_f[o] = post_ops(epilogue(acc, a.scale, a.shift, co0 + j), a.post, img, co0 + j, pix, hw);
+            a.out_f[o] = post_ops(epilogue(acc, a.scale, a.shift, co), a.post, img, co, pix, hw);
           }
         }
       }

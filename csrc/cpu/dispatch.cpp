@@ -12,6 +12,11 @@ void sign_pack(Isa isa, const PackJob& j, bool nhwc) {
       if (sign_pack_avx2(j, nhwc)) return;
       break;
 #endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+    case Isa::Avx512:
+      if (sign_pack_avx512(j, nhwc)) return;
+      break;
+#endif
 #if defined(CANDLE_HAVE_NEON_PATH)
     case Isa::Neon:
       if (sign_pack_neon(j, nhwc)) return;
@@ -30,13 +35,19 @@ void binary_conv2d(Isa isa, const ConvGeometry& g, int64_t channels, const uint3
     case Isa::Avx2:
       return binary_conv2d_avx2(g, channels, x, w, scale, shift, out_i, out_f, post);
 #endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+    case Isa::Avx512:
+      return binary_conv2d_avx512(g, channels, x, w, scale, shift, out_i, out_f, post);
+#endif
 #if defined(CANDLE_HAVE_NEON_PATH)
     case Isa::Neon:
+      if (post.nhwc) break;  // NHWC mode: the portable path
       return binary_conv2d_neon(g, channels, x, w, scale, shift, out_i, out_f, post);
 #endif
     default:
-      return binary_conv2d_portable(g, channels, x, w, scale, shift, out_i, out_f, post);
+      break;
   }
+  binary_conv2d_portable(g, channels, x, w, scale, shift, out_i, out_f, post);
 }
 
 }  // namespace cpu

@@ -2,8 +2,8 @@
 // (sign_pack.cpp, binary_conv2d.cpp) validate their tensors and call the dispatchers at the bottom; the
 // cross-compiled test driver (python_tests/cross/driver.cpp) calls the same dispatchers on data read from files.
 //
-// Files: <op>_portable.cpp (every CPU), <op>_avx2.cpp (x86-64), <op>_neon.cpp (aarch64), dispatch.cpp (which
-// path serves a call, from isa.h). The cores trust their arguments: the entry points check them.
+// Files: <op>_portable.cpp (every CPU), <op>_avx2.cpp and <op>_avx512.cpp (x86-64), <op>_neon.cpp (aarch64),
+// dispatch.cpp (which path serves a call, from isa.h). The cores trust their arguments: the entry points check them.
 #pragma once
 #include <cstdint>
 
@@ -42,6 +42,9 @@ void sign_pack_portable(const PackJob& j);
 #if defined(CANDLE_HAVE_AVX2_PATH)
 bool sign_pack_avx2(const PackJob& j, bool nhwc);  // false: not served (float64), take the portable path
 #endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+bool sign_pack_avx512(const PackJob& j, bool nhwc);  // false: not served (float64), take the portable path
+#endif
 #if defined(CANDLE_HAVE_NEON_PATH)
 bool sign_pack_neon(const PackJob& j, bool nhwc);  // false: not served (float64), take the portable path
 #endif
@@ -59,19 +62,38 @@ struct ConvGeometry {
 // rounded like the eager op it replaces: v += residual[n, co % res_channels, y, x] (a residual with fewer
 // channels repeats, as the doubling blocks' concat [y, y] does); v = v > 0 ? v : v * slope[co] (PReLU);
 // v += post_shift[co].
+//
+// NHWC mode (nhwc = true; the fused chains of frozen models, float epilogue only) changes where the results go
+// and where the residual is read:
+//   - out_f, when set, is channels-last [N, Ho, Wo, Cout];
+//   - the residual is channels-last [N, Hr, Wr, res_channels] with (Hr, Wr) = (Ho, Wo), or (2 Ho, 2 Wo) with
+//     res_pool, which averages each 2x2 window first as models/reactnet.py's shortcut does:
+//     ((r[0,0] + r[1,0]) + r[0,1]) + r[1,1]) * 0.25, each step rounded;
+//   - packed, when set, receives the sign_pack of the final values, fused: words [N, Ho, Wo, ceil(Cout/32)],
+//     bit = v - pack_threshold[co] >= 0 (float32 subtraction; threshold 0 when null; NaN packs as -1), pad bits
+//     0. out_f may then be null (only the packed signs are wanted).
 struct Post {
-  const float* residual = nullptr;  // NCHW [N, res_channels, Ho, Wo]
+  const float* residual = nullptr;  // NCHW [N, res_channels, Ho, Wo], or as above in NHWC mode
   int64_t res_channels = 0;
   const float* slope = nullptr;
   const float* post_shift = nullptr;
+  bool nhwc = false;
+  bool res_pool = false;
+  uint32_t* packed = nullptr;
+  const float* pack_threshold = nullptr;
 };
 
-// Exactly one of out_i / out_f is set; scale, shift and post need out_f.
+// Exactly one of out_i / out_f is set; scale, shift and post need out_f. In NHWC mode out_i is null, and out_f
+// or post.packed (or both) is set.
 void binary_conv2d_portable(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
                             const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
 #if defined(CANDLE_HAVE_AVX2_PATH)
 void binary_conv2d_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
                         const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
+#endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+void binary_conv2d_avx512(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
+                          const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
 #endif
 #if defined(CANDLE_HAVE_NEON_PATH)
 void binary_conv2d_neon(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
@@ -80,7 +102,8 @@ void binary_conv2d_neon(const ConvGeometry& g, int64_t channels, const uint32_t*
 
 // ------------------------------------------------------------------------------------------------------------
 // Dispatch (dispatch.cpp): run the kernel on `isa`'s path, or on the portable path where `isa` has none for
-// this call. The entry points pass the path isa.h chose (choose_isa); the test driver names it.
+// this call (NEON: NHWC mode). The entry points pass the path isa.h chose (choose_isa); the test driver names
+// it.
 
 void sign_pack(Isa isa, const PackJob& j, bool nhwc);
 void binary_conv2d(Isa isa, const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,

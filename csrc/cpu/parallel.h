@@ -1,7 +1,8 @@
 // parallel_for for the kernel cores. In the extension it is ATen's (threads follow torch.set_num_threads and
 // share torch's pool); a program built with -DCANDLE_EXT_TORCH_FREE (the test driver in python_tests/cross/)
 // defines candle::cpu::parallel_for_impl itself. Same contract either way: f(b, e) over disjoint ranges that
-// cover [begin, end), each at least `grain` long unless the whole range is shorter.
+// cover [begin, end), each at least `grain` long unless the whole range is shorter; parallel_threads() says how
+// many threads it may use.
 #pragma once
 #include <cstdint>
 
@@ -12,6 +13,7 @@ namespace candle {
 namespace cpu {
 
 void parallel_for_impl(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& f);
+int64_t parallel_threads();  // the threads parallel_for may use
 
 template <typename F>
 inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
@@ -32,6 +34,8 @@ template <typename F>
 inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   at::parallel_for(begin, end, grain, f);
 }
+
+inline int64_t parallel_threads() { return at::get_num_threads(); }
 
 }  // namespace cpu
 }  // namespace candle

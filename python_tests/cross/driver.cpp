@@ -1,19 +1,24 @@
 // Torch-free test driver for the CPU kernel cores (csrc/cpu/kernels.h), built by python_tests/test_cross_isa.py
-// natively (x86-64: portable and AVX2 paths) and with the aarch64 cross compiler (run under qemu-aarch64:
-// portable and NEON paths). The test writes the cases and their inputs; this program runs every case on every
+// natively (x86-64: portable, AVX2 and, where the CPU has it, AVX-512 paths), natively with the AVX-512 sources
+// compiled against SIMDe (-DCANDLE_EXT_SIMDE_AVX512: the AVX-512 path emulated, on any x86-64) and with the
+// aarch64 cross compiler (run under qemu-aarch64: portable and NEON paths). The test writes the cases and their inputs; this program runs every case on every
 // path it is asked for and writes the raw outputs; the test compares them with reference.py.
 //
 //   driver --best-isa                   print the best path of this build and CPU (isa.h)
+//   driver --isas                       print every path this build and CPU run, comma-separated
 //   driver --active-isa                 print the path the extension would take now (CANDLE_EXT_CPU_ISA
 //                                       applied) and its line for `python -m candle_ext.info`
-//   driver DIR ISA[,ISA...] [THREADS]   run DIR/cases.txt on each named path (avx2, neon, portable) with
+//   driver DIR ISA[,ISA...] [THREADS]   run DIR/cases.txt on each named path (avx512, avx2, neon, portable) with
 //                                       THREADS threads (default 1), writing DIR/<id>.<isa>.out
 //
 // cases.txt, one case per line (all little-endian raw files in DIR, named <id>.<what>):
 //   conv ID n h w words channels cout kh kw sh sw ph pw dh dw out_kind scale shift res_channels slope post_shift
+//        nhwc res_pool packed pack_threshold
 //        files: x (int32 [n,h,w,words]), w (int32 [cout,kh,kw,words]), and, when their flag is 1 (res_channels
-//        > 0 for res), scale / shift / slope / post_shift (float32 [cout]) and res (float32
-//        [n,res_channels,ho,wo]); out_kind 0 writes int32, 1 float32 [n,cout,ho,wo]
+//        > 0 for res), scale / shift / slope / post_shift / pack_threshold (float32 [cout]) and res (float32
+//        [n,res_channels,ho,wo]; with nhwc [n,ho,wo,res_channels], or [n,2ho,2wo,res_channels] with res_pool);
+//        out_kind 0 writes int32 [n,cout,ho,wo], 1 float32 [n,cout,ho,wo] (nhwc: [n,ho,wo,cout]), 2 (nhwc only)
+//        no float output; with packed, the packed words [n,ho,wo,ceil(cout/32)] follow the float output
 //   pack ID dtype n c h w nhwc bias
 //        dtype f32|f16|bf16|f64; file x in NCHW (nhwc 0) or channels_last (nhwc 1) order; bias (float32, or
 //        float64 for f64, [c], already rounded to x's dtype) when bias is 1; writes int32 [n,h,w,ceil(c/32)]
@@ -58,12 +63,12 @@ void write_file(const std::string& path, const void* data, size_t bytes) {
 
 candle::cpu::Isa parse_isa(const std::string& name) {
   using candle::cpu::Isa;
-  const Isa best = candle::cpu::best_isa();
-  for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Neon}) {
+  for (Isa isa : candle::cpu::kIsas) {
     if (name != candle::cpu::isa_name(isa)) continue;
-    // Only the portable path and the best path are there to run (a path another CPU would take is not).
-    if (isa != Isa::Portable && isa != best) {
-      throw std::runtime_error(name + " is not available here (best path: " + candle::cpu::isa_name(best) + ")");
+    // Only the paths this build has and this CPU runs (AVX-512 anywhere in the SIMDe build).
+    if (!candle::cpu::isa_available(isa)) {
+      throw std::runtime_error(name + " is not available here (best path: " +
+                               candle::cpu::isa_name(candle::cpu::best_isa()) + ")");
     }
     return isa;
   }
@@ -99,9 +104,10 @@ std::vector<T> as(const std::vector<char>& bytes) {
 void run_conv(std::istringstream& in, const std::string& dir, const std::string& id,
               const std::vector<candle::cpu::Isa>& isas) {
   candle::cpu::ConvGeometry g{};
-  int64_t channels, out_kind, has_scale, has_shift, res_channels, has_slope, has_post;
+  int64_t channels, out_kind, has_scale, has_shift, res_channels, has_slope, has_post, nhwc, res_pool, packed, has_thr;
   in >> g.n >> g.h >> g.w >> g.words >> channels >> g.cout >> g.kh >> g.kw >> g.sh >> g.sw >> g.ph >> g.pw >> g.dh >>
-      g.dw >> out_kind >> has_scale >> has_shift >> res_channels >> has_slope >> has_post;
+      g.dw >> out_kind >> has_scale >> has_shift >> res_channels >> has_slope >> has_post >> nhwc >> res_pool >> packed >>
+      has_thr;
   if (!in) throw std::runtime_error("bad conv line for " + id);
   const int64_t span_h = g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1, span_w = g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1;
   if (span_h < 0 || span_w < 0 || g.sh < 1 || g.sw < 1 || channels > 32 * g.words || channels <= 32 * (g.words - 1)) {
@@ -119,15 +125,25 @@ void run_conv(std::istringstream& in, const std::string& dir, const std::string&
   const std::vector<float> scale = optional(has_scale, "scale", vec), shift = optional(has_shift, "shift", vec);
   const std::vector<float> slope = optional(has_slope, "slope", vec);
   const std::vector<float> post_shift = optional(has_post, "post_shift", vec);
-  const std::vector<float> res = optional(res_channels > 0, "res", 4 * g.n * res_channels * g.ho * g.wo);
+  const std::vector<float> threshold = optional(has_thr, "pack_threshold", vec);
+  const int64_t pool = res_pool ? 4 : 1;
+  const std::vector<float> res = optional(res_channels > 0, "res", 4 * g.n * res_channels * g.ho * g.wo * pool);
+  if ((out_kind == 2 && !packed) || ((packed || res_pool) && !nhwc) || (nhwc && out_kind == 0)) {
+    throw std::runtime_error("bad output flags for " + id);
+  }
   candle::cpu::Post post;
   post.residual = res_channels ? res.data() : nullptr;
   post.res_channels = res_channels;
   post.slope = has_slope ? slope.data() : nullptr;
   post.post_shift = has_post ? post_shift.data() : nullptr;
-  const size_t count = static_cast<size_t>(g.n * g.cout * g.ho * g.wo);
+  post.nhwc = nhwc != 0;
+  post.res_pool = res_pool != 0;
+  post.pack_threshold = has_thr ? threshold.data() : nullptr;
+  const size_t count = out_kind == 2 ? 0 : static_cast<size_t>(g.n * g.cout * g.ho * g.wo);
+  const size_t words = packed ? static_cast<size_t>(g.n * g.ho * g.wo * ((g.cout + 31) / 32)) : 0;
   for (candle::cpu::Isa isa : isas) {
-    Output out(count);
+    Output out(count + words);
+    post.packed = packed ? static_cast<uint32_t*>(out.data()) + count : nullptr;
     candle::cpu::binary_conv2d(isa, g, channels, x.data(), w.data(), has_scale ? scale.data() : nullptr,
                                has_shift ? shift.data() : nullptr,
                                out_kind == 0 ? static_cast<int32_t*>(out.data()) : nullptr,
@@ -200,6 +216,8 @@ void parallel_for_impl(int64_t begin, int64_t end, int64_t grain, const std::fun
   for (std::thread& t : pool) t.join();
 }
 
+int64_t parallel_threads() { return g_threads; }
+
 }  // namespace cpu
 }  // namespace candle
 
@@ -207,6 +225,16 @@ int main(int argc, char** argv) {
   try {
     if (argc == 2 && std::string(argv[1]) == "--best-isa") {
       std::printf("%s\n", candle::cpu::isa_name(candle::cpu::best_isa()));
+      return 0;
+    }
+    if (argc == 2 && std::string(argv[1]) == "--isas") {
+      std::string names;
+      for (candle::cpu::Isa isa : candle::cpu::kIsas) {
+        if (!candle::cpu::isa_available(isa)) continue;
+        if (!names.empty()) names += ',';
+        names += candle::cpu::isa_name(isa);
+      }
+      std::printf("%s\n", names.c_str());
       return 0;
     }
     if (argc == 2 && std::string(argv[1]) == "--active-isa") {
@@ -217,7 +245,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (argc < 3 || argc > 4) {
-      std::fprintf(stderr, "usage: %s --best-isa | --active-isa | DIR ISA[,ISA...] [THREADS]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s --best-isa | --isas | --active-isa | DIR ISA[,ISA...] [THREADS]\n", argv[0]);
       return 2;
     }
     const std::string dir = argv[1];

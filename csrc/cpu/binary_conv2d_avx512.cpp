@@ -1,0 +1,546 @@
+// Binary conv, AVX-512 path (x86-64 with AVX-512 F/BW/VPOPCNTDQ, chosen at run time: isa.h). Torch-free; the
+// entry point is binary_conv2d.cpp.
+//   - 16 output channels per 512-bit vector, one 32-bit word of K per step: the pixel's word is broadcast,
+//     XORed with the 16 channels' words, counted with vpopcntd and added into 32-bit accumulators: three
+//     instructions per 512 binary MACs, no table, no horizontal reduction, no flush (32-bit sums cannot
+//     overflow: the entry point bounds K).
+//   - Weights are rearranged to [K words][group][16] per block of <= 4 groups of 16 output channels (blocks
+//     start on multiples of 32 channels), kept across calls while the packed bytes compare equal
+//     (weight_cache.h).
+//   - The input is copied once into a zero-bordered image (skipped when there is no padding), so every pixel
+//     runs the same unbranched loop over its taps. A padded tap XORs the weights with 0 and adds their popcount,
+//     which the epilogue subtracts again (per-tap popcounts of each output channel, kept with the weights)
+//     before forming valid_taps * C - 2 * popcount: zero padding is exact.
+//   - The micro-kernel holds P pixels x G groups of accumulators in registers (4 x 3..4, 8 x 1..2), loads each
+//     weight vector once for its P pixels and each pixel's word once for its G groups.
+//   - Epilogue: 16 x 16 transposes of the accumulator tile to NCHW int32, or float32 acc * scale + shift and
+//     the fused block steps (residual, PReLU, post_shift), each rounded on its own like the eager ops.
+// Target attributes, never global -m flags (avx512_intrin.h); off x86-64 this file compiles to nothing. Built a
+// second time against SIMDe by python_tests/test_cross_isa.py, which runs it on any x86-64.
+#include "isa.h"
+
+#if defined(CANDLE_HAVE_AVX512_PATH)
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "avx512_intrin.h"
+#include "binary_conv2d_common.h"
+#include "kernels.h"
+#include "parallel.h"
+#include "weight_cache.h"
+
+namespace candle {
+namespace cpu {
+namespace {
+
+constexpr int kLanes = 16;      // output channels per vector
+constexpr int kMaxGroups = 4;   // groups of 16 output channels per block
+constexpr int kTile = 64;       // output pixels per task (a multiple of 16 for the transposed epilogue)
+constexpr int kMaxPixels = 8;   // pixels per micro-tile, at most
+
+// Pixels per micro-tile for a block of G groups: P * G accumulators, G weight vectors and a broadcast word fit
+// in the 32 vector registers; P divides kTile.
+constexpr int pixels_for(int groups) { return groups <= 2 ? 8 : 4; }
+
+// A run of consecutive K words that are also consecutive in the (padded) input: one kernel row of taps when
+// the horizontal dilation is 1, else one tap. `off` is relative to the pixel's top-left tap.
+struct Segment {
+  int64_t off;
+  int64_t len;
+};
+
+// One block of output channels: groups [g0, g0 + groups), weights at `w` laid out [K words][groups][16].
+struct Block {
+  int64_t g0;
+  int groups;
+  const uint32_t* w;
+};
+
+struct Layout : LayoutKey {
+  std::vector<uint32_t> storage;
+  std::vector<Block> blocks;     // point into storage
+  std::vector<int32_t> tap_pop;  // [tap][cout_pad]: popcount of output channel co's words at that tap
+  int64_t cout_pad = 0;
+};
+
+// Weights [cout][taps][words] -> per block [K words][groups][16], zero past cout; per-tap popcounts.
+std::shared_ptr<Layout> build_layout(const uint32_t* w, int64_t cout, int64_t words, int64_t taps) {
+  auto lay = std::make_shared<Layout>();
+  const int64_t kwords = taps * words;
+  const uint8_t* wb = reinterpret_cast<const uint8_t*>(w);
+  lay->source.assign(wb, wb + cout * kwords * 4);
+  lay->cout = cout;
+  lay->kbytes = kwords * 4;
+  lay->tag = words;
+  const int64_t ngroups = (cout + kLanes - 1) / kLanes;
+  lay->cout_pad = ngroups * kLanes;
+  // Blocks of <= kMaxGroups groups, balanced, each (but the last) an even number of groups, so that every
+  // block starts on a 32-channel boundary.
+  const int64_t npairs = (ngroups + 1) / 2, max_pairs = kMaxGroups / 2;
+  const int64_t nblocks = (npairs + max_pairs - 1) / max_pairs;
+  lay->storage.assign(static_cast<size_t>(ngroups * kLanes * kwords + 16), 0u);
+  uint32_t* base = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(lay->storage.data()) + 63) & ~uintptr_t(63));
+  for (int64_t b = 0, g0 = 0; b < nblocks; ++b) {
+    const int64_t pairs = npairs / nblocks + (b < npairs % nblocks ? 1 : 0);
+    const int groups = static_cast<int>(std::min<int64_t>(2 * pairs, ngroups - g0));
+    uint32_t* dst = base + g0 * kLanes * kwords;
+    for (int64_t k = 0; k < kwords; ++k) {
+      for (int g = 0; g < groups; ++g) {
+        for (int l = 0; l < kLanes; ++l) {
+          const int64_t co = (g0 + g) * kLanes + l;
+          dst[(k * groups + g) * kLanes + l] = co < cout ? w[co * kwords + k] : 0u;
+        }
+      }
+    }
+    lay->blocks.push_back({g0, groups, dst});
+    g0 += groups;
+  }
+  lay->tap_pop.assign(static_cast<size_t>(taps * lay->cout_pad), 0);
+  for (int64_t co = 0; co < cout; ++co) {
+    for (int64_t t = 0; t < taps; ++t) {
+      int32_t pop = 0;
+      for (int64_t i = 0; i < words; ++i) pop += __builtin_popcount(w[(co * taps + t) * words + i]);
+      lay->tap_pop[t * lay->cout_pad + co] = pop;
+    }
+  }
+  lay->extra_bytes = (lay->storage.size() + lay->tap_pop.size()) * 4;
+  return lay;
+}
+
+// Popcount sums of P pixels (input bases q[p], top-left tap) x G groups over all K words, stored to d[p].
+template <int P, int G>
+CANDLE_AVX512 __attribute__((noinline)) void tile_kernel(const uint32_t* const* base, const Segment* seg, int nseg,
+                                                         const uint32_t* w, int32_t* const* d) {
+  __m512i acc[P * G];
+#pragma GCC unroll 32
+  for (int i = 0; i < P * G; ++i) acc[i] = _mm512_setzero_si512();
+  for (int s = 0; s < nseg; ++s) {
+    const uint32_t* q[P];
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) q[p] = base[p] + seg[s].off;
+    const int64_t len = seg[s].len;
+    for (int64_t k = 0; k < len; ++k) {
+      __m512i wv[G];
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) wv[g] = _mm512_load_si512(w + g * kLanes);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        const __m512i xb = _mm512_set1_epi32(static_cast<int>(q[p][k]));
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) {
+          acc[p * G + g] = _mm512_add_epi32(acc[p * G + g], _mm512_popcnt_epi32(_mm512_xor_si512(xb, wv[g])));
+        }
+      }
+      w += G * kLanes;
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) _mm512_storeu_si512(d[p] + g * kLanes, acc[p * G + g]);
+  }
+}
+
+using TileKernel = void (*)(const uint32_t* const*, const Segment*, int, const uint32_t*, int32_t* const*);
+
+constexpr TileKernel kTileKernels[kMaxGroups + 1] = {nullptr, tile_kernel<pixels_for(1), 1>,
+                                                     tile_kernel<pixels_for(2), 2>, tile_kernel<pixels_for(3), 3>,
+                                                     tile_kernel<pixels_for(4), 4>};
+
+// Zero-bordered copy of the input, rows [begin, end) of the N * Hp padded rows.
+void pad_rows(const ConvGeometry& g, int64_t hp, int64_t wp, const uint32_t* x, uint32_t* xp, int64_t begin,
+              int64_t end) {
+  const int64_t words = g.words;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t img = r / hp, iy = r % hp - g.ph;
+    uint32_t* dst = xp + r * wp * words;
+    if (iy < 0 || iy >= g.h) {
+      std::memset(dst, 0, static_cast<size_t>(wp * words) * 4);
+      continue;
+    }
+    std::memset(dst, 0, static_cast<size_t>(g.pw * words) * 4);
+    std::memcpy(dst + g.pw * words, x + (img * g.h + iy) * g.w * words, static_cast<size_t>(g.w * words) * 4);
+    std::memset(dst + (g.pw + g.w) * words, 0, static_cast<size_t>((wp - g.pw - g.w) * words) * 4);
+  }
+}
+
+// 16 x 16 int32 transpose: r[i] lane j -> r[j] lane i.
+CANDLE_AVX512_INLINE void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4a + b] now holds, in its 128-bit lane L, rows 4a..4a+3 of column 4L + b; column c = 4L + b gathers lane L
+  // of r[b], r[4 + b], r[8 + b], r[12 + b], in two rounds of 128-bit lane shuffles.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// Store the first n lanes (16: all) of v to dst.
+template <typename T, typename V>
+CANDLE_AVX512_INLINE void store_lanes(T* dst, V v, int64_t n) {
+  if (n == 16) {
+    std::memcpy(dst, &v, 64);
+  } else {
+    alignas(64) T tmp[16];
+    std::memcpy(tmp, &v, 64);
+    std::memcpy(dst, tmp, static_cast<size_t>(n) * sizeof(T));
+  }
+}
+
+// The first n of 16 floats at src (the others zero).
+CANDLE_AVX512_INLINE __m512 load_lanes(const float* src, int64_t n) {
+  if (n == 16) return _mm512_loadu_ps(src);
+  alignas(64) float tmp[16] = {};
+  std::memcpy(tmp, src, static_cast<size_t>(n) * sizeof(float));
+  return _mm512_load_ps(tmp);
+}
+
+// v rounded to float32 on its own: keeps the compiler from contracting a multiply with a later add into an FMA
+// (SIMDe's build has no FMA to contract into).
+CANDLE_AVX512_INLINE __m512 rounded(__m512 v) {
+#if !defined(CANDLE_EXT_SIMDE_AVX512)
+  __asm__("" : "+v"(v));
+#endif
+  return v;
+}
+
+struct Plan {
+  ConvGeometry g;
+  int64_t channels, hp, wp, hw, ntiles, tile, taps;
+  const Layout* layout;
+  std::vector<Segment> segs;
+  std::vector<int32_t> ky0, ky1, kx0, kx1;  // valid kernel rows per output row, columns per output column
+  const uint32_t* xp;                       // zero-bordered input (or x itself without padding)
+  const float* scale;
+  const float* shift;
+  int32_t* out_i;
+  float* out_f;
+  Post post;
+  const NhwcParams* nhwc = nullptr;  // NHWC mode's prepared parameters
+};
+
+// NHWC mode: the residual of channels co .. co + n - 1 (n <= 16) at output pixel (oy, ox) of image img.
+CANDLE_AVX512_INLINE __m512 residual16(const Post& post, const ConvGeometry& g, int64_t img, int64_t oy, int64_t ox,
+                                       int64_t co, int64_t n) {
+  const int64_t rc = post.res_channels, ch = co % rc;
+  if (n == 16 && ch + 16 <= rc) {  // 16 contiguous channels (rc a multiple of 16: every ReActNet layer)
+    if (!post.res_pool) return _mm512_loadu_ps(post.residual + ((img * g.ho + oy) * g.wo + ox) * rc + ch);
+    const int64_t row = 2 * g.wo * rc;
+    const float* r = post.residual + ((img * 2 * g.ho + 2 * oy) * 2 * g.wo + 2 * ox) * rc + ch;
+    __m512 v = _mm512_add_ps(_mm512_loadu_ps(r), _mm512_loadu_ps(r + row));
+    v = _mm512_add_ps(v, _mm512_loadu_ps(r + rc));
+    v = _mm512_add_ps(v, _mm512_loadu_ps(r + row + rc));
+    return rounded(_mm512_mul_ps(v, _mm512_set1_ps(0.25f)));
+  }
+  alignas(64) float tmp[16] = {};
+  for (int64_t j = 0; j < n; ++j) tmp[j] = residual_nhwc(post, img, co + j, oy, ox, g.ho, g.wo);
+  return _mm512_load_ps(tmp);
+}
+
+// NHWC mode epilogue: accumulators [npix][width] (popcounts of the valid taps) of pixels q0 .. q0 + npix - 1 of
+// image img -> float values of channels c0 .. c0 + ncout - 1, stored channels-last and/or as packed signs. c0
+// is a multiple of 32.
+CANDLE_AVX512 void write_tile_nhwc(const Plan& pl, const int32_t* part, int64_t width, const int32_t* base,
+                                   int64_t img, int64_t q0, int64_t npix, int64_t c0, int64_t ncout) {
+  const ConvGeometry& g = pl.g;
+  const Post& post = pl.post;
+  const int64_t out_words = (g.cout + 31) / 32;
+  int64_t oy = q0 / g.wo, ox = q0 % g.wo;
+  for (int64_t p = 0; p < npix; ++p) {
+    const int64_t pix = (img * g.ho + oy) * g.wo + ox;
+    const __m512i b = _mm512_set1_epi32(base[p]);
+    const int32_t* row = part + p * width;
+    uint32_t word = 0;
+    for (int64_t j = 0; j < ncout; j += 16) {
+      const int64_t co = c0 + j, n = std::min<int64_t>(16, ncout - j);
+      const __m512i pop = _mm512_loadu_si512(row + j);
+      __m512 v = avx512::cvt_i32_ps(_mm512_sub_epi32(b, _mm512_slli_epi32(pop, 1)));
+      if (pl.scale) v = rounded(_mm512_mul_ps(v, load_lanes(pl.scale + co, n)));
+      if (pl.shift) v = _mm512_add_ps(v, load_lanes(pl.shift + co, n));
+      if (post.residual) v = _mm512_add_ps(v, residual16(post, g, img, oy, ox, co, n));
+      if (post.slope) {
+        const __m512 neg = rounded(_mm512_mul_ps(v, load_lanes(post.slope + co, n)));
+        v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ), neg, v);
+      }
+      if (post.post_shift) v = _mm512_add_ps(v, load_lanes(post.post_shift + co, n));
+      if (pl.out_f) store_lanes(pl.out_f + pix * g.cout + co, v, n);
+      if (post.packed) {
+        const __m512 t = post.pack_threshold ? load_lanes(post.pack_threshold + co, n) : _mm512_setzero_ps();
+        const uint32_t bits = static_cast<uint32_t>(
+            _mm512_cmp_ps_mask(_mm512_sub_ps(v, t), _mm512_setzero_ps(), _CMP_GE_OQ));
+        word |= (bits & ((1u << n) - 1)) << (co % 32);
+        if ((co + 16) % 32 == 0 || j + 16 >= ncout) {
+          post.packed[pix * out_words + co / 32] = word;
+          word = 0;
+        }
+      }
+    }
+    if (++ox == g.wo) {
+      ox = 0;
+      ++oy;
+    }
+  }
+}
+
+// NHWC mode epilogue, the fast form (no residual, or one whose channel count is a multiple of 16): channel chunks
+// outermost, so the per-channel parameters (NhwcParams: identities where a step is absent) stay in registers
+// over the tile's pixels; one branch-free body per residual mode. pix / res_off: nhwc_pixel_offsets.
+template <int kRes, bool kOut, bool kPack>
+CANDLE_AVX512 void write_tile_nhwc_fast(const Plan& pl, const int32_t* part, int64_t width, const int32_t* base,
+                                        int64_t npix, const int64_t* pix, const int64_t* res_off, int64_t c0,
+                                        int64_t ncout) {
+  const ConvGeometry& g = pl.g;
+  const Post& post = pl.post;
+  const NhwcParams& prm = *pl.nhwc;
+  uint32_t words[kTile][kMaxGroups * kLanes / 32] = {};
+  const int64_t rc = post.res_channels, row = 2 * g.wo * rc;
+  for (int64_t j = 0; j < ncout; j += 16) {
+    const int64_t co = c0 + j, n = std::min<int64_t>(16, ncout - j);
+    const __m512 sc = _mm512_loadu_ps(prm.scale + co), sh = _mm512_loadu_ps(prm.shift + co);
+    const __m512 sl = _mm512_loadu_ps(prm.slope + co), ps = _mm512_loadu_ps(prm.post_shift + co);
+    const __m512 th = _mm512_loadu_ps(prm.threshold + co), zero = _mm512_setzero_ps();
+    const float* res = kRes ? post.residual + co % rc : nullptr;
+    for (int64_t p = 0; p < npix; ++p) {
+      const __m512i pop = _mm512_loadu_si512(part + p * width + j);
+      __m512 v = avx512::cvt_i32_ps(_mm512_sub_epi32(_mm512_set1_epi32(base[p]), _mm512_slli_epi32(pop, 1)));
+      v = _mm512_add_ps(rounded(_mm512_mul_ps(v, sc)), sh);
+      if constexpr (kRes == 1) v = _mm512_add_ps(v, _mm512_loadu_ps(res + res_off[p]));
+      if constexpr (kRes == 2) {
+        const float* r = res + res_off[p];
+        __m512 a = _mm512_add_ps(_mm512_loadu_ps(r), _mm512_loadu_ps(r + row));
+        a = _mm512_add_ps(a, _mm512_loadu_ps(r + rc));
+        a = _mm512_add_ps(a, _mm512_loadu_ps(r + row + rc));
+        v = _mm512_add_ps(v, rounded(_mm512_mul_ps(a, _mm512_set1_ps(0.25f))));
+      }
+      const __m512 neg = rounded(_mm512_mul_ps(v, sl));
+      v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), neg, v);
+      v = _mm512_add_ps(v, ps);
+      if constexpr (kOut) store_lanes(pl.out_f + pix[p] * g.cout + co, v, n);
+      if constexpr (kPack) {
+        const uint32_t bits = static_cast<uint32_t>(_mm512_cmp_ps_mask(_mm512_sub_ps(v, th), zero, _CMP_GE_OQ));
+        words[p][j / 32] |= (bits & ((1u << n) - 1)) << (j % 32);
+      }
+    }
+  }
+  if constexpr (kPack) {
+    const int64_t out_words = (g.cout + 31) / 32, nw = (ncout + 31) / 32;
+    for (int64_t p = 0; p < npix; ++p) {
+      for (int64_t k = 0; k < nw; ++k) post.packed[pix[p] * out_words + c0 / 32 + k] = words[p][k];
+    }
+  }
+}
+
+using NhwcTileFn = void (*)(const Plan&, const int32_t*, int64_t, const int32_t*, int64_t, const int64_t*,
+                            const int64_t*, int64_t, int64_t);
+
+template <int kRes>
+constexpr NhwcTileFn kNhwcTileFns[4] = {nullptr, write_tile_nhwc_fast<kRes, false, true>,
+                                        write_tile_nhwc_fast<kRes, true, false>, write_tile_nhwc_fast<kRes, true, true>};
+
+// Accumulator tile [kTile][width] of popcount sums -> outputs (NCHW): subtract the padded taps' popcounts of
+// border pixels, then acc = valid_taps * C - 2 * popcount and the epilogue.
+CANDLE_AVX512 void write_tile(const Plan& pl, int32_t* part, int64_t width, int64_t img, int64_t q0, int64_t npix,
+                              int64_t c0, int64_t ncout) {
+  const ConvGeometry& g = pl.g;
+  alignas(64) int32_t base[kTile + kMaxPixels];
+  for (int64_t p = 0; p < kTile + kMaxPixels; ++p) base[p] = 0;
+  int64_t oy = q0 / g.wo, ox = q0 % g.wo;
+  for (int64_t p = 0; p < npix; ++p) {
+    const int64_t ky0 = pl.ky0[oy], ky1 = pl.ky1[oy], kx0 = pl.kx0[ox], kx1 = pl.kx1[ox];
+    base[p] = static_cast<int32_t>((ky1 - ky0) * (kx1 - kx0) * pl.channels);
+    if ((ky1 - ky0) * (kx1 - kx0) != g.kh * g.kw) {  // border pixel: remove the padded taps' counts
+      int32_t* row = part + p * width;
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          if (ky >= ky0 && ky < ky1 && kx >= kx0 && kx < kx1) continue;
+          const int32_t* tp = pl.layout->tap_pop.data() + (ky * g.kw + kx) * pl.layout->cout_pad + c0;
+          for (int64_t c = 0; c < width; c += kLanes) {
+            const __m512i v = _mm512_loadu_si512(row + c);
+            _mm512_storeu_si512(row + c, _mm512_sub_epi32(v, _mm512_loadu_si512(tp + c)));
+          }
+        }
+      }
+    }
+    if (++ox == g.wo) {
+      ox = 0;
+      ++oy;
+    }
+  }
+  if (pl.post.nhwc) {
+    if (pl.post.residual && pl.post.res_channels % 16 != 0) {  // residual channels not in whole vectors: generic
+      return write_tile_nhwc(pl, part, width, base, img, q0, npix, c0, ncout);
+    }
+    int64_t pix[kTile], res_off[kTile];
+    nhwc_pixel_offsets(g, pl.post, img, q0, npix, pix, res_off);
+    const int fn = (pl.out_f ? 2 : 0) + (pl.post.packed ? 1 : 0);
+    const NhwcTileFn write = pl.nhwc->res_mode == 0   ? kNhwcTileFns<0>[fn]
+                             : pl.nhwc->res_mode == 1 ? kNhwcTileFns<1>[fn]
+                                                      : kNhwcTileFns<2>[fn];
+    return write(pl, part, width, base, npix, pix, res_off, c0, ncout);
+  }
+  const int64_t hw = pl.hw;
+  for (int64_t p16 = 0; p16 < npix; p16 += 16) {
+    const int64_t np = std::min<int64_t>(16, npix - p16);
+    const __m512i b = _mm512_load_si512(base + p16);
+    for (int64_t j16 = 0; j16 < ncout; j16 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(part + (p16 + i) * width + j16);
+      transpose16(r);
+      const int64_t nc = std::min<int64_t>(16, ncout - j16);
+      for (int64_t j = 0; j < nc; ++j) {
+        const int64_t co = c0 + j16 + j;
+        const __m512i acc = _mm512_sub_epi32(b, _mm512_slli_epi32(r[j], 1));
+        const int64_t o = (img * g.cout + co) * hw + q0 + p16;
+        if (pl.out_i) {
+          store_lanes(pl.out_i + o, acc, np);
+          continue;
+        }
+        __m512 v = avx512::cvt_i32_ps(acc);
+        if (pl.scale) v = rounded(_mm512_mul_ps(v, _mm512_set1_ps(pl.scale[co])));
+        if (pl.shift) v = _mm512_add_ps(v, _mm512_set1_ps(pl.shift[co]));
+        const Post& post = pl.post;
+        if (post.residual) {
+          const float* res = post.residual + (img * post.res_channels + co % post.res_channels) * hw + q0 + p16;
+          v = _mm512_add_ps(v, load_lanes(res, np));
+        }
+        if (post.slope) {
+          const __m512 neg = rounded(_mm512_mul_ps(v, _mm512_set1_ps(post.slope[co])));
+          v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ), neg, v);
+        }
+        if (post.post_shift) v = _mm512_add_ps(v, _mm512_set1_ps(post.post_shift[co]));
+        store_lanes(pl.out_f + o, v, np);
+      }
+    }
+  }
+}
+
+// Tasks [begin, end) of (block, image, tile).
+CANDLE_AVX512 void run_tasks(const Plan& pl, int64_t begin, int64_t end) {
+  const ConvGeometry& g = pl.g;
+  // Rows kTile .. kTile + kMaxPixels - 1 take the repeated pixels of a short last micro-tile.
+  std::vector<int32_t> part_store(static_cast<size_t>(kTile + kMaxPixels) * kMaxGroups * kLanes + 16);
+  int32_t* part = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(part_store.data()) + 63) & ~uintptr_t(63));
+  const uint32_t* pix[kTile];
+  const int64_t row_step = g.sh * pl.wp * g.words, col_step = g.sw * g.words;
+  for (int64_t task = begin; task < end; ++task) {
+    // Tile-major: the output-channel blocks of one tile are neighbouring tasks.
+    const int64_t nblocks = static_cast<int64_t>(pl.layout->blocks.size());
+    const Block& blk = pl.layout->blocks[task % nblocks];
+    const int64_t tile = (task / nblocks) % pl.ntiles, img = task / (nblocks * pl.ntiles);
+    const int64_t q0 = tile * pl.tile, npix = std::min<int64_t>(pl.tile, pl.hw - q0);
+    const int64_t width = blk.groups * kLanes;
+    int64_t oy = q0 / g.wo, ox = q0 % g.wo;
+    const uint32_t* row = pl.xp + (img * pl.hp + oy * g.sh) * pl.wp * g.words;
+    for (int64_t p = 0; p < npix; ++p) {
+      pix[p] = row + ox * col_step;
+      if (++ox == g.wo) {
+        ox = 0;
+        row += row_step;
+      }
+    }
+    const TileKernel kern = kTileKernels[blk.groups];
+    const int np = pixels_for(blk.groups);
+    for (int64_t p = 0; p < npix; p += np) {
+      // A short last micro-tile repeats its first pixel and sends the copies' sums to spare rows.
+      const uint32_t* q[kMaxPixels];
+      int32_t* d[kMaxPixels];
+      for (int i = 0; i < np; ++i) {
+        const bool real = p + i < npix;
+        q[i] = pix[real ? p + i : p];
+        d[i] = part + (real ? p + i : kTile + i) * width;
+      }
+      kern(q, pl.segs.data(), static_cast<int>(pl.segs.size()), blk.w, d);
+    }
+    const int64_t c0 = blk.g0 * kLanes;
+    write_tile(pl, part, width, img, q0, npix, c0, std::min<int64_t>(width, g.cout - c0));
+  }
+}
+
+}  // namespace
+
+void binary_conv2d_avx512(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
+                          const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post) {
+  Plan pl;
+  pl.g = g;
+  pl.channels = channels;
+  pl.hp = g.h + 2 * g.ph;
+  pl.wp = g.w + 2 * g.pw;
+  pl.hw = g.ho * g.wo;
+  pixel_tiles(g.n, pl.hw, kTile, parallel_threads(), pl.ntiles, pl.tile);
+  pl.taps = g.kh * g.kw;
+  pl.scale = scale;
+  pl.shift = shift;
+  pl.out_i = out_i;
+  pl.out_f = out_f;
+  pl.post = post;
+  std::unique_ptr<NhwcParams> nhwc;
+  if (post.nhwc) {
+    nhwc.reset(new NhwcParams(g.cout, scale, shift, post));
+    pl.nhwc = nhwc.get();
+  }
+  for (int64_t o = 0; o < g.ho; ++o) {
+    int64_t lo, hi;
+    valid_taps(o, g.sh, g.ph, g.dh, g.kh, g.h, lo, hi);
+    pl.ky0.push_back(static_cast<int32_t>(lo));
+    pl.ky1.push_back(static_cast<int32_t>(hi));
+  }
+  for (int64_t o = 0; o < g.wo; ++o) {
+    int64_t lo, hi;
+    valid_taps(o, g.sw, g.pw, g.dw, g.kw, g.w, lo, hi);
+    pl.kx0.push_back(static_cast<int32_t>(lo));
+    pl.kx1.push_back(static_cast<int32_t>(hi));
+  }
+  const int64_t kwords = pl.taps * g.words;
+  const std::shared_ptr<const Layout> layout = cached_layout<Layout>(
+      reinterpret_cast<const uint8_t*>(w), g.cout, kwords * 4, g.words,
+      [&] { return build_layout(w, g.cout, g.words, pl.taps); });
+  pl.layout = layout.get();
+
+  std::unique_ptr<uint32_t[]> padded;
+  if (g.ph == 0 && g.pw == 0) {
+    pl.xp = x;
+  } else {
+    padded.reset(new uint32_t[static_cast<size_t>(g.n * pl.hp * pl.wp * g.words)]);
+    uint32_t* xp = padded.get();
+    const int64_t row_grain = std::max<int64_t>(1, (int64_t(1) << 16) / (pl.wp * g.words * 4));
+    parallel_for(0, g.n * pl.hp, row_grain,
+                 [&](int64_t begin, int64_t end) { pad_rows(g, pl.hp, pl.wp, x, xp, begin, end); });
+    pl.xp = xp;
+  }
+  // K words in (ky, kx, word) order as runs of the padded input.
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    if (g.dw == 1) {
+      pl.segs.push_back({ky * g.dh * pl.wp * g.words, g.kw * g.words});
+    } else {
+      for (int64_t kx = 0; kx < g.kw; ++kx) pl.segs.push_back({(ky * g.dh * pl.wp + kx * g.dw) * g.words, g.words});
+    }
+  }
+  const int64_t nblocks = static_cast<int64_t>(pl.layout->blocks.size());
+  parallel_for(0, nblocks * g.n * pl.ntiles, 1, [&](int64_t begin, int64_t end) { run_tasks(pl, begin, end); });
+}
+
+}  // namespace cpu
+}  // namespace candle
+
+#endif  // CANDLE_HAVE_AVX512_PATH

@@ -1,0 +1,62 @@
+// The kernel-ready weight layouts of the vector conv paths (AVX2, AVX-512), kept across calls. Torch-free.
+//
+// Deployed networks call the conv with the same packed weights every time, and rearranging them costs up to a
+// fifth of a call on the small layers. The last layouts built are kept and reused when the packed bytes are
+// equal (an exact comparison, never a pointer or a hash), so a changed weight tensor is never served stale.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace candle {
+namespace cpu {
+
+// What every cached layout carries besides its own arrays: the packed bytes it was built from.
+struct LayoutKey {
+  std::vector<uint8_t> source;
+  int64_t cout = 0, kbytes = 0;
+  int64_t tag = 0;         // what else the layout depends on (the AVX-512 one: words per tap), compared too
+  size_t extra_bytes = 0;  // the layout's own storage, for the size bound
+};
+
+constexpr size_t kLayoutCacheEntries = 64;
+constexpr size_t kLayoutCacheBytes = size_t(256) << 20;
+
+// The layout of packed weights w ([cout][kbytes] bytes) for `tag`, from the cache when one was built from equal
+// bytes, else built by `build()` (a std::shared_ptr<Layout>, Layout derived from LayoutKey with its source,
+// cout, kbytes and tag filled) and added. One cache per Layout type.
+template <typename Layout, typename Build>
+std::shared_ptr<const Layout> cached_layout(const uint8_t* w, int64_t cout, int64_t kbytes, int64_t tag, Build build) {
+  static std::mutex mu;
+  static std::list<std::shared_ptr<const Layout>> cache;  // most recently used first
+  const size_t bytes = static_cast<size_t>(cout * kbytes);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = cache.begin(); it != cache.end(); ++it) {
+      const Layout& e = **it;
+      if (e.cout == cout && e.kbytes == kbytes && e.tag == tag && std::memcmp(e.source.data(), w, bytes) == 0) {
+        cache.splice(cache.begin(), cache, it);
+        return cache.front();
+      }
+    }
+  }
+  std::shared_ptr<const Layout> lay = build();
+  std::lock_guard<std::mutex> lock(mu);
+  cache.push_front(lay);
+  size_t total = 0, n = 0;
+  for (auto it = cache.begin(); it != cache.end();) {
+    total += (*it)->source.size() + (*it)->extra_bytes;
+    if (++n > kLayoutCacheEntries || (n > 1 && total > kLayoutCacheBytes)) {
+      it = cache.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return lay;
+}
+
+}  // namespace cpu
+}  // namespace candle
