@@ -117,6 +117,8 @@ def test_bad_config_files(tmp_path):
     (["distill", "--set", "distill.epoch=3"], "unknown config key 'distill.epoch'"),
     (["calibrate", "--set", "calibrate.lr=fast"], "calibrate.lr must be a finite number"),
     (["demo", "--set", "teacher.resolutions=[]"], "teacher.resolutions must list at least one"),
+    (["demo", "--set", "distill.baselines=[scratch, nope]"], r"distill.baselines\[1\] must be one of"),
+    (["demo", "--set", "distill.baseline=kd"], "unknown config key 'distill.baseline'.*distill.baselines"),
     (["distill", "--config", "/no/such/file.yaml"], "/no/such/file.yaml does not exist"),
     (["distill", "--mode", "nope"], "invalid choice"),
 ])
