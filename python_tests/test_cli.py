@@ -290,7 +290,9 @@ def test_compare_runs_every_method_and_seed_and_resumes(workspace, tmp_path, cap
     assert main(argv) == 0
     again = capsys.readouterr().out
     assert again.count("done before") == 10
-    assert json.load(open(out / "results.json"))["summary"] == res["summary"]
+    assert not re.search(r"^teacher \(.*\): top-1", again, re.M)  # teacher reports read, features not recomputed
+    res2 = json.load(open(out / "results.json"))
+    assert res2["summary"] == res["summary"] and res2["teachers"] == res["teachers"]
 
 
 @pytest.mark.parametrize("methods, match", [(["nope"], "unknown method 'nope'"),

@@ -28,7 +28,8 @@ from candle_ext.train.distill import METHODS
 from candle_ext.train.evaluate import evaluate_student, write_json
 from candle_ext.train.losses import tau_normalize_
 from candle_ext.train.student import load_student
-from candle_ext.train.teacher import build_teacher, encode_dataset, load_calibrated_teacher
+from candle_ext.train.teacher import (build_teacher, encode_dataset, load_calibrated_teacher,
+                                      teacher_resolutions)
 
 PRESETS: Dict[str, List[str]] = {
     "baselines": ["scratch", "ce_balanced", "balanced_softmax", "logit_adjusted", "tau_norm", "kd", "dive"],
@@ -252,7 +253,15 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
             log(f"[{done}/{total}] {v.label} seed {seed}: top-1 {test_rep['top1']:.2f} (head {test_rep['head']:.1f}, "
                 f"medium {test_rep['medium']:.1f}, tail {test_rep['tail']:.1f}; {how}, {time.time() - t0:.0f}s)")
     for multires in sorted({kind_of(v) for v in variants if METHODS[v.mode].teacher == "calibrated"}):
-        teacher_for(multires)  # every calibrated teacher kind in the table, even when all its runs were done
+        # Every calibrated teacher kind in the table, even when all its runs were done before (then its report is
+        # read, not its features recomputed).
+        kind = "multi" if multires else "single"
+        rep_path = os.path.join(out, f"teacher_{kind}", "teacher_report.json")
+        if multires not in teachers and os.path.exists(rep_path):
+            res = teacher_resolutions(cfg.replace(**{"teacher.multires": multires}).teacher)[0]
+            teacher_reports[f"{kind}-resolution {res}"] = json.load(open(rep_path))
+        else:
+            teacher_for(multires)
     summary = summarize(results)
     plots = _plots(out, summary, {k: [p for p in ps if os.path.exists(p)] for k, ps in lambda_logs.items()})
     report = {"command": command, "config": cfg.to_dict(), "methods": [v.label for v in variants], "seeds": seeds,
