@@ -15,7 +15,8 @@ import torch
 
 from candle_ext import backend, reference
 from candle_ext.ops import validate
-from candle_ext.ops.bitpack import _sign_pack, check_packed, sign_pack
+from candle_ext.ops.bitpack import check_packed
+from candle_ext.ops.sign_pack import _sign_pack, sign_pack
 
 _IMPLS = ("cuda", "triton", "cpu", "reference")
 _OUT_KIND = {None: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
