@@ -9,20 +9,30 @@ from candle_ext import backend, reference
 from candle_ext.ops import validate
 from candle_ext.ops.bitpack import check_packed, num_words
 
-_SIGN_PACK_IMPLS = ("cuda", "triton", "cpu", "reference")
+def _cuda(x, bias):
+    return backend.compiled_module().sign_pack_cuda(x, bias)
+
+
+def _triton(x, bias):
+    from candle_ext.triton import sign_pack as triton_pack
+    return triton_pack.sign_pack(x, bias)
+
+
+def _cpu(x, bias):  # reads any float dtype and layout in place; rounds the bias like the reference
+    return backend.compiled_module().sign_pack_cpu(x, bias)
+
+
+SIGN_PACK = backend.OpTable("sign_pack", arg=lambda x, bias: x, impls=(
+    backend.Impl("cuda", validate.FLOAT_DTYPES, _cuda),
+    backend.Impl("triton", validate.FLOAT_DTYPES, _triton),
+    backend.Impl("cpu", validate.FLOAT_DTYPES, _cpu),
+    backend.Impl("reference", validate.FLOAT_DTYPES, reference.sign_pack),
+))
 
 
 @torch.library.custom_op("candle_ext::sign_pack", mutates_args=())
 def _sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    impl = backend.select("sign_pack", x.device.type, _SIGN_PACK_IMPLS)
-    if impl == "cuda":
-        return backend.compiled_module().sign_pack_cuda(x, bias)
-    if impl == "triton":
-        from candle_ext.triton import sign_pack as triton_pack
-        return triton_pack.sign_pack(x, bias)
-    if impl == "cpu":  # reads any float dtype and layout in place; rounds the bias like the reference
-        return backend.compiled_module().sign_pack_cpu(x, bias)
-    return reference.sign_pack(x, bias)
+    return backend.dispatch(SIGN_PACK, x, bias)
 
 
 @_sign_pack.register_fake
