@@ -190,14 +190,14 @@ class OpTable:
         if unknown or len(set(names)) != len(names) or "reference" not in names:
             raise ValueError(f"op table {self.name}: backends {names} must be distinct names from {ORDER}, "
                              "reference included")
+        # Computed once: dispatch reads them on every call (frozen models call it per conv).
+        by_backend = {i.backend: i for i in self.impls}
+        object.__setattr__(self, "_by_backend", by_backend)
+        object.__setattr__(self, "backends", tuple(b for b in ORDER if b in by_backend))
         TABLES[self.name] = self
 
-    @property
-    def backends(self) -> Tuple[str, ...]:
-        return tuple(b for b in ORDER if self.get(b) is not None)
-
     def get(self, name: str) -> Optional[Impl]:
-        return next((i for i in self.impls if i.backend == name), None)
+        return self._by_backend.get(name)
 
 
 TABLES: Dict[str, OpTable] = {}  # every OpTable defined so far (candle_ext.ops defines them all), by name
