@@ -85,15 +85,15 @@ def test_binary_conv(benchmark, capsys, shape, batch):
 def test_sign_pack(benchmark, capsys, dtype, layout):
     pytest.importorskip("triton")
     from candle_ext import reference as R
-    from candle_ext.triton import sign_ste as tsign
+    from candle_ext.triton import sign_pack as tpack
     n, c, size = (2, 64, 28) if SMOKE else (256, 128, 56)
     x = torch.randn(n, c, size, size, device="cuda", dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     bias = torch.randn(c, device="cuda", dtype=dtype)
-    assert torch.equal(tsign.sign_pack(x, bias), R.sign_pack(x, bias))
+    assert torch.equal(tpack.sign_pack(x, bias), R.sign_pack(x, bias))
     copy_dst = torch.empty_like(x)
-    times = {"triton": _median_ms(lambda: tsign.sign_pack(x, bias)),
+    times = {"triton": _median_ms(lambda: tpack.sign_pack(x, bias)),
              "copy": _median_ms(lambda: copy_dst.copy_(x)),
              "eager": _median_ms(lambda: R.sign_pack(x, bias))}
     # Bytes moved: triton reads x and writes 1 bit per element; the copy reads and writes x.
@@ -104,7 +104,7 @@ def test_sign_pack(benchmark, capsys, dtype, layout):
          + f"; triton {triton_gbs:.0f} GB/s ({triton_gbs / copy_gbs:.0%} of the copy's {copy_gbs:.0f} GB/s); "
          f"eager/triton {times['eager'] / times['triton']:.2f}x")
     benchmark.extra_info.update(times)
-    benchmark.pedantic(synced(lambda: tsign.sign_pack(x, bias)), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(synced(lambda: tpack.sign_pack(x, bias)), rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)

@@ -4,6 +4,11 @@ Order of preference: cuda (compiled kernels in candle_ext._C) -> triton -> cpu (
 candle_ext._C) -> reference (candle_ext/reference.py). `CANDLE_EXT_BACKEND=cuda|triton|cpu|reference` forces
 one; forcing one this install does not have raises an error that says what is missing and how to get it.
 A call that ends up on a slower path than its device deserves says so once through `warnings`.
+
+Each op declares its implementations once, in an OpTable (one Impl per backend: the dtypes it takes and the
+function it calls) defined next to its custom op in candle_ext/ops/; the custom op's body is
+`backend.dispatch(TABLE, *args)`. The tables register themselves in TABLES, which `python -m candle_ext.info`
+prints. This module imports nothing from ops/ or triton/: the Impl functions import their kernels lazily.
 """
 from __future__ import annotations
 
@@ -11,12 +16,15 @@ import functools
 import importlib
 import os
 import warnings
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
 ORDER = ("cuda", "triton", "cpu", "reference")
 ENV_VAR = "CANDLE_EXT_BACKEND"
+# The tensor device types each backend runs on (see serves() for Triton's interpreter on the CPU).
+DEVICES = {"cuda": ("cuda",), "triton": ("cuda",), "cpu": ("cpu",), "reference": ("cpu", "cuda")}
 
 _HOW_TO_BUILD = (
     "reinstall candle-ext from source with a C++ compiler (`pip install --no-build-isolation .`)"
@@ -97,14 +105,10 @@ def serves(name: str, device_type: str, forced: bool = False) -> bool:
     """Whether a backend runs on tensors of this device type. Triton serves CPU tensors only under its
     interpreter and only when forced (the interpreter is for testing, never a fast path)."""
     if name == "reference":
+        return True  # plain PyTorch: any device, the meta device included
+    if name == "triton" and forced and device_type == "cpu" and triton_interpret():
         return True
-    if name == "cuda":
-        return device_type == "cuda"
-    if name == "cpu":
-        return device_type == "cpu"
-    if name == "triton":
-        return device_type == "cuda" or (forced and device_type == "cpu" and triton_interpret())
-    return False
+    return device_type in DEVICES.get(name, ())
 
 
 def forced() -> Optional[str]:
@@ -155,3 +159,66 @@ def select(op: str, device_type: str, implemented: Iterable[str]) -> str:
                            f"because {expected[0]} is unavailable: {status(expected[0])[1]}")
             return b
     return "reference"
+
+
+# ---- op tables ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Impl:
+    """One backend's implementation of an op: the dtypes of the op's deciding tensor it takes, and the function
+    called with the custom op's arguments (it imports its kernels lazily, so a table costs nothing to define)."""
+    backend: str
+    dtypes: Tuple[torch.dtype, ...]
+    fn: Callable
+
+    @property
+    def devices(self) -> Tuple[str, ...]:
+        return DEVICES[self.backend]
+
+
+@dataclass(frozen=True)
+class OpTable:
+    """The implementations of one op, at most one per backend. `name` is the op as warnings and errors name it
+    (candle_ext.<name>); `arg` picks, from the custom op's arguments, the tensor whose device and dtype decide."""
+    name: str
+    arg: Callable
+    impls: Tuple[Impl, ...]
+
+    def __post_init__(self):
+        names = [i.backend for i in self.impls]
+        unknown = [b for b in names if b not in ORDER]
+        if unknown or len(set(names)) != len(names) or "reference" not in names:
+            raise ValueError(f"op table {self.name}: backends {names} must be distinct names from {ORDER}, "
+                             "reference included")
+        # Computed once: dispatch reads them on every call (frozen models call it per conv).
+        by_backend = {i.backend: i for i in self.impls}
+        object.__setattr__(self, "_by_backend", by_backend)
+        object.__setattr__(self, "backends", tuple(b for b in ORDER if b in by_backend))
+        TABLES[self.name] = self
+
+    def get(self, name: str) -> Optional[Impl]:
+        return self._by_backend.get(name)
+
+
+TABLES: Dict[str, OpTable] = {}  # every OpTable defined so far (candle_ext.ops defines them all), by name
+
+
+def choose(table: OpTable, device_type: str, dtype: torch.dtype) -> Impl:
+    """The implementation that serves a call: select()'s backend, or, when that one does not take `dtype`, the
+    next backend in ORDER that does, runs on every device the chosen one runs on, and is available here
+    (reference last). Like select(), this stays silent about a dtype fallback: the op has no faster path for it."""
+    impl = table.get(select(table.name, device_type, table.backends))
+    if dtype in impl.dtypes:
+        return impl
+    for name in ORDER[ORDER.index(impl.backend) + 1:]:
+        alt = table.get(name)
+        if (alt is not None and dtype in alt.dtypes and set(impl.devices) <= set(alt.devices)
+                and status(name)[0]):
+            return alt
+    return table.get("reference")
+
+
+def dispatch(table: OpTable, *args):
+    """Run the op on the implementation that serves these arguments (the body of every custom op)."""
+    t = table.arg(*args)
+    return choose(table, t.device.type, t.dtype).fn(*args)

@@ -1,11 +1,12 @@
-"""`python -m candle_ext.info`: what this install has (torch, CUDA, compiled archs, backends)."""
+"""`python -m candle_ext.info`: what this install has (torch, CUDA, compiled archs, backends) and which backend
+serves which op, for which dtypes and devices, from the ops' own tables (backend.TABLES)."""
 from __future__ import annotations
 
 import platform
 
 import torch
 
-from candle_ext import __version__, backend
+from candle_ext import __version__, backend, ops  # noqa: F401  (ops defines the tables)
 
 
 def describe() -> str:
@@ -26,7 +27,28 @@ def describe() -> str:
         lines.append(f"  {name:9s} {'available' if ok else 'missing: ' + why}")
     forced = backend.forced()
     lines.append(f"forced by {backend.ENV_VAR}: {forced or 'no'}")
+    lines.append("")
+    lines.extend(coverage())
     return "\n".join(lines)
+
+
+_SHORT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+          torch.int32: "int32 words"}
+
+
+def coverage() -> list:
+    """One line per op and backend that implements it: the devices and dtypes it serves, and whether it is
+    available here. A dtype a backend lacks is served by the next backend in the order that has it."""
+    lines = ["op coverage (backends best first; here = available on this install and machine):",
+             f"  {'op':24s} {'backend':10s} {'devices':10s} {'dtypes':18s} here"]
+    for name in sorted(backend.TABLES):
+        table = backend.TABLES[name]
+        for b in table.backends:
+            impl = table.get(b)
+            ok = backend.status(b)[0]
+            lines.append(f"  {name:24s} {b:10s} {','.join(impl.devices):10s} "
+                         f"{' '.join(_SHORT.get(d, str(d)) for d in impl.dtypes):18s} {'yes' if ok else 'no'}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -135,6 +135,64 @@ def binary_conv2d_packed(
     return out.to(out_dtype)
 
 
+def avg_pool_2x2(r: torch.Tensor) -> torch.Tensor:
+    """The 2x2 stride-2 average of an even-sized map as frozen ReActNet shortcuts compute it:
+    (((r00 + r10) + r01) + r11) * 0.25, each step rounded in r's dtype."""
+    if r.shape[-1] % 2 or r.shape[-2] % 2:
+        raise ValueError(f"avg_pool_2x2 needs even spatial sizes, got {tuple(r.shape[-2:])}")
+    out = r[..., 0::2, 0::2] + r[..., 1::2, 0::2]
+    out = out + r[..., 0::2, 1::2]
+    out = out + r[..., 1::2, 1::2]
+    return out * 0.25
+
+
+def block_epilogue(
+    acc: torch.Tensor,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    residual_pool: bool = False,
+    slope: Optional[torch.Tensor] = None,
+    post_shift: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The fused float32 epilogue of a frozen binary conv (models/packed.py, models/reactnet.py) on its int32
+    accumulators acc [N, Cout, Ho, Wo], in this order, each step rounded to float32 like the eager op it replaces
+    (per-channel vectors are [Cout]):
+
+    v = acc * scale               (rounded: never fused with the add below)
+    v = v + shift
+    v = v + residual              residual [N, Cr, Ho, Wo] with Cr dividing Cout, channel co reading co % Cr
+                                  (a doubling block's concat [r, r]); with residual_pool it is [N, Cr, 2Ho, 2Wo]
+                                  and avg_pool_2x2'd first
+    v = v if v > 0 else v * slope (PReLU; NaN and -0.0 take the product)
+    v = v + post_shift
+
+    Absent arguments skip their step."""
+    def channel(t):
+        return t.to(torch.float32).reshape(1, -1, 1, 1)
+
+    v = acc.to(torch.float32)
+    if scale is not None:
+        v = v * channel(scale)
+    if shift is not None:
+        v = v + channel(shift)
+    if residual is not None:
+        r = residual.to(torch.float32)
+        if residual_pool:
+            r = avg_pool_2x2(r)
+        if r.shape[2:] != v.shape[2:] or v.shape[1] % r.shape[1]:
+            raise ValueError(f"residual of shape {tuple(residual.shape)} does not fit the output {tuple(v.shape)}"
+                             + (" (residual_pool: twice its size)" if residual_pool else ""))
+        v = v + r.repeat(1, v.shape[1] // r.shape[1], 1, 1)
+    elif residual_pool:
+        raise ValueError("residual_pool needs a residual")
+    if slope is not None:
+        v = torch.where(v > 0, v, v * channel(slope))
+    if post_shift is not None:
+        v = v + channel(post_shift)
+    return v
+
+
 def nearest_indices(in_size: int, out_size: int, device=None) -> torch.Tensor:
     """Source index of each output position of F.interpolate(mode='nearest') along one axis."""
     src = torch.arange(in_size, dtype=torch.float32, device=device).reshape(1, 1, in_size)

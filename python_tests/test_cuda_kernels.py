@@ -555,7 +555,7 @@ def test_multires_head_bad_inputs(C):
 
 def test_opcheck_on_cuda(C, cuda_backend):
     from candle_ext.ops.binary_conv2d import _binary_conv2d_packed
-    from candle_ext.ops.bitpack import _sign_pack
+    from candle_ext.ops.sign_pack import _sign_pack
     from candle_ext.ops.multires_head import _multires_head
     from candle_ext.ops.sign_ste import _sign_ste
     torch.manual_seed(14)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import candle_ext
 from candle_ext import backend, reference as R
 from candle_ext.ops.binary_conv2d import _binary_conv2d, _binary_conv2d_packed
-from candle_ext.ops.bitpack import _sign_pack, _unpack
+from candle_ext.ops.sign_pack import _sign_pack, _unpack
 from candle_ext.ops.multires_head import _multires_head
 from candle_ext.ops.sign_ste import _sign_ste
 

@@ -14,7 +14,8 @@ import triton.language as tl  # noqa: E402
 
 import candle_ext  # noqa: E402
 from candle_ext import backend, reference as R  # noqa: E402
-from candle_ext.triton import binary_conv2d as tconv, multires_head as thead, sign_ste as tsign  # noqa: E402
+from candle_ext.triton import binary_conv2d as tconv, multires_head as thead, sign_pack as tpack  # noqa: E402
+from candle_ext.triton import sign_ste as tsign  # noqa: E402
 from candle_ext.triton.binary_conv2d import _popcount  # noqa: E402
 
 from shapes import random_conv_configs, random_multires_configs  # noqa: E402
@@ -94,7 +95,7 @@ def _sign_input(shape, dtype, layout, bias):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sign_pack_is_exact(dtype, layout, monkeypatch):
-    calls = _spy(monkeypatch, tsign, "sign_pack")
+    calls = _spy(monkeypatch, tpack, "sign_pack")
     torch.manual_seed(1)
     for shape in SIGN_SHAPES:
         for with_bias in (False, True):
@@ -237,7 +238,7 @@ def test_binary_conv2d_packed_epilogue(out_dtype, method, monkeypatch):
 def test_binary_conv2d_float_api(cfg, monkeypatch):
     """Float input and weight: Triton sign_pack, Triton conv, scale in the epilogue; forward within 1e-6
     relative of the reference (integer * scale, one rounding)."""
-    packs = _spy(monkeypatch, tsign, "sign_pack")
+    packs = _spy(monkeypatch, tpack, "sign_pack")
     convs = _spy(monkeypatch, tconv, "binary_conv2d_packed")
     torch.manual_seed(10)
     x = torch.randn(cfg.n, cfg.cin, cfg.h, cfg.w, device=DEVICE)

@@ -184,15 +184,24 @@ def _recording(modules):
             setattr(module, name, kernel)
 
 
-def _exercise_sign_ste(module, torch):
+def _sign_inputs(torch):
     meta = torch.device("meta")
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         for fmt in (torch.contiguous_format, torch.channels_last):
             x = torch.empty(2, 40, 5, 6, dtype=dtype, device=meta).contiguous(memory_format=fmt)
             for bias in (None, torch.empty(40, dtype=dtype, device=meta)):
-                module.sign_pack(x, bias)
-                module.sign_ste(x, bias)
-                module.sign_ste_backward(torch.empty_like(x), x, bias)
+                yield x, bias
+
+
+def _exercise_sign_pack(module, torch):
+    for x, bias in _sign_inputs(torch):
+        module.sign_pack(x, bias)
+
+
+def _exercise_sign_ste(module, torch):
+    for x, bias in _sign_inputs(torch):
+        module.sign_ste(x, bias)
+        module.sign_ste_backward(torch.empty_like(x), x, bias)
 
 
 def _exercise_binary_conv2d(module, torch):
@@ -232,7 +241,7 @@ def _exercise_multires_head(module, torch):
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-EXERCISE = {"sign_ste": _exercise_sign_ste, "binary_conv2d": _exercise_binary_conv2d,
+EXERCISE = {"sign_pack": _exercise_sign_pack, "sign_ste": _exercise_sign_ste, "binary_conv2d": _exercise_binary_conv2d,
             "multires_head": _exercise_multires_head}
 
 

@@ -15,9 +15,9 @@ import torch
 
 from candle_ext import backend, reference
 from candle_ext.ops import validate
-from candle_ext.ops.bitpack import _sign_pack, check_packed, sign_pack
+from candle_ext.ops.bitpack import check_packed
+from candle_ext.ops.sign_pack import SIGN_PACK, _sign_pack, sign_pack
 
-_IMPLS = ("cuda", "triton", "cpu", "reference")
 _OUT_KIND = {None: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 MAX_OUTPUT_ELEMENTS = 2**40  # as csrc/checks.h: an output this large is a mistake, refused before allocating
 
@@ -26,30 +26,58 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _cuda(x_packed, w_packed, channels, stride, padding, dilation, scale, shift, out_dtype):
+    args = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    return backend.compiled_module().binary_conv2d_cuda(
+        x_packed.contiguous(), w_packed.contiguous(), channels, *args,
+        None if scale is None else scale.float().contiguous(),
+        None if shift is None else shift.float().contiguous(), _OUT_KIND[out_dtype], False)
+
+
+def _triton(x_packed, w_packed, channels, stride, padding, dilation, scale, shift, out_dtype):
+    from candle_ext.triton import binary_conv2d as triton_conv
+    return triton_conv.binary_conv2d_packed(x_packed, w_packed, channels, stride, padding, dilation,
+                                            scale, shift, out_dtype).contiguous()
+
+
+def _cpu(x_packed, w_packed, channels, stride, padding, dilation, scale, shift, out_dtype):
+    args = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    out = backend.compiled_module().binary_conv2d_cpu(
+        x_packed.contiguous(), w_packed.contiguous(), channels, *args,
+        None if scale is None else scale.float().contiguous(),
+        None if shift is None else shift.float().contiguous(), 0 if out_dtype is None else 1)
+    return out if out_dtype in (None, torch.float32) else out.to(out_dtype)
+
+
+def _reference(x_packed, w_packed, channels, stride, padding, dilation, scale, shift, out_dtype):
+    # Contiguous like the fake kernel says, whatever the input layout (torch.compile relies on it).
+    return reference.binary_conv2d_packed(x_packed, w_packed, channels, stride, padding, dilation,
+                                          scale, shift, out_dtype).contiguous()
+
+
+# Decided by the packed activations (int32 words on every backend); the float output dtypes are the op's own.
+BINARY_CONV2D = backend.OpTable("binary_conv2d", arg=lambda x_packed, *rest: x_packed, impls=(
+    backend.Impl("cuda", (torch.int32,), _cuda),
+    backend.Impl("triton", (torch.int32,), _triton),
+    backend.Impl("cpu", (torch.int32,), _cpu),
+    backend.Impl("reference", (torch.int32,), _reference),
+))
+
+
+def cpu_kernels_serve(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether sign_pack of a CPU tensor of this dtype and the binary conv of its words both run on the cpu
+    backend: the selection the custom ops make, asked by the fused fast paths below, which call those kernels
+    directly."""
+    return (backend.choose(SIGN_PACK, "cpu", dtype).backend == "cpu"
+            and backend.choose(BINARY_CONV2D, "cpu", torch.int32).backend == "cpu")
+
+
 @torch.library.custom_op("candle_ext::binary_conv2d_packed", mutates_args=())
 def _binary_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, channels: int, stride: List[int],
                           padding: List[int], dilation: List[int], scale: Optional[torch.Tensor],
                           shift: Optional[torch.Tensor], out_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    impl = backend.select("binary_conv2d", x_packed.device.type, _IMPLS)
-    args = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
-    if impl == "cuda":
-        return backend.compiled_module().binary_conv2d_cuda(
-            x_packed.contiguous(), w_packed.contiguous(), channels, *args,
-            None if scale is None else scale.float().contiguous(),
-            None if shift is None else shift.float().contiguous(), _OUT_KIND[out_dtype], False)
-    if impl == "triton":
-        from candle_ext.triton import binary_conv2d as triton_conv
-        return triton_conv.binary_conv2d_packed(x_packed, w_packed, channels, stride, padding, dilation,
-                                                scale, shift, out_dtype).contiguous()
-    if impl == "cpu":
-        out = backend.compiled_module().binary_conv2d_cpu(
-            x_packed.contiguous(), w_packed.contiguous(), channels, *args,
-            None if scale is None else scale.float().contiguous(),
-            None if shift is None else shift.float().contiguous(), 0 if out_dtype is None else 1)
-        return out if out_dtype in (None, torch.float32) else out.to(out_dtype)
-    # Contiguous like the fake kernel says, whatever the input layout (torch.compile relies on it).
-    return reference.binary_conv2d_packed(x_packed, w_packed, channels, stride, padding, dilation,
-                                          scale, shift, out_dtype).contiguous()
+    return backend.dispatch(BINARY_CONV2D, x_packed, w_packed, channels, stride, padding, dilation, scale, shift,
+                            out_dtype)
 
 
 @_binary_conv2d_packed.register_fake
@@ -221,7 +249,7 @@ def packed_chain_available(x: torch.Tensor) -> bool:
     ok = _chain_cache.get(key)
     if ok is None:
         module = backend.compiled_module()
-        ok = (backend.select("binary_conv2d", "cpu", _IMPLS) == "cpu" and hasattr(module, "binary_conv2d_cpu_nhwc")
+        ok = (cpu_kernels_serve() and hasattr(module, "binary_conv2d_cpu_nhwc")
               and module.cpu_isa() in ("avx2", "avx512"))
         _chain_cache[key] = ok
     return ok
@@ -319,9 +347,8 @@ def _packed_inference_conv(x, threshold, w_packed, in_channels, stride, padding,
     out_dtype = x.dtype if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
     if threshold is not None and threshold.dtype != x.dtype:
         threshold = threshold.to(x.dtype)
-    # sign_pack and binary_conv2d implement the same backends, so one selection serves both.
     if (type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and backend.select("binary_conv2d", "cpu", _IMPLS) == "cpu"):
+            and not torch.jit.is_tracing() and cpu_kernels_serve(x.dtype)):
         module = backend.compiled_module()
         words = module.sign_pack_cpu(x, threshold)
         if scale.dtype != torch.float32 or shift.dtype != torch.float32:

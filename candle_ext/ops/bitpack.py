@@ -1,4 +1,5 @@
-"""sign_pack and unpack, and THE definition of the packed layout used everywhere in candle-ext.
+"""THE definition of the packed layout used everywhere in candle-ext, and its small utilities (num_words,
+pad_mask, check_packed). The ops that produce and read it are in sign_pack.py and binary_conv2d.py.
 
 Packed layout
 -------------
@@ -14,47 +15,13 @@ Packed layout
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from candle_ext import backend, reference
+from candle_ext import reference
 from candle_ext.ops import validate
 
 WORD_BITS = reference.WORD_BITS
 num_words = reference.num_words
-
-_SIGN_PACK_IMPLS = ("cuda", "triton", "cpu", "reference")
-
-
-@torch.library.custom_op("candle_ext::sign_pack", mutates_args=())
-def _sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    impl = backend.select("sign_pack", x.device.type, _SIGN_PACK_IMPLS)
-    if impl == "cuda":
-        return backend.compiled_module().sign_pack_cuda(x, bias)
-    if impl == "triton":
-        from candle_ext.triton import sign_ste as triton_sign
-        return triton_sign.sign_pack(x, bias)
-    if impl == "cpu":  # reads any float dtype and layout in place; rounds the bias like the reference
-        return backend.compiled_module().sign_pack_cpu(x, bias)
-    return reference.sign_pack(x, bias)
-
-
-@_sign_pack.register_fake
-def _(x, bias):
-    n, c, h, w = x.shape
-    return x.new_empty((n, h, w, num_words(c)), dtype=torch.int32)
-
-
-@torch.library.custom_op("candle_ext::unpack", mutates_args=())
-def _unpack(words: torch.Tensor, channels: int) -> torch.Tensor:
-    return reference.unpack(words, channels)
-
-
-@_unpack.register_fake
-def _(words, channels):
-    n, h, w, _ = words.shape
-    return words.new_empty((n, channels, h, w), dtype=torch.float32)
 
 
 def pad_mask(channels: int) -> int:
@@ -82,17 +49,3 @@ def check_packed(name: str, words, channels: int, check_pad_bits: bool = True):
         raise ValueError(f"{name} has pad bits set: the bits for channels {channels}..{words.shape[-1] * 32 - 1} "
                          f"of its last word must be 0 for {channels} channels (were the words packed from more "
                          f"than {channels} channels?)")
-
-
-def sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Pack sign(x - bias) of an NCHW float tensor into int32 words [N, H, W, ceil(C/32)] (layout above)."""
-    validate.tensor("x", x, validate.FLOAT_DTYPES, ndim=4)
-    validate.per_channel("bias", bias, x.shape[1], x.device)
-    return _sign_pack(x, bias)
-
-
-def unpack(words: torch.Tensor, channels: int) -> torch.Tensor:
-    """The +-1 float32 NCHW tensor that `words` (from sign_pack) holds; `channels` is the unpadded count."""
-    validate.integer("channels", channels)
-    check_packed("words", words, channels)
-    return _unpack(words, channels)

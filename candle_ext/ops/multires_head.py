@@ -17,27 +17,59 @@ import torch
 from candle_ext import backend, reference
 from candle_ext.ops import validate
 
-_IMPLS = ("cuda", "triton", "reference")
+# The CUDA kernels take float32/float16/bfloat16 only: float64 goes to Triton, or to the reference.
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cuda(features, weights, biases, base):
+    return backend.compiled_module().multires_head_cuda(features, weights, biases, base)
+
+
+def _triton(features, weights, biases, base):
+    from candle_ext.triton import multires_head as triton_head
+    return triton_head.multires_head(features, weights, biases, base)
+
+
+def _cuda_backward(grad, features, weights, base, features_grad):
+    return list(backend.compiled_module().multires_head_backward_cuda(grad, features, weights, base,
+                                                                      features_grad))
+
+
+def _triton_backward(grad, features, weights, base, features_grad):
+    from candle_ext.triton import multires_head as triton_head
+    return triton_head.multires_head_backward(grad, features, weights, base, features_grad)
+
+
+def _reference_backward(grad, features, weights, base, features_grad):
+    biases = [w.new_zeros(w.shape[0]) for w in weights]
+    gf, gw, gb = reference.multires_head_backward(grad, features, weights, biases, base)
+    if not features_grad:
+        gf = [f.new_empty(0) for f in features]
+    return gf + gw + gb
+
+
+MULTIRES_HEAD = backend.OpTable("multires_head", arg=lambda features, weights, biases, base: features[0], impls=(
+    backend.Impl("cuda", _CUDA_DTYPES, _cuda),
+    backend.Impl("triton", validate.FLOAT_DTYPES, _triton),
+    backend.Impl("reference", validate.FLOAT_DTYPES, reference.multires_head),
+))
+MULTIRES_HEAD_BACKWARD = backend.OpTable(
+    "multires_head_backward", arg=lambda grad, features, weights, base, features_grad: grad, impls=(
+        backend.Impl("cuda", _CUDA_DTYPES, _cuda_backward),
+        backend.Impl("triton", validate.FLOAT_DTYPES, _triton_backward),
+        backend.Impl("reference", validate.FLOAT_DTYPES, _reference_backward),
+    ))
 
 
 def _impl(op: str, t: torch.Tensor) -> str:
-    impl = backend.select(op, t.device.type, _IMPLS)
-    if impl == "cuda" and t.dtype == torch.float64:
-        # The CUDA kernels are float32/float16/bfloat16 only; Triton and the reference also take float64.
-        return "triton" if backend.status("triton")[0] else "reference"
-    return impl
+    """The backend that serves `op` (multires_head or multires_head_backward) for tensors like t."""
+    return backend.choose(backend.TABLES[op], t.device.type, t.dtype).backend
 
 
 @torch.library.custom_op("candle_ext::multires_head", mutates_args=())
 def _multires_head(features: List[torch.Tensor], weights: List[torch.Tensor], biases: List[torch.Tensor],
                    base: int) -> torch.Tensor:
-    impl = _impl("multires_head", features[0])
-    if impl == "cuda":
-        return backend.compiled_module().multires_head_cuda(features, weights, biases, base)
-    if impl == "triton":
-        from candle_ext.triton import multires_head as triton_head
-        return triton_head.multires_head(features, weights, biases, base)
-    return reference.multires_head(features, weights, biases, base)
+    return backend.dispatch(MULTIRES_HEAD, features, weights, biases, base)
 
 
 @_multires_head.register_fake
@@ -51,18 +83,7 @@ def _multires_head_backward(grad: torch.Tensor, features: List[torch.Tensor], we
                             base: int, features_grad: bool) -> List[torch.Tensor]:
     """Flat list [grad_features..., grad_weights..., grad_biases...]; grad_features are empty tensors
     when features_grad is False (the teacher encoder is frozen)."""
-    impl = _impl("multires_head_backward", grad)
-    if impl == "cuda":
-        return list(backend.compiled_module().multires_head_backward_cuda(grad, features, weights, base,
-                                                                          features_grad))
-    if impl == "triton":
-        from candle_ext.triton import multires_head as triton_head
-        return triton_head.multires_head_backward(grad, features, weights, base, features_grad)
-    biases = [w.new_zeros(w.shape[0]) for w in weights]
-    gf, gw, gb = reference.multires_head_backward(grad, features, weights, biases, base)
-    if not features_grad:
-        gf = [f.new_empty(0) for f in features]
-    return gf + gw + gb
+    return backend.dispatch(MULTIRES_HEAD_BACKWARD, grad, features, weights, base, features_grad)
 
 
 @_multires_head_backward.register_fake

@@ -8,18 +8,47 @@ import torch
 from candle_ext import backend, reference
 from candle_ext.ops import validate
 
-_IMPLS = ("cuda", "triton", "reference")
+
+def _cuda(x, bias):
+    return backend.compiled_module().sign_ste_cuda(x, bias)
+
+
+def _triton(x, bias):
+    from candle_ext.triton import sign_ste as triton_sign
+    return triton_sign.sign_ste(x, bias)
+
+
+def _cuda_backward(grad, x, bias):
+    gx, gb = backend.compiled_module().sign_ste_backward_cuda(grad, x, bias)
+    return gx, gb
+
+
+def _triton_backward(grad, x, bias):
+    from candle_ext.triton import sign_ste as triton_sign
+    return triton_sign.sign_ste_backward(grad, x, bias)
+
+
+def _reference_backward(grad, x, bias):
+    zero = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+    gx, gb = reference.sign_ste_backward(grad, x, zero if bias is None else bias)
+    return gx, gb
+
+
+SIGN_STE = backend.OpTable("sign_ste", arg=lambda x, bias: x, impls=(
+    backend.Impl("cuda", validate.FLOAT_DTYPES, _cuda),
+    backend.Impl("triton", validate.FLOAT_DTYPES, _triton),
+    backend.Impl("reference", validate.FLOAT_DTYPES, reference.sign_ste),
+))
+SIGN_STE_BACKWARD = backend.OpTable("sign_ste_backward", arg=lambda grad, x, bias: x, impls=(
+    backend.Impl("cuda", validate.FLOAT_DTYPES, _cuda_backward),
+    backend.Impl("triton", validate.FLOAT_DTYPES, _triton_backward),
+    backend.Impl("reference", validate.FLOAT_DTYPES, _reference_backward),
+))
 
 
 @torch.library.custom_op("candle_ext::sign_ste", mutates_args=())
 def _sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    impl = backend.select("sign_ste", x.device.type, _IMPLS)
-    if impl == "cuda":
-        return backend.compiled_module().sign_ste_cuda(x, bias)
-    if impl == "triton":
-        from candle_ext.triton import sign_ste as triton_sign
-        return triton_sign.sign_ste(x, bias)
-    return reference.sign_ste(x, bias)
+    return backend.dispatch(SIGN_STE, x, bias)
 
 
 @_sign_ste.register_fake
@@ -31,16 +60,7 @@ def _(x, bias):
 def _sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x, grad_bias); grad_bias is per channel (dim 1) and is computed even without a bias."""
-    impl = backend.select("sign_ste_backward", x.device.type, _IMPLS)
-    if impl == "cuda":
-        gx, gb = backend.compiled_module().sign_ste_backward_cuda(grad, x, bias)
-        return gx, gb
-    if impl == "triton":
-        from candle_ext.triton import sign_ste as triton_sign
-        return triton_sign.sign_ste_backward(grad, x, bias)
-    zero = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
-    gx, gb = reference.sign_ste_backward(grad, x, zero if bias is None else bias)
-    return gx, gb
+    return backend.dispatch(SIGN_STE_BACKWARD, grad, x, bias)
 
 
 @_sign_ste_backward.register_fake

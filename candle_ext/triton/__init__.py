@@ -3,8 +3,8 @@
 One module per op, each called lazily by the dispatch in candle_ext/ops/*.py, with the semantics of
 candle_ext/reference.py:
 
-- sign_ste.py       sign_pack (sign + bit-pack in one pass), sign_ste forward, and its STE backward with the
-                    per-channel bias gradient.
+- sign_pack.py      sign_pack: sign + bit-pack in one pass.
+- sign_ste.py       sign_ste forward, and its STE backward with the per-channel bias gradient.
 - binary_conv2d.py  implicit-GEMM convolution of packed activations with packed weights (exact int32
                     accumulators, optional fused scale/shift epilogue). Two inner products: XOR + popcount on
                     CUDA cores ("popc"), or the packed bits expanded to int8 +-1 and multiplied on tensor cores
@@ -102,3 +102,18 @@ class LaunchConfig:
         if self.num_stages is not None:
             out["num_stages"] = self.num_stages
         return out
+
+
+def bias_arg(bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The bias rounded to x's dtype, as the reference subtracts it. Without a bias, x stands in for the unused
+    pointer argument (HAS_BIAS=False never dereferences it)."""
+    return x if bias is None else bias.to(x.dtype).contiguous()
+
+
+def compute_dtype(x: torch.Tensor):
+    """The Triton dtype in which sign_pack / sign_ste form x - bias."""
+    # float32 (float64 for float64 inputs): both operands are exact there and the difference has the sign (and
+    # zero-ness) of the reference's difference in x's dtype. It also keeps bfloat16 arithmetic out of the kernels
+    # (Triton's interpreter stores bfloat16 as raw uint16).
+    import triton.language as tl  # here, so that importing this package needs no triton
+    return tl.float64 if x.dtype == torch.float64 else tl.float32

@@ -1,9 +1,6 @@
-"""Triton kernels for sign_pack, sign_ste and the STE backward (semantics: candle_ext/reference.py).
+"""Triton kernels for sign_ste and its STE backward (semantics: candle_ext/reference.py).
 
-All three are memory-bound, single-pass kernels:
-- sign_pack reads x once (NCHW or channels_last, any float dtype) and writes the packed int32 words
-  [N, H, W, ceil(C/32)] (layout: candle_ext/ops/bitpack.py). A program owns a tile of pixels x 32*WORDS
-  channels of one image; the tile is loaded along whichever axis is contiguous in memory.
+Both are memory-bound, single-pass kernels:
 - sign_ste is a flat elementwise kernel over the memory of x (contiguous or channels-last dense), so every
   access is coalesced; the channel of a flat offset is (offset // channel_stride) % C.
 - sign_ste_backward writes grad_x and, in the same pass, per-program partial sums of grad_x per channel; a
@@ -17,34 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from candle_ext.triton import LaunchConfig, interpreter_tiles, next_pow2, sm_count
-
-WORD_BITS = 32
-
-
-@triton.jit
-def _sign_pack_kernel(x_ptr, bias_ptr, out_ptr, C, HW, NW, n_pix_blocks, s_n, s_c, s_hw,
-                      HAS_BIAS: tl.constexpr, CMP: tl.constexpr, BLOCK_P: tl.constexpr, WORDS: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid // n_pix_blocks
-    p = (pid % n_pix_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * (WORDS * 32) + tl.arange(0, WORDS * 32)
-    p_ok = p < HW
-    c_ok = c < C
-    ok = p_ok[:, None] & c_ok[None, :]
-    offs = n.to(tl.int64) * s_n + p.to(tl.int64)[:, None] * s_hw + c.to(tl.int64)[None, :] * s_c
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(CMP)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(CMP)
-        x = x - b[None, :]
-    # Masked lanes (pad channels, pixels past the end) must give bit 0, so the mask is applied to the bit.
-    bits = ((x >= 0) & ok).to(tl.int32)
-    lane = tl.arange(0, 32)
-    # Bits are disjoint, so their sum is their OR; 1 << 31 is INT_MIN and the sum stays within int32.
-    words = tl.sum(tl.reshape(bits, [BLOCK_P, WORDS, 32]) << lane[None, None, :], axis=2)
-    k = tl.program_id(1) * WORDS + tl.arange(0, WORDS)
-    out_offs = (n.to(tl.int64) * HW + p.to(tl.int64)[:, None]) * NW + k[None, :]
-    tl.store(out_ptr + out_offs, words, mask=p_ok[:, None] & (k < NW)[None, :])
+from candle_ext.triton import LaunchConfig, bias_arg, compute_dtype, interpreter_tiles, next_pow2, sm_count
 
 
 @triton.jit
@@ -119,18 +89,6 @@ def _ste_bwd_cols_kernel(g_ptr, x_ptr, bias_ptr, gx_ptr, part_ptr, M, C, chunk,
     tl.store(part_ptr + tl.program_id(1).to(tl.int64) * C + cols, tl.sum(acc, axis=0), mask=c_ok)
 
 
-def sign_pack_config(channels_fast: bool, pixels: int, words: int) -> LaunchConfig:
-    """Tiles of _sign_pack_kernel for an image of `pixels` pixels and `words` packed words per pixel; the
-    channels are contiguous in memory when `channels_fast`."""
-    if interpreter_tiles(_sign_pack_kernel):
-        block_p, block_words = min(256, next_pow2(pixels)), min(8, next_pow2(words))
-    elif channels_fast:  # channels_last: a pixel's channels are contiguous, so take several words per pixel
-        block_p, block_words = 32, min(4, next_pow2(words))
-    else:  # NCHW: consecutive pixels are contiguous, one word (32 channel planes) per program
-        block_p, block_words = min(128, next_pow2(pixels)), 1
-    return LaunchConfig.of(_sign_pack_kernel, 4, BLOCK_P=block_p, WORDS=block_words)
-
-
 def sign_ste_config() -> LaunchConfig:
     """Tiles of the flat elementwise _sign_ste_kernel."""
     return LaunchConfig.of(_sign_ste_kernel, 4, BLOCK=4096 if interpreter_tiles(_sign_ste_kernel) else 1024)
@@ -151,42 +109,12 @@ def ste_backward_config(channels_last: bool, channels: int, spatial: int) -> Lau
     return LaunchConfig.of(_ste_bwd_rows_kernel, 8, BLOCK_R=block_r, BLOCK_S=block_s)
 
 
-LAUNCH_CONFIGS = (sign_pack_config, sign_ste_config, ste_backward_config)
-
-
-def _bias_arg(bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The bias rounded to x's dtype, as the reference subtracts it. Without a bias, x stands in for the unused
-    pointer argument (HAS_BIAS=False never dereferences it)."""
-    return x if bias is None else bias.to(x.dtype).contiguous()
-
-
-def _compute_dtype(x: torch.Tensor):
-    # x - bias is formed in float32 (float64 for float64 inputs): both operands are exact there and the
-    # difference has the sign (and zero-ness) of the reference's difference in x's dtype. It also keeps
-    # bfloat16 arithmetic out of the kernels (Triton's interpreter stores bfloat16 as raw uint16).
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
+LAUNCH_CONFIGS = (sign_ste_config, ste_backward_config)
 
 
 def _channels_last_dense(t: torch.Tensor) -> bool:
     """Memory order N, spatial..., C (channels_last for 4-D; also true for [N, C] and 1x1 spatial)."""
     return t.movedim(1, -1).is_contiguous()
-
-
-def sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """int32 words [N, H, W, ceil(C/32)] holding the bits of sign(x - bias) (pad bits 0)."""
-    n, c, h, w = x.shape
-    # H and W merge into one pixel axis when their strides allow it (NCHW- and NHWC-contiguous do).
-    if not (h == 1 or w == 1 or x.stride(2) == w * x.stride(3)):
-        x = x.contiguous()
-    s_hw = x.stride(3) if w > 1 else x.stride(2)
-    nw = (c + WORD_BITS - 1) // WORD_BITS
-    out = torch.empty((n, h, w, nw), dtype=torch.int32, device=x.device)
-    cfg = sign_pack_config(x.stride(1) == 1 and c > 1, h * w, nw)
-    pix_blocks = triton.cdiv(h * w, cfg["BLOCK_P"])
-    grid = (n * pix_blocks, triton.cdiv(nw, cfg["WORDS"]))
-    cfg.kernel[grid](x, _bias_arg(bias, x), out, c, h * w, nw, pix_blocks, x.stride(0), x.stride(1), s_hw,
-                     HAS_BIAS=bias is not None, CMP=_compute_dtype(x), **cfg.kwargs())
-    return out
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -205,8 +133,8 @@ def sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tens
     c_stride = x.stride(1) if c > 1 else 1
     numel = x.numel()
     cfg = sign_ste_config()
-    cfg.kernel[(triton.cdiv(numel, cfg["BLOCK"]),)](x, _bias_arg(bias, x), out, numel, c, c_stride,
-                                                    HAS_BIAS=bias is not None, CMP=_compute_dtype(x), **cfg.kwargs())
+    cfg.kernel[(triton.cdiv(numel, cfg["BLOCK"]),)](x, bias_arg(bias, x), out, numel, c, c_stride,
+                                                    HAS_BIAS=bias is not None, CMP=compute_dtype(x), **cfg.kwargs())
     return out
 
 
@@ -234,12 +162,12 @@ def sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.
     """(grad_x, grad_bias): grad * ApproxSign'(x - bias) in x's dtype, and -sum over all dims but 1 of it
     (dtype of bias, or of x when bias is None; returned even without a bias)."""
     c = x.shape[1]
-    acc = _compute_dtype(x)
+    acc = compute_dtype(x)
     acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
     gb_dtype = x.dtype if bias is None else bias.dtype
     small = interpreter_tiles(_ste_bwd_rows_kernel)
     has_bias = bias is not None
-    b = _bias_arg(bias, x)
+    b = bias_arg(bias, x)
     if _channels_last_dense(x):
         xv = x.movedim(1, -1)  # a contiguous view [N, spatial..., C]
         gv = grad.movedim(1, -1).contiguous()
