@@ -31,12 +31,12 @@ _SIGN_PACK_IMPLS = ("cuda", "triton", "cpu", "reference")
 def _sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     impl = backend.select("sign_pack", x.device.type, _SIGN_PACK_IMPLS)
     if impl == "cuda":
-        return backend.compiled_module().sign_pack_cuda(x, bias)
+        return backend.compiled_module().sign_pack_cuda(x=x, bias=bias)
     if impl == "triton":
         from candle_ext.triton import sign_ste as triton_sign
         return triton_sign.sign_pack(x, bias)
     if impl == "cpu":  # reads any float dtype and layout in place; rounds the bias like the reference
-        return backend.compiled_module().sign_pack_cpu(x, bias)
+        return backend.compiled_module().sign_pack_cpu(x=x, bias=bias)
     return reference.sign_pack(x, bias)
 
 

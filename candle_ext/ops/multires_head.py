@@ -33,7 +33,8 @@ def _multires_head(features: List[torch.Tensor], weights: List[torch.Tensor], bi
                    base: int) -> torch.Tensor:
     impl = _impl("multires_head", features[0])
     if impl == "cuda":
-        return backend.compiled_module().multires_head_cuda(features, weights, biases, base)
+        return backend.compiled_module().multires_head_cuda(features=features, weights=weights, biases=biases,
+                                                             base=base)
     if impl == "triton":
         from candle_ext.triton import multires_head as triton_head
         return triton_head.multires_head(features, weights, biases, base)
@@ -53,8 +54,8 @@ def _multires_head_backward(grad: torch.Tensor, features: List[torch.Tensor], we
     when features_grad is False (the teacher encoder is frozen)."""
     impl = _impl("multires_head_backward", grad)
     if impl == "cuda":
-        return list(backend.compiled_module().multires_head_backward_cuda(grad, features, weights, base,
-                                                                          features_grad))
+        return list(backend.compiled_module().multires_head_backward_cuda(
+            grad=grad, features=features, weights=weights, base=base, features_grad=features_grad))
     if impl == "triton":
         from candle_ext.triton import multires_head as triton_head
         return triton_head.multires_head_backward(grad, features, weights, base, features_grad)

@@ -15,7 +15,7 @@ _IMPLS = ("cuda", "triton", "reference")
 def _sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     impl = backend.select("sign_ste", x.device.type, _IMPLS)
     if impl == "cuda":
-        return backend.compiled_module().sign_ste_cuda(x, bias)
+        return backend.compiled_module().sign_ste_cuda(x=x, bias=bias)
     if impl == "triton":
         from candle_ext.triton import sign_ste as triton_sign
         return triton_sign.sign_ste(x, bias)
@@ -33,7 +33,7 @@ def _sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch
     """(grad_x, grad_bias); grad_bias is per channel (dim 1) and is computed even without a bias."""
     impl = backend.select("sign_ste_backward", x.device.type, _IMPLS)
     if impl == "cuda":
-        gx, gb = backend.compiled_module().sign_ste_backward_cuda(grad, x, bias)
+        gx, gb = backend.compiled_module().sign_ste_backward_cuda(grad=grad, x=x, bias=bias)
         return gx, gb
     if impl == "triton":
         from candle_ext.triton import sign_ste as triton_sign

@@ -544,8 +544,6 @@ constexpr int64_t kIndexLimit = std::numeric_limits<int32_t>::max();
 // ------------------------------------------------------------------------------------------------------
 // Host side: plan, launch.
 
-enum class Path { kAuto = 0, kTensorCore = 1, kPopcount = 2 };
-
 struct Plan {
   bool tensor_core = false;
   int bm = kPopTile, bn = kPopTile, chunk = 1;
@@ -571,9 +569,9 @@ int tc_kernel_ptx_arch(c10::DeviceIndex device) {
 }
 
 Plan make_plan(int major, int tc_ptx_arch, int sms, int64_t smem_optin, int64_t m, int64_t cout, int64_t words,
-               int64_t kh, int64_t kw, int64_t sh, int64_t sw, bool x16, bool x8, Path path) {
+               int64_t kh, int64_t kw, int64_t sh, int64_t sw, bool x16, bool x8, ConvPath path) {
   Plan plan;
-  if (path == Path::kPopcount) {
+  if (path == ConvPath::kCudaCores) {
     plan.why = "the CUDA-core path was asked for";
     return plan;
   }
@@ -587,7 +585,7 @@ Plan make_plan(int major, int tc_ptx_arch, int sms, int64_t smem_optin, int64_t 
     plan.why = "the tensor-core path serves kernels up to 3x3 and strides up to 2";
   }
   if (!plan.why.empty()) {
-    TORCH_CHECK_VALUE(path != Path::kTensorCore, "binary_conv2d_cuda: the tensor-core path cannot run this call: ",
+    TORCH_CHECK_VALUE(path != ConvPath::kTensorCores, "binary_conv2d_cuda: the tensor-core path cannot run this call: ",
                       plan.why);
     return plan;
   }
@@ -654,7 +652,7 @@ struct Prepared {
 
 Prepared prepare(const at::Tensor& x, const at::Tensor& w, int64_t channels, int64_t sh, int64_t sw, int64_t ph,
                  int64_t pw, int64_t dh, int64_t dw, const c10::optional<at::Tensor>& scale,
-                 const c10::optional<at::Tensor>& shift, int64_t out_kind, int64_t path) {
+                 const c10::optional<at::Tensor>& shift, OutKind out_kind, ConvPath path) {
   check_packed_conv(x, w, channels, c10::kCUDA);
   TORCH_CHECK_VALUE(w.device() == x.device(), "w_packed is on ", w.device(), ", expected ", x.device(),
                     " like x_packed");
@@ -665,12 +663,14 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& w, int64_t channels, int
     if (v->has_value())
       TORCH_CHECK_VALUE((*v)->device() == x.device(), "scale/shift is on ", (*v)->device(), ", expected ",
                         x.device());
-  TORCH_CHECK_VALUE(out_kind >= 0 && out_kind <= 3, "out_kind must be 0 (int32), 1 (float32), 2 (float16) or 3 "
-                    "(bfloat16), got ", out_kind);
-  TORCH_CHECK_VALUE(out_kind != 0 || (!scale.has_value() && !shift.has_value()),
-                    "scale/shift need a float output (out_kind 1, 2 or 3)");
-  TORCH_CHECK_VALUE(path >= 0 && path <= 2, "path must be 0 (auto), 1 (tensor cores) or 2 (CUDA cores), got ",
-                    path);
+  // The enums may hold other values when called from C++.
+  const int64_t kind = static_cast<int64_t>(out_kind), path_value = static_cast<int64_t>(path);
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= 3, "out_kind must be an OutKind (int32, float32, float16, bfloat16), got ",
+                    kind);
+  TORCH_CHECK_VALUE(out_kind != OutKind::kInt32 || (!scale.has_value() && !shift.has_value()),
+                    "scale/shift need a float output (out_kind float32, float16 or bfloat16)");
+  TORCH_CHECK_VALUE(path_value >= 0 && path_value <= 2,
+                    "path must be a ConvPath (auto, tensor_cores, cuda_cores), got ", path_value);
   TORCH_CHECK_VALUE(g.kh <= 255 && g.kw <= 255, "kernel size must be at most 255, got ", g.kh, "x", g.kw);
   TORCH_CHECK_VALUE(x.numel() <= kIndexLimit && w.numel() <= kIndexLimit &&
                         g.n * g.cout * g.ho * g.wo <= kIndexLimit && g.cout * g.kh * g.kw * g.words <= kIndexLimit &&
@@ -683,7 +683,7 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& w, int64_t channels, int
                         static_cast<int64_t>(prop->sharedMemPerBlockOptin),
                         g.n * g.ho * g.wo, g.cout, g.words, g.kh, g.kw, g.sh, g.sw,
                         addr_x % 16 == 0 && addr_w % 16 == 0, addr_x % 8 == 0 && addr_w % 8 == 0,
-                        static_cast<Path>(path));
+                        path);
   return {g, plan};
 }
 
@@ -692,15 +692,15 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& w, int64_t channels, int
 at::Tensor binary_conv2d_cuda_path(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                                    int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                                    int64_t dil_w, const c10::optional<at::Tensor>& scale,
-                                   const c10::optional<at::Tensor>& shift, int64_t out_kind,
-                                   bool channels_last_out, int64_t path) {
+                                   const c10::optional<at::Tensor>& shift, OutKind out_kind,
+                                   bool channels_last_out, ConvPath path) {
   const Prepared prep = prepare(x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, scale,
                                 shift, out_kind, path);  // validates first: the guard needs a CUDA device
   c10::cuda::CUDAGuard guard(x_packed.device());
   const ConvGeometry& g = prep.g;
   static const at::ScalarType kinds[] = {at::kInt, at::kFloat, at::kHalf, at::kBFloat16};
   auto out = at::empty({g.n, g.cout, g.ho, g.wo},
-                       x_packed.options().dtype(kinds[out_kind]).memory_format(
+                       x_packed.options().dtype(kinds[static_cast<int>(out_kind)]).memory_format(
                            channels_last_out ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   const int64_t rows_x = g.n * g.h * g.w, rows_w = g.cout * g.kh * g.kw;
   auto counts = at::empty({rows_x + rows_w}, x_packed.options().dtype(at::kInt));
@@ -720,7 +720,7 @@ at::Tensor binary_conv2d_cuda_path(const at::Tensor& x_packed, const at::Tensor&
   p.taps = g.kh * g.kw;
   p.kwords = p.taps * g.words;
   p.channels = channels;
-  p.out_kind = out_kind;
+  p.out_kind = static_cast<int>(out_kind);
   p.channels_last = channels_last_out ? 1 : 0;
 
   const bool vec4 = g.words % 4 == 0 && reinterpret_cast<uintptr_t>(p.xbits) % 16 == 0 &&
@@ -754,16 +754,16 @@ at::Tensor binary_conv2d_cuda_path(const at::Tensor& x_packed, const at::Tensor&
 at::Tensor binary_conv2d_cuda(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                               int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                               int64_t dil_w, const c10::optional<at::Tensor>& scale,
-                              const c10::optional<at::Tensor>& shift, int64_t out_kind, bool channels_last_out) {
+                              const c10::optional<at::Tensor>& shift, OutKind out_kind, bool channels_last_out) {
   return binary_conv2d_cuda_path(x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, scale,
-                                 shift, out_kind, channels_last_out, 0);
+                                 shift, out_kind, channels_last_out, ConvPath::kAuto);
 }
 
 std::string binary_conv2d_cuda_plan(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                                     int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
-                                    int64_t dil_w, int64_t path) {
+                                    int64_t dil_w, ConvPath path) {
   return describe(prepare(x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, c10::nullopt,
-                          c10::nullopt, 0, path)
+                          c10::nullopt, OutKind::kInt32, path)
                       .plan);
 }
 
