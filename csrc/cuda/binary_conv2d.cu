@@ -19,14 +19,10 @@
 //
 // Build: the kernels use CUDA's own headers only and are instantiated explicitly; the torch-facing host code
 // is compiled in the host pass alone (#ifndef __CUDA_ARCH__), so nvcc's per-GPU-target passes skip torch's
-// headers.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+// headers. The PTX wrappers (cp.async, ldmatrix, mma) are in common.cuh.
 #include <climits>
-#include <cstdint>
-#include <limits>
+
+#include "common.cuh"
 
 namespace candle {
 namespace {
@@ -163,67 +159,13 @@ __device__ __forceinline__ void store_out(const ConvParams& p, int64_t idx, int 
 // ------------------------------------------------------------------------------------------------------
 // Tensor-core path (sm_80+): mma.sync m16n8k256 b1 AND-popc, 3-stage cp.async pipeline.
 
-// Device passes below sm_80 have no 1-bit MMA: there the tensor-core kernel is compiled to __trap() (CANDLE_TC_TRAP),
-// never to an empty body that an sm_80+ GPU could JIT from compute_7x PTX and run "successfully". The host side
-// never launches it from such code either (tc_kernel_ptx_arch below).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define CANDLE_TC_ENABLED 1
-#elif defined(__CUDA_ARCH__)
-#define CANDLE_TC_TRAP 1
-#endif
+// Below sm_80 the tensor-core kernel is compiled to __trap() (CANDLE_MMA_TRAP in common.cuh).
 
 // Shared-memory word offset of word `word` of tile row `row` (32 words = 8 chunks of 16 bytes per row). The
 // 16-byte chunk index is XOR-swizzled with row % 8, so the 8 rows one ldmatrix phase reads (and the rows a
 // warp's cp.async writes) fall in distinct banks.
 __device__ __forceinline__ int swz(int row, int word) {
   return row * kStageWords + ((((word >> 2) ^ (row & 7))) << 2) + (word & 3);
-}
-
-template <int BYTES>
-__device__ __forceinline__ void cp_async_zfill(void* smem, const void* gmem, bool valid) {
-#ifdef CANDLE_TC_ENABLED
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_size = valid ? BYTES : 0;  // 0: nothing is read, the destination is zero-filled
-  if constexpr (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(gmem), "n"(BYTES),
-                 "r"(src_size));
-  }
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#ifdef CANDLE_TC_ENABLED
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#ifdef CANDLE_TC_ENABLED
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint32_t* smem) {
-#ifdef CANDLE_TC_ENABLED
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-#endif
-}
-
-// d += popc(A & B) for a 16x256 (rows) by 256x8 (columns) bit tile.
-__device__ __forceinline__ void mma_b1_and(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#ifdef CANDLE_TC_ENABLED
-  asm volatile(
-      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
 }
 
 template <int BM, int BN>
@@ -240,7 +182,7 @@ constexpr bool staging_fits() {
 // CHUNK: words per cp.async (4, 2 or 1); `words` and both base pointers are multiples of it.
 template <int BM, int BN, int WARPS_M, int WARPS_N, int CHUNK>
 __global__ void __launch_bounds__(kThreads) bconv_tc_kernel(const ConvParams p) {
-#ifdef CANDLE_TC_ENABLED
+#ifdef CANDLE_MMA_ENABLED
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   constexpr int MT = WM / 16, NT = WN / 8;
   static_assert(WARPS_M * WARPS_N * 32 == kThreads, "8 warps");
@@ -412,7 +354,7 @@ __global__ void __launch_bounds__(kThreads) bconv_tc_kernel(const ConvParams p) 
         store_out(p, static_cast<int64_t>(row_out[r]) + static_cast<int64_t>(n0 + c) * howo, stage_s[c * pitch + r]);
     }
   }
-#elif defined(CANDLE_TC_TRAP)
+#elif defined(CANDLE_MMA_TRAP)
   __trap();  // compiled for an arch < 8.0: no 1-bit tensor cores, so no result; never return without one
 #endif
 }
@@ -521,25 +463,12 @@ template __global__ void popcount_rows_kernel<false>(const uint32_t*, int, const
 }  // namespace
 }  // namespace candle
 
-#ifndef __CUDA_ARCH__  // host pass only: torch's headers and the entry points
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-
-#include <algorithm>
-#include <map>
-#include <mutex>
-#include <set>
+#ifndef __CUDA_ARCH__  // host pass only: the plan, the launchers and the entry points
 #include <sstream>
 #include <string>
-#include <utility>
-
-#include "../checks.h"
-#include "../ops.h"
 
 namespace candle {
 namespace {
-
-constexpr int64_t kIndexLimit = std::numeric_limits<int32_t>::max();
 
 // ------------------------------------------------------------------------------------------------------
 // Host side: plan, launch.
@@ -551,22 +480,6 @@ struct Plan {
 };
 
 bool tc_shape_ok(int64_t kh, int64_t kw, int64_t sh, int64_t sw) { return kh <= 3 && kw <= 3 && sh <= 2 && sw <= 2; }
-
-// The PTX arch the tensor-core kernel that `device` would run was compiled for (cached per device). Below 80
-// means the build had only archs < 8.0 in TORCH_CUDA_ARCH_LIST and this sm_80+ GPU JIT-compiles their PTX,
-// whose tensor-core kernels are __trap() (see CANDLE_TC_TRAP): the plan must not pick them.
-int tc_kernel_ptx_arch(c10::DeviceIndex device) {
-  static std::mutex mu;
-  static std::map<int, int> known;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = known.find(device);
-  if (it != known.end()) return it->second;
-  c10::cuda::CUDAGuard guard(device);
-  cudaFuncAttributes attr{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(bconv_tc_kernel<64, 64, 2, 4, 1>)));
-  known[device] = attr.ptxVersion;
-  return attr.ptxVersion;
-}
 
 Plan make_plan(int major, int tc_ptx_arch, int sms, int64_t smem_optin, int64_t m, int64_t cout, int64_t words,
                int64_t kh, int64_t kw, int64_t sh, int64_t sw, bool x16, bool x8, ConvPath path) {
@@ -610,18 +523,6 @@ std::string describe(const Plan& plan) {
     s << "popcount (" << plan.why << ")";
   }
   return s.str();
-}
-
-void ensure_smem(const void* kernel, int bytes) {
-  // cudaFuncSetAttribute once per (kernel, device): more than 48 KB of dynamic shared memory is opt-in.
-  static std::mutex mu;
-  static std::set<std::pair<const void*, int>> done;
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  std::lock_guard<std::mutex> lock(mu);
-  if (done.count({kernel, dev})) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  done.insert({kernel, dev});
 }
 
 template <int BM, int BN, int WARPS_M, int WARPS_N, int CHUNK>
@@ -678,7 +579,10 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& w, int64_t channels, int
                     "binary_conv2d_cuda needs fewer than 2^31 elements in each of x_packed, w_packed and the output");
   const auto* prop = at::cuda::getDeviceProperties(x.device().index());
   const auto addr_x = reinterpret_cast<uintptr_t>(x.data_ptr()), addr_w = reinterpret_cast<uintptr_t>(w.data_ptr());
-  const int tc_ptx_arch = prop->major >= 8 ? tc_kernel_ptx_arch(x.device().index()) : 0;
+  const int tc_ptx_arch =
+      prop->major >= 8 ? kernel_ptx_arch(reinterpret_cast<const void*>(bconv_tc_kernel<64, 64, 2, 4, 1>),
+                                         x.device().index())
+                       : 0;
   Plan plan = make_plan(prop->major, tc_ptx_arch, prop->multiProcessorCount,
                         static_cast<int64_t>(prop->sharedMemPerBlockOptin),
                         g.n * g.ho * g.wo, g.cout, g.words, g.kh, g.kw, g.sh, g.sw,
