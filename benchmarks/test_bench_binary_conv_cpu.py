@@ -64,7 +64,7 @@ def _fn(variant, s, d):
     if variant == "kernel":
         c = backend.compiled_module()
         return lambda: c.binary_conv2d_cpu(d["xp"], d["wp"], s.cin, s.stride, s.stride, s.padding, s.padding, 1, 1,
-                                           d["scale"], d["shift"], 1)
+                                           scale=d["scale"], shift=d["shift"], out_kind=c.OutKind.float32)
     if variant == "binary":
         return lambda: candle_ext.binary_conv2d(d["xp"], d["wp"], d["scale"], s.stride, s.padding,
                                                 in_channels=s.cin, shift=d["shift"])

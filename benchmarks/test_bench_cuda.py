@@ -85,21 +85,24 @@ def test_binary_conv(benchmark, capsys, shape, batch):
     x16 = x32.half().contiguous(memory_format=torch.channels_last)
     w16 = w32.half().contiguous(memory_format=torch.channels_last)
     ref = F.conv2d(x32, w32, None, s, p)  # +-1 sums below 2^24: exact in fp32 and TF32
-    got = C.binary_conv2d_cuda(xp, wp, shape.cin, *args, None, None, 0, False)
+    got = C.binary_conv2d_cuda(xp, wp, shape.cin, *args, None, None, C.OutKind.int32, False)
     assert torch.equal(got, ref.round().to(torch.int32))
     ops = 2 * shape.macs(batch)
     times = {
         "cudnn fp32": _median_ms(lambda: F.conv2d(x32, w32, None, s, p)),
         "cudnn fp16 CL": _median_ms(lambda: F.conv2d(x16, w16, None, s, p)),
-        "cuda fp16 CL": _median_ms(lambda: C.binary_conv2d_cuda(xp, wp, shape.cin, *args, None, None, 2, True)),
-        "cuda int32": _median_ms(lambda: C.binary_conv2d_cuda(xp, wp, shape.cin, *args, None, None, 0, False)),
+        "cuda fp16 CL": _median_ms(lambda: C.binary_conv2d_cuda(xp, wp, shape.cin, *args, None, None,
+                                                                C.OutKind.float16, True)),
+        "cuda int32": _median_ms(lambda: C.binary_conv2d_cuda(xp, wp, shape.cin, *args, None, None,
+                                                              C.OutKind.int32, False)),
     }
     base = times["cudnn fp16 CL"]
     parts = [f"{k} {v:.3f} ms {ops / v / 1e9:.1f} TOPS ({base / v:.2f}x)" for k, v in times.items()]
-    plan = C.binary_conv2d_cuda_plan(xp, wp, shape.cin, *args, 0)
+    plan = C.binary_conv2d_cuda_plan(xp, wp, shape.cin, *args, path=C.ConvPath.auto)
     say(capsys, f"[cuda conv {shape} x{shape.count} batch {batch}; {plan}] " + ", ".join(parts))
     benchmark.extra_info.update(times, shape=str(shape), batch=batch, plan=plan)
-    benchmark.pedantic(synced(lambda: C.binary_conv2d_cuda(xp, wp, shape.cin, *args, None, None, 2, True)),
+    benchmark.pedantic(synced(lambda: C.binary_conv2d_cuda(xp, wp, shape.cin, *args, None, None,
+                                                           C.OutKind.float16, True)),
                        rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 

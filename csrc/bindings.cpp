@@ -1,11 +1,35 @@
-// PYBIND11_MODULE for candle_ext._C: one line per kernel entry point (declared in ops.h).
+// PYBIND11_MODULE for candle_ext._C: the enums, then one definition per kernel entry point (declared and
+// documented in ops.h). Every parameter is named, so callers can pass keywords.
+// pybind11 declares its types hidden and the enums of ops.h are not (torch's extension flags keep the default
+// visibility), so GCC warns where py::enum_ instantiates class_<enum>. Harmless: no other library binds or
+// shares these types.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wattributes"
+#endif
 #include "ops.h"
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using candle::ConvPath;
+  using candle::OutKind;
   m.doc() = "candle-ext compiled kernels";
+  py::enum_<OutKind>(m, "OutKind")
+      .value("int32", OutKind::kInt32)
+      .value("float32", OutKind::kFloat32)
+      .value("float16", OutKind::kFloat16)
+      .value("bfloat16", OutKind::kBFloat16);
+  py::enum_<ConvPath>(m, "ConvPath")
+      .value("auto", ConvPath::kAuto)
+      .value("tensor_cores", ConvPath::kTensorCores)
+      .value("cuda_cores", ConvPath::kCudaCores);
+
   m.attr("cpu_features") = candle::cpu_features();
   m.def("cpu_isa", &candle::cpu_isa, "the CPU kernel path the next call takes: avx512, avx2, neon or portable");
-  m.def("sign_pack_cpu", &candle::sign_pack_cpu, "pack sign(x - bias) of NCHW float32 into int32 words");
+  m.def("sign_pack_cpu", &candle::sign_pack_cpu, "pack sign(x - bias) of NCHW float32 into int32 words",
+        py::arg("x"), py::arg("bias"));
   m.def("binary_conv2d_cpu", &candle::binary_conv2d_cpu,
         "binary conv on packed words (CPU); residual/slope/post_shift: the rest of a ReActNet block, fused",
         py::arg("x_packed"), py::arg("w_packed"), py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"),
@@ -21,15 +45,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("packed_out"), py::arg("pack_threshold"));
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
-  m.def("sign_pack_cuda", &candle::sign_pack_cuda, "pack sign(x - bias) into int32 words (CUDA)");
-  m.def("sign_ste_cuda", &candle::sign_ste_cuda, "sign(x - bias) as +-1 in x's dtype and layout (CUDA)");
-  m.def("sign_ste_backward_cuda", &candle::sign_ste_backward_cuda, "(grad_x, grad_bias) of sign_ste (CUDA)");
-  m.def("binary_conv2d_cuda", &candle::binary_conv2d_cuda, "binary conv on packed words (CUDA)");
+  m.def("sign_pack_cuda", &candle::sign_pack_cuda, "pack sign(x - bias) into int32 words (CUDA)", py::arg("x"),
+        py::arg("bias"));
+  m.def("sign_ste_cuda", &candle::sign_ste_cuda, "sign(x - bias) as +-1 in x's dtype and layout (CUDA)",
+        py::arg("x"), py::arg("bias"));
+  m.def("sign_ste_backward_cuda", &candle::sign_ste_backward_cuda, "(grad_x, grad_bias) of sign_ste (CUDA)",
+        py::arg("grad"), py::arg("x"), py::arg("bias"));
+  m.def("binary_conv2d_cuda", &candle::binary_conv2d_cuda, "binary conv on packed words (CUDA)",
+        py::arg("x_packed"), py::arg("w_packed"), py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"),
+        py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"), py::arg("dil_w"), py::arg("scale"), py::arg("shift"),
+        py::arg("out_kind"), py::arg("channels_last_out"));
   m.def("binary_conv2d_cuda_path", &candle::binary_conv2d_cuda_path,
-        "binary conv on packed words, path 0 auto / 1 tensor cores / 2 CUDA cores (CUDA)");
-  m.def("binary_conv2d_cuda_plan", &candle::binary_conv2d_cuda_plan, "which CUDA kernel a binary conv call uses");
-  m.def("multires_head_cuda", &candle::multires_head_cuda, "fused multi-resolution 1x1 conv + resize + concat");
-  m.def("multires_head_backward_cuda", &candle::multires_head_backward_cuda, "backward of multires_head_cuda");
+        "binary conv on packed words on the given ConvPath (CUDA)", py::arg("x_packed"), py::arg("w_packed"),
+        py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"),
+        py::arg("dil_h"), py::arg("dil_w"), py::arg("scale"), py::arg("shift"), py::arg("out_kind"),
+        py::arg("channels_last_out"), py::arg("path"));
+  m.def("binary_conv2d_cuda_plan", &candle::binary_conv2d_cuda_plan, "which CUDA kernel a binary conv call uses",
+        py::arg("x_packed"), py::arg("w_packed"), py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"),
+        py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"), py::arg("dil_w"), py::arg("path"));
+  m.def("multires_head_cuda", &candle::multires_head_cuda, "fused multi-resolution 1x1 conv + resize + concat",
+        py::arg("features"), py::arg("weights"), py::arg("biases"), py::arg("base"));
+  m.def("multires_head_backward_cuda", &candle::multires_head_backward_cuda, "backward of multires_head_cuda",
+        py::arg("grad"), py::arg("features"), py::arg("weights"), py::arg("base"), py::arg("features_grad"));
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -8,7 +8,16 @@
 
 namespace candle {
 
-// out_kind for binary_conv2d: 0 int32 accumulators, 1 float32, 2 float16, 3 bfloat16 (acc * scale + shift).
+// What binary_conv2d writes: the int32 accumulators (the exact +-1 dot products), or acc * scale + shift
+// rounded to float32, float16 or bfloat16. The values are the wire format of earlier builds (0..3).
+enum class OutKind : int64_t { kInt32 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
+// Which CUDA kernel binary_conv2d runs: the planner's choice, the 1-bit tensor cores (an error when they cannot
+// serve the call, e.g. kernels above 3x3 or GPUs below sm_80), or the CUDA-core popcount kernel.
+enum class ConvPath : int64_t { kAuto = 0, kTensorCores = 1, kCudaCores = 2 };
+
+// Arguments shared by the binary_conv2d entry points: x_packed int32 words [N, H, W, ceil(C/32)] and w_packed
+// [Cout, kh, kw, ceil(C/32)] (candle_ext/ops/bitpack.py), `channels` = C (the bits that count), then stride,
+// padding and dilation per axis; scale/shift: optional float32 [Cout] of the float epilogue acc * scale + shift.
 
 // csrc/cpu/sign_pack.cpp
 at::Tensor sign_pack_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& bias);
@@ -20,7 +29,7 @@ std::string cpu_isa();
 at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                              int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                              int64_t dil_w, const c10::optional<at::Tensor>& scale,
-                             const c10::optional<at::Tensor>& shift, int64_t out_kind,
+                             const c10::optional<at::Tensor>& shift, OutKind out_kind,
                              const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& slope,
                              const c10::optional<at::Tensor>& post_shift);
 // The float epilogue in NHWC mode (csrc/cpu/kernels.h): residual channels-last (copied to it otherwise), of the
@@ -35,29 +44,34 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_cpu_nhwc(
     bool packed_out, const c10::optional<at::Tensor>& pack_threshold);
 
 #ifdef WITH_CUDA
-// csrc/cuda/sign_ste.cu: x float32/float16/bfloat16/float64, NCHW or channels_last read in place.
+// csrc/cuda/sign_pack.cu and csrc/cuda/sign_ste.cu: x float32/float16/bfloat16/float64, NCHW or channels_last
+// read in place; bias: optional [C], rounded to x's dtype like the reference.
 at::Tensor sign_pack_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& bias);
 at::Tensor sign_ste_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& bias);
 // (grad_x, grad_bias); grad_bias is always returned, in bias's dtype (x's when bias is None).
 std::tuple<at::Tensor, at::Tensor> sign_ste_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                           const c10::optional<at::Tensor>& bias);
-// csrc/cuda/binary_conv2d.cu: path 0 auto, 1 tensor cores (error if it cannot serve the call), 2 CUDA cores.
+// csrc/cuda/binary_conv2d.cu. channels_last_out: the output in channels_last memory format.
 at::Tensor binary_conv2d_cuda(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                               int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                               int64_t dil_w, const c10::optional<at::Tensor>& scale,
-                              const c10::optional<at::Tensor>& shift, int64_t out_kind, bool channels_last_out);
+                              const c10::optional<at::Tensor>& shift, OutKind out_kind, bool channels_last_out);
 at::Tensor binary_conv2d_cuda_path(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                                    int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                                    int64_t dil_w, const c10::optional<at::Tensor>& scale,
-                                   const c10::optional<at::Tensor>& shift, int64_t out_kind,
-                                   bool channels_last_out, int64_t path);
+                                   const c10::optional<at::Tensor>& shift, OutKind out_kind,
+                                   bool channels_last_out, ConvPath path);
+// Which kernel binary_conv2d_cuda_path would run, in words ("tensor_core bm128 bn64 ...", "popcount (why)").
 std::string binary_conv2d_cuda_plan(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                                     int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
-                                    int64_t dil_w, int64_t path);
-// csrc/cuda/multires_head.cu: float32/float16/bfloat16, sm_80+.
+                                    int64_t dil_w, ConvPath path);
+// csrc/cuda/multires_head.cu: float32/float16/bfloat16, sm_80+. features[r] [N, C_T, h_r, w_r], weights[r]
+// [C_S, C_T], biases[r] [C_S]; each resolution is resized (nearest) to base x base after its 1x1 conv and the
+// results are concatenated along the channels: [N, R*C_S, base, base].
 at::Tensor multires_head_cuda(const std::vector<at::Tensor>& features, const std::vector<at::Tensor>& weights,
                               const std::vector<at::Tensor>& biases, int64_t base);
-// [grad_features (empty tensors unless features_grad)..., grad_weights..., grad_biases...]
+// grad: the output's gradient. Returns [grad_features (empty tensors unless features_grad)..., grad_weights...,
+// grad_biases...].
 std::vector<at::Tensor> multires_head_backward_cuda(const at::Tensor& grad, const std::vector<at::Tensor>& features,
                                                     const std::vector<at::Tensor>& weights, int64_t base,
                                                     bool features_grad);

@@ -88,10 +88,10 @@ for n, cin, cout, size, k, s, p in convs:
     want = R.binary_conv2d_packed(xp, wp, cin, (s, s), (p, p), (1, 1))
     scale, shift = torch.rand(cout, device=dev), torch.randn(cout, device=dev)
     for path in (0, 2):
-        assert torch.equal(C.binary_conv2d_cuda_path(xp, wp, cin, s, s, p, p, 1, 1, None, None, 0, False, path), want)
+        assert torch.equal(C.binary_conv2d_cuda_path(xp, wp, cin, s, s, p, p, 1, 1, None, None, C.OutKind.int32, False, C.ConvPath(path)), want)
         for kind, cl in ((1, True), (2, False), (3, True)):
-            C.binary_conv2d_cuda_path(xp, wp, cin, s, s, p, p, 1, 1, scale, shift, kind, cl, path)
-    print("conv", (n, cin, cout, size, k, s, p), C.binary_conv2d_cuda_plan(xp, wp, cin, s, s, p, p, 1, 1, 0))
+            C.binary_conv2d_cuda_path(xp, wp, cin, s, s, p, p, 1, 1, scale, shift, C.OutKind(kind), cl, C.ConvPath(path))
+    print("conv", (n, cin, cout, size, k, s, p), C.binary_conv2d_cuda_plan(xp, wp, cin, s, s, p, p, 1, 1, C.ConvPath.auto))
 
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     # the last one has few output tiles and many K slices: split-K partial sums and their reduction

@@ -113,7 +113,7 @@ def _check_conv(n, cin, cout, h, w, k, stride, padding, dilation, seed, full_ref
             continue
         res = torch.randn(n, rc, *fused.shape[2:], generator=g)
         got = _C.binary_conv2d_cpu(xp.contiguous(), wp.contiguous(), cin, s[0], s[1], p[0], p[1], d[0], d[1],
-                                   scale, shift, 1, res, slope, post_shift)
+                                   scale, shift, _C.OutKind.float32, res, slope, post_shift)
         eager = torch.prelu(fused + res.repeat(1, cout // rc, 1, 1), slope) + post_shift.reshape(1, -1, 1, 1)
         assert torch.equal(got, eager)
     if full_reference:
@@ -225,26 +225,28 @@ def test_conv_entry_point_rejects_bad_arguments():
     xp = R.sign_pack(torch.randn(1, 40, 5, 5))
     wp = R.sign_pack(torch.randn(8, 40, 3, 3))
     with pytest.raises(ValueError, match="out_kind"):
-        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 2)
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, _C.OutKind.float16)
     with pytest.raises(ValueError, match="scale/shift"):
-        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, torch.ones(8), None, 0)
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, torch.ones(8), None, _C.OutKind.int32)
     with pytest.raises(ValueError, match="words"):
-        _C.binary_conv2d_cpu(xp, wp, 70, 1, 1, 1, 1, 1, 1, None, None, 0)
+        _C.binary_conv2d_cpu(xp, wp, 70, 1, 1, 1, 1, 1, 1, None, None, _C.OutKind.int32)
     with pytest.raises(ValueError, match="stride"):
-        _C.binary_conv2d_cpu(xp, wp, 40, 0, 1, 1, 1, 1, 1, None, None, 0)
+        _C.binary_conv2d_cpu(xp, wp, 40, 0, 1, 1, 1, 1, 1, None, None, _C.OutKind.int32)
     with pytest.raises(TypeError, match="x_packed"):
-        _C.binary_conv2d_cpu(xp.float(), wp, 40, 1, 1, 1, 1, 1, 1, None, None, 0)
+        _C.binary_conv2d_cpu(xp.float(), wp, 40, 1, 1, 1, 1, 1, 1, None, None, _C.OutKind.int32)
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):
-        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 0, 0, 3, 3, None, None, 0)
-    out_shape = _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 1).shape
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 0, 0, 3, 3, None, None, _C.OutKind.int32)
+    out_shape = _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, _C.OutKind.float32).shape
     with pytest.raises(ValueError, match="residual must have shape"):  # 3 channels do not divide 8
-        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 1, torch.zeros(out_shape[0], 3, *out_shape[2:]))
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, _C.OutKind.float32,
+                             torch.zeros(out_shape[0], 3, *out_shape[2:]))
     with pytest.raises(ValueError, match="residual must have shape"):
-        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 1, torch.zeros(out_shape[0], 8, 1, 1))
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, _C.OutKind.float32,
+                             torch.zeros(out_shape[0], 8, 1, 1))
     with pytest.raises(ValueError, match="need a float output"):
-        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 0, None, torch.ones(8))
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, _C.OutKind.int32, None, torch.ones(8))
     with pytest.raises(ValueError, match="slope must have shape"):
-        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 1, None, torch.ones(5))
+        _C.binary_conv2d_cpu(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, _C.OutKind.float32, None, torch.ones(5))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -239,9 +239,11 @@ def test_binary_conv_int32_exact(C, cfg):
     want = R.binary_conv2d_packed(xp, wp, cfg.cin, stride, padding, dilation)
     paths = [0, 2] + ([1] if _tc_ok(cfg) else [])
     for path in paths:
-        got = C.binary_conv2d_cuda_path(xp, wp, cfg.cin, *_conv_args(cfg), None, None, 0, False, path)
+        got = C.binary_conv2d_cuda_path(xp, wp, cfg.cin, *_conv_args(cfg), None, None, C.OutKind.int32, False,
+                                        C.ConvPath(path))
         assert got.dtype == torch.int32
-        assert torch.equal(got, want), (path, C.binary_conv2d_cuda_plan(xp, wp, cfg.cin, *_conv_args(cfg), path))
+        assert torch.equal(got, want), (path, C.binary_conv2d_cuda_plan(xp, wp, cfg.cin, *_conv_args(cfg),
+                                                                        C.ConvPath(path)))
 
 
 EPILOGUE_CASES = list(itertools.product(CONV_CONFIGS[:40:4] + CONV_LARGE[:4], [1, 2, 3], [False, True]))
@@ -258,7 +260,8 @@ def test_binary_conv_epilogue(C, cfg, kind, channels_last):
     for sc, sh in ((scale, shift), (scale, None), (None, shift), (None, None)):
         want = R.binary_conv2d_packed(xp, wp, cfg.cin, stride, padding, dilation, sc, sh, _KIND_DTYPE[kind])
         for path in [0, 2] + ([1] if _tc_ok(cfg) else []):
-            got = C.binary_conv2d_cuda_path(xp, wp, cfg.cin, *_conv_args(cfg), sc, sh, kind, channels_last, path)
+            got = C.binary_conv2d_cuda_path(xp, wp, cfg.cin, *_conv_args(cfg), sc, sh, C.OutKind(kind),
+                                            channels_last, C.ConvPath(path))
             assert got.dtype == _KIND_DTYPE[kind]
             assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             # acc * scale + shift in float32 with separate roundings, then one rounding to the output dtype:
@@ -271,7 +274,8 @@ def test_binary_conv_int32_channels_last(C):
     xp, wp = _packed_pair(cfg, 3)
     want = R.binary_conv2d_packed(xp, wp, cfg.cin, (2, 2), (1, 1), (1, 1))
     for path in (0, 2):
-        got = C.binary_conv2d_cuda_path(xp, wp, cfg.cin, *_conv_args(cfg), None, None, 0, True, path)
+        got = C.binary_conv2d_cuda_path(xp, wp, cfg.cin, *_conv_args(cfg), None, None, C.OutKind.int32, True,
+                                        C.ConvPath(path))
         assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, want)
 
 
@@ -284,32 +288,35 @@ def test_binary_conv_unaligned_inputs_and_asymmetric_params(C):
     xs[1:] = xp.reshape(-1)
     xv = xs[1:].view(xp.shape)
     want = R.binary_conv2d_packed(xp, wp, cfg.cin, (1, 1), (1, 1), (1, 1))
-    plan = C.binary_conv2d_cuda_plan(xv, wp, cfg.cin, 1, 1, 1, 1, 1, 1, 0)
+    plan = C.binary_conv2d_cuda_plan(xv, wp, cfg.cin, 1, 1, 1, 1, 1, 1, C.ConvPath.auto)
     if _tc_ok(cfg):
         assert "cp.async4B" in plan, plan
-    assert torch.equal(C.binary_conv2d_cuda(xv, wp, cfg.cin, 1, 1, 1, 1, 1, 1, None, None, 0, False), want)
+    assert torch.equal(C.binary_conv2d_cuda(xv, wp, cfg.cin, 1, 1, 1, 1, 1, 1, None, None, C.OutKind.int32,
+                                            False), want)
     g = torch.Generator(device="cpu").manual_seed(9)
     x = torch.randn(1, 45, 11, 9, generator=g).to(DEV)
     w = torch.randn(17, 45, 1, 3, generator=g).to(DEV)
     xp, wp = R.sign_pack(x), R.sign_pack(w)
     want = R.binary_conv2d_packed(xp, wp, 45, (2, 1), (0, 2), (1, 2))
     for path in (0, 2):
-        got = C.binary_conv2d_cuda_path(xp, wp, 45, 2, 1, 0, 2, 1, 2, None, None, 0, False, path)
+        got = C.binary_conv2d_cuda_path(xp, wp, 45, 2, 1, 0, 2, 1, 2, None, None, C.OutKind.int32, False,
+                                        C.ConvPath(path))
         assert torch.equal(got, want)
 
 
 def test_binary_conv_plan(C):
     cfg = ConvConfig(8, 128, 128, 28, 28, 3, 1, 1, 1)
     xp, wp = _packed_pair(cfg, 1)
-    plan = C.binary_conv2d_cuda_plan(xp, wp, cfg.cin, 1, 1, 1, 1, 1, 1, 0)
+    plan = C.binary_conv2d_cuda_plan(xp, wp, cfg.cin, 1, 1, 1, 1, 1, 1, C.ConvPath.auto)
     if torch.cuda.get_device_capability()[0] >= 8:
         assert plan.startswith("tensor_core") and "cp.async16B" in plan, plan
-    assert C.binary_conv2d_cuda_plan(xp, wp, cfg.cin, 1, 1, 1, 1, 1, 1, 2).startswith("popcount")
+    assert C.binary_conv2d_cuda_plan(xp, wp, cfg.cin, 1, 1, 1, 1, 1, 1, C.ConvPath.cuda_cores).startswith("popcount")
     cfg5 = ConvConfig(1, 40, 8, 9, 9, 5, 1, 2, 1)
     xp5, wp5 = _packed_pair(cfg5, 1)
-    assert C.binary_conv2d_cuda_plan(xp5, wp5, 40, 1, 1, 2, 2, 1, 1, 0).startswith("popcount")
+    assert C.binary_conv2d_cuda_plan(xp5, wp5, 40, 1, 1, 2, 2, 1, 1, C.ConvPath.auto).startswith("popcount")
     with pytest.raises(ValueError, match="tensor-core path cannot run"):
-        C.binary_conv2d_cuda_path(xp5, wp5, 40, 1, 1, 2, 2, 1, 1, None, None, 0, False, 1)
+        C.binary_conv2d_cuda_path(xp5, wp5, 40, 1, 1, 2, 2, 1, 1, None, None, C.OutKind.int32, False,
+                                  C.ConvPath.tensor_cores)
 
 
 def test_binary_conv_public_api(C, cuda_backend):
@@ -329,17 +336,17 @@ def test_binary_conv_bad_inputs(C):
     cfg = ConvConfig(1, 40, 8, 9, 9, 3, 1, 1, 1)
     xp, wp = _packed_pair(cfg, 2)
     with pytest.raises(TypeError, match="x_packed has dtype"):
-        C.binary_conv2d_cuda(xp.float(), wp, 40, 1, 1, 1, 1, 1, 1, None, None, 0, False)
+        C.binary_conv2d_cuda(xp.float(), wp, 40, 1, 1, 1, 1, 1, 1, None, None, C.OutKind.int32, False)
     with pytest.raises(ValueError, match="words per pixel"):
-        C.binary_conv2d_cuda(xp, wp, 80, 1, 1, 1, 1, 1, 1, None, None, 0, False)
+        C.binary_conv2d_cuda(xp, wp, 80, 1, 1, 1, 1, 1, 1, None, None, C.OutKind.int32, False)
     with pytest.raises(ValueError, match="scale/shift need a float output"):
-        C.binary_conv2d_cuda(xp, wp, 40, 1, 1, 1, 1, 1, 1, torch.ones(8, device=DEV), None, 0, False)
-    with pytest.raises(ValueError, match="out_kind"):
+        C.binary_conv2d_cuda(xp, wp, 40, 1, 1, 1, 1, 1, 1, torch.ones(8, device=DEV), None, C.OutKind.int32, False)
+    with pytest.raises(TypeError, match="out_kind"):  # only an OutKind passes the binding
         C.binary_conv2d_cuda(xp, wp, 40, 1, 1, 1, 1, 1, 1, None, None, 7, False)
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):
-        C.binary_conv2d_cuda(xp, wp, 40, 1, 1, 0, 0, 9, 9, None, None, 0, False)
+        C.binary_conv2d_cuda(xp, wp, 40, 1, 1, 0, 0, 9, 9, None, None, C.OutKind.int32, False)
     with pytest.raises(ValueError, match="scale must have shape"):
-        C.binary_conv2d_cuda(xp, wp, 40, 1, 1, 1, 1, 1, 1, torch.ones(3, device=DEV), None, 1, False)
+        C.binary_conv2d_cuda(xp, wp, 40, 1, 1, 1, 1, 1, 1, torch.ones(3, device=DEV), None, C.OutKind.float32, False)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -499,12 +506,14 @@ def test_build_below_sm80_refuses_tensor_core_kernels(C):
         pytest.skip(f"needs a build for archs < 8.0 only (this one: {archs!r}) and an sm_80+ GPU")
     cfg = ConvConfig(2, 64, 40, 9, 9, 3, 1, 1, 1)
     xp, wp = _packed_pair(cfg, 1)
-    plan = C.binary_conv2d_cuda_plan(xp, wp, cfg.cin, 1, 1, 1, 1, 1, 1, 0)
+    plan = C.binary_conv2d_cuda_plan(xp, wp, cfg.cin, 1, 1, 1, 1, 1, 1, C.ConvPath.auto)
     assert plan.startswith("popcount") and "below 8.0" in plan, plan
     want = R.binary_conv2d_packed(xp, wp, cfg.cin, (1, 1), (1, 1), (1, 1))
-    assert torch.equal(C.binary_conv2d_cuda(xp, wp, cfg.cin, 1, 1, 1, 1, 1, 1, None, None, 0, False), want)
+    assert torch.equal(C.binary_conv2d_cuda(xp, wp, cfg.cin, 1, 1, 1, 1, 1, 1, None, None, C.OutKind.int32,
+                                            False), want)
     with pytest.raises(ValueError, match="tensor-core path cannot run"):
-        C.binary_conv2d_cuda_path(xp, wp, cfg.cin, 1, 1, 1, 1, 1, 1, None, None, 0, False, 1)
+        C.binary_conv2d_cuda_path(xp, wp, cfg.cin, 1, 1, 1, 1, 1, 1, None, None, C.OutKind.int32, False,
+                                  C.ConvPath.tensor_cores)
     feats, weights, biases, base = _head_inputs((1, 8, 4, [(2, 2), (3, 3)], 1), torch.float32, 13)
     with pytest.raises(RuntimeError, match="no sm_80\\+ code"):
         C.multires_head_cuda(feats, weights, biases, base)

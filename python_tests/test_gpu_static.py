@@ -34,7 +34,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 HERE = pathlib.Path(__file__).resolve().parent
 
 # Kernels of candle_ext._C known to use local memory with the CUDA 13.0 toolkit CI builds with, and how many bytes
-# per thread at most: reported, not failures. sign_pack_nchw_kernel<float, 4> (csrc/cuda/sign_ste.cu): ptxas
+# per thread at most: reported, not failures. sign_pack_nchw_kernel<float, 4> (csrc/cuda/sign_pack.cu): ptxas
 # reports "8 bytes stack frame, 8 bytes spill stores, 16 bytes spill loads" at 40 registers on sm_90.
 KNOWN_CUDA_LOCAL = {"sign_pack_nchw_kernel<float, 4>": 8}
 # Shared memory one block may use (opt-in maximum, bytes), by SASS arch.

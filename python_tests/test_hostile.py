@@ -172,7 +172,7 @@ def test_compiled_kernel_checks_geometry_itself(args):
         C = backend.compiled_module()
         xp = candle_ext.sign_pack(torch.randn(1, 4, 6, 6)); wp = candle_ext.sign_pack(torch.randn(2, 4, 3, 3))
         try:
-            C.binary_conv2d_cpu(xp, wp, 4, *{args!r}, None, None, 0, None, None, None)
+            C.binary_conv2d_cpu(xp, wp, 4, *{args!r}, None, None, C.OutKind.int32, None, None, None)
             print("ACCEPTED")
         except ValueError as exc:
             print("REFUSED", exc)

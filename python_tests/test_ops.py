@@ -230,10 +230,10 @@ def test_compiled_module_rejects_bad_input_directly():
         pytest.skip("no compiled module in this install")
     with pytest.raises(ValueError, match="must be contiguous|words per pixel"):
         mod.binary_conv2d_cpu(torch.zeros(1, 2, 2, 3, dtype=torch.int32), torch.zeros(1, 1, 1, 1, dtype=torch.int32),
-                              32, 1, 1, 0, 0, 1, 1, None, None, 0)
+                              32, 1, 1, 0, 0, 1, 1, None, None, mod.OutKind.int32)
     with pytest.raises(TypeError, match="dtype"):
         mod.sign_pack_cpu(torch.zeros(1, 2, 2, 2, dtype=torch.int32), None)
     # A 2x2 input under a 3x3 kernel with stride 2 has no output (a truncating division would make one row).
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):
         mod.binary_conv2d_cpu(torch.zeros(1, 2, 2, 1, dtype=torch.int32), torch.zeros(4, 3, 3, 1, dtype=torch.int32),
-                              32, 2, 2, 0, 0, 1, 1, None, None, 0)
+                              32, 2, 2, 0, 0, 1, 1, None, None, mod.OutKind.int32)

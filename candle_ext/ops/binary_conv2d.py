@@ -18,7 +18,8 @@ from candle_ext.ops import validate
 from candle_ext.ops.bitpack import check_packed
 from candle_ext.ops.sign_pack import SIGN_PACK, _sign_pack, sign_pack
 
-_OUT_KIND = {None: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+# The _C.OutKind member (csrc/ops.h) of each output dtype (None: the exact int32 accumulators).
+_OUT_KIND = {None: "int32", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 MAX_OUTPUT_ELEMENTS = 2**40  # as csrc/checks.h: an output this large is a mistake, refused before allocating
 
 
@@ -26,12 +27,20 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _geometry(stride, padding, dilation) -> dict:
+    """The conv geometry as the named arguments of the _C entry points."""
+    return dict(stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
+                dil_w=dilation[1])
+
+
 def _cuda(x_packed, w_packed, channels, stride, padding, dilation, scale, shift, out_dtype):
-    args = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
-    return backend.compiled_module().binary_conv2d_cuda(
-        x_packed.contiguous(), w_packed.contiguous(), channels, *args,
-        None if scale is None else scale.float().contiguous(),
-        None if shift is None else shift.float().contiguous(), _OUT_KIND[out_dtype], False)
+    module = backend.compiled_module()
+    return module.binary_conv2d_cuda(
+        x_packed=x_packed.contiguous(), w_packed=w_packed.contiguous(), channels=channels,
+        **_geometry(stride, padding, dilation),
+        scale=None if scale is None else scale.float().contiguous(),
+        shift=None if shift is None else shift.float().contiguous(),
+        out_kind=getattr(module.OutKind, _OUT_KIND[out_dtype]), channels_last_out=False)
 
 
 def _triton(x_packed, w_packed, channels, stride, padding, dilation, scale, shift, out_dtype):
@@ -41,11 +50,13 @@ def _triton(x_packed, w_packed, channels, stride, padding, dilation, scale, shif
 
 
 def _cpu(x_packed, w_packed, channels, stride, padding, dilation, scale, shift, out_dtype):
-    args = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
-    out = backend.compiled_module().binary_conv2d_cpu(
-        x_packed.contiguous(), w_packed.contiguous(), channels, *args,
-        None if scale is None else scale.float().contiguous(),
-        None if shift is None else shift.float().contiguous(), 0 if out_dtype is None else 1)
+    module = backend.compiled_module()
+    out = module.binary_conv2d_cpu(
+        x_packed=x_packed.contiguous(), w_packed=w_packed.contiguous(), channels=channels,
+        **_geometry(stride, padding, dilation),
+        scale=None if scale is None else scale.float().contiguous(),
+        shift=None if shift is None else shift.float().contiguous(),
+        out_kind=module.OutKind.int32 if out_dtype is None else module.OutKind.float32)
     return out if out_dtype in (None, torch.float32) else out.to(out_dtype)
 
 
@@ -295,7 +306,7 @@ def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_
                                                                      and residual.dtype == torch.float32)):
         module = backend.compiled_module()
         if x_words is None:
-            x_words = module.sign_pack_cpu(x, threshold)
+            x_words = module.sign_pack_cpu(x=x, bias=threshold)
         elif x_words.shape != (x.shape[0], x.shape[2], x.shape[3], (in_channels + 31) // 32):
             raise ValueError(f"x_words has shape {tuple(x_words.shape)}, expected the packed shape of x "
                              f"{tuple(x.shape)}")
@@ -304,11 +315,12 @@ def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_
         if pack_threshold is not None and pack_threshold.dtype != torch.float32:
             pack_threshold = pack_threshold.float()
         out, words = module.binary_conv2d_cpu_nhwc(
-            x_words, w_packed.contiguous(), in_channels, stride[0], stride[1], padding[0], padding[1], dilation[0],
-            dilation[1], scale.contiguous(), shift.contiguous(), residual, residual_pool,
-            None if slope is None else slope.float().contiguous(),
-            None if post_shift is None else post_shift.float().reshape(-1).contiguous(), True, pack,
-            None if pack_threshold is None else pack_threshold.contiguous())
+            x_packed=x_words, w_packed=w_packed.contiguous(), channels=in_channels,
+            **_geometry(stride, padding, dilation), scale=scale.contiguous(), shift=shift.contiguous(),
+            residual=residual, residual_pool=residual_pool,
+            slope=None if slope is None else slope.float().contiguous(),
+            post_shift=None if post_shift is None else post_shift.float().reshape(-1).contiguous(), float_out=True,
+            packed_out=pack, pack_threshold=None if pack_threshold is None else pack_threshold.contiguous())
         if not channels_last:
             out = out.contiguous()
         return (out, words) if pack else out
@@ -334,11 +346,12 @@ def packed_chain_conv(x: torch.Tensor, x_words: Optional[torch.Tensor], threshol
     Returns (out, sign_pack(out, pack_threshold) or an empty tensor without pack_threshold)."""
     module = backend.compiled_module()
     if x_words is None:
-        x_words = module.sign_pack_cpu(x, threshold)
-    out, words = module.binary_conv2d_cpu_nhwc(x_words, w_packed, in_channels, stride[0], stride[1], padding[0],
-                                               padding[1], dilation[0], dilation[1], scale, shift, residual,
-                                               residual_pool, slope, post_shift, True, pack_threshold is not None,
-                                               pack_threshold)
+        x_words = module.sign_pack_cpu(x=x, bias=threshold)
+    out, words = module.binary_conv2d_cpu_nhwc(
+        x_packed=x_words, w_packed=w_packed, channels=in_channels, stride_h=stride[0], stride_w=stride[1],
+        pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1], scale=scale, shift=shift,
+        residual=residual, residual_pool=residual_pool, slope=slope, post_shift=post_shift, float_out=True,
+        packed_out=pack_threshold is not None, pack_threshold=pack_threshold)
     return (out if channels_last else out.contiguous()), words
 
 
@@ -350,17 +363,18 @@ def _packed_inference_conv(x, threshold, w_packed, in_channels, stride, padding,
     if (type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing() and cpu_kernels_serve(x.dtype)):
         module = backend.compiled_module()
-        words = module.sign_pack_cpu(x, threshold)
+        words = module.sign_pack_cpu(x=x, bias=threshold)
         if scale.dtype != torch.float32 or shift.dtype != torch.float32:
             scale, shift = scale.float(), shift.float()
         fuse = x.dtype == torch.float32 and (residual is None or (type(residual) is torch.Tensor
                                                                   and residual.dtype == torch.float32))
-        post = ((None if residual is None else residual.contiguous()),
-                (None if slope is None else slope.float().contiguous()),
-                (None if post_shift is None else post_shift.float().reshape(-1).contiguous())) if fuse else ()
-        out = module.binary_conv2d_cpu(words, w_packed.contiguous(), in_channels, stride[0], stride[1],
-                                       padding[0], padding[1], dilation[0], dilation[1], scale.contiguous(),
-                                       shift.contiguous(), 1, *post)
+        post = dict(residual=None if residual is None else residual.contiguous(),
+                    slope=None if slope is None else slope.float().contiguous(),
+                    post_shift=(None if post_shift is None
+                                else post_shift.float().reshape(-1).contiguous())) if fuse else {}
+        out = module.binary_conv2d_cpu(x_packed=words, w_packed=w_packed.contiguous(), channels=in_channels,
+                                       **_geometry(stride, padding, dilation), scale=scale.contiguous(),
+                                       shift=shift.contiguous(), out_kind=module.OutKind.float32, **post)
         out = out.to(x.dtype)
         return out if fuse else _post_ops(out, residual, slope, post_shift)
     words = sign_pack(x, threshold)

@@ -22,7 +22,8 @@ _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _cuda(features, weights, biases, base):
-    return backend.compiled_module().multires_head_cuda(features, weights, biases, base)
+    return backend.compiled_module().multires_head_cuda(features=features, weights=weights, biases=biases,
+                                                         base=base)
 
 
 def _triton(features, weights, biases, base):
@@ -31,8 +32,8 @@ def _triton(features, weights, biases, base):
 
 
 def _cuda_backward(grad, features, weights, base, features_grad):
-    return list(backend.compiled_module().multires_head_backward_cuda(grad, features, weights, base,
-                                                                      features_grad))
+    return list(backend.compiled_module().multires_head_backward_cuda(
+        grad=grad, features=features, weights=weights, base=base, features_grad=features_grad))
 
 
 def _triton_backward(grad, features, weights, base, features_grad):

@@ -10,7 +10,7 @@ from candle_ext.ops import validate
 from candle_ext.ops.bitpack import check_packed, num_words
 
 def _cuda(x, bias):
-    return backend.compiled_module().sign_pack_cuda(x, bias)
+    return backend.compiled_module().sign_pack_cuda(x=x, bias=bias)
 
 
 def _triton(x, bias):
@@ -19,7 +19,7 @@ def _triton(x, bias):
 
 
 def _cpu(x, bias):  # reads any float dtype and layout in place; rounds the bias like the reference
-    return backend.compiled_module().sign_pack_cpu(x, bias)
+    return backend.compiled_module().sign_pack_cpu(x=x, bias=bias)
 
 
 SIGN_PACK = backend.OpTable("sign_pack", arg=lambda x, bias: x, impls=(

@@ -10,7 +10,7 @@ from candle_ext.ops import validate
 
 
 def _cuda(x, bias):
-    return backend.compiled_module().sign_ste_cuda(x, bias)
+    return backend.compiled_module().sign_ste_cuda(x=x, bias=bias)
 
 
 def _triton(x, bias):
@@ -19,7 +19,7 @@ def _triton(x, bias):
 
 
 def _cuda_backward(grad, x, bias):
-    gx, gb = backend.compiled_module().sign_ste_backward_cuda(grad, x, bias)
+    gx, gb = backend.compiled_module().sign_ste_backward_cuda(grad=grad, x=x, bias=bias)
     return gx, gb
 
 

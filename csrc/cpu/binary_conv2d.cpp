@@ -53,18 +53,20 @@ const float* data_or_null(const c10::optional<at::Tensor>& t) { return t.has_val
 at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                              int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                              int64_t dil_w, const c10::optional<at::Tensor>& scale,
-                             const c10::optional<at::Tensor>& shift, int64_t out_kind,
+                             const c10::optional<at::Tensor>& shift, OutKind out_kind,
                              const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& slope,
                              const c10::optional<at::Tensor>& post_shift) {
   ConvGeometry g;
   const cpu::ConvGeometry cg = checked_geometry(x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, dil_h,
                                                 dil_w, scale, shift, slope, post_shift, g);
-  TORCH_CHECK_VALUE(out_kind == 0 || out_kind == 1, "out_kind must be 0 (int32) or 1 (float32) on the CPU, got ",
-                    out_kind);
-  TORCH_CHECK_VALUE(out_kind == 1 || (!scale.has_value() && !shift.has_value()),
-                    "scale/shift need a float output (out_kind 1)");
-  TORCH_CHECK_VALUE(out_kind == 1 || (!residual.has_value() && !slope.has_value() && !post_shift.has_value()),
-                    "residual/slope/post_shift need a float output (out_kind 1)");
+  const bool float_out = out_kind == OutKind::kFloat32;
+  TORCH_CHECK_VALUE(float_out || out_kind == OutKind::kInt32,
+                    "out_kind must be OutKind.int32 or OutKind.float32 on the CPU, got ",
+                    static_cast<int64_t>(out_kind));
+  TORCH_CHECK_VALUE(float_out || (!scale.has_value() && !shift.has_value()),
+                    "scale/shift need a float output (out_kind float32)");
+  TORCH_CHECK_VALUE(float_out || (!residual.has_value() && !slope.has_value() && !post_shift.has_value()),
+                    "residual/slope/post_shift need a float output (out_kind float32)");
   cpu::Post post;
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
@@ -81,11 +83,11 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_pac
   }
   post.slope = data_or_null(slope);
   post.post_shift = data_or_null(post_shift);
-  auto out = at::empty({g.n, g.cout, g.ho, g.wo}, x_packed.options().dtype(out_kind == 0 ? at::kInt : at::kFloat));
+  auto out = at::empty({g.n, g.cout, g.ho, g.wo}, x_packed.options().dtype(float_out ? at::kFloat : at::kInt));
   const uint32_t* x = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
   const uint32_t* w = reinterpret_cast<const uint32_t*>(w_packed.data_ptr<int32_t>());
-  int32_t* oi = out_kind == 0 ? out.data_ptr<int32_t>() : nullptr;
-  float* of = out_kind == 1 ? out.data_ptr<float>() : nullptr;
+  int32_t* oi = float_out ? nullptr : out.data_ptr<int32_t>();
+  float* of = float_out ? out.data_ptr<float>() : nullptr;
   cpu::binary_conv2d(conv_isa(g), cg, channels, x, w, data_or_null(scale), data_or_null(shift), oi, of, post);
   return out;
 }

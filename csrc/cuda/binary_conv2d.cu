@@ -19,14 +19,10 @@
 //
 // Build: the kernels use CUDA's own headers only and are instantiated explicitly; the torch-facing host code
 // is compiled in the host pass alone (#ifndef __CUDA_ARCH__), so nvcc's per-GPU-target passes skip torch's
-// headers.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+// headers. The PTX wrappers (cp.async, ldmatrix, mma) are in common.cuh.
 #include <climits>
-#include <cstdint>
-#include <limits>
+
+#include "common.cuh"
 
 namespace candle {
 namespace {
@@ -163,67 +159,13 @@ __device__ __forceinline__ void store_out(const ConvParams& p, int64_t idx, int 
 // ------------------------------------------------------------------------------------------------------
 // Tensor-core path (sm_80+): mma.sync m16n8k256 b1 AND-popc, 3-stage cp.async pipeline.
 
-// Device passes below sm_80 have no 1-bit MMA: there the tensor-core kernel is compiled to __trap() (CANDLE_TC_TRAP),
-// never to an empty body that an sm_80+ GPU could JIT from compute_7x PTX and run "successfully". The host side
-// never launches it from such code either (tc_kernel_ptx_arch below).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define CANDLE_TC_ENABLED 1
-#elif defined(__CUDA_ARCH__)
-#define CANDLE_TC_TRAP 1
-#endif
+// Below sm_80 the tensor-core kernel is compiled to __trap() (CANDLE_MMA_TRAP in common.cuh).
 
 // Shared-memory word offset of word `word` of tile row `row` (32 words = 8 chunks of 16 bytes per row). The
 // 16-byte chunk index is XOR-swizzled with row % 8, so the 8 rows one ldmatrix phase reads (and the rows a
 // warp's cp.async writes) fall in distinct banks.
 __device__ __forceinline__ int swz(int row, int word) {
   return row * kStageWords + ((((word >> 2) ^ (row & 7))) << 2) + (word & 3);
-}
-
-template <int BYTES>
-__device__ __forceinline__ void cp_async_zfill(void* smem, const void* gmem, bool valid) {
-#ifdef CANDLE_TC_ENABLED
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_size = valid ? BYTES : 0;  // 0: nothing is read, the destination is zero-filled
-  if constexpr (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(gmem), "n"(BYTES),
-                 "r"(src_size));
-  }
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#ifdef CANDLE_TC_ENABLED
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#ifdef CANDLE_TC_ENABLED
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint32_t* smem) {
-#ifdef CANDLE_TC_ENABLED
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-#endif
-}
-
-// d += popc(A & B) for a 16x256 (rows) by 256x8 (columns) bit tile.
-__device__ __forceinline__ void mma_b1_and(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#ifdef CANDLE_TC_ENABLED
-  asm volatile(
-      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
 }
 
 template <int BM, int BN>
@@ -240,7 +182,7 @@ constexpr bool staging_fits() {
 // CHUNK: words per cp.async (4, 2 or 1); `words` and both base pointers are multiples of it.
 template <int BM, int BN, int WARPS_M, int WARPS_N, int CHUNK>
 __global__ void __launch_bounds__(kThreads) bconv_tc_kernel(const ConvParams p) {
-#ifdef CANDLE_TC_ENABLED
+#ifdef CANDLE_MMA_ENABLED
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   constexpr int MT = WM / 16, NT = WN / 8;
   static_assert(WARPS_M * WARPS_N * 32 == kThreads, "8 warps");
@@ -412,7 +354,7 @@ __global__ void __launch_bounds__(kThreads) bconv_tc_kernel(const ConvParams p) 
         store_out(p, static_cast<int64_t>(row_out[r]) + static_cast<int64_t>(n0 + c) * howo, stage_s[c * pitch + r]);
     }
   }
-#elif defined(CANDLE_TC_TRAP)
+#elif defined(CANDLE_MMA_TRAP)
   __trap();  // compiled for an arch < 8.0: no 1-bit tensor cores, so no result; never return without one
 #endif
 }
@@ -521,30 +463,15 @@ template __global__ void popcount_rows_kernel<false>(const uint32_t*, int, const
 }  // namespace
 }  // namespace candle
 
-#ifndef __CUDA_ARCH__  // host pass only: torch's headers and the entry points
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-
-#include <algorithm>
-#include <map>
-#include <mutex>
-#include <set>
+#ifndef __CUDA_ARCH__  // host pass only: the plan, the launchers and the entry points
 #include <sstream>
 #include <string>
-#include <utility>
-
-#include "../checks.h"
-#include "../ops.h"
 
 namespace candle {
 namespace {
 
-constexpr int64_t kIndexLimit = std::numeric_limits<int32_t>::max();
-
 // ------------------------------------------------------------------------------------------------------
 // Host side: plan, launch.
-
-enum class Path { kAuto = 0, kTensorCore = 1, kPopcount = 2 };
 
 struct Plan {
   bool tensor_core = false;
@@ -554,26 +481,10 @@ struct Plan {
 
 bool tc_shape_ok(int64_t kh, int64_t kw, int64_t sh, int64_t sw) { return kh <= 3 && kw <= 3 && sh <= 2 && sw <= 2; }
 
-// The PTX arch the tensor-core kernel that `device` would run was compiled for (cached per device). Below 80
-// means the build had only archs < 8.0 in TORCH_CUDA_ARCH_LIST and this sm_80+ GPU JIT-compiles their PTX,
-// whose tensor-core kernels are __trap() (see CANDLE_TC_TRAP): the plan must not pick them.
-int tc_kernel_ptx_arch(c10::DeviceIndex device) {
-  static std::mutex mu;
-  static std::map<int, int> known;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = known.find(device);
-  if (it != known.end()) return it->second;
-  c10::cuda::CUDAGuard guard(device);
-  cudaFuncAttributes attr{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(bconv_tc_kernel<64, 64, 2, 4, 1>)));
-  known[device] = attr.ptxVersion;
-  return attr.ptxVersion;
-}
-
 Plan make_plan(int major, int tc_ptx_arch, int sms, int64_t smem_optin, int64_t m, int64_t cout, int64_t words,
-               int64_t kh, int64_t kw, int64_t sh, int64_t sw, bool x16, bool x8, Path path) {
+               int64_t kh, int64_t kw, int64_t sh, int64_t sw, bool x16, bool x8, ConvPath path) {
   Plan plan;
-  if (path == Path::kPopcount) {
+  if (path == ConvPath::kCudaCores) {
     plan.why = "the CUDA-core path was asked for";
     return plan;
   }
@@ -587,7 +498,7 @@ Plan make_plan(int major, int tc_ptx_arch, int sms, int64_t smem_optin, int64_t 
     plan.why = "the tensor-core path serves kernels up to 3x3 and strides up to 2";
   }
   if (!plan.why.empty()) {
-    TORCH_CHECK_VALUE(path != Path::kTensorCore, "binary_conv2d_cuda: the tensor-core path cannot run this call: ",
+    TORCH_CHECK_VALUE(path != ConvPath::kTensorCores, "binary_conv2d_cuda: the tensor-core path cannot run this call: ",
                       plan.why);
     return plan;
   }
@@ -612,18 +523,6 @@ std::string describe(const Plan& plan) {
     s << "popcount (" << plan.why << ")";
   }
   return s.str();
-}
-
-void ensure_smem(const void* kernel, int bytes) {
-  // cudaFuncSetAttribute once per (kernel, device): more than 48 KB of dynamic shared memory is opt-in.
-  static std::mutex mu;
-  static std::set<std::pair<const void*, int>> done;
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  std::lock_guard<std::mutex> lock(mu);
-  if (done.count({kernel, dev})) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  done.insert({kernel, dev});
 }
 
 template <int BM, int BN, int WARPS_M, int WARPS_N, int CHUNK>
@@ -654,7 +553,7 @@ struct Prepared {
 
 Prepared prepare(const at::Tensor& x, const at::Tensor& w, int64_t channels, int64_t sh, int64_t sw, int64_t ph,
                  int64_t pw, int64_t dh, int64_t dw, const c10::optional<at::Tensor>& scale,
-                 const c10::optional<at::Tensor>& shift, int64_t out_kind, int64_t path) {
+                 const c10::optional<at::Tensor>& shift, OutKind out_kind, ConvPath path) {
   check_packed_conv(x, w, channels, c10::kCUDA);
   TORCH_CHECK_VALUE(w.device() == x.device(), "w_packed is on ", w.device(), ", expected ", x.device(),
                     " like x_packed");
@@ -665,12 +564,14 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& w, int64_t channels, int
     if (v->has_value())
       TORCH_CHECK_VALUE((*v)->device() == x.device(), "scale/shift is on ", (*v)->device(), ", expected ",
                         x.device());
-  TORCH_CHECK_VALUE(out_kind >= 0 && out_kind <= 3, "out_kind must be 0 (int32), 1 (float32), 2 (float16) or 3 "
-                    "(bfloat16), got ", out_kind);
-  TORCH_CHECK_VALUE(out_kind != 0 || (!scale.has_value() && !shift.has_value()),
-                    "scale/shift need a float output (out_kind 1, 2 or 3)");
-  TORCH_CHECK_VALUE(path >= 0 && path <= 2, "path must be 0 (auto), 1 (tensor cores) or 2 (CUDA cores), got ",
-                    path);
+  // The enums may hold other values when called from C++.
+  const int64_t kind = static_cast<int64_t>(out_kind), path_value = static_cast<int64_t>(path);
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= 3, "out_kind must be an OutKind (int32, float32, float16, bfloat16), got ",
+                    kind);
+  TORCH_CHECK_VALUE(out_kind != OutKind::kInt32 || (!scale.has_value() && !shift.has_value()),
+                    "scale/shift need a float output (out_kind float32, float16 or bfloat16)");
+  TORCH_CHECK_VALUE(path_value >= 0 && path_value <= 2,
+                    "path must be a ConvPath (auto, tensor_cores, cuda_cores), got ", path_value);
   TORCH_CHECK_VALUE(g.kh <= 255 && g.kw <= 255, "kernel size must be at most 255, got ", g.kh, "x", g.kw);
   TORCH_CHECK_VALUE(x.numel() <= kIndexLimit && w.numel() <= kIndexLimit &&
                         g.n * g.cout * g.ho * g.wo <= kIndexLimit && g.cout * g.kh * g.kw * g.words <= kIndexLimit &&
@@ -678,12 +579,15 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& w, int64_t channels, int
                     "binary_conv2d_cuda needs fewer than 2^31 elements in each of x_packed, w_packed and the output");
   const auto* prop = at::cuda::getDeviceProperties(x.device().index());
   const auto addr_x = reinterpret_cast<uintptr_t>(x.data_ptr()), addr_w = reinterpret_cast<uintptr_t>(w.data_ptr());
-  const int tc_ptx_arch = prop->major >= 8 ? tc_kernel_ptx_arch(x.device().index()) : 0;
+  const int tc_ptx_arch =
+      prop->major >= 8 ? kernel_ptx_arch(reinterpret_cast<const void*>(bconv_tc_kernel<64, 64, 2, 4, 1>),
+                                         x.device().index())
+                       : 0;
   Plan plan = make_plan(prop->major, tc_ptx_arch, prop->multiProcessorCount,
                         static_cast<int64_t>(prop->sharedMemPerBlockOptin),
                         g.n * g.ho * g.wo, g.cout, g.words, g.kh, g.kw, g.sh, g.sw,
                         addr_x % 16 == 0 && addr_w % 16 == 0, addr_x % 8 == 0 && addr_w % 8 == 0,
-                        static_cast<Path>(path));
+                        path);
   return {g, plan};
 }
 
@@ -692,15 +596,15 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& w, int64_t channels, int
 at::Tensor binary_conv2d_cuda_path(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                                    int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                                    int64_t dil_w, const c10::optional<at::Tensor>& scale,
-                                   const c10::optional<at::Tensor>& shift, int64_t out_kind,
-                                   bool channels_last_out, int64_t path) {
+                                   const c10::optional<at::Tensor>& shift, OutKind out_kind,
+                                   bool channels_last_out, ConvPath path) {
   const Prepared prep = prepare(x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, scale,
                                 shift, out_kind, path);  // validates first: the guard needs a CUDA device
   c10::cuda::CUDAGuard guard(x_packed.device());
   const ConvGeometry& g = prep.g;
   static const at::ScalarType kinds[] = {at::kInt, at::kFloat, at::kHalf, at::kBFloat16};
   auto out = at::empty({g.n, g.cout, g.ho, g.wo},
-                       x_packed.options().dtype(kinds[out_kind]).memory_format(
+                       x_packed.options().dtype(kinds[static_cast<int>(out_kind)]).memory_format(
                            channels_last_out ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   const int64_t rows_x = g.n * g.h * g.w, rows_w = g.cout * g.kh * g.kw;
   auto counts = at::empty({rows_x + rows_w}, x_packed.options().dtype(at::kInt));
@@ -720,7 +624,7 @@ at::Tensor binary_conv2d_cuda_path(const at::Tensor& x_packed, const at::Tensor&
   p.taps = g.kh * g.kw;
   p.kwords = p.taps * g.words;
   p.channels = channels;
-  p.out_kind = out_kind;
+  p.out_kind = static_cast<int>(out_kind);
   p.channels_last = channels_last_out ? 1 : 0;
 
   const bool vec4 = g.words % 4 == 0 && reinterpret_cast<uintptr_t>(p.xbits) % 16 == 0 &&
@@ -754,16 +658,16 @@ at::Tensor binary_conv2d_cuda_path(const at::Tensor& x_packed, const at::Tensor&
 at::Tensor binary_conv2d_cuda(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                               int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                               int64_t dil_w, const c10::optional<at::Tensor>& scale,
-                              const c10::optional<at::Tensor>& shift, int64_t out_kind, bool channels_last_out) {
+                              const c10::optional<at::Tensor>& shift, OutKind out_kind, bool channels_last_out) {
   return binary_conv2d_cuda_path(x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, scale,
-                                 shift, out_kind, channels_last_out, 0);
+                                 shift, out_kind, channels_last_out, ConvPath::kAuto);
 }
 
 std::string binary_conv2d_cuda_plan(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                                     int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
-                                    int64_t dil_w, int64_t path) {
+                                    int64_t dil_w, ConvPath path) {
   return describe(prepare(x_packed, w_packed, channels, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, c10::nullopt,
-                          c10::nullopt, 0, path)
+                          c10::nullopt, OutKind::kInt32, path)
                       .plan);
 }
 

@@ -24,13 +24,7 @@
 // Build: the kernels use CUDA's own headers only (float, __half, __nv_bfloat16) and are instantiated
 // explicitly; the torch-facing host code is compiled in the host pass alone (#ifndef __CUDA_ARCH__), so nvcc's
 // per-GPU-target passes skip torch's headers.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
-#include <limits>
-#include <type_traits>
+#include "common.cuh"
 
 namespace candle {
 namespace {
@@ -41,25 +35,7 @@ constexpr int BM = 128, BN = 128, BK = 32;
 constexpr int WARPS_N = 4, WM = 64, WN = 32, MT = WM / 16, NT = WN / 8;
 constexpr int kPitchMN = 128 + 8;  // [k][m or n] tiles: 272-byte (16-bit) rows, conflict-free ldmatrix.trans
 constexpr int kStagePitch = BN + 8;
-// n / d for 0 <= n < 2^31 by a multiply and a shift (d fixed per launch, set up on the host).
-struct FastDiv {
-  uint32_t d, m, s;
-  FastDiv() = default;
-  explicit FastDiv(uint32_t divisor) : d(divisor), m(0), s(0) {
-    while (s < 31 && (1u << s) < d) ++s;
-    m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << s) - d)) / d + 1);
-  }
-  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
-};
-
-// Device passes below sm_80 have no mma.sync for these types: there the GEMM kernels are compiled to __trap()
-// (CANDLE_MMA_TRAP), never to empty bodies that an sm_80+ GPU could JIT from compute_7x PTX and run
-// "successfully". The host side refuses to launch them from such code too (mma_kernel_ptx_arch below).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define CANDLE_MMA_ENABLED 1
-#elif defined(__CUDA_ARCH__)
-#define CANDLE_MMA_TRAP 1
-#endif
+// Below sm_80 the GEMM kernels are compiled to __trap() (CANDLE_MMA_TRAP in common.cuh).
 
 // Storage type in shared memory and registers: raw 16-bit patterns, or float.
 template <typename T>
@@ -201,61 +177,6 @@ __device__ __forceinline__ float column_grad(const HeadParams& P, int r, int s, 
 // Warp-level MMA on one BK slice of shared-memory tiles. A is [m][k] (A_K) or [k][m]; B is [n][k] (B_K) or
 // [k][n]. acc[mt][nt] is the m16n8 fragment at rows wm0 + 16 mt, columns wn0 + 8 nt.
 
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-#ifdef CANDLE_MMA_ENABLED
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-#endif
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
-#ifdef CANDLE_MMA_ENABLED
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-#endif
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#ifdef CANDLE_MMA_ENABLED
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-#endif
-}
-
-__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#ifdef CANDLE_MMA_ENABLED
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-__device__ __forceinline__ uint32_t to_tf32(float f) {
-  uint32_t r = 0;
-#ifdef CANDLE_MMA_ENABLED
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(f));
-#endif
-  return r;
-}
-
 template <typename T, bool A_K, bool B_K>
 __device__ __forceinline__ void tile_mma(const typename Traits<T>::S* As, const typename Traits<T>::S* Bs,
                                          float (&acc)[MT][NT][4], int wm0, int wn0, int lane, bool precise) {
@@ -268,10 +189,10 @@ __device__ __forceinline__ void tile_mma(const typename Traits<T>::S* As, const 
       for (int mt = 0; mt < MT; ++mt) {
         if constexpr (A_K) {  // matrices (rows 0-7 | 8-15) x (k 0-7 | 8-15) -> a0 a1 a2 a3
           const int m = wm0 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-          ldsm_x4(af[mt], As + m * PK + kk + (lane >> 4) * 8);
+          ldmatrix_x4(af[mt], As + m * PK + kk + (lane >> 4) * 8);
         } else {  // stored [k][m]: the transposing load yields the same fragments
           const int k = kk + (lane & 7) + (lane >> 4) * 8;
-          ldsm_x4_trans(af[mt], As + k * kPitchMN + wm0 + mt * 16 + ((lane >> 3) & 1) * 8);
+          ldmatrix_x4_trans(af[mt], As + k * kPitchMN + wm0 + mt * 16 + ((lane >> 3) & 1) * 8);
         }
       }
 #pragma unroll
@@ -279,10 +200,10 @@ __device__ __forceinline__ void tile_mma(const typename Traits<T>::S* As, const 
         uint32_t r[4];
         if constexpr (B_K) {  // matrices: n 0-7 k 0-7, n 0-7 k 8-15, n 8-15 k 0-7, n 8-15 k 8-15
           const int n = wn0 + np * 16 + (lane & 7) + (lane >> 4) * 8;
-          ldsm_x4(r, Bs + n * PK + kk + ((lane >> 3) & 1) * 8);
+          ldmatrix_x4(r, Bs + n * PK + kk + ((lane >> 3) & 1) * 8);
         } else {
           const int k = kk + (lane & 7) + ((lane >> 3) & 1) * 8;
-          ldsm_x4_trans(r, Bs + k * kPitchMN + wn0 + np * 16 + (lane >> 4) * 8);
+          ldmatrix_x4_trans(r, Bs + k * kPitchMN + wn0 + np * 16 + (lane >> 4) * 8);
         }
         bf[2 * np][0] = r[0];
         bf[2 * np][1] = r[1];
@@ -462,6 +383,65 @@ __device__ __forceinline__ void select_res(const HeadParams& P, int r, ResInfo& 
 }
 
 // ------------------------------------------------------------------------------------------------------
+// The pieces every GEMM kernel shares: block setup, the main loop, the staging of the accumulator tile.
+
+// The block's resolution r, its ResInfo copied to shared memory (res_s) and the axis tables of its columns.
+__device__ __forceinline__ int setup_block(const HeadParams& P, ResInfo& res_s, int* tab_y, int* tab_x) {
+  const int r = resolution_of(P, blockIdx.x);
+  if (threadIdx.x == 0) select_res(P, r, res_s);
+  __syncthreads();
+  fill_axis(tab_y, P.table_stride, res_s.ncy, res_s.h, P.hb);
+  fill_axis(tab_x, P.table_stride, res_s.ncx, res_s.w, P.wb);
+  __syncthreads();
+  return r;
+}
+
+// acc += A x B over the k-tiles [kt0, kt1), double-buffered through shared memory (`tiles`, two A + B tile
+// pairs): load(kt) fetches k-tile kt from global memory into registers, store(buf) writes them to buffer buf.
+// The next tile's global loads are in flight during this tile's MMAs.
+template <typename T, bool A_K, bool B_K, typename Load, typename Store>
+__device__ __forceinline__ void gemm_main_loop(const typename Traits<T>::S* tiles, int kt0, int kt1, Load&& load,
+                                               Store&& store, float (&acc)[MT][NT][4], int wm0, int wn0, int lane,
+                                               bool precise) {
+  constexpr int A_ELEMS = tile_elems<T, A_K>(), B_ELEMS = tile_elems<T, B_K>();
+  if (kt0 >= kt1) return;
+  load(kt0);
+  store(0);
+  __syncthreads();
+  for (int kt = kt0; kt < kt1; ++kt) {
+    const int buf = (kt - kt0) & 1;
+    const bool more = kt + 1 < kt1;
+    if (more) load(kt + 1);
+    const typename Traits<T>::S* As = tiles + buf * (A_ELEMS + B_ELEMS);
+    tile_mma<T, A_K, B_K>(As, As + A_ELEMS, acc, wm0, wn0, lane, precise);
+    if (more) store(buf ^ 1);
+    __syncthreads();
+  }
+}
+
+// f(m, n, v0, v1) for each pair of this thread's accumulators: row m, columns n and n + 1 of the block's tile
+// (the m16n8 fragment layout).
+template <typename F>
+__device__ __forceinline__ void for_each_acc_pair(const float (&acc)[MT][NT][4], int wm0, int wn0, int lane, F&& f) {
+  const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        f(wm0 + mt * 16 + g + half * 8, wn0 + nt * 8 + 2 * t4, acc[mt][nt][half * 2], acc[mt][nt][half * 2 + 1]);
+}
+
+// The block's float accumulator tile into shared memory ([m][n], pitch kStagePitch), so that each thread can
+// then write one column; the caller synchronises before reading it.
+__device__ __forceinline__ void stage_acc(float* st, const float (&acc)[MT][NT][4], int wm0, int wn0, int lane) {
+  for_each_acc_pair(acc, wm0, wn0, lane, [&](int m, int n, float v0, float v1) {
+    *reinterpret_cast<float2*>(st + m * kStagePitch + n) = make_float2(v0, v1);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------------
 // Forward: A = W_r [s][t], B = F_r gathered [t][column]; epilogue adds the bias and copies each column to its
 // destination run.
 
@@ -477,16 +457,11 @@ __global__ void __launch_bounds__(kThreads, 1) mr_forward_kernel(const HeadParam
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   __shared__ ResInfo res_s;
-  const int r = resolution_of(P, blockIdx.x);
-  if (tid == 0) select_res(P, r, res_s);
-  __syncthreads();
+  const int r = setup_block(P, res_s, tab_y, tab_x);
   const ResInfo& R = res_s;
   const int local = blockIdx.x - R.block_begin;
   const int m0 = (local % R.tiles_m) * BM, n0 = (local / R.tiles_m) * BN;
   const int wm0 = (warp / WARPS_N) * WM, wn0 = (warp % WARPS_N) * WN;
-  fill_axis(tab_y, P.table_stride, R.ncy, R.h, P.hb);
-  fill_axis(tab_x, P.table_stride, R.ncx, R.w, P.wb);
-  __syncthreads();
 
   // This thread's B column (also its column in the epilogue) and B rows k = kb + 2 i.
   const int jl = tid & (BN - 1), kb = tid / BN;
@@ -512,38 +487,17 @@ __global__ void __launch_bounds__(kThreads, 1) mr_forward_kernel(const HeadParam
     for (int i = 0; i < 16; ++i) Bs[(kb + 2 * i) * kPitchMN + jl] = rb.get(i);
   };
 
+  auto load = [&](int kt) {
+    wa.load(R, P.cs, m0, kt * BK, tid);
+    load_b(kt * BK);
+  };
+
   float acc[MT][NT][4] = {};
-  const int ktiles = (R.ct + BK - 1) / BK;
-  wa.load(R, P.cs, m0, 0, tid);
-  load_b(0);
-  store(0);
-  __syncthreads();
-  for (int kt = 0; kt < ktiles; ++kt) {
-    const int buf = kt & 1;
-    const bool more = kt + 1 < ktiles;
-    if (more) {  // next tile's global loads are in flight during this tile's MMAs
-      wa.load(R, P.cs, m0, (kt + 1) * BK, tid);
-      load_b((kt + 1) * BK);
-    }
-    const S* As = tiles + buf * (A_ELEMS + B_ELEMS);
-    tile_mma<T, true, false>(As, As + A_ELEMS, acc, wm0, wn0, lane, P.precise != 0);
-    if (more) store(buf ^ 1);
-    __syncthreads();
-  }
+  gemm_main_loop<T, true, false>(tiles, 0, (R.ct + BK - 1) / BK, load, store, acc, wm0, wn0, lane, P.precise != 0);
 
   // Stage the float tile, then each thread writes its column's run for 64 rows.
   float* st = reinterpret_cast<float*>(smem);
-  const int g = lane >> 2, t4 = lane & 3;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int m = wm0 + mt * 16 + g + half * 8, n = wn0 + nt * 8 + 2 * t4;
-        *reinterpret_cast<float2*>(st + m * kStagePitch + n) =
-            make_float2(acc[mt][nt][half * 2], acc[mt][nt][half * 2 + 1]);
-      }
+  stage_acc(st, acc, wm0, wn0, lane);
   __syncthreads();
   if (!col.valid) return;
   const S* bias = static_cast<const S*>(R.bias);
@@ -580,9 +534,7 @@ __global__ void __launch_bounds__(kThreads, 1) mr_grad_weight_kernel(const HeadP
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   __shared__ ResInfo res_s;
-  const int r = resolution_of(P, blockIdx.x);
-  if (tid == 0) select_res(P, r, res_s);
-  __syncthreads();
+  const int r = setup_block(P, res_s, tab_y, tab_x);
   const ResInfo& R = res_s;
   int local = blockIdx.x - R.block_begin;
   const int mt_i = local % R.tiles_m;
@@ -590,9 +542,6 @@ __global__ void __launch_bounds__(kThreads, 1) mr_grad_weight_kernel(const HeadP
   const int nt_i = local % R.tiles_n, split = local / R.tiles_n;
   const int m0 = mt_i * BM, n0 = nt_i * BN;
   const int wm0 = (warp / WARPS_N) * WM, wn0 = (warp % WARPS_N) * WN;
-  fill_axis(tab_y, P.table_stride, R.ncy, R.h, P.hb);
-  fill_axis(tab_x, P.table_stride, R.ncx, R.w, P.wb);
-  __syncthreads();
 
   const int kl = tid & (BK - 1), rows0 = tid / BK;  // this thread: column kl of the slice, rows rows0 + 8 i
   const int hw = R.h * R.w;
@@ -621,37 +570,22 @@ __global__ void __launch_bounds__(kThreads, 1) mr_grad_weight_kernel(const HeadP
   float acc[MT][NT][4] = {};
   const int ktiles = (R.cols + BK - 1) / BK;
   const int kt0 = split * R.ktiles_per_split, kt1 = min(ktiles, kt0 + R.ktiles_per_split);
-  if (kt0 < kt1) {
-    load(kt0);
-    store(0);
-    __syncthreads();
-    for (int kt = kt0; kt < kt1; ++kt) {
-      const int buf = (kt - kt0) & 1;
-      const bool more = kt + 1 < kt1;
-      if (more) load(kt + 1);
-      const S* As = tiles + buf * (A_ELEMS + B_ELEMS);
-      tile_mma<T, true, true>(As, As + A_ELEMS, acc, wm0, wn0, lane, P.precise != 0);
-      if (more) store(buf ^ 1);
-      __syncthreads();
-    }
-  }
+  gemm_main_loop<T, true, true>(tiles, kt0, kt1, load, store, acc, wm0, wn0, lane, P.precise != 0);
 
-  const int g = lane >> 2, t4 = lane & 3;
+  for_each_acc_pair(acc, wm0, wn0, lane, [&](int m, int n, float v0, float v1) {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int s = m0 + wm0 + mt * 16 + g + (e >> 1) * 8, t = n0 + wn0 + nt * 8 + 2 * t4 + (e & 1);
-        if (s >= P.cs || t >= R.ct) continue;
-        const int64_t idx = static_cast<int64_t>(s) * R.ct + t;
-        if (R.ws) {
-          R.ws[static_cast<int64_t>(split) * P.cs * R.ct + idx] = acc[mt][nt][e];
-        } else {
-          static_cast<S*>(R.grad_weight)[idx] = Traits<T>::from_float(acc[mt][nt][e]);
-        }
+    for (int j = 0; j < 2; ++j) {
+      const int s = m0 + m, t = n0 + n + j;
+      if (s >= P.cs || t >= R.ct) continue;
+      const float v = j ? v1 : v0;
+      const int64_t idx = static_cast<int64_t>(s) * R.ct + t;
+      if (R.ws) {
+        R.ws[static_cast<int64_t>(split) * P.cs * R.ct + idx] = v;
+      } else {
+        static_cast<S*>(R.grad_weight)[idx] = Traits<T>::from_float(v);
       }
+    }
+  });
 #elif defined(CANDLE_MMA_TRAP)
   __trap();  // compiled for an arch < 8.0: no tensor cores, so no result; never return without one
 #endif
@@ -718,16 +652,11 @@ __global__ void __launch_bounds__(kThreads, 1) mr_grad_feature_kernel(const Head
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   __shared__ ResInfo res_s;
-  const int r = resolution_of(P, blockIdx.x);
-  if (tid == 0) select_res(P, r, res_s);
-  __syncthreads();
+  const int r = setup_block(P, res_s, tab_y, tab_x);
   const ResInfo& R = res_s;
   const int local = blockIdx.x - R.block_begin;
   const int m0 = (local % R.tiles_m) * BM, n0 = (local / R.tiles_m) * BN;  // m = t, n = column
   const int wm0 = (warp / WARPS_N) * WM, wn0 = (warp % WARPS_N) * WN;
-  fill_axis(tab_y, P.table_stride, R.ncy, R.h, P.hb);
-  fill_axis(tab_x, P.table_stride, R.ncx, R.w, P.wb);
-  __syncthreads();
 
   const int jl = tid & (BN - 1), kb = tid / BN;
   const Column col = column_of(R, P.table_stride, tab_y, tab_x, n0 + jl);
@@ -748,37 +677,17 @@ __global__ void __launch_bounds__(kThreads, 1) mr_grad_feature_kernel(const Head
     for (int i = 0; i < 16; ++i) Bs[(kb + 2 * i) * kPitchMN + jl] = rb.get(i);
   };
 
+  auto load = [&](int kt) {
+    wa.load(R, P.cs, kt * BK, m0, tid);
+    load_b(kt * BK);
+  };
+
   float acc[MT][NT][4] = {};
-  const int ktiles = (P.cs + BK - 1) / BK;
-  wa.load(R, P.cs, 0, m0, tid);
-  load_b(0);
-  store(0);
-  __syncthreads();
-  for (int kt = 0; kt < ktiles; ++kt) {
-    const int buf = kt & 1;
-    const bool more = kt + 1 < ktiles;
-    if (more) {
-      wa.load(R, P.cs, (kt + 1) * BK, m0, tid);
-      load_b((kt + 1) * BK);
-    }
-    const S* As = tiles + buf * (A_ELEMS + B_ELEMS);
-    tile_mma<T, false, false>(As, As + A_ELEMS, acc, wm0, wn0, lane, P.precise != 0);
-    if (more) store(buf ^ 1);
-    __syncthreads();
-  }
+  gemm_main_loop<T, false, false>(tiles, 0, (P.cs + BK - 1) / BK, load, store, acc, wm0, wn0, lane,
+                                  P.precise != 0);
 
   float* st = reinterpret_cast<float*>(smem);
-  const int g = lane >> 2, t4 = lane & 3;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int m = wm0 + mt * 16 + g + half * 8, n = wn0 + nt * 8 + 2 * t4;
-        *reinterpret_cast<float2*>(st + m * kStagePitch + n) =
-            make_float2(acc[mt][nt][half * 2], acc[mt][nt][half * 2 + 1]);
-      }
+  stage_acc(st, acc, wm0, wn0, lane);
   __syncthreads();
   if (!col.valid) return;
   const int64_t hw = static_cast<int64_t>(R.h) * R.w;
@@ -810,57 +719,17 @@ CANDLE_HEAD_KERNELS(__nv_bfloat16)
 
 #ifndef __CUDA_ARCH__  // host pass only: torch's headers and the entry points
 #include <ATen/Context.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 
-#include <algorithm>
-#include <map>
-#include <mutex>
 #include <string>
-#include <utility>
 #include <vector>
-
-#include "../checks.h"
-#include "../ops.h"
 
 namespace candle {
 namespace {
 
 constexpr int kMaxSide = 1024;  // largest base map side (the per-block axis tables live in shared memory)
-constexpr int64_t kIndexLimit = std::numeric_limits<int32_t>::max();
 
 // ------------------------------------------------------------------------------------------------------
-// Host side.
-
-// The dynamic shared memory a launch needs grows with the base map (the axis tables), so the opt-in limit is
-// raised whenever a call needs more than any earlier one on this kernel and device.
-void ensure_smem(const void* kernel, int bytes) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> granted;
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  std::lock_guard<std::mutex> lock(mu);
-  int& have = granted[{kernel, dev}];
-  if (bytes <= have) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  have = bytes;
-}
-
-// The PTX arch the tensor-core kernels that `device` would run were compiled for (cached per device). Below 80
-// means the build had only archs < 8.0 in TORCH_CUDA_ARCH_LIST and this sm_80+ GPU JIT-compiles their PTX,
-// whose GEMM kernels are __trap() (see CANDLE_MMA_TRAP).
-int mma_kernel_ptx_arch(c10::DeviceIndex device) {
-  static std::mutex mu;
-  static std::map<int, int> known;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = known.find(device);
-  if (it != known.end()) return it->second;
-  c10::cuda::CUDAGuard guard(device);
-  cudaFuncAttributes attr{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(mr_forward_kernel<float>)));
-  known[device] = attr.ptxVersion;
-  return attr.ptxVersion;
-}
+// Host: input validation.
 
 struct Validated {
   std::vector<at::Tensor> features, weights;
@@ -916,7 +785,8 @@ Validated validate_head(const std::vector<at::Tensor>& features, const std::vect
   const auto* prop = at::cuda::getDeviceProperties(f0.device().index());
   TORCH_CHECK_VALUE(prop->major >= 8, "multires_head_cuda needs compute capability 8.0 or newer (mma.sync tensor "
                     "cores); this GPU is ", prop->major, ".", prop->minor);
-  const int ptx_arch = mma_kernel_ptx_arch(f0.device().index());
+  const int ptx_arch =
+      kernel_ptx_arch(reinterpret_cast<const void*>(mr_forward_kernel<float>), f0.device().index());
   TORCH_CHECK(ptx_arch >= 80, "multires_head_cuda: this build of candle_ext._C has no sm_80+ code for this ",
               prop->major, ".", prop->minor, " GPU (its TORCH_CUDA_ARCH_LIST had only archs below 8.0, so the "
               "tensor-core kernels are JIT-compiled from compute_", ptx_arch, " PTX, where they trap); rebuild with "
@@ -924,11 +794,26 @@ Validated validate_head(const std::vector<at::Tensor>& features, const std::vect
   return v;
 }
 
-// Fills the per-resolution geometry; blocks_for(r, info) returns the number of blocks of resolution r.
+// ------------------------------------------------------------------------------------------------------
+// Host: launch planning. A GEMM kernel's grid holds the blocks of every resolution one after the other
+// (ResInfo::block_begin): BM x BN tiles of that resolution's output, times the split-K factor for grad_W.
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct LaunchPlan {
+  HeadParams params{};  // zeroed: unused resolutions and pointers stay null
+  int64_t blocks = 0;    // the grid
+  int table_stride = 0;  // ints per axis table row in shared memory
+};
+
+// The parameters with the per-resolution geometry filled in, and the grid: blocks_for(r, info) returns the
+// number of blocks of resolution r (setting its tiling in info).
 template <typename BlocksFor>
-HeadParams make_params(const Validated& v, const at::Tensor& like, BlocksFor blocks_for, int64_t& total_blocks,
-                       int& table_stride) {
-  HeadParams P{};
+LaunchPlan plan_blocks(const Validated& v, const at::Tensor& like, BlocksFor blocks_for) {
+  LaunchPlan plan;
+  HeadParams& P = plan.params;
+  int64_t& total_blocks = plan.blocks;
+  int& table_stride = plan.table_stride;
   const int count = static_cast<int>(v.features.size());
   P.count = count;
   P.n = static_cast<int>(v.n);
@@ -963,10 +848,52 @@ HeadParams make_params(const Validated& v, const at::Tensor& like, BlocksFor blo
     table_stride = std::max({table_stride, R.ncy, R.ncx});
   }
   P.table_stride = table_stride;
-  return P;
+  return plan;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Forward: C_S x columns per resolution.
+LaunchPlan plan_forward(const Validated& v) {
+  return plan_blocks(v, v.features[0], [&](int, ResInfo& R) {
+    R.tiles_m = static_cast<int>(ceil_div(v.cs, BM));
+    R.tiles_n = static_cast<int>(ceil_div(R.cols, BN));
+    return static_cast<int64_t>(R.tiles_m) * R.tiles_n;
+  });
+}
+
+// grad_W: C_S x C_T per resolution, K (the columns of all images) split so that the GPU has at least ~2 blocks
+// per SM, keeping >= 4 K slices per split.
+LaunchPlan plan_grad_weight(const Validated& v, int sms) {
+  const int64_t count = static_cast<int64_t>(v.features.size());
+  int64_t mn_tiles = 0;
+  for (int64_t r = 0; r < count; ++r)
+    mn_tiles += ceil_div(v.cs, BM) * ceil_div(v.features[r].size(1), BN);
+  const int64_t want_splits = std::max<int64_t>(1, ceil_div(2LL * sms, mn_tiles));
+  return plan_blocks(v, v.features[0], [&](int, ResInfo& R) {
+    R.tiles_m = static_cast<int>(ceil_div(v.cs, BM));
+    R.tiles_n = static_cast<int>(ceil_div(R.ct, BN));
+    const int64_t ktiles = ceil_div(R.cols, BK);
+    const int64_t splits = std::min(want_splits, std::max<int64_t>(1, ktiles / 4));
+    R.ktiles_per_split = static_cast<int>(ceil_div(ktiles, splits));
+    R.splits = static_cast<int>(ceil_div(ktiles, R.ktiles_per_split));
+    return static_cast<int64_t>(R.tiles_m) * R.tiles_n * R.splits;
+  });
+}
+
+// grad_F: C_T x columns per resolution, on the backward's parameters P (only the tiling changes).
+LaunchPlan plan_grad_feature(const HeadParams& P, int table_stride) {
+  LaunchPlan plan;
+  plan.params = P;
+  plan.table_stride = table_stride;
+  for (int r = 0; r < P.count; ++r) {
+    ResInfo& R = plan.params.res[r];
+    R.tiles_m = static_cast<int>(ceil_div(R.ct, BM));
+    R.tiles_n = static_cast<int>(ceil_div(R.cols, BN));
+    R.block_begin = static_cast<int>(plan.blocks);
+    plan.blocks += static_cast<int64_t>(R.tiles_m) * R.tiles_n;
+  }
+  TORCH_CHECK_VALUE(plan.blocks <= kIndexLimit, "problem too large");
+  return plan;
+}
 
 template <typename T, bool A_K, bool B_K, bool STAGING>
 int launch_smem(const void* kernel, int table_stride) {
@@ -992,6 +919,9 @@ void dispatch_head_dtype(at::ScalarType dtype, F&& f) {
       TORCH_CHECK_TYPE(false, "multires_head_cuda supports float32, float16 and bfloat16, got ", dtype);
   }
 }
+
+// ------------------------------------------------------------------------------------------------------
+// Host: entry points and launches.
 
 }  // namespace
 
@@ -1063,24 +993,17 @@ at::Tensor forward_nearest(const std::vector<at::Tensor>& features, const std::v
   }
   const int64_t count = static_cast<int64_t>(features.size());
   auto out = at::empty({v.n, count * v.cs, v.hb, v.wb}, v.features[0].options());
-  int64_t blocks = 0;
-  int stride = 0;
-  HeadParams P = make_params(
-      v, v.features[0],
-      [&](int, ResInfo& R) {
-        R.tiles_m = static_cast<int>(ceil_div(v.cs, BM));
-        R.tiles_n = static_cast<int>(ceil_div(R.cols, BN));
-        return static_cast<int64_t>(R.tiles_m) * R.tiles_n;
-      },
-      blocks, stride);
+  LaunchPlan plan = plan_forward(v);
+  HeadParams& P = plan.params;
   for (int64_t r = 0; r < count; ++r) P.res[r].bias = b[r].data_ptr();
   P.out = out.data_ptr();
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_head_dtype(out.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     auto kernel = mr_forward_kernel<scalar_t>;
-    const int smem = launch_smem<scalar_t, true, false, true>(reinterpret_cast<const void*>(kernel), stride);
-    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(P);
+    const int smem =
+        launch_smem<scalar_t, true, false, true>(reinterpret_cast<const void*>(kernel), plan.table_stride);
+    kernel<<<static_cast<unsigned>(plan.blocks), kThreads, smem, stream>>>(P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -1113,25 +1036,9 @@ std::vector<at::Tensor> backward_nearest(const at::Tensor& grad_in, const std::v
     gb[r] = at::empty({v.cs}, opts);
   }
 
-  // grad_W: split K so that the GPU has at least ~2 blocks per SM, keeping >= 4 K slices per split.
-  int64_t mn_tiles = 0;
-  for (int64_t r = 0; r < count; ++r)
-    mn_tiles += ceil_div(v.cs, BM) * ceil_div(v.features[r].size(1), BN);
-  const int64_t want_splits = std::max<int64_t>(1, ceil_div(2LL * sms, mn_tiles));
-  int64_t blocks_w = 0;
-  int stride = 0;
-  HeadParams P = make_params(
-      v, v.features[0],
-      [&](int, ResInfo& R) {
-        R.tiles_m = static_cast<int>(ceil_div(v.cs, BM));
-        R.tiles_n = static_cast<int>(ceil_div(R.ct, BN));
-        const int64_t ktiles = ceil_div(R.cols, BK);
-        const int64_t splits = std::min(want_splits, std::max<int64_t>(1, ktiles / 4));
-        R.ktiles_per_split = static_cast<int>(ceil_div(ktiles, splits));
-        R.splits = static_cast<int>(ceil_div(ktiles, R.ktiles_per_split));
-        return static_cast<int64_t>(R.tiles_m) * R.tiles_n * R.splits;
-      },
-      blocks_w, stride);
+  LaunchPlan plan_w = plan_grad_weight(v, sms);
+  HeadParams& P = plan_w.params;
+  const int stride = plan_w.table_stride;
   int64_t ws_elems = 0;
   for (int64_t r = 0; r < count; ++r)
     if (P.res[r].splits > 1) ws_elems += P.res[r].splits * v.cs * P.res[r].ct;
@@ -1157,7 +1064,7 @@ std::vector<at::Tensor> backward_nearest(const at::Tensor& grad_in, const std::v
       {
         auto kernel = mr_grad_weight_kernel<scalar_t>;
         const int smem = launch_smem<scalar_t, true, true, false>(reinterpret_cast<const void*>(kernel), stride);
-        kernel<<<static_cast<unsigned>(blocks_w), kThreads, smem, stream>>>(P);
+        kernel<<<static_cast<unsigned>(plan_w.blocks), kThreads, smem, stream>>>(P);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (ws_elems > 0) {
@@ -1171,19 +1078,10 @@ std::vector<at::Tensor> backward_nearest(const at::Tensor& grad_in, const std::v
       mr_grad_bias_kernel<scalar_t><<<static_cast<unsigned>(count * v.cs), kThreads, 0, stream>>>(P);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (features_grad) {
-        HeadParams Q = P;
-        int64_t blocks_f = 0;
-        for (int64_t r = 0; r < count; ++r) {
-          ResInfo& R = Q.res[r];
-          R.tiles_m = static_cast<int>(ceil_div(R.ct, BM));
-          R.tiles_n = static_cast<int>(ceil_div(R.cols, BN));
-          R.block_begin = static_cast<int>(blocks_f);
-          blocks_f += static_cast<int64_t>(R.tiles_m) * R.tiles_n;
-        }
-        TORCH_CHECK_VALUE(blocks_f <= kIndexLimit, "problem too large");
+        const LaunchPlan plan_f = plan_grad_feature(P, stride);
         auto kernel = mr_grad_feature_kernel<scalar_t>;
         const int smem = launch_smem<scalar_t, false, false, true>(reinterpret_cast<const void*>(kernel), stride);
-        kernel<<<static_cast<unsigned>(blocks_f), kThreads, smem, stream>>>(Q);
+        kernel<<<static_cast<unsigned>(plan_f.blocks), kThreads, smem, stream>>>(plan_f.params);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
