@@ -93,8 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, help_ in (("calibrate", "stage 1: calibrate the multi-resolution teacher -> OUT/teacher.pt"),
                         ("distill", "stage 2: distill the binary student -> OUT/<name>_student.pt"),
-                        ("demo", "Fashion-MNIST-LT demo: calibrate, CANDLE vs plain training and the strongest baseline, report, "
-                                 "packed model")):
+                        ("demo", "Fashion-MNIST-LT demo: calibrate, CANDLE vs the strongest baseline, report, packed model")):
         sp = sub.add_parser(name, help=help_)
         common(sp)
         sp.add_argument("--resume", action="store_true", help="continue from the last per-epoch checkpoint")

@@ -51,7 +51,18 @@ fi
 if [ "${CI:-}" = "true" ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST=9.0
 fi
-echo "== building and installing candle-ext (this compiles C++/CUDA; a few minutes the first time)"
-# Editable: the compiled module lands in ./candle_ext too, so `import candle_ext` from this checkout gets it.
-"$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
+# Rebuild only when what the build reads changed (sources, setup.py, torch, the build's environment): a second
+# `scripts/demo.sh` or `scripts/test.sh` starts at once instead of compiling the CUDA kernels again.
+STAMP="$VENV/.candle_ext_build"
+SIG=$( { cat setup.py; find csrc -type f | LC_ALL=C sort | xargs cat; "$VENV/bin/python" -c "import torch; print(torch.__version__)";
+         echo "${TORCH_CUDA_ARCH_LIST:-} ${CANDLE_EXT_NO_CUDA:-} $(command -v nvcc || true)"; } | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$SIG" ] && "$VENV/bin/python" -c "import candle_ext._C" 2>/dev/null; then
+  echo "== candle-ext is already built from these sources (delete $STAMP to force a rebuild)"
+else
+  echo "== building and installing candle-ext (this compiles C++/CUDA; a few minutes the first time)"
+  rm -f "$STAMP"
+  # Editable: the compiled module lands in ./candle_ext too, so `import candle_ext` from this checkout gets it.
+  "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
+  echo "$SIG" > "$STAMP"
+fi
 "$VENV/bin/python" -m candle_ext.info

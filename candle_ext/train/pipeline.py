@@ -164,7 +164,7 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
 
 def demo(ctx: Context, resume: bool = False) -> Dict:
     """Calibrate the teacher, distill CANDLE, train the same student with each baseline of distill.baselines
-    (plain training and the strongest long-tailed baseline by default) on the same data, teacher and epochs,
+    (the strongest long-tailed baseline by default) on the same data, teacher and epochs,
     evaluate them all, plot, report and export the packed CANDLE student."""
     t0 = time.time()
     teacher, trep, cache = calibrate(ctx, resume=resume)
