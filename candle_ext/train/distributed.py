@@ -108,14 +108,19 @@ def teardown(env: DistEnv) -> None:
 
 @contextlib.contextmanager
 def distributed(device: str = "cpu", backend: Optional[str] = None):
-    """with distributed('cuda') as env: ... (init_distributed, then teardown even when the body raises)."""
+    """with distributed('cuda') as env: ... (init_distributed; teardown with a barrier when the body returns,
+    without one when it raises)."""
     env = init_distributed(device, backend)
     try:
         yield env
-    finally:
+    except BaseException:
         if env.owns_group and dist.is_initialized():
             dist.destroy_process_group()  # no barrier: a failed rank must not hang the others' exit
             env.owns_group = False
+        raise
+    # Success: wait until every rank is done (rank 0 may still be writing reports) before tearing the group
+    # down; a rank that destroyed its gloo pairs while a peer was still running was seen to abort on exit.
+    teardown(env)
 
 
 def barrier(env: DistEnv) -> None:
