@@ -402,7 +402,7 @@ def apply_known_spills(results, known):
     return results
 
 
-def run(archs, jobs_n, verbose=False, known=frozenset()):
+def run(archs, jobs_n, verbose=False, known=frozenset(), kernels=None):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("triton_aot.py compiles real kernels: run it with TRITON_INTERPRET unset")
     why = unavailable()
@@ -410,6 +410,10 @@ def run(archs, jobs_n, verbose=False, known=frozenset()):
         raise SystemExit(f"cannot compile Triton kernels here: {why}")
     start = time.time()
     jobs, problems, tiles, calls = build_jobs(archs)
+    if kernels:  # a subset, while retuning one kernel's tiles
+        jobs = [j for j in jobs if j["kernel"] in kernels]
+        problems = [p for p in problems if p["kernel"] in kernels]
+        known = {k for k in known if k.split()[0] in kernels}
     print(f"{len(calls)} launches recorded, {sum(len(v) for v in tiles.values())} tile configurations, "
           f"{len(jobs)} compilations for sm_{', sm_'.join(map(str, archs))} "
           f"({time.time() - start:.1f} s to enumerate)", flush=True)
@@ -520,13 +524,16 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true", help="one line per compiled configuration")
     ap.add_argument("--strict", action="store_true", help=f"ignore {os.path.basename(KNOWN_SPILLS)}: every spill "
                     "fails")
+    ap.add_argument("--kernel", action="append", help="compile only this kernel (repeatable)")
     ap.add_argument("--write-known-spills", action="store_true",
                     help=f"rewrite {os.path.basename(KNOWN_SPILLS)} with the configurations that spill now")
     args = ap.parse_args(argv)
     known = frozenset() if (args.strict or args.write_known_spills) else read_known_spills()
-    results = run(args.arch, max(1, args.jobs), args.verbose, known)
+    results = run(args.arch, max(1, args.jobs), args.verbose, known, args.kernel)
     if args.write_known_spills:
         spilling = sorted(result_key(r) for r in results if r.get("spills") and r["error"].count(";") == 0)
+        if args.kernel:  # the other kernels' lines stay as they are
+            spilling = sorted(spilling + [k for k in read_known_spills() if k.split()[0] not in args.kernel])
         with open(KNOWN_SPILLS, "w") as f:
             f.write(KNOWN_SPILLS_HEADER)
             f.writelines(line + "\n" for line in spilling)

@@ -168,7 +168,7 @@ def gemm_config(cout: int, cin: int, positions: int) -> LaunchConfig:
     small = interpreter_tiles(_head_gemm_kernel)
     block_m = max(16, min(256, next_pow2(positions))) if small else 64
     block_n = max(16, min(128 if small else 64, next_pow2(cout)))
-    block_k = max(16, min(128 if small else 32, next_pow2(cin)))
+    block_k = max(16, min(128, next_pow2(cin))) if small else 16  # K 32 spilled (sm_80, fp32 ieee FMA dot)
     return LaunchConfig.of(_head_gemm_kernel, 4, 3, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
 
 
