@@ -22,14 +22,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <list>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "binary_conv2d_common.h"
 #include "kernels.h"
 #include "parallel.h"
+#include "weight_cache.h"
 
 namespace candle {
 namespace cpu {
@@ -268,14 +267,12 @@ CANDLE_AVX2 void build_weight_tasks(const uint8_t* w, int64_t cout, int64_t kbyt
 }
 
 // The transposed weights of one packed weight tensor, with a copy of the packed bytes they were built from.
-struct WeightLayout {
-  std::vector<uint8_t> source;
-  int64_t cout = 0, kbytes = 0;
+struct WeightLayout : LayoutKey {
   std::vector<uint8_t> storage;
   std::vector<Block> blocks;  // point into storage
 };
 
-std::shared_ptr<const WeightLayout> build_layout(const uint8_t* w, int64_t cout, int64_t kbytes) {
+std::shared_ptr<WeightLayout> build_layout(const uint8_t* w, int64_t cout, int64_t kbytes) {
   auto lay = std::make_shared<WeightLayout>();
   lay->source.assign(w, w + cout * kbytes);
   lay->cout = cout;
@@ -296,42 +293,13 @@ std::shared_ptr<const WeightLayout> build_layout(const uint8_t* w, int64_t cout,
   parallel_for(0, ngroups * ((kbytes + 15) / 16), 256, [&](int64_t begin, int64_t end) {
     build_weight_tasks(w, cout, kbytes, lay->blocks, begin, end);
   });
+  lay->extra_bytes = lay->storage.size();
   return lay;
 }
 
-// Deployed networks call the conv with the same packed weights every time, and transposing them costs up to
-// a fifth of a call on the small layers. The last layouts built are kept and reused when the packed bytes are
-// equal (an exact comparison, never a pointer or a hash), so a changed weight tensor is never served stale.
-constexpr size_t kCacheEntries = 64;
-constexpr size_t kCacheBytes = size_t(256) << 20;
-
+// Kept across calls: csrc/cpu/weight_cache.h (exact byte comparison, bounded size).
 std::shared_ptr<const WeightLayout> weight_layout(const uint8_t* w, int64_t cout, int64_t kbytes) {
-  static std::mutex mu;
-  static std::list<std::shared_ptr<const WeightLayout>> cache;  // most recently used first
-  const size_t bytes = static_cast<size_t>(cout * kbytes);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    for (auto it = cache.begin(); it != cache.end(); ++it) {
-      const WeightLayout& e = **it;
-      if (e.cout == cout && e.kbytes == kbytes && std::memcmp(e.source.data(), w, bytes) == 0) {
-        cache.splice(cache.begin(), cache, it);
-        return cache.front();
-      }
-    }
-  }
-  std::shared_ptr<const WeightLayout> lay = build_layout(w, cout, kbytes);
-  std::lock_guard<std::mutex> lock(mu);
-  cache.push_front(lay);
-  size_t total = 0, n = 0;
-  for (auto it = cache.begin(); it != cache.end();) {
-    total += (*it)->source.size() + (*it)->storage.size();
-    if (++n > kCacheEntries || (n > 1 && total > kCacheBytes)) {
-      it = cache.erase(it);
-    } else {
-      ++it;
-    }
-  }
-  return lay;
+  return cached_layout<WeightLayout>(w, cout, kbytes, 0, [&] { return build_layout(w, cout, kbytes); });
 }
 
 // 8x8 transpose of int32 (rows r[0..7] -> columns).
@@ -605,20 +573,13 @@ constexpr NhwcTileFn<S> kNhwcTileFns[4] = {nullptr, write_tile_nhwc_fast<S, kRes
                                            write_tile_nhwc_fast<S, kRes, true, false>,
                                            write_tile_nhwc_fast<S, kRes, true, true>};
 
-struct AvxPlan {
-  ConvGeometry g;
-  int64_t channels, bt, hp, wp, hw, ntiles, tile;
+struct AvxPlan : PlanBase {
+  int64_t bt = 0;
   std::vector<Block> blocks;
   std::vector<Segment> segs;
   std::vector<Chunk> chunks;
-  std::vector<int32_t> valid_y, valid_x;  // valid kernel rows per output row, valid kernel columns per column
-  const uint16_t* oi;
-  const float* scale;
-  const float* shift;
-  int32_t* out_i;
-  float* out_f;
-  Post post;
-  const NhwcParams* nhwc = nullptr;  // NHWC mode's prepared parameters
+  std::vector<int32_t> valid_y, valid_x;  // valid kernel rows per output row (ky1 - ky0), columns per column
+  const uint16_t* oi = nullptr;
 };
 
 // Tasks [begin, end) of (block, image, tile): popcounts chunk by chunk into partial sums, then the epilogue.
@@ -700,34 +661,11 @@ CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
 void binary_conv2d_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
                         const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post) {
   AvxPlan pl;
-  pl.g = g;
-  pl.channels = channels;
+  init_plan_base(pl, g, channels, kTile, parallel_threads(), scale, shift, out_i, out_f, post);
   pl.bt = g.words * 4;
-  pl.hp = g.h + 2 * g.ph;
-  pl.wp = g.w + 2 * g.pw;
-  pl.hw = g.ho * g.wo;
-  pixel_tiles(g.n, pl.hw, kTile, parallel_threads(), pl.ntiles, pl.tile);
-  pl.scale = scale;
-  pl.shift = shift;
-  pl.out_i = out_i;
-  pl.out_f = out_f;
-  pl.post = post;
-  std::unique_ptr<NhwcParams> nhwc;
-  if (post.nhwc) {
-    nhwc.reset(new NhwcParams(g.cout, scale, shift, post));
-    pl.nhwc = nhwc.get();
-  }
   const int64_t bt = pl.bt, kbytes = g.kh * g.kw * bt;
-  for (int64_t o = 0; o < g.ho; ++o) {
-    int64_t lo, hi;
-    valid_taps(o, g.sh, g.ph, g.dh, g.kh, g.h, lo, hi);
-    pl.valid_y.push_back(static_cast<int32_t>(hi - lo));
-  }
-  for (int64_t o = 0; o < g.wo; ++o) {
-    int64_t lo, hi;
-    valid_taps(o, g.sw, g.pw, g.dw, g.kw, g.w, lo, hi);
-    pl.valid_x.push_back(static_cast<int32_t>(hi - lo));
-  }
+  for (int64_t o = 0; o < g.ho; ++o) pl.valid_y.push_back(pl.ky1[o] - pl.ky0[o]);
+  for (int64_t o = 0; o < g.wo; ++o) pl.valid_x.push_back(pl.kx1[o] - pl.kx0[o]);
 
   const std::shared_ptr<const WeightLayout> layout = weight_layout(reinterpret_cast<const uint8_t*>(w), g.cout, kbytes);
   pl.blocks = layout->blocks;

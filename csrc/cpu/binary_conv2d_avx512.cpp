@@ -225,19 +225,11 @@ CANDLE_AVX512_INLINE __m512 rounded(__m512 v) {
   return v;
 }
 
-struct Plan {
-  ConvGeometry g;
-  int64_t channels, hp, wp, hw, ntiles, tile, taps;
-  const Layout* layout;
+struct Plan : PlanBase {
+  int64_t taps = 0;
+  const Layout* layout = nullptr;
   std::vector<Segment> segs;
-  std::vector<int32_t> ky0, ky1, kx0, kx1;  // valid kernel rows per output row, columns per output column
-  const uint32_t* xp;                       // zero-bordered input (or x itself without padding)
-  const float* scale;
-  const float* shift;
-  int32_t* out_i;
-  float* out_f;
-  Post post;
-  const NhwcParams* nhwc = nullptr;  // NHWC mode's prepared parameters
+  const uint32_t* xp = nullptr;  // zero-bordered input (or x itself without padding)
 };
 
 // NHWC mode: the residual of channels co .. co + n - 1 (n <= 16) at output pixel (oy, ox) of image img.
@@ -482,35 +474,8 @@ CANDLE_AVX512 void run_tasks(const Plan& pl, int64_t begin, int64_t end) {
 void binary_conv2d_avx512(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
                           const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post) {
   Plan pl;
-  pl.g = g;
-  pl.channels = channels;
-  pl.hp = g.h + 2 * g.ph;
-  pl.wp = g.w + 2 * g.pw;
-  pl.hw = g.ho * g.wo;
-  pixel_tiles(g.n, pl.hw, kTile, parallel_threads(), pl.ntiles, pl.tile);
+  init_plan_base(pl, g, channels, kTile, parallel_threads(), scale, shift, out_i, out_f, post);
   pl.taps = g.kh * g.kw;
-  pl.scale = scale;
-  pl.shift = shift;
-  pl.out_i = out_i;
-  pl.out_f = out_f;
-  pl.post = post;
-  std::unique_ptr<NhwcParams> nhwc;
-  if (post.nhwc) {
-    nhwc.reset(new NhwcParams(g.cout, scale, shift, post));
-    pl.nhwc = nhwc.get();
-  }
-  for (int64_t o = 0; o < g.ho; ++o) {
-    int64_t lo, hi;
-    valid_taps(o, g.sh, g.ph, g.dh, g.kh, g.h, lo, hi);
-    pl.ky0.push_back(static_cast<int32_t>(lo));
-    pl.ky1.push_back(static_cast<int32_t>(hi));
-  }
-  for (int64_t o = 0; o < g.wo; ++o) {
-    int64_t lo, hi;
-    valid_taps(o, g.sw, g.pw, g.dw, g.kw, g.w, lo, hi);
-    pl.kx0.push_back(static_cast<int32_t>(lo));
-    pl.kx1.push_back(static_cast<int32_t>(hi));
-  }
   const int64_t kwords = pl.taps * g.words;
   const std::shared_ptr<const Layout> layout = cached_layout<Layout>(
       reinterpret_cast<const uint8_t*>(w), g.cout, kwords * 4, g.words,

@@ -6,6 +6,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "kernels.h"
@@ -108,6 +109,53 @@ struct NhwcParams {
     res_mode = post.residual ? (post.res_pool ? 2 : 1) : 0;
   }
 };
+
+// What the plan of every vector path (AVX2, AVX-512) holds: the call's geometry, pixel tiling, epilogue
+// arguments and the valid kernel taps per output row / column. init_plan_base fills it; each path derives its
+// own plan from it with its weight layout and K order.
+struct PlanBase {
+  ConvGeometry g;
+  int64_t channels = 0, hp = 0, wp = 0, hw = 0, ntiles = 0, tile = 0;
+  std::vector<int32_t> ky0, ky1, kx0, kx1;  // valid kernel rows [ky0, ky1) per output row; columns per column
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  int32_t* out_i = nullptr;
+  float* out_f = nullptr;
+  Post post;
+  const NhwcParams* nhwc = nullptr;  // NHWC mode's prepared parameters (owned by nhwc_store)
+  std::unique_ptr<NhwcParams> nhwc_store;
+};
+
+inline void init_plan_base(PlanBase& pl, const ConvGeometry& g, int64_t channels, int64_t max_tile, int64_t threads,
+                           const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post) {
+  pl.g = g;
+  pl.channels = channels;
+  pl.hp = g.h + 2 * g.ph;
+  pl.wp = g.w + 2 * g.pw;
+  pl.hw = g.ho * g.wo;
+  pixel_tiles(g.n, pl.hw, max_tile, threads, pl.ntiles, pl.tile);
+  pl.scale = scale;
+  pl.shift = shift;
+  pl.out_i = out_i;
+  pl.out_f = out_f;
+  pl.post = post;
+  if (post.nhwc) {
+    pl.nhwc_store.reset(new NhwcParams(g.cout, scale, shift, post));
+    pl.nhwc = pl.nhwc_store.get();
+  }
+  for (int64_t o = 0; o < g.ho; ++o) {
+    int64_t lo, hi;
+    valid_taps(o, g.sh, g.ph, g.dh, g.kh, g.h, lo, hi);
+    pl.ky0.push_back(static_cast<int32_t>(lo));
+    pl.ky1.push_back(static_cast<int32_t>(hi));
+  }
+  for (int64_t o = 0; o < g.wo; ++o) {
+    int64_t lo, hi;
+    valid_taps(o, g.sw, g.pw, g.dw, g.kw, g.w, lo, hi);
+    pl.kx0.push_back(static_cast<int32_t>(lo));
+    pl.kx1.push_back(static_cast<int32_t>(hi));
+  }
+}
 
 // NHWC mode: per output pixel q0 .. q0 + npix - 1 of image img (row-major), its index in the NHWC output and
 // the offset of its residual (channel 0; the top-left of its 2x2 window when pooled).
