@@ -263,6 +263,33 @@ def test_binary_conv2d_strided_packed_input(monkeypatch):
         assert torch.equal(got, want), method
 
 
+@pytest.mark.parametrize("method", tconv.METHODS)
+def test_binary_conv2d_images_grouped_per_launch(monkeypatch, method):
+    """The kernels number output pixels in 32 bits, so a batch with 2^31 output pixels or more is launched in
+    groups of images. Lowered limit: 5 images of 4x5 output pixels, at most 2 images (40 pixels) per launch ->
+    3 launches, exact against the reference, int32 and float outputs."""
+    monkeypatch.setattr(tconv, "MAX_LAUNCH_PIXELS", 41)
+    launches = []
+    kernel = tconv._conv_dot_kernel if method == "dot" else tconv._conv_popc_kernel
+    real = type(kernel).__getitem__
+    monkeypatch.setattr(type(kernel), "__getitem__", lambda self, grid: (launches.append(grid), real(self, grid))[1])
+    torch.manual_seed(25)
+    x = torch.randn(5, 40, 4, 5, device=DEVICE)
+    w = torch.randn(6, 40, 3, 3, device=DEVICE)
+    scale, shift = torch.rand(6, device=DEVICE) + 0.5, torch.randn(6, device=DEVICE)
+    got = tconv.binary_conv2d_packed(R.sign_pack(x), R.sign_pack(w), 40, (1, 1), (1, 1), (1, 1), method=method)
+    want = R.binary_conv2d(x.double(), w.double(), None, (1, 1), (1, 1)).to(torch.int32)
+    assert torch.equal(got, want)
+    assert len(launches) == 3
+    got_f = tconv.binary_conv2d_packed(R.sign_pack(x), R.sign_pack(w), 40, (1, 1), (1, 1), (1, 1), scale, shift,
+                                       torch.float32, method=method)
+    torch.testing.assert_close(got_f, want.float() * scale[:, None, None] + shift[:, None, None], rtol=1e-6,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="fewer than 41 output pixels per image"):
+        tconv.binary_conv2d_packed(R.sign_pack(torch.randn(1, 40, 7, 7, device=DEVICE)), R.sign_pack(w), 40,
+                                   (1, 1), (1, 1), (1, 1), method=method)
+
+
 # GPU-only cases: shapes the interpreter cannot afford, and choices only a GPU makes.
 
 @pytest.mark.cuda

@@ -64,8 +64,10 @@ def _epilogue(acc, out_ptr, scale_ptr, shift_ptr, co, co_ok, m, m_ok, COUT, HO, 
     an image are consecutive in memory (the tile's fast axis). n and q are recomputed here rather than kept
     alive through the main loop (register pressure)."""
     hw = HO * WO
-    mi = m.to(IDX)
-    offs = co.to(IDX)[:, None] * hw + ((mi // hw) * COUT * hw + mi % hw)[None, :]
+    # Divide in 32 bits (m < M < 2^31; a 64-bit division is a called subroutine whose stack frame ptxas
+    # reports as local memory), widen only the products.
+    pix = (m // hw).to(IDX) * COUT * hw + (m % hw).to(IDX)
+    offs = co.to(IDX)[:, None] * hw + pix[None, :]
     ok = co_ok[:, None] & m_ok[None, :]
     if FLOAT_OUT:
         v = acc.to(tl.float32)
@@ -193,6 +195,9 @@ def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> in
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
+MAX_LAUNCH_PIXELS = 2 ** 31 - 1  # output pixels per launch (a module constant, so tests can lower it)
+
+
 def binary_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, channels: int,
                          stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                          scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
@@ -210,18 +215,25 @@ def binary_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, channel
     out = torch.empty((n, cout, ho, wo), dtype=out_dtype if float_out else torch.int32, device=x.device)
     sc = None if scale is None else scale.to(torch.float32).contiguous()
     sf = None if shift is None else shift.to(torch.float32).contiguous()
-    m = n * ho * wo
     method = method or default_method(x.device)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    cfg = conv_config(method, cout, nw, m)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, cfg["BLOCK_N"]))
-    args = (x, w, out if sc is None else sc, out if sf is None else sf, out,
-            channels, h, wd, nw, cout, ho, wo, m, kh, kw, sh, sw, ph, pw, dh, dw)
-    # 32-bit offset arithmetic (fewer registers) unless a tensor is too large for it.
-    idx = tl.int32 if max(x.numel(), w.numel(), out.numel()) < 2 ** 31 else tl.int64
-    flags = dict(HAS_SCALE=sc is not None, HAS_SHIFT=sf is not None, FLOAT_OUT=float_out, IDX=idx)
-    if method == "popc":
-        flags["INTRINSIC"] = not is_interpreted(cfg.kernel)
-    cfg.kernel[grid](*args, **flags, **cfg.kwargs())
+    # The kernels number output pixels in 32 bits: images go in groups of fewer than 2^31 output pixels.
+    if ho * wo >= MAX_LAUNCH_PIXELS:
+        raise ValueError(f"the Triton binary conv takes fewer than {MAX_LAUNCH_PIXELS} output pixels per image, "
+                         f"got {ho}x{wo}; use the CUDA or CPU backend or tile the image")
+    group = min(n, MAX_LAUNCH_PIXELS // (ho * wo)) if ho * wo else n
+    for n0 in range(0, n, max(1, group)):
+        xg, og = x[n0:n0 + group], out[n0:n0 + group]
+        m = xg.shape[0] * ho * wo
+        cfg = conv_config(method, cout, nw, m)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, cfg["BLOCK_N"]))
+        args = (xg, w, og if sc is None else sc, og if sf is None else sf, og,
+                channels, h, wd, nw, cout, ho, wo, m, kh, kw, sh, sw, ph, pw, dh, dw)
+        # 32-bit offset arithmetic (fewer registers) unless a tensor is too large for it.
+        idx = tl.int32 if max(xg.numel(), w.numel(), og.numel()) < 2 ** 31 else tl.int64
+        flags = dict(HAS_SCALE=sc is not None, HAS_SHIFT=sf is not None, FLOAT_OUT=float_out, IDX=idx)
+        if method == "popc":
+            flags["INTRINSIC"] = not is_interpreted(cfg.kernel)
+        cfg.kernel[grid](*args, **flags, **cfg.kwargs())
     return out
