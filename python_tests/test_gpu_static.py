@@ -33,10 +33,6 @@ from candle_ext import backend
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HERE = pathlib.Path(__file__).resolve().parent
 
-# Kernels of candle_ext._C known to use local memory with the CUDA 13.0 toolkit CI builds with, and how many bytes
-# per thread at most: reported, not failures. sign_pack_nchw_kernel<float, 4> (csrc/cuda/sign_pack.cu): ptxas
-# reports "8 bytes stack frame, 8 bytes spill stores, 16 bytes spill loads" at 40 registers on sm_90.
-KNOWN_CUDA_LOCAL = {"sign_pack_nchw_kernel<float, 4>": 8}
 # Shared memory one block may use (opt-in maximum, bytes), by SASS arch.
 SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
               100: 227 * 1024, 103: 227 * 1024, 110: 227 * 1024, 120: 99 * 1024, 121: 99 * 1024}
@@ -243,7 +239,7 @@ def test_cuda_kernels_resources(cuda_kernels):
     memory the host code requests fits the arch's per-block limit. Prints the table."""
     print(f"\n{'arch':<6} {'REG':>4} {'STACK':>5} {'LOCAL':>5} {'SMEM static':>11} {'dynamic':>8} {'total':>7} "
           f"{'limit':>7}  kernel")
-    problems, notes = [], []
+    problems = []
     for k in sorted(cuda_kernels, key=lambda k: (k["arch"], k["name"])):
         u = k["usage"]
         total = u["SHARED"] + k["dynamic"]
@@ -251,18 +247,12 @@ def test_cuda_kernels_resources(cuda_kernels):
         print(f"sm_{k['arch']:<3} {u['REG']:>4} {u['STACK']:>5} {u['LOCAL']:>5} {u['SHARED']:>11} {k['dynamic']:>8} "
               f"{total:>7} {limit if limit else '?':>7}  {_short(k['name'])}")
         where = f"sm_{k['arch']} {_short(k['name'])}"
-        local = u["LOCAL"] + u["STACK"]
-        known = KNOWN_CUDA_LOCAL.get(_short(k["name"]))
-        if local and (known is None or local > known):
+        if u["LOCAL"] + u["STACK"]:
             problems.append(f"{where}: uses local memory (LOCAL={u['LOCAL']} STACK={u['STACK']} bytes per thread)")
-        elif known is not None:
-            notes.append(f"{where}: {local} bytes of local memory per thread (known: at most {known}; "
-                          "KNOWN_CUDA_LOCAL)")
         if limit is None:
             problems.append(f"{where}: no shared-memory limit known for sm_{k['arch']} (add it to SMEM_LIMIT)")
         elif total > limit:
             problems.append(f"{where}: {total} bytes of shared memory per block, sm_{k['arch']} allows {limit}")
-    print(*notes, sep="\n")
     assert not problems, "\n".join(problems)
 
 

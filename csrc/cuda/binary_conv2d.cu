@@ -179,9 +179,11 @@ constexpr bool staging_fits() {
   return (BM * (BN + 8) <= kStages * (BM + BN) * kStageWords) && (BN * (BM + 4) <= kStages * (BM + BN) * kStageWords);
 }
 
-// CHUNK: words per cp.async (4, 2 or 1); `words` and both base pointers are multiples of it.
+// CHUNK: words per cp.async (4, 2 or 1); `words` and both base pointers are multiples of it. At least 2 blocks
+// per SM (<= 128 registers): with kThreads alone ptxas held the 64x64 tiles to 64 registers and spilled 12 bytes
+// on sm_80; now 80-88, no local memory on sm_80/sm_90, the 128x128 tiles unchanged at ~127.
 template <int BM, int BN, int WARPS_M, int WARPS_N, int CHUNK>
-__global__ void __launch_bounds__(kThreads) bconv_tc_kernel(const ConvParams p) {
+__global__ void __launch_bounds__(kThreads, 2) bconv_tc_kernel(const ConvParams p) {
 #ifdef CANDLE_MMA_ENABLED
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   constexpr int MT = WM / 16, NT = WN / 8;

@@ -23,8 +23,10 @@ constexpr int kThreads = 256;
 // sign_pack, NCHW. Block (32, 8): threadIdx.y picks one of 8 output words, threadIdx.x VEC consecutive pixels.
 // Each thread reads its 32 channel planes with VEC-wide loads (coalesced along the pixels), builds VEC words,
 // and the block transposes them in shared memory so the [pixel][word] output is written contiguously.
+// At least 4 blocks per SM: a register target ptxas meets without spilling (with kThreads alone it chose 40
+// registers and spilled 8 bytes for float, VEC 4; test_gpu_static.py checks every kernel for local memory).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     sign_pack_nchw_kernel(const T* __restrict__ x, const typename Num<T>::Acc* __restrict__ bias,
                           uint32_t* __restrict__ out, int channels, int hw, int words, int pixel_tiles) {
   using Acc = typename Num<T>::Acc;
