@@ -6,7 +6,8 @@ Run with TRITON_INTERPRET unset (the kernels must be real @triton.jit functions,
 python_tests/test_gpu_static.py runs it in a subprocess. What is compiled, and how the list is derived:
 
 1. Tile configurations. Each op module lists in LAUNCH_CONFIGS the small *_config functions its launchers call
-   to choose a kernel, its tile constexprs, num_warps and num_stages (candle_ext.triton.LaunchConfig). Each
+   to choose a kernel, its tile constexprs, num_warps and num_stages (candle_ext.triton.LaunchConfig, which also
+   sets ptxas's register cap, maxnreg, from num_warps). Each
    function is evaluated on the cross product of its parameters: every value of a Literal or bool parameter,
    and for int parameters the sizes 1..3 and 2^k - 1, 2^k, 2^k + 1 up to 2^16 (the launchers' choices change
    at powers of two). The interpreter's tiles are never chosen here: this process is not interpreted.
@@ -167,7 +168,8 @@ class _Recorder:
         for name in constexprs:
             signature[name] = "constexpr"
         return dict(kernel=self.name, signature=signature, constexprs=constexprs, attrs=attrs,
-                    num_warps=options.get("num_warps"), num_stages=options.get("num_stages"))
+                    num_warps=options.get("num_warps"), num_stages=options.get("num_stages"),
+                    maxnreg=options.get("maxnreg"))
 
 
 @contextmanager
@@ -284,7 +286,7 @@ def build_jobs(archs):
         tile_keys = {k for cfg in options for k, _ in cfg.constexprs}
         used = {k: v for k, v in call["constexprs"].items() if k in tile_keys}
         chosen = [cfg for cfg in options if dict(cfg.constexprs) == used and cfg.num_warps == call["num_warps"]
-                  and cfg.num_stages == call["num_stages"]]
+                  and cfg.num_stages == call["num_stages"] and cfg.max_registers == call["maxnreg"]]
         if not chosen:
             problems.append(dict(kernel=name, arch=None, config=_label(used, call["num_warps"], call["num_stages"]),
                                  error="a launcher used a configuration that its LAUNCH_CONFIGS function never "
@@ -298,7 +300,7 @@ def build_jobs(archs):
                 variants[name].values(), sorted(tiles.get(name, ()), key=lambda c: repr(c.kwargs())), archs):
             jobs.append(dict(module=kernels[name], kernel=name, arch=arch, signature=sig,
                              constexprs={**flags, **dict(cfg.constexprs)}, attrs=attrs,
-                             num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers))
     return jobs, problems, tiles, calls
 
 
@@ -331,7 +333,7 @@ def compile_one(job):
     label = _label(job["constexprs"], job["num_warps"], job["num_stages"])
     types = " ".join(f"{k}:{v}" for k, v in job["signature"].items() if v != "constexpr" and v.startswith("*"))
     res = dict(kernel=job["kernel"], arch=job["arch"], config=label, pointers=types, error=None)
-    options = {"num_warps": job["num_warps"]}
+    options = {"num_warps": job["num_warps"], "maxnreg": job["maxnreg"]}
     if job["num_stages"] is not None:
         options["num_stages"] = job["num_stages"]
     attrs = {(i,): [["tt.divisibility", 16]] for i in job["attrs"]}

@@ -96,9 +96,17 @@ class LaunchConfig:
     def __getitem__(self, name: str):
         return dict(self.constexprs)[name]
 
+    @property
+    def max_registers(self) -> int:
+        """ptxas's register cap (.maxnreg): what the hardware allows a thread of a block this size (64K
+        registers per SM, at most 255 per thread). Without the directive ptxas aims lower and some of these
+        kernels kept an 8-16 byte stack frame or spilled with registers to spare (python_tests/triton_aot.py
+        checks every configuration for local memory)."""
+        return min(255, 65536 // (32 * self.num_warps))
+
     def kwargs(self) -> dict:
         """The tile constexprs and launch options, as keyword arguments of kernel[grid](...)."""
-        out = dict(self.constexprs, num_warps=self.num_warps)
+        out = dict(self.constexprs, num_warps=self.num_warps, maxnreg=self.max_registers)
         if self.num_stages is not None:
             out["num_stages"] = self.num_stages
         return out
