@@ -57,14 +57,6 @@ from contextlib import contextmanager
 SMEM_LIMIT = {80: 99 * 1024, 90: 227 * 1024}
 REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (and per block) on sm_80 and sm_90
 SIZES = sorted({1, 2, 3} | {2 ** k + d for k in range(2, 17) for d in (-1, 0, 1)})
-KNOWN_SPILLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_aot_known_spills.txt")
-KNOWN_SPILLS_HEADER = """\
-# Triton kernel configurations that use local memory (register spills) today, with the triton/ptxas that torch
-# pins (python_tests/triton_aot.py). They are reported but do not fail python_tests/test_gpu_static.py; any
-# other spill, a compile error or too much shared memory does, and so does a line here that no longer spills
-# (remove it). Regenerate: python python_tests/triton_aot.py --write-known-spills
-# Format: kernel target constexprs warps [stages] [pointer arguments: element types]
-"""
 
 
 def _triton_modules():
@@ -362,7 +354,6 @@ def compile_one(job):
     if local or stack:
         errors.append(f"uses local memory: LOCAL={local} STACK={stack} bytes per thread (register spills or a "
                       "local array)")
-        res["spills"] = True
     if regs * threads > REGISTER_FILE:
         errors.append(f"{regs} registers x {threads} threads exceed the {REGISTER_FILE}-register file")
     if shared > SMEM_LIMIT[job["arch"]]:
@@ -372,39 +363,7 @@ def compile_one(job):
     return res
 
 
-def result_key(r) -> str:
-    """One line naming a compiled configuration (the format of the known-spills file)."""
-    return f"{r['kernel']} sm_{r['arch']} {r['config']} [{r.get('pointers', '')}]"
-
-
-def read_known_spills(path=KNOWN_SPILLS):
-    if not path or not os.path.exists(path):
-        return set()
-    with open(path) as f:
-        return {line.strip() for line in f if line.strip() and not line.startswith("#")}
-
-
-def apply_known_spills(results, known):
-    """Configurations listed in the known-spills file may spill (and nothing else); a listed configuration
-    that no longer spills, or no longer exists, is an error until its line is removed."""
-    seen = set()
-    for r in results:
-        key = result_key(r) if r.get("arch") else None
-        if key not in known:
-            continue
-        seen.add(key)
-        if r.get("spills") and r["error"].count(";") == 0:
-            r["known_spill"], r["error"] = r["error"], None
-        elif not r.get("error"):
-            r["error"] = (f"listed in {os.path.basename(KNOWN_SPILLS)} but uses no local memory now: remove its "
-                          "line")
-    for key in sorted(known - seen):
-        results.append(dict(kernel=key.split()[0], arch=None, config=key, error=f"stale line in "
-                            f"{os.path.basename(KNOWN_SPILLS)}: no such configuration is compiled any more"))
-    return results
-
-
-def run(archs, jobs_n, verbose=False, known=frozenset(), kernels=None):
+def run(archs, jobs_n, verbose=False, kernels=None):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("triton_aot.py compiles real kernels: run it with TRITON_INTERPRET unset")
     why = unavailable()
@@ -415,7 +374,6 @@ def run(archs, jobs_n, verbose=False, known=frozenset(), kernels=None):
     if kernels:  # a subset, while retuning one kernel's tiles
         jobs = [j for j in jobs if j["kernel"] in kernels]
         problems = [p for p in problems if p["kernel"] in kernels]
-        known = {k for k in known if k.split()[0] in kernels}
     print(f"{len(calls)} launches recorded, {sum(len(v) for v in tiles.values())} tile configurations, "
           f"{len(jobs)} compilations for sm_{', sm_'.join(map(str, archs))} "
           f"({time.time() - start:.1f} s to enumerate)", flush=True)
@@ -423,8 +381,6 @@ def run(archs, jobs_n, verbose=False, known=frozenset(), kernels=None):
     with ctx.Pool(jobs_n) as pool:
         results = pool.map(compile_one, jobs, chunksize=4)
     results += problems
-    if known:
-        apply_known_spills(results, {k for k in known if any(f" sm_{a} " in k for a in archs)})
     summarize(results, verbose)
     print(f"triton AOT: {len(jobs)} compilations in {time.time() - start:.0f} s with {jobs_n} processes")
     return results
@@ -446,9 +402,6 @@ def summarize(results, verbose=False):
             if r.get("registers") is not None:
                 print(f"  {r['kernel']} sm_{r['arch']} regs={r['registers']} smem={r['shared']} "
                       f"local={r['local']} {r['config']} [{r['pointers']}]")
-    listed = [r for r in results if r.get("known_spill")]
-    if listed:
-        print(f"{len(listed)} configurations spill as listed in {os.path.basename(KNOWN_SPILLS)} (not failures)")
     failed = [r for r in results if r.get("error")]
     for r in failed:
         target = f"sm_{r['arch']}" if r["arch"] else "-"
@@ -524,22 +477,9 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--json", help="write every result here")
     ap.add_argument("--verbose", action="store_true", help="one line per compiled configuration")
-    ap.add_argument("--strict", action="store_true", help=f"ignore {os.path.basename(KNOWN_SPILLS)}: every spill "
-                    "fails")
     ap.add_argument("--kernel", action="append", help="compile only this kernel (repeatable)")
-    ap.add_argument("--write-known-spills", action="store_true",
-                    help=f"rewrite {os.path.basename(KNOWN_SPILLS)} with the configurations that spill now")
     args = ap.parse_args(argv)
-    known = frozenset() if (args.strict or args.write_known_spills) else read_known_spills()
-    results = run(args.arch, max(1, args.jobs), args.verbose, known, args.kernel)
-    if args.write_known_spills:
-        spilling = sorted(result_key(r) for r in results if r.get("spills") and r["error"].count(";") == 0)
-        if args.kernel:  # the other kernels' lines stay as they are
-            spilling = sorted(spilling + [k for k in read_known_spills() if k.split()[0] not in args.kernel])
-        with open(KNOWN_SPILLS, "w") as f:
-            f.write(KNOWN_SPILLS_HEADER)
-            f.writelines(line + "\n" for line in spilling)
-        print(f"wrote {len(spilling)} lines to {KNOWN_SPILLS}")
+    results = run(args.arch, max(1, args.jobs), args.verbose, args.kernel)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -168,9 +168,9 @@ def default_method(device: torch.device) -> str:
 
 def conv_config(method: Literal["popc", "dot"], cout: int, words: int, pixels: int) -> LaunchConfig:
     """Kernel and tiles for `cout` output channels, `words` packed words per input pixel and `pixels` output
-    pixels (N*Ho*Wo). tl.dot needs every block dimension >= 16. On sm_80/sm_90 (ptxas, Triton 3.8) these compile
-    without register spills (python_tests/test_gpu_static.py checks it): dot 128x128 (8 warps) ~200-255
-    registers/thread, popc 64x64 (8 warps) ~150."""
+    pixels (N*Ho*Wo). tl.dot needs every block dimension >= 16. On sm_80/sm_90 (ptxas, Triton 3.8) every one
+    compiles without local memory (python_tests/test_gpu_static.py checks it): dot 128 pixels x up to 128
+    channels, 8 warps from 128x64 up (128x64 on 4 warps spilled with 64-bit offsets), popc 64x64 on 8 warps."""
     kernel = _conv_dot_kernel if method == "dot" else _conv_popc_kernel
     if method == "dot":
         block_n = max(16, min(128, next_pow2(cout)))
@@ -183,7 +183,7 @@ def conv_config(method: Literal["popc", "dot"], cout: int, words: int, pixels: i
         block_m = max(16, min(256, next_pow2(pixels)))
     if method == "dot":
         block_kw = min(8 if small else 2, next_pow2(words))  # 64 channels per tl.dot step on the GPU
-        warps = 8 if block_m * block_n >= 128 * 128 else 4
+        warps = 8 if block_m * block_n >= 128 * 64 else 4
         return LaunchConfig.of(kernel, warps, 3, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KW=block_kw)
     return LaunchConfig.of(kernel, 8, BLOCK_M=block_m, BLOCK_N=block_n)
 

@@ -174,12 +174,12 @@ def gemm_config(cout: int, cin: int, positions: int) -> LaunchConfig:
 
 def wgrad_config(student: int, teacher: int, positions: int) -> LaunchConfig:
     """Tiles of _head_wgrad_kernel: [BLOCK_S of `student` channels, BLOCK_T of `teacher` channels], K = the
-    `positions` base positions in BLOCK_Q steps. 64x64x32 tiles: no register spills on sm_80/sm_90 with 8
-    warps, float64 included."""
+    `positions` base positions in BLOCK_Q steps. 64x64x16 tiles over 8 warps (Q 32 spilled with float32 IEEE
+    dots): no register spills on sm_80/sm_90, float64 included."""
     small = interpreter_tiles(_head_wgrad_kernel)
     block_s = max(16, min(128 if small else 64, next_pow2(student)))
     block_t = max(16, min(128 if small else 64, next_pow2(teacher)))
-    block_q = max(16, min(256, next_pow2(positions))) if small else 32
+    block_q = max(16, min(256, next_pow2(positions))) if small else 16
     return LaunchConfig.of(_head_wgrad_kernel, 8, 3, BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_Q=block_q)
 
 
