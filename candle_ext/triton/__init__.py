@@ -100,7 +100,7 @@ class LaunchConfig:
     def max_registers(self) -> int:
         """ptxas's register cap (.maxnreg): what the hardware allows a thread of a block this size (64K
         registers per SM, at most 255 per thread). Without the directive ptxas aims lower and some of these
-        kernels kept an 8-16 byte stack frame or spilled with registers to spare (python_tests/triton_aot.py
+        kernels kept an 8-24 byte stack frame or spilled with registers to spare (python_tests/triton_aot.py
         checks every configuration for local memory)."""
         return min(255, 65536 // (32 * self.num_warps))
 

@@ -222,8 +222,8 @@ def binary_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, channel
     if ho * wo >= MAX_LAUNCH_PIXELS:
         raise ValueError(f"the Triton binary conv takes fewer than {MAX_LAUNCH_PIXELS} output pixels per image, "
                          f"got {ho}x{wo}; use the CUDA or CPU backend or tile the image")
-    group = min(n, MAX_LAUNCH_PIXELS // (ho * wo)) if ho * wo else n
-    for n0 in range(0, n, max(1, group)):
+    group = max(1, MAX_LAUNCH_PIXELS // max(1, ho * wo))  # images per launch
+    for n0 in range(0, n, group):
         xg, og = x[n0:n0 + group], out[n0:n0 + group]
         m = xg.shape[0] * ho * wo
         cfg = conv_config(method, cout, nw, m)
