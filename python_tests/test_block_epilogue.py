@@ -33,7 +33,11 @@ def _configs(count, seed):
     return out
 
 
-CONFIGS = _configs(24, seed=14)
+# Plus two with several output-channel blocks (224 channels: AVX2 blocks start at channels 96 and 160, AVX-512
+# ones at 64, 128 and 192), where a halved residual (112 channels, whole vectors) wraps around inside a block.
+CONFIGS = _configs(24, seed=14) + [
+    dict(n=1, cin=64, cout=224, h=6, w=5, k=3, stride=2, padding=1, dilation=1),
+    dict(n=2, cin=33, cout=224, h=5, w=7, k=1, stride=1, padding=0, dilation=1)]
 
 
 @pytest.fixture(params=["native", "portable"])

@@ -214,6 +214,9 @@ def cases(tmp_path_factory):
         c.conv(cfg.n, cfg.cin, cfg.cout, cfg.h, cfg.w, cfg.k, cfg.stride, cfg.padding, cfg.dilation, seed=i)
     for i, case in enumerate(EDGE_CASES):
         c.conv(*case, seed=500 + i)
+    # Several output-channel blocks, a halved residual (112 channels) wrapping around inside a block.
+    for i, case in enumerate([(1, 64, 224, 6, 5, 3, 2, 1, 1), (2, 33, 224, 5, 7, 1, 1, 0, 1)]):
+        c.conv(*case, seed=800 + i)
     # Padding and dilation far larger than the input: almost every tap is padding (hostile-input geometry).
     for i, case in enumerate([(1, 40, 3, 6, 6, 3, 1, 64, 64), (2, 33, 5, 5, 4, (3, 5), (2, 1), (40, 9), (20, 3))]):
         c.conv(*case, seed=700 + i)

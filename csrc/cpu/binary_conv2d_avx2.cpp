@@ -499,67 +499,71 @@ CANDLE_AVX2 void write_tile_nhwc(const S* part, int64_t width, const int32_t* ba
   }
 }
 
-// NHWC mode epilogue, the fast form (no residual, or one whose channel count is a multiple of 8): channel chunks
-// outermost, so the per-channel parameters (NhwcParams: identities where a step is absent) stay in registers
-// over the tile's pixels; one branch-free body per residual mode. pix / res_off: nhwc_pixel_offsets.
+// NHWC mode epilogue, the fast form (no residual, or one whose channel count is a multiple of 8): pixel by
+// pixel, each packed word's 32 channels together (their signs collected in a register, one store per word),
+// the per-channel parameters (NhwcParams: identities where a step is absent, padded to 16 channels) read as
+// memory operands; one branch-free body per residual mode. pix / res_off: nhwc_pixel_offsets.
 template <typename S, int kRes, bool kOut, bool kPack>
 CANDLE_AVX2 void write_tile_nhwc_fast(const S* part, int64_t width, const int32_t* base, int64_t npix,
                                       const int64_t* pix, const int64_t* res_off, int64_t c0, int64_t ncout,
                                       const ConvGeometry& g, float* out_f, const NhwcParams& prm, const Post& post) {
-  uint32_t words[kTile][kMaxGroups * kGroup / 32] = {};
-  const int64_t rc = post.res_channels, row = 2 * g.wo * rc;
-  for (int64_t j = 0; j < ncout; j += 8) {
-    const int64_t co = c0 + j, n = std::min<int64_t>(8, ncout - j);
-    const __m256 sc = _mm256_loadu_ps(prm.scale + co), sh = _mm256_loadu_ps(prm.shift + co);
-    const __m256 sl = _mm256_loadu_ps(prm.slope + co), ps = _mm256_loadu_ps(prm.post_shift + co);
-    const __m256 th = _mm256_loadu_ps(prm.threshold + co), zero = _mm256_setzero_ps();
-    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
-                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const float* res = kRes ? post.residual + co % rc : nullptr;
-    for (int64_t p = 0; p < npix; ++p) {
-      __m256i pop;
-      if constexpr (sizeof(S) == 2) {
-        pop = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(part + p * width + j)));
-      } else {
-        pop = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(part + p * width + j));
-      }
-      __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_set1_epi32(base[p]), _mm256_slli_epi32(pop, 1)));
-      v = _mm256_mul_ps(v, sc);
-      __asm__("" : "+x"(v));  // no FMA contraction: every step rounds on its own, like the eager ops
-      v = _mm256_add_ps(v, sh);
-      if constexpr (kRes == 1) v = _mm256_add_ps(v, _mm256_loadu_ps(res + res_off[p]));
-      if constexpr (kRes == 2) {
-        const float* r = res + res_off[p];
-        __m256 a = _mm256_add_ps(_mm256_loadu_ps(r), _mm256_loadu_ps(r + row));
-        a = _mm256_add_ps(a, _mm256_loadu_ps(r + rc));
-        a = _mm256_add_ps(a, _mm256_loadu_ps(r + row + rc));
-        a = _mm256_mul_ps(a, _mm256_set1_ps(0.25f));
-        __asm__("" : "+x"(a));
-        v = _mm256_add_ps(v, a);
-      }
-      __m256 neg = _mm256_mul_ps(v, sl);
-      __asm__("" : "+x"(neg));
-      v = _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
-      v = _mm256_add_ps(v, ps);
-      if constexpr (kOut) {
-        float* o = out_f + pix[p] * g.cout + co;
-        if (n == 8) {
-          _mm256_storeu_ps(o, v);
+  const int64_t rc = post.res_channels, row = 2 * g.wo * rc, cout = g.cout, out_words = (cout + 31) / 32;
+  const float *scale = prm.scale + c0, *shift = prm.shift + c0, *slope = prm.slope + c0;
+  const float *post_shift = prm.post_shift + c0, *threshold = prm.threshold + c0;
+  const __m256 zero = _mm256_setzero_ps(), quarter = _mm256_set1_ps(0.25f);
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const int64_t ch0 = kRes ? c0 % rc : 0;  // residual channel of output channel c0 (it repeats every rc)
+  for (int64_t p = 0; p < npix; ++p) {
+    const __m256i b = _mm256_set1_epi32(base[p]);
+    const S* src = part + p * width;
+    float* out = kOut ? out_f + pix[p] * cout + c0 : nullptr;
+    uint32_t* words = kPack ? post.packed + pix[p] * out_words + c0 / 32 : nullptr;
+    const float* res = kRes ? post.residual + res_off[p] : nullptr;
+    int64_t ch = ch0;
+    for (int64_t j32 = 0; j32 < ncout; j32 += 32) {
+      uint32_t word = 0;
+      for (int64_t j = j32; j < j32 + 32 && j < ncout; j += 8) {
+        __m256i pop;
+        if constexpr (sizeof(S) == 2) {
+          pop = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
         } else {
-          _mm256_maskstore_ps(o, lanes, v);
+          pop = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j));
+        }
+        __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(b, _mm256_slli_epi32(pop, 1)));
+        v = _mm256_mul_ps(v, _mm256_loadu_ps(scale + j));
+        __asm__("" : "+x"(v));  // no FMA contraction: every step rounds on its own, like the eager ops
+        v = _mm256_add_ps(v, _mm256_loadu_ps(shift + j));
+        if constexpr (kRes == 1) v = _mm256_add_ps(v, _mm256_loadu_ps(res + ch));
+        if constexpr (kRes == 2) {
+          const float* r = res + ch;
+          __m256 a = _mm256_add_ps(_mm256_loadu_ps(r), _mm256_loadu_ps(r + row));
+          a = _mm256_add_ps(a, _mm256_loadu_ps(r + rc));
+          a = _mm256_add_ps(a, _mm256_loadu_ps(r + row + rc));
+          a = _mm256_mul_ps(a, quarter);
+          __asm__("" : "+x"(a));
+          v = _mm256_add_ps(v, a);
+        }
+        if constexpr (kRes != 0) ch = ch + 8 == rc ? 0 : ch + 8;
+        __m256 neg = _mm256_mul_ps(v, _mm256_loadu_ps(slope + j));
+        __asm__("" : "+x"(neg));
+        v = _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
+        v = _mm256_add_ps(v, _mm256_loadu_ps(post_shift + j));
+        const int64_t n = ncout - j;
+        if constexpr (kOut) {
+          if (n >= 8) {
+            _mm256_storeu_ps(out + j, v);
+          } else {
+            _mm256_maskstore_ps(out + j, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), iota), v);
+          }
+        }
+        if constexpr (kPack) {
+          uint32_t bits = static_cast<uint32_t>(
+              _mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(v, _mm256_loadu_ps(threshold + j)), zero, _CMP_GE_OQ)));
+          if (n < 8) bits &= (1u << n) - 1;
+          word |= bits << (j % 32);
         }
       }
-      if constexpr (kPack) {
-        const uint32_t bits =
-            static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(v, th), zero, _CMP_GE_OQ)));
-        words[p][j / 32] |= (bits & ((1u << n) - 1)) << (j % 32);
-      }
-    }
-  }
-  if constexpr (kPack) {
-    const int64_t out_words = (g.cout + 31) / 32, nw = (ncout + 31) / 32;
-    for (int64_t p = 0; p < npix; ++p) {
-      for (int64_t k = 0; k < nw; ++k) post.packed[pix[p] * out_words + c0 / 32 + k] = words[p][k];
+      if constexpr (kPack) words[j32 / 32] = word;
     }
   }
 }

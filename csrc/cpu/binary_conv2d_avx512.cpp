@@ -295,9 +295,10 @@ CANDLE_AVX512 void write_tile_nhwc(const Plan& pl, const int32_t* part, int64_t 
   }
 }
 
-// NHWC mode epilogue, the fast form (no residual, or one whose channel count is a multiple of 16): channel chunks
-// outermost, so the per-channel parameters (NhwcParams: identities where a step is absent) stay in registers
-// over the tile's pixels; one branch-free body per residual mode. pix / res_off: nhwc_pixel_offsets.
+// NHWC mode epilogue, the fast form (no residual, or one whose channel count is a multiple of 16): pixel by
+// pixel, each packed word's 32 channels together (their signs collected in a register, one store per word),
+// the per-channel parameters (NhwcParams: identities where a step is absent, padded to 16 channels) read as
+// memory operands; one branch-free body per residual mode. pix / res_off: nhwc_pixel_offsets.
 template <int kRes, bool kOut, bool kPack>
 CANDLE_AVX512 void write_tile_nhwc_fast(const Plan& pl, const int32_t* part, int64_t width, const int32_t* base,
                                         int64_t npix, const int64_t* pix, const int64_t* res_off, int64_t c0,
@@ -305,40 +306,46 @@ CANDLE_AVX512 void write_tile_nhwc_fast(const Plan& pl, const int32_t* part, int
   const ConvGeometry& g = pl.g;
   const Post& post = pl.post;
   const NhwcParams& prm = *pl.nhwc;
-  uint32_t words[kTile][kMaxGroups * kLanes / 32] = {};
-  const int64_t rc = post.res_channels, row = 2 * g.wo * rc;
-  for (int64_t j = 0; j < ncout; j += 16) {
-    const int64_t co = c0 + j, n = std::min<int64_t>(16, ncout - j);
-    const __m512 sc = _mm512_loadu_ps(prm.scale + co), sh = _mm512_loadu_ps(prm.shift + co);
-    const __m512 sl = _mm512_loadu_ps(prm.slope + co), ps = _mm512_loadu_ps(prm.post_shift + co);
-    const __m512 th = _mm512_loadu_ps(prm.threshold + co), zero = _mm512_setzero_ps();
-    const float* res = kRes ? post.residual + co % rc : nullptr;
-    for (int64_t p = 0; p < npix; ++p) {
-      const __m512i pop = _mm512_loadu_si512(part + p * width + j);
-      __m512 v = avx512::cvt_i32_ps(_mm512_sub_epi32(_mm512_set1_epi32(base[p]), _mm512_slli_epi32(pop, 1)));
-      v = _mm512_add_ps(rounded(_mm512_mul_ps(v, sc)), sh);
-      if constexpr (kRes == 1) v = _mm512_add_ps(v, _mm512_loadu_ps(res + res_off[p]));
-      if constexpr (kRes == 2) {
-        const float* r = res + res_off[p];
-        __m512 a = _mm512_add_ps(_mm512_loadu_ps(r), _mm512_loadu_ps(r + row));
-        a = _mm512_add_ps(a, _mm512_loadu_ps(r + rc));
-        a = _mm512_add_ps(a, _mm512_loadu_ps(r + row + rc));
-        v = _mm512_add_ps(v, rounded(_mm512_mul_ps(a, _mm512_set1_ps(0.25f))));
+  const int64_t rc = post.res_channels, row = 2 * g.wo * rc, cout = g.cout, out_words = (cout + 31) / 32;
+  const float *scale = prm.scale + c0, *shift = prm.shift + c0, *slope = prm.slope + c0;
+  const float *post_shift = prm.post_shift + c0, *threshold = prm.threshold + c0;
+  const __m512 zero = _mm512_setzero_ps(), quarter = _mm512_set1_ps(0.25f);
+  const int64_t ch0 = kRes ? c0 % rc : 0;  // residual channel of output channel c0 (it repeats every rc)
+  for (int64_t p = 0; p < npix; ++p) {
+    const __m512i b = _mm512_set1_epi32(base[p]);
+    const int32_t* src = part + p * width;
+    float* out = kOut ? pl.out_f + pix[p] * cout + c0 : nullptr;
+    uint32_t* words = kPack ? post.packed + pix[p] * out_words + c0 / 32 : nullptr;
+    const float* res = kRes ? post.residual + res_off[p] : nullptr;
+    int64_t ch = ch0;
+    for (int64_t j32 = 0; j32 < ncout; j32 += 32) {
+      uint32_t word = 0;
+      for (int64_t j = j32; j < j32 + 32 && j < ncout; j += 16) {
+        const __m512i pop = _mm512_loadu_si512(src + j);
+        __m512 v = avx512::cvt_i32_ps(_mm512_sub_epi32(b, _mm512_slli_epi32(pop, 1)));
+        v = _mm512_add_ps(rounded(_mm512_mul_ps(v, _mm512_loadu_ps(scale + j))), _mm512_loadu_ps(shift + j));
+        if constexpr (kRes == 1) v = _mm512_add_ps(v, _mm512_loadu_ps(res + ch));
+        if constexpr (kRes == 2) {
+          const float* r = res + ch;
+          __m512 a = _mm512_add_ps(_mm512_loadu_ps(r), _mm512_loadu_ps(r + row));
+          a = _mm512_add_ps(a, _mm512_loadu_ps(r + rc));
+          a = _mm512_add_ps(a, _mm512_loadu_ps(r + row + rc));
+          v = _mm512_add_ps(v, rounded(_mm512_mul_ps(a, quarter)));
+        }
+        if constexpr (kRes != 0) ch = ch + 16 == rc ? 0 : ch + 16;
+        const __m512 neg = rounded(_mm512_mul_ps(v, _mm512_loadu_ps(slope + j)));
+        v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), neg, v);
+        v = _mm512_add_ps(v, _mm512_loadu_ps(post_shift + j));
+        const int64_t n = std::min<int64_t>(16, ncout - j);
+        if constexpr (kOut) store_lanes(out + j, v, n);
+        if constexpr (kPack) {
+          uint32_t bits = static_cast<uint32_t>(
+              _mm512_cmp_ps_mask(_mm512_sub_ps(v, _mm512_loadu_ps(threshold + j)), zero, _CMP_GE_OQ));
+          if (n < 16) bits &= (1u << n) - 1;
+          word |= bits << (j % 32);
+        }
       }
-      const __m512 neg = rounded(_mm512_mul_ps(v, sl));
-      v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), neg, v);
-      v = _mm512_add_ps(v, ps);
-      if constexpr (kOut) store_lanes(pl.out_f + pix[p] * g.cout + co, v, n);
-      if constexpr (kPack) {
-        const uint32_t bits = static_cast<uint32_t>(_mm512_cmp_ps_mask(_mm512_sub_ps(v, th), zero, _CMP_GE_OQ));
-        words[p][j / 32] |= (bits & ((1u << n) - 1)) << (j % 32);
-      }
-    }
-  }
-  if constexpr (kPack) {
-    const int64_t out_words = (g.cout + 31) / 32, nw = (ncout + 31) / 32;
-    for (int64_t p = 0; p < npix; ++p) {
-      for (int64_t k = 0; k < nw; ++k) post.packed[pix[p] * out_words + c0 / 32 + k] = words[p][k];
+      if constexpr (kPack) words[j32 / 32] = word;
     }
   }
 }
