@@ -1,7 +1,8 @@
 """The fused CPU block epilogue of frozen models against its specification, reference.block_epilogue.
 
 Both entries of the CPU kernel are reached through the Python functions frozen models call: the NCHW one through
-packed_inference_conv (float32, no chain arguments) and the NHWC one through packed_chain_conv. The kernels round
+packed_inference_conv (float32, no chain arguments) and the NHWC one directly (binary_conv2d_cpu_nhwc), and the
+one-pass ReActNet block through packed_chain_block. The kernels round
 every step like the eager ops (csrc/cpu/binary_conv2d_common.h: mul_rounded keeps a * b + c from becoming an FMA,
 and the NHWC identities 1 / -0.0 leave every value, -0.0 included, unchanged), so outputs are compared bit for bit
 (their int32 views, which tell -0.0 from 0.0), and the packed signs of the NHWC output word for word.
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from candle_ext import backend, reference as R
-from candle_ext.ops.binary_conv2d import cpu_kernels_serve, packed_chain_conv, packed_inference_conv
+from candle_ext.ops.binary_conv2d import cpu_kernels_serve, packed_chain_block, packed_inference_conv
 
 pytestmark = pytest.mark.skipif(backend.compiled_module() is None, reason="candle_ext._C is not built")
 
@@ -89,6 +90,16 @@ def test_nchw_entry_matches_the_specification(index, cpu_path):
                 assert _same_bits(got, want), (cfg, rc, use_slope, use_post)
 
 
+def _nhwc_conv(x, x_words, threshold, w_packed, cin, stride, padding, dilation, scale, shift, residual, pool, slope,
+               post_shift, pack_threshold):
+    """The NHWC entry of the CPU kernel on x (packed against threshold here unless x_words is given)."""
+    module = backend.compiled_module()
+    if x_words is None:
+        x_words = module.sign_pack_cpu(x=x, bias=threshold)
+    return module.binary_conv2d_cpu_nhwc(x_words, w_packed, cin, *stride, *padding, *dilation, scale, shift, residual,
+                                         pool, slope, post_shift, True, pack_threshold is not None, pack_threshold)
+
+
 @pytest.mark.parametrize("index", range(len(CONFIGS)))
 def test_nhwc_entry_matches_the_specification(index, cpu_path):
     cfg = CONFIGS[index]
@@ -107,8 +118,8 @@ def test_nhwc_entry_matches_the_specification(index, cpu_path):
             post = v["post_shift"] if use_post else None
             thr = v["thr"] if use_thr else None
             for words_in in (None, x_words):  # packed by the kernel, or carried from the previous conv
-                out, words = packed_chain_conv(x, words_in, threshold, w_packed, cfg["cin"], *geometry, scale, shift,
-                                               residual, pool, slope, post, True, thr)
+                out, words = _nhwc_conv(x, words_in, threshold, w_packed, cfg["cin"], *geometry, scale, shift,
+                                        residual, pool, slope, post, thr)
                 want = R.block_epilogue(acc, scale, shift, residual, pool, slope, post)
                 assert out.is_contiguous(memory_format=torch.channels_last)
                 assert _same_bits(out, want), (cfg, rc, pool, use_scale_shift, use_slope, use_post)
@@ -133,3 +144,59 @@ def test_specification_by_hand():
     assert R.block_epilogue(acc2, residual=r).flatten().tolist() == [1.0, 2.0, 1.0, 2.0]
     with pytest.raises(ValueError, match="residual_pool needs a residual"):
         R.block_epilogue(acc2, residual_pool=True)
+
+
+def _block_configs(count, seed):
+    """Random ReActNet block shapes: channel counts with and without whole vectors and words (the AVX2 one-pass
+    form needs multiples of 8; 200 has several output-channel blocks), doubling or not, stride 1 or 2."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        stride = rng.choice((1, 2))
+        h, w = rng.randint(2, 9), rng.randint(2, 9)
+        out.append(dict(n=rng.choice((1, 2)), c=rng.choice((8, 12, 16, 33, 40, 64, 96, 200)), stride=stride,
+                        h=h * stride, w=w * stride, double=rng.choice((False, True)), last=rng.choice((False, True))))
+    return out
+
+
+BLOCKS = _block_configs(16, seed=15)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_block_entry_matches_the_specification(index, threads, cpu_path):
+    """packed_chain_block (one pass over pixel tiles on AVX2, two convs elsewhere) against the block written out
+    with the reference: y = 3x3 conv epilogue with the (2x2-pooled) input as residual, then the 1x1 conv of
+    sign_pack(y, threshold1) with residual y; output bits and its packed signs for the next block."""
+    cfg = BLOCKS[index]
+    g = torch.Generator().manual_seed(300 + index)
+    n, c, s = cfg["n"], cfg["c"], cfg["stride"]
+    c1 = 2 * c if cfg["double"] else c
+    x = torch.randn(n, c, cfg["h"], cfg["w"], generator=g)
+    x.view(-1)[::5] = 0.0
+    x = x.contiguous(memory_format=torch.channels_last)
+    t3, t1 = torch.randn(c, generator=g) * 0.1, torch.randn(c, generator=g) * 0.1
+    w3 = R.sign_pack(torch.randn(c, c, 3, 3, generator=g))
+    w1 = R.sign_pack(torch.randn(c1, c, 1, 1, generator=g))
+    sc3, sh3, sl3 = (torch.randn(c, generator=g) for _ in range(3))
+    sc1, sh1, sl1, ps1 = (torch.randn(c1, generator=g) for _ in range(4))
+    nxt = None if cfg["last"] else torch.randn(c1, generator=g) * 0.1
+    pool = s == 2
+    acc3 = R.binary_conv2d_packed(R.sign_pack(x, t3), w3, c, (s, s), (1, 1), (1, 1))
+    y = R.block_epilogue(acc3, sc3, sh3, x, pool, sl3, None)
+    acc1 = R.binary_conv2d_packed(R.sign_pack(y, t1), w1, c, (1, 1), (0, 0), (1, 1))
+    want = R.block_epilogue(acc1, sc1, sh1, y, False, sl1, ps1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for words_in in (None, R.sign_pack(x, t3)):
+            out, words = packed_chain_block(x, words_in, t3, w3, c, (s, s), (1, 1), (1, 1), sc3, sh3, x, pool, sl3,
+                                            t1, w1, sc1, sh1, sl1, ps1, nxt)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            assert _same_bits(out, want), cfg
+            if nxt is None:
+                assert words.numel() == 0
+            else:
+                assert torch.equal(words, R.sign_pack(want, nxt)), cfg
+    finally:
+        torch.set_num_threads(before)

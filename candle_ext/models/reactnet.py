@@ -21,7 +21,7 @@ from torch import nn
 
 from candle_ext.models.packed import ARCH_ATTR, PackedBinaryConv2d, carried_words, carry_words
 from candle_ext.nn.layers import BinaryConv2d, RPReLU, RSign
-from candle_ext.ops.binary_conv2d import packed_chain_available, packed_chain_conv, shortcut_avg_pool_2x2
+from candle_ext.ops.binary_conv2d import packed_chain_available, packed_chain_block, shortcut_avg_pool_2x2
 
 # MobileNetV1 plan: stem width, then the 13 blocks as (in, out, stride) for a stem of 32 channels.
 STEM_CHANNELS = 32
@@ -100,11 +100,12 @@ class PackedReActBlock(nn.Module):
     shift into the 1x1 conv (its threshold and its shift, which also carries the residual's share), so a block
     is: conv, add shortcut, PReLU, conv, add residual (in place, no concat), PReLU, add zeta.
 
-    Fused chain (eager float32 on an AVX2/AVX-512 CPU: packed_chain_available): each conv is one kernel pass
-    with an NHWC epilogue that reads the residual channels-last (the stride-2 shortcut pooled on the fly) and
-    writes the output channels-last together with its packed signs for the next conv (the 3x3 conv's for the
-    1x1 conv; the 1x1 conv's for the next block's 3x3 conv, when freeze() linked the two: consecutive blocks of
-    an nn.Sequential). The next block takes those signs instead of packing its input again, as long as neither
+    Fused chain (eager float32 on an AVX2/AVX-512 CPU: packed_chain_available): the block is one kernel call
+    (packed_chain_block) whose NHWC epilogues read the residual channels-last (the stride-2 shortcut pooled on the
+    fly) and write the output channels-last together with its packed signs for the next conv (the 3x3 conv's for
+    the 1x1 conv; the 1x1 conv's for the next block's 3x3 conv, when freeze() linked the two: consecutive blocks
+    of an nn.Sequential). On AVX2 both convs run tile by tile in one pass: the 3x3 conv's output and its signs
+    stay in cache, and only the block's output is written. The next block takes those signs instead of packing its input again, as long as neither
     the tensor nor its threshold changed since (version counters). A block without a linked successor returns
     a contiguous (NCHW) tensor; the values are bit for bit those of the per-conv path."""
 
@@ -162,12 +163,12 @@ class PackedReActBlock(nn.Module):
                 return c1(y, y, b["slope2"], b["zeta2"])
             return c1(y, y, b["slope2"], b["zeta2"], channels_last=True, pack_threshold=next_threshold)
         t3 = b3["threshold"]
-        y, y_words = packed_chain_conv(x, carried_words(x, t3), t3, b3["weight_packed"], c3.in_channels, c3.stride,
-                                       c3.padding, c3.dilation, b3["scale"], b3["shift"], residual, pool,
-                                       b["slope1"], None, True, b1["threshold"])
-        out, words = packed_chain_conv(y, y_words, b1["threshold"], b1["weight_packed"], c1.in_channels, c1.stride,
-                                       c1.padding, c1.dilation, b1["scale"], b1["shift"], y, False, b["slope2"],
-                                       b["zeta2"].view(-1), next_threshold is not None, next_threshold)
+        out, words = packed_chain_block(x, carried_words(x, t3), t3, b3["weight_packed"], c3.in_channels, c3.stride,
+                                        c3.padding, c3.dilation, b3["scale"], b3["shift"], residual, pool,
+                                        b["slope1"], b1["threshold"], b1["weight_packed"], b1["scale"], b1["shift"],
+                                        b["slope2"], b["zeta2"].view(-1), next_threshold)
+        if next_threshold is None:
+            return out.contiguous()
         carry_words(out, words, next_threshold)
         return out
 

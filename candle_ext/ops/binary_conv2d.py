@@ -333,26 +333,30 @@ def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_
     return (out, sign_pack(out, pack_threshold)) if pack else out
 
 
-def packed_chain_conv(x: torch.Tensor, x_words: Optional[torch.Tensor], threshold: torch.Tensor,
-                      w_packed: torch.Tensor, in_channels: int, stride: Tuple[int, int], padding: Tuple[int, int],
-                      dilation: Tuple[int, int], scale: torch.Tensor, shift: torch.Tensor,
-                      residual: Optional[torch.Tensor], residual_pool: bool, slope: Optional[torch.Tensor],
-                      post_shift: Optional[torch.Tensor], channels_last: bool,
-                      pack_threshold: Optional[torch.Tensor]):
-    """packed_inference_conv's chain mode without its Python checks and fallbacks, for a caller that established
-    packed_chain_available(x) and passes float32 contiguous per-channel tensors (frozen models' buffers) and
-    x_words = sign_pack(x, threshold) or None: the frozen ReActNet chain, where the Python work per conv
-    outweighed the kernel on the small layers. The C++ entry points still check every tensor they get.
-    Returns (out, sign_pack(out, pack_threshold) or an empty tensor without pack_threshold)."""
+def packed_chain_block(x: torch.Tensor, x_words: Optional[torch.Tensor], threshold3: torch.Tensor,
+                       w3_packed: torch.Tensor, in_channels: int, stride: Tuple[int, int], padding: Tuple[int, int],
+                       dilation: Tuple[int, int], scale3: torch.Tensor, shift3: torch.Tensor,
+                       residual: Optional[torch.Tensor], residual_pool: bool, slope3: Optional[torch.Tensor],
+                       threshold1: torch.Tensor, w1_packed: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
+                       slope1: Optional[torch.Tensor], post_shift1: Optional[torch.Tensor],
+                       pack_threshold: Optional[torch.Tensor]):
+    """packed_inference_conv's chain mode for a whole frozen ReActNet block, without its Python checks and fallbacks,
+    for a caller that established packed_chain_available(x) and passes float32 contiguous per-channel tensors
+    (frozen models' buffers) and x_words = sign_pack(x, threshold3) or None: the frozen ReActNet chain, where the
+    Python work per conv outweighed the kernel on the small layers. The C++ entry point checks every tensor.
+
+    y = the conv of x (threshold3, w3_packed, ..., + residual, 2x2-pooled with residual_pool, PReLU slope3), then
+    out = the 1x1 conv of sign_pack(y, threshold1) (w1_packed, scale1, shift1, + y repeated over out's channels,
+    PReLU slope1, + post_shift1): the values of the two convs of the block's per-conv path, bit for bit. On the
+    AVX2 path one pass over pixel tiles, so that y and its signs never go to memory; elsewhere two kernel calls.
+    Returns (out channels_last, sign_pack(out, pack_threshold) or an empty tensor without pack_threshold)."""
     module = backend.compiled_module()
     if x_words is None:
-        x_words = module.sign_pack_cpu(x=x, bias=threshold)
-    # Positional, in the binding's order (csrc/bindings.cpp): pybind11's keyword matching costs ~2 us a call.
-    out, words = module.binary_conv2d_cpu_nhwc(x_words, w_packed, in_channels, stride[0], stride[1], padding[0],
-                                               padding[1], dilation[0], dilation[1], scale, shift, residual,
-                                               residual_pool, slope, post_shift, True, pack_threshold is not None,
-                                               pack_threshold)
-    return (out if channels_last else out.contiguous()), words
+        x_words = module.sign_pack_cpu(x=x, bias=threshold3)
+    # Positional, in the binding's order (csrc/bindings.cpp).
+    return module.react_block_cpu_nhwc(x_words, w3_packed, in_channels, stride[0], stride[1], padding[0], padding[1],
+                                       dilation[0], dilation[1], scale3, shift3, residual, residual_pool, slope3,
+                                       threshold1, w1_packed, scale1, shift1, slope1, post_shift1, pack_threshold)
 
 
 def _packed_inference_conv(x, threshold, w_packed, in_channels, stride, padding, dilation, scale, shift, residual,

@@ -48,6 +48,30 @@ cpu::Isa conv_isa(const ConvGeometry& g) {
 
 const float* data_or_null(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
+// NHWC mode's residual, checked, into post (with nhwc and res_pool set); returns the channels-last tensor read
+// (the residual itself, or its channels-last copy), which must outlive the kernel call.
+at::Tensor nhwc_residual(const c10::optional<at::Tensor>& residual, bool residual_pool, const ConvGeometry& g,
+                         cpu::Post& post) {
+  post.nhwc = true;
+  post.res_pool = residual_pool;
+  TORCH_CHECK_VALUE(residual.has_value() || !residual_pool, "residual_pool needs a residual");
+  if (!residual.has_value()) return at::Tensor();
+  const at::Tensor& r = *residual;
+  check_device(r, "residual", c10::kCPU);
+  check_dtype(r, "residual", at::kFloat);
+  check_dim(r, "residual", 4);
+  const int64_t f = residual_pool ? 2 : 1;
+  TORCH_CHECK_VALUE(r.size(0) == g.n && r.size(2) == f * g.ho && r.size(3) == f * g.wo && r.size(1) >= 1 &&
+                        g.cout % r.size(1) == 0,
+                    "residual must have shape (", g.n, ", C, ", f * g.ho, ", ", f * g.wo, ") with C dividing ",
+                    g.cout, residual_pool ? " (residual_pool: twice the output size)" : "", ", got ", r.sizes());
+  // Read channels-last in place; any other layout is copied to it first.
+  at::Tensor res = r.is_contiguous(at::MemoryFormat::ChannelsLast) ? r : r.contiguous(at::MemoryFormat::ChannelsLast);
+  post.residual = res.data_ptr<float>();
+  post.res_channels = r.size(1);
+  return res;
+}
+
 }  // namespace
 
 at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
@@ -104,26 +128,8 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_cpu_nhwc(
   check_channel_vector(pack_threshold, "pack_threshold", g.cout, x_packed);
   TORCH_CHECK_VALUE(float_out || packed_out, "float_out and packed_out are both false: nothing to compute");
   TORCH_CHECK_VALUE(packed_out || !pack_threshold.has_value(), "pack_threshold needs packed_out");
-  TORCH_CHECK_VALUE(residual.has_value() || !residual_pool, "residual_pool needs a residual");
   cpu::Post post;
-  post.nhwc = true;
-  post.res_pool = residual_pool;
-  at::Tensor res;
-  if (residual.has_value()) {
-    const at::Tensor& r = *residual;
-    check_device(r, "residual", c10::kCPU);
-    check_dtype(r, "residual", at::kFloat);
-    check_dim(r, "residual", 4);
-    const int64_t f = residual_pool ? 2 : 1;
-    TORCH_CHECK_VALUE(r.size(0) == g.n && r.size(2) == f * g.ho && r.size(3) == f * g.wo && r.size(1) >= 1 &&
-                          g.cout % r.size(1) == 0,
-                      "residual must have shape (", g.n, ", C, ", f * g.ho, ", ", f * g.wo, ") with C dividing ",
-                      g.cout, residual_pool ? " (residual_pool: twice the output size)" : "", ", got ", r.sizes());
-    // Read channels-last in place; any other layout is copied to it first.
-    res = r.is_contiguous(at::MemoryFormat::ChannelsLast) ? r : r.contiguous(at::MemoryFormat::ChannelsLast);
-    post.residual = res.data_ptr<float>();
-    post.res_channels = r.size(1);
-  }
+  const at::Tensor res = nhwc_residual(residual, residual_pool, g, post);
   post.slope = data_or_null(slope);
   post.post_shift = data_or_null(post_shift);
   post.pack_threshold = data_or_null(pack_threshold);
@@ -137,6 +143,77 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_cpu_nhwc(
   const uint32_t* w = reinterpret_cast<const uint32_t*>(w_packed.data_ptr<int32_t>());
   cpu::binary_conv2d(conv_isa(g), cg, channels, x, w, data_or_null(scale), data_or_null(shift), nullptr,
                      float_out ? out.data_ptr<float>() : nullptr, post);
+  return {out, words};
+}
+
+std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
+    const at::Tensor& x_packed, const at::Tensor& w3_packed, int64_t channels, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, const at::Tensor& scale3, const at::Tensor& shift3,
+    const c10::optional<at::Tensor>& residual, bool residual_pool, const c10::optional<at::Tensor>& slope3,
+    const at::Tensor& threshold1, const at::Tensor& w1_packed, const at::Tensor& scale1, const at::Tensor& shift1,
+    const c10::optional<at::Tensor>& slope1, const c10::optional<at::Tensor>& post_shift1,
+    const c10::optional<at::Tensor>& pack_threshold) {
+  ConvGeometry g3;
+  const cpu::ConvGeometry cg3 = checked_geometry(x_packed, w3_packed, channels, stride_h, stride_w, pad_h, pad_w,
+                                                 dil_h, dil_w, scale3, shift3, slope3, c10::nullopt, g3);
+  check_channel_vector(threshold1, "threshold1", g3.cout, x_packed);
+  // The 1x1 conv reads y = the 3x3 conv's output, [N, Cy, Ho, Wo] with Cy = g3.cout, as sign_pack(y, threshold1).
+  const int64_t cy = g3.cout;
+  check_device(w1_packed, "w1_packed", c10::kCPU);
+  check_dtype(w1_packed, "w1_packed", at::kInt);
+  check_dim(w1_packed, "w1_packed", 4);
+  check_contiguous(w1_packed, "w1_packed");
+  TORCH_CHECK_VALUE(w1_packed.size(0) >= 1 && w1_packed.size(0) % cy == 0 && w1_packed.size(1) == 1 &&
+                        w1_packed.size(2) == 1 && w1_packed.size(3) == words_for(cy),
+                    "w1_packed must be a packed 1x1 conv of the 3x3 conv's ", cy, " output channels, with a multiple of ",
+                    cy, " output channels: shape (k * ", cy, ", 1, 1, ", words_for(cy), "), got ", w1_packed.sizes());
+  const int64_t c1 = w1_packed.size(0);
+  check_channel_vector(scale1, "scale1", c1, x_packed);
+  check_channel_vector(shift1, "shift1", c1, x_packed);
+  check_channel_vector(slope1, "slope1", c1, x_packed);
+  check_channel_vector(post_shift1, "post_shift1", c1, x_packed);
+  check_channel_vector(pack_threshold, "pack_threshold", c1, x_packed);
+
+  cpu::ConvArgs a3, a1;
+  a3.g = cg3;
+  a3.channels = channels;
+  a3.x = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
+  a3.w = reinterpret_cast<const uint32_t*>(w3_packed.data_ptr<int32_t>());
+  a3.scale = scale3.data_ptr<float>();
+  a3.shift = shift3.data_ptr<float>();
+  const at::Tensor res = nhwc_residual(residual, residual_pool, g3, a3.post);
+  a3.post.slope = data_or_null(slope3);
+  a3.post.pack_threshold = threshold1.data_ptr<float>();
+  a1.g = cpu::ConvGeometry{g3.n, g3.ho, g3.wo, words_for(cy), c1, 1, 1, 1, 1, 0, 0, 1, 1, g3.ho, g3.wo};
+  a1.channels = cy;
+  a1.w = reinterpret_cast<const uint32_t*>(w1_packed.data_ptr<int32_t>());
+  a1.scale = scale1.data_ptr<float>();
+  a1.shift = shift1.data_ptr<float>();
+  a1.post.nhwc = true;
+  a1.post.slope = data_or_null(slope1);
+  a1.post.post_shift = data_or_null(post_shift1);
+  a1.post.pack_threshold = data_or_null(pack_threshold);
+
+  const auto iopts = x_packed.options();
+  const auto fopts = iopts.dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty({g3.n, c1, g3.ho, g3.wo}, fopts);
+  at::Tensor words = pack_threshold.has_value() ? at::empty({g3.n, g3.ho, g3.wo, words_for(c1)}, iopts)
+                                                : at::empty({0}, iopts);
+  a1.out_f = out.data_ptr<float>();
+  a1.post.packed = pack_threshold.has_value() ? reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()) : nullptr;
+  const cpu::Isa isa = conv_isa(g3);
+  if (!cpu::react_block(isa, a3, a1)) {  // two passes: y and its signs go through memory
+    at::Tensor y = at::empty({g3.n, cy, g3.ho, g3.wo}, fopts);
+    at::Tensor y_words = at::empty({g3.n, g3.ho, g3.wo, words_for(cy)}, iopts);
+    cpu::Post post3 = a3.post;
+    post3.packed = reinterpret_cast<uint32_t*>(y_words.data_ptr<int32_t>());
+    cpu::binary_conv2d(isa, a3.g, a3.channels, a3.x, a3.w, a3.scale, a3.shift, nullptr, y.data_ptr<float>(), post3);
+    cpu::Post post1 = a1.post;
+    post1.residual = y.data_ptr<float>();
+    post1.res_channels = cy;
+    cpu::binary_conv2d(isa, a1.g, a1.channels, reinterpret_cast<const uint32_t*>(y_words.data_ptr<int32_t>()),
+                       a1.w, a1.scale, a1.shift, nullptr, a1.out_f, post1);
+  }
   return {out, words};
 }
 

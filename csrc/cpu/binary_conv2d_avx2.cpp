@@ -499,20 +499,70 @@ CANDLE_AVX2 void write_tile_nhwc(const S* part, int64_t width, const int32_t* ba
   }
 }
 
+// Channels j .. j + 7 of one pixel in the fast NHWC epilogue: the float values (stored when kOut, n of them
+// when n < 8), and the sign bits of v - threshold (kPack; 0 above n).
+struct NhwcRow {
+  const float *scale, *shift, *slope, *post_shift, *threshold;  // at the tile's first channel
+  int64_t rc, row;                                               // residual channels; a pooled residual's row
+};
+
+template <typename S, int kRes, bool kOut, bool kPack>
+CANDLE_AVX2_INLINE uint32_t nhwc_eight(const NhwcRow& r, const S* src, __m256i b, const float* res, int64_t ch,
+                                       float* out, int64_t j, int64_t n) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256i pop;
+  if constexpr (sizeof(S) == 2) {
+    pop = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+  } else {
+    pop = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j));
+  }
+  __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(b, _mm256_slli_epi32(pop, 1)));
+  v = _mm256_mul_ps(v, _mm256_loadu_ps(r.scale + j));
+  __asm__("" : "+x"(v));  // no FMA contraction: every step rounds on its own, like the eager ops
+  v = _mm256_add_ps(v, _mm256_loadu_ps(r.shift + j));
+  if constexpr (kRes == 1) v = _mm256_add_ps(v, _mm256_loadu_ps(res + ch));
+  if constexpr (kRes == 2) {
+    const float* p = res + ch;
+    __m256 a = _mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + r.row));
+    a = _mm256_add_ps(a, _mm256_loadu_ps(p + r.rc));
+    a = _mm256_add_ps(a, _mm256_loadu_ps(p + r.row + r.rc));
+    a = _mm256_mul_ps(a, _mm256_set1_ps(0.25f));
+    __asm__("" : "+x"(a));
+    v = _mm256_add_ps(v, a);
+  }
+  __m256 neg = _mm256_mul_ps(v, _mm256_loadu_ps(r.slope + j));
+  __asm__("" : "+x"(neg));
+  v = _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
+  v = _mm256_add_ps(v, _mm256_loadu_ps(r.post_shift + j));
+  if constexpr (kOut) {
+    if (n >= 8) {
+      _mm256_storeu_ps(out + j, v);
+    } else {
+      const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      _mm256_maskstore_ps(out + j, lanes, v);
+    }
+  }
+  if constexpr (!kPack) return 0;
+  const uint32_t bits = static_cast<uint32_t>(
+      _mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(v, _mm256_loadu_ps(r.threshold + j)), zero, _CMP_GE_OQ)));
+  return n >= 8 ? bits : bits & ((1u << n) - 1);
+}
+
 // NHWC mode epilogue, the fast form (no residual, or one whose channel count is a multiple of 8): pixel by
-// pixel, each packed word's 32 channels together (their signs collected in a register, one store per word),
-// the per-channel parameters (NhwcParams: identities where a step is absent, padded to 16 channels) read as
-// memory operands; one branch-free body per residual mode. pix / res_off: nhwc_pixel_offsets.
+// pixel, each packed word's 32 channels together (their signs collected in a register, one store per word; a
+// whole word's four vectors unrolled), the per-channel parameters (NhwcParams: identities where a step is
+// absent, padded to 16 channels) read as memory operands; one branch-free body per residual mode. pix /
+// res_off: nhwc_pixel_offsets.
 template <typename S, int kRes, bool kOut, bool kPack>
 CANDLE_AVX2 void write_tile_nhwc_fast(const S* part, int64_t width, const int32_t* base, int64_t npix,
                                       const int64_t* pix, const int64_t* res_off, int64_t c0, int64_t ncout,
                                       const ConvGeometry& g, float* out_f, const NhwcParams& prm, const Post& post) {
-  const int64_t rc = post.res_channels, row = 2 * g.wo * rc, cout = g.cout, out_words = (cout + 31) / 32;
-  const float *scale = prm.scale + c0, *shift = prm.shift + c0, *slope = prm.slope + c0;
-  const float *post_shift = prm.post_shift + c0, *threshold = prm.threshold + c0;
-  const __m256 zero = _mm256_setzero_ps(), quarter = _mm256_set1_ps(0.25f);
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const int64_t ch0 = kRes ? c0 % rc : 0;  // residual channel of output channel c0 (it repeats every rc)
+  const int64_t cout = g.cout, out_words = (cout + 31) / 32;
+  const NhwcRow r{prm.scale + c0, prm.shift + c0, prm.slope + c0, prm.post_shift + c0, prm.threshold + c0,
+                  post.res_channels, 2 * g.wo * post.res_channels};
+  const int64_t ch0 = kRes ? c0 % r.rc : 0;  // residual channel of output channel c0 (it repeats every rc)
+  const int64_t whole = ncout / 32 * 32;
   for (int64_t p = 0; p < npix; ++p) {
     const __m256i b = _mm256_set1_epi32(base[p]);
     const S* src = part + p * width;
@@ -520,50 +570,28 @@ CANDLE_AVX2 void write_tile_nhwc_fast(const S* part, int64_t width, const int32_
     uint32_t* words = kPack ? post.packed + pix[p] * out_words + c0 / 32 : nullptr;
     const float* res = kRes ? post.residual + res_off[p] : nullptr;
     int64_t ch = ch0;
-    for (int64_t j32 = 0; j32 < ncout; j32 += 32) {
+    const auto next = [&] {
+      if constexpr (kRes != 0) ch = ch + 8 == r.rc ? 0 : ch + 8;
+    };
+    int64_t j = 0;
+    for (; j < whole; j += 32) {
+      uint32_t word = nhwc_eight<S, kRes, kOut, kPack>(r, src, b, res, ch, out, j, 8);
+      next();
+      word |= nhwc_eight<S, kRes, kOut, kPack>(r, src, b, res, ch, out, j + 8, 8) << 8;
+      next();
+      word |= nhwc_eight<S, kRes, kOut, kPack>(r, src, b, res, ch, out, j + 16, 8) << 16;
+      next();
+      word |= nhwc_eight<S, kRes, kOut, kPack>(r, src, b, res, ch, out, j + 24, 8) << 24;
+      next();
+      if constexpr (kPack) words[j / 32] = word;
+    }
+    if (j < ncout) {  // the last, partial word
       uint32_t word = 0;
-      for (int64_t j = j32; j < j32 + 32 && j < ncout; j += 8) {
-        __m256i pop;
-        if constexpr (sizeof(S) == 2) {
-          pop = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
-        } else {
-          pop = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j));
-        }
-        __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(b, _mm256_slli_epi32(pop, 1)));
-        v = _mm256_mul_ps(v, _mm256_loadu_ps(scale + j));
-        __asm__("" : "+x"(v));  // no FMA contraction: every step rounds on its own, like the eager ops
-        v = _mm256_add_ps(v, _mm256_loadu_ps(shift + j));
-        if constexpr (kRes == 1) v = _mm256_add_ps(v, _mm256_loadu_ps(res + ch));
-        if constexpr (kRes == 2) {
-          const float* r = res + ch;
-          __m256 a = _mm256_add_ps(_mm256_loadu_ps(r), _mm256_loadu_ps(r + row));
-          a = _mm256_add_ps(a, _mm256_loadu_ps(r + rc));
-          a = _mm256_add_ps(a, _mm256_loadu_ps(r + row + rc));
-          a = _mm256_mul_ps(a, quarter);
-          __asm__("" : "+x"(a));
-          v = _mm256_add_ps(v, a);
-        }
-        if constexpr (kRes != 0) ch = ch + 8 == rc ? 0 : ch + 8;
-        __m256 neg = _mm256_mul_ps(v, _mm256_loadu_ps(slope + j));
-        __asm__("" : "+x"(neg));
-        v = _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
-        v = _mm256_add_ps(v, _mm256_loadu_ps(post_shift + j));
-        const int64_t n = ncout - j;
-        if constexpr (kOut) {
-          if (n >= 8) {
-            _mm256_storeu_ps(out + j, v);
-          } else {
-            _mm256_maskstore_ps(out + j, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), iota), v);
-          }
-        }
-        if constexpr (kPack) {
-          uint32_t bits = static_cast<uint32_t>(
-              _mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(v, _mm256_loadu_ps(threshold + j)), zero, _CMP_GE_OQ)));
-          if (n < 8) bits &= (1u << n) - 1;
-          word |= bits << (j % 32);
-        }
+      for (int64_t k = j; k < ncout; k += 8) {
+        word |= nhwc_eight<S, kRes, kOut, kPack>(r, src, b, res, ch, out, k, ncout - k) << (k - j);
+        next();
       }
-      if constexpr (kPack) words[j32 / 32] = word;
+      if constexpr (kPack) words[j / 32] = word;
     }
   }
 }
@@ -579,64 +607,89 @@ constexpr NhwcTileFn<S> kNhwcTileFns[4] = {nullptr, write_tile_nhwc_fast<S, kRes
 
 struct AvxPlan : PlanBase {
   int64_t bt = 0;
-  std::vector<Block> blocks;
+  std::shared_ptr<const WeightLayout> layout;
+  std::vector<Block> blocks;  // point into layout
   std::vector<Segment> segs;
   std::vector<Chunk> chunks;
   std::vector<int32_t> valid_y, valid_x;  // valid kernel rows per output row (ky1 - ky0), columns per column
   const uint16_t* oi = nullptr;
 };
 
+// Output pixels q0 .. q0 + npix - 1 of image img: the offset-image position of each one's top-left tap, and its
+// valid taps times the channels (acc = base - 2 * popcount); base is 0 for the spare rows up to kTile.
+CANDLE_AVX2 void tile_pixels(const AvxPlan& pl, int64_t img, int64_t q0, int64_t npix, const uint16_t** pix,
+                             int32_t* base) {
+  const ConvGeometry& g = pl.g;
+  const int64_t row_step = g.sh * pl.wp * pl.bt, col_step = g.sw * pl.bt;
+  const int32_t chans = static_cast<int32_t>(pl.channels);
+  // Incremental (no multiplies per pixel): with few channels it is a visible share of the call.
+  int64_t oy = q0 / g.wo, ox = q0 % g.wo;
+  const uint16_t* row = pl.oi + (img * pl.hp + oy * g.sh) * pl.wp * pl.bt;
+  int32_t row_taps = pl.valid_y[oy] * chans;
+  for (int64_t p = 0; p < npix; ++p) {
+    pix[p] = row + ox * col_step;
+    base[p] = row_taps * pl.valid_x[ox];
+    if (++ox == g.wo && p + 1 < npix) {
+      ox = 0;
+      ++oy;
+      row += row_step;
+      row_taps = pl.valid_y[oy] * chans;
+    }
+  }
+  for (int64_t p = npix; p < kTile; ++p) base[p] = 0;
+}
+
+// Partial popcounts [npix][block width] of output-channel block blk, chunk by chunk, for the pixels whose
+// top-left taps are pix. part has kTile + 4 rows: a short last micro-tile repeats its first pixel and sends the
+// copies' sums to the spare rows.
+template <typename S>
+CANDLE_AVX2 void tile_popcounts(const AvxPlan& pl, const Block& blk, const uint16_t* const* pix, int64_t npix,
+                                S* part) {
+  const uint8_t* tables = popcount_tables();
+  const int64_t width = blk.groups * kGroup;
+  const ChunkKernel<S> kern = kChunkKernels<S>[blk.groups];
+  const int np = pixels_for(blk.groups);
+  for (size_t c = 0; c < pl.chunks.size(); ++c) {
+    const Chunk& ch = pl.chunks[c];
+    const uint8_t* wc = blk.w + ch.k0 * blk.groups * 32;
+    for (int64_t p = 0; p < npix; p += np) {
+      const uint16_t* q[4];
+      S* d[4];
+      for (int i = 0; i < np; ++i) {
+        const bool real = p + i < npix;
+        q[i] = pix[real ? p + i : p];
+        d[i] = part + (real ? p + i : kTile + i) * width;
+      }
+      kern(q, pl.segs.data() + ch.seg_begin, ch.seg_end - ch.seg_begin, wc, tables, d, c == 0);
+    }
+  }
+}
+
+// The fast NHWC epilogue for this plan's residual mode and outputs (out_f / post.packed as given).
+template <typename S>
+CANDLE_AVX2 NhwcTileFn<S> nhwc_tile_fn(const AvxPlan& pl, const float* out_f, const Post& post) {
+  const int fn = (out_f ? 2 : 0) + (post.packed ? 1 : 0);
+  return pl.nhwc->res_mode == 0 ? kNhwcTileFns<S, 0>[fn]
+         : pl.nhwc->res_mode == 1 ? kNhwcTileFns<S, 1>[fn]
+                                  : kNhwcTileFns<S, 2>[fn];
+}
+
 // Tasks [begin, end) of (block, image, tile): popcounts chunk by chunk into partial sums, then the epilogue.
 template <typename S>
 CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
   const ConvGeometry& g = pl.g;
-  const uint8_t* tables = popcount_tables();
-  // Rows kTile .. kTile + 3 are spares for the repeated pixels of a short last micro-tile.
   std::vector<S> part(static_cast<size_t>(kTile + 4) * kMaxGroups * kGroup);
   const uint16_t* pix[kTile];
   alignas(32) int32_t base[kTile];
-  const int64_t row_step = g.sh * pl.wp * pl.bt, col_step = g.sw * pl.bt;
-  const int32_t chans = static_cast<int32_t>(pl.channels);
-  const int32_t* valid_x = pl.valid_x.data();
+  const int64_t nblocks = static_cast<int64_t>(pl.blocks.size());
   for (int64_t task = begin; task < end; ++task) {
     // Tile-major: the output-channel blocks of one tile are neighbouring tasks.
-    const int64_t nblocks = static_cast<int64_t>(pl.blocks.size());
     const Block& blk = pl.blocks[task % nblocks];
     const int64_t tile = (task / nblocks) % pl.ntiles, img = task / (nblocks * pl.ntiles);
     const int64_t q0 = tile * pl.tile, npix = std::min<int64_t>(pl.tile, pl.hw - q0);
     const int64_t width = blk.groups * kGroup;
-    // Incremental pixel setup (no multiplies per pixel): with few channels it is a visible share of the call.
-    int64_t oy = q0 / g.wo, ox = q0 % g.wo;
-    const uint16_t* row = pl.oi + (img * pl.hp + oy * g.sh) * pl.wp * pl.bt;
-    int32_t row_taps = pl.valid_y[oy] * chans;
-    for (int64_t p = 0; p < npix; ++p) {
-      pix[p] = row + ox * col_step;
-      base[p] = row_taps * valid_x[ox];
-      if (++ox == g.wo && p + 1 < npix) {
-        ox = 0;
-        ++oy;
-        row += row_step;
-        row_taps = pl.valid_y[oy] * chans;
-      }
-    }
-    for (int64_t p = npix; p < kTile; ++p) base[p] = 0;
-    const ChunkKernel<S> kern = kChunkKernels<S>[blk.groups];
-    const int np = pixels_for(blk.groups);
-    for (size_t c = 0; c < pl.chunks.size(); ++c) {
-      const Chunk& ch = pl.chunks[c];
-      const uint8_t* wc = blk.w + ch.k0 * blk.groups * 32;
-      for (int64_t p = 0; p < npix; p += np) {
-        // A short last micro-tile repeats its first pixel and sends the copies' sums to spare rows.
-        const uint16_t* q[4];
-        S* d[4];
-        for (int i = 0; i < np; ++i) {
-          const bool real = p + i < npix;
-          q[i] = pix[real ? p + i : p];
-          d[i] = part.data() + (real ? p + i : kTile + i) * width;
-        }
-        kern(q, pl.segs.data() + ch.seg_begin, ch.seg_end - ch.seg_begin, wc, tables, d, c == 0);
-      }
-    }
+    tile_pixels(pl, img, q0, npix, pix, base);
+    tile_popcounts<S>(pl, blk, pix, npix, part.data());
     const int64_t c0 = blk.g0 * kGroup, ncout = std::min<int64_t>(width, g.cout - c0);
     if (pl.post.nhwc) {
       if (pl.post.residual && pl.post.res_channels % 8 != 0) {  // residual channels not in whole vectors: generic
@@ -645,11 +698,8 @@ CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
       }
       int64_t pix_index[kTile], res_off[kTile];
       nhwc_pixel_offsets(g, pl.post, img, q0, npix, pix_index, res_off);
-      const int fn = (pl.out_f ? 2 : 0) + (pl.post.packed ? 1 : 0);
-      const NhwcTileFn<S> write = pl.nhwc->res_mode == 0   ? kNhwcTileFns<S, 0>[fn]
-                                  : pl.nhwc->res_mode == 1 ? kNhwcTileFns<S, 1>[fn]
-                                                           : kNhwcTileFns<S, 2>[fn];
-      write(part.data(), width, base, npix, pix_index, res_off, c0, ncout, g, pl.out_f, *pl.nhwc, pl.post);
+      nhwc_tile_fn<S>(pl, pl.out_f, pl.post)(part.data(), width, base, npix, pix_index, res_off, c0, ncout, g,
+                                             pl.out_f, *pl.nhwc, pl.post);
       continue;
     }
     const int64_t out_off = img * g.cout * pl.hw + q0;
@@ -660,30 +710,85 @@ CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
   }
 }
 
-}  // namespace
+// A frozen ReActNet block (react_block_avx2): tasks [begin, end) of (image, tile). Per tile, the 3x3 conv's
+// values y (every output channel) and their signs for the 1x1 conv stay in this thread's buffers; the 1x1 conv
+// then reads its packed input and its residual y from them, and only its output goes to memory.
+template <typename S>
+CANDLE_AVX2 void run_block_tasks(const AvxPlan& p3, const AvxPlan& p1, int64_t begin, int64_t end) {
+  const int64_t c3 = p3.g.cout, bt1 = p1.bt;  // bt1: bytes of y's packed signs per pixel
+  std::vector<S> part(static_cast<size_t>(kTile + 4) * kMaxGroups * kGroup);
+  std::vector<float> y(static_cast<size_t>(kTile * c3));
+  std::vector<uint32_t> y_words(static_cast<size_t>(kTile * bt1 / 4));
+  std::vector<uint16_t> oi1(static_cast<size_t>(kTile * bt1));  // the 1x1 conv's offset image of the tile
+  const uint16_t *pix3[kTile], *pix1[kTile];
+  alignas(32) int32_t base3[kTile], base1[kTile];
+  int64_t local[kTile], global[kTile], res3[kTile], res1[kTile];
+  Post post3 = p3.post, post1 = p1.post;
+  post3.packed = y_words.data();  // y's signs against the 1x1 conv's threshold, pixel p at p * words
+  post1.residual = y.data();      // y, pixel p at p * c3 (repeated over a doubling block's channels)
+  post1.res_channels = c3;
+  const NhwcTileFn<S> write3 = nhwc_tile_fn<S>(p3, y.data(), post3);
+  const NhwcTileFn<S> write1 = kNhwcTileFns<S, 1>[(p1.out_f ? 2 : 0) + (post1.packed ? 1 : 0)];
+  for (int64_t p = 0; p < kTile; ++p) {
+    local[p] = p;
+    res1[p] = p * c3;
+    pix1[p] = oi1.data() + p * bt1;
+  }
+  const uint8_t* yb = reinterpret_cast<const uint8_t*>(y_words.data());
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t tile = task % p3.ntiles, img = task / p3.ntiles;
+    const int64_t q0 = tile * p3.tile, npix = std::min<int64_t>(p3.tile, p3.hw - q0);
+    tile_pixels(p3, img, q0, npix, pix3, base3);
+    nhwc_pixel_offsets(p3.g, p3.post, img, q0, npix, global, res3);
+    for (const Block& blk : p3.blocks) {
+      const int64_t width = blk.groups * kGroup, c0 = blk.g0 * kGroup;
+      tile_popcounts<S>(p3, blk, pix3, npix, part.data());
+      write3(part.data(), width, base3, npix, local, res3, c0, std::min<int64_t>(width, c3 - c0), p3.g, y.data(),
+             *p3.nhwc, post3);
+    }
+    const int64_t nbytes = npix * bt1;
+    int64_t i = 0;
+    for (; i + 16 <= nbytes; i += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(yb + i));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(oi1.data() + i), _mm256_slli_epi16(_mm256_cvtepu8_epi16(v), 5));
+    }
+    for (; i < nbytes; ++i) oi1[i] = static_cast<uint16_t>(yb[i] * 32);
+    for (int64_t p = 0; p < kTile; ++p) base1[p] = p < npix ? static_cast<int32_t>(p1.channels) : 0;
+    for (const Block& blk : p1.blocks) {
+      const int64_t width = blk.groups * kGroup, c0 = blk.g0 * kGroup;
+      tile_popcounts<S>(p1, blk, pix1, npix, part.data());
+      write1(part.data(), width, base1, npix, global, res1, c0, std::min<int64_t>(width, p1.g.cout - c0), p1.g,
+             p1.out_f, *p1.nhwc, post1);
+    }
+  }
+}
 
-void binary_conv2d_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
-                        const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post) {
-  AvxPlan pl;
+// The plan of one conv: geometry, weight layout, K order in chunks and, unless `x` is null (the 1x1 conv of
+// react_block_avx2, whose input a tile at a time comes from the 3x3 conv), the offset image of the input in
+// `oi`.
+CANDLE_AVX2 void make_plan(AvxPlan& pl, std::unique_ptr<uint16_t[]>& oi, const ConvGeometry& g, int64_t channels,
+                           const uint32_t* x, const uint32_t* w, const float* scale, const float* shift,
+                           int32_t* out_i, float* out_f, const Post& post) {
   init_plan_base(pl, g, channels, kTile, parallel_threads(), scale, shift, out_i, out_f, post);
   pl.bt = g.words * 4;
   const int64_t bt = pl.bt, kbytes = g.kh * g.kw * bt;
   for (int64_t o = 0; o < g.ho; ++o) pl.valid_y.push_back(pl.ky1[o] - pl.ky0[o]);
   for (int64_t o = 0; o < g.wo; ++o) pl.valid_x.push_back(pl.kx1[o] - pl.kx0[o]);
 
-  const std::shared_ptr<const WeightLayout> layout = weight_layout(reinterpret_cast<const uint8_t*>(w), g.cout, kbytes);
-  pl.blocks = layout->blocks;
-  const int64_t nblocks = static_cast<int64_t>(pl.blocks.size());
+  pl.layout = weight_layout(reinterpret_cast<const uint8_t*>(w), g.cout, kbytes);
+  pl.blocks = pl.layout->blocks;
 
-  const std::unique_ptr<uint16_t[]> oi(new uint16_t[static_cast<size_t>(g.n * pl.hp * pl.wp * bt)]);
-  uint16_t* oi_ptr = oi.get();
-  const uint8_t* xb = reinterpret_cast<const uint8_t*>(x);
-  // Grains keep small setup jobs on the calling thread: a parallel region costs a wake-up of every thread.
-  const int64_t row_grain = std::max<int64_t>(1, (int64_t(1) << 16) / (pl.wp * bt));
-  parallel_for(0, g.n * pl.hp, row_grain, [&](int64_t begin, int64_t end) {
-    build_offset_rows(g, pl.hp, pl.wp, xb, oi_ptr, begin, end);
-  });
-  pl.oi = oi_ptr;
+  if (x) {
+    oi.reset(new uint16_t[static_cast<size_t>(g.n * pl.hp * pl.wp * bt)]);
+    uint16_t* oi_ptr = oi.get();
+    const uint8_t* xb = reinterpret_cast<const uint8_t*>(x);
+    // Grains keep small setup jobs on the calling thread: a parallel region costs a wake-up of every thread.
+    const int64_t row_grain = std::max<int64_t>(1, (int64_t(1) << 16) / (pl.wp * bt));
+    parallel_for(0, g.n * pl.hp, row_grain, [&](int64_t begin, int64_t end) {
+      build_offset_rows(g, pl.hp, pl.wp, xb, oi_ptr, begin, end);
+    });
+    pl.oi = oi_ptr;
+  }
 
   // K bytes in (ky, kx, byte) order as runs of the offset image, cut into chunks of <= kMaxSteps bytes.
   std::vector<Segment> runs;
@@ -714,14 +819,49 @@ void binary_conv2d_avx2(const ConvGeometry& g, int64_t channels, const uint32_t*
     }
   }
   pl.chunks.back().seg_end = static_cast<int>(pl.segs.size());
+}
 
-  parallel_for(0, nblocks * g.n * pl.ntiles, 1, [&](int64_t begin, int64_t end) {
+}  // namespace
+
+void binary_conv2d_avx2(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
+                        const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post) {
+  AvxPlan pl;
+  std::unique_ptr<uint16_t[]> oi;
+  make_plan(pl, oi, g, channels, x, w, scale, shift, out_i, out_f, post);
+  const int64_t kbytes = g.kh * g.kw * pl.bt;
+  parallel_for(0, static_cast<int64_t>(pl.blocks.size()) * g.n * pl.ntiles, 1, [&](int64_t begin, int64_t end) {
     if (kbytes * 8 < (int64_t(1) << 16)) {
       run_tasks<uint16_t>(pl, begin, end);
     } else {
       run_tasks<uint32_t>(pl, begin, end);
     }
   });
+}
+
+bool react_block_avx2(const ConvArgs& c3, const ConvArgs& c1) {
+  const ConvGeometry &g3 = c3.g, &g1 = c1.g;
+  // The form the tile loop relies on: a 1x1 conv over the 3x3 conv's whole output, residuals in whole vectors
+  // (the fast epilogue), u16 partial sums for both, and at least a tile per thread.
+  const bool pointwise = g1.kh == 1 && g1.kw == 1 && g1.sh == 1 && g1.sw == 1 && g1.ph == 0 && g1.pw == 0 &&
+                         g1.n == g3.n && g1.h == g3.ho && g1.w == g3.wo && c1.channels == g3.cout &&
+                         g1.words == (g3.cout + 31) / 32 && g1.cout % g3.cout == 0;
+  if (!pointwise || !c3.post.nhwc || !c1.post.nhwc || c3.post.packed || c1.post.residual || c3.out_f ||
+      !(c1.out_f || c1.post.packed) || g3.cout % 8 != 0 ||
+      (c3.post.residual && c3.post.res_channels % 8 != 0) || g3.kh * g3.kw * g3.words * 32 >= (int64_t(1) << 16) ||
+      g1.words * 32 >= (int64_t(1) << 16)) {
+    return false;
+  }
+  int64_t ntiles, tile;
+  pixel_tiles(g3.n, g3.ho * g3.wo, kTile, parallel_threads(), ntiles, tile);
+  if (g3.n * ntiles < parallel_threads()) return false;
+  AvxPlan p3, p1;
+  std::unique_ptr<uint16_t[]> oi3, unused;
+  make_plan(p3, oi3, g3, c3.channels, c3.x, c3.w, c3.scale, c3.shift, nullptr, nullptr, c3.post);
+  make_plan(p1, unused, g1, c1.channels, nullptr, c1.w, c1.scale, c1.shift, nullptr, c1.out_f, c1.post);
+  parallel_for(0, g3.n * p3.ntiles, 1, [&](int64_t begin, int64_t end) {
+    run_block_tasks<uint16_t>(p3, p1, begin, end);
+  });
+  return true;
 }
 
 }  // namespace cpu

@@ -50,5 +50,13 @@ void binary_conv2d(Isa isa, const ConvGeometry& g, int64_t channels, const uint3
   binary_conv2d_portable(g, channels, x, w, scale, shift, out_i, out_f, post);
 }
 
+bool react_block(Isa isa, const ConvArgs& conv3, const ConvArgs& conv1) {
+#if defined(CANDLE_HAVE_AVX2_PATH)
+  if (isa == Isa::Avx2) return react_block_avx2(conv3, conv1);
+#endif
+  (void)isa, (void)conv3, (void)conv1;
+  return false;  // the other paths run the block as two convs
+}
+
 }  // namespace cpu
 }  // namespace candle

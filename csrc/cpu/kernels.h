@@ -100,6 +100,28 @@ void binary_conv2d_neon(const ConvGeometry& g, int64_t channels, const uint32_t*
                         const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
 #endif
 
+// One conv of a fused ReActNet block (react_block): binary_conv2d's arguments in NHWC mode, float epilogue.
+struct ConvArgs {
+  ConvGeometry g;
+  int64_t channels = 0;
+  const uint32_t* x = nullptr;
+  const uint32_t* w = nullptr;
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  float* out_f = nullptr;
+  Post post;
+};
+
+// A frozen ReActNet block in one pass over output pixel tiles: conv3 (its packed input x, its residual, slope,
+// and post.pack_threshold = the 1x1 conv's input threshold; out_f and post.packed null), then conv1, the 1x1 conv
+// of conv3's output y, whose input is sign_pack(y, conv3.post.pack_threshold) and whose residual is y (repeated
+// over conv1's channels; conv1.x and conv1.post.residual null). y never leaves the tile buffers. Returns false,
+// having written nothing, where the path has no such pass or the block lacks the form it needs: the caller then
+// runs the two convs.
+#if defined(CANDLE_HAVE_AVX2_PATH)
+bool react_block_avx2(const ConvArgs& conv3, const ConvArgs& conv1);
+#endif
+
 // ------------------------------------------------------------------------------------------------------------
 // Dispatch (dispatch.cpp): run the kernel on `isa`'s path, or on the portable path where `isa` has none for
 // this call (NEON: NHWC mode). The entry points pass the path isa.h chose (choose_isa); the test driver names
@@ -108,6 +130,7 @@ void binary_conv2d_neon(const ConvGeometry& g, int64_t channels, const uint32_t*
 void sign_pack(Isa isa, const PackJob& j, bool nhwc);
 void binary_conv2d(Isa isa, const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
                    const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
+bool react_block(Isa isa, const ConvArgs& conv3, const ConvArgs& conv1);
 
 }  // namespace cpu
 }  // namespace candle
