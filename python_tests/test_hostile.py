@@ -182,6 +182,41 @@ def test_compiled_kernel_checks_geometry_itself(args):
     assert "REFUSED" in out, out
 
 
+@pytest.mark.parametrize("change, name", [
+    ("pass", None),  # the arguments as they are: accepted
+    ("w1 = candle_ext.sign_pack(torch.randn(16, 40, 1, 1))", "w1_packed"),   # words for 40 channels, y has 8
+    ("w1 = candle_ext.sign_pack(torch.randn(12, 8, 1, 1))", "w1_packed"),    # not a multiple of y's 8 channels
+    ("w1 = candle_ext.sign_pack(torch.randn(16, 8, 3, 3))", "w1_packed"),    # not a 1x1 conv
+    ("t1 = torch.zeros(5)", "threshold1"),
+    ("v1 = torch.ones(3)", "scale1"),
+    ("nxt = torch.zeros(7)", "pack_threshold"),
+    ("res = torch.randn(1, 8, 5, 5)", "residual"),
+    ("stride = 2**60", "stride"),
+])
+def test_block_entry_checks_its_arguments(change, name):
+    """The one-call ReActNet block (react_block_cpu_nhwc) refuses inconsistent arguments with an error naming
+    them (run in a subprocess: a missed check could crash)."""
+    code = f"""
+        import torch, candle_ext
+        from candle_ext import backend
+        C = backend.compiled_module()
+        xp = candle_ext.sign_pack(torch.randn(1, 8, 6, 6)); w3 = candle_ext.sign_pack(torch.randn(8, 8, 3, 3))
+        w1 = candle_ext.sign_pack(torch.randn(16, 8, 1, 1))
+        v3, v1, t1, nxt = torch.ones(8), torch.ones(16), torch.zeros(8), torch.zeros(16)
+        res, stride = torch.randn(1, 8, 6, 6), 1
+        {change}
+        try:
+            C.react_block_cpu_nhwc(xp, w3, 8, stride, stride, 1, 1, 1, 1, v3, v3, res, False, v3, t1, w1, v1, v1,
+                                   v1, v1, nxt)
+            print("ACCEPTED")
+        except ValueError as exc:
+            print("REFUSED", exc)
+        """
+    rc, out = _run_isolated(code)
+    assert rc == 0, f"process died with status {rc}: {out}"
+    assert ("ACCEPTED" in out) if name is None else ("REFUSED" in out and name in out), out
+
+
 def test_huge_padding_takes_no_huge_allocation():
     # padding = dilation = 4096 on a 6x6 input: legal (F.conv2d accepts it), 6x6 output, and exact; the AVX2
     # path would have materialised a ~8200x8200 padded image, so the call goes to the path that skips taps.

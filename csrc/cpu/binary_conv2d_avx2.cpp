@@ -10,9 +10,13 @@
 //   - Weights are transposed to [K bytes][16-channel group][32 nibbles], in blocks of <= 96 output channels;
 //     the layouts of recently used weights are kept (reused only when the packed bytes compare equal).
 //   - The micro-kernel holds P pixels x G groups of byte accumulators in registers (2 x 4..6, 3 x 3, 4 x 1..2),
-//     loads each weight vector once for its P pixels and each pixel's table once for its G groups.
+//     loads each pixel's table once for its G groups and each weight vector once for its P pixels, but for the
+//     last few, which its shuffles read as memory operands (mem_groups: the vector unit's and the loads' limits).
 //   - Byte accumulators grow by <= 4 per step; every <= 63 steps they are added into u16 partial sums (u32
-//     when K has 2^16 bits or more), which a transposing epilogue turns into NCHW int32 or float32 outputs.
+//     when K has 2^16 bits or more), which a transposing epilogue turns into NCHW int32 or float32 outputs
+//     (NHWC mode: channels-last floats and/or packed signs, kernels.h).
+//   - react_block_avx2 runs a frozen ReActNet block's 3x3 and 1x1 convs tile by tile in one pass, the 3x3
+//     conv's output and signs kept in per-thread tile buffers (kernels.h).
 // The code uses target attributes, never global -m flags; off x86-64 this file compiles to nothing.
 #include "isa.h"
 
@@ -526,13 +530,14 @@ CANDLE_AVX2 void write_tile_nhwc(const S* part, int64_t width, const int32_t* ba
   }
 }
 
-// Channels j .. j + 7 of one pixel in the fast NHWC epilogue: the float values (stored when kOut, n of them
-// when n < 8), and the sign bits of v - threshold (kPack; 0 above n).
+// What the fast NHWC epilogue reads per channel, from the tile's first channel on.
 struct NhwcRow {
-  const float *scale, *shift, *slope, *post_shift, *threshold;  // at the tile's first channel
-  int64_t rc, row;                                               // residual channels; a pooled residual's row
+  const float *scale, *shift, *slope, *post_shift, *threshold;
+  int64_t rc, row;  // residual channels; a pooled residual's row
 };
 
+// Channels j .. j + 7 of one pixel in the fast NHWC epilogue: the float values (stored when kOut, n of them
+// when n < 8), and the sign bits of v - threshold (kPack; 0 above n).
 template <typename S, int kRes, bool kOut, bool kPack>
 CANDLE_AVX2_INLINE uint32_t nhwc_eight(const NhwcRow& r, const S* src, __m256i b, const float* res, int64_t ch,
                                        float* out, int64_t j, int64_t n) {
@@ -868,7 +873,9 @@ void binary_conv2d_avx2(const ConvGeometry& g, int64_t channels, const uint32_t*
 bool react_block_avx2(const ConvArgs& c3, const ConvArgs& c1) {
   const ConvGeometry &g3 = c3.g, &g1 = c1.g;
   // The form the tile loop relies on: a 1x1 conv over the 3x3 conv's whole output, residuals in whole vectors
-  // (the fast epilogue), u16 partial sums for both, and at least a tile per thread.
+  // (the fast epilogue), u16 partial sums for both. With threads, at least two tiles per thread: with fewer (7x7
+  // maps) every thread would stream all the weights, where two passes split them by output channels (block 13 of
+  // ReActNet-A at two threads: 0.92 -> 0.80 ms).
   const bool pointwise = g1.kh == 1 && g1.kw == 1 && g1.sh == 1 && g1.sw == 1 && g1.ph == 0 && g1.pw == 0 &&
                          g1.n == g3.n && g1.h == g3.ho && g1.w == g3.wo && c1.channels == g3.cout &&
                          g1.words == (g3.cout + 31) / 32 && g1.cout % g3.cout == 0;
@@ -880,7 +887,7 @@ bool react_block_avx2(const ConvArgs& c3, const ConvArgs& c1) {
   }
   int64_t ntiles, tile;
   pixel_tiles(g3.n, g3.ho * g3.wo, kTile, parallel_threads(), ntiles, tile);
-  if (g3.n * ntiles < parallel_threads()) return false;
+  if (parallel_threads() > 1 && g3.n * ntiles < 2 * parallel_threads()) return false;
   AvxPlan p3, p1;
   std::unique_ptr<uint16_t[]> oi3, unused;
   make_plan(p3, oi3, g3, c3.channels, c3.x, c3.w, c3.scale, c3.shift, nullptr, nullptr, c3.post);
