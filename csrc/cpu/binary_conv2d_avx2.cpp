@@ -748,25 +748,26 @@ CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
 template <typename S>
 CANDLE_AVX2 void run_block_tasks(const AvxPlan& p3, const AvxPlan& p1, int64_t begin, int64_t end) {
   const int64_t c3 = p3.g.cout, bt1 = p1.bt;  // bt1: bytes of y's packed signs per pixel
-  std::vector<S> part(static_cast<size_t>(kTile + 4) * kMaxGroups * kGroup);
-  std::vector<float> y(static_cast<size_t>(kTile * c3));
-  std::vector<uint32_t> y_words(static_cast<size_t>(kTile * bt1 / 4));
-  std::vector<uint16_t> oi1(static_cast<size_t>(kTile * bt1));  // the 1x1 conv's offset image of the tile
+  // Uninitialised: every element is written before it is read, and zero-filling is work on every call.
+  const std::unique_ptr<S[]> part(new S[static_cast<size_t>(kTile + 4) * kMaxGroups * kGroup]);
+  const std::unique_ptr<float[]> y(new float[static_cast<size_t>(kTile * c3)]);
+  const std::unique_ptr<uint32_t[]> y_words(new uint32_t[static_cast<size_t>(kTile * bt1 / 4)]);
+  const std::unique_ptr<uint16_t[]> oi1(new uint16_t[static_cast<size_t>(kTile * bt1)]);  // 1x1 conv's offsets
   const uint16_t *pix3[kTile], *pix1[kTile];
   alignas(32) int32_t base3[kTile], base1[kTile];
   int64_t local[kTile], global[kTile], res3[kTile], res1[kTile];
   Post post3 = p3.post, post1 = p1.post;
-  post3.packed = y_words.data();  // y's signs against the 1x1 conv's threshold, pixel p at p * words
-  post1.residual = y.data();      // y, pixel p at p * c3 (repeated over a doubling block's channels)
+  post3.packed = y_words.get();  // y's signs against the 1x1 conv's threshold, pixel p at p * words
+  post1.residual = y.get();      // y, pixel p at p * c3 (repeated over a doubling block's channels)
   post1.res_channels = c3;
-  const NhwcTileFn<S> write3 = nhwc_tile_fn<S>(p3, y.data(), post3);
+  const NhwcTileFn<S> write3 = nhwc_tile_fn<S>(p3, y.get(), post3);
   const NhwcTileFn<S> write1 = kNhwcTileFns<S, 1>[(p1.out_f ? 2 : 0) + (post1.packed ? 1 : 0)];
   for (int64_t p = 0; p < kTile; ++p) {
     local[p] = p;
     res1[p] = p * c3;
-    pix1[p] = oi1.data() + p * bt1;
+    pix1[p] = oi1.get() + p * bt1;
   }
-  const uint8_t* yb = reinterpret_cast<const uint8_t*>(y_words.data());
+  const uint8_t* yb = reinterpret_cast<const uint8_t*>(y_words.get());
   for (int64_t task = begin; task < end; ++task) {
     const int64_t tile = task % p3.ntiles, img = task / p3.ntiles;
     const int64_t q0 = tile * p3.tile, npix = std::min<int64_t>(p3.tile, p3.hw - q0);
@@ -774,22 +775,22 @@ CANDLE_AVX2 void run_block_tasks(const AvxPlan& p3, const AvxPlan& p1, int64_t b
     nhwc_pixel_offsets(p3.g, p3.post, img, q0, npix, global, res3);
     for (const Block& blk : p3.blocks) {
       const int64_t width = blk.groups * kGroup, c0 = blk.g0 * kGroup;
-      tile_popcounts<S>(p3, blk, pix3, npix, part.data());
-      write3(part.data(), width, base3, npix, local, res3, c0, std::min<int64_t>(width, c3 - c0), p3.g, y.data(),
+      tile_popcounts<S>(p3, blk, pix3, npix, part.get());
+      write3(part.get(), width, base3, npix, local, res3, c0, std::min<int64_t>(width, c3 - c0), p3.g, y.get(),
              *p3.nhwc, post3);
     }
     const int64_t nbytes = npix * bt1;
     int64_t i = 0;
     for (; i + 16 <= nbytes; i += 16) {
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(yb + i));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(oi1.data() + i), _mm256_slli_epi16(_mm256_cvtepu8_epi16(v), 5));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(oi1.get() + i), _mm256_slli_epi16(_mm256_cvtepu8_epi16(v), 5));
     }
     for (; i < nbytes; ++i) oi1[i] = static_cast<uint16_t>(yb[i] * 32);
     for (int64_t p = 0; p < kTile; ++p) base1[p] = p < npix ? static_cast<int32_t>(p1.channels) : 0;
     for (const Block& blk : p1.blocks) {
       const int64_t width = blk.groups * kGroup, c0 = blk.g0 * kGroup;
-      tile_popcounts<S>(p1, blk, pix1, npix, part.data());
-      write1(part.data(), width, base1, npix, global, res1, c0, std::min<int64_t>(width, p1.g.cout - c0), p1.g,
+      tile_popcounts<S>(p1, blk, pix1, npix, part.get());
+      write1(part.get(), width, base1, npix, global, res1, c0, std::min<int64_t>(width, p1.g.cout - c0), p1.g,
              p1.out_f, *p1.nhwc, post1);
     }
   }
