@@ -469,6 +469,18 @@ CANDLE_AVX2_INLINE __m256 residual8(const Post& post, const ConvGeometry& g, int
   return _mm256_load_ps(tmp);
 }
 
+// The accumulators base - 2 * popcount of 8 channels from one pixel's partial sums, as float32 (NHWC epilogues).
+template <typename S>
+CANDLE_AVX2_INLINE __m256 acc8(const S* sums, __m256i base) {
+  __m256i pop;
+  if constexpr (sizeof(S) == 2) {
+    pop = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sums)));
+  } else {
+    pop = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums));
+  }
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(base, _mm256_slli_epi32(pop, 1)));
+}
+
 // NHWC mode epilogue: partial popcounts [npix][width] of pixels q0 .. q0 + npix - 1 of image img -> float
 // values of channels c0 .. c0 + ncout - 1, stored channels-last and/or as packed signs. c0 is a multiple of 32.
 template <typename S>
@@ -484,13 +496,7 @@ CANDLE_AVX2 void write_tile_nhwc(const S* part, int64_t width, const int32_t* ba
     uint32_t word = 0;
     for (int64_t j = 0; j < ncout; j += 8) {
       const int64_t co = c0 + j, n = std::min<int64_t>(8, ncout - j);
-      __m256i pop;
-      if constexpr (sizeof(S) == 2) {
-        pop = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
-      } else {
-        pop = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
-      }
-      __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(b, _mm256_slli_epi32(pop, 1)));
+      __m256 v = acc8(row + j, b);
       if (scale) {
         v = _mm256_mul_ps(v, load_channels(scale + co, n));
         __asm__("" : "+x"(v));  // no FMA contraction: round the product first, like the reference
@@ -542,13 +548,7 @@ template <typename S, int kRes, bool kOut, bool kPack>
 CANDLE_AVX2_INLINE uint32_t nhwc_eight(const NhwcRow& r, const S* src, __m256i b, const float* res, int64_t ch,
                                        float* out, int64_t j, int64_t n) {
   const __m256 zero = _mm256_setzero_ps();
-  __m256i pop;
-  if constexpr (sizeof(S) == 2) {
-    pop = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
-  } else {
-    pop = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j));
-  }
-  __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(b, _mm256_slli_epi32(pop, 1)));
+  __m256 v = acc8(src + j, b);
   v = _mm256_mul_ps(v, _mm256_loadu_ps(r.scale + j));
   __asm__("" : "+x"(v));  // no FMA contraction: every step rounds on its own, like the eager ops
   v = _mm256_add_ps(v, _mm256_loadu_ps(r.shift + j));
