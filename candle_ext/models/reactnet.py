@@ -105,9 +105,10 @@ class PackedReActBlock(nn.Module):
     fly) and write the output channels-last together with its packed signs for the next conv (the 3x3 conv's for
     the 1x1 conv; the 1x1 conv's for the next block's 3x3 conv, when freeze() linked the two: consecutive blocks
     of an nn.Sequential). On AVX2 both convs run tile by tile in one pass: the 3x3 conv's output and its signs
-    stay in cache, and only the block's output is written. The next block takes those signs instead of packing its input again, as long as neither
-    the tensor nor its threshold changed since (version counters). A block without a linked successor returns
-    a contiguous (NCHW) tensor; the values are bit for bit those of the per-conv path."""
+    stay in cache, and only the block's output is written. The next block takes those signs instead of packing
+    its input again, as long as neither the tensor nor its threshold changed since (version counters). A block
+    without a linked successor returns a contiguous (NCHW) tensor; the values are bit for bit those of the
+    per-conv path."""
 
     def __init__(self, block: ReActBlock, conv3: PackedBinaryConv2d, conv1: PackedBinaryConv2d):
         super().__init__()

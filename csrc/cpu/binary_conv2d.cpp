@@ -165,8 +165,9 @@ std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
   check_contiguous(w1_packed, "w1_packed");
   TORCH_CHECK_VALUE(w1_packed.size(0) >= 1 && w1_packed.size(0) % cy == 0 && w1_packed.size(1) == 1 &&
                         w1_packed.size(2) == 1 && w1_packed.size(3) == words_for(cy),
-                    "w1_packed must be a packed 1x1 conv of the 3x3 conv's ", cy, " output channels, with a multiple of ",
-                    cy, " output channels: shape (k * ", cy, ", 1, 1, ", words_for(cy), "), got ", w1_packed.sizes());
+                    "w1_packed must be a packed 1x1 conv of the 3x3 conv's ", cy, " output channels, with a ",
+                    "multiple of ", cy, " output channels: shape (k * ", cy, ", 1, 1, ", words_for(cy), "), got ",
+                    w1_packed.sizes());
   const int64_t c1 = w1_packed.size(0);
   check_channel_vector(scale1, "scale1", c1, x_packed);
   check_channel_vector(shift1, "shift1", c1, x_packed);
