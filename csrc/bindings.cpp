@@ -45,12 +45,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("packed_out"), py::arg("pack_threshold"));
   m.def("react_block_cpu_nhwc", &candle::react_block_cpu_nhwc,
         "a frozen ReActNet block (3x3 binary conv, then 1x1 binary conv of its output's signs, NHWC epilogues) on "
-        "packed words (CPU); returns (channels_last float32 out, packed signs of out - pack_threshold or empty)",
+        "packed words (CPU); returns (float32 out, channels_last or with nchw_out contiguous NCHW; packed signs of "
+        "out - pack_threshold or empty)",
         py::arg("x_packed"), py::arg("w3_packed"), py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"),
         py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"), py::arg("dil_w"), py::arg("scale3"), py::arg("shift3"),
         py::arg("residual"), py::arg("residual_pool"), py::arg("slope3"), py::arg("threshold1"),
         py::arg("w1_packed"), py::arg("scale1"), py::arg("shift1"), py::arg("slope1"), py::arg("post_shift1"),
-        py::arg("pack_threshold"));
+        py::arg("pack_threshold"), py::arg("nchw_out") = false);
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("sign_pack_cuda", &candle::sign_pack_cuda, "pack sign(x - bias) into int32 words (CUDA)", py::arg("x"),

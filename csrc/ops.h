@@ -46,14 +46,15 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_cpu_nhwc(
 // conv of x_packed with scale3/shift3, the residual (residual_pool as above) and PReLU slope3; out = the 1x1 conv of
 // sign_pack(y, threshold1) with weights w1_packed [k * Cy, 1, 1, ceil(Cy/32)], scale1/shift1, residual y (repeated
 // over out's channels), slope1 and post_shift1. On AVX2 one pass over pixel tiles (y stays in cache), elsewhere
-// two. Returns (out float32 channels_last; int32 words of sign(out - pack_threshold), or empty without one).
+// two. Returns (out float32, channels_last, or contiguous NCHW with nchw_out (the end of a chain); int32 words of
+// sign(out - pack_threshold), or empty without one).
 std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
     const at::Tensor& x_packed, const at::Tensor& w3_packed, int64_t channels, int64_t stride_h, int64_t stride_w,
     int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, const at::Tensor& scale3, const at::Tensor& shift3,
     const c10::optional<at::Tensor>& residual, bool residual_pool, const c10::optional<at::Tensor>& slope3,
     const at::Tensor& threshold1, const at::Tensor& w1_packed, const at::Tensor& scale1, const at::Tensor& shift1,
     const c10::optional<at::Tensor>& slope1, const c10::optional<at::Tensor>& post_shift1,
-    const c10::optional<at::Tensor>& pack_threshold);
+    const c10::optional<at::Tensor>& pack_threshold, bool nchw_out);
 
 #ifdef WITH_CUDA
 // csrc/cuda/sign_pack.cu and csrc/cuda/sign_ste.cu: x float32/float16/bfloat16/float64, NCHW or channels_last

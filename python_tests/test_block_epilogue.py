@@ -189,10 +189,13 @@ def test_block_entry_matches_the_specification(index, threads, cpu_path):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for words_in in (None, R.sign_pack(x, t3)):
-            out, words = packed_chain_block(x, words_in, t3, w3, c, (s, s), (1, 1), (1, 1), sc3, sh3, x, pool, sl3,
-                                            t1, w1, sc1, sh1, sl1, ps1, nxt)
-            assert out.is_contiguous(memory_format=torch.channels_last)
+        # The input packed by the call or given; channels-last or NCHW (a float layer's output: the residual is
+        # transposed in C++); the output channels-last or NCHW (nchw_out, the end of a chain: C++ transpose).
+        cases = [(None, x, False), (R.sign_pack(x, t3), x, False), (None, x.contiguous(), True)]
+        for words_in, xin, nchw_out in cases:
+            out, words = packed_chain_block(xin, words_in, t3, w3, c, (s, s), (1, 1), (1, 1), sc3, sh3, xin, pool,
+                                            sl3, t1, w1, sc1, sh1, sl1, ps1, nxt, nchw_out)
+            assert out.is_contiguous() if nchw_out else out.is_contiguous(memory_format=torch.channels_last)
             assert _same_bits(out, want), cfg
             if nxt is None:
                 assert words.numel() == 0

@@ -167,9 +167,9 @@ class PackedReActBlock(nn.Module):
         out, words = packed_chain_block(x, carried_words(x, t3), t3, b3["weight_packed"], c3.in_channels, c3.stride,
                                         c3.padding, c3.dilation, b3["scale"], b3["shift"], residual, pool,
                                         b["slope1"], b1["threshold"], b1["weight_packed"], b1["scale"], b1["shift"],
-                                        b["slope2"], b["zeta2"].view(-1), next_threshold)
+                                        b["slope2"], b["zeta2"].view(-1), next_threshold, next_threshold is None)
         if next_threshold is None:
-            return out.contiguous()
+            return out  # contiguous NCHW (nchw_out)
         carry_words(out, words, next_threshold)
         return out
 

@@ -339,7 +339,7 @@ def packed_chain_block(x: torch.Tensor, x_words: Optional[torch.Tensor], thresho
                        residual: Optional[torch.Tensor], residual_pool: bool, slope3: Optional[torch.Tensor],
                        threshold1: torch.Tensor, w1_packed: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
                        slope1: Optional[torch.Tensor], post_shift1: Optional[torch.Tensor],
-                       pack_threshold: Optional[torch.Tensor]):
+                       pack_threshold: Optional[torch.Tensor], nchw_out: bool = False):
     """packed_inference_conv's chain mode for a whole frozen ReActNet block, without its Python checks and fallbacks,
     for a caller that established packed_chain_available(x) and passes float32 contiguous per-channel tensors
     (frozen models' buffers) and x_words = sign_pack(x, threshold3) or None: the frozen ReActNet chain, where the
@@ -349,14 +349,16 @@ def packed_chain_block(x: torch.Tensor, x_words: Optional[torch.Tensor], thresho
     out = the 1x1 conv of sign_pack(y, threshold1) (w1_packed, scale1, shift1, + y repeated over out's channels,
     PReLU slope1, + post_shift1): the values of the two convs of the block's per-conv path, bit for bit. On the
     AVX2 path one pass over pixel tiles, so that y and its signs never go to memory; elsewhere two kernel calls.
-    Returns (out channels_last, sign_pack(out, pack_threshold) or an empty tensor without pack_threshold)."""
+    Returns (out channels_last, or contiguous NCHW with nchw_out (the end of a chain: the C++ transpose is several
+    times faster than torch's copy), sign_pack(out, pack_threshold) or an empty tensor without pack_threshold)."""
     module = backend.compiled_module()
     if x_words is None:
         x_words = module.sign_pack_cpu(x=x, bias=threshold3)
     # Positional, in the binding's order (csrc/bindings.cpp).
     return module.react_block_cpu_nhwc(x_words, w3_packed, in_channels, stride[0], stride[1], padding[0], padding[1],
                                        dilation[0], dilation[1], scale3, shift3, residual, residual_pool, slope3,
-                                       threshold1, w1_packed, scale1, shift1, slope1, post_shift1, pack_threshold)
+                                       threshold1, w1_packed, scale1, shift1, slope1, post_shift1, pack_threshold,
+                                       nchw_out)
 
 
 def _packed_inference_conv(x, threshold, w_packed, in_channels, stride, padding, dilation, scale, shift, residual,

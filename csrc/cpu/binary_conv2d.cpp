@@ -48,6 +48,13 @@ cpu::Isa conv_isa(const ConvGeometry& g) {
 
 const float* data_or_null(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
+// src -> dst (both float32 CPU, n = size(0) images of rows x cols floats, contiguous) as [cols][rows] per image:
+// NCHW <-> channels-last.
+void transpose_planes(const at::Tensor& src, at::Tensor& dst, int64_t rows, int64_t cols) {
+  cpu::transpose(chosen_isa(), cpu::TransposeJob{src.size(0), rows, cols, src.data_ptr<float>(),
+                                                 dst.data_ptr<float>()});
+}
+
 // NHWC mode's residual, checked, into post (with nhwc and res_pool set); returns the channels-last tensor read
 // (the residual itself, or its channels-last copy), which must outlive the kernel call.
 at::Tensor nhwc_residual(const c10::optional<at::Tensor>& residual, bool residual_pool, const ConvGeometry& g,
@@ -65,8 +72,17 @@ at::Tensor nhwc_residual(const c10::optional<at::Tensor>& residual, bool residua
                         g.cout % r.size(1) == 0,
                     "residual must have shape (", g.n, ", C, ", f * g.ho, ", ", f * g.wo, ") with C dividing ",
                     g.cout, residual_pool ? " (residual_pool: twice the output size)" : "", ", got ", r.sizes());
-  // Read channels-last in place; any other layout is copied to it first.
-  at::Tensor res = r.is_contiguous(at::MemoryFormat::ChannelsLast) ? r : r.contiguous(at::MemoryFormat::ChannelsLast);
+  // Read channels-last in place; NCHW (a float layer's output: the stem's) is transposed to it by the kernel
+  // cores (torch's copy takes several times as long), any other layout copied by torch.
+  at::Tensor res = r;
+  if (!r.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    if (r.is_contiguous()) {
+      res = at::empty(r.sizes(), r.options().memory_format(at::MemoryFormat::ChannelsLast));
+      transpose_planes(r, res, r.size(1), r.size(2) * r.size(3));
+    } else {
+      res = r.contiguous(at::MemoryFormat::ChannelsLast);
+    }
+  }
   post.residual = res.data_ptr<float>();
   post.res_channels = r.size(1);
   return res;
@@ -152,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
     const c10::optional<at::Tensor>& residual, bool residual_pool, const c10::optional<at::Tensor>& slope3,
     const at::Tensor& threshold1, const at::Tensor& w1_packed, const at::Tensor& scale1, const at::Tensor& shift1,
     const c10::optional<at::Tensor>& slope1, const c10::optional<at::Tensor>& post_shift1,
-    const c10::optional<at::Tensor>& pack_threshold) {
+    const c10::optional<at::Tensor>& pack_threshold, bool nchw_out) {
   ConvGeometry g3;
   const cpu::ConvGeometry cg3 = checked_geometry(x_packed, w3_packed, channels, stride_h, stride_w, pad_h, pad_w,
                                                  dil_h, dil_w, scale3, shift3, slope3, c10::nullopt, g3);
@@ -214,6 +230,11 @@ std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
     post1.res_channels = cy;
     cpu::binary_conv2d(isa, a1.g, a1.channels, reinterpret_cast<const uint32_t*>(y_words.data_ptr<int32_t>()),
                        a1.w, a1.scale, a1.shift, nullptr, a1.out_f, post1);
+  }
+  if (nchw_out) {  // the end of a chain: the NCHW tensor its consumer (a float layer) expects
+    at::Tensor nchw = at::empty({g3.n, c1, g3.ho, g3.wo}, iopts.dtype(at::kFloat));
+    transpose_planes(out, nchw, g3.ho * g3.wo, c1);
+    return {nchw, words};
   }
   return {out, words};
 }

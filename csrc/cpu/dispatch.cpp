@@ -1,5 +1,8 @@
 // Which kernel path serves a call: the path isa.h chose (passed in), else the portable one. Torch-free.
+#include <algorithm>
+
 #include "kernels.h"
+#include "parallel.h"
 
 namespace candle {
 namespace cpu {
@@ -56,6 +59,19 @@ bool react_block(Isa isa, const ConvArgs& conv3, const ConvArgs& conv1) {
 #endif
   (void)isa, (void)conv3, (void)conv1;
   return false;  // the other paths run the block as two convs
+}
+
+void transpose(Isa isa, const TransposeJob& j) {
+  void (*fn)(const TransposeJob&, int64_t) = transpose_portable;
+#if defined(CANDLE_HAVE_AVX2_PATH)
+  if (isa == Isa::Avx2 || isa == Isa::Avx512) fn = transpose_avx2;  // AVX-512 CPUs have AVX2
+#endif
+  (void)isa;
+  // A parallel region wakes every thread: only copies of >= ~64K floats per thread share the work.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, j.rows * kTransposePanel));
+  parallel_for(0, transpose_tasks(j), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) fn(j, t);
+  });
 }
 
 }  // namespace cpu

@@ -123,6 +123,36 @@ bool react_block_avx2(const ConvArgs& conv3, const ConvArgs& conv1);
 #endif
 
 // ------------------------------------------------------------------------------------------------------------
+// transpose: n float matrices [rows][cols] -> [cols][rows]: NCHW <-> channels-last copies (rows, cols = C, H * W
+// or H * W, C), the layout changes at the two ends of a frozen model's NHWC chain. A copy: exact. Work is cut
+// into tasks of one image's panel of <= kTransposePanel source columns (transpose_tasks, transpose_panel).
+
+struct TransposeJob {
+  int64_t n, rows, cols;
+  const float* src;
+  float* dst;
+};
+
+constexpr int64_t kTransposePanel = 64;
+
+inline int64_t transpose_tasks(const TransposeJob& j) {
+  return j.n * ((j.cols + kTransposePanel - 1) / kTransposePanel);
+}
+
+// Task `task`: image img, source columns [c0, c1).
+inline void transpose_panel(const TransposeJob& j, int64_t task, int64_t& img, int64_t& c0, int64_t& c1) {
+  const int64_t panels = (j.cols + kTransposePanel - 1) / kTransposePanel;
+  img = task / panels;
+  c0 = task % panels * kTransposePanel;
+  c1 = c0 + kTransposePanel < j.cols ? c0 + kTransposePanel : j.cols;
+}
+
+void transpose_portable(const TransposeJob& j, int64_t task);
+#if defined(CANDLE_HAVE_AVX2_PATH)
+void transpose_avx2(const TransposeJob& j, int64_t task);
+#endif
+
+// ------------------------------------------------------------------------------------------------------------
 // Dispatch (dispatch.cpp): run the kernel on `isa`'s path, or on the portable path where `isa` has none for
 // this call (NEON: NHWC mode). The entry points pass the path isa.h chose (choose_isa); the test driver names
 // it.
@@ -131,6 +161,7 @@ void sign_pack(Isa isa, const PackJob& j, bool nhwc);
 void binary_conv2d(Isa isa, const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
                    const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
 bool react_block(Isa isa, const ConvArgs& conv3, const ConvArgs& conv1);
+void transpose(Isa isa, const TransposeJob& j);  // every task, on parallel_for's threads
 
 }  // namespace cpu
 }  // namespace candle
