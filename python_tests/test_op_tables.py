@@ -79,6 +79,43 @@ def test_custom_op_bodies_dispatch_from_their_tables(monkeypatch):
                     "multires_head", "multires_head_backward"]
 
 
+def test_env_key_follows_the_environment(monkeypatch):
+    """backend.env_key (the chain's per-call cache key) changes exactly when a named variable is set, changed or
+    unset, through os.environ and through monkeypatch alike."""
+    names = ("CANDLE_EXT_TEST_A", "CANDLE_EXT_TEST_B")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    unset = backend.env_key(names)
+    assert backend.env_key(names) == unset
+    monkeypatch.setenv("CANDLE_EXT_TEST_A", "1")
+    one = backend.env_key(names)
+    assert one != unset
+    monkeypatch.setenv("CANDLE_EXT_TEST_A", "2")
+    assert backend.env_key(names) not in (unset, one)
+    os.environ["CANDLE_EXT_TEST_A"] = "1"
+    assert backend.env_key(names) == one
+    del os.environ["CANDLE_EXT_TEST_A"]
+    assert backend.env_key(names) == unset
+    monkeypatch.setenv("CANDLE_EXT_TEST_B", "")  # set but empty is not unset
+    assert backend.env_key(names) != unset
+
+
+def test_chain_follows_the_cpu_isa_variable(monkeypatch):
+    """packed_chain_available reads CANDLE_EXT_CPU_ISA on every call (the kernels do): portable turns the one-pass
+    chain off and unsetting it turns it back on, without clearing any cache."""
+    if backend.compiled_module() is None:
+        pytest.skip("candle_ext._C is not built")
+    monkeypatch.delenv("CANDLE_EXT_BACKEND", raising=False)
+    monkeypatch.delenv("CANDLE_EXT_CPU_ISA", raising=False)
+    x = torch.randn(1, 8, 4, 4)
+    native = conv_module.packed_chain_available(x)
+    assert native == (backend.compiled_module().cpu_isa() in ("avx2", "avx512"))
+    monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")
+    assert not conv_module.packed_chain_available(x)
+    monkeypatch.delenv("CANDLE_EXT_CPU_ISA")
+    assert conv_module.packed_chain_available(x) == native
+
+
 def test_frozen_fast_path_follows_the_tables(monkeypatch):
     """packed_inference_conv / the packed chain take the cpu kernels exactly when the tables choose cpu."""
     if backend.compiled_module() is None:

@@ -8,7 +8,6 @@ Two custom ops:
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -256,7 +255,7 @@ def packed_chain_available(x: torch.Tensor) -> bool:
         return False
     # The answer depends only on the install and on these variables (read on every call, as the kernels do):
     # remembered per value, since a frozen network asks for every conv.
-    key = tuple(os.environ.get(name) for name in _CHAIN_ENV)
+    key = backend.env_key(_CHAIN_ENV)
     ok = _chain_cache.get(key)
     if ok is None:
         module = backend.compiled_module()
