@@ -1,4 +1,5 @@
 """Packed inference: PackedBinaryConv2d, freeze() equivalence and folding rules, save_packed/load_packed."""
+import copy
 import importlib
 import io
 import os
@@ -166,6 +167,39 @@ def test_frozen_reactnet_fused_blocks_equal_the_eager_composition(monkeypatch, s
         ref = frozen.encoder(x)
     assert torch.equal(fused, compiled)
     assert torch.equal(fused, ref)
+
+
+def test_frozen_block_sees_changed_and_replaced_zeta(monkeypatch):
+    """The fused chain keeps a flat view of each block's zeta2 buffer between calls: an in-place change, a
+    replaced buffer and a deep copy must all give the values of the reference path, never stale ones."""
+    torch.manual_seed(14)
+    model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), 14).eval()
+    frozen = freeze(model)
+    block = frozen.encoder.block2
+    x = torch.randn(2, block.in_channels, 16, 16)
+
+    def both(module):
+        with torch.no_grad():
+            fused = module(x)
+            monkeypatch.setenv("CANDLE_EXT_BACKEND", "reference")
+            ref = module(x)
+            monkeypatch.delenv("CANDLE_EXT_BACKEND")
+        assert torch.equal(fused, ref)
+        return fused
+
+    first = both(block)
+    with torch.no_grad():
+        block.zeta2.add_(0.25)
+    changed = both(block)
+    assert not torch.equal(first, changed)
+    block.zeta2 = block.zeta2 * 2
+    replaced = both(block)
+    assert not torch.equal(changed, replaced)
+    copied = copy.deepcopy(block)
+    with torch.no_grad():
+        copied.zeta2.sub_(1.0)
+    assert not torch.equal(both(copied), replaced)
+    assert torch.equal(both(block), replaced)  # the copy's change did not reach the original
 
 
 def test_frozen_reactnet_under_torch_compile():

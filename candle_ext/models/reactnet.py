@@ -167,11 +167,21 @@ class PackedReActBlock(nn.Module):
         out, words = packed_chain_block(x, carried_words(x, t3), t3, b3["weight_packed"], c3.in_channels, c3.stride,
                                         c3.padding, c3.dilation, b3["scale"], b3["shift"], residual, pool,
                                         b["slope1"], b1["threshold"], b1["weight_packed"], b1["scale"], b1["shift"],
-                                        b["slope2"], b["zeta2"].view(-1), next_threshold, next_threshold is None)
+                                        b["slope2"], self._flat_zeta2(b["zeta2"]), next_threshold,
+                                        next_threshold is None)
         if next_threshold is None:
             return out  # contiguous NCHW (nchw_out)
         carry_words(out, words, next_threshold)
         return out
+
+    def _flat_zeta2(self, zeta2: torch.Tensor) -> torch.Tensor:
+        """zeta2 as the [C] vector the kernel takes: a view (so in-place changes show), made again only when the
+        buffer is another tensor (creating a view costs ~2 us, on every block of every forward)."""
+        cached = self.__dict__.get("_zeta2_flat")
+        if cached is None or cached[0] is not zeta2 or cached[1].data_ptr() != zeta2.data_ptr():
+            cached = (zeta2, zeta2.view(-1))
+            object.__setattr__(self, "_zeta2_flat", cached)  # not a buffer: no state_dict entry
+        return cached[1]
 
     def extra_repr(self):
         return f"{self.in_channels} -> {self.out_channels}, stride={self.stride}"

@@ -250,7 +250,8 @@ def packed_chain_available(x: torch.Tensor) -> bool:
     """Whether packed_inference_conv's chain mode takes its one-pass kernel path for input `x`: an eager call on a
     plain float32 CPU tensor, served by the cpu backend on an AVX2 or AVX-512 kernel path (elsewhere the chain
     mode gives the same values through eager ops, and frozen models keep their per-conv path)."""
-    if not (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
+    # x.is_cpu, not x.device.type: ~0.1 us instead of ~0.7 (a frozen network asks once per block).
+    if not (type(x) is torch.Tensor and x.is_cpu and x.dtype == torch.float32
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
         return False
     # The answer depends only on the install and on these variables (read on every call, as the kernels do):
