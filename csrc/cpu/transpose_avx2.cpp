@@ -7,7 +7,6 @@
 #if defined(CANDLE_HAVE_AVX2_PATH)
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "kernels.h"
