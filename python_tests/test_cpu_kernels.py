@@ -144,8 +144,9 @@ def test_conv_random_configs_x86_paths(index, isa):
     _check_conv(c.n, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.padding, c.dilation, seed=2000 + index)
 
 
-# Output-channel counts around the kernel's blocking (groups of 16, blocks of <= 6 groups, 2-4 pixels per
-# micro-tile), channel counts around words and tables, and borders where most or all taps are padding.
+# Output-channel counts around the kernel's blocking (groups of 16, AVX2 blocks of <= 12 groups: 1 pixel per
+# micro-tile from 7 groups on, 2-4 below), channel counts around words and tables, and borders where most or all
+# taps are padding.
 EDGE_CASES = [
     # n, cin, cout, h, w, k, stride, padding, dilation
     (1, 1, 1, 1, 1, 1, 1, 0, 1),
@@ -158,7 +159,7 @@ EDGE_CASES = [
     (1, 65, 95, 7, 5, 3, 1, 2, 2),
     (1, 96, 96, 4, 4, 3, 1, 1, 1),
     (1, 97, 97, 3, 11, 1, 1, 0, 1),
-    (2, 128, 200, 5, 5, 3, 1, 1, 1),          # 13 groups -> blocks of 5, 4, 4
+    (2, 128, 200, 5, 5, 3, 1, 1, 1),          # 13 groups -> AVX2 blocks of 8, 5
     (1, 255, 33, 9, 3, 3, 2, 0, 1),
     (1, 300, 7, 6, 6, 5, 1, 2, 1),            # K = 25 taps x 40 bytes: many accumulator flushes
     (1, 512, 64, 3, 3, 3, 1, 1, 1),
@@ -167,6 +168,13 @@ EDGE_CASES = [
     (2, 40, 12, 7, 12, (1, 5), (2, 1), (0, 2), (1, 2)),
     (1, 16, 18, 65, 3, 3, 1, 1, 1),           # more than one 64-pixel tile, odd tile remainder
     (1, 2640, 17, 4, 5, 5, 1, 2, 1),          # K = 25 x 83 words = 66,400 bits >= 2^16: u32 partial sums
+] + [  # wide output-channel blocks (AVX2: one pixel per micro-tile)
+    (1, 40, 144, 5, 7, 3, 1, 1, 1),          # one block of 9 groups
+    (2, 64, 160, 6, 5, 1, 1, 0, 1),          # 10 groups
+    (1, 33, 176, 7, 6, 3, 2, 1, 1),          # 11 groups, stride 2
+    (1, 128, 192, 4, 9, 3, 1, 2, 2),         # 12 groups, dilated
+    (1, 72, 385, 5, 5, 3, 1, 1, 1),          # blocks of 10/8/7 groups, the last with one channel
+    (1, 64, 1024, 3, 4, 3, 1, 1, 1),         # blocks of 12/12/10/10/10/10 groups
 ]
 
 
@@ -277,8 +285,8 @@ def test_conv_entry_point_rejects_bad_arguments():
 NHWC_CASES = EDGE_CASES[:18] + [
     (1, 32, 64, 12, 10, 1, 1, 0, 1),         # a doubling 1x1 conv (residual with half the channels)
     (2, 64, 64, 9, 8, 3, 2, 1, 1),           # stride 2
-    (1, 96, 200, 6, 6, 3, 1, 1, 1),          # blocks of 6/4 groups, 200 = 6 words + 8 channels
-]
+    (1, 96, 200, 6, 6, 3, 1, 1, 1),          # blocks of 8/5 groups, 200 = 6 words + 8 channels
+] + EDGE_CASES[-6:]  # the wide blocks
 
 
 def _check_nhwc(n, cin, cout, h, w, k, stride, padding, dilation, seed):

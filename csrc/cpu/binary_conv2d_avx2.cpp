@@ -7,11 +7,12 @@
 //   - The input is turned into an image of table offsets (u16 per byte, 2 bytes per input byte) with a border
 //     of "zero table" offsets: padded taps add 0 to the popcount and are not counted in valid_taps, so every
 //     pixel, border or not, runs the same unbranched inner loop.
-//   - Weights are transposed to [K bytes][16-channel group][32 nibbles], in blocks of <= 96 output channels;
+//   - Weights are transposed to [K bytes][16-channel group][32 nibbles], in blocks of <= 192 output channels;
 //     the layouts of recently used weights are kept (reused only when the packed bytes compare equal).
-//   - The micro-kernel holds P pixels x G groups of byte accumulators in registers (2 x 4..6, 3 x 3, 4 x 1..2),
-//     loads each pixel's table once for its G groups and each weight vector once for its P pixels, but for the
-//     last few, which its shuffles read as memory operands (mem_groups: the vector unit's and the loads' limits).
+//   - The micro-kernel holds P pixels x G groups of byte accumulators in registers (1 x 7..12, 2 x 4..6, 3 x 3,
+//     4 x 1..2), loads each pixel's table once for its G groups and each weight vector once for its P pixels,
+//     but for the last few, which its shuffles read as memory operands (mem_groups: the vector unit's and the
+//     loads' limits; with one pixel, every weight).
 //   - Byte accumulators grow by <= 4 per step; every <= 63 steps they are added into u16 partial sums (u32
 //     when K has 2^16 bits or more), which a transposing epilogue turns into NCHW int32 or float32 outputs
 //     (NHWC mode: channels-last floats and/or packed signs, kernels.h).
@@ -42,7 +43,7 @@ namespace {
 #define CANDLE_AVX2_INLINE inline __attribute__((always_inline, target("avx2")))
 
 constexpr int kGroup = 16;        // output channels per weight vector
-constexpr int kMaxGroups = 6;     // groups per block: 2 pixels x 6 groups = 12 of the 16 vector registers
+constexpr int kMaxGroups = 12;    // groups per block: 1 pixel x 12 groups = 12 of the 16 vector registers
 constexpr int kMaxSteps = 63;     // byte accumulators grow by <= 4 per step: 63 * 4 = 252 < 256
 constexpr int kTile = 64;         // output pixels per task (a multiple of 8 for the transposed epilogue)
 constexpr uint16_t kZeroTable = 256 * 32;  // offset of the all-zero table used for padded taps
@@ -109,6 +110,7 @@ CANDLE_AVX2_INLINE void mac_pixels_mem(__m256i* acc, const __m256i* t, const uin
 // is one), and 2 loads a cycle. Per K byte that is (P + G - M + 2 P G) / 4 and (2 P + G - M + P M) / 2 cycles for
 // M memory-operand groups; M balances them (measured on Zen 2: 6 groups x 2 pixels 9.2 -> 8.0 cycles a step).
 constexpr int mem_groups(int pixels, int groups) {
+  if (pixels == 1) return groups;  // a weight in a register would serve one shuffle: two instructions for one
   int best = 0, best_cycles = 1 << 30;
   for (int m = 0; m <= groups; ++m) {
     const int vector4 = pixels + groups - m + 2 * pixels * groups;  // 4 x cycles, vector instructions
@@ -197,8 +199,13 @@ using ChunkKernel = void (*)(const uint16_t* const*, const Segment*, int, const 
                              bool);
 
 // Pixels per micro-tile for a block of G groups: P * G byte accumulators, P tables and one weight vector must
-// fit in the 16 vector registers, and more pixels share each weight load and each offset load.
-constexpr int pixels_for(int groups) { return groups <= 2 ? 4 : groups == 3 ? 3 : 2; }
+// fit in the 16 vector registers, and more pixels share each weight load and each offset load. From 7 groups on,
+// one pixel with every weight a memory operand of its shuffle: the loop then runs at the loads' limit, (G + 2) / 2
+// cycles a step, which beats two pixels sharing weights in registers (stand-alone loop on Zen 2, cycles per
+// pixel x group: 1 x 8 0.65, 1 x 10 0.63, 1 x 12 0.61 against 2 x 4 0.79 and 2 x 6 0.66). Above 12 groups a
+// chunk's weights (<= 63 steps x G x 32 bytes) and the tables no longer fit in a 32 KB L1 (1 x 14: 0.60 at 48
+// steps, 0.66 at 61).
+constexpr int pixels_for(int groups) { return groups <= 2 ? 4 : groups == 3 ? 3 : groups <= 6 ? 2 : 1; }
 
 template <typename S>
 constexpr ChunkKernel<S> kChunkKernels[kMaxGroups + 1] = {
@@ -208,7 +215,13 @@ constexpr ChunkKernel<S> kChunkKernels[kMaxGroups + 1] = {
     chunk_kernel<pixels_for(3), 3, S>,
     chunk_kernel<pixels_for(4), 4, S>,
     chunk_kernel<pixels_for(5), 5, S>,
-    chunk_kernel<pixels_for(6), 6, S>};
+    chunk_kernel<pixels_for(6), 6, S>,
+    chunk_kernel<pixels_for(7), 7, S>,
+    chunk_kernel<pixels_for(8), 8, S>,
+    chunk_kernel<pixels_for(9), 9, S>,
+    chunk_kernel<pixels_for(10), 10, S>,
+    chunk_kernel<pixels_for(11), 11, S>,
+    chunk_kernel<pixels_for(12), 12, S>};
 
 // Offset image [N][Hp][Wp][bytes per tap]: 32 * byte for input bytes, kZeroTable on the zero-padding border;
 // rows [begin, end) of the N * Hp padded rows.
