@@ -4,7 +4,6 @@
 #include <cstdint>
 
 #include "kernels.h"
-#include "parallel.h"
 
 namespace candle {
 namespace cpu {
