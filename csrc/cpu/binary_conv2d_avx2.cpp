@@ -39,9 +39,6 @@ namespace candle {
 namespace cpu {
 namespace {
 
-#define CANDLE_AVX2 __attribute__((target("avx2")))
-#define CANDLE_AVX2_INLINE inline __attribute__((always_inline, target("avx2")))
-
 constexpr int kGroup = 16;        // output channels per weight vector
 constexpr int kMaxGroups = 12;    // groups per block: 1 pixel x 12 groups = 12 of the 16 vector registers
 constexpr int kMaxSteps = 63;     // byte accumulators grow by <= 4 per step: 63 * 4 = 252 < 256

@@ -28,6 +28,10 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define CANDLE_HAVE_AVX2_PATH 1
 #define CANDLE_HAVE_AVX512_PATH 1
+// What the AVX2 path's functions may use: the instructions isa_available() checks for Isa::Avx2 (a target
+// attribute per function, never a global -m flag, so that the rest of the binary runs on any x86-64).
+#define CANDLE_AVX2 __attribute__((target("avx2,f16c")))
+#define CANDLE_AVX2_INLINE inline __attribute__((always_inline, target("avx2,f16c")))
 #endif
 #if defined(__aarch64__) && defined(__ARM_NEON)
 #define CANDLE_HAVE_NEON_PATH 1

@@ -20,9 +20,6 @@ namespace candle {
 namespace cpu {
 namespace {
 
-#define CANDLE_AVX2 __attribute__((target("avx2,f16c")))
-#define CANDLE_AVX2_INLINE inline __attribute__((always_inline, target("avx2,f16c")))
-
 // 8 consecutive elements as float32 (exact for all three input types).
 template <typename T>
 CANDLE_AVX2_INLINE __m256 load8(const T* p);

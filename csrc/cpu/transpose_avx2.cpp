@@ -15,9 +15,6 @@ namespace candle {
 namespace cpu {
 namespace {
 
-#define CANDLE_AVX2 __attribute__((target("avx2")))
-#define CANDLE_AVX2_INLINE inline __attribute__((always_inline, target("avx2")))
-
 // dst[c * ds + r] = src[r * ss + c] for r, c < 8.
 CANDLE_AVX2_INLINE void transpose8x8(const float* src, int64_t ss, float* dst, int64_t ds) {
   __m256 a[8], b[8];
