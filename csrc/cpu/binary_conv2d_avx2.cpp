@@ -170,30 +170,35 @@ CANDLE_AVX2_INLINE void flush_all(const __m256i* acc, S* const* d, bool first) {
   if constexpr (I + 1 < P * G) flush_all<P, G, S, I + 1>(acc, d, first);
 }
 
-// Popcounts of one chunk for P pixels (offset-image bases q[p]) and G groups, into partial sums d[p].
+// Popcounts of one chunk for `tiles` micro-tiles of P pixels and G groups: micro-tile m has the offset-image
+// bases base[m * P + p] and the partial sums d[m * P + p]. One call per chunk and tile instead of one per
+// micro-tile (Zen 2, one thread: most layers 1-4% faster, a ReActNet-A pass 0.3-0.6 ms less).
 template <int P, int G, typename S>
-CANDLE_AVX2 __attribute__((noinline)) void chunk_kernel(const uint16_t* const* base, const Segment* seg, int nseg,
-                                                         const uint8_t* w, const uint8_t* tables, S* const* d,
-                                                         bool first) {
-  __m256i acc[P * G];
-  zero_all<P * G>(acc);
-  const uint16_t* q[P];
-  for (int s = 0; s < nseg; ++s) {
-    for (int p = 0; p < P; ++p) q[p] = base[p] + seg[s].off;
-    const int64_t len = seg[s].len;
-    for (int64_t k = 0; k < len; ++k) {
-      __m256i t[P];
-      load_tables<P>(t, q, k, tables);
-      mac_groups<P, G>(acc, t, w);
-      w += G * 32;
+CANDLE_AVX2 __attribute__((noinline)) void chunk_kernel(const uint16_t* const* base, S* const* d, int64_t tiles,
+                                                         const Segment* seg, int nseg, const uint8_t* w0,
+                                                         const uint8_t* tables, bool first) {
+  for (int64_t m = 0; m < tiles; ++m, base += P, d += P) {
+    __m256i acc[P * G];
+    zero_all<P * G>(acc);
+    const uint16_t* q[P];
+    const uint8_t* w = w0;
+    for (int s = 0; s < nseg; ++s) {
+      for (int p = 0; p < P; ++p) q[p] = base[p] + seg[s].off;
+      const int64_t len = seg[s].len;
+      for (int64_t k = 0; k < len; ++k) {
+        __m256i t[P];
+        load_tables<P>(t, q, k, tables);
+        mac_groups<P, G>(acc, t, w);
+        w += G * 32;
+      }
     }
+    flush_all<P, G, S>(acc, d, first);
   }
-  flush_all<P, G, S>(acc, d, first);
 }
 
 template <typename S>
-using ChunkKernel = void (*)(const uint16_t* const*, const Segment*, int, const uint8_t*, const uint8_t*, S* const*,
-                             bool);
+using ChunkKernel = void (*)(const uint16_t* const*, S* const*, int64_t, const Segment*, int, const uint8_t*,
+                             const uint8_t*, bool);
 
 // Pixels per micro-tile for a block of G groups: P * G byte accumulators, P tables and one weight vector must
 // fit in the 16 vector registers, and more pixels share each weight load and each offset load. From 7 groups on,
@@ -691,19 +696,18 @@ CANDLE_AVX2 void tile_popcounts(const AvxPlan& pl, const Block& blk, const uint1
   const int64_t width = blk.groups * kGroup;
   const ChunkKernel<S> kern = kChunkKernels<S>[blk.groups];
   const int np = pixels_for(blk.groups);
+  const int64_t tiles = (npix + np - 1) / np;
+  const uint16_t* q[kTile + 4];
+  S* d[kTile + 4];
+  for (int64_t p = 0; p < tiles * np; ++p) {
+    const bool real = p < npix;
+    q[p] = pix[real ? p : p / np * np];
+    d[p] = part + (real ? p : kTile + p % np) * width;
+  }
   for (size_t c = 0; c < pl.chunks.size(); ++c) {
     const Chunk& ch = pl.chunks[c];
-    const uint8_t* wc = blk.w + ch.k0 * blk.groups * 32;
-    for (int64_t p = 0; p < npix; p += np) {
-      const uint16_t* q[4];
-      S* d[4];
-      for (int i = 0; i < np; ++i) {
-        const bool real = p + i < npix;
-        q[i] = pix[real ? p + i : p];
-        d[i] = part + (real ? p + i : kTile + i) * width;
-      }
-      kern(q, pl.segs.data() + ch.seg_begin, ch.seg_end - ch.seg_begin, wc, tables, d, c == 0);
-    }
+    kern(q, d, tiles, pl.segs.data() + ch.seg_begin, ch.seg_end - ch.seg_begin, blk.w + ch.k0 * blk.groups * 32,
+         tables, c == 0);
   }
 }
 
