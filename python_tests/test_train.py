@@ -399,7 +399,7 @@ def test_baseline_modes_step(mode):
     expect = {"kd": lambda: kl_loss(tl, logits), "dive": lambda: dive_loss(logits, tl, y, lp),
               "balanced_softmax": lambda: balanced_softmax_loss(logits, y, lp),
               "logit_adjusted": lambda: logit_adjusted_loss(logits, y, lp)}.get(mode, lambda: F.cross_entropy(logits, y))
-    assert out["loss"] == pytest.approx(float(expect()), rel=1e-4)
+    assert out["loss"] == pytest.approx(expect().item(), rel=1e-4)
     # one objective: the classifier's gradient is that loss's
     for p, g in zip(student.classifier.parameters(), _grads(ref, expect(), list(ref.classifier.parameters()))):
         assert torch.allclose(p.grad, g, atol=1e-6)
