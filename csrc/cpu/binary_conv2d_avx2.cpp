@@ -172,7 +172,7 @@ CANDLE_AVX2_INLINE void flush_all(const __m256i* acc, S* const* d, bool first) {
 
 // Popcounts of one chunk for `tiles` micro-tiles of P pixels and G groups: micro-tile m has the offset-image
 // bases base[m * P + p] and the partial sums d[m * P + p]. One call per chunk and tile instead of one per
-// micro-tile (Zen 2, one thread: most layers 1-4% faster, a ReActNet-A pass 0.3-0.6 ms less).
+// micro-tile (Zen 2, one thread: most layers 1-4% faster, a ReActNet-A pass ~0.3 ms less; README).
 template <int P, int G, typename S>
 CANDLE_AVX2 __attribute__((noinline)) void chunk_kernel(const uint16_t* const* base, S* const* d, int64_t tiles,
                                                          const Segment* seg, int nseg, const uint8_t* w0,
