@@ -202,6 +202,33 @@ def test_frozen_block_sees_changed_and_replaced_zeta(monkeypatch):
     assert torch.equal(both(block), replaced)  # the copy's change did not reach the original
 
 
+def test_frozen_reactnet_under_inference_mode(tmp_path):
+    """torch.inference_mode (what the README's deployment example uses) gives the no_grad values, keeps the
+    fused chain's carried signs (the kernels return normal, versioned tensors for them), never reuses signs
+    after an in-place change, and freeze/load_packed called under it still build normal buffers."""
+    torch.manual_seed(15)
+    model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), 15).eval()
+    frozen = freeze(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref_features, ref_logits = frozen.encoder(x), frozen(x)
+    with torch.inference_mode():
+        assert torch.equal(frozen.encoder(x), ref_features)
+        torch.testing.assert_close(frozen(x), ref_logits, rtol=0, atol=1e-6)
+        block1, block2 = frozen.encoder.block1, frozen.encoder.block2
+        h = block1(frozen.encoder.stem(x))
+        if conv_ops.packed_chain_available(x):
+            assert packed_module.carried_words(h, block2.chain_threshold) is not None
+        h.add_(0.375)  # after this, the carried signs are stale
+        assert torch.equal(block2(h), block2(h.clone()))  # a clone carries nothing: packed afresh
+        refrozen = freeze(model)
+        save_packed(frozen, tmp_path / "m.pt")
+        loaded = load_packed(tmp_path / "m.pt")
+        for m in (refrozen, loaded):
+            assert not any(b.is_inference() for b in m.buffers())
+            assert torch.equal(m.encoder(x), ref_features)
+
+
 def test_frozen_reactnet_under_torch_compile():
     torch.manual_seed(12)
     model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), 12).eval()

@@ -122,12 +122,15 @@ class PackedBinaryConv2d(nn.Module):
 # The packed signs a fused chain's output tensor carries for the next conv: (words, threshold tensor, the
 # threshold's version, the output's version). Valid while neither tensor changed (version counters) and only for
 # that very threshold tensor: a conv with another threshold, or after an in-place change, packs again.
+# Inference tensors (made under torch.inference_mode) have no version counter, so nothing is carried on them or
+# for their thresholds; the CPU kernels allocate the outputs that carry signs as normal tensors (versioned_empty
+# in csrc/cpu/binary_conv2d.cpp), and freeze/load_packed make normal buffers, so inference mode keeps the chain.
 CHAIN_ATTR = "_candle_chain_words"
 
 
 def carry_words(out: torch.Tensor, words: torch.Tensor, threshold: Optional[torch.Tensor]):
     """Attach sign_pack(out, threshold) = words to `out` for the next conv of a fused chain."""
-    if threshold is not None:
+    if threshold is not None and not (out.is_inference() or threshold.is_inference()):
         setattr(out, CHAIN_ATTR, (words, threshold, threshold._version, out._version))
 
 
@@ -228,7 +231,8 @@ def freeze(model: nn.Module) -> nn.Module:
     that returns (its children already frozen). Parameters of the copy do not require grad."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    frozen = _convert(copy.deepcopy(model).eval())
+    with torch.inference_mode(False):  # normal buffers even when called under inference mode (CHAIN_ATTR)
+        frozen = _convert(copy.deepcopy(model).eval())
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
@@ -446,12 +450,13 @@ def load_packed(path, map_location="cpu") -> nn.Module:
     if blob.get("sha256") != _digest(header, blob["data"]):
         raise ValueError(f"{path}: checksum mismatch, the file is corrupt")
     arch = _check_arch(blob["arch"], str(path))
-    frozen = _skeleton(arch, binarized, str(path))
-    try:
-        frozen.load_state_dict(state, strict=True)  # copy_ restores float16 parts to the model's float32
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: the saved weights do not fit the model that {arch['builder']} builds: "
-                         f"{exc}") from exc
+    with torch.inference_mode(False):  # normal buffers even when called under inference mode (CHAIN_ATTR)
+        frozen = _skeleton(arch, binarized, str(path))
+        try:
+            frozen.load_state_dict(state, strict=True)  # copy_ restores float16 parts to the model's float32
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: the saved weights do not fit the model that {arch['builder']} builds: "
+                             f"{exc}") from exc
     for name, m in frozen.named_modules():
         if isinstance(m, PackedBinaryConv2d):  # the kernels rely on pad bits being 0: check the file's words
             try:

@@ -7,6 +7,8 @@
 // They validate the tensors and hand raw pointers to the torch-free kernel cores (kernels.h):
 // binary_conv2d_portable.cpp (any CPU), binary_conv2d_avx2.cpp and binary_conv2d_avx512.cpp (x86-64),
 // binary_conv2d_neon.cpp (aarch64); dispatch.cpp picks the path that isa.h chose.
+#include <c10/core/InferenceMode.h>
+
 #include <cstdint>
 #include <tuple>
 
@@ -18,6 +20,14 @@
 namespace candle {
 
 namespace {
+
+// The float output of a conv that also returns its packed signs: a normal tensor even under
+// torch.inference_mode, whose tensors have no version counter. The frozen chains carry the signs on this tensor
+// for the next conv and trust them only while its version is unchanged (carried_words, models/packed.py).
+at::Tensor versioned_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  c10::InferenceMode versioned(false);
+  return at::empty(sizes, opts);
+}
 
 // The checks both entry points share; the geometry in the cores' form.
 cpu::ConvGeometry checked_geometry(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
@@ -150,8 +160,10 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_cpu_nhwc(
   post.post_shift = data_or_null(post_shift);
   post.pack_threshold = data_or_null(pack_threshold);
   const auto fopts = x_packed.options().dtype(at::kFloat);
-  at::Tensor out = float_out ? at::empty({g.n, g.cout, g.ho, g.wo}, fopts.memory_format(at::MemoryFormat::ChannelsLast))
-                             : at::empty({0}, fopts);
+  const auto nhwc_opts = fopts.memory_format(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = !float_out ? at::empty({0}, fopts)
+                   : packed_out ? versioned_empty({g.n, g.cout, g.ho, g.wo}, nhwc_opts)
+                                : at::empty({g.n, g.cout, g.ho, g.wo}, nhwc_opts);
   at::Tensor words = packed_out ? at::empty({g.n, g.ho, g.wo, words_for(g.cout)}, x_packed.options())
                                 : at::empty({0}, x_packed.options());
   post.packed = packed_out ? reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()) : nullptr;
@@ -213,7 +225,8 @@ std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
 
   const auto iopts = x_packed.options();
   const auto fopts = iopts.dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast);
-  at::Tensor out = at::empty({g3.n, c1, g3.ho, g3.wo}, fopts);
+  at::Tensor out = pack_threshold.has_value() && !nchw_out ? versioned_empty({g3.n, c1, g3.ho, g3.wo}, fopts)
+                                                            : at::empty({g3.n, c1, g3.ho, g3.wo}, fopts);
   at::Tensor words = pack_threshold.has_value() ? at::empty({g3.n, g3.ho, g3.wo, words_for(c1)}, iopts)
                                                 : at::empty({0}, iopts);
   a1.out_f = out.data_ptr<float>();
@@ -232,7 +245,9 @@ std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
                        a1.w, a1.scale, a1.shift, nullptr, a1.out_f, post1);
   }
   if (nchw_out) {  // the end of a chain: the NCHW tensor its consumer (a float layer) expects
-    at::Tensor nchw = at::empty({g3.n, c1, g3.ho, g3.wo}, iopts.dtype(at::kFloat));
+    const auto nchw_opts = iopts.dtype(at::kFloat);
+    at::Tensor nchw = pack_threshold.has_value() ? versioned_empty({g3.n, c1, g3.ho, g3.wo}, nchw_opts)
+                                                 : at::empty({g3.n, c1, g3.ho, g3.wo}, nchw_opts);
     transpose_planes(out, nchw, g3.ho * g3.wo, c1);
     return {nchw, words};
   }
