@@ -221,6 +221,15 @@ def test_frozen_reactnet_under_inference_mode(tmp_path):
             assert packed_module.carried_words(h, block2.chain_threshold) is not None
         h.add_(0.375)  # after this, the carried signs are stale
         assert torch.equal(block2(h), block2(h.clone()))  # a clone carries nothing: packed afresh
+        # A hooked conv takes the per-conv entry point (binary_conv2d_cpu_nhwc), which must version its output too.
+        hook = block2.conv1.register_forward_hook(lambda module, args, out: None)
+        try:
+            h2 = block2(block1(frozen.encoder.stem(x)))
+            if conv_ops.packed_chain_available(x):
+                assert packed_module.carried_words(h2, frozen.encoder.block3.chain_threshold) is not None
+            assert torch.equal(frozen.encoder(x), ref_features)
+        finally:
+            hook.remove()
         refrozen = freeze(model)
         save_packed(frozen, tmp_path / "m.pt")
         loaded = load_packed(tmp_path / "m.pt")
