@@ -1,6 +1,7 @@
 """Data-parallel training on CPU/gloo: the exact synchronized batch norm, collective helpers, and a 2-process
 Alg. 1 distillation that must match the 1-process run with the same global batch (the rank's sampler share is
 tested in test_data.py)."""
+import json
 import os
 import socket
 import time
@@ -207,9 +208,30 @@ def _worker(rank, world, port, out_dir):
     try:
         result = {"syncbn": _syncbn_check(env), "collectives": _collectives_check(env), "distill": _distill(env),
                   "context": _context_check(env, out_dir)}
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         teardown(env)
+    result["threads_after_teardown"] = _thread_names()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _thread_names():
+    """Names of this process's threads (Linux), None elsewhere."""
+    task = "/proc/self/task"
+    if not os.path.isdir(task):
+        return None
+    names = []
+    for tid in os.listdir(task):
+        try:
+            with open(os.path.join(task, tid, "comm")) as fh:
+                names.append(fh.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return names
+
+
+def _comm_threads(names):
+    """The threads of torch.distributed's gloo backend and TCP store among `names`."""
+    return [n for n in names if "gloo" in n or "tcpstore" in n]
 
 
 def _free_port() -> int:
@@ -301,6 +323,17 @@ def test_run_context_two_processes(two_ranks):
     assert c0["indices"] == order[0::2] and c1["indices"] == order[1::2]  # strided shares of one global order
 
 
+def test_teardown_ends_the_process_group_threads(two_ranks):
+    """After teardown no gloo or store thread may be left (the workers ran the ops, so torch._dynamo, and with it
+    torch.distributed.nn.functional, was imported while the group existed): threads left running meet the
+    interpreter's shutdown, where a rank was seen to abort."""
+    for rank, q in enumerate(two_ranks):
+        names = q["threads_after_teardown"]
+        if names is None:
+            pytest.skip("thread names come from /proc (Linux)")
+        assert not _comm_threads(names), (rank, names)
+
+
 def test_two_process_distillation_matches_one_process(two_ranks):
     ref_state, ref_metrics = _distill(DistEnv())
     n_steps = EPOCHS * N_SAMPLES // GLOBAL_BATCH
@@ -377,30 +410,29 @@ def _cli_worker(rank, world, ports, root, phase):
     for port, argv in zip(ports, calls):
         os.environ["MASTER_PORT"] = str(port)
         assert main(argv) == 0
+    names = _thread_names()  # the `candle` process group must be gone when main() returns
+    with open(root / f"threads_{phase}_{rank}.json", "w") as fh:  # root: rank 1 writes nothing in its out folder
+        json.dump(names, fh)
 
 
 def _spawn(phase, root, expect_exit):
+    """Run `phase` on WORLD processes and check every exit code. Each process is waited for on its own: ctx.join
+    would SIGTERM the others as soon as one exits non-zero, and the "run" phase ends with exit 3 on purpose (a
+    rank still returning from its last barrier would then be reported as killed)."""
     ports = [_free_port() for _ in range(3)]
     ctx = mp.start_processes(_cli_worker, args=(WORLD, ports, root, phase), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.time() + 150
-    while True:
-        try:
-            if ctx.join(timeout=1):
-                break
-        except mp.ProcessExitedException:
-            break
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2-process `candle` ({phase}) did not finish within 150 s")
     for p in ctx.processes:
-        p.join(30)
+        p.join(max(0.0, deadline - time.time()))
+    if any(p.is_alive() for p in ctx.processes):
+        for p in ctx.processes:
+            p.kill()
+        pytest.fail(f"2-process `candle` ({phase}) did not finish within 150 s")
     assert [p.exitcode for p in ctx.processes] == [expect_exit] * WORLD
 
 
 def _lines(path):
-    import json
     with open(path) as fh:
         return [json.loads(line) for line in fh]
 
@@ -434,7 +466,6 @@ def test_candle_cli_two_processes_match_one_and_resume(cli_config):
         assert list(a) == list(b)
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
-    import json
     r1, r2 = (json.load(open(d / "d_report.json")) for d in (single, ddp))
     assert r1["test"]["per_class"] == r2["test"]["per_class"]  # sharded evaluation, gathered in order
     # resume the killed 2-process run: bit-identical to the uninterrupted 2-process run
@@ -443,3 +474,7 @@ def test_candle_cli_two_processes_match_one_and_resume(cli_config):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert open(ddp / "d.jsonl").read() == open(ddp / "r.jsonl").read()
+    for rank in range(WORLD):  # the process group of `candle` ended with main(), threads included
+        with open(root / f"threads_resume_{rank}.json") as fh:
+            names = json.load(fh)
+        assert names is None or not _comm_threads(names), (rank, names)

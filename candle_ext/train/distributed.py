@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -90,6 +91,12 @@ def init_distributed(device: str = "cpu", backend: Optional[str] = None, timeout
         raise ValueError("backend 'nccl' needs device 'cuda'; use gloo for CPU training")
     owns = False
     if not dist.is_initialized():
+        # torch.distributed.nn.functional binds group.WORLD as default arguments when it is imported. Imported
+        # after the group exists (torch._dynamo imports it, and the ops import torch._dynamo on first use), it
+        # keeps the default group, its gloo threads and rank 0's store server alive past destroy_process_group,
+        # into interpreter shutdown (where a rank was seen to abort: "terminate called without an active
+        # exception"). Imported now, its defaults are None.
+        importlib.import_module("torch.distributed.nn.functional")
         kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
         if backend == "nccl":
             kwargs["device_id"] = dev  # binds the communicator to this rank's GPU up front
