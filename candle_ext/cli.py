@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import yaml
 
-from candle_ext.train.config import METHODS, Config, parse_override
+from candle_ext.train.config import METHODS, Config, load_yaml, parse_override
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -50,7 +50,7 @@ def load_config(path: Optional[str] = None, sets: Optional[List[str]] = None, ex
             raise FileNotFoundError(f"config file {path} does not exist (shipped presets: {', '.join(presets())})")
         with open(path) as fh:
             try:
-                user = json.load(fh) if path.endswith(".json") else yaml.safe_load(fh)
+                user = json.load(fh) if path.endswith(".json") else load_yaml(fh)
             except (json.JSONDecodeError, yaml.YAMLError) as exc:
                 raise ValueError(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}:"
                                  f" {exc}") from exc

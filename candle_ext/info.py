@@ -25,8 +25,11 @@ def describe() -> str:
     for name in backend.ORDER:
         ok, why = backend.status(name)
         lines.append(f"  {name:9s} {'available' if ok else 'missing: ' + why}")
-    forced = backend.forced()
-    lines.append(f"forced by {backend.ENV_VAR}: {forced or 'no'}")
+    try:  # a bad value is reported, not raised: this is the tool a user runs to find out what is wrong
+        forced = backend.forced() or "no"
+    except ValueError as exc:
+        forced = f"invalid ({exc}): every op call will raise this"
+    lines.append(f"forced by {backend.ENV_VAR}: {forced}")
     lines.append("")
     lines.extend(coverage())
     return "\n".join(lines)

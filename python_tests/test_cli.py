@@ -69,6 +69,21 @@ def test_config_overrides(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
 
 
+def test_floats_in_scientific_notation(tmp_path):
+    """1e-3 is a float in YAML 1.2, JSON and Python; PyYAML alone (YAML 1.1) would read the string '1e-3'."""
+    cfg = load_config(None, ["distill.lr=1e-3", "calibrate.lr=+2.5E-2", "distill.phi_lr=.5e-2"])
+    assert (cfg.distill.lr, cfg.calibrate.lr, cfg.distill.phi_lr) == (1e-3, 2.5e-2, 0.5e-2)
+    y = tmp_path / "sci.yaml"
+    y.write_text("distill:\n  lr: 5e-4\ncalibrate:\n  lr: 1_0e-3\n")
+    cfg = load_config(str(y))
+    assert (cfg.distill.lr, cfg.calibrate.lr) == (5e-4, 1e-2)
+    assert load_config(None, ["distill.temperature=1e1"]).distill.temperature == 10.0
+    with pytest.raises(ValueError, match="distill.lr must be a finite number, got str: '1e'"):
+        load_config(None, ["distill.lr=1e"])
+    with pytest.raises(ValueError, match="got str: '1e-3'"):  # quoted: still the string the user wrote
+        load_config(None, ["distill.lr='1e-3'"])
+
+
 @pytest.mark.parametrize("item, match", [
     ("distill.epoch=3", "unknown config key 'distill.epoch' .did you mean 'distill.epochs'"),
     ("distill.epochs=-1", "distill.epochs must be >= 1, got -1"),
@@ -133,6 +148,41 @@ def test_cli_errors_are_one_line_and_exit_2(argv, match, capsys):
     lines = [l for l in err.strip().splitlines() if not l.startswith("usage:") and l.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert re.search(match, lines[0]), lines[0]
+
+
+def test_bad_checkpoint_files_are_one_line_errors_naming_the_file(workspace, tmp_path, capsys):
+    """export/evaluate --checkpoint with a file that is not a student of the configured shape: exit 2 and one
+    line naming the file (not torch's advice to load it with weights_only=False)."""
+    import collections
+    _, path = workspace
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint")
+    good = tmp_path / "good.pt"
+    torch.save(_student(path).state_dict(), good)
+    raw = good.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(raw[:len(raw) // 2])
+    torch.save(_student(path, width_mult=0.5).state_dict(), tmp_path / "wide.pt")
+    torch.save({"x": collections.OrderedDict()}, tmp_path / "keys.pt")
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    cases = [("garbage.pt", "not a checkpoint of tensors and plain containers"),
+             ("trunc.pt", "cannot be read"),
+             ("wide.pt", r"does not fit the configured student \(reactnet_a, 4 classes\): encoder.stem.conv.weight "
+                         r"is \(16, 3, 3, 3\) in the file, \(8, 3, 3, 3\) in the model"),
+             ("keys.pt", r"key\(s\) missing: encoder.stem.conv.weight, .* \(\+\d+ more\); 1 unexpected key\(s\): x"),
+             ("list.pt", "is not a student state_dict .got list")]
+    for name, match in cases:
+        for argv in (["export", "--output", str(tmp_path / "out.pt")], ["evaluate", "--out", str(tmp_path / "ev")]):
+            assert main(argv + ["--config", str(path), "--checkpoint", str(tmp_path / name)]) == 2, (name, argv)
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "weights_only=False" not in err, err
+            assert err.startswith(f"candle: error: checkpoint {tmp_path / name} ") and re.search(match, err), err
+    assert main(["export", "--config", str(path), "--checkpoint", str(good), "--output", str(tmp_path / "o.pt")]) == 0
+
+
+def _student(cfg_path, **student):
+    from candle_ext.train.student import build_student
+    cfg = load_config(str(cfg_path), [f"student.{k}={v}" for k, v in student.items()])
+    return build_student(cfg.student, len(CLASSES), 0)
 
 
 def test_cli_debug_flag_shows_the_traceback():

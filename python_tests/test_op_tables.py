@@ -163,6 +163,18 @@ def test_info_prints_the_coverage_of_every_op():
             assert here == ("yes" if backend.status(b)[0] else "no"), (name, b)
 
 
+def test_info_reports_a_bad_backend_variable_instead_of_dying():
+    """The diagnostic tool is what a user runs when something is wrong: a bad CANDLE_EXT_BACKEND is a line of
+    its report (as a bad CANDLE_EXT_CPU_ISA is), not a traceback."""
+    env = dict(os.environ, CANDLE_EXT_BACKEND="bogus")
+    run = subprocess.run([sys.executable, "-m", "candle_ext.info"], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(candle_ext.__file__)))
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    line = next(ln for ln in run.stdout.splitlines() if ln.startswith("forced by CANDLE_EXT_BACKEND"))
+    assert "invalid" in line and "'bogus' is not a backend" in line, line
+    assert "op coverage" in run.stdout
+
+
 def _candle_imports(path):
     found = set()
     for node in ast.walk(ast.parse(open(path).read())):

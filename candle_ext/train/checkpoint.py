@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import tempfile
 from typing import Dict
 
@@ -47,6 +49,18 @@ def save_atomic(obj, path: str) -> None:
 
 
 def load(path: str, map_location="cpu"):
+    """torch.load(weights_only=True): tensors and plain containers only. A file that is not such a checkpoint
+    (another format, truncated, or naming other objects) is a ValueError naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's own message advises weights_only=False, i.e. running what the file names: not passed on
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
+        raise ValueError(f"checkpoint {path} is not a checkpoint of tensors and plain containers (refused by "
+                         f"torch.load(weights_only=True){': ' + found.group(1).strip() if found else ''})"
+                         ) from None
+    except (RuntimeError, EOFError, ValueError) as exc:  # truncated or not a torch.save file
+        first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"checkpoint {path} cannot be read: {first}") from exc

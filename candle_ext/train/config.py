@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
@@ -244,6 +245,27 @@ def _value(key: str, value: Any, typ, meta) -> Any:
     return value
 
 
+def _yaml_loader():
+    """PyYAML's safe loader, reading floats as YAML 1.2 (and JSON, and Python) do: PyYAML follows YAML 1.1, where
+    a float needs a dot, so `lr: 5e-4` would be the string '5e-4' and fail validation."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(  # add_implicit_resolver copies the table: SafeLoader itself is unchanged
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
+    return Loader
+
+
+def load_yaml(stream) -> Any:
+    """yaml.safe_load, with floats like 1e-3 read as floats (see _yaml_loader)."""
+    import yaml
+    return yaml.load(stream, Loader=_yaml_loader())
+
+
 def parse_override(item: str) -> Tuple[str, Any]:
     """'key.sub=value' (value in YAML syntax) -> (key, value); ValueError when it is not of that form."""
     import yaml
@@ -254,6 +276,6 @@ def parse_override(item: str) -> Tuple[str, Any]:
     if key not in keys() and key not in SECTIONS:
         raise _unknown(key, keys())
     try:
-        return key, yaml.safe_load(text)
+        return key, load_yaml(text)
     except yaml.YAMLError as exc:
         raise ValueError(f"--set {key}: cannot read {text!r} as a value: {exc}") from exc
