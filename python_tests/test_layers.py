@@ -53,3 +53,63 @@ def test_rprelu():
     shape = (1, -1, 1, 1)
     want = F.prelu(x - m.gamma.reshape(shape), m.prelu.weight) + m.zeta.reshape(shape)
     torch.testing.assert_close(m(x), want)
+
+
+def test_per_channel_layers_keep_the_input_shape_for_any_rank():
+    """LearnableBias, RPReLU and RSign act on dim 1 of any input with rank >= 2 ((N, C) after a flatten, NCL,
+    NCHW, NCDHW) and return the input's shape. Sizes equal to C elsewhere catch a vector broadcast on the wrong
+    dim."""
+    torch.manual_seed(4)
+    for c in (1, 3, 8):
+        lb, rp, rs = LearnableBias(c), RPReLU(c), RSign(c)
+        with torch.no_grad():
+            for p in (lb.bias, rp.gamma, rp.zeta, rs.bias):
+                p.copy_(torch.randn(c) * 0.5)
+            rp.prelu.weight.copy_(torch.rand(c))
+        for shape in ((5, c), (2, c, c), (2, c, 4, c), (1, c, c, 3, 2)):
+            x = torch.randn(shape, dtype=torch.float64)
+            view = (1, c) + (1,) * (len(shape) - 2)  # the per-channel vectors along dim 1, by hand
+            b, g, z, a, t = (v.detach().double().reshape(view) for v in
+                             (lb.bias, rp.gamma, rp.zeta, rp.prelu.weight, rs.bias))
+            u = x - g
+            for layer, want in ((lb, x + b), (rp, torch.where(u >= 0, u, a * u) + z),
+                                (rs, R.sign(x - t))):
+                got = layer.double()(x)
+                assert got.shape == x.shape, (type(layer).__name__, shape)
+                torch.testing.assert_close(got, want)
+
+
+def test_training_step_under_cpu_bf16_autocast():
+    """A training step of conv -> BN -> RSign -> BinaryConv2d -> BN -> RPReLU under CPU bfloat16 autocast (what
+    distillation does on the GPU): the binary conv sees bf16 activations and its float32 latent weight; every
+    parameter gets a finite float32 gradient, and the binary conv's gradients are those of the +-1 conv."""
+    torch.manual_seed(5)
+    binary = BinaryConv2d(8, 12, 3, padding=1, bias=False)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), RSign(8), binary,
+                              torch.nn.BatchNorm2d(12), RPReLU(12), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    with torch.no_grad():
+        binary.weight.mul_(3)  # some latent weights outside [-1, 1]: their gradient is clipped to 0
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    seen = {}
+    binary.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0], out=out))
+    for shape in ((4, 3, 8, 8), (3, 3, 7, 9)):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = net(torch.randn(shape))
+            seen["x"].register_hook(lambda g: seen.update(gx=g))
+            seen["out"].register_hook(lambda g: seen.update(gout=g))
+            loss = F.cross_entropy(logits.float(), torch.randint(0, 5, (shape[0],)))
+        loss.backward()
+        assert seen["x"].dtype == torch.bfloat16 and binary.weight.dtype == torch.float32
+        for name, p in net.named_parameters():
+            assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all(), name
+        w = binary.weight.detach()
+        g = seen["gout"].double() * w.abs().mean((1, 2, 3)).to(torch.bfloat16).double().reshape(1, -1, 1, 1)
+        ew = torch.nn.grad.conv2d_weight(R.sign(seen["x"].detach()).double(), w.shape, g, 1, 1) * (w.abs() <= 1)
+        ex = torch.nn.grad.conv2d_input(seen["x"].shape, R.sign(w).double(), g, 1, 1)
+        torch.testing.assert_close(binary.weight.grad.double(), ew, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(seen["gx"].double(), ex, rtol=2 ** -7, atol=1e-5)
+        before = w.clone()
+        opt.step()
+        assert not torch.equal(binary.weight.detach(), before)

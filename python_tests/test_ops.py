@@ -53,6 +53,101 @@ def test_binary_conv2d_gradients_are_those_of_the_pm1_conv():
     torch.testing.assert_close(gs, es)
 
 
+# (input dtype, weight dtype, scale dtype): a float32 layer weight fed autocast activations, float64 input, and a
+# bfloat16 weight with float32 input.
+MIXED_DTYPES = [(torch.bfloat16, torch.float32, torch.bfloat16), (torch.float16, torch.float32, torch.float16),
+                (torch.float64, torch.float32, torch.float64), (torch.float32, torch.bfloat16, torch.float32),
+                (torch.bfloat16, torch.bfloat16, torch.float32)]
+
+
+@pytest.mark.parametrize("cfg", random_conv_configs(3, seed=23, max_channels=70, max_hw=9), ids=str)
+@pytest.mark.parametrize("dtypes", MIXED_DTYPES, ids=lambda d: "-".join(str(t)[6:] for t in d))
+def test_binary_conv2d_gradients_with_mixed_dtypes(cfg, dtypes):
+    """Each gradient comes back in its own input's dtype, equal to the float64 gradient of the +-1 conv rounded
+    once to that dtype (computed in float32, or float64 when input or weight is)."""
+    xdt, wdt, sdt = dtypes
+    torch.manual_seed(cfg.cin * 7 + cfg.cout)
+    x = torch.randn(cfg.n, cfg.cin, cfg.h, cfg.w).to(xdt).requires_grad_()
+    w = torch.randn(cfg.cout, cfg.cin, cfg.k, cfg.k).to(wdt).requires_grad_()
+    s = (torch.rand(cfg.cout) + 0.5).to(sdt).requires_grad_()
+    conv = dict(stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation)
+    out = candle_ext.binary_conv2d(x, w, s, **conv)
+    assert out.dtype == xdt
+    grad = torch.randn_like(out)
+    gx, gw, gs = torch.autograd.grad(out, (x, w, s), grad)
+    assert (gx.dtype, gw.dtype, gs.dtype) == (xdt, wdt, sdt)
+    sx = R.sign(x.detach().double()).requires_grad_()
+    sw = R.sign(w.detach().double()).requires_grad_()
+    s64 = s.detach().double().requires_grad_()
+    ref = F.conv2d(sx, sw, None, **conv) * s64.reshape(1, -1, 1, 1)
+    ex, ew, es = torch.autograd.grad(ref, (sx, sw, s64), grad.double())
+    for got, want in ((gx, ex), (gw, ew), (gs, es)):
+        # One rounding to the result's dtype, after float32 sums of a few hundred O(1) terms (float64 sums when
+        # input or weight is float64).
+        atol = 1e-9 if torch.float64 in (xdt, wdt) else 1e-4
+        torch.testing.assert_close(got.double(), want, rtol=torch.finfo(got.dtype).eps, atol=atol)
+
+
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["backward-after", "backward-inside"])
+def test_binary_conv2d_backward_under_cpu_autocast(backward_inside):
+    """Under autocast the bf16 activations meet the float32 weight; backward() may run inside the autocast
+    region, whose bf16 convs must not leak into the gradients."""
+    torch.manual_seed(24)
+    x = torch.randn(2, 33, 7, 6, requires_grad=True)
+    w = torch.randn(9, 33, 3, 3, requires_grad=True)
+    s = torch.rand(9) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xb = x.to(torch.bfloat16)  # what a bf16 layer in front would hand over
+        out = candle_ext.binary_conv2d(xb, w, s.to(torch.bfloat16), padding=1)
+        loss = (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+        if backward_inside:
+            loss.backward()
+    if not backward_inside:
+        loss.backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    grad = torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(torch.bfloat16).double()
+    g = grad * s.to(torch.bfloat16).double().reshape(1, -1, 1, 1)
+    sx, sw = R.sign(xb.detach().double()), R.sign(w.detach().double())
+    ew = torch.nn.grad.conv2d_weight(sx, w.shape, g, 1, 1)
+    ex = torch.nn.grad.conv2d_input(x.shape, sw, g, 1, 1)
+    torch.testing.assert_close(w.grad.double(), ew, rtol=1e-6, atol=1e-4)  # float32, not bf16, accuracy
+    torch.testing.assert_close(x.grad.double(), ex, rtol=2 ** -7, atol=1e-4)  # rounded once to bf16
+
+
+@pytest.mark.parametrize("name", BACKENDS_HERE)
+@pytest.mark.parametrize("chain", [True, False], ids=["chain", "per-conv"])
+def test_frozen_model_refuses_gradients_at_the_call(name, chain, force_backend, monkeypatch):
+    """A frozen (packed) model has no gradient: an input that requires grad (grad mode on) raises at the call
+    on every backend and path, while no_grad, inference_mode and plain inputs keep working and agree."""
+    from candle_ext.models.packed import PackedBinaryConv2d
+    force_backend(name)
+    if not chain:
+        monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")  # no fused chain: every conv through its module
+    torch.manual_seed(25)
+    model = candle_ext.models.reactnet_a(num_classes=10, small_input=True, width_mult=0.25).eval()
+    frozen = candle_ext.freeze(model)
+    for shape in ((2, 3, 16, 16), (1, 3, 13, 11)):
+        x = torch.randn(shape)
+        with pytest.raises(ValueError, match=r"no gradient.*torch\.no_grad\(\).*inference_mode"):
+            frozen(x.clone().requires_grad_())
+        plain = frozen(x)
+        assert not plain.requires_grad
+        with torch.no_grad():
+            torch.testing.assert_close(frozen(x.clone().requires_grad_()), plain, rtol=0, atol=0)
+        with torch.inference_mode():
+            torch.testing.assert_close(frozen(x), plain, rtol=0, atol=0)
+    # One packed conv called directly: the residual counts as an activation too.
+    conv = next(m for m in frozen.modules() if isinstance(m, PackedBinaryConv2d) and m.threshold is not None)
+    x = torch.randn(2, conv.in_channels, 6, 6)
+    residual = torch.randn(2, conv.out_channels, 6 // conv.stride[0], 6 // conv.stride[1], requires_grad=True)
+    with pytest.raises(ValueError, match="no gradient, but its residual requires grad"):
+        conv(x, residual=residual)
+    with torch.no_grad():
+        assert conv(x, residual=residual).shape == residual.shape
+    with pytest.raises(TypeError, match="residual must be a tensor or None, got list"):
+        conv(x, residual=[1.0])
+
+
 def test_sign_ste_forward_and_gradient():
     torch.manual_seed(3)
     x = (torch.rand(2, 5, 4, 4) * 3 - 1.5).requires_grad_()

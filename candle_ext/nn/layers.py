@@ -19,6 +19,12 @@ def _check_input(layer: nn.Module, x, channels: int) -> None:
                          f"{channels} channels in dim 1")
 
 
+def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over dim 1 of x, whatever its rank (>= 2): (N, C) after a
+    flatten as well as NCHW; a fixed (1, C, 1, 1) would broadcast a 2-D input to 4-D."""
+    return v.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
 class BinaryConv2d(nn.Conv2d):
     """nn.Conv2d with sign(input) and sign(weight), computed by the packed kernel, times a per-output-channel
     scale = mean |W| (detached, as in ReActNet). Latent weights stay float; their gradient passes through
@@ -63,7 +69,7 @@ class LearnableBias(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x, self.bias.numel())
-        return x + self.bias.reshape(1, -1, 1, 1).to(x.dtype)
+        return x + _per_channel(self.bias, x).to(x.dtype)
 
 
 class RSign(nn.Module):
@@ -90,5 +96,4 @@ class RPReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(self, x, self.gamma.numel())
-        shape = (1, -1, 1, 1)
-        return self.prelu(x - self.gamma.reshape(shape)) + self.zeta.reshape(shape)
+        return self.prelu(x - _per_channel(self.gamma, x)) + _per_channel(self.zeta, x)

@@ -129,16 +129,24 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     input, weight, scale = ctx.saved_tensors
     stride, padding, dilation = ctx.conv
-    sx, sw = reference.sign(input), reference.sign(weight)
-    g = grad if scale is None else grad * scale.reshape(1, -1, 1, 1).to(grad.dtype)
-    gi = gw = gs = None
-    if ctx.needs_input_grad[0]:
-        gi = torch.nn.grad.conv2d_input(input.shape, sw, g, stride, padding, dilation)
-    if ctx.needs_input_grad[1]:
-        gw = torch.nn.grad.conv2d_weight(sx, weight.shape, g, stride, padding, dilation)
-    if scale is not None and ctx.needs_input_grad[2]:
-        acc = torch.nn.functional.conv2d(sx, sw, None, stride, padding, dilation)
-        gs = (grad * acc).sum(dim=(0, 2, 3)).to(scale.dtype)
+    # Input and weight may differ in dtype (a float32 layer weight fed bf16/fp16 activations under autocast, or
+    # float64 input). Compute in float32, or float64 if either is, and round once to each input's own dtype: the
+    # +-1 tensors are exact in any dtype, while bf16 would round the sums (and hold integer accumulators only up
+    # to 256). Autocast is off: backward() may run inside the autocast region, which would lower these to bf16.
+    dtype = torch.promote_types(torch.promote_types(input.dtype, weight.dtype),
+                                torch.promote_types(grad.dtype, torch.float32))
+    with torch.autocast(grad.device.type, enabled=False):
+        sx, sw = reference.sign(input).to(dtype), reference.sign(weight).to(dtype)
+        grad = grad.to(dtype)
+        g = grad if scale is None else grad * scale.reshape(1, -1, 1, 1).to(dtype)
+        gi = gw = gs = None
+        if ctx.needs_input_grad[0]:
+            gi = torch.nn.grad.conv2d_input(input.shape, sw, g, stride, padding, dilation).to(input.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = torch.nn.grad.conv2d_weight(sx, weight.shape, g, stride, padding, dilation).to(weight.dtype)
+        if scale is not None and ctx.needs_input_grad[2]:
+            acc = torch.nn.functional.conv2d(sx, sw, None, stride, padding, dilation)
+            gs = (grad * acc).sum(dim=(0, 2, 3)).to(scale.dtype)
     return gi, gw, gs, None, None, None
 
 
@@ -270,6 +278,18 @@ _CHAIN_ENV = ("CANDLE_EXT_BACKEND", "CANDLE_EXT_CPU_ISA", "TRITON_INTERPRET")
 _chain_cache = {}
 
 
+def _frozen_grad_error(x: torch.Tensor) -> ValueError:
+    """The frozen (packed) convs have no gradient: the error raised at the call when one is asked for (grad mode
+    on and an activation that requires grad), on every backend alike. Without it the C++ kernels return a tensor
+    detached from the graph, and the eager path one whose gradient flows through the residual adds only.
+    Only the activations are checked (two attribute reads on the hot path): the per-channel tensors are the
+    frozen modules' buffers, which never require grad."""
+    name = "its input" if x.requires_grad else "its residual"
+    return ValueError(f"a frozen (packed) binary conv has no gradient, but {name} requires grad with grad mode on: "
+                      "run the frozen model under torch.no_grad() or torch.inference_mode(), pass input.detach(), "
+                      "or differentiate the unfrozen model (model.eval(), not candle_ext.freeze) for gradients")
+
+
 def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_packed: torch.Tensor,
                           in_channels: int, stride: Tuple[int, int], padding: Tuple[int, int],
                           dilation: Tuple[int, int], scale: torch.Tensor, shift: torch.Tensor,
@@ -299,6 +319,10 @@ def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_
     otherwise the same values come from the path above and eager ops.
     """
     validate.tensor("x", x, validate.FLOAT_DTYPES, ndim=4)
+    if residual is not None and not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a tensor or None, got {type(residual).__name__}")
+    if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
+        raise _frozen_grad_error(x)
     if x.shape[1] != in_channels:  # pad bits would hide a mismatch within one word
         raise ValueError(f"x has {x.shape[1]} channels, expected {in_channels}")
     chain = x_words is not None or residual_pool or channels_last or pack
@@ -351,6 +375,8 @@ def packed_chain_block(x: torch.Tensor, x_words: Optional[torch.Tensor], thresho
     AVX2 path one pass over pixel tiles, so that y and its signs never go to memory; elsewhere two kernel calls.
     Returns (out channels_last, or contiguous NCHW with nchw_out (the end of a chain: the C++ transpose is several
     times faster than torch's copy), sign_pack(out, pack_threshold) or an empty tensor without pack_threshold)."""
+    if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
+        raise _frozen_grad_error(x)
     module = backend.compiled_module()
     if x_words is None:
         x_words = module.sign_pack_cpu(x=x, bias=threshold3)
