@@ -128,6 +128,152 @@ def test_save_packed_to_unwritable_path_names_it(tmp_path):
         save_packed(model, target)
 
 
+def _edited(src, dst, edit, checksum=True):
+    """A copy of the packed file `src` after edit(blob), with a recomputed checksum unless checksum=False (it
+    cannot be computed for the fields that are not plain data)."""
+    blob = torch.load(src, weights_only=True)
+    edit(blob)
+    if checksum:
+        blob["sha256"] = packed_module._digest({k: blob[k] for k in packed_module._HEADER_KEYS}, blob["data"])
+    torch.save(blob, dst)
+    return dst
+
+
+def _append_index(shape):
+    return lambda blob: blob["index"].append(["extra", "float32", shape])
+
+
+MALFORMED = {
+    # header fields that torch.load(weights_only=True) reads but the JSON checksum cannot take
+    "arch kwargs tensor": (lambda b: b["arch"]["kwargs"].__setitem__("num_classes", torch.tensor(4)), False),
+    "half tensor": (lambda b: b.__setitem__("half", torch.tensor(True)), False),
+    "arch builder bytes": (lambda b: b["arch"].__setitem__("builder", b"candle_ext.models.reactnet_a"), False),
+    "arch kwargs int key": (lambda b: b["arch"]["kwargs"].__setitem__(1, 2), False),
+    "version tensor": (lambda b: b.__setitem__("version", torch.tensor([1, 1])), False),
+    # index entries and data that torch cannot make a tensor of
+    "index dims overflow": (_append_index([2**62, 2**62, 0]), True),
+    "index dim past int64": (_append_index([2**64, 0]), True),
+    "index dim bool": (_append_index([True, 0]), True),
+    "index dtype list": (lambda b: b["index"][0].__setitem__(1, ["float32"]), True),
+    "data sparse": (lambda b: b["data"].__setitem__("float32", b["data"]["float32"].to_sparse()), False),
+    "data meta": (lambda b: b["data"].__setitem__("float32", torch.empty(len(b["data"]["float32"]), device="meta")),
+                  False),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("damage", list(MALFORMED))
+def test_load_packed_malformed_fields_raise_value_error_naming_the_file(good_file, tmp_path, damage):
+    edit, checksum = MALFORMED[damage]
+    bad = _edited(good_file, tmp_path / "bad.pt", edit, checksum)
+    with pytest.raises(ValueError, match="malformed|version") as info:
+        load_packed(bad)
+    assert str(bad) in str(info.value)
+
+
+# Loads `path` with the address space limited to what is mapped now + 3 GiB (a file that made load_packed
+# allocate its model would fail or be killed, not exhaust the machine), and prints what happened and how much
+# the resident memory grew.
+_LOAD_LIMITED = """
+    import resource
+    import candle_ext
+    vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + 3 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        candle_ext.load_packed(path)
+        print("LOADED")
+    except ValueError as exc:
+        print("REFUSED", exc)
+    print("GROWN_MB", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024)
+    """
+
+# A builder for the tests below, put on load_packed's allow-list in the subprocess: its kwargs size a buffer that
+# no file holds (non-persistent), and the fc; `meta=False` makes it read a tensor's value as it builds (as
+# torchvision's regnets do), so it cannot be built on the meta device.
+_TEST_BUILDER = """
+    import candle_ext
+    import torch
+    from torch import nn
+    from candle_ext.models import packed as packed_module
+    from candle_ext.nn import BinaryConv2d, RSign
+
+    class Net(nn.Module):
+        def __init__(self, table=16, classes=4, meta=True):
+            super().__init__()
+            width = 8 if meta else int(torch.arange(8).sum().item()) - 20
+            self.body = nn.Sequential(RSign(8), BinaryConv2d(8, width, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten())
+            self.fc = nn.Linear(width, classes)
+            self.register_buffer("table", torch.zeros(table), persistent=False)
+
+        def forward(self, x):
+            return self.fc(self.body(x)) + self.table.sum()
+
+    builders = packed_module._candle_builders()
+    packed_module._candle_builders = lambda: {**builders, "candle_ext.models.test_net": Net}
+    """
+
+
+def _load_limited(path, *setup):
+    code = "".join(textwrap.dedent(part) for part in (*setup, f"path = {str(path)!r}\n", _LOAD_LIMITED))
+    rc, out = _run_isolated(code)
+    assert rc == 0, f"process died with status {rc}: {out}"
+    return out, float(out.split("GROWN_MB")[1])
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and RLIMIT_AS")
+
+
+@linux_only
+def test_load_packed_refuses_a_huge_arch_before_building_it(good_file, tmp_path):
+    """~300 KB naming the largest ReActNet-A the kwargs limits allow (~88 GiB of float weights): refused after a
+    comparison on the meta device, before anything of that size is allocated."""
+    arch = {"builder": "candle_ext.models.reactnet_a",
+            "kwargs": {"num_classes": 1_000_000, "small_input": True, "width_mult": 16.0}}
+    bad = _rewrite(good_file, tmp_path / "huge.pt", arch=arch)
+    out, grown_mb = _load_limited(bad)
+    assert "REFUSED" in out and str(bad) in out and "do not fit" in out, out
+    assert grown_mb < 500, out
+
+
+@linux_only
+def test_load_packed_refuses_buffers_no_file_holds(tmp_path):
+    """The file's tensors fit the model, but its kwargs ask for a 40 GB non-persistent buffer: refused by the
+    model's size on the meta device."""
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    out, _ = _load_limited(good, _TEST_BUILDER, f"""
+        candle_ext.save_packed(Net(), {str(good)!r}, arch={{"builder": "candle_ext.models.test_net"}})
+        """)
+    assert "LOADED" in out, out
+    _edited(good, bad, lambda b: b["arch"].__setitem__("kwargs", {"table": 10**10}))
+    out, grown_mb = _load_limited(bad, _TEST_BUILDER)
+    assert "REFUSED" in out and str(bad) in out and "refused before allocating" in out, out
+    assert grown_mb < 500, out
+
+
+@linux_only
+def test_load_packed_budget_for_builders_that_cannot_build_on_meta(tmp_path):
+    """A builder that reads tensor values is built for real, under a budget that the file's tensors set: a
+    genuine file loads (and equals the model), one asking for a 32 GB fc is refused before it is allocated."""
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    out, _ = _load_limited(good, _TEST_BUILDER, f"""
+        arch = {{"builder": "candle_ext.models.test_net", "kwargs": {{"meta": False}}}}
+        assert packed_module._meta_skeleton(arch, [], "test") is None
+        torch.manual_seed(0)
+        model = Net(meta=False).eval()
+        candle_ext.save_packed(model, {str(good)!r}, arch=arch)
+        x = torch.randn(2, 8, 5, 5)
+        with torch.no_grad():
+            assert torch.equal(candle_ext.load_packed({str(good)!r})(x), candle_ext.freeze(model)(x))
+        """)
+    assert "LOADED" in out, out
+    _edited(good, bad, lambda b: b["arch"].__setitem__("kwargs", {"meta": False, "classes": 10**9}))
+    out, grown_mb = _load_limited(bad, _TEST_BUILDER)
+    assert "REFUSED" in out and str(bad) in out and "refused before allocating" in out, out
+    assert grown_mb < 500, out
+
+
 # ------------------------------------------------------------------------------------- huge geometry
 
 

@@ -443,3 +443,139 @@ def test_other_files_and_tampering_raise_value_error(saved, tmp_path):
         load_packed(evil)
     with pytest.raises(FileNotFoundError):
         load_packed(tmp_path / "missing.pt")
+
+
+# ------------------------------------------------------------------------------------ shared modules (tying)
+
+def _shared_cases():
+    """(name, model, the pair of frozen modules that must be one module) for models that use one module in
+    several places; input [2, 16, 8, 8]."""
+    from candle_ext.models.reactnet import ReActBlock, binary_branch
+    block = ReActBlock(16, 16, 1)
+    yield "block twice", nn.Sequential(block, block, ReActBlock(16, 32, 2)), lambda f: (f[0], f[1])
+    conv = BinaryConv2d(16, 16, 3, 1, 1, bias=False)
+    two_parents = nn.Sequential(nn.Sequential(RSign(16), conv, nn.BatchNorm2d(16)),
+                                nn.Sequential(LearnableBias(16), RSign(16), conv, nn.BatchNorm2d(16)))
+    yield "conv in two parents", two_parents, lambda f: (f[0][1], f[1][2])
+    yield "conv twice in one Sequential", nn.Sequential(RSign(16), conv, nn.BatchNorm2d(16), RSign(16), conv,
+                                                        nn.BatchNorm2d(16)), lambda f: (f[1], f[4])
+    branch = binary_branch(16, 16, 3)
+    yield "branch twice", nn.Sequential(branch, branch), lambda f: (f[0], f[1])
+    inner = nn.Sequential(BinaryConv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16))
+    yield "nested Sequential twice", nn.Sequential(RSign(16), inner, LearnableBias(16), RSign(16), inner), \
+        lambda f: (f[1], f[4])
+    sign, bn = RSign(16), nn.BatchNorm2d(16)
+    yield "RSign and BN twice", nn.Sequential(sign, BinaryConv2d(16, 16, 3, 1, 1), bn, sign,
+                                              BinaryConv2d(16, 16, 1), bn), None
+    first, second = ReActBlock(16, 16, 1), ReActBlock(16, 16, 1)
+    second.binary_3x3 = first.binary_3x3  # one branch in two blocks, each with its own RPReLU shifts
+    yield "branch in two blocks", nn.Sequential(first, second), None
+
+
+@pytest.mark.parametrize("case", range(7), ids=[name for name, _, _ in _shared_cases()])
+def test_freeze_with_shared_modules(case):
+    """A module used in several places (weight tying) is frozen once: the frozen model computes what the model
+    does (RPReLU shifts and thresholds are not folded twice, nor into a conv whose neighbours differ from one
+    place to another), the places share one frozen module, and the source model is left as it was."""
+    torch.manual_seed(20 + case)
+    name, model, pair = list(_shared_cases())[case]
+    model = randomise(model, 20 + case).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = [type(m) for m in model.modules()]
+    frozen = freeze(model)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        ref, out = model(x), frozen(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+    assert torch.equal(out.flatten(1).argmax(1), ref.flatten(1).argmax(1))
+    if pair is not None:
+        a, b = pair(frozen)
+        assert a is b and not any(isinstance(m, BinaryConv2d) for m in a.modules())
+    assert [type(m) for m in model.modules()] == kinds
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    if name == "block twice":
+        assert isinstance(frozen[0], candle_ext.models.PackedReActBlock)
+
+
+# ------------------------------------------------------------------------------- half=True: what is rounded
+
+def test_save_half_keeps_the_stem_of_a_binarized_torchvision_model_float32(tmp_path):
+    """resnet18's full-precision stem conv (9408 weights) feeds the first binary conv: half=True must not round
+    it (only the fc after the last binary conv), so the features the fc reads are bit for bit those of freeze()."""
+    torch.manual_seed(21)
+    model = randomise(binarize_(torchvision.models.resnet18(num_classes=10)), 21).eval()
+    arch = {"builder": "torchvision.models.resnet18", "kwargs": {"num_classes": 10}}
+    save_packed(model, tmp_path / "r.pt", half=True, arch=arch)
+    dtypes = {key: dtype for key, dtype, _ in torch.load(tmp_path / "r.pt", weights_only=True)["index"]}
+    assert dtypes["conv1.weight"] == "float32"
+    assert dtypes["fc.weight"] == "float16"  # 10 x 512 >= 4096, after the last binary conv
+    assert [k for k, d in dtypes.items() if d == "float16"] == ["fc.weight"]
+    loaded, frozen = load_packed(tmp_path / "r.pt"), freeze(model)
+    features = {}
+    for tag, m in (("loaded", loaded), ("frozen", frozen)):
+        m.fc.register_forward_hook(lambda module, args, out, tag=tag: features.__setitem__(tag, args[0]))
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        out, ref = loaded(x), frozen(x)
+    assert torch.equal(features["loaded"], features["frozen"])
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+
+
+def _wide_net() -> nn.Sequential:
+    """A float stem and BN of 4096 channels in front of a binary conv: tensors of >= 4096 elements that decide
+    signs; the fc after the binary conv is the only part half=True may round."""
+    return nn.Sequential(OrderedDict(
+        stem=nn.Conv2d(3, 4096, 1, bias=False), bn=nn.BatchNorm2d(4096), sign=RSign(4096),
+        conv=BinaryConv2d(4096, 8, 1, bias=False), bn2=nn.BatchNorm2d(8), pool=nn.AdaptiveAvgPool2d(1),
+        flat=nn.Flatten(), fc=nn.Linear(8, 1024)))
+
+
+def test_save_half_keeps_large_tensors_that_decide_signs_float32(tmp_path, monkeypatch):
+    builders = packed_module._candle_builders()
+    monkeypatch.setattr(packed_module, "_candle_builders",
+                        lambda: {**builders, "candle_ext.models.test_wide_net": _wide_net})
+    torch.manual_seed(22)
+    model = randomise(_wide_net(), 22).eval()
+    save_packed(model, tmp_path / "w.pt", half=True, arch={"builder": "candle_ext.models.test_wide_net"})
+    dtypes = {key: dtype for key, dtype, _ in torch.load(tmp_path / "w.pt", weights_only=True)["index"]}
+    assert dtypes["conv.threshold"] == "float32"  # 4096 thresholds (the RSign folded into the conv)
+    assert all(dtypes[k] == "float32" for k in ("stem.weight", "bn.weight", "bn.bias", "bn.running_mean",
+                                                "bn.running_var", "conv.scale", "conv.shift", "fc.bias"))
+    assert dtypes["fc.weight"] == "float16"
+    loaded, frozen = load_packed(tmp_path / "w.pt"), freeze(model)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded[:-1](x), frozen[:-1](x))  # everything before the fc, bit for bit
+        torch.testing.assert_close(loaded(x), frozen(x), rtol=2e-3, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------ file objects
+
+def test_save_packed_to_a_file_object():
+    torch.manual_seed(23)
+    model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.125), 23)
+    buf = io.BytesIO(b"head")
+    buf.seek(4)
+    size = save_packed(model, buf)
+    assert size == len(buf.getvalue()) - 4  # the bytes written
+    buf.seek(4)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_packed(buf)(x), freeze(model)(x))
+    with pytest.raises(TypeError, match="path must be a file name .* got int"):
+        save_packed(model, 3)
+    with pytest.raises(TypeError, match="binary mode"):
+        save_packed(model, io.StringIO())
+
+
+def test_save_load_regnet_builds_for_real(tmp_path):
+    """torchvision's regnets read values of tensors they make, so they cannot be built on the meta device:
+    load_packed builds them for real under a size budget, which a genuine file stays well within."""
+    torch.manual_seed(24)
+    model = randomise(binarize_(torchvision.models.regnet_x_400mf(num_classes=10)), 24).eval()
+    arch = {"builder": "torchvision.models.regnet_x_400mf", "kwargs": {"num_classes": 10}}
+    assert packed_module._meta_skeleton(arch, list(model.candle_binarized), "test") is None
+    save_packed(model, tmp_path / "regnet.pt", arch=arch)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "regnet.pt")(x), freeze(model)(x))

@@ -4,19 +4,25 @@ freeze(model) turns every BinaryConv2d into a PackedBinaryConv2d: its weight sig
 (layout in candle_ext/ops/bitpack.py), the input is binarised and packed by the fused sign_pack op with the
 threshold of the RSign/LearnableBias in front folded in, and the conv scale plus the BatchNorm after it are
 folded into the per-channel scale/shift of the conv's fused epilogue. Folding is done only where the dataflow
-is certain: consecutive children of an nn.Sequential. Everything else is kept as it is.
+is certain: consecutive children of an nn.Sequential, into a conv used in that one place. Everything else is kept
+as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib
+import io
+import itertools
 import json
+import math
 import os
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from candle_ext.nn.binarize import BINARIZED_ATTR, binarize_names_
 from candle_ext.nn.layers import BinaryConv2d, LearnableBias, RSign
@@ -37,7 +43,7 @@ TIMM_BUILDER = "timm.create_model"
 _FORBIDDEN_KWARGS = ("pretrained", "weights", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
                      "cache_dir", "pretrained_strict", "model_args")
 _FP16_MAX = 65504.0
-HALF_MIN_NUMEL = 4096  # save_packed(half=True) stores float tensors at least this large in float16
+HALF_MIN_NUMEL = 4096  # save_packed(half=True) rounds head tensors at least this large to float16
 
 
 class PackedBinaryConv2d(nn.Module):
@@ -143,18 +149,38 @@ def carried_words(x: torch.Tensor, threshold: Optional[torch.Tensor]) -> Optiona
     return words if t is threshold and t._version == t_version and x._version == x_version else None
 
 
-def _first_packed(module: nn.Module) -> Optional[PackedBinaryConv2d]:
-    """The packed conv that reads `module`'s input first, if the module is one or a Sequential starting so."""
-    while isinstance(module, nn.Sequential) and len(module) > 0:
-        module = module[0]
-    return module if isinstance(module, PackedBinaryConv2d) else None
+def _shared_modules(model: nn.Module) -> set:
+    """ids of the modules that more than one child slot holds (weight tying: one module used in several places)."""
+    uses, seen, stack = {}, set(), [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for child in module._modules.values():
+            if child is not None:
+                uses[id(child)] = uses.get(id(child), 0) + 1
+                stack.append(child)
+    return {i for i, n in uses.items() if n > 1}
 
 
-def _last_packed(module: nn.Module) -> Optional[PackedBinaryConv2d]:
-    """The packed conv whose output is `module`'s output, if there is one."""
-    while isinstance(module, nn.Sequential) and len(module) > 0:
-        module = module[-1]
-    return module if isinstance(module, PackedBinaryConv2d) else None
+def _end_packed(module: nn.Module, end: int, shared) -> Optional[PackedBinaryConv2d]:
+    """The packed conv at the start (end=0) or end (end=-1) of `module`, if the module is one or a Sequential
+    (nested) starting/ending so, and neither it nor a Sequential on the way is used elsewhere as well: a fold
+    into a module holds for every place that uses it, and its neighbours differ from one place to another."""
+    while isinstance(module, nn.Sequential) and len(module) > 0 and id(module) not in shared:
+        module = module[end]
+    return module if isinstance(module, PackedBinaryConv2d) and id(module) not in shared else None
+
+
+def _first_packed(module: nn.Module, shared=frozenset()) -> Optional[PackedBinaryConv2d]:
+    """The packed conv that reads `module`'s input first (see _end_packed)."""
+    return _end_packed(module, 0, shared)
+
+
+def _last_packed(module: nn.Module, shared=frozenset()) -> Optional[PackedBinaryConv2d]:
+    """The packed conv whose output is `module`'s output (see _end_packed)."""
+    return _end_packed(module, -1, shared)
 
 
 def _foldable_bn(bn: nn.Module, conv: PackedBinaryConv2d) -> bool:
@@ -163,12 +189,13 @@ def _foldable_bn(bn: nn.Module, conv: PackedBinaryConv2d) -> bool:
             and bn.num_features == conv.out_channels)
 
 
-def _fold_sequential(seq: nn.Sequential):
+def _fold_sequential(seq: nn.Sequential, shared=frozenset()):
     """Within one Sequential: fold [LearnableBias]* [RSign] [LearnableBias]* -> packed conv into the conv's
-    input threshold, and packed conv -> BatchNorm2d into its epilogue; folded modules become nn.Identity."""
+    input threshold, and packed conv -> BatchNorm2d into its epilogue; folded modules become nn.Identity (in
+    this Sequential only: a folded module used elsewhere too stays there). Convs in `shared` are left alone."""
     names = list(seq._modules.keys())
     for i, name in enumerate(names):
-        conv = _first_packed(seq._modules[name])
+        conv = _first_packed(seq._modules[name], shared)
         if conv is None or conv.threshold is not None:
             continue
         # Walk back from the conv: sign(x + b1 - b2 ...) = sign(x - t); an RSign is folded only while nothing
@@ -190,7 +217,7 @@ def _fold_sequential(seq: nn.Sequential):
             for n in folded:
                 seq._modules[n] = nn.Identity()
     for name, nxt in zip(names, names[1:]):
-        conv = _last_packed(seq._modules[name])
+        conv = _last_packed(seq._modules[name], shared)
         bn = seq._modules[nxt]
         if conv is not None and _foldable_bn(bn, conv):
             conv.fold_batchnorm(bn)
@@ -209,18 +236,39 @@ def _link_chains(seq: nn.Sequential):
             link(b)
 
 
-def _convert(module: nn.Module) -> nn.Module:
+def _convert(module: nn.Module, memo: dict, shared: set) -> nn.Module:
+    """The frozen form of `module`, converted in place. Each module is converted once (memo: id -> (module,
+    result), which also keeps both alive so that no id is reused meanwhile): a module used in several places
+    becomes one frozen module used in the same places, never folded twice. `shared`: ids of such modules, which
+    take no fold from their neighbours; it grows by their results."""
+    done = memo.get(id(module))
+    if done is not None:
+        return done[1]
     if isinstance(module, BinaryConv2d):
-        return PackedBinaryConv2d.from_binary(module)
-    for name, child in list(module._modules.items()):
-        if child is not None:
-            module._modules[name] = _convert(child)
-    if isinstance(module, nn.Sequential):
-        _fold_sequential(module)
-        _link_chains(module)
-    # A module that knows its own dataflow may fold further once its children are packed (ReActBlock does).
-    to_packed = getattr(module, "to_packed", None)
-    return to_packed() if callable(to_packed) else module
+        result = PackedBinaryConv2d.from_binary(module)
+    else:
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                module._modules[name] = _convert(child, memo, shared)
+        if isinstance(module, nn.Sequential):
+            _fold_sequential(module, shared)
+            _link_chains(module)
+        # A module that knows its own dataflow may fold further once its children are packed (ReActBlock does).
+        to_packed = getattr(module, "to_packed", None)
+        result = to_packed() if callable(to_packed) else module
+    memo[id(module)] = (module, result)
+    if id(module) in shared:
+        shared.add(id(result))
+    return result
+
+
+def _freeze_in_place(model: nn.Module) -> nn.Module:
+    """freeze() without the copy: converts `model` itself (the skeletons load_packed builds)."""
+    with torch.inference_mode(False):  # normal buffers even when called under inference mode (CHAIN_ATTR)
+        frozen = _convert(model.eval(), {}, _shared_modules(model))
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
 
 
 @torch.no_grad()
@@ -228,14 +276,14 @@ def freeze(model: nn.Module) -> nn.Module:
     """An eval-mode packed inference copy of `model` (the original is untouched): every BinaryConv2d becomes a
     PackedBinaryConv2d, with the RSign/LearnableBias before it and the BatchNorm2d after it folded in where
     they are its neighbours in an nn.Sequential. A module with a `to_packed()` method is then replaced by what
-    that returns (its children already frozen). Parameters of the copy do not require grad."""
+    that returns (its children already frozen; it must leave them as they are, since they may be used elsewhere
+    too). A module the model uses in several places (weight tying) becomes one frozen module used in the same
+    places; nothing is folded into it from its neighbours, which may differ from place to place. Parameters of
+    the copy do not require grad."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    with torch.inference_mode(False):  # normal buffers even when called under inference mode (CHAIN_ATTR)
-        frozen = _convert(copy.deepcopy(model).eval())
-    for p in frozen.parameters():
-        p.requires_grad_(False)
-    return frozen
+    with torch.inference_mode(False):
+        return _freeze_in_place(copy.deepcopy(model))
 
 
 # ---------------------------------------------------------------------------------------------- save / load
@@ -303,10 +351,16 @@ def _check_arch(arch, source: str) -> dict:
     return {"builder": builder, "kwargs": kwargs}
 
 
+class _TooBig(ValueError):
+    """A model under construction would take more memory than its packed file can account for (_Budget)."""
+
+
 def _build(arch: dict, source: str) -> nn.Module:
     fn, kwargs = _builder(arch["builder"], arch["kwargs"], source)
     try:
         model = fn(**kwargs)
+    except _TooBig:
+        raise
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise ValueError(f"{source}: builder {arch['builder']!r} rejected kwargs {kwargs}: "
                          f"{type(exc).__name__}: {exc}") from exc
@@ -320,6 +374,7 @@ def _build(arch: dict, source: str) -> nn.Module:
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
                                                     torch.int32, torch.int64, torch.uint8, torch.bool)}
 _HEADER_KEYS = ("format", "version", "arch", "binarized", "half", "index")
+_MAX_NUMEL = 2**63 - 1  # torch multiplies a shape's dims in int64, a 0 among them or not
 
 
 def _flatten(state: dict):
@@ -337,19 +392,20 @@ def _unflatten(index, data: dict, source: str) -> dict:
     """The state dict held by (index, data); ValueError when they do not describe each other."""
     bad = ValueError(f"{source}: malformed packed model file (tensor index and data disagree)")
     if not (isinstance(index, list) and isinstance(data, dict)
-            and all(isinstance(k, str) and k in _DTYPES and isinstance(v, torch.Tensor) and v.dim() == 1
-                    and v.dtype == _DTYPES[k] for k, v in data.items())):
+            and all(isinstance(k, str) and k in _DTYPES and isinstance(v, torch.Tensor) and v.layout == torch.strided
+                    and v.device.type == "cpu" and v.dim() == 1 and v.dtype == _DTYPES[k] for k, v in data.items())):
         raise bad
     state, offsets = {}, dict.fromkeys(data, 0)
     for entry in index:
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[1] in data
-                and isinstance(entry[2], list) and all(isinstance(s, int) and s >= 0 for s in entry[2])):
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[0] not in state
+                and isinstance(entry[1], str) and entry[1] in data and isinstance(entry[2], list)
+                and all(type(s) is int and s >= 0 for s in entry[2])):
             raise bad
         key, name, shape = entry
-        start = offsets[name]
-        count = 1
-        for s in shape:
-            count *= s
+        # A 0 makes the count 0 but does not make huge dims legal: [2**62, 2**62, 0] is no tensor's shape.
+        if math.prod(max(s, 1) for s in shape) > _MAX_NUMEL:
+            raise bad
+        start, count = offsets[name], math.prod(shape)
         if start + count > data[name].numel():
             raise bad
         state[key] = data[name][start:start + count].reshape(shape)
@@ -359,17 +415,103 @@ def _unflatten(index, data: dict, source: str) -> dict:
     return state
 
 
-def _skeleton(arch: dict, binarized, source: str) -> nn.Module:
-    """The frozen model that `arch` and the binarized conv names describe (random weights; the caller's random
-    number generator state is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        model = _build(arch, source)
-        if binarized:
+class _Budget(TorchFunctionMode):
+    """Under this mode, the tensor constructors that layers make their weights with are sized on the meta device
+    first, and the call that would take the bytes made so far past `limit` raises _TooBig before it allocates
+    anything. For building a model from a file when the builder cannot build on the meta device."""
+
+    CONSTRUCTORS = frozenset({torch.empty, torch.empty_strided, torch.zeros, torch.ones, torch.full, torch.rand,
+                              torch.randn, torch.randint, torch.eye, torch.arange, torch.linspace, torch.logspace,
+                              torch.Tensor.new_empty, torch.Tensor.new_zeros, torch.Tensor.new_ones,
+                              torch.Tensor.new_full})
+
+    def __init__(self, limit: int, refusal: str):
+        super().__init__()
+        self.limit, self.refusal, self.made = limit, refusal, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.CONSTRUCTORS and "out" not in kwargs:
             try:
-                binarize_names_(model, binarized)
-            except ValueError as exc:
-                raise ValueError(f"{source}: the binarized conv list does not fit the model: {exc}") from exc
-        return freeze(model)
+                probe = func(*args, **{**kwargs, "device": "meta"})
+            except Exception:  # not sizable that way (pin_memory=True, ...): the call itself decides
+                probe = None
+            if isinstance(probe, torch.Tensor):
+                self.made += probe.numel() * probe.element_size()
+                if self.made > self.limit:
+                    raise _TooBig(self.refusal)
+        return func(*args, **kwargs)
+
+
+def _size_limit(state: dict) -> int:
+    """The most bytes the float model rebuilt for `state` (a packed file's tensors) may hold before it is frozen:
+    a packed int32 word stands for 32 float32 weights, any other element for at most 8 bytes; x4 for what freezing
+    folds away (BatchNorm statistics, RSign and RPReLU parameters), and 64 MiB for buffers that no file holds
+    (non-persistent ones)."""
+    n = sum(t.numel() * (32 * 4 if t.dtype == torch.int32 else 8) for t in state.values())
+    return 4 * n + 64 * 2**20
+
+
+def _nbytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _float_model(arch: dict, binarized, source: str) -> nn.Module:
+    """The float model that `arch` describes, with the convs named in `binarized` binarized."""
+    model = _build(arch, source)
+    if binarized:
+        try:
+            binarize_names_(model, binarized)
+        except _TooBig:
+            raise
+        except ValueError as exc:
+            raise ValueError(f"{source}: the binarized conv list does not fit the model: {exc}") from exc
+    return model
+
+
+def _skeleton(arch: dict, binarized, source: str, budget: Optional[_Budget] = None) -> nn.Module:
+    """The frozen model that `arch` and the binarized conv names describe (random weights; the caller's random
+    number generator state is left as it was), built under `budget` if one is given."""
+    with torch.random.fork_rng(devices=[]), (budget if budget is not None else contextlib.nullcontext()):
+        return _freeze_in_place(_float_model(arch, binarized, source))
+
+
+def _meta_skeleton(arch: dict, binarized, source: str):
+    """(the frozen model on the meta device, bytes the float model it is frozen from holds), built without
+    allocating any tensor memory; None when the model cannot be built on the meta device (a builder that reads
+    values of the tensors it makes: torchvision's regnets)."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            model = _float_model(arch, binarized, source)
+            nbytes = _nbytes(model)
+            return _freeze_in_place(model), nbytes
+    except Exception:  # whatever it is, the real build (under a _Budget) meets it again and reports it
+        return None
+
+
+def _structure(state: dict) -> dict:
+    return {k: (tuple(t.shape), t.is_floating_point()) for k, t in state.items()}
+
+
+def _differences(expected: dict, actual: dict) -> list:
+    """The first differences between two _structure()s, as (name, (shape, is_float))."""
+    return sorted(set(expected.items()) ^ set(actual.items()))[:6]
+
+
+def _check_fits(meta: nn.Module, nbytes: int, state: dict, arch: dict, source: str):
+    """ValueError unless the file's tensors are those of the model (built on the meta device) and the model is no
+    bigger than the file can account for: checked before anything of that size is allocated."""
+    model = f"the model that {arch['builder']} builds with kwargs {arch['kwargs']}"
+    expected, actual = _structure(meta.state_dict()), _structure(state)
+    if expected != actual:
+        need, have = (sum(math.prod(shape) for shape, _ in s.values()) for s in (expected, actual))
+        raise ValueError(f"{source}: the file's tensors do not fit {model} ({need} elements in {len(expected)} "
+                         f"tensors; the file holds {have} in {len(actual)}); first differences (name, (shape, "
+                         f"is_float)): {_differences(expected, actual)}")
+    limit = _size_limit(state)
+    if nbytes > limit:
+        raise ValueError(f"{source}: {model} holds {nbytes} bytes before it is frozen, more than the file's tensors "
+                         f"can account for ({limit} bytes); refused before allocating it")
 
 
 def _digest(header: dict, data: dict) -> str:
@@ -381,20 +523,45 @@ def _digest(header: dict, data: dict) -> str:
     return h.hexdigest()
 
 
-def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict] = None) -> int:
-    """Write the packed form of `model` (frozen first if it still has BinaryConv2d layers) to `path`, one
-    file readable by torch.load(weights_only=True): the architecture description, the 1-bit weight words and
-    the float parts.
+# Modules that binarise what they read: a float tensor held by one of them, or by a module before one, decides
+# signs of binary activations.
+_SIGN_MODULES = (BinaryConv2d, PackedBinaryConv2d, RSign)
 
-    half=True stores the large float tensors (>= 4096 elements: the classifier, big full-precision convs) in
-    float16. Small ones (per-channel thresholds, folded BN scale/shift, RPReLU, the stem conv) stay float32:
-    they decide the signs of the binary activations and cost little, so the binary codes are not perturbed.
+
+def _after_last_sign(model: nn.Module) -> set:
+    """ids of the tensors held only by modules that come after the model's last sign (binary conv or RSign) in
+    registration order, which is that of state_dict and, in torchvision, timm and candle-ext models, that of the
+    dataflow: the head, which no binary code depends on. A module used in several places counts at each."""
+    modules = [m for _, m in model.named_modules(remove_duplicate=False)]
+    last = max((i for i, m in enumerate(modules) if isinstance(m, _SIGN_MODULES)), default=-1)
+
+    def held(ms):
+        return {id(t) for m in ms for t in itertools.chain(m._parameters.values(), m._buffers.values())
+                if t is not None}
+    return held(modules[last + 1:]) - held(modules[:last + 1])
+
+
+def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict] = None) -> int:
+    """Write the packed form of `model` (frozen first if it still has BinaryConv2d layers) to `path` (a file
+    name, or a binary file object as torch.save takes), one file readable by torch.load(weights_only=True): the
+    architecture description, the 1-bit weight words and the float parts.
+
+    half=True stores in float16 the float tensors of at least 4096 elements that only modules after the model's
+    last sign (its last binary conv or RSign, in registration order) hold: the classifier head. Everything
+    before it stays float32 whatever its size (the stem conv, full-precision convs between binary layers,
+    thresholds, folded BN scale/shift, RPReLU): it decides the signs of the binary activations, so the binary
+    codes are not perturbed.
 
     arch: {'builder': 'module.function', 'kwargs': {...}} that builds the float model, e.g.
     {'builder': 'torchvision.models.resnet18', 'kwargs': {'num_classes': 10}}; defaults to the description
-    that candle_ext.models.reactnet_a records on its models. Returns the file size in bytes."""
+    that candle_ext.models.reactnet_a records on its models. Returns the file size in bytes (the bytes written,
+    for a file object)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    to_file = isinstance(path, (str, os.PathLike))
+    if not (to_file or callable(getattr(path, "write", None))):
+        raise TypeError(f"save_packed: path must be a file name (str or os.PathLike) or a binary file object with "
+                        f"write(), got {type(path).__name__}: {path!r}")
     arch = arch if arch is not None else getattr(model, ARCH_ATTR, None)
     if arch is None:
         raise ValueError("arch is needed for a model that candle_ext.models did not build: pass "
@@ -404,33 +571,50 @@ def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict]
     frozen = model if not any(isinstance(m, BinaryConv2d) for m in model.modules()) else freeze(model)
     binarized = list(getattr(model, BINARIZED_ATTR, ()))
     # Refuse now, not when loading, a model that load_packed could not rebuild from the description.
-    expected = {k: (tuple(t.shape), t.dtype.is_floating_point)
-                for k, t in _skeleton(arch, binarized, "save_packed").state_dict().items()}
-    actual = {k: (tuple(t.shape), t.dtype.is_floating_point) for k, t in frozen.state_dict().items()}
+    meta = _meta_skeleton(arch, binarized, "save_packed")
+    skeleton = meta[0] if meta is not None else _skeleton(arch, binarized, "save_packed")
+    expected, actual = _structure(skeleton.state_dict()), _structure(frozen.state_dict())
     if expected != actual:
-        diff = sorted(set(expected.items()) ^ set(actual.items()))[:6]
         raise ValueError(f"save_packed: the model does not have the structure that arch {arch} builds (after "
-                         f"binarize_ and freeze); first differences (name, (shape, is_float)): {diff}")
+                         f"binarize_ and freeze); first differences (name, (shape, is_float)): "
+                         f"{_differences(expected, actual)}")
+    roundable = _after_last_sign(frozen) if half else set()
     state = {}
-    for key, t in frozen.state_dict().items():
+    for key, t in frozen.state_dict(keep_vars=True).items():
+        may_round = id(t) in roundable
         t = t.detach().cpu().contiguous()
-        if (half and t.is_floating_point() and t.numel() >= HALF_MIN_NUMEL
+        if (may_round and t.is_floating_point() and t.numel() >= HALF_MIN_NUMEL
                 and t.abs().max().item() <= _FP16_MAX):
             t = t.half()
         state[key] = t
     index, data = _flatten(state)
     header = {"format": FORMAT, "version": VERSION, "arch": arch, "binarized": binarized, "half": bool(half),
               "index": index}
+    blob = {**header, "data": data, "sha256": _digest(header, data)}
+    if to_file:
+        try:
+            torch.save(blob, path)
+        except (OSError, RuntimeError) as exc:  # torch's zip writer raises RuntimeError for a missing folder
+            raise OSError(f"save_packed: cannot write the packed model to {str(path)!r}: {exc}") from exc
+        return os.path.getsize(path)
+    buffer = io.BytesIO()  # serialised here, so that the size is known without asking the file object for it
+    torch.save(blob, buffer)
+    payload = buffer.getvalue()
     try:
-        torch.save({**header, "data": data, "sha256": _digest(header, data)}, path)
-    except (OSError, RuntimeError) as exc:  # torch's zip writer raises RuntimeError for a missing folder
-        raise OSError(f"save_packed: cannot write the packed model to {str(path)!r}: {exc}") from exc
-    return os.path.getsize(path)
+        path.write(payload)
+        if callable(getattr(path, "flush", None)):
+            path.flush()
+    except TypeError as exc:  # a text-mode file
+        raise TypeError(f"save_packed: cannot write bytes to {path!r} (open it in binary mode, 'wb'): {exc}") from exc
+    except OSError as exc:
+        raise OSError(f"save_packed: cannot write the packed model to {path!r}: {exc}") from exc
+    return len(payload)
 
 
 def load_packed(path, map_location="cpu") -> nn.Module:
     """The eval-mode packed model saved by save_packed (float parts restored to float32). A file that is not
-    one, truncated or corrupt raises ValueError naming the path."""
+    one, truncated or corrupt, or whose tensors do not fit the model it names, raises ValueError naming the path;
+    the model's size is checked against the file's tensors before the model is built."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
@@ -438,20 +622,39 @@ def load_packed(path, map_location="cpu") -> nn.Module:
     except Exception as exc:  # torch.load raises several types on truncated/corrupt archives
         raise ValueError(f"{path}: not a readable candle-ext packed model file (truncated or corrupt?): "
                          f"{type(exc).__name__}: {exc}") from exc
-    if not (isinstance(blob, dict) and blob.get("format") == FORMAT):
+    if not (isinstance(blob, dict) and isinstance(blob.get("format"), str) and blob["format"] == FORMAT):
         raise ValueError(f"{path}: not a candle-ext packed model file (no '{FORMAT}' header)")
-    if blob.get("version") != VERSION:
-        raise ValueError(f"{path}: packed format version {blob.get('version')!r}; this candle-ext reads {VERSION}")
+    version = blob.get("version")
+    if not (type(version) is int and version == VERSION):
+        raise ValueError(f"{path}: packed format version {version!r}; this candle-ext reads {VERSION}")
     binarized = blob.get("binarized")
     if not (isinstance(binarized, list) and all(isinstance(n, str) for n in binarized)):
         raise ValueError(f"{path}: malformed packed model file (binarized list missing)")
     state = _unflatten(blob.get("index"), blob.get("data"), str(path))
+    for key in _HEADER_KEYS:  # the checksum covers them as JSON: anything else is no file save_packed wrote
+        try:
+            json.dumps(blob.get(key), sort_keys=True)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"{path}: malformed packed model file (header field {key!r} must be plain data: "
+                             f"{type(exc).__name__}: {exc})") from exc
     header = {k: blob.get(k) for k in _HEADER_KEYS}
-    if blob.get("sha256") != _digest(header, blob["data"]):
+    digest = blob.get("sha256")
+    if not (isinstance(digest, str) and digest == _digest(header, blob["data"])):
         raise ValueError(f"{path}: checksum mismatch, the file is corrupt")
     arch = _check_arch(blob["arch"], str(path))
     with torch.inference_mode(False):  # normal buffers even when called under inference mode (CHAIN_ATTR)
-        frozen = _skeleton(arch, binarized, str(path))
+        # Compare the model with the file on the meta device first: a file must not make this allocate a model
+        # its tensors cannot fill (its arch kwargs alone could ask for ~90 GiB).
+        meta = _meta_skeleton(arch, binarized, str(path))
+        budget = None
+        if meta is not None:
+            _check_fits(*meta, state, arch, str(path))
+        else:  # built for real; x2: what is made is counted, not what is held (binarize_ copies conv weights)
+            limit = 2 * _size_limit(state)
+            budget = _Budget(limit, f"{path}: the model that {arch['builder']} builds with kwargs {arch['kwargs']} "
+                                    f"takes more than {limit} bytes, more than the file's tensors can account "
+                                    "for; refused before allocating it")
+        frozen = _skeleton(arch, binarized, str(path), budget)
         try:
             frozen.load_state_dict(state, strict=True)  # copy_ restores float16 parts to the model's float32
         except RuntimeError as exc:

@@ -13,6 +13,7 @@ parameters, same outputs, one kernel call instead of two).
 """
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import torch
@@ -114,6 +115,9 @@ class PackedReActBlock(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels, self.stride = block.in_channels, block.out_channels, block.stride
         repeat = block.out_channels // block.in_channels
+        # The shifts are folded into copies: the block's convs may be used elsewhere too (a block or branch
+        # shared by several places of the model), and to_packed must leave them as they are.
+        conv3, conv1 = copy.deepcopy(conv3), copy.deepcopy(conv1)
         with torch.no_grad():
             g1, z1 = block.act1.gamma.double(), block.act1.zeta.double()
             g2, z2 = block.act2.gamma.double(), block.act2.zeta.double()
