@@ -21,10 +21,11 @@ namespace candle {
 
 namespace {
 
-// The float output of a conv that also returns its packed signs: a normal tensor even under
+// The float output of a conv; when it also carries its packed signs (carries_signs), a normal tensor even under
 // torch.inference_mode, whose tensors have no version counter. The frozen chains carry the signs on this tensor
 // for the next conv and trust them only while its version is unchanged (carried_words, models/packed.py).
-at::Tensor versioned_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+at::Tensor output_empty(bool carries_signs, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  if (!carries_signs) return at::empty(sizes, opts);
   c10::InferenceMode versioned(false);
   return at::empty(sizes, opts);
 }
@@ -162,8 +163,7 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_cpu_nhwc(
   const auto fopts = x_packed.options().dtype(at::kFloat);
   const auto nhwc_opts = fopts.memory_format(at::MemoryFormat::ChannelsLast);
   at::Tensor out = !float_out ? at::empty({0}, fopts)
-                   : packed_out ? versioned_empty({g.n, g.cout, g.ho, g.wo}, nhwc_opts)
-                                : at::empty({g.n, g.cout, g.ho, g.wo}, nhwc_opts);
+                              : output_empty(packed_out, {g.n, g.cout, g.ho, g.wo}, nhwc_opts);
   at::Tensor words = packed_out ? at::empty({g.n, g.ho, g.wo, words_for(g.cout)}, x_packed.options())
                                 : at::empty({0}, x_packed.options());
   post.packed = packed_out ? reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()) : nullptr;
@@ -225,8 +225,7 @@ std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
 
   const auto iopts = x_packed.options();
   const auto fopts = iopts.dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast);
-  at::Tensor out = pack_threshold.has_value() && !nchw_out ? versioned_empty({g3.n, c1, g3.ho, g3.wo}, fopts)
-                                                            : at::empty({g3.n, c1, g3.ho, g3.wo}, fopts);
+  at::Tensor out = output_empty(pack_threshold.has_value() && !nchw_out, {g3.n, c1, g3.ho, g3.wo}, fopts);
   at::Tensor words = pack_threshold.has_value() ? at::empty({g3.n, g3.ho, g3.wo, words_for(c1)}, iopts)
                                                 : at::empty({0}, iopts);
   a1.out_f = out.data_ptr<float>();
@@ -246,8 +245,7 @@ std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
   }
   if (nchw_out) {  // the end of a chain: the NCHW tensor its consumer (a float layer) expects
     const auto nchw_opts = iopts.dtype(at::kFloat);
-    at::Tensor nchw = pack_threshold.has_value() ? versioned_empty({g3.n, c1, g3.ho, g3.wo}, nchw_opts)
-                                                 : at::empty({g3.n, c1, g3.ho, g3.wo}, nchw_opts);
+    at::Tensor nchw = output_empty(pack_threshold.has_value(), {g3.n, c1, g3.ho, g3.wo}, nchw_opts);
     transpose_planes(out, nchw, g3.ho * g3.wo, c1);
     return {nchw, words};
   }
