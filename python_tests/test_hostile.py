@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -19,10 +20,10 @@ from candle_ext.nn import BinaryConv2d, LearnableBias, RPReLU, RSign
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _run_isolated(code: str, env=None):
+def _run_isolated(code: str, env=None, timeout=300):
     """Run `code` in a fresh interpreter; returns (exit status, stdout + stderr)."""
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**os.environ, **(env or {})})
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -215,9 +216,9 @@ _TEST_BUILDER = """
     """
 
 
-def _load_limited(path, *setup):
+def _load_limited(path, *setup, timeout=300):
     code = "".join(textwrap.dedent(part) for part in (*setup, f"path = {str(path)!r}\n", _LOAD_LIMITED))
-    rc, out = _run_isolated(code)
+    rc, out = _run_isolated(code, timeout=timeout)
     assert rc == 0, f"process died with status {rc}: {out}"
     return out, float(out.split("GROWN_MB")[1])
 
@@ -235,6 +236,20 @@ def test_load_packed_refuses_a_huge_arch_before_building_it(good_file, tmp_path)
     out, grown_mb = _load_limited(bad)
     assert "REFUSED" in out and str(bad) in out and "do not fit" in out, out
     assert grown_mb < 500, out
+
+
+@linux_only
+def test_load_packed_refuses_a_deep_arch_while_building_it(good_file, tmp_path):
+    """A file asking timm for a Swin with a million blocks in one stage: timm builds it on the meta device (no
+    memory budget applies), ~70 blocks a second, so the build alone would take hours. Refused by the number of
+    modules the builder registers."""
+    arch = {"builder": "timm.create_model",
+            "kwargs": {"model_name": "swin_tiny_patch4_window7_224", "depths": [2, 2, 10**6, 2]}}
+    bad = _rewrite(good_file, tmp_path / "deep.pt", arch=arch)
+    t0 = time.perf_counter()
+    out, grown_mb = _load_limited(bad, timeout=120)
+    assert "REFUSED" in out and str(bad) in out and "modules" in out, out
+    assert grown_mb < 1000 and time.perf_counter() - t0 < 120, out
 
 
 @linux_only

@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import importlib
 import io
 import itertools
 import json
 import math
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -355,10 +355,53 @@ class _TooBig(ValueError):
     """A model under construction would take more memory than its packed file can account for (_Budget)."""
 
 
+# The most submodules a builder may register while load_packed builds a model (per thread; None: no limit).
+_module_limit = threading.local()
+
+
+@contextlib.contextmanager
+def _max_modules(limit: Optional[int], refusal: str):
+    """Builds within this (on this thread) raise _TooBig(refusal) once a builder registers more than `limit`
+    submodules. A file names the builder's kwargs, and some ask for structure, not memory (timm's depth=10**6):
+    millions of modules, hours and hundreds of GB of Python objects even on the meta device, before any tensor
+    could be compared with the file."""
+    previous = getattr(_module_limit, "value", None)
+    _module_limit.value = (limit, refusal)
+    try:
+        yield
+    finally:
+        _module_limit.value = previous
+
+
+@contextlib.contextmanager
+def _counting_modules():
+    """Counts the submodules registered on this thread while the body runs, against _max_modules' limit."""
+    setting = getattr(_module_limit, "value", None)
+    if setting is None:
+        yield
+        return
+    limit, refusal = setting
+    thread, made = threading.get_ident(), 0
+
+    def registered(module, name, submodule):
+        nonlocal made
+        if threading.get_ident() == thread:
+            made += 1
+            if made > limit:
+                raise _TooBig(refusal)
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(registered)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _build(arch: dict, source: str) -> nn.Module:
     fn, kwargs = _builder(arch["builder"], arch["kwargs"], source)
     try:
-        model = fn(**kwargs)
+        with _counting_modules():
+            model = fn(**kwargs)
     except _TooBig:
         raise
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
@@ -485,6 +528,8 @@ def _meta_skeleton(arch: dict, binarized, source: str):
             model = _float_model(arch, binarized, source)
             nbytes = _nbytes(model)
             return _freeze_in_place(model), nbytes
+    except _TooBig:
+        raise
     except Exception:  # whatever it is, the real build (under a _Budget) meets it again and reports it
         return None
 
@@ -645,16 +690,23 @@ def load_packed(path, map_location="cpu") -> nn.Module:
     with torch.inference_mode(False):  # normal buffers even when called under inference mode (CHAIN_ATTR)
         # Compare the model with the file on the meta device first: a file must not make this allocate a model
         # its tensors cannot fill (its arch kwargs alone could ask for ~90 GiB).
-        meta = _meta_skeleton(arch, binarized, str(path))
-        budget = None
-        if meta is not None:
-            _check_fits(*meta, state, arch, str(path))
-        else:  # built for real; x2: what is made is counted, not what is held (binarize_ copies conv weights)
-            limit = 2 * _size_limit(state)
-            budget = _Budget(limit, f"{path}: the model that {arch['builder']} builds with kwargs {arch['kwargs']} "
-                                    f"takes more than {limit} bytes, more than the file's tensors can account "
-                                    "for; refused before allocating it")
-        frozen = _skeleton(arch, binarized, str(path), budget)
+        # Every module of a real model holds some of the file's tensors, or sits next to modules that do: 16
+        # modules a tensor leaves ample room (ReActNet-A, torchvision's classification models and 15 timm ones
+        # register at most 1.8 per tensor of their float state_dict).
+        max_modules = 256 + 16 * len(state)
+        with _max_modules(max_modules, f"{path}: the model that {arch['builder']} builds with kwargs "
+                                       f"{arch['kwargs']} has more than {max_modules} modules, more than a file "
+                                       f"of {len(state)} tensors can describe; refused while building it"):
+            meta = _meta_skeleton(arch, binarized, str(path))
+            budget = None
+            if meta is not None:
+                _check_fits(*meta, state, arch, str(path))
+            else:  # built for real; x2: what is made is counted, not what is held (binarize_ copies conv weights)
+                limit = 2 * _size_limit(state)
+                budget = _Budget(limit, f"{path}: the model that {arch['builder']} builds with kwargs "
+                                        f"{arch['kwargs']} takes more than {limit} bytes, more than the file's "
+                                        "tensors can account for; refused before allocating it")
+            frozen = _skeleton(arch, binarized, str(path), budget)
         try:
             frozen.load_state_dict(state, strict=True)  # copy_ restores float16 parts to the model's float32
         except RuntimeError as exc:

@@ -17,7 +17,6 @@ import copy
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from candle_ext.models.packed import ARCH_ATTR, PackedBinaryConv2d, carried_words, carry_words
