@@ -3,8 +3,10 @@
 The teacher is calibrated once per teacher kind (multi-resolution, single-resolution) and its frozen encoder
 features are computed once per kind; every run reuses them. Runs are independent folders under OUT/runs/, and
 a finished run (its report.json) is never trained again, so an interrupted comparison continues where it
-stopped (an unfinished run resumes from its last epoch checkpoint). Outputs: OUT/results.json, OUT/results.md,
-OUT/lambda_curves.png and OUT/top1_bars.png.
+stopped (an unfinished run resumes from its last epoch checkpoint). Each run and teacher folder keeps the part
+of the configuration it was made with (made_with.json); a folder made with a different one, or by a version that
+kept none, is refused (ValueError) rather than reused, so a changed --set never reports old runs. Outputs:
+OUT/results.json, OUT/results.md, OUT/lambda_curves.png and OUT/top1_bars.png.
 
 A method is named MODE (a key of distill.METHODS, with the configuration's teacher) or MODE@single /
 MODE@multi (the same with a single- or multi-resolution teacher): the paper's Table 3 ladder is
@@ -71,6 +73,80 @@ def expand(methods: Sequence[str]) -> List[Variant]:
     if not out:
         raise ValueError("no methods given: name modes or presets")
     return out
+
+
+# Keys that change how a run executes but not what it computes: they may differ between a run and its resume.
+RUNTIME_KEYS = ("out_dir", "progress", "device", "threads", "amp", "channels_last", "data.download")
+MADE_WITH = "made_with.json"
+
+
+def _flat(d: dict, prefix: str = "") -> Dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _subset(cfg: Config, sections: Sequence[str]) -> Dict[str, object]:
+    """The dotted keys of cfg in `sections` (top-level scalars such as seed are sections of their own), minus the
+    runtime keys, JSON round-tripped so that it compares equal to what was stored."""
+    flat = {k: v for k, v in _flat(cfg.to_dict()).items()
+            if k.split(".")[0] in sections and k not in RUNTIME_KEYS}
+    return json.loads(json.dumps(flat))
+
+
+def teacher_spec(cfg: Config, multires: bool) -> Dict[str, object]:
+    """What a calibrated teacher depends on: the data, the teacher and its kind, calibration, the seed, and the
+    student (the head's 1x1 convs map to the student's channels)."""
+    return _subset(cfg.replace(**{"teacher.multires": multires}),
+                   ("seed", "data", "teacher", "student", "calibrate"))
+
+
+def run_spec(cfg: Config, v: Variant, multires: bool, seed: int) -> Dict[str, object]:
+    """What one student run depends on: its method and seed, the data, student and distill keys, and the teacher
+    it learns from (with the configuration's seed, which builds and calibrates the teacher)."""
+    sections = ["data", "student", "distill"]
+    teacher = METHODS[v.mode].teacher
+    if teacher is not None:
+        sections += ["teacher", "seed"]
+    if teacher == "calibrated":
+        sections.append("calibrate")
+    spec = _subset(cfg.replace(**{"teacher.multires": multires}), sections)
+    # the method comes from --methods; distill.mode / distill.baselines are not read by compare
+    spec.pop("distill.mode", None)
+    spec.pop("distill.baselines", None)
+    spec.update({"method": v.mode, "run_seed": seed})
+    if teacher is not None:
+        spec["teacher_seed"] = spec.pop("seed")
+    return spec
+
+
+def check_made_with(folder: str, spec: Dict[str, object]) -> None:
+    """Refuse to reuse `folder` unless it was made with `spec`. A folder with files but no made_with.json predates
+    config tracking: its configuration is unknown, so it is refused too (reusing it could report stale runs)."""
+    path = os.path.join(folder, MADE_WITH)
+    if os.path.exists(path):
+        with open(path) as fh:
+            old = json.load(fh)
+        diff = [f"{k} {old.get(k, '<unset>')!r} -> {spec.get(k, '<unset>')!r}"
+                for k in sorted(set(old) | set(spec)) if old.get(k, "<unset>") != spec.get(k, "<unset>")]
+        if diff:
+            raise ValueError(f"{folder} was made with a different configuration ({'; '.join(diff)}): use another "
+                             f"--out or delete that folder")
+    elif os.path.isdir(folder) and os.listdir(folder):
+        raise ValueError(f"{folder} predates config tracking (no {MADE_WITH}), so whether it matches this "
+                         f"configuration is unknown: use another --out or delete that folder")
+
+
+def claim(folder: str, spec: Dict[str, object]) -> None:
+    """check_made_with, then record spec before anything is trained there (an unfinished run resumes from its
+    checkpoint, so the record must exist from the start)."""
+    check_made_with(folder, spec)
+    if not os.path.exists(os.path.join(folder, MADE_WITH)):
+        write_json(spec, os.path.join(folder, MADE_WITH))
 
 
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -191,6 +267,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
                           train, test)
             path = os.path.join(tdir, "teacher.pt")
             t0 = time.time()
+            claim(tdir, teacher_spec(cfg, multires))
             if os.path.exists(os.path.join(tdir, "teacher_report.json")):
                 teacher = load_calibrated_teacher(ctx.cfg.teacher, path)
                 teacher = teacher.to(ctx.device).eval()
@@ -208,6 +285,23 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
     # tau_norm is the CE run with its classifier normalised afterwards: derive it from scratch's run when both
     # train the same way, instead of training twice.
     order = sorted(variants, key=lambda v: v.mode == "tau_norm")
+    scratch = parse_method("scratch")
+
+    def run_dir_of(v: Variant, seed: int) -> str:
+        return os.path.join(out, "runs", f"{v.label.replace('@', '-')}_s{seed}")
+
+    # Before training anything, check every folder this comparison would reuse, so that a mismatch stops it at
+    # once rather than after hours of other runs.
+    for multires in sorted({kind_of(v) for v in variants if METHODS[v.mode].teacher is not None}):
+        check_made_with(os.path.join(out, f"teacher_{'multi' if multires else 'single'}"),
+                        teacher_spec(cfg, multires))
+    for seed in seeds:
+        for v in order:
+            check_made_with(run_dir_of(v, seed), run_spec(cfg, v, kind_of(v), seed))
+            scratch_rep = os.path.join(run_dir_of(scratch, seed), "report.json")
+            if v.mode == "tau_norm" and cfg.distill.scratch_sampler == "random" and os.path.exists(scratch_rep):
+                # tau_norm would be derived from that scratch run
+                check_made_with(run_dir_of(scratch, seed), run_spec(cfg, scratch, kind_of(scratch), seed))
     total = len(order) * len(seeds)
     results: Dict[str, Dict[int, Dict[str, float]]] = {v.label: {} for v in variants}
     lambda_logs: Dict[str, List[str]] = {}
@@ -215,7 +309,8 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
     for seed in seeds:
         for v in order:
             done += 1
-            run_dir = os.path.join(out, "runs", f"{v.label.replace('@', '-')}_s{seed}")
+            run_dir = run_dir_of(v, seed)
+            claim(run_dir, run_spec(cfg, v, kind_of(v), seed))
             rep_path = os.path.join(run_dir, "report.json")
             t0 = time.time()
             if os.path.exists(rep_path):
@@ -226,9 +321,10 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
                 run_cfg = cfg.replace(**{"seed": seed, "out_dir": run_dir, "teacher.multires": multires,
                                          "progress": False})
                 ctx = Context(run_cfg, train, test)
-                scratch_dir = os.path.join(out, "runs", f"scratch_s{seed}")
+                scratch_dir = run_dir_of(scratch, seed)
                 if (v.mode == "tau_norm" and cfg.distill.scratch_sampler == "random"
                         and os.path.exists(os.path.join(scratch_dir, "report.json"))):
+                    check_made_with(scratch_dir, run_spec(cfg, scratch, kind_of(scratch), seed))
                     student = load_student(ctx, os.path.join(scratch_dir, "scratch_student.pt"))
                     tau_normalize_(student.classifier.fc, cfg.distill.tau_norm)
                     rep = {"mode": "tau_norm", "derived_from": scratch_dir,
@@ -258,6 +354,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
         kind = "multi" if multires else "single"
         rep_path = os.path.join(out, f"teacher_{kind}", "teacher_report.json")
         if multires not in teachers and os.path.exists(rep_path):
+            check_made_with(os.path.dirname(rep_path), teacher_spec(cfg, multires))
             res = teacher_resolutions(cfg.replace(**{"teacher.multires": multires}).teacher)[0]
             teacher_reports[f"{kind}-resolution {res}"] = json.load(open(rep_path))
         else:

@@ -1,0 +1,100 @@
+"""`candle compare` reuses a finished run or teacher only when it was made with the same configuration: a changed
+--set into the same --out stops with an error instead of reporting the old runs under the new config."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from candle_ext.cli import main
+MADE_WITH = "made_with.json"  # where compare records the configuration a folder was made with
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _make_folder(root, counts, seed):
+    rng = np.random.default_rng(seed)
+    for c, n in enumerate(counts):
+        d = root / "abcd"[c]
+        d.mkdir(parents=True)
+        for i in range(n):
+            img = rng.integers(0, 60, (16, 16, 3))
+            img[:, :, c % 3] += 120
+            img[c * 4:(c + 1) * 4] += 60
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def cfg_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    _make_folder(root / "train", [12, 8, 6, 4], 0)
+    _make_folder(root / "test", [2, 2, 2, 2], 1)
+    import timm
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_efficientnet").state_dict(), root / "teacher_w.pt")
+    cfg = {"seed": 0, "out_dir": str(root / "run"), "progress": False,
+           "data": {"source": "imagefolder", "train_dir": str(root / "train"), "test_dir": str(root / "test"),
+                    "train_per_class": None, "imbalance_ratio": None, "test_per_class": None},
+           "teacher": {"name": "test_efficientnet", "weights": str(root / "teacher_w.pt"),
+                       "resolutions": [16, 24], "base": 0},
+           "student": {"arch": "reactnet_a", "small_input": False, "width_mult": 0.125},
+           "calibrate": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+           "distill": {"epochs": 1, "batch_size": 4, "lr": 0.005}}
+    path = root / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _compare(cfg_path, out, *extra, methods=("kd",)):
+    return main(["compare", "--config", cfg_path, "--out", str(out), "--methods", *methods, "--seeds", "0", *extra])
+
+
+def test_compare_refuses_runs_and_teachers_made_with_another_config(cfg_path, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert _compare(cfg_path, out) == 0
+    first = json.load(open(out / "results.json"))
+    capsys.readouterr()
+    # The audit's case: more epochs and another teacher into the same --out. The teacher is checked first.
+    assert _compare(cfg_path, out, "--set", "distill.epochs=3", "--set", "teacher.resolutions=[16, 32, 48]") == 2
+    err = capsys.readouterr().err
+    assert "teacher_multi was made with a different configuration" in err
+    assert "teacher.resolutions [16, 24] -> [16, 32, 48]" in err and "use another --out or delete" in err
+    # A student-only change: the teacher is still valid, the kd run is not.
+    assert _compare(cfg_path, out, "--set", "distill.epochs=3") == 2
+    err = capsys.readouterr().err
+    assert re.search(r"runs.kd_s0 was made with a different configuration \(distill.epochs 1 -> 3\)", err)
+    # Nothing was trained or rewritten by the refused calls.
+    assert len(json.load(open(out / "runs" / "kd_s0" / "report.json"))["history"]) == 1
+    assert json.load(open(out / "results.json")) == first
+    # Same config (runtime keys such as progress may differ): resumed, nothing trained again.
+    assert _compare(cfg_path, out, "--set", "progress=true") == 0
+    assert "done before" in capsys.readouterr().out
+    # A new --out with the changed config trains what it says.
+    out2 = tmp_path / "cmp2"
+    assert _compare(cfg_path, out2, "--set", "distill.epochs=2") == 0
+    assert len(json.load(open(out2 / "runs" / "kd_s0" / "report.json"))["history"]) == 2
+    assert json.load(open(out2 / "results.json"))["config"]["distill"]["epochs"] == 2
+
+
+def test_compare_refuses_folders_that_predate_config_tracking(cfg_path, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert _compare(cfg_path, out, methods=("scratch",)) == 0
+    capsys.readouterr()
+    # Written before config tracking: no record of what made it, so it cannot be told apart from a stale run.
+    (out / "runs" / "scratch_s0" / MADE_WITH).unlink(missing_ok=True)
+    assert _compare(cfg_path, out, methods=("scratch",)) == 2
+    err = capsys.readouterr().err
+    assert "scratch_s0 predates config tracking" in err and "use another --out or delete" in err
+
+
+def test_compare_does_not_derive_tau_norm_from_a_stale_scratch_run(cfg_path, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert _compare(cfg_path, out, methods=("scratch",)) == 0
+    capsys.readouterr()
+    # tau_norm alone would be derived from runs/scratch_s0, which was trained for 1 epoch, not 2.
+    assert _compare(cfg_path, out, "--set", "distill.epochs=2", methods=("tau_norm",)) == 2
+    assert "scratch_s0 was made with a different configuration (distill.epochs 1 -> 2)" in capsys.readouterr().err
+    assert not (out / "runs" / "tau_norm_s0").exists()
