@@ -184,6 +184,16 @@ def _dispatch(args, cfg: Config) -> int:
         return _run(args, cfg, Context(cfg, dist=env))
 
 
+def _named_checkpoint(item: str):
+    """--checkpoint [NAME=]PATH -> (name, path); an existing file is a path even with '=' in it (runs/lr=0.1/x.pt),
+    and an unnamed one is named after its file."""
+    if "=" in item and not os.path.exists(item):
+        name, path = item.split("=", 1)
+        if name and os.sep not in name:
+            return name, path
+    return os.path.splitext(os.path.basename(item))[0], item
+
+
 def _run(args, cfg: Config, ctx) -> int:
     from candle_ext.train import pipeline
     from candle_ext.train.evaluate import evaluate_student, write_json, write_reports
@@ -202,11 +212,17 @@ def _run(args, cfg: Config, ctx) -> int:
             write_json(rep, os.path.join(ctx.out, f"{name}_report.json"))
             print(json.dumps({k: rep["test"][k] for k in ("top1", "head", "medium", "tail")}))
     elif args.command == "evaluate":
-        results, names = {}, []
-        for item in args.checkpoint:
-            name, path = item.split("=", 1) if "=" in item else (os.path.splitext(os.path.basename(item))[0], item)
-            results[name] = {"test": evaluate_student(ctx, load_student(ctx, path))}
-            names.append(name)
+        items = [_named_checkpoint(item) for item in args.checkpoint]
+        names = [name for name, _ in items]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # one report row per name: a second model would silently replace the first
+            raise ValueError(f"--checkpoint: the name(s) {', '.join(twice)} are given to more than one checkpoint; "
+                             "name them: --checkpoint NAME=PATH")
+        if args.baseline is not None and args.baseline not in names:
+            raise ValueError(f"--baseline {args.baseline!r} names no checkpoint; the names are {', '.join(names)}")
+        if args.log is not None and not os.path.isfile(args.log):
+            raise FileNotFoundError(f"--log {args.log} does not exist")
+        results = {name: {"test": evaluate_student(ctx, load_student(ctx, path))} for name, path in items}
         baseline = args.baseline or (names[1] if len(names) > 1 else names[0])
         if main_rank:
             print(write_reports(ctx, results, args.log, baseline, names[0]))

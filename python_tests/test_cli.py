@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -309,6 +310,57 @@ def test_resume_after_sigkill_matches_uninterrupted(workspace, tmp_path):
     b = json.load(open(dirs["killed"] / "r_report.json"))
     assert a["test"]["per_class"] == b["test"]["per_class"] and a["history"] == b["history"]
     assert open(dirs["full"] / "r.jsonl").read() == open(dirs["killed"] / "r.jsonl").read()
+
+
+def _cli(argv, capsys):
+    """(exit status, the one stderr line) of `candle argv`."""
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) <= 1 and "Traceback" not in err, err
+    return code, err
+
+
+def test_evaluate_checkpoint_names_baseline_and_log(workspace, tmp_path, capsys):
+    _, path = workspace
+    for d in ("x", "y", "lr=0.1"):
+        (tmp_path / d).mkdir()
+        torch.save(_student(path).state_dict(), tmp_path / d / "student.pt")
+    base = ["evaluate", "--config", str(path), "--out", str(tmp_path / "ev")]
+    x, y, eq = (str(tmp_path / d / "student.pt") for d in ("x", "y", "lr=0.1"))
+    # two files with the same default name: the report would keep one of them
+    code, err = _cli(base + ["--checkpoint", x, "--checkpoint", y], capsys)
+    assert code == 2 and "the name(s) student are given to more than one checkpoint" in err, err
+    code, err = _cli(base + ["--checkpoint", f"a={x}", "--checkpoint", f"b={y}", "--baseline", "c"], capsys)
+    assert code == 2 and "--baseline 'c' names no checkpoint; the names are a, b" in err, err
+    code, err = _cli(base + ["--checkpoint", x, "--log", str(tmp_path / "nope.jsonl")], capsys)
+    assert code == 2 and "nope.jsonl does not exist" in err, err
+    assert main(base + ["--checkpoint", eq, "--checkpoint", f"other={y}", "--baseline", "other"]) == 0  # '=' in a path
+    assert "| student |" in capsys.readouterr().out
+    assert set(json.load(open(tmp_path / "ev" / "report.json"))["results"]) == {"student", "other"}
+
+
+def test_diverging_run_stops_with_an_error(workspace, capsys):
+    """A loss that turns NaN stops the run (exit 2, naming the step), instead of a report and a NaN student."""
+    _, path = workspace
+    code, err = _cli(["distill", "--config", str(path), "--mode", "kd", "--name", "nan",
+                      "--set", "distill.temperature=1e-300", "--set", "distill.epochs=1"], capsys)
+    assert code == 2 and re.search(r"nan: training diverged at epoch 1, step 1: loss=nan", err), err
+    assert not (Path(load_config(str(path)).out_dir) / "nan_student.pt").exists()
+
+
+def test_resume_from_another_configuration_is_refused(workspace, capsys):
+    _, path = workspace
+    run = ["distill", "--config", str(path), "--name", "rz", "--set", "distill.epochs=2"]
+    assert main(run + ["--mode", "scratch"]) == 0
+    capsys.readouterr()
+    ckpt = str(Path(load_config(str(path)).out_dir) / "rz_last.pt")
+    code, err = _cli(run + ["--mode", "scratch", "--resume", "--set", "student.width_mult=0.5"], capsys)
+    assert code == 2 and err.startswith(f"candle: error: {ckpt}: its student does not fit this run"), err
+    code, err = _cli(run + ["--mode", "adversarial", "--resume"], capsys)
+    assert code == 2 and f"{ckpt} was written by another kind of run" in err and "'balancer'" in err, err
+    code, err = _cli(run + ["--mode", "scratch", "--resume", "--set", "distill.epochs=1"], capsys)
+    assert code == 2 and "has 2 epochs done, more than the 1 this run asks for" in err, err
+    assert main(run + ["--mode", "scratch", "--resume"]) == 0  # the same configuration still resumes
 
 
 def test_compare_runs_every_method_and_seed_and_resumes(workspace, tmp_path, capsys):

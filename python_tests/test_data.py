@@ -199,6 +199,16 @@ def test_split_file_and_bad_data(tmp_path):
     malformed.write_text("img/0.png zero\n")
     with pytest.raises(ValueError, match="line 1"):
         split_file(str(malformed), str(tmp_path))
+    for label in ("--1", "\u00b2"):  # '²' passes str.isdigit() but int() refuses it
+        malformed.write_text(f"img/0.png 0\nimg/1.png {label}\n")
+        with pytest.raises(ValueError, match="line 2: expected 'path label'"):
+            split_file(str(malformed), str(tmp_path))
+    # a typo or an id column (99999999999) must be refused before a class list that long is built; the test uses
+    # the first label refused, so that a regression fails here instead of exhausting memory
+    huge = tmp_path / "huge.txt"
+    huge.write_text("img/0.png 0\nimg/1.png 1000000\n")
+    with pytest.raises(ValueError, match="line 2: label 1000000 is not below 1000000"):
+        split_file(str(huge), str(tmp_path))
 
 
 def _write_idx(path, arr):

@@ -148,6 +148,9 @@ def image_folder(root: str) -> FileImageSet:
     return FileImageSet(paths, labels, classes, where=f"image folder {root}")
 
 
+MAX_CLASSES = 1_000_000  # as candle_ext.models.reactnet.MAX_CLASSES and the config's data.num_classes
+
+
 def split_file(path: str, root: str, num_classes: Optional[int] = None) -> FileImageSet:
     """ImageNet-LT / Places-LT / iNaturalist-2018 split files: one `relative/path label` per line."""
     if not os.path.isfile(path):
@@ -158,10 +161,15 @@ def split_file(path: str, root: str, num_classes: Optional[int] = None) -> FileI
             parts = line.split()
             if not parts:
                 continue
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            digits = parts[1][1:] if parts[1].startswith("-") else parts[1]
+            if len(parts) != 2 or not digits.isdecimal():  # isdecimal: what int() reads ('²' is a digit, not that)
                 raise ValueError(f"split file {path} line {n}: expected 'path label', got {line.strip()!r}")
+            label = int(parts[1])
+            if label >= MAX_CLASSES:  # the class list is built from the largest label: bounded before it is
+                raise ValueError(f"split file {path} line {n}: label {label} is not below {MAX_CLASSES} (the "
+                                 f"most classes a model here has)")
             paths.append(os.path.join(root, parts[0]))
-            labels.append(int(parts[1]))
+            labels.append(label)
     if not paths:
         raise ValueError(f"split file {path} has no entries")
     c = num_classes if num_classes is not None else max(labels) + 1

@@ -17,6 +17,27 @@ from candle_ext.train import checkpoint
 from candle_ext.train.distributed import DistEnv, barrier, broadcast_object, gather_object, reduce_metrics
 
 
+def _resume_state(ck: dict, stateful: dict, ckpt_path: str) -> None:
+    """Load every stateful object from checkpoint ck; a checkpoint of another kind of run (method, model width,
+    class count, optimizer) is a ValueError naming it, not a bare KeyError or a state_dict traceback."""
+    held = ck.get("state") if isinstance(ck, dict) else None
+    if not isinstance(held, dict) or any(k not in held for k in stateful):
+        have = sorted(held) if isinstance(held, dict) else type(held).__name__
+        raise ValueError(f"{ckpt_path} was written by another kind of run (it holds {have}, this run needs "
+                         f"{sorted(stateful)}): resume it with the configuration it was made with, or start "
+                         "another run (--name/--out, or without --resume)")
+    for key, obj in stateful.items():
+        try:
+            obj.load_state_dict(held[key])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            if isinstance(exc, ValueError) and ckpt_path in str(exc):  # already says what and where
+                raise
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            why = (lines[1] if len(lines) > 1 else lines[0]) if lines else type(exc).__name__
+            raise ValueError(f"{ckpt_path}: its {key} does not fit this run ({why}); it was made with another "
+                             "configuration: resume with that one, or start another run (--name/--out)") from exc
+
+
 def _truncate_lines(path: str, n: int) -> None:
     if not os.path.exists(path):
         return
@@ -69,8 +90,10 @@ def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
         ck = checkpoint.load(ckpt_path) if main and os.path.exists(ckpt_path) else None
         ck = broadcast_object(ck, env)
     if ck is not None:
-        for key, obj in stateful.items():
-            obj.load_state_dict(ck["state"][key])
+        _resume_state(ck, stateful, ckpt_path)
+        if int(ck["epoch"]) > epochs:
+            raise ValueError(f"{ckpt_path} has {int(ck['epoch'])} epochs done, more than the {epochs} this run asks "
+                             "for: resume with at least as many epochs, or start another run (--name/--out)")
         ranks = ck.get("rng_ranks")
         checkpoint.set_rng_state(ranks[env.rank] if ranks and len(ranks) == env.world_size else ck["rng"])
         start, history, log_lines = int(ck["epoch"]), list(ck["history"]), int(ck["log_lines"])
@@ -92,6 +115,12 @@ def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
                 m = reduce_metrics(step_fn(idx), env)
                 log.write(json.dumps({"epoch": epoch, "step": i, **m}) + "\n")
                 log_lines += 1
+                bad = sorted(k for k, v in m.items() if not math.isfinite(v))
+                if bad:  # the same on every rank (reduced metrics): all stop together
+                    raise ValueError(f"{name}: training diverged at epoch {epoch + 1}, step {i + 1}: "
+                                     f"{', '.join(f'{k}={m[k]}' for k in bad)} (see {log_path}); lower the learning "
+                                     f"rate or raise the temperature; {ckpt_path}, if any, holds the last "
+                                     "finished epoch")
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 if bar is not None:
