@@ -28,6 +28,19 @@ def test_table6_counts(classes, per_class, ratio, expected):
     assert list(counts) == long_tailed_counts(per_class, classes, ratio)
 
 
+def test_tail_class_keeps_its_sample_when_the_ratio_equals_n_max():
+    # 49 * (1/49) is 0.9999999999999999 in floats: the tail class keeps 1 sample, not 0 (a refusal)
+    assert long_tailed_counts(49, 4, 49) == [49, 13, 3, 1]
+    assert [n for n in range(2, 2000) if long_tailed_counts(n, 4, n)[-1] != 1] == []
+    labels = np.repeat(np.arange(4), 49)
+    assert np.bincount(labels[make_long_tailed(labels, 49)]).tolist() == [49, 13, 3, 1]
+    # the refusal's hint is a ratio that works: n_max 49.75 -> 49 (rounding would say 50, which fails)
+    labels = np.concatenate([labels, [0, 0, 0]])
+    with pytest.raises(ValueError, match="a ratio of at most 49$"):
+        make_long_tailed(labels, 60)
+    make_long_tailed(labels, 49)
+
+
 def test_registry_matches_table6():
     assert len(REGISTRY) == 15
     for name in ("cifar10-lt-r10", "cifar10-lt-r100", "cifar100-lt-r10", "cifar100-lt-r100"):

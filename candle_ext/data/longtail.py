@@ -37,7 +37,14 @@ def long_tailed_counts(n_max: float, num_classes: int, ratio: float) -> List[int
         raise ValueError(f"ratio must be >= 1, got {ratio}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    return [int(math.floor(n_max * (1.0 / ratio) ** (i / (num_classes - 1)))) for i in range(num_classes)]
+    return [_floor(n_max * (1.0 / ratio) ** (i / (num_classes - 1))) for i in range(num_classes)]
+
+
+def _floor(x: float) -> int:
+    """floor(x), where x is an integer up to float rounding: 49 * (1/49) is 0.9999999999999999 in floats, and the
+    tail class of a ratio equal to n_max must keep its one sample."""
+    nearest = round(x)
+    return int(nearest) if abs(x - nearest) <= 1e-9 * max(1.0, abs(x)) else int(math.floor(x))
 
 
 def make_long_tailed(dataset, ratio: float, seed: int = 0, num_classes: int | None = None) -> np.ndarray:
@@ -58,7 +65,7 @@ def make_long_tailed(dataset, ratio: float, seed: int = 0, num_classes: int | No
         empty = [int(order[i]) for i, n in enumerate(counts) if n < 1]
         raise ValueError(f"imbalance ratio {ratio} on {len(labels)} samples of {c} classes (n_max = "
                          f"{len(labels) / c:.1f}) leaves classes {empty} without a training sample: use more data "
-                         f"per class or a ratio of at most {len(labels) / c:.0f}")
+                         f"per class or a ratio of at most {math.floor(len(labels) / c)}")
     rng = np.random.default_rng(seed)
     keep = []
     for rank, cls in enumerate(order):
