@@ -240,6 +240,9 @@ def test_bad_data_errors_through_cli(tmp_path, capsys):
     assert "class 'b'" in capsys.readouterr().err
     assert main(["calibrate", "--out", str(tmp_path / "o"), "--set", "data.source=webdataset"]) == 2
     assert "data.source" in capsys.readouterr().err
+    (tmp_path / "train" / "b").rmdir()  # one class: it trained and reported top-1 100 before
+    assert main(args + ["--set", "data.imbalance_ratio=null"]) == 2
+    assert "the training data has 1 class(es); a classifier needs at least 2" in capsys.readouterr().err
 
 
 def test_imbalance_ratio_that_empties_classes_is_refused(workspace, capsys):

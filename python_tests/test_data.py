@@ -192,6 +192,19 @@ def test_image_folder_and_bad_data(tmp_path):
         image_folder(str(tmp_path / "nowhere"))
 
 
+def test_image_folder_reads_sub_folders_of_a_class(tmp_path):
+    """As torchvision's ImageFolder: images in sub-folders of a class folder belong to that class (they were
+    silently left out); a sub-folder that links back up does not loop."""
+    for rel in ("a/0.png", "a/x/1.png", "a/x/y/2.png", "b/0.png", "b/z/1.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        _write_png(tmp_path / rel, 10)
+    (tmp_path / "a" / "x" / "loop").symlink_to(tmp_path / "a", target_is_directory=True)
+    ds = image_folder(str(tmp_path))
+    assert ds.classes == ["a", "b"] and ds.labels.tolist() == [0, 0, 0, 1, 1]
+    assert [os.path.relpath(p, tmp_path) for p in ds.paths] == ["a/0.png", "a/x/1.png", "a/x/y/2.png",
+                                                                 "b/0.png", "b/z/1.png"]
+
+
 def test_split_file_and_bad_data(tmp_path):
     (tmp_path / "img").mkdir()
     for i in range(3):
@@ -212,7 +225,7 @@ def test_split_file_and_bad_data(tmp_path):
     malformed.write_text("img/0.png zero\n")
     with pytest.raises(ValueError, match="line 1"):
         split_file(str(malformed), str(tmp_path))
-    for label in ("--1", "\u00b2"):  # '²' passes str.isdigit() but int() refuses it
+    for label in ("--1", "\u00b2", "", "1 extra"):  # '²' passes str.isdigit() but int() refuses it
         malformed.write_text(f"img/0.png 0\nimg/1.png {label}\n")
         with pytest.raises(ValueError, match="line 2: expected 'path label'"):
             split_file(str(malformed), str(tmp_path))

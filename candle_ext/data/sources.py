@@ -131,7 +131,8 @@ class FileImageSet(ImageSet):
 
 
 def image_folder(root: str) -> FileImageSet:
-    """An ImageFolder tree: root/<class name>/<image files>; classes sorted by name."""
+    """An ImageFolder tree: root/<class name>/<image files, also in sub-folders, as torchvision's ImageFolder
+    reads them>; classes sorted by name, images by path."""
     root_p = Path(root)
     if not root_p.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -140,7 +141,8 @@ def image_folder(root: str) -> FileImageSet:
         raise ValueError(f"image folder {root} has no class sub-folders")
     paths, labels = [], []
     for c, name in enumerate(classes):
-        files = sorted(p for p in (root_p / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(Path(folder) / f for folder, _, names in os.walk(root_p / name)  # no symlinked sub-folders:
+                       for f in names if Path(f).suffix.lower() in IMAGE_EXTENSIONS)   # no loops
         if not files:
             raise ValueError(f"image folder {root}: class {name!r} (folder {root_p / name}) has no images")
         paths += files
@@ -161,8 +163,9 @@ def split_file(path: str, root: str, num_classes: Optional[int] = None) -> FileI
             parts = line.split()
             if not parts:
                 continue
-            digits = parts[1][1:] if parts[1].startswith("-") else parts[1]
-            if len(parts) != 2 or not digits.isdecimal():  # isdecimal: what int() reads ('²' is a digit, not that)
+            label_text = parts[1] if len(parts) == 2 else ""
+            digits = label_text[1:] if label_text.startswith("-") else label_text
+            if not digits.isdecimal():  # isdecimal: what int() reads ('²' passes isdigit, not int())
                 raise ValueError(f"split file {path} line {n}: expected 'path label', got {line.strip()!r}")
             label = int(parts[1])
             if label >= MAX_CLASSES:  # the class list is built from the largest label: bounded before it is

@@ -96,6 +96,8 @@ class Context:
         os.makedirs(self.out, exist_ok=True)
         self.train, self.test = train, test
         self.num_classes = train.num_classes
+        if self.num_classes < 2:  # data.num_classes asks for >= 2 too; an inferred class list is checked here
+            raise ValueError(f"the training data has {self.num_classes} class(es); a classifier needs at least 2")
         self.groups = class_groups(train.labels, self.num_classes, cfg.data.groups)
         self.order = class_order(train.labels, self.num_classes).tolist()
         self.progress = cfg.progress
