@@ -17,42 +17,16 @@ import yaml
 from PIL import Image
 
 from candle_ext.cli import load_config, main
-
-CLASSES = ["a", "b", "c", "d"]
+from tiny_run import CLASSES, make_class_folders, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _make_folder(root, counts, seed):
-    rng = np.random.default_rng(seed)
-    for c, (name, n) in enumerate(zip(CLASSES, counts)):
-        d = root / name
-        d.mkdir(parents=True)
-        for i in range(n):
-            img = rng.integers(0, 60, (16, 16, 3))
-            img[:, :, c % 3] += 120 + 40 * (c // 3)  # class-dependent colour
-            img[c * 4:(c + 1) * 4] += 60  # and a class-dependent stripe
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i}.png")
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    _make_folder(root / "train", [24, 12, 8, 4], 0)
-    _make_folder(root / "test", [4, 4, 4, 4], 1)
-    import timm
-    torch.manual_seed(0)
-    torch.save(timm.create_model("test_efficientnet").state_dict(), root / "teacher_w.pt")
-    cfg = {"seed": 0, "out_dir": str(root / "run"), "progress": False,
-           "data": {"source": "imagefolder", "train_dir": str(root / "train"), "test_dir": str(root / "test"),
-                    "train_per_class": None, "imbalance_ratio": None, "test_per_class": None},
-           "teacher": {"name": "test_efficientnet", "weights": str(root / "teacher_w.pt"),
-                       "resolutions": [16, 24], "base": 0},
-           "student": {"arch": "reactnet_a", "small_input": False, "width_mult": 0.125},
-           "calibrate": {"epochs": 2, "batch_size": 8, "lr": 0.01},
-           "distill": {"epochs": 3, "batch_size": 4, "lr": 0.005}}
-    path = root / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_config(root, [24, 12, 8, 4], [4, 4, 4, 4], calibrate={"epochs": 2, "batch_size": 8, "lr": 0.01},
+                        distill={"epochs": 3, "batch_size": 4, "lr": 0.005})
     assert main(["calibrate", "--config", str(path)]) == 0
     return root, path
 
@@ -264,8 +238,8 @@ def test_last_batch_of_one_trains(workspace, tmp_path):
     assert sorted(np.concatenate(batches).tolist()) == list(range(13))
     assert [len(b) for b in epoch_batches(np.arange(14), 4)] == [4, 4, 4, 2] and steps_per_epoch(14, 4) == 4
     small = tmp_path / "small"
-    _make_folder(small / "train", [5, 4, 2, 2], 3)  # 13 images
-    _make_folder(small / "test", [2, 2, 2, 2], 4)
+    make_class_folders(small / "train", [5, 4, 2, 2], 3)  # 13 images
+    make_class_folders(small / "test", [2, 2, 2, 2], 4)
     out = tmp_path / "o"
     assert main(["distill", "--config", str(cfg), "--out", str(out), "--mode", "scratch",
                  "--set", f"data.train_dir={small / 'train'}", "--set", f"data.test_dir={small / 'test'}",

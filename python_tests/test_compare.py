@@ -3,49 +3,21 @@
 import json
 import re
 
-import numpy as np
 import pytest
-import torch
-import yaml
-from PIL import Image
 
 from candle_ext.cli import main
+from tiny_run import write_config
+
 MADE_WITH = "made_with.json"  # where compare records the configuration a folder was made with
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _make_folder(root, counts, seed):
-    rng = np.random.default_rng(seed)
-    for c, n in enumerate(counts):
-        d = root / "abcd"[c]
-        d.mkdir(parents=True)
-        for i in range(n):
-            img = rng.integers(0, 60, (16, 16, 3))
-            img[:, :, c % 3] += 120
-            img[c * 4:(c + 1) * 4] += 60
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i}.png")
-
-
 @pytest.fixture(scope="module")
 def cfg_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cmp")
-    _make_folder(root / "train", [12, 8, 6, 4], 0)
-    _make_folder(root / "test", [2, 2, 2, 2], 1)
-    import timm
-    torch.manual_seed(0)
-    torch.save(timm.create_model("test_efficientnet").state_dict(), root / "teacher_w.pt")
-    cfg = {"seed": 0, "out_dir": str(root / "run"), "progress": False,
-           "data": {"source": "imagefolder", "train_dir": str(root / "train"), "test_dir": str(root / "test"),
-                    "train_per_class": None, "imbalance_ratio": None, "test_per_class": None},
-           "teacher": {"name": "test_efficientnet", "weights": str(root / "teacher_w.pt"),
-                       "resolutions": [16, 24], "base": 0},
-           "student": {"arch": "reactnet_a", "small_input": False, "width_mult": 0.125},
-           "calibrate": {"epochs": 1, "batch_size": 8, "lr": 0.01},
-           "distill": {"epochs": 1, "batch_size": 4, "lr": 0.005}}
-    path = root / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    return str(write_config(tmp_path_factory.mktemp("cmp"), [12, 8, 6, 4], [2, 2, 2, 2],
+                            calibrate={"epochs": 1, "batch_size": 8, "lr": 0.01},
+                            distill={"epochs": 1, "batch_size": 4, "lr": 0.005}))
 
 
 def _compare(cfg_path, out, *extra, methods=("kd",)):
