@@ -64,3 +64,23 @@ def load(path: str, map_location="cpu"):
     except (RuntimeError, EOFError, ValueError) as exc:  # truncated or not a torch.save file
         first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"checkpoint {path} cannot be read: {first}") from exc
+
+
+def state_dict_misfit(own: dict, state: dict) -> str:
+    """What keeps `state` from loading into a model whose state_dict is `own`, in one line ('' when it fits)."""
+    def some(keys):
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+    parts = []
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing: {some(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {some(unexpected)}")
+    for k in own:
+        v = state.get(k)
+        if v is not None and (not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[k].shape)):
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            parts.append(f"{k} is {got} in the file, {tuple(own[k].shape)} in the model")
+            break
+    return "; ".join(parts)

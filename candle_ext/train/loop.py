@@ -12,6 +12,7 @@ import os
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
+import torch
 
 from candle_ext.train import checkpoint
 from candle_ext.train.distributed import DistEnv, barrier, broadcast_object, gather_object, reduce_metrics
@@ -27,7 +28,12 @@ def _resume_state(ck: dict, stateful: dict, ckpt_path: str) -> None:
                          f"{sorted(stateful)}): resume it with the configuration it was made with, or start "
                          "another run (--name/--out, or without --resume)")
     for key, obj in stateful.items():
-        try:
+        if isinstance(obj, torch.nn.Module) and isinstance(held[key], dict):
+            misfit = checkpoint.state_dict_misfit(obj.state_dict(), held[key])
+            if misfit:
+                raise ValueError(f"{ckpt_path}: its {key} does not fit this run ({misfit}); it was made with "
+                                 "another configuration: resume with that one, or start another run (--name/--out)")
+        try:  # optimizers, schedulers and objects with their own checks
             obj.load_state_dict(held[key])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             if isinstance(exc, ValueError) and ckpt_path in str(exc):  # already says what and where

@@ -39,32 +39,12 @@ def load_student(ctx, path: str) -> nn.Module:
     state = checkpoint.load(path)
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ValueError(f"checkpoint {path} is not a student state_dict (got {type(state).__name__})")
-    misfit = _misfit(student.state_dict(), state)
+    misfit = checkpoint.state_dict_misfit(student.state_dict(), state)
     if misfit:  # another architecture, width or number of classes than the config's
         raise ValueError(f"checkpoint {path} does not fit the configured student ({ctx.cfg.student.arch}, "
                          f"{ctx.num_classes} classes): {misfit}")
     student.load_state_dict(state)
     return student.to(ctx.device).eval()
-
-
-def _misfit(own: dict, state: dict) -> str:
-    """What keeps `state` from loading into a model whose state_dict is `own`, in one line ('' when it fits)."""
-    def some(keys):
-        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-    parts = []
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing:
-        parts.append(f"{len(missing)} key(s) missing: {some(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {some(unexpected)}")
-    for k in own:
-        v = state.get(k)
-        if v is not None and (not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[k].shape)):
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            parts.append(f"{k} is {got} in the file, {tuple(own[k].shape)} in the model")
-            break
-    return "; ".join(parts)
 
 
 def export_student(student: nn.Module, path: str) -> None:
