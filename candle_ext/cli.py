@@ -196,7 +196,7 @@ def _named_checkpoint(item: str):
 
 def _run(args, cfg: Config, ctx) -> int:
     from candle_ext.train import pipeline
-    from candle_ext.train.evaluate import evaluate_student, write_json, write_reports
+    from candle_ext.train.evaluate import evaluate_student, json_safe, write_json, write_reports
     from candle_ext.train.student import load_student
     main_rank = ctx.dist.is_main  # reports and printed results from rank 0 only
     if args.command == "calibrate":
@@ -210,7 +210,7 @@ def _run(args, cfg: Config, ctx) -> int:
                                   stop_after_steps=args.stop_after_steps)
         if main_rank:
             write_json(rep, os.path.join(ctx.out, f"{name}_report.json"))
-            print(json.dumps({k: rep["test"][k] for k in ("top1", "head", "medium", "tail")}))
+            print(json.dumps(json_safe({k: rep["test"][k] for k in ("top1", "head", "medium", "tail")})))
     elif args.command == "evaluate":
         items = [_named_checkpoint(item) for item in args.checkpoint]
         names = [name for name, _ in items]

@@ -70,3 +70,31 @@ def test_compare_does_not_derive_tau_norm_from_a_stale_scratch_run(cfg_path, tmp
     assert _compare(cfg_path, out, "--set", "distill.epochs=2", methods=("tau_norm",)) == 2
     assert "scratch_s0 was made with a different configuration (distill.epochs 1 -> 2)" in capsys.readouterr().err
     assert not (out / "runs" / "tau_norm_s0").exists()
+
+
+def _strict_load(path):
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which strict JSON parsers (jq, JavaScript) reject")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_reports_with_empty_groups_are_strict_json_and_read_back(cfg_path, tmp_path, capsys):
+    """data.groups=count on the tiny set (every class below 20 images) leaves head and medium empty: their
+    accuracy is NaN in memory, null in every report file, and NaN again when compare reads a finished run."""
+    out = tmp_path / "cmp"
+    assert _compare(cfg_path, out, "--set", "data.groups=count") == 0
+    files = sorted(out.rglob("*.json"))
+    assert {"results.json", "report.json", "teacher_report.json"} <= {p.name for p in files}
+    for path in files:
+        _strict_load(path)
+    run = _strict_load(out / "runs" / "kd_s0" / "report.json")["test"]
+    assert run["head"] is None and run["medium"] is None and run["tail"] is not None
+    assert _strict_load(out / "teacher_multi" / "teacher_report.json")["head"] is None
+    capsys.readouterr()
+    # Read back (nothing trained again): the log line and the table format the nulls as nan.
+    assert _compare(cfg_path, out, "--set", "data.groups=count") == 0
+    printed = capsys.readouterr().out
+    assert "done before" in printed and "head nan, medium nan" in printed
+    summary = _strict_load(out / "results.json")["summary"]["kd"]
+    assert summary["mean"]["head"] is None and summary["mean"]["tail"] == run["tail"]
+    assert "| nan +- nan | nan +- nan |" in (out / "results.md").read_text()

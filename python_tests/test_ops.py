@@ -146,6 +146,10 @@ def test_frozen_model_refuses_gradients_at_the_call(name, chain, force_backend, 
         assert conv(x, residual=residual).shape == residual.shape
     with pytest.raises(TypeError, match="residual must be a tensor or None, got list"):
         conv(x, residual=[1.0])
+    for name in ("slope", "post_shift", "pack_threshold"):  # with and without the chain's keywords
+        for chain in ({}, {"channels_last": True}):
+            with torch.no_grad(), pytest.raises(TypeError, match=f"{name} must be a tensor or None, got float"):
+                conv(x, **{name: 0.25}, **chain)
 
 
 def test_sign_ste_forward_and_gradient():

@@ -319,8 +319,10 @@ def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_
     otherwise the same values come from the path above and eager ops.
     """
     validate.tensor("x", x, validate.FLOAT_DTYPES, ndim=4)
-    if residual is not None and not isinstance(residual, torch.Tensor):
-        raise TypeError(f"residual must be a tensor or None, got {type(residual).__name__}")
+    for name, value in (("residual", residual), ("slope", slope), ("post_shift", post_shift),
+                        ("pack_threshold", pack_threshold)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(value).__name__}")
     if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
         raise _frozen_grad_error(x)
     if x.shape[1] != in_channels:  # pad bits would hide a mismatch within one word

@@ -27,7 +27,7 @@ from candle_ext.train import checkpoint, pipeline
 from candle_ext.train.config import Config
 from candle_ext.train.context import Context
 from candle_ext.train.distill import METHODS
-from candle_ext.train.evaluate import evaluate_student, write_json
+from candle_ext.train.evaluate import evaluate_student, metrics_from_json, write_json
 from candle_ext.train.losses import tau_normalize_
 from candle_ext.train.student import load_student
 from candle_ext.train.teacher import (build_teacher, encode_dataset, load_calibrated_teacher,
@@ -150,8 +150,10 @@ def claim(folder: str, spec: Dict[str, object]) -> None:
 
 
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    v = np.asarray(values, dtype=np.float64)  # None (an empty group) as NaN
+    if len(v) > 1:
+        return float(v.mean()), float(v.std(ddof=1))
+    return float(v.mean()), 0.0 if np.isfinite(v).all() else float("nan")
 
 
 def summarize(results: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Dict[str, object]]:
@@ -272,7 +274,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
                 teacher = load_calibrated_teacher(ctx.cfg.teacher, path)
                 teacher = teacher.to(ctx.device).eval()
                 cache = encode_dataset(teacher, train, cfg.calibrate.batch_size, ctx.device)
-                rep = json.load(open(os.path.join(tdir, "teacher_report.json")))
+                rep = metrics_from_json(json.load(open(os.path.join(tdir, "teacher_report.json"))))
             else:
                 teacher, rep, cache = pipeline.calibrate(ctx, resume=True)
                 rep = {g: rep["test"][g] for g in GROUPS}
@@ -314,7 +316,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
             rep_path = os.path.join(run_dir, "report.json")
             t0 = time.time()
             if os.path.exists(rep_path):
-                test_rep = json.load(open(rep_path))["test"]
+                test_rep = metrics_from_json(json.load(open(rep_path))["test"])
                 how = "done before"
             else:
                 multires = kind_of(v)
@@ -356,7 +358,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
         if multires not in teachers and os.path.exists(rep_path):
             check_made_with(os.path.dirname(rep_path), teacher_spec(cfg, multires))
             res = teacher_resolutions(cfg.replace(**{"teacher.multires": multires}).teacher)[0]
-            teacher_reports[f"{kind}-resolution {res}"] = json.load(open(rep_path))
+            teacher_reports[f"{kind}-resolution {res}"] = metrics_from_json(json.load(open(rep_path)))
         else:
             teacher_for(multires)
     summary = summarize(results)

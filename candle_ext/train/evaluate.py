@@ -4,6 +4,7 @@ order); plots and reports."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -179,7 +180,36 @@ def write_reports(ctx, results: Dict[str, Dict], lambda_log: Optional[str], base
     return table
 
 
+GROUP_KEYS = ("top1", "head", "medium", "tail")
+
+
+def json_safe(obj):
+    """obj with NaN and infinities as None: the report files are strict JSON, which has no NaN (jq and
+    JavaScript reject Python's bare NaN). A group without classes (1-2 classes with data.groups=auto) or a
+    class without test images has accuracy NaN in memory and null in the file."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def metrics_from_json(metrics: Dict[str, object]) -> Dict[str, object]:
+    """An accuracy report (accuracy_report's keys) read back from a file: its nulls as NaN again, so it formats
+    and averages like the report in memory."""
+    out = dict(metrics)
+    for k in GROUP_KEYS:
+        if k in out and out[k] is None:
+            out[k] = float("nan")
+    if isinstance(out.get("per_class"), list):
+        out["per_class"] = [float("nan") if v is None else v for v in out["per_class"]]
+    return out
+
+
 def write_json(obj, path: str) -> None:
+    """obj as strict JSON (NaN and infinities written as null: json_safe)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
-        json.dump(obj, fh, indent=2)
+        json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
