@@ -497,6 +497,29 @@ def test_freeze_with_shared_modules(case):
         assert isinstance(frozen[0], candle_ext.models.PackedReActBlock)
 
 
+def test_shared_block_is_not_linked_to_one_of_its_successors():
+    """A block used in two places is followed by a binary block in one and by a plain layer in the other: it
+    is not chain-linked (a link would serve the first place only, and hand the second place the chain's
+    channels-last output where a chain's end returns contiguous NCHW); both places compute what the model does."""
+    from candle_ext.models.reactnet import ReActBlock
+    torch.manual_seed(27)
+    block = ReActBlock(16, 16, 1)
+    model = nn.ModuleList([nn.Sequential(block, ReActBlock(16, 32, 1)), nn.Sequential(block, nn.Identity(),
+                                                                                        nn.AvgPool2d(1))])
+    model = randomise(model, 27).eval()
+    frozen = freeze(model)
+    assert frozen[0][0] is frozen[1][0] and frozen[0][0]._chain_next is None
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        for seq, ref_seq in zip(frozen, model):
+            ref, shared_out, out = ref_seq(x), seq[0](x), seq(x)
+            assert shared_out.is_contiguous()
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+    # Not shared: the same two blocks in one Sequential are linked.
+    single = freeze(randomise(nn.Sequential(ReActBlock(16, 16, 1), ReActBlock(16, 32, 1)), 28).eval())
+    assert single[0]._chain_next is single[1]
+
+
 # ------------------------------------------------------------------------------- half=True: what is rounded
 
 def test_save_half_keeps_the_stem_of_a_binarized_torchvision_model_float32(tmp_path):

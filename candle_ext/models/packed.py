@@ -224,15 +224,18 @@ def _fold_sequential(seq: nn.Sequential, shared=frozenset()):
             seq._modules[nxt] = nn.Identity()
 
 
-def _link_chains(seq: nn.Sequential):
+def _link_chains(seq: nn.Sequential, shared=frozenset()):
     """Consecutive children of a Sequential (nn.Identity between them skipped) where the first can also write the
     packed signs of its output (chain_link: PackedReActBlock) and the second binarises its input first
     (chain_threshold): link them, so that the fused chain packs each activation once. A runtime link only (no
-    submodule, no state_dict entry): the packed file format does not change."""
+    submodule, no state_dict entry): the packed file format does not change. A module in `shared` (used in
+    several places) is not linked: its successor may differ from place to place, and a link would make it return
+    its chain's channels-last output where another place expects the end of a chain (contiguous NCHW)."""
     kids = [m for m in seq._modules.values() if m is not None and not isinstance(m, nn.Identity)]
     for a, b in zip(kids, kids[1:]):
         link = getattr(a, "chain_link", None)
-        if callable(link) and isinstance(getattr(b, "chain_threshold", None), torch.Tensor):
+        if (callable(link) and id(a) not in shared
+                and isinstance(getattr(b, "chain_threshold", None), torch.Tensor)):
             link(b)
 
 
@@ -252,7 +255,7 @@ def _convert(module: nn.Module, memo: dict, shared: set) -> nn.Module:
                 module._modules[name] = _convert(child, memo, shared)
         if isinstance(module, nn.Sequential):
             _fold_sequential(module, shared)
-            _link_chains(module)
+            _link_chains(module, shared)
         # A module that knows its own dataflow may fold further once its children are packed (ReActBlock does).
         to_packed = getattr(module, "to_packed", None)
         result = to_packed() if callable(to_packed) else module
