@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from candle_ext.cli import load_config, main
+from candle_ext.train import checkpoint
 from tiny_run import CLASSES, make_class_folders, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -331,12 +332,25 @@ def test_resume_from_another_configuration_is_refused(workspace, capsys):
     assert main(run + ["--mode", "scratch"]) == 0
     capsys.readouterr()
     ckpt = str(Path(load_config(str(path)).out_dir) / "rz_last.pt")
+    # The checkpoint records what the run computes: another method (even one with the same state: the audit's
+    # scratch -> balanced_softmax), width or learning rate is refused, naming the keys.
+    for extra, change in ((["--mode", "balanced_softmax"], "mode 'scratch' -> 'balanced_softmax'"),
+                          (["--mode", "scratch", "--set", "student.width_mult=0.5"], "student.width_mult 0.125 -> 0.5"),
+                          (["--mode", "scratch", "--set", "distill.lr=0.5"], "distill.lr 0.005 -> 0.5")):
+        code, err = _cli(run + extra + ["--resume"], capsys)
+        assert code == 2 and f"{ckpt} was made with another configuration ({change})" in err, err
+    code, err = _cli(run + ["--mode", "scratch", "--resume", "--set", "distill.epochs=1"], capsys)
+    assert code == 2 and "has 2 epochs done, more than the 1 this run asks for" in err, err
+    # Runtime keys and more epochs may differ.
+    assert main(run + ["--mode", "scratch", "--resume", "--set", "threads=2", "--set", "progress=true"]) == 0
+    # A checkpoint written before the record existed is still checked by what it holds.
+    ck = checkpoint.load(ckpt)
+    assert ck.pop("made_with")["mode"] == "scratch"
+    checkpoint.save_atomic(ck, ckpt)
     code, err = _cli(run + ["--mode", "scratch", "--resume", "--set", "student.width_mult=0.5"], capsys)
     assert code == 2 and err.startswith(f"candle: error: {ckpt}: its student does not fit this run"), err
     code, err = _cli(run + ["--mode", "adversarial", "--resume"], capsys)
     assert code == 2 and f"{ckpt} was written by another kind of run" in err and "'balancer'" in err, err
-    code, err = _cli(run + ["--mode", "scratch", "--resume", "--set", "distill.epochs=1"], capsys)
-    assert code == 2 and "has 2 epochs done, more than the 1 this run asks for" in err, err
     assert main(run + ["--mode", "scratch", "--resume"]) == 0  # the same configuration still resumes
 
 

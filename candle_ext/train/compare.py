@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from candle_ext.train import checkpoint, pipeline
-from candle_ext.train.config import Config
+from candle_ext.train.config import Config, made_with_diff
 from candle_ext.train.context import Context
 from candle_ext.train.distill import METHODS
 from candle_ext.train.evaluate import evaluate_student, metrics_from_json, write_json
@@ -75,34 +75,13 @@ def expand(methods: Sequence[str]) -> List[Variant]:
     return out
 
 
-# Keys that change how a run executes but not what it computes: they may differ between a run and its resume.
-RUNTIME_KEYS = ("out_dir", "progress", "device", "threads", "amp", "channels_last", "data.download")
 MADE_WITH = "made_with.json"
-
-
-def _flat(d: dict, prefix: str = "") -> Dict[str, object]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def _subset(cfg: Config, sections: Sequence[str]) -> Dict[str, object]:
-    """The dotted keys of cfg in `sections` (top-level scalars such as seed are sections of their own), minus the
-    runtime keys, JSON round-tripped so that it compares equal to what was stored."""
-    flat = {k: v for k, v in _flat(cfg.to_dict()).items()
-            if k.split(".")[0] in sections and k not in RUNTIME_KEYS}
-    return json.loads(json.dumps(flat))
 
 
 def teacher_spec(cfg: Config, multires: bool) -> Dict[str, object]:
     """What a calibrated teacher depends on: the data, the teacher and its kind, calibration, the seed, and the
     student (the head's 1x1 convs map to the student's channels)."""
-    return _subset(cfg.replace(**{"teacher.multires": multires}),
-                   ("seed", "data", "teacher", "student", "calibrate"))
+    return cfg.replace(**{"teacher.multires": multires}).subset(("seed", "data", "teacher", "student", "calibrate"))
 
 
 def run_spec(cfg: Config, v: Variant, multires: bool, seed: int) -> Dict[str, object]:
@@ -114,7 +93,7 @@ def run_spec(cfg: Config, v: Variant, multires: bool, seed: int) -> Dict[str, ob
         sections += ["teacher", "seed"]
     if teacher == "calibrated":
         sections.append("calibrate")
-    spec = _subset(cfg.replace(**{"teacher.multires": multires}), sections)
+    spec = cfg.replace(**{"teacher.multires": multires}).subset(sections)
     # the method comes from --methods; distill.mode / distill.baselines are not read by compare
     spec.pop("distill.mode", None)
     spec.pop("distill.baselines", None)
@@ -131,8 +110,7 @@ def check_made_with(folder: str, spec: Dict[str, object]) -> None:
     if os.path.exists(path):
         with open(path) as fh:
             old = json.load(fh)
-        diff = [f"{k} {old.get(k, '<unset>')!r} -> {spec.get(k, '<unset>')!r}"
-                for k in sorted(set(old) | set(spec)) if old.get(k, "<unset>") != spec.get(k, "<unset>")]
+        diff = made_with_diff(old, spec)
         if diff:
             raise ValueError(f"{folder} was made with a different configuration ({'; '.join(diff)}): use another "
                              f"--out or delete that folder")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -126,6 +127,14 @@ class Config:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def subset(self, sections, exclude=()) -> Dict[str, Any]:
+        """The dotted keys of the config in `sections` (top-level scalars such as seed are sections of their own),
+        minus RUNTIME_KEYS and `exclude`, as plain JSON values: what a run or folder was made with
+        (compare's made_with.json, a checkpoint's record for --resume)."""
+        flat = {k: v for k, v in _flat(self.to_dict()).items()
+                if k.split(".")[0] in sections and k not in RUNTIME_KEYS and k not in exclude}
+        return json.loads(json.dumps(flat))
+
     def replace(self, **changes) -> "Config":
         """A copy with dotted keys changed, validated: cfg.replace(**{'distill.mode': 'kd'})."""
         raw = self.to_dict()
@@ -153,6 +162,26 @@ class Config:
         if self.calibrate.eps_tail > self.calibrate.eps_head:
             raise ValueError(f"calibrate.eps_tail ({self.calibrate.eps_tail}) must not exceed calibrate.eps_head "
                              f"({self.calibrate.eps_head})")
+
+
+# Keys that change how a run executes but not what it computes: they may differ between a run and its resume.
+RUNTIME_KEYS = ("out_dir", "progress", "device", "threads", "amp", "channels_last", "data.download")
+
+
+def _flat(d: dict, prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def made_with_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """'key old -> new' for every key whose value differs between two subset() records."""
+    return [f"{k} {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
 
 
 SECTIONS = {"data": DataConfig, "teacher": TeacherConfig, "student": StudentConfig, "calibrate": CalibrateConfig,

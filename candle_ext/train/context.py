@@ -155,10 +155,11 @@ class Context:
     def fit(self, name: str, epochs: int, sampler, batch_size: int, step_fn: Callable[[np.ndarray], Dict[str, float]],
             stateful: Dict[str, object], resume: bool = False,
             end_of_epoch: Optional[Callable[[int], Dict[str, float]]] = None,
-            stop_after_steps: Optional[int] = None) -> List[Dict[str, float]]:
+            stop_after_steps: Optional[int] = None,
+            made_with: Optional[Dict[str, object]] = None) -> List[Dict[str, float]]:
         """candle_ext.train.loop.fit in this run's folder, with its progress setting and process group."""
         return fit(self.out, name, epochs, sampler, batch_size, step_fn, stateful, resume, end_of_epoch,
-                   self.progress, stop_after_steps, self.dist)
+                   self.progress, stop_after_steps, self.dist, made_with)
 
     # ---------------------------------------------------------------------------------- ranks and results
 

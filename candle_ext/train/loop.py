@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from candle_ext.train import checkpoint
+from candle_ext.train.config import made_with_diff
 from candle_ext.train.distributed import DistEnv, barrier, broadcast_object, gather_object, reduce_metrics
 
 
@@ -77,13 +78,16 @@ def steps_per_epoch(samples: int, batch_size: int) -> int:
 def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
         step_fn: Callable[[np.ndarray], Dict[str, float]], stateful: Dict[str, object], resume: bool = False,
         end_of_epoch: Optional[Callable[[int], Dict[str, float]]] = None, progress: bool = True,
-        stop_after_steps: Optional[int] = None, dist_env: Optional[DistEnv] = None) -> List[Dict[str, float]]:
+        stop_after_steps: Optional[int] = None, dist_env: Optional[DistEnv] = None,
+        made_with: Optional[Dict[str, object]] = None) -> List[Dict[str, float]]:
     """Run `epochs` epochs of step_fn over batches of sampler indices; returns per-epoch summaries.
 
     Files in run_dir: {name}.jsonl (one line per step), {name}_epochs.jsonl, {name}_last.pt (checkpoint after
     every epoch). resume=True continues from {name}_last.pt when it exists. stop_after_steps (testing only)
     ends the process abruptly mid-run, like a kill (every rank at the same step). sampler yields this rank's
-    indices and batch_size is the per-rank batch when dist_env is distributed."""
+    indices and batch_size is the per-rank batch when dist_env is distributed. made_with (Config.subset plus the
+    method): what the run computes, recorded in every checkpoint; resume refuses a checkpoint that records
+    another one (checkpoints written before the record existed are checked by their state alone)."""
     env = dist_env if dist_env is not None else DistEnv()
     main = env.is_main
     os.makedirs(run_dir, exist_ok=True)
@@ -96,6 +100,11 @@ def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
         ck = checkpoint.load(ckpt_path) if main and os.path.exists(ckpt_path) else None
         ck = broadcast_object(ck, env)
     if ck is not None:
+        recorded = ck.get("made_with") if isinstance(ck, dict) else None
+        if made_with is not None and isinstance(recorded, dict) and made_with_diff(recorded, made_with):
+            raise ValueError(f"{ckpt_path} was made with another configuration "
+                             f"({'; '.join(made_with_diff(recorded, made_with))}): resume with the configuration it "
+                             "was made with, or start another run (--name/--out, or without --resume)")
         _resume_state(ck, stateful, ckpt_path)
         if int(ck["epoch"]) > epochs:
             raise ValueError(f"{ckpt_path} has {int(ck['epoch'])} epochs done, more than the {epochs} this run asks "
@@ -151,6 +160,8 @@ def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
                   "state": {k: o.state_dict() for k, o in stateful.items()}}
             if env.distributed:
                 ck["rng_ranks"] = rngs
+            if made_with is not None:
+                ck["made_with"] = made_with
             checkpoint.save_atomic(ck, ckpt_path)
         if progress and main:
             print(f"{name} epoch {epoch + 1}/{epochs}: " +

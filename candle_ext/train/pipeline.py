@@ -65,8 +65,9 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
                               labels[i].to(ctx.device), eps)
 
     head = HeadState(teacher, os.path.join(ctx.out, "calibrate_last.pt"))
+    made_with = ctx.cfg.subset(("seed", "data", "teacher", "student", "calibrate"), exclude=("calibrate.epochs",))
     history = ctx.fit("calibrate", c.epochs, sampler, lbs, step, {"head": head, "opt": opt, "sched": sched},
-                      resume, None, stop_after_steps)
+                      resume, None, stop_after_steps, made_with)
     if ctx.is_main:
         save_teacher(teacher, ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"))
     ctx.barrier()  # teacher.pt exists for every rank of a following stage
@@ -149,8 +150,15 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
             return {}
         return {"test_top1": evaluate_student(ctx, student)["top1"]}
 
+    # What the run computes, for --resume: the method and every key it reads but the epoch count (a run may be
+    # resumed to train longer) and the keys that only say what else to run or report.
+    sections = ("seed", "data", "student", "distill") + {None: (), "pretrained": ("teacher",),
+                                                         "calibrated": ("teacher", "calibrate")}[method.teacher]
+    made_with = {"mode": mode, **ctx.cfg.subset(sections, exclude=("distill.epochs", "distill.mode",
+                                                                    "distill.baselines", "distill.eval_every_epoch"))}
     t0 = time.time()
-    history = ctx.fit(name, d.epochs, sampler, lbs, step, parts.modules(), resume, end_of_epoch, stop_after_steps)
+    history = ctx.fit(name, d.epochs, sampler, lbs, step, parts.modules(), resume, end_of_epoch, stop_after_steps,
+                      made_with)
     student = ctx.unsync_batchnorm(student)
     if mode == "tau_norm":
         tau_normalize_(student.classifier.fc, d.tau_norm)
