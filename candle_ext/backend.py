@@ -240,3 +240,15 @@ def dispatch(table: OpTable, *args):
     """Run the op on the implementation that serves these arguments (the body of every custom op)."""
     t = table.arg(*args)
     return choose(table, t.device.type, t.dtype).fn(*args)
+
+
+def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t (shaped like `like`) with the strides of torch.empty_like(like), copied only when they differ: the
+    layout the custom ops' fake kernels declare for such results, whichever backend computed them
+    (torch.compile's inductor relies on the two agreeing, and reference ops may return other strides)."""
+    if t.stride() == like.stride():
+        return t
+    out = torch.empty_like(like, dtype=t.dtype)
+    if out.stride() == t.stride():
+        return t
+    return out.copy_(t)

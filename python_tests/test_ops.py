@@ -10,8 +10,8 @@ import candle_ext
 from candle_ext import backend, reference as R
 from candle_ext.ops.binary_conv2d import _binary_conv2d, _binary_conv2d_packed
 from candle_ext.ops.sign_pack import _sign_pack, _unpack
-from candle_ext.ops.multires_head import _multires_head
-from candle_ext.ops.sign_ste import _sign_ste
+from candle_ext.ops.multires_head import _multires_head, _multires_head_backward
+from candle_ext.ops.sign_ste import _sign_ste, _sign_ste_backward
 
 from shapes import random_conv_configs
 
@@ -213,6 +213,57 @@ def test_opcheck_every_op():
     ws = [torch.randn(5, 4, requires_grad=True) for _ in feats]
     bs = [torch.randn(5, requires_grad=True) for _ in feats]
     torch.library.opcheck(_multires_head, (feats, ws, bs, 1))
+
+
+LAYOUTS = {
+    "contiguous": lambda t: t,
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "sliced": lambda t: torch.cat([t, t], dim=3)[..., ::2],
+    "permuted": lambda t: t.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_layouts_of_the_backward_ops(layout):
+    """The fake kernels declare x's layout (empty_like) for sign_ste and its gradient, and each feature's layout
+    for the head's feature gradients; every backend's result must have it, or torch.compile's inductor stops
+    with "incorrect fake kernel" in backward (the audit: channels_last RSign, feature gradients of the head)."""
+    torch.manual_seed(8)
+    like = LAYOUTS[layout]
+    x, bias = like(torch.randn(2, 8, 5, 6)), torch.randn(8)
+    torch.library.opcheck(_sign_ste, (x.clone().requires_grad_(), bias.clone().requires_grad_()))
+    torch.library.opcheck(_sign_ste_backward, (torch.randn(2, 8, 5, 6), x, bias))
+    assert _sign_ste_backward(torch.randn(2, 8, 5, 6), x, bias)[0].stride() == torch.empty_like(x).stride()
+    feats = [like(torch.randn(2, 4, s, s)) for s in (3, 6, 12)]
+    ws = [torch.randn(5, 4) for _ in feats]
+    grad = torch.randn(2, 15, 6, 6)
+    torch.library.opcheck(_multires_head, ([f.clone().requires_grad_() for f in feats],
+                                           [w.clone().requires_grad_() for w in ws],
+                                           [torch.randn(5, requires_grad=True) for _ in ws], 1))
+    torch.library.opcheck(_multires_head_backward, (grad, feats, ws, 1, True))
+    for g, f in zip(_multires_head_backward(grad, feats, ws, 1, True), feats):
+        assert g.stride() == torch.empty_like(f).stride()
+
+
+def test_inductor_backward_of_channels_last_sign_and_head_features():
+    torch._dynamo.reset()
+    sign = candle_ext.nn.RSign(8)
+    x = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    eager = x.clone().requires_grad_()
+    sign(eager).square().sum().backward()
+    compiled = x.clone().requires_grad_()
+    torch.compile(sign)(compiled).square().sum().backward()
+    torch.testing.assert_close(compiled.grad, eager.grad)
+    feats = [torch.randn(2, 5, s, s) for s in (3, 6)]
+    ws = [torch.randn(4, 5) for _ in feats]
+    head = lambda fs, w: candle_ext.multires_head(fs, w, None, 1).square().sum()  # noqa: E731
+    grads = []
+    for fn in (head, torch.compile(head)):
+        fs = [f.clone().requires_grad_() for f in feats]
+        fn(fs, ws).backward()
+        grads.append([f.grad for f in fs])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_torch_compile_model_with_binary_conv():

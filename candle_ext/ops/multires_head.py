@@ -70,7 +70,7 @@ def _impl(op: str, t: torch.Tensor) -> str:
 @torch.library.custom_op("candle_ext::multires_head", mutates_args=())
 def _multires_head(features: List[torch.Tensor], weights: List[torch.Tensor], biases: List[torch.Tensor],
                    base: int) -> torch.Tensor:
-    return backend.dispatch(MULTIRES_HEAD, features, weights, biases, base)
+    return backend.dispatch(MULTIRES_HEAD, features, weights, biases, base).contiguous()  # as the fake declares
 
 
 @_multires_head.register_fake
@@ -84,7 +84,10 @@ def _multires_head_backward(grad: torch.Tensor, features: List[torch.Tensor], we
                             base: int, features_grad: bool) -> List[torch.Tensor]:
     """Flat list [grad_features..., grad_weights..., grad_biases...]; grad_features are empty tensors
     when features_grad is False (the teacher encoder is frozen)."""
-    return backend.dispatch(MULTIRES_HEAD_BACKWARD, grad, features, weights, base, features_grad)
+    flat = backend.dispatch(MULTIRES_HEAD_BACKWARD, grad, features, weights, base, features_grad)
+    r = len(features)
+    gf = [backend.in_layout_of(g, f) for g, f in zip(flat[:r], features)] if features_grad else flat[:r]
+    return gf + [backend.in_layout_of(g, w) for g, w in zip(flat[r:2 * r], weights)] + list(flat[2 * r:])
 
 
 @_multires_head_backward.register_fake

@@ -48,7 +48,7 @@ SIGN_STE_BACKWARD = backend.OpTable("sign_ste_backward", arg=lambda grad, x, bia
 
 @torch.library.custom_op("candle_ext::sign_ste", mutates_args=())
 def _sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return backend.dispatch(SIGN_STE, x, bias)
+    return backend.in_layout_of(backend.dispatch(SIGN_STE, x, bias), x)
 
 
 @_sign_ste.register_fake
@@ -60,7 +60,8 @@ def _(x, bias):
 def _sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x, grad_bias); grad_bias is per channel (dim 1) and is computed even without a bias."""
-    return backend.dispatch(SIGN_STE_BACKWARD, grad, x, bias)
+    gx, gb = backend.dispatch(SIGN_STE_BACKWARD, grad, x, bias)
+    return backend.in_layout_of(gx, x), gb
 
 
 @_sign_ste_backward.register_fake
