@@ -243,6 +243,44 @@ def test_binarize_keeps_grouped_convs_and_honours_skip():
         binarize_("resnet18")
 
 
+class _TiedConvs(nn.Module):
+    """One 3x3 conv applied twice (weight tying), registered under two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.again = self.shared
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.again(self.shared(self.stem(x))))
+
+
+def test_binarize_keeps_weight_tying():
+    """The audit's case: a conv held in two places became binary in the first and stayed float in the second."""
+    torch.manual_seed(21)
+    model = binarize_(_TiedConvs())
+    assert model.shared is model.again and isinstance(model.shared.conv, BinaryConv2d)
+    assert model.candle_binarized == ("shared",)
+    assert sum(isinstance(m, BinaryConv2d) for m in model.modules()) == 1
+    x = torch.randn(2, 3, 6, 6)
+    ref = model.head(model.shared(model.shared(model.stem(x))))
+    assert torch.equal(model(x), ref)
+    # Kept by either of its names: it stays float in both places.
+    for name in ("shared", "again"):
+        kept = binarize_(_TiedConvs(), skip=name)
+        assert type(kept.shared) is nn.Conv2d and kept.shared is kept.again and kept.candle_binarized == ()
+    # Rebuilt from its recorded name (load_packed's path) and frozen: still one module, same outputs.
+    from candle_ext.nn.binarize import binarize_names_
+    rebuilt = binarize_names_(_TiedConvs(), ["again"])
+    assert rebuilt.shared is rebuilt.again and isinstance(rebuilt.again.conv, BinaryConv2d)
+    frozen = freeze(model)
+    assert frozen.shared is frozen.again
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
 def test_binarize_mobilenet_v2_folds_conv_bn_sequences():
     torch.manual_seed(5)
     model = torchvision.models.mobilenet_v2(weights=None, num_classes=10, width_mult=0.25)

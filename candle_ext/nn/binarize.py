@@ -61,18 +61,34 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module):
     setattr(parent, attr, module)
 
 
+def _slots(model: nn.Module) -> dict:
+    """id(module) -> every qualified name under which `model` holds it (several when one module is used in
+    several places: weight tying)."""
+    slots = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        slots.setdefault(id(module), []).append(name)
+    return slots
+
+
 def binarize_names_(model: nn.Module, names: Iterable[str]) -> nn.Module:
-    """Binarize exactly the convs called `names` (qualified module names); used to rebuild a saved model."""
+    """Binarize exactly the convs called `names` (qualified module names); used to rebuild a saved model. A conv
+    held in several places becomes one binary module in all of them (the weights stay tied)."""
     names = list(names)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     for name in names:
         if name not in modules:
             raise ValueError(f"names: model has no module called {name!r}")
         if not binarizable(modules[name]):
             raise ValueError(f"names: module {name!r} ({type(modules[name]).__name__}) is not a binarizable "
                              "nn.Conv2d (groups=1, zero padding)")
+    slots, done_modules = _slots(model), set()
     for name in names:
-        _set_submodule(model, name, _binary_replacement(modules[name]))
+        conv = modules[name]
+        if id(conv) not in done_modules:
+            done_modules.add(id(conv))
+            replacement = _binary_replacement(conv)
+            for slot in slots[id(conv)]:
+                _set_submodule(model, slot, replacement)
     done = set(getattr(model, BINARIZED_ATTR, ())) | set(names)
     setattr(model, BINARIZED_ATTR, tuple(sorted(done)))
     return model
@@ -86,7 +102,7 @@ def _skip_predicate(model: nn.Module, skip: Skip) -> Callable[[str, nn.Module], 
     names = [skip] if isinstance(skip, str) else list(skip)
     if not all(isinstance(n, str) for n in names):
         raise TypeError(f"skip must be a module name, a list of names or a predicate(name, module), got {skip!r}")
-    known = {n for n, _ in model.named_modules()}
+    known = {n for n, _ in model.named_modules(remove_duplicate=False)}
     missing = [n for n in names if n not in known]
     if missing:
         raise ValueError(f"skip names not found in the model: {missing}")
@@ -102,7 +118,9 @@ def binarize_(model: nn.Module, skip: Skip = None, *, keep_first: bool = True, k
     Kept full precision: depthwise/grouped convs, conv subclasses with their own forward, and by default the
     first conv and the last layer (the last nn.Conv2d/nn.Linear), in module registration order, which is the
     execution order in torchvision and timm models. `skip`: more modules to keep, as a qualified name, a list
-    of names (a name keeps its whole subtree) or a predicate(name, module) -> bool.
+    of names (a name keeps its whole subtree) or a predicate(name, module) -> bool. A conv the model holds in
+    several places (weight tying) becomes one binary module in all of them, or stays full precision in all of
+    them when any of its names is kept.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -115,5 +133,8 @@ def binarize_(model: nn.Module, skip: Skip = None, *, keep_first: bool = True, k
         kept.add(convs[0])
     if keep_last and layers:
         kept.add(layers[-1][0])
-    names = [n for n, m in layers if binarizable(m) and n not in kept and not keep(n, m)]
+    # A conv held in several places is one module: it stays full precision if any of its names is kept.
+    slots = _slots(model)
+    names = [n for n, m in layers if binarizable(m)
+             and not any(s in kept or keep(s, m) for s in slots[id(m)])]
     return binarize_names_(model, names)
