@@ -32,8 +32,11 @@ def test_compare_refuses_runs_and_teachers_made_with_another_config(cfg_path, tm
     # The audit's case: more epochs and another teacher into the same --out. The teacher is checked first.
     assert _compare(cfg_path, out, "--set", "distill.epochs=3", "--set", "teacher.resolutions=[16, 32, 48]") == 2
     err = capsys.readouterr().err
+    assert "2 folders in" in err and "cannot be reused" in err  # every folder that does not fit is named
     assert "teacher_multi was made with a different configuration" in err
     assert "teacher.resolutions [16, 24] -> [16, 32, 48]" in err and "use another --out or delete" in err
+    assert re.search(r"runs.kd_s0 was made with a different configuration \(distill.epochs 1 -> 3; "
+                     r"teacher.resolutions", err), err
     # A student-only change: the teacher is still valid, the kd run is not.
     assert _compare(cfg_path, out, "--set", "distill.epochs=3") == 2
     err = capsys.readouterr().err

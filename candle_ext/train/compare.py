@@ -271,17 +271,28 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
         return os.path.join(out, "runs", f"{v.label.replace('@', '-')}_s{seed}")
 
     # Before training anything, check every folder this comparison would reuse, so that a mismatch stops it at
-    # once rather than after hours of other runs.
+    # once rather than after hours of other runs; every folder that does not fit is named, not only the first.
+    problems: Dict[str, str] = {}
+
+    def precheck(folder: str, spec: Dict[str, object]) -> None:
+        try:
+            check_made_with(folder, spec)
+        except ValueError as exc:
+            problems[folder] = str(exc)
+
     for multires in sorted({kind_of(v) for v in variants if METHODS[v.mode].teacher is not None}):
-        check_made_with(os.path.join(out, f"teacher_{'multi' if multires else 'single'}"),
-                        teacher_spec(cfg, multires))
+        precheck(os.path.join(out, f"teacher_{'multi' if multires else 'single'}"), teacher_spec(cfg, multires))
     for seed in seeds:
         for v in order:
-            check_made_with(run_dir_of(v, seed), run_spec(cfg, v, kind_of(v), seed))
+            precheck(run_dir_of(v, seed), run_spec(cfg, v, kind_of(v), seed))
             scratch_rep = os.path.join(run_dir_of(scratch, seed), "report.json")
             if v.mode == "tau_norm" and cfg.distill.scratch_sampler == "random" and os.path.exists(scratch_rep):
                 # tau_norm would be derived from that scratch run
-                check_made_with(run_dir_of(scratch, seed), run_spec(cfg, scratch, kind_of(scratch), seed))
+                precheck(run_dir_of(scratch, seed), run_spec(cfg, scratch, kind_of(scratch), seed))
+    if problems:
+        found = list(problems.values())
+        raise ValueError(found[0] if len(found) == 1 else
+                         f"{len(found)} folders in {out} cannot be reused: " + "; ".join(found))
     total = len(order) * len(seeds)
     results: Dict[str, Dict[int, Dict[str, float]]] = {v.label: {} for v in variants}
     lambda_logs: Dict[str, List[str]] = {}
