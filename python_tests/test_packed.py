@@ -420,6 +420,20 @@ def test_corrupt_files_raise_value_error(saved, tmp_path, damage):
         load_packed(bad)
 
 
+def test_save_load_model_whose_modules_need_state_dict_versions(tmp_path):
+    """torchvision's MNASNet reads its module version from the state_dict's metadata, which a packed file (plain
+    tensors) does not hold: load_packed gives it the versions of the model it rebuilds (audit: it raised
+    torchvision's bare "version should be set to 1 or 2")."""
+    torch.manual_seed(13)
+    model = randomise(binarize_(torchvision.models.mnasnet0_5(num_classes=10)), 13).eval()
+    arch = {"builder": "torchvision.models.mnasnet0_5", "kwargs": {"num_classes": 10}}
+    save_packed(model, tmp_path / "m.pt", arch=arch)
+    loaded = load_packed(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), freeze(model)(x))
+
+
 def test_other_files_and_tampering_raise_value_error(saved, tmp_path):
     path, _ = saved
     plain = tmp_path / "state_dict.pt"

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import threading
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -710,9 +711,13 @@ def load_packed(path, map_location="cpu") -> nn.Module:
                                         f"{arch['kwargs']} takes more than {limit} bytes, more than the file's "
                                         "tensors can account for; refused before allocating it")
             frozen = _skeleton(arch, binarized, str(path), budget)
+        # The module versions that _load_from_state_dict hooks read (torchvision's MNASNet refuses a state without
+        # one): those of the model just built, the file holding plain tensors only.
+        state = OrderedDict(state)
+        state._metadata = frozen.state_dict()._metadata
         try:
             frozen.load_state_dict(state, strict=True)  # copy_ restores float16 parts to the model's float32
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             raise ValueError(f"{path}: the saved weights do not fit the model that {arch['builder']} builds: "
                              f"{exc}") from exc
     for name, m in frozen.named_modules():
