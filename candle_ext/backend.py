@@ -197,10 +197,14 @@ class Impl:
 @dataclass(frozen=True)
 class OpTable:
     """The implementations of one op, at most one per backend. `name` is the op as warnings and errors name it
-    (candle_ext.<name>); `arg` picks, from the custom op's arguments, the tensor whose device and dtype decide."""
+    (candle_ext.<name>); `arg` picks, from the custom op's arguments, the tensor whose device and dtype decide.
+    `empty_batch` (the op's fake kernel) gives the result's shapes when that tensor holds a batch of zero samples:
+    the result is then those tensors zero-filled (gradients of nothing are 0), and no backend is called (a
+    kernel has no work for it, and a CUDA grid of size 0 is an error)."""
     name: str
     arg: Callable
     impls: Tuple[Impl, ...]
+    empty_batch: Optional[Callable] = None
 
     def __post_init__(self):
         names = [i.backend for i in self.impls]
@@ -239,6 +243,11 @@ def choose(table: OpTable, device_type: str, dtype: torch.dtype) -> Impl:
 def dispatch(table: OpTable, *args):
     """Run the op on the implementation that serves these arguments (the body of every custom op)."""
     t = table.arg(*args)
+    if t.shape[0] == 0 and table.empty_batch is not None:
+        out = table.empty_batch(*args)
+        for r in (out if isinstance(out, (list, tuple)) else (out,)):
+            r.zero_()
+        return out
     return choose(table, t.device.type, t.dtype).fn(*args)
 
 

@@ -266,6 +266,42 @@ def test_inductor_backward_of_channels_last_sign_and_head_features():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
+def test_empty_batch_like_nn_conv2d(name, monkeypatch):
+    """A batch of zero samples passes through every op, layer and frozen model as through nn.Conv2d: outputs of
+    the right shape and dtype, gradients of the parameters zero, on every backend (no kernel is called)."""
+    if name not in candle_ext.backends():  # triton: with a GPU, or on the CPU under TRITON_INTERPRET=1 (conftest)
+        pytest.skip(f"backend {name} is not available here: {backend.status(name)[1]}")
+    monkeypatch.setenv("CANDLE_EXT_BACKEND", name)
+    torch.manual_seed(9)
+    x = torch.randn(0, 8, 6, 6, requires_grad=True)
+    assert candle_ext.sign_pack(x.detach()).shape == (0, 6, 6, 1)
+    assert candle_ext.unpack(candle_ext.sign_pack(x.detach()), 8).shape == (0, 8, 6, 6)
+    bias = torch.randn(8, requires_grad=True)
+    candle_ext.sign_ste(x, bias).sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(bias.grad, torch.zeros(8))
+    conv, ref = candle_ext.nn.BinaryConv2d(8, 4, 3, padding=1), torch.nn.Conv2d(8, 4, 3, padding=1)
+    out = conv(x)
+    assert out.shape == ref(x).shape == (0, 4, 6, 6) and out.dtype == torch.float32
+    out.sum().backward()
+    assert torch.equal(conv.weight.grad, torch.zeros_like(conv.weight)) and torch.equal(conv.bias.grad, torch.zeros(4))
+    words = candle_ext.binary_conv2d(candle_ext.sign_pack(x.detach()), candle_ext.sign_pack(torch.randn(4, 8, 3, 3)),
+                                     stride=2, in_channels=8, out_dtype=torch.int32)
+    assert words.shape == (0, 4, 2, 2) and words.dtype == torch.int32
+    for layer in (candle_ext.nn.RSign(8), candle_ext.nn.LearnableBias(8), candle_ext.nn.RPReLU(8)):
+        assert layer(x).shape == x.shape
+    feats = [torch.randn(0, 4, s, s, requires_grad=True) for s in (3, 6, 12)]
+    ws = [torch.randn(5, 4, requires_grad=True) for _ in feats]
+    head = candle_ext.multires_head(feats, ws)
+    assert head.shape == (0, 15, 6, 6)
+    head.sum().backward()
+    assert all(torch.equal(w.grad, torch.zeros_like(w)) for w in ws) and feats[2].grad.shape == (0, 4, 12, 12)
+    model = candle_ext.models.reactnet_a(num_classes=10, small_input=True, width_mult=0.25).eval()
+    frozen = candle_ext.freeze(model)
+    with torch.no_grad():
+        assert model(torch.randn(0, 3, 32, 32)).shape == frozen(torch.randn(0, 3, 32, 32)).shape == (0, 10)
+
+
 def test_torch_compile_model_with_binary_conv():
     torch.manual_seed(6)
     model = torch.nn.Sequential(
@@ -340,7 +376,9 @@ def test_cuda_tensors_without_gpu_kernels_raise(monkeypatch):
      "input must have 4 dimensions"),
     (lambda: candle_ext.binary_conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 5, 1, 1)), ValueError,
      "channels"),
-    (lambda: candle_ext.binary_conv2d(torch.randn(0, 3, 4, 4), torch.randn(2, 3, 1, 1)), ValueError, "empty"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 3, 0, 4), torch.randn(2, 3, 1, 1)), ValueError, "empty"),
+    (lambda: candle_ext.binary_conv2d(torch.randn(1, 3, 4, 4), torch.randn(0, 3, 1, 1)), ValueError, "empty"),
+    (lambda: candle_ext.sign_pack(torch.randn(0, 0, 4, 4)), ValueError, "empty"),
     (lambda: candle_ext.binary_conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 3, 1, 1, device="meta")),
      ValueError, "one device"),
     (lambda: candle_ext.binary_conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), stride=0), ValueError,

@@ -141,7 +141,7 @@ class PackedReActBlock(nn.Module):
         object.__setattr__(self, "_chain_next", successor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if packed_chain_available(x):
+        if x.shape[0] and packed_chain_available(x):  # an empty batch takes the ops, which answer it
             return self._forward_chain(x)
         # The residual adds, PReLUs and zeta run in the convs' epilogues (on the CPU kernel; eager ops elsewhere).
         # A doubling block's residual [y, y] is y itself, repeated over the output channels (no concat).

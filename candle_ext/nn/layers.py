@@ -13,7 +13,7 @@ def _channels(name: str, value) -> int:
 
 def _check_input(layer: nn.Module, x, channels: int) -> None:
     """Layers take float NCHW-like input with their channel count (packed words go through the ops)."""
-    validate.tensor("input", x, validate.FLOAT_DTYPES)
+    validate.tensor("input", x, validate.FLOAT_DTYPES, empty_batch=True)
     if x.dim() < 2 or x.shape[1] != channels:
         raise ValueError(f"{type(layer).__name__}({channels}) got input of shape {tuple(x.shape)}; expected "
                          f"{channels} channels in dim 1")
@@ -52,7 +52,7 @@ class BinaryConv2d(nn.Conv2d):
         return self.weight.detach().abs().mean(dim=(1, 2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        validate.tensor("input", x, validate.FLOAT_DTYPES, ndim=4)  # int32 words: use candle_ext.binary_conv2d
+        validate.tensor("input", x, validate.FLOAT_DTYPES, ndim=4, empty_batch=True)  # int32 words: use candle_ext.binary_conv2d
         w = torch.clamp(self.weight, -1.0, 1.0)  # sign(clamp(w)) == sign(w); the clamp shapes the gradient
         out = binary_conv2d(x, w, self.scale().to(x.dtype), self.stride, self.padding, self.dilation)
         if self.bias is not None:

@@ -65,8 +65,18 @@ def _reference(x_packed, w_packed, channels, stride, padding, dilation, scale, s
                                           scale, shift, out_dtype).contiguous()
 
 
+def _binary_conv2d_packed_shape(x_packed, w_packed, channels, stride, padding, dilation, scale, shift, out_dtype):
+    """The fake kernel; zero-filled, the result for a batch of zero samples."""
+    n, h, w, _ = x_packed.shape
+    cout, kh, kw, _ = w_packed.shape
+    ho = output_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = output_size(w, kw, stride[1], padding[1], dilation[1])
+    return x_packed.new_empty((n, cout, ho, wo), dtype=torch.int32 if out_dtype is None else out_dtype)
+
+
 # Decided by the packed activations (int32 words on every backend); the float output dtypes are the op's own.
-BINARY_CONV2D = backend.OpTable("binary_conv2d", arg=lambda x_packed, *rest: x_packed, impls=(
+BINARY_CONV2D = backend.OpTable("binary_conv2d", arg=lambda x_packed, *rest: x_packed,
+                                empty_batch=_binary_conv2d_packed_shape, impls=(
     backend.Impl("cuda", (torch.int32,), _cuda),
     backend.Impl("triton", (torch.int32,), _triton),
     backend.Impl("cpu", (torch.int32,), _cpu),
@@ -90,13 +100,7 @@ def _binary_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, channe
                             out_dtype)
 
 
-@_binary_conv2d_packed.register_fake
-def _(x_packed, w_packed, channels, stride, padding, dilation, scale, shift, out_dtype):
-    n, h, w, _ = x_packed.shape
-    cout, kh, kw, _ = w_packed.shape
-    ho = output_size(h, kh, stride[0], padding[0], dilation[0])
-    wo = output_size(w, kw, stride[1], padding[1], dilation[1])
-    return x_packed.new_empty((n, cout, ho, wo), dtype=torch.int32 if out_dtype is None else out_dtype)
+_binary_conv2d_packed.register_fake(_binary_conv2d_packed_shape)
 
 
 @torch.library.custom_op("candle_ext::binary_conv2d", mutates_args=())
@@ -172,7 +176,7 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, scale: Optional[tor
     by default, float64 computed in float64); out_dtype=torch.int32 with no scale/shift returns the exact
     integer accumulators. Float input and weight with neither shift nor out_dtype take the differentiable path.
     """
-    validate.tensor("input", input, validate.FLOAT_DTYPES + (torch.int32,), ndim=4)
+    validate.tensor("input", input, validate.FLOAT_DTYPES + (torch.int32,), ndim=4, empty_batch=True)
     validate.tensor("weight", weight, validate.FLOAT_DTYPES + (torch.int32,), ndim=4)
     validate.same_device(input=input, weight=weight, scale=scale, shift=shift)
     stride, padding, dilation = _conv_params(stride, padding, dilation)
@@ -318,7 +322,7 @@ def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_
     the residual read channels-last and pooled on the fly, the output's signs packed as it is written);
     otherwise the same values come from the path above and eager ops.
     """
-    validate.tensor("x", x, validate.FLOAT_DTYPES, ndim=4)
+    validate.tensor("x", x, validate.FLOAT_DTYPES, ndim=4, empty_batch=True)
     for name, value in (("residual", residual), ("slope", slope), ("post_shift", post_shift),
                         ("pack_threshold", pack_threshold)):
         if value is not None and not isinstance(value, torch.Tensor):
@@ -328,7 +332,7 @@ def packed_inference_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], w_
     if x.shape[1] != in_channels:  # pad bits would hide a mismatch within one word
         raise ValueError(f"x has {x.shape[1]} channels, expected {in_channels}")
     chain = x_words is not None or residual_pool or channels_last or pack
-    if chain and packed_chain_available(x) and (residual is None or (type(residual) is torch.Tensor
+    if chain and x.shape[0] and packed_chain_available(x) and (residual is None or (type(residual) is torch.Tensor
                                                                      and residual.dtype == torch.float32)):
         module = backend.compiled_module()
         if x_words is None:
@@ -394,7 +398,7 @@ def _packed_inference_conv(x, threshold, w_packed, in_channels, stride, padding,
     out_dtype = x.dtype if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
     if threshold is not None and threshold.dtype != x.dtype:
         threshold = threshold.to(x.dtype)
-    if (type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
+    if (type(x) is torch.Tensor and x.device.type == "cpu" and x.shape[0] and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing() and cpu_kernels_serve(x.dtype)):
         module = backend.compiled_module()
         words = module.sign_pack_cpu(x=x, bias=threshold)

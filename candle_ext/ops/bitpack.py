@@ -38,7 +38,7 @@ def check_packed(name: str, words, channels: int, check_pad_bits: bool = True):
     read as an extra +1 channel by the kernels (they rely on the rule) but ignored by unpack: such words, e.g.
     packed from more channels than `channels` says, are refused here instead of giving a wrong result (not
     while torch.compile/export trace, which see no values)."""
-    validate.tensor(name, words, (torch.int32,), ndim=4)
+    validate.tensor(name, words, (torch.int32,), ndim=4, empty_batch=True)
     if words.shape[-1] != num_words(channels):
         raise ValueError(f"{name} has {words.shape[-1]} words per pixel, expected ceil({channels}/32) = "
                          f"{num_words(channels)} for {channels} channels")

@@ -49,13 +49,26 @@ def _reference_backward(grad, features, weights, base, features_grad):
     return gf + gw + gb
 
 
-MULTIRES_HEAD = backend.OpTable("multires_head", arg=lambda features, weights, biases, base: features[0], impls=(
+# The fake kernels; zero-filled, the results for a batch of zero samples.
+def _multires_head_shape(features, weights, biases, base):
+    n, _, h, w = features[base].shape
+    return features[0].new_empty((n, len(features) * weights[0].shape[0], h, w))
+
+
+def _multires_head_backward_shape(grad, features, weights, base, features_grad):
+    gf = [torch.empty_like(f) if features_grad else f.new_empty(0) for f in features]
+    return gf + [torch.empty_like(w) for w in weights] + [w.new_empty(w.shape[0]) for w in weights]
+
+
+MULTIRES_HEAD = backend.OpTable("multires_head", arg=lambda features, weights, biases, base: features[0],
+                                empty_batch=_multires_head_shape, impls=(
     backend.Impl("cuda", _CUDA_DTYPES, _cuda),
     backend.Impl("triton", validate.FLOAT_DTYPES, _triton),
     backend.Impl("reference", validate.FLOAT_DTYPES, reference.multires_head),
 ))
 MULTIRES_HEAD_BACKWARD = backend.OpTable(
-    "multires_head_backward", arg=lambda grad, features, weights, base, features_grad: grad, impls=(
+    "multires_head_backward", arg=lambda grad, features, weights, base, features_grad: grad,
+    empty_batch=_multires_head_backward_shape, impls=(
         backend.Impl("cuda", _CUDA_DTYPES, _cuda_backward),
         backend.Impl("triton", validate.FLOAT_DTYPES, _triton_backward),
         backend.Impl("reference", validate.FLOAT_DTYPES, _reference_backward),
@@ -73,10 +86,7 @@ def _multires_head(features: List[torch.Tensor], weights: List[torch.Tensor], bi
     return backend.dispatch(MULTIRES_HEAD, features, weights, biases, base).contiguous()  # as the fake declares
 
 
-@_multires_head.register_fake
-def _(features, weights, biases, base):
-    n, _, h, w = features[base].shape
-    return features[0].new_empty((n, len(features) * weights[0].shape[0], h, w))
+_multires_head.register_fake(_multires_head_shape)
 
 
 @torch.library.custom_op("candle_ext::multires_head_backward", mutates_args=())
@@ -90,10 +100,7 @@ def _multires_head_backward(grad: torch.Tensor, features: List[torch.Tensor], we
     return gf + [backend.in_layout_of(g, w) for g, w in zip(flat[r:2 * r], weights)] + list(flat[2 * r:])
 
 
-@_multires_head_backward.register_fake
-def _(grad, features, weights, base, features_grad):
-    gf = [torch.empty_like(f) if features_grad else f.new_empty(0) for f in features]
-    return gf + [torch.empty_like(w) for w in weights] + [w.new_empty(w.shape[0]) for w in weights]
+_multires_head_backward.register_fake(_multires_head_backward_shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -148,7 +155,7 @@ def multires_head(features: Sequence[torch.Tensor], weights: Sequence[torch.Tens
     base = base % len(features)
     n = None
     for i, f in enumerate(features):
-        validate.tensor(f"features[{i}]", f, validate.FLOAT_DTYPES, ndim=4)
+        validate.tensor(f"features[{i}]", f, validate.FLOAT_DTYPES, ndim=4, empty_batch=True)
         if f.dtype != features[0].dtype or f.device != features[0].device:
             raise ValueError(f"features[{i}] is {f.dtype} on {f.device}; expected {features[0].dtype} on "
                              f"{features[0].device} like features[0]")

@@ -22,7 +22,12 @@ def _cpu(x, bias):  # reads any float dtype and layout in place; rounds the bias
     return backend.compiled_module().sign_pack_cpu(x=x, bias=bias)
 
 
-SIGN_PACK = backend.OpTable("sign_pack", arg=lambda x, bias: x, impls=(
+def _sign_pack_shape(x, bias):  # the fake kernel; zero-filled, the result for a batch of zero samples
+    n, c, h, w = x.shape
+    return x.new_empty((n, h, w, num_words(c)), dtype=torch.int32)
+
+
+SIGN_PACK = backend.OpTable("sign_pack", arg=lambda x, bias: x, empty_batch=_sign_pack_shape, impls=(
     backend.Impl("cuda", validate.FLOAT_DTYPES, _cuda),
     backend.Impl("triton", validate.FLOAT_DTYPES, _triton),
     backend.Impl("cpu", validate.FLOAT_DTYPES, _cpu),
@@ -35,10 +40,7 @@ def _sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return backend.dispatch(SIGN_PACK, x, bias)
 
 
-@_sign_pack.register_fake
-def _(x, bias):
-    n, c, h, w = x.shape
-    return x.new_empty((n, h, w, num_words(c)), dtype=torch.int32)
+_sign_pack.register_fake(_sign_pack_shape)
 
 
 @torch.library.custom_op("candle_ext::unpack", mutates_args=())
@@ -54,7 +56,7 @@ def _(words, channels):
 
 def sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pack sign(x - bias) of an NCHW float tensor into int32 words [N, H, W, ceil(C/32)] (layout above)."""
-    validate.tensor("x", x, validate.FLOAT_DTYPES, ndim=4)
+    validate.tensor("x", x, validate.FLOAT_DTYPES, ndim=4, empty_batch=True)
     validate.per_channel("bias", bias, x.shape[1], x.device)
     return _sign_pack(x, bias)
 

@@ -34,12 +34,23 @@ def _reference_backward(grad, x, bias):
     return gx, gb
 
 
-SIGN_STE = backend.OpTable("sign_ste", arg=lambda x, bias: x, impls=(
+# The fake kernels; zero-filled, the results for a batch of zero samples.
+def _sign_ste_shape(x, bias):
+    return torch.empty_like(x)
+
+
+def _sign_ste_backward_shape(grad, x, bias):
+    dtype = x.dtype if bias is None else bias.dtype
+    return torch.empty_like(x), x.new_empty((x.shape[1],), dtype=dtype)
+
+
+SIGN_STE = backend.OpTable("sign_ste", arg=lambda x, bias: x, empty_batch=_sign_ste_shape, impls=(
     backend.Impl("cuda", validate.FLOAT_DTYPES, _cuda),
     backend.Impl("triton", validate.FLOAT_DTYPES, _triton),
     backend.Impl("reference", validate.FLOAT_DTYPES, reference.sign_ste),
 ))
-SIGN_STE_BACKWARD = backend.OpTable("sign_ste_backward", arg=lambda grad, x, bias: x, impls=(
+SIGN_STE_BACKWARD = backend.OpTable("sign_ste_backward", arg=lambda grad, x, bias: x,
+                                    empty_batch=_sign_ste_backward_shape, impls=(
     backend.Impl("cuda", validate.FLOAT_DTYPES, _cuda_backward),
     backend.Impl("triton", validate.FLOAT_DTYPES, _triton_backward),
     backend.Impl("reference", validate.FLOAT_DTYPES, _reference_backward),
@@ -51,9 +62,7 @@ def _sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return backend.in_layout_of(backend.dispatch(SIGN_STE, x, bias), x)
 
 
-@_sign_ste.register_fake
-def _(x, bias):
-    return torch.empty_like(x)
+_sign_ste.register_fake(_sign_ste_shape)
 
 
 @torch.library.custom_op("candle_ext::sign_ste_backward", mutates_args=())
@@ -64,10 +73,7 @@ def _sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch
     return backend.in_layout_of(gx, x), gb
 
 
-@_sign_ste_backward.register_fake
-def _(grad, x, bias):
-    dtype = x.dtype if bias is None else bias.dtype
-    return torch.empty_like(x), x.new_empty((x.shape[1],), dtype=dtype)
+_sign_ste_backward.register_fake(_sign_ste_backward_shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -87,7 +93,7 @@ _sign_ste.register_autograd(_backward, setup_context=_setup_context)
 def sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """+-1 tensor sign(x - bias) (bias per channel, dim 1); gradient by ApproxSign (2+2u on [-1,0), 2-2u on
     [0,1), 0 elsewhere, u = x - bias), and the bias gradient is minus the sum of that over all but dim 1."""
-    validate.tensor("x", x, validate.FLOAT_DTYPES)
+    validate.tensor("x", x, validate.FLOAT_DTYPES, empty_batch=True)
     if x.dim() < 2:
         raise ValueError(f"x must have a channel dimension (rank >= 2), got shape {tuple(x.shape)}")
     validate.per_channel("bias", bias, x.shape[1], x.device)

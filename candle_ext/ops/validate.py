@@ -11,7 +11,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_GEOMETRY = 2**31 - 1
 
 
-def tensor(name: str, t, dtypes: Iterable[torch.dtype] = None, ndim: int = None, allow_empty: bool = False):
+def tensor(name: str, t, dtypes: Iterable[torch.dtype] = None, ndim: int = None, allow_empty: bool = False,
+           empty_batch: bool = False):
+    """t is a tensor of one of `dtypes` with `ndim` dimensions and at least one element; with empty_batch, a
+    batch of zero samples (dim 0 is 0, every other dim positive) is also accepted, as nn.Conv2d accepts it."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None:
@@ -21,7 +24,8 @@ def tensor(name: str, t, dtypes: Iterable[torch.dtype] = None, ndim: int = None,
             raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}, expected one of: {want}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if not allow_empty and t.numel() == 0:
+    if not allow_empty and t.numel() == 0 and not (empty_batch and t.dim() > 1 and t.shape[0] == 0
+                                                   and all(s > 0 for s in t.shape[1:])):
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); expected at least one element")
     return t
 
