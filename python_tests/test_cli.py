@@ -181,6 +181,8 @@ def test_cli_end_to_end(workspace, capsys):
     assert teacher["resolutions"] == [16, 24] and "fc.weight" in teacher["head"]
     assert main(["distill", "--config", str(cfg), "--name", "candle"]) == 0
     assert main(["distill", "--config", str(cfg), "--mode", "scratch"]) == 0
+    # The ladder's first rung (no K at all): it used to log kl=NaN, which stops a run as diverged.
+    assert main(["distill", "--config", str(cfg), "--mode", "feature", "--set", "distill.epochs=1"]) == 0
     log = [json.loads(l) for l in open(run / "candle.jsonl")]
     assert len(log) == 3 * 12 and all(0.0 < r["lambda"] < 1.0 for r in log)
     assert {"kl", "fs", "acc", "loss"} <= set(log[0])

@@ -161,7 +161,9 @@ def test_fixed_feature_and_scratch_modes():
     # feature mode: encoder learns from FS only, classifier from labels
     s = copy.deepcopy(student)
     parts = build_distill_parts(s, "feature", lr=1e-3)
-    distill_step(parts, x, y, None, tf)
+    out = distill_step(parts, x, y, None, tf)
+    # every logged metric finite: fit stops a run at the first non-finite one (a NaN "kl" stopped every feature run)
+    assert all(math.isfinite(v) for v in out.values()) and {"ce", "fs", "loss", "lambda"} <= set(out), out
     feat = ref.encoder(x)
     for p, g in zip(s.encoder.parameters(), _grads(ref, feature_similarity_loss(tf, feat),
                                                     list(ref.encoder.parameters()))):

@@ -176,7 +176,7 @@ def distill_step(parts: DistillParts, x: torch.Tensor, y: torch.Tensor,
         cls_loss = F.cross_entropy(logits, y)
         lam = torch.tensor(1.0)
         enc_loss = fs
-        out["kl"] = float("nan")
+        out["ce"] = float(cls_loss.detach())  # no K in this mode (a NaN here read as divergence: fit stops on it)
     else:
         k = kl_loss(teacher_logits, logits, parts.temperature)
         cls_loss = k  # Alg. 1: the classifier descends on K only
