@@ -15,6 +15,7 @@ from candle_ext.nn import MultiResolutionTeacher
 from candle_ext.train import (AdversarialBalancer, build_distill_parts, distill_step, feature_similarity_loss,
                               kl_loss, label_aware_epsilons, label_aware_smoothing_loss, load_teacher)
 from candle_ext.train.balancer import make_phi_optimizer
+from candle_ext.train.distill import MODES
 from candle_ext.train.losses import (balanced_softmax_loss, dive_loss, log_prior, logit_adjusted_loss, pool,
                                      tau_normalize_)
 
@@ -471,3 +472,21 @@ def test_training_modules_import_one_way():
     for m in sorted(train):
         visit(m, [])
     assert order.index("candle_ext.train.context") < order.index("candle_ext.train.pipeline"), order
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_steps_under_bf16_autocast_and_channels_last(mode):
+    """What CUDA training runs by default (amp: bf16 autocast; channels_last), rehearsed on the CPU: one step of
+    every mode with a channels_last student and input under CPU bf16 autocast gives finite metrics and updates
+    the float32 parameters (a dtype mix in a loss or in binary_conv2d's backward would raise here)."""
+    student, x, y, tl, tf = _student_and_batch(3)
+    student = student.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    prior = log_prior(np.bincount(y.numpy(), minlength=NUM_CLASSES) + 1)
+    parts = build_distill_parts(student, mode, lr=1e-2, log_prior=prior)
+    before = [p.detach().clone() for p in student.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = distill_step(parts, x, y, tl, tf)
+    assert out and all(math.isfinite(v) for v in out.values()), out
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, student.parameters()))
