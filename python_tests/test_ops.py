@@ -152,6 +152,25 @@ def test_frozen_model_refuses_gradients_at_the_call(name, chain, force_backend, 
                 conv(x, **{name: 0.25}, **chain)
 
 
+def test_frozen_convs_do_not_check_pad_bits_per_call(monkeypatch):
+    """A frozen conv's words come from sign_pack (clean pad bits) and its weights were checked when it was built:
+    the eager path (CUDA, other backends) does not test them again on every call, a data-dependent test that
+    would synchronise with the GPU on every conv (static review of the CUDA path)."""
+    conv_module = importlib.import_module("candle_ext.ops.binary_conv2d")  # the package re-exports the function
+    monkeypatch.setenv("CANDLE_EXT_BACKEND", "reference")
+    torch.manual_seed(12)
+    model = candle_ext.models.reactnet_a(num_classes=10, small_input=True, width_mult=0.25).eval()  # 8-channel stem
+    frozen = candle_ext.freeze(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = frozen(x)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("pad bits checked on a frozen conv's call")
+        monkeypatch.setattr(conv_module, "check_packed", refuse)
+        torch.testing.assert_close(frozen(x), expected, rtol=0, atol=0)
+
+
 def test_sign_ste_forward_and_gradient():
     torch.manual_seed(3)
     x = (torch.rand(2, 5, 4, 4) * 3 - 1.5).requires_grad_()

@@ -415,7 +415,10 @@ def _packed_inference_conv(x, threshold, w_packed, in_channels, stride, padding,
                                        shift=shift.contiguous(), out_kind=module.OutKind.float32, **post)
         out = out.to(x.dtype)
         return out if fuse else _post_ops(out, residual, slope, post_shift)
+    # The custom op itself, not binary_conv2d(): sign_pack's words have clean pad bits, and a frozen conv's weights
+    # were checked when freeze/load_packed made them (as the CPU fast path above trusts them); checking them on
+    # every call would synchronise with the GPU on every conv (a data-dependent test).
     words = sign_pack(x, threshold)
-    out = binary_conv2d(words, w_packed, scale, stride, padding, dilation, in_channels=in_channels, shift=shift,
-                        out_dtype=out_dtype).to(x.dtype)
+    out = _binary_conv2d_packed(words, w_packed, in_channels, list(stride), list(padding), list(dilation), scale,
+                                shift, out_dtype).to(x.dtype)
     return _post_ops(out, residual, slope, post_shift)

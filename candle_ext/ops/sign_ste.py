@@ -83,7 +83,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, bias = ctx.saved_tensors
-    gx, gb = _sign_ste_backward(grad.contiguous(), x, bias)
+    gx, gb = _sign_ste_backward(grad, x, bias)  # every backend reads any layout (CUDA: into x's own)
     return gx, (gb if bias is not None else None)
 
 

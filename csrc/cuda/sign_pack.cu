@@ -166,6 +166,9 @@ void launch_sign_pack(const at::Tensor& x, const typename Num<T>::Acc* bias, uin
       const int tile = 32 * (vec ? V : 1);
       const int64_t pixel_tiles = (hw + tile - 1) / tile;
       TORCH_CHECK_VALUE(n * pixel_tiles <= kIndexLimit, "x is too large for sign_pack_cuda");
+      // grid.y counts blocks of 8 words (a CUDA limit of 65535): 16,776,960 channels in NCHW.
+      TORCH_CHECK_VALUE((words + 7) / 8 <= 65535, "x has ", c, " channels, more than sign_pack_cuda takes in NCHW "
+                        "layout (", int64_t(65535) * 8 * 32, "); pass it channels_last");
       const dim3 grid(static_cast<unsigned>(n * pixel_tiles), static_cast<unsigned>((words + 7) / 8));
       const dim3 block(32, 8);
       if (vec) {
