@@ -65,7 +65,8 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
                               labels[i].to(ctx.device), eps)
 
     head = HeadState(teacher, os.path.join(ctx.out, "calibrate_last.pt"))
-    made_with = ctx.cfg.subset(("seed", "data", "teacher", "student", "calibrate"), exclude=("calibrate.epochs",))
+    made_with = ctx.cfg.subset(("seed", "data", "teacher", "student", "calibrate"),
+                               exclude=("calibrate.epochs", "calibrate.evaluate"))  # for --resume: see distill()
     history = ctx.fit("calibrate", c.epochs, sampler, lbs, step, {"head": head, "opt": opt, "sched": sched},
                       resume, None, stop_after_steps, made_with)
     if ctx.is_main:
