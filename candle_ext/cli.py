@@ -19,6 +19,7 @@ from typing import List, Optional
 
 import yaml
 
+from candle_ext import files
 from candle_ext.train.config import METHODS, Config, load_yaml, parse_override
 
 
@@ -30,6 +31,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
+MAX_CONFIG_BYTES = 1 << 20  # a configuration is a few kilobytes
 
 
 def presets() -> List[str]:
@@ -46,14 +48,14 @@ def load_config(path: Optional[str] = None, sets: Optional[List[str]] = None, ex
     if path and not os.path.exists(path) and path in presets():
         path = os.path.join(PRESET_DIR, path + ".yaml")
     if path:
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise FileNotFoundError(f"config file {path} does not exist (shipped presets: {', '.join(presets())})")
-        with open(path) as fh:
-            try:
-                user = json.load(fh) if path.endswith(".json") else load_yaml(fh)
-            except (json.JSONDecodeError, yaml.YAMLError) as exc:
-                raise ValueError(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}:"
-                                 f" {exc}") from exc
+        text = files.read_text(path, "config file", MAX_CONFIG_BYTES)  # a regular UTF-8 file of bounded size
+        try:
+            user = json.loads(text) if path.endswith(".json") else load_yaml(text)
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: JSON's, or a > 4300-digit int
+            raise ValueError(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}:"
+                             f" {str(exc)[:300]}") from None
         if user is None:
             user = {}
         if not isinstance(user, dict):

@@ -140,7 +140,7 @@ def test_bad_checkpoint_files_are_one_line_errors_naming_the_file(workspace, tmp
     torch.save(_student(path, width_mult=0.5).state_dict(), tmp_path / "wide.pt")
     torch.save({"x": collections.OrderedDict()}, tmp_path / "keys.pt")
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
-    cases = [("garbage.pt", "not a checkpoint of tensors and plain containers"),
+    cases = [("garbage.pt", "not a file of tensors and plain containers"),
              ("trunc.pt", "cannot be read"),
              ("wide.pt", r"does not fit the configured student \(reactnet_a, 4 classes\): encoder.stem.conv.weight "
                          r"is \(16, 3, 3, 3\) in the file, \(8, 3, 3, 3\) in the model"),
@@ -396,3 +396,35 @@ def test_compare_rejects_unknown_methods(workspace, tmp_path, methods, match, ca
     root, cfg = workspace
     assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "c"), "--methods", *methods]) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_files_from_other_runs_are_checked_before_they_are_used(workspace, tmp_path, capsys):
+    """A teacher.pt, teacher weights, resume checkpoint or training log that is not what this command wrote is
+    refused with one line naming it, before it can size a model or choose an encoder (hostile-file audit)."""
+    root, path = workspace
+    out = Path(load_config(str(path)).out_dir)
+    good = checkpoint.load(str(out / "teacher.pt"))
+    for change, said in (({"num_classes": 2_000_000}, "num_classes 2000000 (configured: 4)"),
+                         ({"name": "torchvision:vit_h_14"}, "name 'torchvision:vit_h_14' (configured: "),
+                         ({"resolutions": [16, 20000]}, "resolutions [16, 20000] (configured: [16, 24])")):
+        bad = tmp_path / "forged"
+        bad.mkdir(exist_ok=True)
+        checkpoint.save_atomic({**good, **change}, str(bad / "teacher.pt"))
+        code, err = _cli(["distill", "--config", str(path), "--out", str(bad), "--mode", "kd"], capsys)
+        assert code == 2 and f"teacher checkpoint {bad / 'teacher.pt'} was calibrated for another" in err, err
+        assert said in err, err
+    torch.save([1, 2], tmp_path / "list.pt")
+    code, err = _cli(["distill", "--config", str(path), "--mode", "feature", "--out", str(tmp_path / "w"),
+                      "--set", f"teacher.weights={tmp_path / 'list.pt'}"], capsys)
+    assert code == 2 and f"teacher weights file {tmp_path / 'list.pt'} holds a list, not a state_dict" in err, err
+    run = ["distill", "--config", str(path), "--mode", "scratch", "--name", "forged", "--set", "distill.epochs=1"]
+    assert main(run) == 0
+    ck = checkpoint.load(str(out / "forged_last.pt"))
+    checkpoint.save_atomic({**ck, "epoch": -5}, str(out / "forged_last.pt"))
+    code, err = _cli(run + ["--resume"], capsys)
+    assert code == 2 and "forged_last.pt is not a checkpoint this command wrote (epoch -5" in err, err
+    log = tmp_path / "strings.jsonl"
+    log.write_text("".join(json.dumps({"lambda": f"v{i}"}) + "\n" for i in range(3)))
+    code, err = _cli(["evaluate", "--config", str(path), "--out", str(tmp_path / "ev"), "--checkpoint",
+                      str(out / "forged_student.pt"), "--log", str(log)], capsys)
+    assert code == 2 and f"training log {log}: record 1 has lambda 'v0', not a number" in err, err

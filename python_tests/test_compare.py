@@ -101,3 +101,17 @@ def test_reports_with_empty_groups_are_strict_json_and_read_back(cfg_path, tmp_p
     summary = _strict_load(out / "results.json")["summary"]["kd"]
     assert summary["mean"]["head"] is None and summary["mean"]["tail"] == run["tail"]
     assert "| nan +- nan | nan +- nan |" in (out / "results.md").read_text()
+
+
+def test_compare_names_a_damaged_record_or_report(cfg_path, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert _compare(cfg_path, out) == 0
+    capsys.readouterr()
+    report = out / "runs" / "kd_s0" / "report.json"
+    report.write_text("{}")
+    assert _compare(cfg_path, out) == 2
+    assert f"report {report} holds no accuracy report" in capsys.readouterr().err
+    record = out / "runs" / "kd_s0" / MADE_WITH
+    record.write_text("[1, 2]")
+    assert _compare(cfg_path, out) == 2
+    assert f"configuration record {record} holds a list, not a mapping" in capsys.readouterr().err

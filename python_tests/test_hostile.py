@@ -538,3 +538,96 @@ def test_unknown_cpu_isa_is_refused(value):
     rc, out = _run_isolated(code, {"CANDLE_EXT_CPU_ISA": value})
     assert rc == 0, out
     assert "REFUSED" in out and "CANDLE_EXT_CPU_ISA" in out, out
+
+
+# --------------------------------------------------------------- files the package reads (candle_ext.files)
+
+def _compressed_record_file(path):
+    """A torch.save file whose tensor record was rewritten deflate-compressed (a zip bomb's shape; small here)."""
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(4096)}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    with zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            kind = zipfile.ZIP_DEFLATED if info.filename.endswith("/data/0") else zipfile.ZIP_STORED
+            dst.writestr(zipfile.ZipInfo(info.filename), src.read(info.filename), compress_type=kind)
+    return path
+
+
+def test_torch_files_with_compressed_records_are_refused_before_loading(tmp_path):
+    from candle_ext.train import checkpoint
+    bomb = _compressed_record_file(tmp_path / "bomb.pt")
+    with pytest.raises(ValueError, match=r"checkpoint .*bomb.pt is not a torch.save file: its record .* compressed"):
+        checkpoint.load(str(bomb))
+    with pytest.raises(ValueError, match=r"packed model file .*bomb.pt is not a torch.save file"):
+        load_packed(bomb)
+    torch.save({"w": torch.zeros(3)}, tmp_path / "plain.pt")
+    assert torch.equal(checkpoint.load(str(tmp_path / "plain.pt"))["w"], torch.zeros(3))
+
+
+def test_fifos_and_devices_are_refused_not_read(tmp_path):
+    """A FIFO would block the reader for ever, /dev/zero never ends: every reader refuses what is not a regular
+    file (in a subprocess: without the check these calls hang)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code = f"""
+        from candle_ext import files, load_packed
+        from candle_ext.train import checkpoint
+        from candle_ext.train.evaluate import lambda_values
+        for call in (lambda: checkpoint.load({str(fifo)!r}), lambda: load_packed({str(fifo)!r}),
+                     lambda: files.read_json({str(fifo)!r}, "report"), lambda: lambda_values({str(fifo)!r}),
+                     lambda: files.read_json("/dev/zero", "report")):
+            try:
+                call()
+                print("READ")
+            except ValueError as exc:
+                print("REFUSED", exc)
+        """
+    rc, out = _run_isolated(code, timeout=120)
+    assert rc == 0 and out.count("REFUSED") == 5 and "not a regular file" in out, out
+
+
+def test_config_files_with_aliases_or_bad_text_are_refused_naming_the_file(tmp_path):
+    from candle_ext.cli import load_config
+    laughs = tmp_path / "laughs.yaml"  # ~400 bytes that stand for 10**9 list items once walked
+    rows = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    rows += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    laughs.write_text("\n".join(rows) + "\nteacher:\n  resolutions: *a8\n")
+    cases = {laughs: "aliases .* are not allowed",
+             tmp_path / "latin1.yaml": "is not UTF-8 text", tmp_path / "deep.json": "is not valid JSON",
+             tmp_path / "digits.yaml": "is not valid YAML"}
+    (tmp_path / "latin1.yaml").write_bytes(b"seed: 1\n# caf\xe9\n")
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    (tmp_path / "digits.yaml").write_text("seed: " + "9" * 5000 + "\n")
+    for path, match in cases.items():
+        start = time.time()
+        with pytest.raises(ValueError, match=f"config file {path}.*{match}"):
+            load_config(str(path))
+        assert time.time() - start < 10, path
+    with pytest.raises(ValueError, match="--set seed: cannot read"):
+        load_config(None, ["seed=" + "9" * 5000])
+
+
+def test_data_files_are_bounded_before_they_are_decoded(tmp_path):
+    import gzip
+    import struct
+    from PIL import Image
+    from candle_ext.data.sources import FileImageSet, _read_idx, split_file
+    Image.new("1", (9000, 9000)).save(tmp_path / "bomb.png", optimize=True)  # ~10 KB, 81M pixels
+    with pytest.raises(ValueError, match=r"9000x9000 pixels, more than .* decompression bomb"):
+        FileImageSet([str(tmp_path / "bomb.png")], [0], ["a"], where="test").load(0)
+    (tmp_path / "split.txt").write_bytes(b"a.png 0\nb\xff.png 1\n")
+    with pytest.raises(ValueError, match=r"split file .*split.txt line 2: not UTF-8"):
+        split_file(str(tmp_path / "split.txt"), str(tmp_path))
+    (tmp_path / "long.txt").write_bytes(b"x" * 100_000 + b" 0\n")
+    with pytest.raises(ValueError, match=r"line 1: longer than 65536 bytes"):
+        split_file(str(tmp_path / "long.txt"), str(tmp_path))
+    with gzip.open(tmp_path / "lying.gz", "wb") as fh:  # a header for 4 bytes, then megabytes more
+        fh.write(bytes([0, 0, 8, 1]) + struct.pack(">I", 4) + bytes(1 << 22))
+    with pytest.raises(ValueError, match=r"header says \(4,\) \(4 bytes\) but holds more"):
+        _read_idx(str(tmp_path / "lying.gz"))
+    (tmp_path / "huge.idx").write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 65536, 65536, 65536))
+    with pytest.raises(ValueError, match=r"more than the \d+ bytes an idx file may hold"):
+        _read_idx(str(tmp_path / "huge.idx"))

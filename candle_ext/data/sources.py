@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import abc
 import gzip
+import math
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+MAX_SPLIT_LINE = 1 << 16  # bytes of one `path label` line
+MAX_IMAGE_PIXELS = 1 << 26  # 67M pixels (8192x8192): more is no training image but a decompression bomb
+MAX_IDX_BYTES = 1 << 28  # Fashion-MNIST's largest idx file holds 47 MB
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -120,7 +127,10 @@ class FileImageSet(ImageSet):
         from PIL import Image
         path = self.paths[i]
         try:
-            with Image.open(path) as im:
+            with Image.open(path) as im:  # reads the header only: the size is known before anything is decoded
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"{im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS} an image "
+                                     "may have here (a decompression bomb?)")
                 arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
         except Exception as exc:  # PIL raises several types for corrupt files
             raise ValueError(f"{self.where}: cannot read image {path}: {exc}") from exc
@@ -158,15 +168,21 @@ def split_file(path: str, root: str, num_classes: Optional[int] = None) -> FileI
     if not os.path.isfile(path):
         raise FileNotFoundError(f"split file {path} does not exist")
     paths, labels = [], []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):  # binary: a line's length is bounded before it is decoded or echoed
+            if len(raw) > MAX_SPLIT_LINE:
+                raise ValueError(f"split file {path} line {n}: longer than {MAX_SPLIT_LINE} bytes")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"split file {path} line {n}: not UTF-8 (byte {exc.start})") from None
             parts = line.split()
             if not parts:
                 continue
             label_text = parts[1] if len(parts) == 2 else ""
             digits = label_text[1:] if label_text.startswith("-") else label_text
             if not digits.isdecimal():  # isdecimal: what int() reads ('²' passes isdigit, not int())
-                raise ValueError(f"split file {path} line {n}: expected 'path label', got {line.strip()!r}")
+                raise ValueError(f"split file {path} line {n}: expected 'path label', got {line.strip()[:200]!r}")
             label = int(parts[1])
             if label >= MAX_CLASSES:  # the class list is built from the largest label: bounded before it is
                 raise ValueError(f"split file {path} line {n}: label {label} is not below {MAX_CLASSES} (the "
@@ -180,20 +196,29 @@ def split_file(path: str, root: str, num_classes: Optional[int] = None) -> FileI
 
 
 def _read_idx(path: str) -> np.ndarray:
+    """An unsigned-byte idx file (optionally gzipped): the header is read and checked first, then exactly the
+    bytes it announces (at most MAX_IDX_BYTES), so a small .gz cannot inflate to gigabytes first."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
+            head = fh.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08 or not 1 <= head[3] <= 4:
+                raise ValueError(f"{path} is not an unsigned-byte idx file of 1 to 4 dimensions")
+            shape = fh.read(4 * head[3])
+            if len(shape) < 4 * head[3]:
+                raise ValueError(f"{path}: truncated idx header")
+            dims = struct.unpack(f">{head[3]}I", shape)
+            size = math.prod(dims)
+            if size > MAX_IDX_BYTES:
+                raise ValueError(f"{path}: header says {dims}, more than the {MAX_IDX_BYTES} bytes an idx file may "
+                                 "hold here")
+            data = fh.read(size + 1)
+    except (OSError, EOFError, zlib.error) as exc:
         raise ValueError(f"cannot read idx file {path}: {exc}") from exc
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte idx file")
-    ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes")
-    return body.reshape(dims)
+    if len(data) != size:
+        held = "more" if len(data) > size else f"{len(data)} bytes"
+        raise ValueError(f"{path}: header says {dims} ({size} bytes) but holds {held}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def fashion_mnist(train: bool, root: Optional[str] = None, download: bool = False) -> TensorImageSet:

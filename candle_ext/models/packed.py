@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from candle_ext import files
 from candle_ext.nn.binarize import BINARIZED_ATTR, binarize_names_
 from candle_ext.nn.layers import BinaryConv2d, LearnableBias, RSign
 from candle_ext.ops import sign_pack, validate
@@ -664,6 +665,9 @@ def load_packed(path, map_location="cpu") -> nn.Module:
     """The eval-mode packed model saved by save_packed (float parts restored to float32). A file that is not
     one, truncated or corrupt, or whose tensors do not fit the model it names, raises ValueError naming the path;
     the model's size is checked against the file's tensors before the model is built."""
+    if isinstance(path, (str, os.PathLike)):  # a FIFO would block, a compressed record inflate before refusal
+        files.regular_file(path, "packed model file")
+        files.check_zip_records(path, "packed model file")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, IsADirectoryError, PermissionError):

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import re
 import tempfile
 from typing import Dict
 
 import torch
+
+from candle_ext import files
 
 
 def rng_state() -> Dict[str, object]:
@@ -50,20 +50,9 @@ def save_atomic(obj, path: str) -> None:
 
 def load(path: str, map_location="cpu"):
     """torch.load(weights_only=True): tensors and plain containers only. A file that is not such a checkpoint
-    (another format, truncated, or naming other objects) is a ValueError naming it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's own message advises weights_only=False, i.e. running what the file names: not passed on
-        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
-        raise ValueError(f"checkpoint {path} is not a checkpoint of tensors and plain containers (refused by "
-                         f"torch.load(weights_only=True){': ' + found.group(1).strip() if found else ''})"
-                         ) from None
-    except (RuntimeError, EOFError, ValueError) as exc:  # truncated or not a torch.save file
-        first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"checkpoint {path} cannot be read: {first}") from exc
+    (another format, truncated, compressed records, naming other objects, not a regular file) is a ValueError
+    naming it (candle_ext.files)."""
+    return files.torch_load(path, "checkpoint", map_location)
 
 
 def state_dict_misfit(own: dict, state: dict) -> str:

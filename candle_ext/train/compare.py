@@ -15,7 +15,6 @@ feature@single, fixed@single, adversarial@single, adversarial@multi.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -27,7 +26,8 @@ from candle_ext.train import checkpoint, pipeline
 from candle_ext.train.config import Config, made_with_diff
 from candle_ext.train.context import Context
 from candle_ext.train.distill import METHODS
-from candle_ext.train.evaluate import evaluate_student, metrics_from_json, write_json
+from candle_ext import files
+from candle_ext.train.evaluate import evaluate_student, lambda_values, metrics_from_json, write_json
 from candle_ext.train.losses import tau_normalize_
 from candle_ext.train.student import load_student
 from candle_ext.train.teacher import (build_teacher, encode_dataset, load_calibrated_teacher,
@@ -108,8 +108,10 @@ def check_made_with(folder: str, spec: Dict[str, object]) -> None:
     config tracking: its configuration is unknown, so it is refused too (reusing it could report stale runs)."""
     path = os.path.join(folder, MADE_WITH)
     if os.path.exists(path):
-        with open(path) as fh:
-            old = json.load(fh)
+        old = files.read_json(path, "configuration record")
+        if not isinstance(old, dict):
+            raise ValueError(f"configuration record {path} holds a {type(old).__name__}, not a mapping: use another "
+                             "--out or delete that folder")
         diff = made_with_diff(old, spec)
         if diff:
             raise ValueError(f"{folder} was made with a different configuration ({'; '.join(diff)}): use another "
@@ -117,6 +119,19 @@ def check_made_with(folder: str, spec: Dict[str, object]) -> None:
     elif os.path.isdir(folder) and os.listdir(folder):
         raise ValueError(f"{folder} predates config tracking (no {MADE_WITH}), so whether it matches this "
                          f"configuration is unknown: use another --out or delete that folder")
+
+
+def _read_metrics(path: str, key: Optional[str] = None) -> Dict[str, object]:
+    """The accuracy report in a finished run's or teacher's report file (under `key` when given), NaN restored;
+    a file that is not one is a ValueError naming it."""
+    rep = files.read_json(path, "report")
+    if key is not None:
+        rep = rep.get(key) if isinstance(rep, dict) else None
+    if not (isinstance(rep, dict) and all(g in rep and (rep[g] is None or isinstance(rep[g], (int, float)))
+                                          for g in GROUPS)):
+        raise ValueError(f"report {path} holds no accuracy report ({', '.join(GROUPS)}{' under ' + key if key else ''}"
+                         f"): delete that folder to run it again")
+    return metrics_from_json(rep)
 
 
 def claim(folder: str, spec: Dict[str, object]) -> None:
@@ -191,7 +206,7 @@ def _plots(out: str, summary, lambda_logs: Dict[str, List[str]]) -> Dict[str, st
         fig, ax = plt.subplots(figsize=(7, 3.8))
         for label, paths in lambda_logs.items():
             for i, path in enumerate(paths):
-                lam = [json.loads(l)["lambda"] for l in open(path) if '"lambda"' in l]
+                lam = lambda_values(path)
                 ax.plot(lam, color=f"C{list(lambda_logs).index(label)}", alpha=0.8, linewidth=1,
                         label=label if i == 0 else None)
         ax.set_xlabel("step")
@@ -249,10 +264,10 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
             t0 = time.time()
             claim(tdir, teacher_spec(cfg, multires))
             if os.path.exists(os.path.join(tdir, "teacher_report.json")):
-                teacher = load_calibrated_teacher(ctx.cfg.teacher, path)
+                teacher = load_calibrated_teacher(ctx.cfg.teacher, path, num_classes=ctx.num_classes)
                 teacher = teacher.to(ctx.device).eval()
                 cache = encode_dataset(teacher, train, cfg.calibrate.batch_size, ctx.device)
-                rep = metrics_from_json(json.load(open(os.path.join(tdir, "teacher_report.json"))))
+                rep = _read_metrics(os.path.join(tdir, "teacher_report.json"))
             else:
                 teacher, rep, cache = pipeline.calibrate(ctx, resume=True)
                 rep = {g: rep["test"][g] for g in GROUPS}
@@ -305,7 +320,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
             rep_path = os.path.join(run_dir, "report.json")
             t0 = time.time()
             if os.path.exists(rep_path):
-                test_rep = metrics_from_json(json.load(open(rep_path))["test"])
+                test_rep = _read_metrics(rep_path, "test")
                 how = "done before"
             else:
                 multires = kind_of(v)
@@ -347,7 +362,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
         if multires not in teachers and os.path.exists(rep_path):
             check_made_with(os.path.dirname(rep_path), teacher_spec(cfg, multires))
             res = teacher_resolutions(cfg.replace(**{"teacher.multires": multires}).teacher)[0]
-            teacher_reports[f"{kind}-resolution {res}"] = metrics_from_json(json.load(open(rep_path)))
+            teacher_reports[f"{kind}-resolution {res}"] = _read_metrics(rep_path)
         else:
             teacher_for(multires)
     summary = summarize(results)

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
+from candle_ext.files import short_repr
 from candle_ext.train.balancer import UPDATES
 from candle_ext.train.distill import MODES as METHODS  # CANDLE, its ablations and the LT baselines
 
@@ -244,7 +245,8 @@ def _value(key: str, value: Any, typ, meta) -> Any:
         if value is None:
             return None
         typ = [a for a in get_args(typ) if a is not type(None)][0]
-    bad = ValueError(f"{key} must be {_describe(typ)}, got {type(value).__name__}: {value!r}")
+    shown = short_repr(value)  # bounded: a value from a file may be a structure sharing its parts (aliases)
+    bad = ValueError(f"{key} must be {_describe(typ)}, got {type(value).__name__}: {shown}")
     if get_origin(typ) in (list, List):
         if not isinstance(value, (list, tuple)):
             raise bad
@@ -258,14 +260,14 @@ def _value(key: str, value: Any, typ, meta) -> Any:
             raise bad
     elif typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{key} must be a finite number, got {type(value).__name__}: {value!r}")
+            raise ValueError(f"{key} must be a finite number, got {type(value).__name__}: {shown}")
         value = float(value)
     elif typ is str:
         if not isinstance(value, str):
             raise bad
     choices = meta.get("choices")
     if choices and value not in choices:
-        raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        raise ValueError(f"{key} must be one of {', '.join(choices)}; got {shown}")
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
         raise ValueError(f"{key} must be {'>' if meta.get('lo_open') else '>='} {lo}, got {value!r}")
@@ -280,7 +282,13 @@ def _yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def compose_node(self, parent, index):
+            # An alias shares a node: a few hundred bytes of nested aliases stand for gigabytes once walked
+            # (merged, validated, printed). A configuration never needs one.
+            if self.check_event(yaml.events.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a configuration",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
 
     Loader.add_implicit_resolver(  # add_implicit_resolver copies the table: SafeLoader itself is unchanged
         "tag:yaml.org,2002:float",
@@ -306,5 +314,5 @@ def parse_override(item: str) -> Tuple[str, Any]:
         raise _unknown(key, keys())
     try:
         return key, load_yaml(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: an integer of > 4300 digits
         raise ValueError(f"--set {key}: cannot read {text!r} as a value: {exc}") from exc

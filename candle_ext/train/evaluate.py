@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from candle_ext import files
 from candle_ext.nn.multires import MultiResolutionTeacher
 from candle_ext.train.distributed import shard_indices
 from candle_ext.train.teacher import encode_dataset, teacher_outputs
@@ -100,14 +101,23 @@ def _plt():
     return plt
 
 
+def lambda_values(log_path: str) -> List[float]:
+    """Lambda per step from a distillation JSONL log (a regular file of bounded size, every lambda a number;
+    else a ValueError naming the file and the line: candle_ext.files)."""
+    lam = []
+    for i, r in enumerate(files.read_json_lines(log_path, "training log"), start=1):
+        if "lambda" in r:
+            v = r["lambda"]
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"training log {log_path}: record {i} has lambda {files.short_repr(v)}, not a "
+                                 "number")
+            lam.append(float(v))
+    return lam
+
+
 def plot_lambda(log_path: str, out_path: str) -> None:
     """Lambda per step from a distillation JSONL log."""
-    lam = []
-    with open(log_path) as fh:
-        for line in fh:
-            r = json.loads(line)
-            if "lambda" in r:
-                lam.append(r["lambda"])
+    lam = lambda_values(log_path)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(lam)

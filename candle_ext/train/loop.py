@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from candle_ext import files
 from candle_ext.train import checkpoint
 from candle_ext.train.config import made_with_diff
 from candle_ext.train.distributed import DistEnv, barrier, broadcast_object, gather_object, reduce_metrics
@@ -43,6 +44,16 @@ def _resume_state(ck: dict, stateful: dict, ckpt_path: str) -> None:
             why = (lines[1] if len(lines) > 1 else lines[0]) if lines else type(exc).__name__
             raise ValueError(f"{ckpt_path}: its {key} does not fit this run ({why}); it was made with another "
                              "configuration: resume with that one, or start another run (--name/--out)") from exc
+
+
+def _check_progress(ck: dict, ckpt_path: str) -> None:
+    """The epoch count, history and log position a checkpoint records, as fit wrote them."""
+    epoch, history, lines = ck.get("epoch"), ck.get("history"), ck.get("log_lines")
+    if not (type(epoch) is int and epoch >= 0 and isinstance(history, list) and len(history) == epoch
+            and type(lines) is int and lines >= 0):
+        raise ValueError(f"{ckpt_path} is not a checkpoint this command wrote (epoch {files.short_repr(epoch)}, "
+                         f"history of {len(history) if isinstance(history, list) else type(history).__name__}, "
+                         f"log_lines {files.short_repr(lines)}); start another run (--name/--out)")
 
 
 def _truncate_lines(path: str, n: int) -> None:
@@ -106,11 +117,17 @@ def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
                              f"({'; '.join(made_with_diff(recorded, made_with))}): resume with the configuration it "
                              "was made with, or start another run (--name/--out, or without --resume)")
         _resume_state(ck, stateful, ckpt_path)
+        _check_progress(ck, ckpt_path)
         if int(ck["epoch"]) > epochs:
             raise ValueError(f"{ckpt_path} has {int(ck['epoch'])} epochs done, more than the {epochs} this run asks "
                              "for: resume with at least as many epochs, or start another run (--name/--out)")
         ranks = ck.get("rng_ranks")
-        checkpoint.set_rng_state(ranks[env.rank] if ranks and len(ranks) == env.world_size else ck["rng"])
+        try:
+            checkpoint.set_rng_state(ranks[env.rank] if isinstance(ranks, list) and len(ranks) == env.world_size
+                                     else ck["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise ValueError(f"{ckpt_path}: its random number generator state cannot be restored "
+                             f"({type(exc).__name__}: {str(exc)[:120]}); start another run (--name/--out)") from None
         start, history, log_lines = int(ck["epoch"]), list(ck["history"]), int(ck["log_lines"])
     if main:  # lines written after the checkpoint belong to an interrupted epoch that is about to be replayed
         _truncate_lines(log_path, log_lines)

@@ -115,7 +115,8 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
             if method.teacher == "pretrained":
                 teacher = build_teacher(ctx.cfg.teacher, ctx.num_classes, student.num_features, ctx.seed)
             else:
-                teacher = load_calibrated_teacher(ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"), ctx.dist)
+                teacher = load_calibrated_teacher(ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"), ctx.dist,
+                                                  ctx.num_classes)
         teacher = ctx.place(teacher, broadcast=False).eval()  # identical on every rank already
         if teacher.student_channels != student.num_features:
             raise ValueError(f"teacher maps to {teacher.student_channels} channels, the student has "

@@ -6,13 +6,13 @@ candle_ext.train.pipeline.calibrate (one step: candle_ext.train.calibrate)."""
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from candle_ext import files
 from candle_ext.nn.multires import MultiResolutionTeacher
 from candle_ext.train import checkpoint
 from candle_ext.train.config import TeacherConfig
@@ -112,14 +112,14 @@ def load_teacher(name: str = OFFLINE_DEFAULT, weights: Optional[str] = None, pre
             model.load_state_dict(_lite0_state_dict(model))
             mean, std = _LITE0_MEAN_STD
     if weights is not None:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"teacher weights file {weights} does not exist")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = files.torch_load(weights, "teacher weights file")
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"teacher weights file {weights} holds a {type(state).__name__}, not a state_dict")
         try:
             model.load_state_dict(state)
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError, AttributeError) as exc:
             raise ValueError(f"teacher weights {weights} do not fit model {name!r}: {exc}") from exc
     model.eval()
     if name.startswith("torchvision:"):
@@ -163,19 +163,42 @@ def save_teacher(teacher: MultiResolutionTeacher, tcfg: TeacherConfig, path: str
                            path)
 
 
-def load_calibrated_teacher(tcfg: TeacherConfig, path: str, dist: Optional[DistEnv] = None
-                            ) -> MultiResolutionTeacher:
+def load_calibrated_teacher(tcfg: TeacherConfig, path: str, dist: Optional[DistEnv] = None,
+                            num_classes: Optional[int] = None) -> MultiResolutionTeacher:
     """The teacher saved by save_teacher; distributed: rank 0 reads it and sends it to the others (no shared
-    filesystem needed)."""
+    filesystem needed). The file must describe the configured teacher (name, resolutions, base) and, when
+    given, num_classes: checked before anything is built, so that the file neither picks the encoder nor sizes
+    the head."""
     env = dist if dist is not None else DistEnv()
     ck = broadcast_object(checkpoint.load(path) if env.is_main else None, env)
-    enc, _ = load_teacher(ck["name"], tcfg.weights, tcfg.pretrained)
+    _check_calibrated(ck, tcfg, path, num_classes)
+    enc, _ = load_teacher(tcfg.name, tcfg.weights, tcfg.pretrained)
     t = MultiResolutionTeacher(enc, int(ck["num_classes"]), int(ck["student_channels"]),
                                [int(r) for r in ck["resolutions"]], int(ck["base"]))
     missing, unexpected = t.load_state_dict(ck["head"], strict=False)
     if unexpected or any(not k.startswith("encoder.") for k in missing):
         raise ValueError(f"teacher checkpoint {path} does not fit: missing {missing}, unexpected {unexpected}")
     return t
+
+
+def _check_calibrated(ck, tcfg: TeacherConfig, path: str, num_classes: Optional[int]) -> None:
+    fields = ("head", "name", "resolutions", "base", "num_classes", "student_channels")
+    if not isinstance(ck, dict) or any(k not in ck for k in fields):
+        raise ValueError(f"teacher checkpoint {path} is not a calibrated teacher (it needs {', '.join(fields)})")
+    res, base = teacher_resolutions(tcfg)
+    expect = {"name": tcfg.name, "resolutions": res, "base": base}
+    if num_classes is not None:
+        expect["num_classes"] = num_classes
+    seen = {"name": ck["name"], "resolutions": ck["resolutions"], "base": ck["base"],
+            "num_classes": ck["num_classes"]}
+    wrong = [f"{k} {files.short_repr(seen[k])} (configured: {v!r})" for k, v in expect.items() if seen[k] != v]
+    if wrong:
+        raise ValueError(f"teacher checkpoint {path} was calibrated for another teacher or data set: "
+                         f"{'; '.join(wrong)}; calibrate again with this configuration")
+    channels = ck["student_channels"]
+    if type(channels) is not int or not 1 <= channels <= 1 << 20 or not isinstance(ck["head"], dict):
+        raise ValueError(f"teacher checkpoint {path} is malformed (student_channels {files.short_repr(channels)}, head "
+                         f"{type(ck['head']).__name__})")
 
 
 class HeadState:
@@ -190,8 +213,12 @@ class HeadState:
 
     def load_state_dict(self, sd):
         mine = self.state_dict()
+        if not isinstance(sd, dict):
+            raise ValueError(f"{self.source}: the calibration checkpoint's head is a {type(sd).__name__}, not a "
+                             "state_dict")
         missing, unexpected = sorted(set(mine) - set(sd)), sorted(set(sd) - set(mine))
-        wrong = sorted(k for k in set(mine) & set(sd) if tuple(mine[k].shape) != tuple(sd[k].shape))
+        wrong = sorted(k for k in set(mine) & set(sd)
+                       if not isinstance(sd[k], torch.Tensor) or tuple(mine[k].shape) != tuple(sd[k].shape))
         if missing or unexpected or wrong:
             raise ValueError(f"{self.source}: the calibration checkpoint does not fit this teacher head: missing "
                              f"{missing}, unexpected {unexpected}, shape mismatch {wrong} (was it written with "

@@ -1,0 +1,115 @@
+"""Reading files that a user, another run or a download hands over (checkpoints, packed models, teacher weights,
+reports and logs): regular files only (a FIFO would block forever, /dev/zero never ends), sizes bounded before
+anything is decoded, tensors through torch.load(weights_only=True) only, and every failure a ValueError (or
+FileNotFoundError) that names the file. Imports nothing from candle_ext, so every layer may use it."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import reprlib
+import stat
+import zipfile
+
+import torch
+
+MAX_JSON_BYTES = 256 << 20  # report/record files are kilobytes; a log of a long run a few megabytes per MB of steps
+MAX_LINE_BYTES = 1 << 20  # one line of a jsonl log or of a split file
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 60, 60
+
+
+def short_repr(value) -> str:
+    """repr(value) for an error message, bounded in length and in work: a value read from a file may be a
+    structure that shares its parts (YAML aliases, pickle memo), whose full repr would be exponentially long."""
+    return _SHORT.repr(value)
+
+
+def regular_file(path, what: str) -> None:
+    """`path` exists and is a regular file (symlinks followed): a FIFO, a device or a folder is refused."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
+        raise ValueError(f"{what} {path} is {kind}")
+
+
+def check_zip_records(path, what: str) -> None:
+    """torch.save writes its records stored, not compressed: a compressed record (a 3 MB file that inflates to
+    3 GiB before torch can refuse it) or one whose size disagrees with its stored size is refused first."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # the legacy (pre-1.6) format: a plain pickle stream, no larger than the file
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+                    raise ValueError(f"{what} {path} is not a torch.save file: its record {info.filename!r} is "
+                                     f"compressed ({info.compress_size} bytes for {info.file_size})")
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{what} {path} cannot be read: {exc}") from None
+
+
+def torch_load(path, what: str, map_location="cpu"):
+    """torch.load(weights_only=True) of a regular file with stored records: tensors and plain containers only.
+    Anything else (another format, truncated, compressed records, naming other objects) is a ValueError naming
+    the file; torch's own advice to pass weights_only=False, i.e. to run what the file names, is not passed on."""
+    regular_file(path, what)
+    check_zip_records(path, what)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
+        raise ValueError(f"{what} {path} is not a file of tensors and plain containers (refused by "
+                         f"torch.load(weights_only=True){': ' + found.group(1).strip() if found else ''})"
+                         ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, MemoryError, RecursionError) as exc:
+        first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{what} {path} cannot be read: {first}") from exc
+
+
+def read_text(path, what: str, max_bytes: int = MAX_JSON_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most max_bytes."""
+    regular_file(path, what)
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise ValueError(f"{what} {path} has {size} bytes, more than the {max_bytes} such a file may have")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(max_bytes + 1).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+
+
+def read_json(path, what: str, max_bytes: int = MAX_JSON_BYTES):
+    """The JSON value of a regular UTF-8 file of at most max_bytes; a parse error names the file."""
+    text = read_text(path, what, max_bytes)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, too-long integers, deep nesting
+        raise ValueError(f"{what} {path} is not valid JSON: {str(exc)[:200]}") from None
+
+
+def read_json_lines(path, what: str, max_bytes: int = MAX_JSON_BYTES, max_line: int = MAX_LINE_BYTES):
+    """The JSON objects of a jsonl file, one per non-empty line; a line longer than max_line, one that is not a
+    JSON object, or a file over max_bytes is a ValueError naming the file and the line."""
+    rows = []
+    for i, line in enumerate(read_text(path, what, max_bytes).splitlines(), start=1):
+        if not line.strip():
+            continue
+        if len(line) > max_line:
+            raise ValueError(f"{what} {path}, line {i}: longer than {max_line} characters")
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"{what} {path}, line {i}: not valid JSON: {str(exc)[:200]}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{what} {path}, line {i}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
