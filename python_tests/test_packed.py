@@ -117,6 +117,107 @@ def test_freeze_folds_only_certain_dataflow():
         torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+class _Residual(nn.Sequential):
+    """A Sequential subclass with a forward of its own (a user's skip connection)."""
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class _ScaledBinaryConv2d(BinaryConv2d):
+    """A BinaryConv2d subclass with its own forward (a learnable output scale, XNOR-Net++ style)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alpha = nn.Parameter(torch.rand(self.out_channels, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return super().forward(x) * self.alpha
+
+
+class _HalfSign(RSign):  # flips the signs: folding it into the conv's threshold would drop that
+    def forward(self, x):
+        return super().forward(x) * -0.5
+
+
+class _ShiftedBias(LearnableBias):
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+def _own_forward_cases():
+    """Models where a module of a foldable type computes something else than its base class's forward."""
+    def residual():
+        return nn.Sequential(RSign(16), _Residual(BinaryConv2d(16, 16, 3, 1, 1, bias=False)), nn.BatchNorm2d(16))
+
+    def nested_residual():  # the fold must not reach into a plain Sequential inside the subclass either
+        return nn.Sequential(RSign(16), _Residual(nn.Sequential(BinaryConv2d(16, 16, 3, 1, 1, bias=False),
+                                                                nn.BatchNorm2d(16))))
+
+    def scaled_conv():
+        return nn.Sequential(RSign(16), _ScaledBinaryConv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16))
+
+    def half_sign():
+        return nn.Sequential(_HalfSign(16), BinaryConv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16))
+
+    def shifted_bias():
+        return nn.Sequential(_ShiftedBias(16), RSign(16), BinaryConv2d(16, 16, 1, bias=False))
+
+    return {"residual": residual, "nested_residual": nested_residual, "scaled_conv": scaled_conv,
+            "half_sign": half_sign, "shifted_bias": shifted_bias}
+
+
+@pytest.mark.parametrize("case", sorted(_own_forward_cases()))
+def test_freeze_does_not_fold_into_or_across_a_subclass_with_its_own_forward(case):
+    """Sequential, BinaryConv2d, RSign and LearnableBias subclasses that override forward() compute something
+    freeze() does not know: nothing is folded into or across them (they gave wrong logits before), and a
+    BinaryConv2d subclass stays as it is, with a warning that it is not packed."""
+    torch.manual_seed(9)
+    model = randomise(_own_forward_cases()[case](), 9).eval()
+    x = torch.randn(2, 16, 6, 6)
+    if case == "scaled_conv":
+        with pytest.warns(UserWarning, match="_ScaledBinaryConv2d overrides BinaryConv2d.forward"):
+            frozen = freeze(model)
+        assert isinstance(frozen[1], _ScaledBinaryConv2d)
+    else:
+        frozen = freeze(model)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_freeze_keeps_a_reactnet_block_that_computes_something_else():
+    """A ReActBlock subclass with its own forward, or one whose shortcut or RPReLU was replaced by other code,
+    is not fused into a PackedReActBlock (which would compute ReActBlock's forward)."""
+    from candle_ext.models.reactnet import PackedReActBlock, ReActBlock
+
+    class Scaled(ReActBlock):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    class DoubleRPReLU(candle_ext.nn.RPReLU):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    def replace_shortcut(b):
+        b.shortcut = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=True)
+
+    def replace_act(b):
+        b.act2 = DoubleRPReLU(b.out_channels)
+
+    torch.manual_seed(10)
+    for make, fused in ((lambda: ReActBlock(16, 32, 2), True), (lambda: Scaled(16, 32, 2), False),
+                        (lambda: ReActBlock(16, 32, 2), False), (lambda: ReActBlock(16, 16, 1), False)):
+        block = make()
+        if not fused and type(block) is ReActBlock:
+            (replace_shortcut if block.stride == 2 else replace_act)(block)
+        model = randomise(nn.Sequential(block), 10).eval()
+        frozen = freeze(model)
+        assert isinstance(frozen[0], PackedReActBlock) == fused
+        x = torch.randn(2, 16, 7, 7)
+        with torch.no_grad():
+            torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif("cpu" not in candle_ext.backends(), reason="needs the compiled CPU kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_packed_conv_direct_kernel_path_equals_custom_ops(monkeypatch, dtype):
@@ -245,6 +346,29 @@ def test_frozen_reactnet_under_torch_compile():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(frozen, backend="aot_eager")(x), frozen(x))
+
+
+def test_traced_frozen_reactnet_serves_other_input_sizes():
+    """torch.jit.trace records one branch of Python control flow: the stride-2 shortcut pool must not branch on
+    the input size's parity, or a trace made at 16x16 fails at 20x20 (it did)."""
+    torch.manual_seed(13)
+    model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), 13).eval()
+    frozen = freeze(model)
+    with torch.no_grad():
+        traced = torch.jit.trace(frozen, torch.randn(1, 3, 16, 16), check_trace=False)
+        for size in (16, 20, 15):
+            x = torch.randn(2, 3, size, size)
+            assert_equivalent(model(x), traced(x))
+
+
+def test_save_packed_of_a_compiled_model(tmp_path):
+    """save_packed(torch.compile(model)) saves the model it wraps (its state_dict keys carry '_orig_mod.')."""
+    torch.manual_seed(14)
+    model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), 14).eval()
+    save_packed(torch.compile(model), tmp_path / "m.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_equivalent(model(x), load_packed(tmp_path / "m.pt")(x))
 
 
 # ------------------------------------------------------------------------------------------ freeze ReActNet-A

@@ -5,7 +5,9 @@ freeze(model) turns every BinaryConv2d into a PackedBinaryConv2d: its weight sig
 threshold of the RSign/LearnableBias in front folded in, and the conv scale plus the BatchNorm after it are
 folded into the per-channel scale/shift of the conv's fused epilogue. Folding is done only where the dataflow
 is certain: consecutive children of an nn.Sequential, into a conv used in that one place. Everything else is kept
-as it is.
+as it is. A subclass that overrides forward() (of nn.Sequential, BinaryConv2d, RSign, LearnableBias) may compute
+anything else, so it is neither folded into nor folded across; a BinaryConv2d subclass with its own forward()
+stays as it is (warned: it is not packed).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import json
 import math
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Optional
 
@@ -151,6 +154,17 @@ def carried_words(x: torch.Tensor, threshold: Optional[torch.Tensor]) -> Optiona
     return words if t is threshold and t._version == t_version and x._version == x_version else None
 
 
+def _own_forward(module: nn.Module, base: type) -> bool:
+    """Whether `module` (an instance of `base`) runs a forward() of its own instead of base's: what it computes is
+    then unknown here, so nothing may be folded into or across it."""
+    return type(module).forward is not base.forward
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    """An nn.Sequential whose forward is Sequential's: its children run one after the other, and nothing else."""
+    return isinstance(module, nn.Sequential) and not _own_forward(module, nn.Sequential)
+
+
 def _shared_modules(model: nn.Module) -> set:
     """ids of the modules that more than one child slot holds (weight tying: one module used in several places)."""
     uses, seen, stack = {}, set(), [model]
@@ -170,7 +184,7 @@ def _end_packed(module: nn.Module, end: int, shared) -> Optional[PackedBinaryCon
     """The packed conv at the start (end=0) or end (end=-1) of `module`, if the module is one or a Sequential
     (nested) starting/ending so, and neither it nor a Sequential on the way is used elsewhere as well: a fold
     into a module holds for every place that uses it, and its neighbours differ from one place to another."""
-    while isinstance(module, nn.Sequential) and len(module) > 0 and id(module) not in shared:
+    while _plain_sequential(module) and len(module) > 0 and id(module) not in shared:
         module = module[end]
     return module if isinstance(module, PackedBinaryConv2d) and id(module) not in shared else None
 
@@ -206,9 +220,11 @@ def _fold_sequential(seq: nn.Sequential, shared=frozenset()):
         folded, seen_sign, j = [], False, i - 1
         while j >= 0:
             m = seq._modules[names[j]]
-            if isinstance(m, LearnableBias) and m.bias.numel() == conv.in_channels:
+            if (isinstance(m, LearnableBias) and not _own_forward(m, LearnableBias)
+                    and m.bias.numel() == conv.in_channels):
                 t = t - m.bias.detach().double()
-            elif isinstance(m, RSign) and not seen_sign and not folded and m.bias.numel() == conv.in_channels:
+            elif (isinstance(m, RSign) and not _own_forward(m, RSign) and not seen_sign and not folded
+                  and m.bias.numel() == conv.in_channels):
                 t, seen_sign = t + m.bias.detach().double(), True
             else:
                 break
@@ -249,13 +265,17 @@ def _convert(module: nn.Module, memo: dict, shared: set) -> nn.Module:
     done = memo.get(id(module))
     if done is not None:
         return done[1]
-    if isinstance(module, BinaryConv2d):
+    if isinstance(module, BinaryConv2d) and _own_forward(module, BinaryConv2d):
+        warnings.warn(f"freeze: {type(module).__name__} overrides BinaryConv2d.forward, so it is kept as it is "
+                      "(not packed): the packed conv computes BinaryConv2d's forward only")
+        result = module
+    elif isinstance(module, BinaryConv2d):
         result = PackedBinaryConv2d.from_binary(module)
     else:
         for name, child in list(module._modules.items()):
             if child is not None:
                 module._modules[name] = _convert(child, memo, shared)
-        if isinstance(module, nn.Sequential):
+        if _plain_sequential(module):
             _fold_sequential(module, shared)
             _link_chains(module, shared)
         # A module that knows its own dataflow may fold further once its children are packed (ReActBlock does).
@@ -591,6 +611,12 @@ def _after_last_sign(model: nn.Module) -> set:
     return held(modules[last + 1:]) - held(modules[:last + 1])
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module torch.compile(model) wraps (its state_dict keys carry an '_orig_mod.' prefix), else model."""
+    inner = model._modules.get("_orig_mod") if type(model).__name__ == "OptimizedModule" else None
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict] = None) -> int:
     """Write the packed form of `model` (frozen first if it still has BinaryConv2d layers) to `path` (a file
     name, or a binary file object as torch.save takes), one file readable by torch.load(weights_only=True): the
@@ -608,6 +634,7 @@ def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict]
     for a file object)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = _uncompiled(model)
     to_file = isinstance(path, (str, os.PathLike))
     if not (to_file or callable(getattr(path, "write", None))):
         raise TypeError(f"save_packed: path must be a file name (str or os.PathLike) or a binary file object with "

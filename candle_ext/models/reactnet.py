@@ -65,9 +65,26 @@ class ReActBlock(nn.Module):
     def extra_repr(self):
         return f"{self.in_channels} -> {self.out_channels}, stride={self.stride}"
 
+    def _standard_parts(self) -> bool:
+        """forward, shortcut and both RPReLUs are ReActBlock's own: the dataflow PackedReActBlock folds."""
+        def plain(m, base):
+            return type(m) is base or (isinstance(m, base) and type(m).forward is base.forward)
+        shortcut_ok = (type(self.shortcut) is nn.Identity if self.stride == 1 else
+                       type(self.shortcut) is nn.AvgPool2d and self.shortcut.kernel_size in (2, (2, 2))
+                       and self.shortcut.stride in (2, (2, 2)) and self.shortcut.padding in (0, (0, 0))
+                       and self.shortcut.ceil_mode and not self.shortcut.count_include_pad
+                       and self.shortcut.divisor_override is None)
+        acts_ok = all(plain(a, RPReLU) and type(a.prelu) is nn.PReLU and a.gamma.numel() == n
+                      and a.zeta.numel() == n and a.prelu.weight.numel() in (1, n)
+                      for a, n in ((self.act1, self.in_channels), (self.act2, self.out_channels)))
+        return type(self).forward is ReActBlock.forward and shortcut_ok and acts_ok
+
     def to_packed(self) -> nn.Module:
         """Called by candle_ext.freeze once both branches are packed (RSign and BN folded into each conv): the
-        fused inference block. Returns self when a branch was not folded that way."""
+        fused inference block. Returns self when a branch was not folded that way, or when the block computes
+        something else than ReActBlock's forward (a subclass's own forward, or a part replaced by other code)."""
+        if not self._standard_parts():
+            return self
         conv3, conv1 = _folded_conv(self.binary_3x3), _folded_conv(self.binary_1x1)
         if conv3 is None or conv1 is None:
             return self
@@ -75,7 +92,7 @@ class ReActBlock(nn.Module):
 
 
 def _folded_conv(branch: nn.Module):
-    if (isinstance(branch, nn.Sequential) and len(branch) == 3 and isinstance(branch[0], nn.Identity)
+    if (type(branch) is nn.Sequential and len(branch) == 3 and isinstance(branch[0], nn.Identity)
             and isinstance(branch[1], PackedBinaryConv2d) and branch[1].threshold is not None
             and isinstance(branch[2], nn.Identity)):
         return branch[1]

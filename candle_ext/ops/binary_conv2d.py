@@ -251,8 +251,9 @@ def _post_ops(out: torch.Tensor, residual: Optional[torch.Tensor], slope: Option
 def shortcut_avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     """The 2x2 stride-2 average pool of a ReActNet shortcut (ceil_mode, count_include_pad=False); on even sizes as
     four strided adds, ((x00 + x10) + x01) + x11) * 0.25, which is several times faster than avg_pool2d on the CPU
-    and is what the CPU kernel's residual_pool computes."""
-    if x.shape[-1] % 2 or x.shape[-2] % 2:
+    and is what the CPU kernel's residual_pool computes. Under torch.jit.trace, avg_pool2d on every size: a trace
+    keeps one branch only, and must serve other sizes too (avg_pool2d's sum may round its last bit otherwise)."""
+    if torch.jit.is_tracing() or x.shape[-1] % 2 or x.shape[-2] % 2:
         return torch.nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
     out = x[..., 0::2, 0::2] + x[..., 1::2, 0::2]
     return out.add_(x[..., 0::2, 1::2]).add_(x[..., 1::2, 1::2]).mul_(0.25)
