@@ -1,6 +1,8 @@
 """Drop-in layers: BinaryConv2d, RSign, LearnableBias, RPReLU."""
+import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 from candle_ext import reference as R
 from candle_ext.nn import BinaryConv2d, LearnableBias, RPReLU, RSign
@@ -113,3 +115,54 @@ def test_training_step_under_cpu_bf16_autocast():
         before = w.clone()
         opt.step()
         assert not torch.equal(binary.weight.detach(), before)
+
+
+def test_layers_trace_with_torch_fx_as_one_call_each():
+    """torch.fx.symbolic_trace (and torchvision's create_feature_extractor on a binarize_d model) records each
+    layer's checks and op as single calls; the traced module computes what the model does (before, the checks
+    raised 'got Proxy'). Frozen models refuse fx with a message that names the alternatives."""
+    import candle_ext
+    from candle_ext.nn import binarize_
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), LearnableBias(8), RSign(8),
+                                BinaryConv2d(8, 8, 3, padding=1), RPReLU(8), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 36, 4))
+    x = torch.randn(2, 3, 6, 6)
+    traced = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"RSign\(8\) got input of shape"):  # the checks still run
+        torch.fx.symbolic_trace(RSign(8))(torch.randn(2, 2, 6, 6))
+    resnet = binarize_(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        feats = create_feature_extractor(resnet, {"layer2": "f"})(x)
+        want = resnet.layer2(resnet.layer1(resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))))
+    torch.testing.assert_close(feats["f"], want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="torch.fx Proxy.*torch.export.export or torch.jit.trace"):
+        torch.fx.symbolic_trace(candle_ext.freeze(model.eval()))
+
+
+def test_multires_teacher_runs_in_the_dtype_it_was_converted_to():
+    """MultiResolutionTeacher.to(float64): the head takes the encoder's maps in its own dtype (it cast them to
+    float32 and failed)."""
+    from candle_ext.nn import MultiResolutionTeacher
+
+    class Encoder(torch.nn.Module):
+        num_features = 6
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x))
+
+    torch.manual_seed(7)
+    teacher = MultiResolutionTeacher(Encoder(), 5, 4, resolutions=(8, 16, 24), base=1)
+    x = torch.rand(2, 3, 16, 16)
+    logits32, branch32 = teacher(x)
+    logits64, branch64 = teacher.double()(x.double())
+    assert logits64.dtype == branch64.dtype == torch.float64
+    torch.testing.assert_close(logits64.float(), logits32, rtol=1e-4, atol=1e-5)

@@ -6,19 +6,34 @@ from torch import nn
 
 from candle_ext.ops import binary_conv2d, sign_ste, validate
 
+# torch.fx.symbolic_trace (torchvision's create_feature_extractor, FX fusion passes) records each call of these
+# as one graph node instead of tracing into it: their checks branch on the input's shape and dtype, which a
+# symbolic trace cannot follow. (fx.wrap patches these names in this module only, during a trace.)
+torch.fx.wrap("binary_conv2d")
+torch.fx.wrap("sign_ste")
+
 
 def _channels(name: str, value) -> int:
     return validate.integer(name, value, 1, validate.MAX_GEOMETRY)
 
 
-def _check_input(layer: nn.Module, x, channels: int) -> None:
-    """Layers take float NCHW-like input with their channel count (packed words go through the ops)."""
+@torch.fx.wrap
+def _check_input(x, layer: str, channels: int) -> torch.Tensor:
+    """x, checked: layers take float NCHW-like input with their channel count (packed words go through the ops)."""
     validate.tensor("input", x, validate.FLOAT_DTYPES, empty_batch=True)
     if x.dim() < 2 or x.shape[1] != channels:
-        raise ValueError(f"{type(layer).__name__}({channels}) got input of shape {tuple(x.shape)}; expected "
+        raise ValueError(f"{layer}({channels}) got input of shape {tuple(x.shape)}; expected "
                          f"{channels} channels in dim 1")
+    return x
 
 
+@torch.fx.wrap
+def _check_conv_input(x) -> torch.Tensor:
+    """x, checked: float NCHW (int32 words go through candle_ext.binary_conv2d)."""
+    return validate.tensor("input", x, validate.FLOAT_DTYPES, ndim=4, empty_batch=True)
+
+
+@torch.fx.wrap
 def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A per-channel vector shaped to broadcast over dim 1 of x, whatever its rank (>= 2): (N, C) after a
     flatten as well as NCHW; a fixed (1, C, 1, 1) would broadcast a 2-D input to 4-D."""
@@ -52,7 +67,7 @@ class BinaryConv2d(nn.Conv2d):
         return self.weight.detach().abs().mean(dim=(1, 2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        validate.tensor("input", x, validate.FLOAT_DTYPES, ndim=4, empty_batch=True)  # int32 words: use candle_ext.binary_conv2d
+        x = _check_conv_input(x)
         w = torch.clamp(self.weight, -1.0, 1.0)  # sign(clamp(w)) == sign(w); the clamp shapes the gradient
         out = binary_conv2d(x, w, self.scale().to(x.dtype), self.stride, self.padding, self.dilation)
         if self.bias is not None:
@@ -68,7 +83,7 @@ class LearnableBias(nn.Module):
         self.bias = nn.Parameter(torch.zeros(_channels("channels", channels)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x, self.bias.numel())
+        x = _check_input(x, type(self).__name__, self.bias.shape[0])
         return x + _per_channel(self.bias, x).to(x.dtype)
 
 
@@ -80,7 +95,7 @@ class RSign(nn.Module):
         self.bias = nn.Parameter(torch.zeros(_channels("channels", channels)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x, self.bias.numel())
+        x = _check_input(x, type(self).__name__, self.bias.shape[0])
         return sign_ste(x, self.bias.to(x.dtype))
 
 
@@ -95,5 +110,5 @@ class RPReLU(nn.Module):
         self.zeta = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(self, x, self.gamma.numel())
+        x = _check_input(x, type(self).__name__, self.gamma.shape[0])
         return self.prelu(x - _per_channel(self.gamma, x)) + _per_channel(self.zeta, x)

@@ -70,7 +70,10 @@ class MultiResolutionTeacher(nn.Module):
 
     def head(self, feats: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Trainable part on encoder feature maps: (logits, base-resolution branch)."""
-        feats = [f.float() for f in feats]
+        # In the head's own dtype (float32 unless the module was converted): an encoder run under autocast
+        # hands over bf16/fp16 maps, and the calibrated head trains in its parameters' precision.
+        dtype = self.proj_weight[0].dtype
+        feats = [f.to(dtype) for f in feats]
         cat = multires_head(feats, list(self.proj_weight), list(self.proj_bias), self.base)
         logits = self.fc(cat.mean(dim=(2, 3)))
         c = self.student_channels

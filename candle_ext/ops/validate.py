@@ -16,6 +16,10 @@ def tensor(name: str, t, dtypes: Iterable[torch.dtype] = None, ndim: int = None,
     """t is a tensor of one of `dtypes` with `ndim` dimensions and at least one element; with empty_batch, a
     batch of zero samples (dim 0 is 0, every other dim positive) is also accepted, as nn.Conv2d accepts it."""
     if not isinstance(t, torch.Tensor):
+        if isinstance(t, torch.fx.Proxy):
+            raise TypeError(f"{name} is a torch.fx Proxy: torch.fx.symbolic_trace cannot trace into candle_ext's "
+                            "ops or frozen (packed) modules, whose checks branch on shapes (the drop-in layers of "
+                            "candle_ext.nn trace as one call each); use torch.export.export or torch.jit.trace")
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None:
         dtypes = tuple(dtypes)
