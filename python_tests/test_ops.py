@@ -186,6 +186,28 @@ def test_sign_ste_forward_and_gradient():
     torch.testing.assert_close(gx_nobias, R.sign_ste_backward(g, x.detach())[0])
 
 
+@pytest.mark.parametrize("shape, with_bias", [((2, 3, 4, 5), True), ((3, 4), True), ((2, 3, 4, 5), False)])
+def test_sign_ste_second_order_gradients_match_the_reference(shape, with_bias):
+    """create_graph=True (gradient penalties) through RSign: the backward op has its own derivative, equal to
+    that of the reference backward formula (before, the second backward raised)."""
+    torch.manual_seed(5)
+    x = (torch.rand(shape, dtype=torch.double) * 3 - 1.5).requires_grad_()
+    b = (torch.randn(shape[1], dtype=torch.double) * 0.3).requires_grad_() if with_bias else None
+    g = torch.randn(shape, dtype=torch.double, requires_grad=True)
+    inputs = [g, x] + ([b] if with_bias else [])
+    gx, gb = torch.autograd.grad(candle_ext.sign_ste(x, b), (x, b) if with_bias else (x,), g,
+                                 create_graph=True) + ((None,) if not with_bias else ())
+    ex, eb = R.sign_ste_backward(g, x, b)
+    cotangents = [torch.randn(shape, dtype=torch.double)] + ([torch.randn(shape[1], dtype=torch.double)]
+                                                            if with_bias else [])
+    got = torch.autograd.grad([gx] + ([gb] if with_bias else []), inputs, cotangents, allow_unused=True)
+    want = torch.autograd.grad([ex] + ([eb] if with_bias else []), inputs, cotangents, allow_unused=True)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(torch.zeros_like(w) if a is None else a, torch.zeros_like(a) if w is None else w)
+    assert torch.autograd.gradgradcheck(lambda xx: candle_ext.sign_ste(xx, b.detach() if with_bias else None),
+                                        (x.detach().requires_grad_(),), eps=1e-7, atol=1e-5)
+
+
 def test_multires_head_matches_reference_and_grads():
     torch.manual_seed(4)
     feats = [torch.randn(2, 6, s, s + 1, requires_grad=True) for s in (2, 4, 7)]

@@ -90,6 +90,39 @@ def _backward(ctx, grad):
 _sign_ste.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _approx_sign_grad_slope(u: torch.Tensor) -> torch.Tensor:
+    """d/du of reference.approx_sign_grad: 2 on [-1,0), -2 on [0,1), 0 elsewhere."""
+    zero = torch.zeros((), dtype=u.dtype, device=u.device)
+    return torch.where((u >= -1) & (u < 0), 2 + zero, torch.where((u >= 0) & (u < 1), zero - 2, zero))
+
+
+def _setup_backward_context(ctx, inputs, output):
+    grad, x, bias = inputs
+    ctx.save_for_backward(grad, x, bias)
+
+
+def _backward_backward(ctx, gg_x, gg_b):
+    """Second order (create_graph=True: gradient penalties): gx = grad * a(u) and gb = -sum(gx) over all but
+    dim 1, with u = x - bias and a the ApproxSign derivative, differentiated in plain torch ops (so any order
+    works)."""
+    grad, x, bias = ctx.saved_tensors
+    shape = [1] * x.dim()
+    shape[1] = -1
+    u = x if bias is None else x - bias.reshape(shape).to(x.dtype)
+    g = torch.zeros_like(x) if gg_x is None else gg_x
+    if gg_b is not None:
+        g = g - gg_b.reshape(shape).to(g.dtype)
+    d_grad = g * reference.approx_sign_grad(u)
+    d_x = g * grad * _approx_sign_grad_slope(u)
+    d_bias = None
+    if bias is not None:
+        d_bias = (-d_x.sum(dim=[d for d in range(x.dim()) if d != 1])).to(bias.dtype)
+    return d_grad, d_x, d_bias
+
+
+_sign_ste_backward.register_autograd(_backward_backward, setup_context=_setup_backward_context)
+
+
 def sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """+-1 tensor sign(x - bias) (bias per channel, dim 1); gradient by ApproxSign (2+2u on [-1,0), 2-2u on
     [0,1), 0 elsewhere, u = x - bias), and the bias gradient is minus the sum of that over all but dim 1."""
