@@ -22,10 +22,15 @@ _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 60, 60
 
 
-def short_repr(value) -> str:
+def short_repr(value, max_string: int = 60) -> str:
     """repr(value) for an error message, bounded in length and in work: a value read from a file may be a
-    structure that shares its parts (YAML aliases, pickle memo), whose full repr would be exponentially long."""
-    return _SHORT.repr(value)
+    structure that shares its parts (YAML aliases, pickle memo), whose full repr would be exponentially long.
+    max_string: the longest string shown whole (a file path in a configuration diff needs more than 60)."""
+    if max_string == _SHORT.maxstring:
+        return _SHORT.repr(value)
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother = _SHORT.maxlevel, max_string, _SHORT.maxother
+    return r.repr(value)
 
 
 def regular_file(path, what: str) -> None:

@@ -356,6 +356,33 @@ def test_resume_from_another_configuration_is_refused(workspace, capsys):
     assert main(run + ["--mode", "scratch", "--resume"]) == 0  # the same configuration still resumes
 
 
+def test_distill_refuses_a_teacher_calibrated_for_other_data_or_weights(workspace, tmp_path, capsys):
+    """teacher.pt records what it was calibrated from: a distill run on other training data, other teacher weights
+    or calibration settings is refused naming the keys (it silently used the other teacher); the test set, the
+    run's seed and runtime keys may differ, and a teacher.pt from before the record is not checked."""
+    _, path = workspace
+    run = ["distill", "--config", str(path), "--mode", "kd", "--name", "tw", "--set", "distill.epochs=1"]
+    teacher_pt = Path(load_config(str(path)).out_dir) / "teacher.pt"
+    assert checkpoint.load(str(teacher_pt))["made_with"]["calibrate.lr"] == 0.01
+    weights = tmp_path / "w.pt"
+    torch.save({}, weights)
+    for extra, change in ((["--set", "data.seed=5"], "data.seed 0 -> 5"),
+                          (["--set", f"teacher.weights={weights}"], f"-> '{weights}'"),
+                          (["--set", "calibrate.lr=0.02"], "calibrate.lr 0.01 -> 0.02")):
+        code, err = _cli(run + extra, capsys)
+        assert code == 2 and f"teacher checkpoint {teacher_pt} was calibrated with another configuration" in err, err
+        assert change in err, err
+    assert main(run + ["--set", "seed=3", "--set", "data.test_per_class=2", "--set", "threads=2"]) == 0
+    ck = checkpoint.load(str(teacher_pt))
+    saved = dict(ck)
+    del ck["made_with"]
+    checkpoint.save_atomic(ck, str(teacher_pt))
+    try:
+        assert main(run + ["--set", "calibrate.lr=0.02"]) == 0
+    finally:
+        checkpoint.save_atomic(saved, str(teacher_pt))
+
+
 def test_compare_runs_every_method_and_seed_and_resumes(workspace, tmp_path, capsys):
     root, cfg = workspace
     out = tmp_path / "cmp"

@@ -30,7 +30,7 @@ from candle_ext import files
 from candle_ext.train.evaluate import evaluate_student, lambda_values, metrics_from_json, write_json
 from candle_ext.train.losses import tau_normalize_
 from candle_ext.train.student import load_student
-from candle_ext.train.teacher import (build_teacher, encode_dataset, load_calibrated_teacher,
+from candle_ext.train.teacher import (build_teacher, calibration_record, encode_dataset, load_calibrated_teacher,
                                       teacher_resolutions)
 
 PRESETS: Dict[str, List[str]] = {
@@ -264,7 +264,8 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
             t0 = time.time()
             claim(tdir, teacher_spec(cfg, multires))
             if os.path.exists(os.path.join(tdir, "teacher_report.json")):
-                teacher = load_calibrated_teacher(ctx.cfg.teacher, path, num_classes=ctx.num_classes)
+                teacher = load_calibrated_teacher(ctx.cfg.teacher, path, num_classes=ctx.num_classes,
+                                                  record=calibration_record(ctx.cfg))
                 teacher = teacher.to(ctx.device).eval()
                 cache = encode_dataset(teacher, train, cfg.calibrate.batch_size, ctx.device)
                 rep = _read_metrics(os.path.join(tdir, "teacher_report.json"))

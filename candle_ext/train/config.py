@@ -181,7 +181,8 @@ def _flat(d: dict, prefix: str = "") -> Dict[str, Any]:
 
 def made_with_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     """'key old -> new' for every key whose value differs between two subset() records."""
-    return [f"{k} {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+    # old values may come from a file (a checkpoint's record): bounded in the message
+    return [f"{k} {short_repr(old.get(k, '<unset>'), 300)} -> {short_repr(new.get(k, '<unset>'), 300)}"
             for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
 
 

@@ -27,8 +27,8 @@ from candle_ext.train.evaluate import evaluate_student, evaluate_teacher, write_
 from candle_ext.train.loop import steps_per_epoch
 from candle_ext.train.losses import log_prior, tau_normalize_
 from candle_ext.train.student import build_student, export_student
-from candle_ext.train.teacher import (HeadState, build_teacher, encode_dataset, load_calibrated_teacher,
-                                      save_teacher, teacher_outputs)
+from candle_ext.train.teacher import (HeadState, build_teacher, calibration_record, encode_dataset,
+                                      load_calibrated_teacher, save_teacher, teacher_outputs)
 
 
 def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
@@ -70,7 +70,7 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
     history = ctx.fit("calibrate", c.epochs, sampler, lbs, step, {"head": head, "opt": opt, "sched": sched},
                       resume, None, stop_after_steps, made_with)
     if ctx.is_main:
-        save_teacher(teacher, ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"))
+        save_teacher(teacher, ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"), calibration_record(ctx.cfg))
     ctx.barrier()  # teacher.pt exists for every rank of a following stage
     report = {"encode_seconds": t_enc, "history": history}
     if c.evaluate:
@@ -116,7 +116,7 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
                 teacher = build_teacher(ctx.cfg.teacher, ctx.num_classes, student.num_features, ctx.seed)
             else:
                 teacher = load_calibrated_teacher(ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"), ctx.dist,
-                                                  ctx.num_classes)
+                                                  ctx.num_classes, calibration_record(ctx.cfg))
         teacher = ctx.place(teacher, broadcast=False).eval()  # identical on every rank already
         if teacher.student_channels != student.num_features:
             raise ValueError(f"teacher maps to {teacher.student_channels} channels, the student has "

@@ -15,7 +15,7 @@ from torch import nn
 from candle_ext import files
 from candle_ext.nn.multires import MultiResolutionTeacher
 from candle_ext.train import checkpoint
-from candle_ext.train.config import TeacherConfig
+from candle_ext.train.config import Config, TeacherConfig, made_with_diff
 from candle_ext.train.distributed import DistEnv, all_gather_rows, broadcast_object
 
 if TYPE_CHECKING:
@@ -154,24 +154,45 @@ def build_teacher(tcfg: TeacherConfig, num_classes: int, student_channels: int, 
 
 # ---------------------------------------------------------------------------- calibrated-head checkpoints
 
-def save_teacher(teacher: MultiResolutionTeacher, tcfg: TeacherConfig, path: str) -> None:
-    """{out}/teacher.pt: the calibrated head and what rebuilds the teacher around it (the encoder is not saved)."""
+# Keys a calibrated head does not depend on: the test set and whether calibration evaluated on it. The run's seed
+# is not part of the record either (calibration_record): a teacher calibrated once serves students of every seed.
+CALIBRATION_EXCLUDE = ("data.test_dir", "data.test_split", "data.test_per_class", "calibrate.evaluate")
+
+
+def calibration_record(cfg: Config) -> dict:
+    """What a calibrated head was made from, beyond the fields teacher.pt describes itself: the training data,
+    the teacher's weights, the student's width and the calibration settings (Config.subset)."""
+    return cfg.subset(("data", "teacher", "student", "calibrate"), exclude=CALIBRATION_EXCLUDE)
+
+
+def save_teacher(teacher: MultiResolutionTeacher, tcfg: TeacherConfig, path: str,
+                 record: Optional[dict] = None) -> None:
+    """{out}/teacher.pt: the calibrated head and what rebuilds the teacher around it (the encoder is not saved);
+    record (calibration_record) lets a later stage refuse a teacher calibrated for other data or weights."""
     head = {k: v for k, v in teacher.state_dict().items() if not k.startswith("encoder.")}
-    checkpoint.save_atomic({"head": head, "resolutions": teacher.resolutions, "base": teacher.base,
-                            "name": tcfg.name,
-                            "student_channels": teacher.student_channels, "num_classes": teacher.num_classes},
-                           path)
+    ck = {"head": head, "resolutions": teacher.resolutions, "base": teacher.base, "name": tcfg.name,
+          "student_channels": teacher.student_channels, "num_classes": teacher.num_classes}
+    if record is not None:
+        ck["made_with"] = record
+    checkpoint.save_atomic(ck, path)
 
 
 def load_calibrated_teacher(tcfg: TeacherConfig, path: str, dist: Optional[DistEnv] = None,
-                            num_classes: Optional[int] = None) -> MultiResolutionTeacher:
+                            num_classes: Optional[int] = None, record: Optional[dict] = None
+                            ) -> MultiResolutionTeacher:
     """The teacher saved by save_teacher; distributed: rank 0 reads it and sends it to the others (no shared
     filesystem needed). The file must describe the configured teacher (name, resolutions, base) and, when
     given, num_classes: checked before anything is built, so that the file neither picks the encoder nor sizes
-    the head."""
+    the head. With `record` (calibration_record of the run), a file that recorded another one is refused, naming
+    the keys (a file written before teacher.pt held a record is not checked)."""
     env = dist if dist is not None else DistEnv()
     ck = broadcast_object(checkpoint.load(path) if env.is_main else None, env)
     _check_calibrated(ck, tcfg, path, num_classes)
+    recorded = ck.get("made_with")
+    if record is not None and isinstance(recorded, dict) and made_with_diff(recorded, record):
+        raise ValueError(f"teacher checkpoint {path} was calibrated with another configuration "
+                         f"({'; '.join(made_with_diff(recorded, record))}): run `candle calibrate` again with this "
+                         f"configuration, or use another out_dir")
     enc, _ = load_teacher(tcfg.name, tcfg.weights, tcfg.pretrained)
     t = MultiResolutionTeacher(enc, int(ck["num_classes"]), int(ck["student_channels"]),
                                [int(r) for r in ck["resolutions"]], int(ck["base"]))
