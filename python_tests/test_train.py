@@ -212,6 +212,37 @@ def test_load_teacher_frozen_and_errors(tmp_path):
     assert enc3.num_features == 512 and enc3(torch.rand(1, 3, 32, 32)).shape == (1, 512, 1, 1)
 
 
+def test_teachers_that_cannot_serve_fail_early_and_clearly(tmp_path):
+    """Own-data audit: a teacher without weights warns that its encoder is random; a weights file that does not
+    fit names the mismatch on one line; googlenet's trunk leaves out its auxiliary heads (it failed with 512 vs
+    1024 channels); an encoder that cannot take a configured resolution, or gives no [N, C, H, W] map (a ViT's
+    tokens), is refused by name before any data is encoded (internal errors before)."""
+    from candle_ext.train.teacher import check_encoder
+
+    with pytest.warns(UserWarning, match="random weights"):
+        enc, model = load_teacher("torchvision:googlenet")
+    assert enc.num_features == 1024
+    check_encoder(enc, "torchvision:googlenet", [32, 48])
+    bad = tmp_path / "w.pt"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, bad)
+    with pytest.raises(ValueError) as info:
+        load_teacher("torchvision:resnet18", str(bad))
+    assert "\n" not in str(info.value) and "Missing key(s)" in str(info.value)
+
+    class Tokens(torch.nn.Module):
+        num_features = 8
+
+        def forward(self, x):
+            if x.shape[-1] < 16:
+                raise RuntimeError("input too small")
+            return torch.zeros(x.shape[0], 4, 8)
+
+    with pytest.raises(ValueError, match=r"teacher 'tok' cannot encode a 8x8 image .*input too small"):
+        check_encoder(Tokens(), "tok", [16, 8])
+    with pytest.raises(ValueError, match=r"gives features of shape \(1, 4, 8\) for a 16x16 image, not a \[N, 8"):
+        check_encoder(Tokens(), "tok", [16])
+
+
 GRACE_HOPPER = os.path.join(os.path.dirname(__import__("matplotlib").__file__), "mpl-data", "sample_data",
                             "grace_hopper.jpg")
 
@@ -232,19 +263,18 @@ def test_offline_teacher_is_pretrained_on_real_images():
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
                     reason="apt-get install dataset-fashion-mnist")
 def test_offline_teacher_features_beat_random_on_fashion_mnist():
-    """Nearest-class-mean on pooled teacher features of 200 real Fashion-MNIST images (100 fit, 100 test):
-    ImageNet features separate clothes far better than the same network with random weights."""
+    """Nearest-class-mean on pooled teacher features of 200 real Fashion-MNIST images (100 fit, 100 test) at
+    128 px: ImageNet features separate clothes better than the same network with random weights, the best of
+    three draws. (At 64 px they do not: random draws scored 0.43-0.65 against 0.52; an unseeded draw of 0.38
+    made an earlier version of this test pass by luck.)"""
     import timm
     from candle_ext.data import fashion_mnist
     from candle_ext.train.teacher import FrozenEncoder
     ds = fashion_mnist(False)
     idx = np.concatenate([np.flatnonzero(ds.labels == c)[:20] for c in range(10)])
-    x, y = ds.batch(idx, 64), torch.as_tensor(ds.labels[idx])
+    x, y = ds.batch(idx, 128), torch.as_tensor(ds.labels[idx])
     fit = torch.arange(len(idx)) % 20 < 10
     pre, _ = load_teacher("efficientnet_lite0")
-    rnd_model = timm.create_model("efficientnet_lite0")
-    rnd = FrozenEncoder(rnd_model, rnd_model.num_features, pre.mean.flatten().tolist(),
-                        pre.std.flatten().tolist(), "random", True)
 
     def ncm_accuracy(enc):
         f = F.normalize(pool(enc(x)), dim=1)
@@ -252,9 +282,15 @@ def test_offline_teacher_features_beat_random_on_fashion_mnist():
         pred = (f[~fit] @ centres.T).argmax(1)
         return float((pred == y[~fit]).float().mean())
 
-    acc_pre, acc_rnd = ncm_accuracy(pre), ncm_accuracy(rnd)
-    # measured: 0.52 pretrained vs 0.38 random (chance 0.10)
-    assert acc_pre > 0.45 and acc_pre > acc_rnd + 0.08, (acc_pre, acc_rnd)
+    acc_rnd = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        rnd_model = timm.create_model("efficientnet_lite0")
+        acc_rnd.append(ncm_accuracy(FrozenEncoder(rnd_model, rnd_model.num_features, pre.mean.flatten().tolist(),
+                                                  pre.std.flatten().tolist(), "random", True)))
+    acc_pre = ncm_accuracy(pre)
+    # measured: 0.75 pretrained vs 0.37 / 0.35 / 0.46 random (chance 0.10)
+    assert acc_pre > 0.65 and acc_pre > max(acc_rnd) + 0.15, (acc_pre, acc_rnd)
 
 
 # ---------------------------------------------------------------------------------- adversarial balancer
