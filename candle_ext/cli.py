@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--resume", action="store_true", help="continue from the last per-epoch checkpoint")
         if name == "distill":
             sp.add_argument("--mode", choices=METHODS, help="overrides distill.mode")
-            sp.add_argument("--name", help="run name (files OUT/<name>*); default: the mode")
+            sp.add_argument("--name", type=_run_name, help="run name (files OUT/<name>*); default: the mode")
             sp.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # kill simulation (tests)
     sp = sub.add_parser("evaluate", help="evaluate student checkpoints -> OUT/report.json, report.md, plots")
     common(sp)
@@ -178,12 +178,20 @@ def _dispatch(args, cfg: Config) -> int:
             return 0
         ctx = Context(cfg, *_label_only_data(cfg))
         student = load_student(ctx, args.checkpoint)
-        export_student(student, args.output)
+        export_student(student, args.output, ctx.train.classes, ctx.size)
         print(f"packed model written to {args.output}")
         return 0
     # Under torchrun this joins the process group (NCCL for cuda, gloo for cpu); otherwise one process.
     with distributed(cfg.device) as env:
         return _run(args, cfg, Context(cfg, dist=env))
+
+
+def _run_name(value: str) -> str:
+    """--name: the prefix of a run's files inside OUT, so no folder part ('../x' wrote outside OUT)."""
+    if not value or value in (".", "..") or "/" in value or (os.altsep and os.altsep in value) or "\0" in value:
+        raise argparse.ArgumentTypeError(f"must be a plain name without '/' (the run's files are OUT/<name>*), "
+                                         f"got {value!r}")
+    return value
 
 
 def _named_checkpoint(item: str):
@@ -237,7 +245,7 @@ def _compare(args, cfg: Config) -> int:
     from candle_ext.train.compare import compare
     command = "candle " + " ".join(sys.argv[1:]) if args.argv is None else "candle " + " ".join(args.argv)
     rep = compare(cfg, args.methods, args.seeds, command, log=lambda m: print(m, flush=True))  # a line per run
-    print(open(os.path.join(cfg.out_dir, "results.md")).read(), end="")
+    print(open(os.path.join(os.path.expanduser(cfg.out_dir), "results.md")).read(), end="")
     return 0 if rep["summary"] else 1
 
 

@@ -112,6 +112,7 @@ def test_bad_config_files(tmp_path):
     (["demo", "--set", "distill.baseline=kd"], "unknown config key 'distill.baseline'.*distill.baselines"),
     (["distill", "--config", "/no/such/file.yaml"], "/no/such/file.yaml does not exist"),
     (["distill", "--mode", "nope"], "invalid choice"),
+    (["distill", "--name", "../x"], "--name: must be a plain name without '/'"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(argv, match, capsys):
     code = None
@@ -202,9 +203,21 @@ def test_cli_end_to_end(workspace, capsys):
     packed = root / "packed.pt"
     assert main(["export", "--config", str(cfg), "--checkpoint", str(run / "candle_student.pt"),
                  "--output", str(packed)]) == 0
+    from candle_ext.data import image_folder, prepare_image
     from candle_ext.models import load_packed
     model = load_packed(str(packed))
     assert model(torch.rand(2, 3, 16, 16)).shape == (2, 4)
+    # What deployment needs travels with the file: class names in label order, the input's preparation; an
+    # image prepared that way gives the logits the trained student gives in evaluation.
+    assert model.candle_meta["classes"] == CLASSES == report["classes"]
+    size = model.candle_meta["input"]["size"]
+    assert size == 16 and model.candle_meta["input"]["mean"] == 0.5
+    test = image_folder(str(root / "test"))
+    student = _student(cfg)
+    student.load_state_dict(torch.load(run / "candle_student.pt", weights_only=True))
+    with torch.no_grad():
+        x = torch.stack([prepare_image(p, size) for p in test.paths[:4]])
+        torch.testing.assert_close(model(x), student.eval()(x), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_data_errors_through_cli(tmp_path, capsys):
@@ -224,11 +237,15 @@ def test_bad_data_errors_through_cli(tmp_path, capsys):
 
 def test_imbalance_ratio_that_empties_classes_is_refused(workspace, capsys):
     root, cfg = workspace
-    # 4 classes of 24/12/8/4 images: n_max = 12, so ratio 100 would keep floor(12/100) = 0 of the rarest class.
-    assert main(["calibrate", "--config", str(cfg), "--out", str(root / "r100"),
+    # 4 classes of 24/12/8/4 images balanced to 4 each: ratio 100 would keep floor(4/100) = 0 of the rarest class.
+    assert main(["calibrate", "--config", str(cfg), "--out", str(root / "r100"), "--set", "data.train_per_class=4",
                  "--set", "data.imbalance_ratio=100"]) == 2
     err = capsys.readouterr().err
     assert "without a training sample" in err and "ratio" in err
+    # Unbalanced, the pool is not one the derivation is defined for: refused, naming the ways out.
+    assert main(["calibrate", "--config", str(cfg), "--out", str(root / "r100"),
+                 "--set", "data.imbalance_ratio=2"]) == 2
+    assert "24 to 4 images per class (already imbalanced)" in capsys.readouterr().err
 
 
 def test_last_batch_of_one_trains(workspace, tmp_path):
@@ -373,6 +390,9 @@ def test_distill_refuses_a_teacher_calibrated_for_other_data_or_weights(workspac
         assert code == 2 and f"teacher checkpoint {teacher_pt} was calibrated with another configuration" in err, err
         assert change in err, err
     assert main(run + ["--set", "seed=3", "--set", "data.test_per_class=2", "--set", "threads=2"]) == 0
+    code, err = _cli(run + ["--out", str(tmp_path / "fresh")], capsys)
+    assert code == 2 and "teacher.pt does not exist: mode 'kd' distils from the calibrated teacher; run `candle " \
+        "calibrate` with this configuration first" in err, err
     ck = checkpoint.load(str(teacher_pt))
     saved = dict(ck)
     del ck["made_with"]

@@ -273,3 +273,68 @@ def test_fashion_mnist_lt_offline():
     assert np.bincount(train.labels).tolist() == long_tailed_counts(6000, 10, 100)
     x = train.batch([0, 1, 2], 32)
     assert x.shape == (3, 3, 32, 32) and torch.equal(x[:, 0], x[:, 2])  # grayscale repeated
+
+
+def test_images_of_other_bit_depths_and_prepare_image(tmp_path):
+    """16-bit grayscale is scaled to 8 bits (PIL's convert("RGB") clipped it to white), 32-bit integer and float
+    images are refused naming the mode (they loaded as zeros); prepare_image gives one image exactly as training
+    and evaluation feed the student (the set's batch, then the normalisation)."""
+    from candle_ext.data import image_folder, normalize_student_input, prepare_image
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ramp = (np.arange(24 * 20, dtype=np.uint32).reshape(20, 24) * 136).astype(np.uint16)  # 0 .. 65144
+    Image.fromarray(ramp).save(tmp_path / "a" / "deep.png")
+    assert Image.open(tmp_path / "a" / "deep.png").mode.startswith("I;16")
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 24, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "b" / "rgb.png")
+    data = image_folder(str(tmp_path))
+    deep = data.load(0)
+    assert deep.dtype == torch.uint8 and deep.shape == (3, 20, 24)
+    assert torch.equal(deep[0], torch.from_numpy((ramp >> 8).astype(np.uint8)))
+    for i, path in enumerate(data.paths):
+        want = normalize_student_input(data.batch([i], 16))[0]
+        for image in (path, Image.open(path), data.load(i)):
+            torch.testing.assert_close(prepare_image(image, 16), want, rtol=0, atol=0)
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(tmp_path / "b" / "float.tif")
+    with pytest.raises(ValueError, match=r"float\.tif.*image mode 'F' \(float pixels\) has no known range"):
+        data = image_folder(str(tmp_path))
+        data.batch([[p.endswith("float.tif") for p in data.paths].index(True)], 8)
+    with pytest.raises(ValueError, match="uint8"):
+        prepare_image(torch.zeros(3, 4, 4), 8)
+
+
+def test_build_datasets_checks_own_data(tmp_path, monkeypatch):
+    """Own data (own-data audit): data.num_classes that the folder does not have is refused (it was ignored); a
+    long-tail derivation from an already imbalanced pool is refused, naming the way out (it silently cut the
+    data and missed the ratio); a split file of absolute paths needs no data.root; '~' is the home folder;
+    symlinked sub-folders of a class are read (they were skipped)."""
+    from candle_ext.data import build_datasets
+    for split, counts in (("train", (6, 3)), ("test", (2, 2))):
+        for c, n in zip(("cat", "dog"), counts):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                _write_png(tmp_path / split / c / f"{i}.png", 30 * i)
+    (tmp_path / "extra").mkdir()
+    for i in range(2):
+        _write_png(tmp_path / "extra" / f"{i}.png", 99)
+    (tmp_path / "train" / "dog" / "more").symlink_to(tmp_path / "extra", target_is_directory=True)
+    base = {"source": "imagefolder", "train_dir": str(tmp_path / "train"), "test_dir": str(tmp_path / "test"),
+            "train_per_class": None, "imbalance_ratio": None, "test_per_class": None}
+    train, _ = build_datasets(base)
+    assert np.bincount(train.labels).tolist() == [6, 5]  # 3 + 2 through the symlinked sub-folder
+    with pytest.raises(ValueError, match="data.num_classes is 3, but the imagefolder training data has 2"):
+        build_datasets({**base, "num_classes": 3})
+    with pytest.raises(ValueError, match=r"6 to 5 images per class \(already imbalanced\).*imbalance_ratio: null"):
+        build_datasets({**base, "imbalance_ratio": 2.0})
+    train, _ = build_datasets({**base, "train_per_class": 4, "imbalance_ratio": 2.0})  # balanced first: fine
+    assert sorted(np.bincount(train.labels).tolist()) == [2, 4]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    train, _ = build_datasets({**base, "train_dir": "~/train", "test_dir": "~/test"})
+    assert len(train) == 11
+    lines = [f"{tmp_path / 'train' / 'cat' / '0.png'} 0", f"{tmp_path / 'train' / 'dog' / '0.png'} 1"]
+    (tmp_path / "split.txt").write_text("\n".join(lines) + "\n")
+    train, test = build_datasets({"source": "split_file", "train_split": str(tmp_path / "split.txt"),
+                                  "test_split": "~/split.txt", "root": None, "train_per_class": None,
+                                  "imbalance_ratio": None, "test_per_class": None})
+    assert train.labels.tolist() == [0, 1] and len(test) == 2

@@ -732,3 +732,29 @@ def test_save_load_regnet_builds_for_real(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(load_packed(tmp_path / "regnet.pt")(x), freeze(model)(x))
+
+
+def test_save_packed_stores_meta_and_old_files_still_load(tmp_path):
+    """meta (plain data: class names, input preparation) travels in the file's checksummed header and comes back
+    as model.candle_meta; a file without it (all files written before meta existed) loads with {} and the
+    checksum it always had; non-plain meta is refused."""
+    torch.manual_seed(15)
+    model = randomise(reactnet_a(num_classes=3, small_input=True, width_mult=0.25), 15).eval()
+    meta = {"classes": ["cat", "dog", "über"], "input": {"size": 32, "mean": 0.5}}
+    save_packed(model, tmp_path / "m.pt", meta=meta)
+    loaded = load_packed(tmp_path / "m.pt")
+    assert loaded.candle_meta == meta
+    save_packed(loaded, tmp_path / "again.pt")  # a loaded model keeps its meta
+    assert load_packed(tmp_path / "again.pt").candle_meta == meta
+    save_packed(model, tmp_path / "plain.pt")
+    blob = torch.load(tmp_path / "plain.pt", weights_only=True)
+    assert "meta" not in blob and load_packed(tmp_path / "plain.pt").candle_meta == {}
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    blob["meta"]["classes"][0] = "cow"  # covered by the checksum
+    torch.save(blob, tmp_path / "edited.pt")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        load_packed(tmp_path / "edited.pt")
+    with pytest.raises(TypeError, match="meta must be a dict"):
+        save_packed(model, tmp_path / "x.pt", meta=["cat"])
+    with pytest.raises(TypeError):
+        save_packed(model, tmp_path / "x.pt", meta={"classes": object()})

@@ -30,6 +30,45 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Bag", "Ankle boot"]
 
 
+# The student's input: images in [0, 1] mapped to [-1, 1] (the teacher normalises its own input itself).
+STUDENT_MEAN, STUDENT_STD = 0.5, 0.5
+
+
+def normalize_student_input(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as the student sees them in training and evaluation."""
+    return (x - STUDENT_MEAN) / STUDENT_STD
+
+
+def student_input_description(size: int) -> dict:
+    """How an image becomes the student's input (stored with exported models, for deployment)."""
+    return {"size": int(size), "channels": "RGB (grayscale repeated, alpha dropped)", "scale": "uint8 / 255",
+            "resize": "square, bilinear, antialiased when shrinking (candle_ext.data.prepare_image)",
+            "mean": STUDENT_MEAN, "std": STUDENT_STD}
+
+
+def prepare_image(image, size: int) -> torch.Tensor:
+    """One image as the trained student saw its images: float [3, size, size], RGB, resized (bilinear,
+    antialiased when shrinking) and normalised. image: a file path, a PIL image, or a uint8 tensor [H, W],
+    [1 or 3, H, W]. Batch the results with torch.stack for a model from candle_ext.load_packed."""
+    size = int(size)
+    if size < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
+    if isinstance(image, (str, os.PathLike)):
+        x = FileImageSet([image], [0], ["image"], "prepare_image").load(0)
+    elif isinstance(image, torch.Tensor):
+        x = image.unsqueeze(0) if image.dim() == 2 else image
+        if x.dtype != torch.uint8 or x.dim() != 3 or x.shape[0] not in (1, 3):
+            raise ValueError(f"image tensor must be uint8 [H, W] or [1 or 3, H, W], got {x.dtype} "
+                             f"{tuple(image.shape)}")
+    else:
+        convert = getattr(image, "convert", None)
+        if not callable(convert):
+            raise TypeError(f"image must be a path, a PIL image or a uint8 tensor, got {type(image).__name__}")
+        x = torch.from_numpy(_pil_rgb(image, "prepare_image").copy()).permute(2, 0, 1)
+    x = _to_rgb(_resize(x.unsqueeze(0).float() / 255.0, size))
+    return normalize_student_input(x)[0]
+
+
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
@@ -45,6 +84,21 @@ def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
         raise ValueError(f"{where}: label {bad} out of range [0, {num_classes})")
+
+
+def _pil_rgb(im, where) -> np.ndarray:
+    """uint8 [H, W, 3] of a PIL image. 16-bit grayscale is scaled to 8 bits (PIL's convert would clip it to
+    white); 32-bit integer and float images have no known range and are refused."""
+    if im.width * im.height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS} an image may have "
+                         "here (a decompression bomb?)")
+    if im.mode.startswith("I;16"):
+        from PIL import Image
+        im = Image.fromarray((np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8))
+    elif im.mode in ("I", "F"):
+        raise ValueError(f"{where}: image mode {im.mode!r} ({'32-bit integer' if im.mode == 'I' else 'float'} "
+                         "pixels) has no known range; convert it to 8- or 16-bit first")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 class ImageSet(abc.ABC):
@@ -131,7 +185,7 @@ class FileImageSet(ImageSet):
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise ValueError(f"{im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS} an image "
                                      "may have here (a decompression bomb?)")
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                arr = _pil_rgb(im, path)
         except Exception as exc:  # PIL raises several types for corrupt files
             raise ValueError(f"{self.where}: cannot read image {path}: {exc}") from exc
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
@@ -151,13 +205,25 @@ def image_folder(root: str) -> FileImageSet:
         raise ValueError(f"image folder {root} has no class sub-folders")
     paths, labels = [], []
     for c, name in enumerate(classes):
-        files = sorted(Path(folder) / f for folder, _, names in os.walk(root_p / name)  # no symlinked sub-folders:
-                       for f in names if Path(f).suffix.lower() in IMAGE_EXTENSIONS)   # no loops
+        files = sorted(_image_files(root_p / name))
         if not files:
             raise ValueError(f"image folder {root}: class {name!r} (folder {root_p / name}) has no images")
         paths += files
         labels += [c] * len(files)
     return FileImageSet(paths, labels, classes, where=f"image folder {root}")
+
+
+def _image_files(folder: Path):
+    """Image files under folder, sub-folders included, symlinked ones too (as torchvision's ImageFolder), each
+    real folder once: a link back up (a loop) or to a folder already read adds nothing."""
+    seen = set()
+    for parent, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(parent) / f for f in names if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
 
 
 MAX_CLASSES = 1_000_000  # as candle_ext.models.reactnet.MAX_CLASSES and the config's data.num_classes

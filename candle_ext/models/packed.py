@@ -36,6 +36,7 @@ from candle_ext.ops.binary_conv2d import packed_inference_conv
 from candle_ext.ops.bitpack import check_packed, num_words
 
 ARCH_ATTR = "candle_arch"
+META_ATTR = "candle_meta"  # what save_packed(meta=) stored: e.g. class names and input preprocessing
 FORMAT = "candle-ext packed model"
 VERSION = 1
 # The model builders a packed file may name, matched exactly (never by prefix, never imported by a name the file
@@ -617,7 +618,8 @@ def _uncompiled(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict] = None) -> int:
+def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict] = None,
+                meta: Optional[dict] = None) -> int:
     """Write the packed form of `model` (frozen first if it still has BinaryConv2d layers) to `path` (a file
     name, or a binary file object as torch.save takes), one file readable by torch.load(weights_only=True): the
     architecture description, the 1-bit weight words and the float parts.
@@ -630,8 +632,12 @@ def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict]
 
     arch: {'builder': 'module.function', 'kwargs': {...}} that builds the float model, e.g.
     {'builder': 'torchvision.models.resnet18', 'kwargs': {'num_classes': 10}}; defaults to the description
-    that candle_ext.models.reactnet_a records on its models. Returns the file size in bytes (the bytes written,
-    for a file object)."""
+    that candle_ext.models.reactnet_a records on its models.
+
+    meta: plain data (JSON: dicts, lists, str, numbers, bools, None) stored with the model, e.g. the class names
+    and how inputs are prepared (`candle export` stores both); load_packed puts it on the model as
+    `model.candle_meta` ({} for a file without it). Defaults to the model's own candle_meta, so a loaded model
+    saved again keeps it. Returns the file size in bytes (the bytes written, for a file object)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = _uncompiled(model)
@@ -645,11 +651,16 @@ def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict]
                          "arch={'builder': 'torchvision.models.resnet18', 'kwargs': {...}} (how to build the float "
                          "model before binarize_)")
     arch = _check_arch(arch, "save_packed")
+    meta = meta if meta is not None else getattr(model, META_ATTR, None)
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise TypeError(f"save_packed: meta must be a dict of plain data, got {type(meta).__name__}")
+        _plain(meta, "meta")
     frozen = model if not any(isinstance(m, BinaryConv2d) for m in model.modules()) else freeze(model)
     binarized = list(getattr(model, BINARIZED_ATTR, ()))
     # Refuse now, not when loading, a model that load_packed could not rebuild from the description.
-    meta = _meta_skeleton(arch, binarized, "save_packed")
-    skeleton = meta[0] if meta is not None else _skeleton(arch, binarized, "save_packed")
+    on_meta = _meta_skeleton(arch, binarized, "save_packed")
+    skeleton = on_meta[0] if on_meta is not None else _skeleton(arch, binarized, "save_packed")
     expected, actual = _structure(skeleton.state_dict()), _structure(frozen.state_dict())
     if expected != actual:
         raise ValueError(f"save_packed: the model does not have the structure that arch {arch} builds (after "
@@ -667,6 +678,8 @@ def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict]
     index, data = _flatten(state)
     header = {"format": FORMAT, "version": VERSION, "arch": arch, "binarized": binarized, "half": bool(half),
               "index": index}
+    if meta:  # absent otherwise: files without it keep the checksum they had before meta existed
+        header["meta"] = meta
     blob = {**header, "data": data, "sha256": _digest(header, data)}
     if to_file:
         try:
@@ -711,13 +724,17 @@ def load_packed(path, map_location="cpu") -> nn.Module:
     if not (isinstance(binarized, list) and all(isinstance(n, str) for n in binarized)):
         raise ValueError(f"{path}: malformed packed model file (binarized list missing)")
     state = _unflatten(blob.get("index"), blob.get("data"), str(path))
-    for key in _HEADER_KEYS:  # the checksum covers them as JSON: anything else is no file save_packed wrote
+    for key in _HEADER_KEYS + ("meta",):  # the checksum covers them as JSON: else no file save_packed wrote
         try:
             json.dumps(blob.get(key), sort_keys=True)
         except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"{path}: malformed packed model file (header field {key!r} must be plain data: "
                              f"{type(exc).__name__}: {exc})") from exc
     header = {k: blob.get(k) for k in _HEADER_KEYS}
+    if "meta" in blob:
+        header["meta"] = blob["meta"]
+        if not isinstance(blob["meta"], dict):
+            raise ValueError(f"{path}: malformed packed model file (meta must be a dict)")
     digest = blob.get("sha256")
     if not (isinstance(digest, str) and digest == _digest(header, blob["data"])):
         raise ValueError(f"{path}: checksum mismatch, the file is corrupt")
@@ -758,4 +775,5 @@ def load_packed(path, map_location="cpu") -> nn.Module:
             except ValueError as exc:
                 raise ValueError(f"{path}: {exc}") from exc
     setattr(frozen, ARCH_ATTR, arch)
+    setattr(frozen, META_ATTR, blob.get("meta", {}))
     return frozen.to(map_location)

@@ -241,7 +241,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
-    out = cfg.out_dir
+    out = os.path.expanduser(cfg.out_dir)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     base = Context(cfg.replace(progress=False))
     train, test = base.train, base.test

@@ -90,7 +90,7 @@ class Context:
             raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
         if cfg.threads:  # intra-op threads; 1 can beat the default on a shared, oversubscribed CPU
             torch.set_num_threads(cfg.threads)
-        self.out = cfg.out_dir
+        self.out = os.path.expanduser(cfg.out_dir)  # '~/runs' means home, never a folder named '~' here
         if train is None:
             train, test = build_datasets(dataclasses.asdict(cfg.data))
         os.makedirs(self.out, exist_ok=True)

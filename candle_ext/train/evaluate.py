@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from candle_ext import files
+from candle_ext.data.sources import normalize_student_input
 from candle_ext.nn.multires import MultiResolutionTeacher
 from candle_ext.train.distributed import shard_indices
 from candle_ext.train.teacher import encode_dataset, teacher_outputs
@@ -26,7 +27,7 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], dataset, size: int, batc
     for i in range(0, len(dataset), batch_size):
         x = dataset.batch(np.arange(i, min(i + batch_size, len(dataset))), size).to(device)
         if normalize:
-            x = (x - 0.5) / 0.5
+            x = normalize_student_input(x)
         preds.append(fn(x).argmax(1).cpu())
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
 
@@ -181,7 +182,8 @@ def write_reports(ctx, results: Dict[str, Dict], lambda_log: Optional[str], base
         plots["gain"] = os.path.join(ctx.out, "per_class_gain.png")
         plot_gain(rows[main]["per_class"], rows[baseline]["per_class"], ctx.order, plots["gain"],
                   f"{main} - {baseline}")
-    write_json({"config": ctx.cfg.to_dict(), "groups": ctx.groups, "class_order": ctx.order,
+    write_json({"config": ctx.cfg.to_dict(), "classes": [str(c) for c in ctx.train.classes], "groups": ctx.groups,
+                "class_order": ctx.order,
                 "train_counts": np.bincount(ctx.train.labels, minlength=ctx.num_classes).tolist(),
                 "test_size": len(ctx.test), "results": results, "plots": plots},
                os.path.join(ctx.out, "report.json"))

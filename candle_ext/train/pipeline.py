@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from candle_ext.data.sources import normalize_student_input
 from candle_ext.nn.multires import MultiResolutionTeacher
 from candle_ext.train import checkpoint
 from candle_ext.train.balancer import SyncedBalancer
@@ -115,8 +116,12 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
             if method.teacher == "pretrained":
                 teacher = build_teacher(ctx.cfg.teacher, ctx.num_classes, student.num_features, ctx.seed)
             else:
-                teacher = load_calibrated_teacher(ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"), ctx.dist,
-                                                  ctx.num_classes, calibration_record(ctx.cfg))
+                path = os.path.join(ctx.out, "teacher.pt")
+                if ctx.is_main and not os.path.exists(path):
+                    raise FileNotFoundError(f"{path} does not exist: mode {mode!r} distils from the calibrated "
+                                            f"teacher; run `candle calibrate` with this configuration first")
+                teacher = load_calibrated_teacher(ctx.cfg.teacher, path, ctx.dist, ctx.num_classes,
+                                                  calibration_record(ctx.cfg))
         teacher = ctx.place(teacher, broadcast=False).eval()  # identical on every rank already
         if teacher.student_channels != student.num_features:
             raise ValueError(f"teacher maps to {teacher.student_channels} channels, the student has "
@@ -145,7 +150,7 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
                     with torch.no_grad():
                         tl, tf = teacher(x)
                     tl, tf = tl.float(), tf.float()
-            return distill_step(parts, (x - 0.5) / 0.5, labels[i].to(ctx.device), tl, tf)
+            return distill_step(parts, normalize_student_input(x), labels[i].to(ctx.device), tl, tf)
 
     def end_of_epoch(epoch):
         if not d.eval_every_epoch:
@@ -194,7 +199,7 @@ def demo(ctx: Context, resume: bool = False) -> Dict:
     table = write_reports(ctx, results, os.path.join(ctx.out, "candle.jsonl"), baseline, "candle")
     packed = os.path.join(ctx.out, "candle_packed.pt")
     try:
-        export_student(s_candle, packed)
+        export_student(s_candle, packed, ctx.train.classes, ctx.size)
     except (AttributeError, ImportError) as exc:
         raise RuntimeError(f"exporting the packed student needs candle_ext.freeze/save_packed: {exc}") from exc
     total = time.time() - t0

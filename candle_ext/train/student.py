@@ -2,7 +2,7 @@
 loading a trained one, and exporting it to the packed 1-bit form."""
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -47,7 +47,15 @@ def load_student(ctx, path: str) -> nn.Module:
     return student.to(ctx.device).eval()
 
 
-def export_student(student: nn.Module, path: str) -> None:
-    """The packed 1-bit file (candle_ext.freeze + save_packed) of a trained student."""
+def export_student(student: nn.Module, path: str, classes=None, input_size: Optional[int] = None) -> None:
+    """The packed 1-bit file (candle_ext.freeze + save_packed) of a trained student, with what deployment needs
+    to use it (model.candle_meta after load_packed): the class names in label order and how an image becomes its
+    input (candle_ext.data.prepare_image(image, input_size) does exactly that)."""
+    from candle_ext.data import student_input_description
     from candle_ext.models import freeze, save_packed
-    save_packed(freeze(student), path)
+    meta = {}
+    if classes is not None:
+        meta["classes"] = [str(c) for c in classes]
+    if input_size is not None:
+        meta["input"] = student_input_description(input_size)
+    save_packed(freeze(student), path, meta=meta or None)

@@ -6,6 +6,8 @@ candle_ext.train.pipeline.calibrate (one step: candle_ext.train.calibrate)."""
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -78,11 +80,15 @@ def _lite0_state_dict(model: nn.Module) -> dict:
 
 def _split_torchvision(model: nn.Module, name: str) -> nn.Module:
     if hasattr(model, "features") and isinstance(model.features, nn.Module):
+        if isinstance(getattr(model, "permute", None), nn.Module) and isinstance(getattr(model, "norm", None),
+                                                                                nn.Module):
+            return nn.Sequential(model.features, model.norm, model.permute)  # swin: NHWC stages, then NCHW
         return model.features  # efficientnet, mobilenet, convnext, vgg, densenet
     children = list(model.named_children())
     names = [n for n, _ in children]
-    if "avgpool" in names:  # resnet family: everything before the pooling
-        return nn.Sequential(*[m for n, m in children[:names.index("avgpool")]])
+    if "avgpool" in names:  # resnet family: everything before the pooling, but for auxiliary heads (googlenet,
+        # inception_v3 register them among the trunk's stages; in eval mode forward skips them)
+        return nn.Sequential(*[m for n, m in children[:names.index("avgpool")] if not n.lower().startswith("aux")])
     raise ValueError(f"cannot find the encoder of torchvision model {name!r} (no .features and no .avgpool)")
 
 
@@ -112,6 +118,7 @@ def load_teacher(name: str = OFFLINE_DEFAULT, weights: Optional[str] = None, pre
             model.load_state_dict(_lite0_state_dict(model))
             mean, std = _LITE0_MEAN_STD
     if weights is not None:
+        weights = os.path.expanduser(weights)
         state = files.torch_load(weights, "teacher weights file")
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
@@ -119,13 +126,23 @@ def load_teacher(name: str = OFFLINE_DEFAULT, weights: Optional[str] = None, pre
             raise ValueError(f"teacher weights file {weights} holds a {type(state).__name__}, not a state_dict")
         try:
             model.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as exc:
-            raise ValueError(f"teacher weights {weights} do not fit model {name!r}: {exc}") from exc
+        except (RuntimeError, TypeError, AttributeError) as exc:  # one line: torch's message spans several
+            detail = " ".join(str(exc).split())
+            raise ValueError(f"teacher weights {weights} do not fit model {name!r}: "
+                             f"{detail[:600]}{' ...' if len(detail) > 600 else ''}") from exc
+    elif not pretrained and name != OFFLINE_DEFAULT:
+        warnings.warn(f"teacher {name!r} has neither teacher.weights nor teacher.pretrained: its encoder keeps "
+                      "random weights, which teaches the student nothing useful (set teacher.weights to a "
+                      "state_dict file, or teacher.pretrained: true where the network is reachable)")
     model.eval()
     if name.startswith("torchvision:"):
         body, ff = _split_torchvision(model, name), False
-        with torch.no_grad():
-            c = body(torch.zeros(1, 3, 64, 64)).shape[1]
+        try:  # 224 px: a size every torchvision classification model takes (inception_v3 needs >= 75)
+            with torch.no_grad():
+                c = body(torch.zeros(1, 3, 224, 224)).shape[1]
+        except Exception as exc:
+            raise ValueError(f"cannot use the trunk of torchvision model {name!r} as an encoder: "
+                             f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
     else:
         body, ff, c = model, True, model.num_features
     return FrozenEncoder(body, c, mean, std, name, ff), model
@@ -148,8 +165,28 @@ def build_teacher(tcfg: TeacherConfig, num_classes: int, student_channels: int, 
     """The configured pretrained encoder under a fresh (uncalibrated) multi-resolution head."""
     enc, _ = load_teacher(tcfg.name, tcfg.weights, tcfg.pretrained)
     res, base = teacher_resolutions(tcfg)
+    check_encoder(enc, tcfg.name, res)
     torch.manual_seed(seed)
     return MultiResolutionTeacher(enc, num_classes, student_channels, res, base)
+
+
+def check_encoder(enc: nn.Module, name: str, resolutions: Sequence[int]) -> None:
+    """The encoder turns one image of every configured resolution into a [1, num_features, h, w] map, or a
+    ValueError names the teacher and the resolution (a ViT wants its own input size and gives tokens; inception
+    needs >= 75 px): before any data is encoded, instead of an internal error in the middle of it."""
+    for r in sorted(set(resolutions)):
+        try:
+            with torch.no_grad():
+                f = enc(torch.zeros(1, 3, r, r))
+        except Exception as exc:  # whatever the model raises for a size it cannot take
+            detail = " ".join(str(exc).split())[:300]
+            raise ValueError(f"teacher {name!r} cannot encode a {r}x{r} image (teacher.resolutions "
+                             f"{list(resolutions)}): {type(exc).__name__}: {detail}") from exc
+        if not (isinstance(f, torch.Tensor) and f.dim() == 4 and f.shape[1] == enc.num_features):
+            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise ValueError(f"teacher {name!r} gives features of shape {shape} for a {r}x{r} image, not a "
+                             f"[N, {enc.num_features}, H, W] map: the multi-resolution head needs a convolutional "
+                             f"encoder with channel-first feature maps")
 
 
 # ---------------------------------------------------------------------------- calibrated-head checkpoints
