@@ -181,10 +181,7 @@ class FileImageSet(ImageSet):
         from PIL import Image
         path = self.paths[i]
         try:
-            with Image.open(path) as im:  # reads the header only: the size is known before anything is decoded
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise ValueError(f"{im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS} an image "
-                                     "may have here (a decompression bomb?)")
+            with Image.open(path) as im:  # reads the header only: _pil_rgb checks the size before decoding
                 arr = _pil_rgb(im, path)
         except Exception as exc:  # PIL raises several types for corrupt files
             raise ValueError(f"{self.where}: cannot read image {path}: {exc}") from exc
