@@ -374,7 +374,9 @@ def cli_config(tmp_path_factory):
     import timm
     import yaml
     root = tmp_path_factory.mktemp("cli_ddp")
-    _image_folder(root / "train", [20, 12, 10, 6], 0)  # 48 images: 6 global batches of 8
+    # 50 images: 6 global batches of 8 and a last one of 2, which on 2 ranks is one image each (kept, as one
+    # process keeps its batch of 2: the merge of a last batch of one looks at the global batch)
+    _image_folder(root / "train", [20, 12, 10, 8], 0)
     _image_folder(root / "test", [3, 3, 3, 2], 1)  # 11: an uneven evaluation split over 2 ranks
     torch.manual_seed(0)
     torch.save(timm.create_model("test_efficientnet").state_dict(), root / "teacher_w.pt")
@@ -395,9 +397,24 @@ def _register_student():
     STUDENTS["tiny_ddp"] = lambda num_classes, cfg: _TinyStudent(num_classes)
 
 
+def _record_augment(path):
+    """Make pipeline.augment append a digest of the random state it draws its crops and flips from to `path`."""
+    import hashlib
+
+    from candle_ext.train import pipeline
+    augment = pipeline.augment
+
+    def recorded(x, *args, **kwargs):
+        with open(path, "a") as fh:
+            fh.write(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16] + "\n")
+        return augment(x, *args, **kwargs)
+    pipeline.augment = recorded
+
+
 def _cli_worker(rank, world, ports, root, phase):
     from candle_ext.cli import main
     _register_student()
+    _record_augment(root / f"augment_{rank}.txt")
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
     # Rank 1 gets its own folder, as on a second node without a shared filesystem: it must need nothing there
@@ -405,6 +422,9 @@ def _cli_worker(rank, world, ports, root, phase):
     out = str(root / ("ddp" if rank == 0 else "ddp_rank1"))
     base = ["--config", str(root / "cfg.yaml"), "--out", out]
     calls = {"run": [["calibrate"] + base, ["distill"] + base + ["--name", "d"],
+                     # augmented, with the pretrained teacher (whose build seeds the generator)
+                     ["distill"] + base + ["--name", "aug", "--mode", "feature", "--set", "distill.augment=true",
+                                           "--set", "distill.epochs=1"],
                      ["distill"] + base + ["--name", "r", "--stop-after-steps", "9"]],
              "resume": [["distill"] + base + ["--name", "r", "--resume"]]}[phase]
     for port, argv in zip(ports, calls):
@@ -419,7 +439,7 @@ def _spawn(phase, root, expect_exit):
     """Run `phase` on WORLD processes and check every exit code. Each process is waited for on its own: ctx.join
     would SIGTERM the others as soon as one exits non-zero, and the "run" phase ends with exit 3 on purpose (a
     rank still returning from its last barrier would then be reported as killed)."""
-    ports = [_free_port() for _ in range(3)]
+    ports = [_free_port() for _ in range(4)]
     ctx = mp.start_processes(_cli_worker, args=(WORLD, ports, root, phase), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.time() + 150
@@ -461,11 +481,14 @@ def test_candle_cli_two_processes_match_one_and_resume(cli_config):
     for k in s1:
         torch.testing.assert_close(s2[k].float(), s1[k].float(), atol=2e-5, rtol=1e-4, msg=k)
     l1, l2 = _lines(single / "d.jsonl"), _lines(ddp / "d.jsonl")
-    assert len(l1) == len(l2) == 2 * 6
+    assert len(l1) == len(l2) == 2 * 7
     for a, b in zip(l1, l2):
         assert list(a) == list(b)
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+    # every rank crops and flips its share its own way (the same draws on both would correlate the global batch)
+    drawn = [(root / f"augment_{rank}.txt").read_text().split() for rank in range(WORLD)]
+    assert len(drawn[0]) == len(drawn[1]) == 7 and not set(drawn[0]) & set(drawn[1])
     r1, r2 = (json.load(open(d / "d_report.json")) for d in (single, ddp))
     assert r1["test"]["per_class"] == r2["test"]["per_class"]  # sharded evaluation, gathered in order
     # resume the killed 2-process run: bit-identical to the uninterrupted 2-process run

@@ -69,21 +69,24 @@ def _fmt(v: float) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def epoch_batches(order: np.ndarray, batch_size: int) -> List[np.ndarray]:
-    """An epoch's sample order cut into batches of batch_size. A last batch of a single sample is merged into
-    the one before it (batch norm cannot normalise one sample in training mode), so one batch per epoch may
-    hold batch_size + 1 samples; every sample is still seen once per epoch."""
+def epoch_batches(order: np.ndarray, batch_size: int, world_size: int = 1) -> List[np.ndarray]:
+    """This rank's epoch order cut into batches of batch_size (the per-rank batch). A last global batch of a
+    single sample is merged into the one before it (batch norm cannot normalise one sample in training mode), so
+    one batch per epoch may hold batch_size + 1 samples; every sample is still seen once per epoch. The rule
+    looks at the global batch, world_size ranks' last batches together: a last local batch of one sample on
+    each of several ranks is a global batch of world_size samples (synchronized batch norm), kept as it is, as
+    one process would keep the same global batch."""
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if len(batches) > 1 and len(batches[-1]) == 1:
+    if len(batches) > 1 and len(batches[-1]) * world_size == 1:
         last = batches.pop()
         batches[-1] = np.concatenate([batches[-1], last])
     return batches
 
 
-def steps_per_epoch(samples: int, batch_size: int) -> int:
-    """len(epoch_batches(...)) for an epoch of `samples` samples."""
+def steps_per_epoch(samples: int, batch_size: int, world_size: int = 1) -> int:
+    """len(epoch_batches(...)) for an epoch of `samples` samples on each of world_size ranks."""
     steps = -(-samples // batch_size)
-    return steps - 1 if steps > 1 and samples % batch_size == 1 else steps
+    return steps - 1 if steps > 1 and samples % batch_size == 1 and world_size == 1 else steps
 
 
 def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
@@ -136,7 +139,7 @@ def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
     for epoch in range(start, epochs):
         sampler.set_epoch(epoch)
         order = np.fromiter(iter(sampler), dtype=np.int64)
-        batches = epoch_batches(order, batch_size)
+        batches = epoch_batches(order, batch_size, env.world_size)
         bar = None
         if progress and main:
             from tqdm import tqdm

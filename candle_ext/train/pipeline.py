@@ -55,7 +55,7 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
     t_enc = time.time() - t0
     counts = np.bincount(ctx.train.labels, minlength=ctx.num_classes)
     sampler = ctx.sampler(c.sampler)
-    opt, sched, eps = make_calibration(teacher, counts, c.lr, c.epochs * steps_per_epoch(len(sampler), lbs),
+    opt, sched, eps = make_calibration(teacher, counts, c.lr, c.epochs * steps_per_epoch(len(sampler), lbs, ctx.dist.world_size),
                                        c.eps_head, c.eps_tail)
     ctx.sync_optimizers(opt)
     labels = torch.as_tensor(ctx.train.labels)
@@ -95,7 +95,7 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
     name = name or mode
     lbs = ctx.local_batch(d.batch_size)
     sampler = ctx.sampler({"distill": d.sampler, "scratch": d.scratch_sampler}.get(method.sampler, method.sampler))
-    steps = d.epochs * steps_per_epoch(len(sampler), lbs)
+    steps = d.epochs * steps_per_epoch(len(sampler), lbs, ctx.dist.world_size)
     student = ctx.place(build_student(ctx.cfg.student, ctx.num_classes, ctx.seed), sync_bn=True)
     torch.manual_seed(ctx.seed + 1)
     counts = np.bincount(ctx.train.labels, minlength=ctx.num_classes)
@@ -108,8 +108,6 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
         ctx.place(parts.balancer)
     ctx.sync_optimizers(parts.opt_cls, parts.opt_enc, parts.opt_phi)  # Alg. 1's three gradient groups
     aug = d.augment
-    if aug and ctx.dist.distributed:
-        torch.manual_seed(ctx.rank_seed(ctx.seed + 1))  # different crops and flips on every rank
     t_logits = t_feats = None
     if method.teacher is not None:
         if teacher is None:
@@ -133,6 +131,8 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
             t_logits, t_feats = teacher_outputs(teacher, cache, d.batch_size, ctx.device)
     else:
         teacher = None
+    if aug and ctx.dist.distributed:  # after every model is built: build_teacher seeds the global generator
+        torch.manual_seed(ctx.rank_seed(ctx.seed + 1))  # different crops and flips on every rank
     labels = torch.as_tensor(ctx.train.labels)
 
     def step(idx):
