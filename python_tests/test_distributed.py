@@ -143,6 +143,11 @@ def _syncbn_check(env: DistEnv):
     out["eval"] = sbn(x[lo:hi]).detach()
     out.update(running_mean=sbn.running_mean.clone(), running_var=sbn.running_var.clone(),
                tracked=sbn.num_batches_tracked.clone())
+    # float64 is computed in float64 (float32 arithmetic would leave ~1e-7 errors)
+    s64 = convert_sync_batchnorm(_syncbn_inputs()[2].double(), "cpu")
+    x64 = x[lo:hi].double().requires_grad_(True)
+    y64 = s64(x64)
+    out["y64"], out["gx64"] = y64.detach(), torch.autograd.grad((y64 * gy[lo:hi].double()).sum(), x64)[0]
     return out
 
 
@@ -275,6 +280,12 @@ def test_sync_batchnorm_matches_full_batch_batchnorm(two_ranks):
     with torch.no_grad():
         torch.testing.assert_close(torch.cat([q["syncbn"]["eval"] for q in two_ranks]), bn(x), atol=1e-5,
                                    rtol=1e-5)
+    bn64, x64 = _syncbn_inputs()[2].double(), x.double().requires_grad_(True)
+    y64 = bn64(x64)
+    gx64 = torch.autograd.grad((y64 * gy.double()).sum(), x64)[0]
+    torch.testing.assert_close(torch.cat([q["syncbn"]["y64"] for q in two_ranks]), y64.detach(), atol=1e-12,
+                               rtol=1e-12)
+    torch.testing.assert_close(torch.cat([q["syncbn"]["gx64"] for q in two_ranks]), gx64, atol=1e-12, rtol=1e-12)
 
 
 def test_collective_helpers(two_ranks):

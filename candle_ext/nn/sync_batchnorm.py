@@ -18,7 +18,8 @@ __all__ = ["GlooSyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
-    """Batch norm over the union of all ranks' batches (training mode), exact in float32.
+    """Batch norm over the union of all ranks' batches (training mode), computed in float32 (float64 for float64
+    input: promote_types(x.dtype, float32)).
 
     Forward: all_reduce of the per-channel count and sum (-> global mean), then of the sum of squared
     deviations from that mean (two passes: no cancellation). Backward: all_reduce of sum(dy) and
@@ -30,22 +31,23 @@ class _SyncBatchNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, group):
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(cdt)
         count = torch.tensor([float(x.numel() // x.shape[1])], dtype=torch.float64)
         stats = torch.cat([count, xf.sum(dims).double()])
         dist.all_reduce(stats, group=group)
         n = stats[0]
-        mean = (stats[1:] / n).float()
+        mean = (stats[1:] / n).to(cdt)
         xmu = xf - mean.reshape(shape)
         sq = (xmu * xmu).sum(dims).double()
         dist.all_reduce(sq, group=group)
-        var = (sq / n).float()
+        var = (sq / n).to(cdt)
         invstd = torch.rsqrt(var + eps)
         y = xmu * invstd.reshape(shape)
         if weight is not None:
-            y = y * weight.float().reshape(shape) + bias.float().reshape(shape)
+            y = y * weight.to(cdt).reshape(shape) + bias.to(cdt).reshape(shape)
         ctx.save_for_backward(xmu, invstd, weight)
-        ctx.n, ctx.group, ctx.dims, ctx.shape = float(n), group, dims, shape
+        ctx.n, ctx.group, ctx.dims, ctx.shape, ctx.cdt = float(n), group, dims, shape, cdt
         n_out = n.float()
         ctx.mark_non_differentiable(mean, var, n_out)
         return y.to(x.dtype), mean, var, n_out
@@ -54,7 +56,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dvar, _dn):
         xmu, invstd, weight = ctx.saved_tensors
         dims, shape = ctx.dims, ctx.shape
-        dyf = dy.float()
+        cdt = ctx.cdt
+        dyf = dy.to(cdt)
         sum_dy = dyf.sum(dims)
         sum_dy_xmu = (dyf * xmu).sum(dims)
         grad_w = grad_b = None
@@ -66,10 +69,10 @@ class _SyncBatchNormFn(torch.autograd.Function):
             both = torch.cat([sum_dy, sum_dy_xmu]).double()
             dist.all_reduce(both, group=ctx.group)
             c = sum_dy.numel()
-            mean_dy = (both[:c] / ctx.n).float().reshape(shape)
-            mean_dy_xmu = (both[c:] / ctx.n).float().reshape(shape)
+            mean_dy = (both[:c] / ctx.n).to(cdt).reshape(shape)
+            mean_dy_xmu = (both[c:] / ctx.n).to(cdt).reshape(shape)
             inv = invstd.reshape(shape)
-            scale = inv if weight is None else inv * weight.float().reshape(shape)
+            scale = inv if weight is None else inv * weight.to(cdt).reshape(shape)
             grad_x = ((dyf - mean_dy - xmu * inv * inv * mean_dy_xmu) * scale).to(dy.dtype)
         return (grad_x, grad_w if ctx.needs_input_grad[1] else None,
                 grad_b if ctx.needs_input_grad[2] else None, None, None)
