@@ -115,3 +115,23 @@ def test_compare_names_a_damaged_record_or_report(cfg_path, tmp_path, capsys):
     record.write_text("[1, 2]")
     assert _compare(cfg_path, out) == 2
     assert f"configuration record {record} holds a list, not a mapping" in capsys.readouterr().err
+
+
+def test_one_seed_gives_no_standard_deviation_and_no_verdict():
+    """A method run with one seed has no sample standard deviation: no '+- 0.00' and no 'beats it by more' on a
+    bar of zero that any margin would pass; with two seeds the verdict uses the sample standard deviations."""
+    from candle_ext.train.compare import markdown, summarize, verdict
+    groups = lambda top1: {"top1": top1, "head": top1, "medium": top1, "tail": top1}  # noqa: E731
+    one = summarize({"adversarial": {0: groups(72.97)}, "balanced_softmax": {0: groups(72.90)}})
+    assert one["adversarial"]["std"]["top1"] != one["adversarial"]["std"]["top1"]  # NaN
+    v = verdict(one)
+    assert v["best_other"] == "balanced_softmax" and v["margin"] == pytest.approx(0.07)
+    assert v["two_std"] is None and v["beats_by_two_std"] is None
+    md = markdown(one, {}, "candle compare")
+    assert "| adversarial | 72.97 | 72.97 | 72.97 | 72.97 | 1 |" in md and "+-" not in md
+    assert "no verdict: a method run with one seed has no standard deviation" in md and "beats it" not in md
+    two = summarize({"adversarial": {0: groups(73.0), 1: groups(75.0)}, "scratch": {0: groups(70.0), 1: groups(70.2)}})
+    v = verdict(two)
+    assert v["two_std"] == pytest.approx(2 * 2 ** 0.5) and v["margin"] == pytest.approx(3.9)
+    assert v["beats_by_two_std"] is True
+    assert "74.00 +- 1.41" in markdown(two, {}, "c") and "beats it by more" in markdown(two, {}, "c")

@@ -419,11 +419,14 @@ def test_tau_normalization():
     norms = lin.weight.norm(dim=1)
     tau_normalize_(lin, 1.0)
     assert torch.allclose(lin.weight.norm(dim=1), torch.ones(3), atol=1e-6)
-    assert torch.allclose(lin(x), before / norms, atol=1e-6)
+    bias = torch.tensor([0.3, 0.1, 0.2])
+    # weights rescaled, bias as trained: logit j = w_j x / ||w_j|| + b_j (not the whole logit divided)
+    assert torch.equal(lin.bias, bias)
+    assert torch.allclose(lin(x), (before - bias) / norms + bias, atol=1e-6)
     lin2 = torch.nn.Linear(4, 3)
-    w = lin2.weight.detach().clone()
+    w, b = lin2.weight.detach().clone(), lin2.bias.detach().clone()
     tau_normalize_(lin2, 0.0)
-    assert torch.equal(lin2.weight, w)
+    assert torch.equal(lin2.weight, w) and torch.equal(lin2.bias, b)
 
 
 @pytest.mark.parametrize("mode", ["kd", "dive", "ce_balanced", "balanced_softmax", "logit_adjusted", "tau_norm"])

@@ -15,6 +15,7 @@ feature@single, fixed@single, adversarial@single, adversarial@multi.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -143,10 +144,9 @@ def claim(folder: str, spec: Dict[str, object]) -> None:
 
 
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation; one value has no standard deviation (NaN, null in results.json)."""
     v = np.asarray(values, dtype=np.float64)  # None (an empty group) as NaN
-    if len(v) > 1:
-        return float(v.mean()), float(v.std(ddof=1))
-    return float(v.mean()), 0.0 if np.isfinite(v).all() else float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
 
 
 def summarize(results: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Dict[str, object]]:
@@ -163,7 +163,8 @@ def summarize(results: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Dict
 
 def verdict(summary: Dict[str, Dict[str, object]], main: str = CANDLE) -> Optional[Dict[str, object]]:
     """CANDLE against the best other method by mean top-1: the margin, and whether it exceeds two standard
-    deviations of either (the bar the project set itself)."""
+    deviations of either (the bar the project set itself). With a single seed there is no standard deviation:
+    two_std and beats_by_two_std are None (no verdict), not a bar of zero that any margin would pass."""
     if main not in summary:
         return None
     others = {k: v for k, v in summary.items() if k != main and not k.startswith(main + "@")}
@@ -172,8 +173,19 @@ def verdict(summary: Dict[str, Dict[str, object]], main: str = CANDLE) -> Option
     best = max(others, key=lambda k: others[k]["mean"]["top1"])
     m, b = summary[main], others[best]
     margin = m["mean"]["top1"] - b["mean"]["top1"]
-    bar = 2 * max(m["std"]["top1"], b["std"]["top1"])
+    stds = (m["std"]["top1"], b["std"]["top1"])
+    if not all(math.isfinite(x) for x in stds):
+        return {"main": main, "best_other": best, "margin": margin, "two_std": None, "beats_by_two_std": None}
+    bar = 2 * max(stds)
     return {"main": main, "best_other": best, "margin": margin, "two_std": bar, "beats_by_two_std": margin > bar}
+
+
+def _finite_or_zero(x: float) -> float:
+    return x if math.isfinite(x) else 0.0  # no error bar where there is no standard deviation
+
+
+def _cell(mean: float, std: float) -> str:
+    return f"{mean:.2f} +- {std:.2f}" if math.isfinite(std) or not math.isfinite(mean) else f"{mean:.2f}"
 
 
 def markdown(summary: Dict[str, Dict[str, object]], teachers: Dict[str, Dict[str, float]],
@@ -182,7 +194,7 @@ def markdown(summary: Dict[str, Dict[str, object]], teachers: Dict[str, Dict[str
     for label, t in teachers.items():
         lines.append(f"| teacher ({label}, FP, calibrated) | " + " | ".join(f"{t[g]:.2f}" for g in GROUPS) + " | - |")
     for label, s in sorted(summary.items(), key=lambda kv: -kv[1]["mean"]["top1"]):
-        cells = [f"{s['mean'][g]:.2f} +- {s['std'][g]:.2f}" for g in GROUPS]
+        cells = [_cell(s["mean"][g], s["std"][g]) for g in GROUPS]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(s['seeds'])} |")
     lines.append("")
     lines.append("Per seed, top-1: " + "; ".join(
@@ -191,9 +203,14 @@ def markdown(summary: Dict[str, Dict[str, object]], teachers: Dict[str, Dict[str
     v = verdict(summary)
     if v is not None:
         lines.append("")
-        lines.append(f"CANDLE ({v['main']}) minus the best other method ({v['best_other']}): {v['margin']:+.2f} "
-                     f"points of mean top-1; two standard deviations: {v['two_std']:.2f}; "
-                     f"{'beats it by more' if v['beats_by_two_std'] else 'does NOT beat it by more'}.")
+        head = (f"CANDLE ({v['main']}) minus the best other method ({v['best_other']}): {v['margin']:+.2f} "
+                "points of mean top-1; ")
+        if v["two_std"] is None:
+            lines.append(head + "no verdict: a method run with one seed has no standard deviation (run at least "
+                         "two seeds, e.g. --seeds 0 1 2).")
+        else:
+            lines.append(head + f"two standard deviations: {v['two_std']:.2f}; "
+                         f"{'beats it by more' if v['beats_by_two_std'] else 'does NOT beat it by more'}.")
     lines += ["", f"Command: `{command}`"]
     return "\n".join(lines) + "\n"
 
@@ -222,7 +239,7 @@ def _plots(out: str, summary, lambda_logs: Dict[str, List[str]]) -> Dict[str, st
     width = 0.2
     for j, g in enumerate(GROUPS):
         ax.bar(np.arange(len(labels)) + (j - 1.5) * width, [summary[k]["mean"][g] for k in labels], width,
-               yerr=[summary[k]["std"][g] for k in labels], capsize=2, label=g)
+               yerr=[_finite_or_zero(summary[k]["std"][g]) for k in labels], capsize=2, label=g)
     ax.set_xticks(np.arange(len(labels)))
     ax.set_xticklabels(labels, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%), mean +- std over seeds")

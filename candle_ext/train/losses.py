@@ -92,11 +92,10 @@ def dive_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
 
 @torch.no_grad()
 def tau_normalize_(linear: torch.nn.Linear, tau: float = 1.0) -> torch.nn.Linear:
-    """Post-hoc tau-normalisation (Kang et al. 2020) in place: row j of the classifier (weight and bias) is
-    divided by ||w_j||^tau, so logit j becomes z_j / ||w_j||^tau; tau = 0 leaves it as it is. Head classes, whose
-    weight norms grow largest under instance sampling, lose their advantage."""
+    """Post-hoc tau-normalisation (Kang et al. 2020) in place: weight row j of the classifier is divided by
+    ||w_j||^tau, so logit j becomes w_j x / ||w_j||^tau + b_j; tau = 0 leaves it as it is. Head classes, whose
+    weight norms grow largest under instance sampling, lose their advantage. The bias is kept as trained: the
+    method rescales the weights (its classifier has no bias; dividing b_j too would rescale the whole logit)."""
     norms = linear.weight.norm(dim=1).clamp_min(1e-12).pow(tau)
     linear.weight.div_(norms.unsqueeze(1))
-    if linear.bias is not None:
-        linear.bias.div_(norms)
     return linear
