@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Tuple
@@ -72,8 +73,41 @@ def env_key(names: Tuple[str, ...]) -> tuple:
 _ENV_KEYS: Dict[Tuple[str, ...], tuple] = {}
 
 
+# candle_ext's Triton kernel modules; each records INTERPRETED, how Triton defined its kernels.
+_TRITON_KERNEL_MODULES = tuple(f"candle_ext.triton.{op}" for op in ("sign_pack", "sign_ste", "binary_conv2d",
+                                                                     "multires_head"))
+
+
+def _triton_interpret_setting() -> bool:
+    """Triton's own reading of TRITON_INTERPRET now (it takes 1, true, on, yes, in any case)."""
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except Exception:  # an older triton without knobs, or none: the same spellings
+        return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _triton_interpret_state() -> Tuple[bool, str]:
+    """(whether the Triton kernels run on the CPU under Triton's interpreter, why not). Triton decides this per
+    kernel when the kernel is defined, i.e. when its module is imported: kernel modules already imported answer
+    for themselves, and before that Triton's setting now does (what the import will use)."""
+    flags = [getattr(m, "INTERPRETED", None) for m in map(sys.modules.get, _TRITON_KERNEL_MODULES)]
+    flags = [f for f in flags if f is not None]  # not imported, or still importing
+    if flags and all(flags):
+        return True, ""
+    if flags and _triton_interpret_setting():
+        return False, ("TRITON_INTERPRET is set, but candle_ext's Triton kernels were imported before it was (Triton "
+                       "reads it when a kernel is defined): set it before the first Triton op runs")
+    if flags:
+        return False, "triton needs a CUDA device, or TRITON_INTERPRET=1 to run its kernels on the CPU"
+    if _triton_interpret_setting():
+        return True, ""
+    return False, "triton needs a CUDA device, or TRITON_INTERPRET=1 to run its kernels on the CPU"
+
+
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether candle_ext's Triton kernels run under Triton's interpreter (on the CPU)."""
+    return _triton_interpret_state()[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,9 +142,9 @@ def status(name: str):
         ok, why = _triton_importable()
         if not ok:
             return False, why
-        if not (torch.cuda.is_available() or triton_interpret()):
-            return False, "triton needs a CUDA device, or TRITON_INTERPRET=1 to run its kernels on the CPU"
-        return True, ""
+        if torch.cuda.is_available():
+            return True, ""
+        return _triton_interpret_state()
     raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(ORDER)}")
 
 
@@ -130,11 +164,12 @@ def serves(name: str, device_type: str, forced: bool = False) -> bool:
 
 
 def forced() -> Optional[str]:
-    name = os.environ.get(ENV_VAR, "").strip().lower()
+    raw = os.environ.get(ENV_VAR, "")
+    name = raw.strip().lower()
     if not name:
         return None
     if name not in ORDER:
-        raise ValueError(f"{ENV_VAR}={name!r} is not a backend; expected one of {', '.join(ORDER)}")
+        raise ValueError(f"{ENV_VAR}={raw!r} is not a backend; expected one of {', '.join(ORDER)}")
     return name
 
 

@@ -1,5 +1,6 @@
 """The public ops: dispatch, autograd, custom-op registration (opcheck), torch.compile, and bad inputs."""
 import importlib
+import os
 import warnings
 
 import pytest
@@ -385,6 +386,54 @@ def test_forcing_an_unknown_backend(monkeypatch):
     monkeypatch.setenv("CANDLE_EXT_BACKEND", "tpu")
     with pytest.raises(ValueError, match="not a backend"):
         candle_ext.sign_pack(torch.randn(1, 3, 2, 2))
+    monkeypatch.setenv("CANDLE_EXT_BACKEND", " Tritonn")  # the value as set, not as normalised
+    with pytest.raises(ValueError, match="CANDLE_EXT_BACKEND=' Tritonn' is not a backend"):
+        candle_ext.sign_pack(torch.randn(1, 3, 2, 2))
+
+
+_TRITON_ON_CPU = """
+import os, sys, torch
+if torch.cuda.is_available():
+    print("skip: a GPU is visible"); sys.exit(0)
+import candle_ext
+from candle_ext import backend, reference as R
+if sys.argv[1] == "late":  # kernels defined compiled, the variable set afterwards
+    import candle_ext.triton.sign_pack  # noqa: F401
+    os.environ["TRITON_INTERPRET"] = "1"
+print(backend.status("triton"))
+os.environ["CANDLE_EXT_BACKEND"] = "triton"
+x = torch.randn(2, 40, 3, 5)
+try:
+    print(torch.equal(candle_ext.sign_pack(x), R.sign_pack(x)))
+except RuntimeError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("setting, expect", [
+    ("true", ["(True, '')", "True"]),  # Triton's own spellings: 1, true, on, yes
+    ("On", ["(True, '')", "True"]),
+    ("late", ["(False, \"TRITON_INTERPRET is set, but candle_ext's Triton kernels were imported before it was",
+              "CANDLE_EXT_BACKEND=triton was asked for, but it is missing: TRITON_INTERPRET is set, but"]),
+])
+def test_triton_on_the_cpu_follows_how_triton_defined_the_kernels(setting, expect, tmp_path):
+    """The triton backend on the CPU is available exactly when Triton interprets candle_ext's kernels: Triton's
+    spellings of TRITON_INTERPRET count, and a variable set after the kernels were defined does not."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    script = tmp_path / "t.py"
+    script.write_text(_TRITON_ON_CPU)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CANDLE_EXT_BACKEND")}
+    if setting != "late":
+        env["TRITON_INTERPRET"] = setting
+    out = subprocess.run([sys.executable, str(script), setting], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    if lines and lines[0].startswith("skip:"):
+        pytest.skip(lines[0])
+    assert len(lines) == 2 and all(line.startswith(e) for line, e in zip(lines, expect)), lines
 
 
 def test_fallback_warns_once(monkeypatch):

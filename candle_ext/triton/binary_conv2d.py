@@ -155,10 +155,11 @@ def _conv_dot_kernel(x_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr,
 
 def default_method(device: torch.device) -> str:
     """The inner product used for tensors on `device` (CANDLE_EXT_TRITON_CONV overrides it)."""
-    forced = os.environ.get(METHOD_ENV, "").strip().lower()
+    raw = os.environ.get(METHOD_ENV, "")
+    forced = raw.strip().lower()
     if forced:
         if forced not in METHODS:
-            raise ValueError(f"{METHOD_ENV}={forced!r} is not a Triton conv method; expected one of "
+            raise ValueError(f"{METHOD_ENV}={raw!r} is not a Triton conv method; expected one of "
                              f"{', '.join(METHODS)}")
         return forced
     if device.type == "cuda" and capability(device) >= (8, 0):
@@ -237,3 +238,7 @@ def binary_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, channel
             flags["INTRINSIC"] = not is_interpreted(cfg.kernel)
         cfg.kernel[grid](*args, **flags, **cfg.kwargs())
     return out
+
+
+# How Triton defined these kernels (interpreted or compiled): candle_ext.backend asks, not the environment.
+INTERPRETED = is_interpreted(_conv_popc_kernel)

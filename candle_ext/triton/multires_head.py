@@ -286,3 +286,7 @@ def multires_head_backward(grad: torch.Tensor, features: Sequence[torch.Tensor],
         else:
             g_feats.append(f.new_empty(0))
     return g_feats + g_weights + g_biases
+
+
+# How Triton defined these kernels (interpreted or compiled): candle_ext.backend asks, not the environment.
+INTERPRETED = is_interpreted(_head_gemm_kernel)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from candle_ext.triton import LaunchConfig, bias_arg, compute_dtype, interpreter_tiles, next_pow2
+from candle_ext.triton import LaunchConfig, bias_arg, compute_dtype, interpreter_tiles, is_interpreted, next_pow2
 
 WORD_BITS = 32
 
@@ -72,3 +72,7 @@ def sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Ten
     cfg.kernel[grid](x, bias_arg(bias, x), out, c, h * w, nw, pix_blocks, x.stride(0), x.stride(1), s_hw,
                      HAS_BIAS=bias is not None, CMP=compute_dtype(x), **cfg.kwargs())
     return out
+
+
+# How Triton defined these kernels (interpreted or compiled): candle_ext.backend asks, not the environment.
+INTERPRETED = is_interpreted(_sign_pack_kernel)

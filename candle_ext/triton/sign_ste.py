@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from candle_ext.triton import LaunchConfig, bias_arg, compute_dtype, interpreter_tiles, next_pow2, sm_count
+from candle_ext.triton import (LaunchConfig, bias_arg, compute_dtype, interpreter_tiles, is_interpreted, next_pow2,
+                               sm_count)
 
 
 @triton.jit
@@ -200,3 +201,7 @@ def sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.
             if not _same_layout(like, gx):
                 gx = like.copy_(gx)
     return gx, (-gb).to(gb_dtype)
+
+
+# How Triton defined these kernels (interpreted or compiled): candle_ext.backend asks, not the environment.
+INTERPRETED = is_interpreted(_sign_ste_kernel)
