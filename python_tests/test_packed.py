@@ -322,12 +322,12 @@ def test_frozen_reactnet_under_inference_mode(tmp_path):
             assert packed_module.carried_words(h, block2.chain_threshold) is not None
         h.add_(0.375)  # after this, the carried signs are stale
         assert torch.equal(block2(h), block2(h.clone()))  # a clone carries nothing: packed afresh
-        # A hooked conv takes the per-conv entry point (binary_conv2d_cpu_nhwc), which must version its output too.
+        # A hooked conv takes the per-conv entry point (binary_conv2d_cpu_nhwc); its block carries no signs on
+        # (a hook may change the output unseen by the version counters), and the values stay the same.
         hook = block2.conv1.register_forward_hook(lambda module, args, out: None)
         try:
             h2 = block2(block1(frozen.encoder.stem(x)))
-            if conv_ops.packed_chain_available(x):
-                assert packed_module.carried_words(h2, frozen.encoder.block3.chain_threshold) is not None
+            assert packed_module.carried_words(h2, frozen.encoder.block3.chain_threshold) is None
             assert torch.equal(frozen.encoder(x), ref_features)
         finally:
             hook.remove()
@@ -758,3 +758,37 @@ def test_save_packed_stores_meta_and_old_files_still_load(tmp_path):
         save_packed(model, tmp_path / "x.pt", meta=["cat"])
     with pytest.raises(TypeError):
         save_packed(model, tmp_path / "x.pt", meta={"classes": object()})
+
+
+def test_frozen_model_served_like_a_module():
+    """Serving audit: model.train() on a frozen model (a generic loop) changed its outputs for good (the stem's
+    unfolded BatchNorm used batch statistics and overwrote its running ones); .to(memory_format=channels_last)
+    restrided the packed weights and every forward failed; a hook writing a block's output through .data or
+    NumPy (unseen by version counters) left the next block with stale carried signs; torch.fx on a frozen
+    ReActNet raised fx's control-flow error instead of the message naming export/jit.trace."""
+    torch.manual_seed(21)
+    model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), 21).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        frozen = freeze(model)
+        stem_bn = frozen.encoder.stem.bn
+        assert isinstance(stem_bn, torch.nn.BatchNorm2d) and set(stem_bn.state_dict()) == set(
+            model.encoder.stem.bn.state_dict())
+        running = stem_bn.running_mean.clone()
+        frozen.train()
+        torch.testing.assert_close(frozen(x + 1.0), freeze(model)(x + 1.0), rtol=0, atol=0)
+        assert torch.equal(stem_bn.running_mean, running)  # not overwritten
+        frozen.eval()
+        torch.testing.assert_close(frozen(x), ref, rtol=1e-4, atol=1e-4)
+        cl = freeze(model).to(memory_format=torch.channels_last)
+        assert all(m.weight_packed.is_contiguous() for m in cl.modules() if isinstance(m, PackedBinaryConv2d))
+        torch.testing.assert_close(cl(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-4)
+
+        def flip(module, args, out):
+            out.data.mul_(-1)  # bypasses the version counter
+        for target in (model, frozen):
+            target.encoder.block3.register_forward_hook(flip)
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="torch.fx Proxy.*torch.jit.trace"):
+        torch.fx.symbolic_trace(freeze(model))

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -124,6 +125,15 @@ class PackedBinaryConv2d(nn.Module):
                                                channels_last=channels_last, pack_threshold=pack_threshold,
                                                pack=True)
         carry_words(out, out_words, pack_threshold)
+        return out
+
+    def _apply(self, fn, recurse=True):
+        # module.to(memory_format=torch.channels_last) restrides every 4-D tensor, weight_packed included; the
+        # kernels read its words in [Cout, kh, kw, W] order.
+        out = super()._apply(fn, recurse)
+        w = self._buffers.get("weight_packed")
+        if isinstance(w, torch.Tensor) and not w.is_contiguous():
+            self._buffers["weight_packed"] = w.contiguous()
         return out
 
     def extra_repr(self):
@@ -288,10 +298,41 @@ def _convert(module: nn.Module, memo: dict, shared: set) -> nn.Module:
     return result
 
 
+class _InferenceBatchNorm:
+    """A BatchNorm that freeze() did not fold (e.g. ReActNet-A's stem): it normalises with its running statistics
+    in train mode too. Otherwise model.train() on a frozen model would normalise with batch statistics where
+    the folded BatchNorms do not, and every forward would overwrite the running statistics for good. Same
+    parameters, buffers and state_dict keys as the class it stands for."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):  # not a torch.fx Proxy (the frozen blocks refuse those, naming the way out)
+            self._check_input_dim(x)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class InferenceBatchNorm1d(_InferenceBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class InferenceBatchNorm2d(_InferenceBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class InferenceBatchNorm3d(_InferenceBatchNorm, nn.BatchNorm3d):
+    pass
+
+
+_INFERENCE_BN = {nn.BatchNorm1d: InferenceBatchNorm1d, nn.BatchNorm2d: InferenceBatchNorm2d,
+                 nn.BatchNorm3d: InferenceBatchNorm3d}
+
+
 def _freeze_in_place(model: nn.Module) -> nn.Module:
     """freeze() without the copy: converts `model` itself (the skeletons load_packed builds)."""
     with torch.inference_mode(False):  # normal buffers even when called under inference mode (CHAIN_ATTR)
         frozen = _convert(model.eval(), {}, _shared_modules(model))
+    for m in frozen.modules():  # after folding, which matches the exact BatchNorm types
+        if type(m) in _INFERENCE_BN and m.track_running_stats and m.running_mean is not None:
+            m.__class__ = _INFERENCE_BN[type(m)]
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen

@@ -21,6 +21,7 @@ from torch import nn
 
 from candle_ext.models.packed import ARCH_ATTR, PackedBinaryConv2d, carried_words, carry_words
 from candle_ext.nn.layers import BinaryConv2d, RPReLU, RSign
+from candle_ext.ops import validate
 from candle_ext.ops.binary_conv2d import packed_chain_available, packed_chain_block, shortcut_avg_pool_2x2
 
 # MobileNetV1 plan: stem width, then the 13 blocks as (in, out, stride) for a stem of 32 channels.
@@ -111,6 +112,11 @@ def _hooked(module: nn.Module) -> bool:
                 or getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None))
 
 
+def _block_hooked(block: nn.Module) -> bool:
+    """Whether hooks run around a packed block or its convs (where they could change its input or output)."""
+    return _hooked(block) or any(_hooked(block._modules[n]) for n in ("conv3", "conv1"))
+
+
 class PackedReActBlock(nn.Module):
     """Inference form of a ReActBlock, made by candle_ext.freeze. Besides the packed convs (threshold, scale
     and BN folded), RPReLU's input shifts are folded into the conv epilogues and the first RPReLU's output
@@ -158,6 +164,8 @@ class PackedReActBlock(nn.Module):
         object.__setattr__(self, "_chain_next", successor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):  # e.g. a torch.fx Proxy: the ops' check names the way out
+            validate.tensor("x", x)
         if x.shape[0] and packed_chain_available(x):  # an empty batch takes the ops, which answer it
             return self._forward_chain(x)
         # The residual adds, PReLUs and zeta run in the convs' epilogues (on the CPU kernel; eager ops elsewhere).
@@ -173,16 +181,19 @@ class PackedReActBlock(nn.Module):
             else:
                 pool = True  # averaged in the kernel's epilogue
         successor = self._chain_next
+        # Hooks on this block or the next may change the output between them in ways the version counters do
+        # not see (through .data or NumPy): then the next block packs its input itself.
+        if successor is not None and (_block_hooked(self) or _block_hooked(successor)):
+            successor = None
         next_threshold = None if successor is None else successor.chain_threshold
         if next_threshold is not None and next_threshold.numel() != self.out_channels:
             next_threshold = None  # not this block's consumer after all: end the chain here
         c3, c1 = self._modules["conv3"], self._modules["conv1"]
         b, b3, b1 = self._buffers, c3._buffers, c1._buffers  # direct: nn.Module.__getattr__ costs ~1 us a name
-        if _hooked(c3) or _hooked(c1):  # through the modules, so that their hooks see every call
-            y = c3(x, residual, b["slope1"], residual_pool=pool, channels_last=True, pack_threshold=b1["threshold"])
-            if next_threshold is None:
-                return c1(y, y, b["slope2"], b["zeta2"])
-            return c1(y, y, b["slope2"], b["zeta2"], channels_last=True, pack_threshold=next_threshold)
+        if _hooked(c3) or _hooked(c1):  # through the modules, so that their hooks see every call; they may change
+            # y between the convs unseen (c1 packs y itself), and no signs are carried to the next block (above)
+            y = c3(x, residual, b["slope1"], residual_pool=pool, channels_last=True)
+            return c1(y, y, b["slope2"], b["zeta2"])
         t3 = b3["threshold"]
         out, words = packed_chain_block(x, carried_words(x, t3), t3, b3["weight_packed"], c3.in_channels, c3.stride,
                                         c3.padding, c3.dilation, b3["scale"], b3["shift"], residual, pool,
