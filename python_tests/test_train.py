@@ -563,3 +563,22 @@ def test_teacher_weights_fine_tuned_for_other_classes_load(tmp_path, name, fine_
     torch.save(state, path)
     with pytest.raises(ValueError, match="do not fit model"):
         load_teacher(name, str(path))
+
+
+def test_checkpoints_get_the_mode_open_would_give(tmp_path):
+    """Own-data audit: checkpoints were written 0600 (mkstemp) while reports got the umask's mode: a teammate
+    could read a run's report but not its student."""
+    import os
+    import stat
+
+    from candle_ext.train import checkpoint
+    old = os.umask(0o027)
+    try:
+        checkpoint.save_atomic({"x": torch.ones(2)}, str(tmp_path / "a.pt"))
+        with open(tmp_path / "b.json", "w") as fh:
+            fh.write("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.pt").st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(tmp_path / "b.json").st_mode) == 0o640
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

@@ -37,6 +37,7 @@ def save_atomic(obj, path: str) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # the mode open() would give (mkstemp's 0600 hid runs from co-workers)
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
@@ -46,6 +47,19 @@ def save_atomic(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask can only read by setting, racing other threads)
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load(path: str, map_location="cpu"):
