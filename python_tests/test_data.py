@@ -213,6 +213,12 @@ def test_split_file_and_bad_data(tmp_path):
     good.write_text("img/0.png 0\nimg/1.png 1\nimg/2.png 1\n")
     ds = split_file(str(good), str(tmp_path))
     assert ds.labels.tolist() == [0, 1, 1] and ds.num_classes == 2
+    (tmp_path / "my photos").mkdir()  # a path with spaces: the label is the last field
+    _write_png(tmp_path / "my photos" / "cat 1.png", 40)
+    spaced = tmp_path / "spaced.txt"
+    spaced.write_text("img/0.png 0\n  my photos/cat 1.png\t2 \n")
+    ds = split_file(str(spaced), str(tmp_path))
+    assert ds.labels.tolist() == [0, 2] and ds.paths[1] == str(tmp_path / "my photos" / "cat 1.png")
     missing = tmp_path / "missing.txt"
     missing.write_text("img/0.png 0\nimg/9.png 1\n")
     with pytest.raises(FileNotFoundError, match="9.png"):

@@ -227,7 +227,8 @@ MAX_CLASSES = 1_000_000  # as candle_ext.models.reactnet.MAX_CLASSES and the con
 
 
 def split_file(path: str, root: str, num_classes: Optional[int] = None) -> FileImageSet:
-    """ImageNet-LT / Places-LT / iNaturalist-2018 split files: one `relative/path label` per line."""
+    """ImageNet-LT / Places-LT / iNaturalist-2018 split files: one `relative/path label` per line (the label is
+    the line's last field, so paths may contain spaces; leading and trailing whitespace is ignored)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"split file {path} does not exist")
     paths, labels = [], []
@@ -239,7 +240,7 @@ def split_file(path: str, root: str, num_classes: Optional[int] = None) -> FileI
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise ValueError(f"split file {path} line {n}: not UTF-8 (byte {exc.start})") from None
-            parts = line.split()
+            parts = line.strip().rsplit(None, 1)  # the label is the last field: a path may hold spaces
             if not parts:
                 continue
             label_text = parts[1] if len(parts) == 2 else ""
