@@ -66,7 +66,7 @@ class Table:
             line += [f"{cells[c] * 1e3:.3f}" if c in cells else "-" for c in self.columns]
             for _, num, den in self.ratios:
                 r = self.ratio(row, num, den)
-                line.append(f"{r:.1f}x" if r is not None else "-")
+                line.append(f"{r:.2f}x" if r is not None else "-")  # two decimals: 9.98x is not 10x
             lines.append(line)
         widths = [max(len(x) for x in col) for col in zip(head, *lines)]
         fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))

@@ -101,5 +101,5 @@ def test_binary_conv_cpu(benchmark, bench_table, data, capsys, monkeypatch, shap
         r = [table.ratio(str(shape), "fp32", v) for v in VARIANTS[1:]]
         if None not in r:
             with capsys.disabled():
-                print(f"\n[{shape}, {threads} thread(s)] fp32 / kernel = {r[0]:.1f}x, fp32 / binary = {r[1]:.1f}x, "
-                      f"fp32 / (binary+pack) = {r[2]:.1f}x")
+                print(f"\n[{shape}, {threads} thread(s)] fp32 / kernel = {r[0]:.2f}x, fp32 / binary = {r[1]:.2f}x, "
+                      f"fp32 / (binary+pack) = {r[2]:.2f}x")
