@@ -403,6 +403,47 @@ def test_distill_refuses_a_teacher_calibrated_for_other_data_or_weights(workspac
         checkpoint.save_atomic(saved, str(teacher_pt))
 
 
+class _ReplacedImage:
+    """One image file replaced in place (another picture, same name) for the duration of a with-block; its bytes
+    and modification time are put back afterwards."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        self.bytes, st = self.path.read_bytes(), os.stat(self.path)
+        self.times = (st.st_atime_ns, st.st_mtime_ns)
+        Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(self.path, format="PNG")
+        return self
+
+    def __exit__(self, *exc):
+        self.path.write_bytes(self.bytes)
+        os.utime(self.path, ns=self.times)
+
+
+def test_teacher_and_resume_refuse_changed_training_images(workspace, capsys):
+    """teacher.pt and a run's checkpoint record the training data's fingerprint: the same configuration over a
+    training image replaced in place is refused (it silently reused the old teacher and resumed the old run);
+    a changed test image does not matter to either; with the file put back both are accepted again."""
+    _, path = workspace
+    data = load_config(str(path)).data
+    teacher_pt = Path(load_config(str(path)).out_dir) / "teacher.pt"
+    scratch = ["distill", "--config", str(path), "--mode", "scratch", "--name", "fp"]
+    kd = ["distill", "--config", str(path), "--mode", "kd", "--name", "fpkd", "--set", "distill.epochs=1"]
+    assert main(scratch + ["--set", "distill.epochs=1"]) == 0
+    ckpt = Path(load_config(str(path)).out_dir) / "fp_last.pt"
+    capsys.readouterr()
+    with _ReplacedImage(Path(data.train_dir) / CLASSES[2] / "3.png"):
+        code, err = _cli(kd, capsys)
+        assert code == 2 and f"teacher checkpoint {teacher_pt} was calibrated with another configuration " \
+            "(data.train_fingerprint" in err and "the training images, their files or their labels changed" in err
+        code, err = _cli(scratch + ["--set", "distill.epochs=2", "--resume"], capsys)
+        assert code == 2 and f"{ckpt} was made with another configuration (data.train_fingerprint" in err, err
+    with _ReplacedImage(Path(data.test_dir) / CLASSES[0] / "1.png"):
+        assert main(kd) == 0
+    assert main(scratch + ["--set", "distill.epochs=2", "--resume"]) == 0
+
+
 def test_compare_runs_every_method_and_seed_and_resumes(workspace, tmp_path, capsys):
     root, cfg = workspace
     out = tmp_path / "cmp"

@@ -1,11 +1,14 @@
 """`candle compare` reuses a finished run or teacher only when it was made with the same configuration: a changed
 --set into the same --out stops with an error instead of reporting the old runs under the new config."""
 import json
+import os
 import re
 
 import pytest
 
 from candle_ext.cli import main
+from PIL import Image
+
 from tiny_run import write_config
 
 MADE_WITH = "made_with.json"  # where compare records the configuration a folder was made with
@@ -135,3 +138,32 @@ def test_one_seed_gives_no_standard_deviation_and_no_verdict():
     assert v["two_std"] == pytest.approx(2 * 2 ** 0.5) and v["margin"] == pytest.approx(3.9)
     assert v["beats_by_two_std"] is True
     assert "74.00 +- 1.41" in markdown(two, {}, "c") and "beats it by more" in markdown(two, {}, "c")
+
+
+def test_compare_refuses_folders_made_from_other_images(tmp_path, capsys):
+    """The same configuration over other images (a file replaced in place) is other data: a teacher or run made
+    from the old images is refused, by the training set's fingerprint or the test set's (reports hold test
+    accuracy); put back, the folders are reused; records from before fingerprints existed are accepted."""
+    cfg = str(write_config(tmp_path, [6, 4, 3, 2], [2, 2, 2, 2], calibrate={"epochs": 1, "batch_size": 8, "lr": 0.01},
+                           distill={"epochs": 1, "batch_size": 4, "lr": 0.005}))
+    out = tmp_path / "cmp"
+    assert _compare(cfg, out) == 0
+    capsys.readouterr()
+    for split, which in (("train", "training"), ("test", "test")):
+        img = tmp_path / split / "b" / "1.png"
+        old, st = img.read_bytes(), os.stat(img)
+        Image.new("RGB", (16, 16), (200, 10, 10)).save(img)
+        assert _compare(cfg, out) == 2
+        err = capsys.readouterr().err
+        assert "2 folders in" in err and "teacher_multi was made with a different configuration" in err, err
+        assert re.search(rf"runs.kd_s0 was made with a different configuration \(data.{split}_fingerprint '[0-9a-f]+' "
+                         rf"-> '[0-9a-f]+': the {which} images, their files or their labels changed\)", err), err
+        img.write_bytes(old)
+        os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _compare(cfg, out) == 0 and "done before" in capsys.readouterr().out
+    for rec in out.glob("**/" + MADE_WITH):  # written before fingerprints: accepted on the keys they have
+        spec = json.loads(rec.read_text())
+        assert len(spec.pop("data.train_fingerprint")) == 32 and len(spec.pop("data.test_fingerprint")) == 32
+        rec.write_text(json.dumps(spec))
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "train" / "b" / "1.png")
+    assert _compare(cfg, out) == 0 and "done before" in capsys.readouterr().out

@@ -344,3 +344,78 @@ def test_build_datasets_checks_own_data(tmp_path, monkeypatch):
                                   "test_split": "~/split.txt", "root": None, "train_per_class": None,
                                   "imbalance_ratio": None, "test_per_class": None})
     assert train.labels.tolist() == [0, 1] and len(test) == 2
+
+
+def test_fingerprint_follows_images_labels_and_files(tmp_path):
+    """ImageSet.fingerprint, which made_with records carry: the same data gives the same digest (in a new
+    object too), any changed pixel, label, class name or order another; image files by path, size and mtime."""
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (6, 8, 8), dtype=np.uint8)
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    fp = TensorImageSet(imgs, labels, ["a", "b"]).fingerprint()
+    assert len(fp) == 32 and fp == TensorImageSet(imgs.copy(), labels, ["a", "b"]).fingerprint()
+    pixel = imgs.copy()
+    pixel[3, 2, 5] ^= 1
+    others = [TensorImageSet(pixel, labels, ["a", "b"]), TensorImageSet(imgs, labels[::-1], ["a", "b"]),
+              TensorImageSet(imgs, labels, ["a", "c"]), TensorImageSet(imgs, labels, ["a", "b"]).subset([1, 0, 2]),
+              TensorImageSet(imgs.astype(np.float32), labels, ["a", "b"])]
+    assert len({fp, *(o.fingerprint() for o in others)}) == 6
+    # Image files: a new object over the same files agrees; rewriting one file (other pixels; the same bytes
+    # with a new mtime) does not, nor does another order.
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(imgs[i]).save(tmp_path / c / f"{i}.png")
+    before = image_folder(str(tmp_path)).fingerprint()
+    assert before == image_folder(str(tmp_path)).fingerprint()
+    assert before != image_folder(str(tmp_path)).subset([1, 0, 2, 3]).fingerprint()
+    f = tmp_path / "b" / "1.png"
+    st = os.stat(f)
+    Image.fromarray(np.zeros((8, 9), np.uint8)).save(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # another image, the old mtime: the size tells
+    assert os.stat(f).st_size != st.st_size and image_folder(str(tmp_path)).fingerprint() != before
+    Image.fromarray(imgs[1]).save(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # the old bytes, a new mtime
+    assert image_folder(str(tmp_path)).fingerprint() != before
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert image_folder(str(tmp_path)).fingerprint() == before
+
+
+def test_fingerprint_of_file_backed_torchvision_sets(tmp_path):
+    """A file-backed torchvision dataset (ImageFolder keeps `samples`) is fingerprinted by its files too; one
+    that keeps its files nowhere known, by name, labels and order."""
+    import torchvision.datasets as tvd
+    from candle_ext.data.sources import _TorchvisionItems
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((4, 4, 3), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
+
+    def items():
+        ds = tvd.ImageFolder(str(tmp_path))
+        return _TorchvisionItems(ds, np.array(ds.targets), ds.classes, "ImageFolder")
+
+    before = items().fingerprint()
+    assert before == items().fingerprint() and before != items().subset([0, 1, 3, 2]).fingerprint()
+    f = tmp_path / "a" / "0.png"
+    os.utime(f, ns=(os.stat(f).st_atime_ns, os.stat(f).st_mtime_ns + 1))
+    assert items().fingerprint() != before
+
+    class NoFiles:  # a dataset that keeps no file list
+        def __len__(self):
+            return 4
+
+    blind = _TorchvisionItems(NoFiles(), np.array([0, 1, 0, 1]), ["a", "b"], "NoFiles")
+    assert blind.fingerprint() == _TorchvisionItems(NoFiles(), np.array([0, 1, 0, 1]), ["a", "b"],
+                                                    "NoFiles").fingerprint()
+    assert blind.fingerprint() != blind.subset([1, 0, 2, 3]).fingerprint()
+
+
+def test_made_with_diff_compares_data_fingerprints_when_recorded():
+    from candle_ext.train.config import made_with_diff
+    new = {"data.seed": 0, "data.train_fingerprint": "f1", "data.test_fingerprint": "t1"}
+    assert made_with_diff({"data.seed": 0}, new) == []  # a record from before the fingerprints: accepted
+    diff = made_with_diff({"data.seed": 0, "data.train_fingerprint": "f0", "data.test_fingerprint": "t1"}, new)
+    assert diff == ["data.train_fingerprint 'f0' -> 'f1': the training images, their files or their labels "
+                    "changed"]
+    assert made_with_diff({"data.seed": 1}, new) == ["data.seed 1 -> 0"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import abc
 import gzip
+import hashlib
+import json
 import math
 import os
 import struct
@@ -122,6 +124,23 @@ class ImageSet(abc.ABC):
     def batch(self, indices: Sequence[int], size: int) -> torch.Tensor:
         """Float [len(indices), 3, size, size] images in [0, 1], resized to `size`."""
 
+    def fingerprint(self) -> str:
+        """A digest of what the set holds: class names, labels and images in order (image files by path, size
+        and modification time, not by reading them). Records of what a run was made with carry it, so that data
+        changed in place under the same configuration is noticed. Computed once per set."""
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(json.dumps(self.classes).encode())
+            h.update(np.ascontiguousarray(self.labels, dtype="<i8").tobytes())
+            self._digest_images(h)
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def _digest_images(self, h) -> None:
+        """Feed what identifies this set's images, in order, into the hash h. A subclass that does not say
+        (one written outside candle_ext) is fingerprinted by its class names and labels alone."""
+        h.update(type(self).__qualname__.encode())
+
     def check_classes(self, where: str) -> None:
         """An empty class makes the LT derivation and the balanced sampler meaningless: refuse it by name."""
         counts = np.bincount(self.labels, minlength=self.num_classes)
@@ -154,6 +173,10 @@ class TensorImageSet(ImageSet):
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         return TensorImageSet(self.images[idx], self.labels[idx.numpy()], self.classes, self.where)
 
+    def _digest_images(self, h) -> None:
+        h.update(f"{tuple(self.images.shape)} {self.images.dtype}".encode())
+        h.update(self.images.reshape(-1).view(torch.uint8).numpy())  # contiguous: a view, not a copy
+
     def batch(self, indices, size: int) -> torch.Tensor:
         x = self.images[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -177,6 +200,9 @@ class FileImageSet(ImageSet):
         idx = np.asarray(indices, dtype=np.int64)
         return FileImageSet([self.paths[i] for i in idx], self.labels[idx], self.classes, self.where)
 
+    def _digest_images(self, h) -> None:
+        _digest_files(h, self.paths)
+
     def load(self, i: int) -> torch.Tensor:
         from PIL import Image
         path = self.paths[i]
@@ -189,6 +215,14 @@ class FileImageSet(ImageSet):
 
     def batch(self, indices, size: int) -> torch.Tensor:
         return torch.cat([_resize(self.load(int(i)).unsqueeze(0).float() / 255.0, size) for i in indices])
+
+
+def _digest_files(h, paths) -> None:
+    """Each file's path, size and modification time (ns): a changed image changes one of them, unless a tool
+    rewrote it to the same size and set its time back."""
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.fspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
 
 
 def image_folder(root: str) -> FileImageSet:
@@ -333,6 +367,13 @@ class _TorchvisionItems(ImageSet):
         idx = np.asarray(indices, dtype=np.int64)
         return _TorchvisionItems(self.ds, self.labels[idx], self.classes, self.name, self.indices[idx])
 
+    def _digest_images(self, h) -> None:
+        h.update(f"torchvision {self.name} {len(self.ds)}\0".encode())
+        h.update(np.ascontiguousarray(self.indices, dtype="<i8").tobytes())
+        files = _torchvision_files(self.ds)
+        if files is not None:
+            _digest_files(h, [files[int(i)] for i in self.indices])
+
     def batch(self, indices, size):
         out = []
         for i in indices:
@@ -340,3 +381,21 @@ class _TorchvisionItems(ImageSet):
             t = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
             out.append(_resize(t.unsqueeze(0).float() / 255.0, size))
         return torch.cat(out)
+
+
+# Where file-backed torchvision datasets keep their image paths (ImageFolder, Flowers102, DTD, Food101,
+# StanfordCars, OxfordIIITPet, ...): a list of paths or of (path, label) pairs, one per item.
+_TORCHVISION_FILE_LISTS = ("samples", "imgs", "_samples", "_image_files", "_images")
+
+
+def _torchvision_files(ds) -> Optional[List[str]]:
+    """The image file of every item of a file-backed torchvision dataset, when it keeps them in one of the usual
+    attributes; None otherwise (its fingerprint then covers labels and order only)."""
+    for attr in _TORCHVISION_FILE_LISTS:
+        items = getattr(ds, attr, None)
+        if not isinstance(items, (list, tuple)) or len(items) != len(ds):
+            continue
+        paths = [it[0] if isinstance(it, (list, tuple)) and it else it for it in items]
+        if all(isinstance(p, (str, os.PathLike)) and os.path.isfile(p) for p in paths):
+            return [os.fspath(p) for p in paths]
+    return None

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from candle_ext.train import checkpoint, pipeline
-from candle_ext.train.config import Config, made_with_diff
+from candle_ext.train.config import Config, data_fingerprints, made_with_diff
 from candle_ext.train.context import Context
 from candle_ext.train.distill import METHODS
 from candle_ext import files
@@ -79,15 +79,18 @@ def expand(methods: Sequence[str]) -> List[Variant]:
 MADE_WITH = "made_with.json"
 
 
-def teacher_spec(cfg: Config, multires: bool) -> Dict[str, object]:
-    """What a calibrated teacher depends on: the data, the teacher and its kind, calibration, the seed, and the
-    student (the head's 1x1 convs map to the student's channels)."""
-    return cfg.replace(**{"teacher.multires": multires}).subset(("seed", "data", "teacher", "student", "calibrate"))
+def teacher_spec(cfg: Config, multires: bool, data: Dict[str, str]) -> Dict[str, object]:
+    """What a calibrated teacher and its report depend on: the data (its keys, and `data`: data_fingerprints of
+    the training and test sets), the teacher and its kind, calibration, the seed, and the student (the head's 1x1
+    convs map to the student's channels)."""
+    return {**cfg.replace(**{"teacher.multires": multires}).subset(("seed", "data", "teacher", "student",
+                                                                    "calibrate")), **data}
 
 
-def run_spec(cfg: Config, v: Variant, multires: bool, seed: int) -> Dict[str, object]:
-    """What one student run depends on: its method and seed, the data, student and distill keys, and the teacher
-    it learns from (with the configuration's seed, which builds and calibrates the teacher)."""
+def run_spec(cfg: Config, v: Variant, multires: bool, seed: int, data: Dict[str, str]) -> Dict[str, object]:
+    """What one student run depends on: its method and seed, the data (keys and `data`, the data_fingerprints),
+    student and distill keys, and the teacher it learns from (with the configuration's seed, which builds and
+    calibrates the teacher)."""
     sections = ["data", "student", "distill"]
     teacher = METHODS[v.mode].teacher
     if teacher is not None:
@@ -98,7 +101,7 @@ def run_spec(cfg: Config, v: Variant, multires: bool, seed: int) -> Dict[str, ob
     # the method comes from --methods; distill.mode / distill.baselines are not read by compare
     spec.pop("distill.mode", None)
     spec.pop("distill.baselines", None)
-    spec.update({"method": v.mode, "run_seed": seed})
+    spec.update({"method": v.mode, "run_seed": seed, **data})
     if teacher is not None:
         spec["teacher_seed"] = spec.pop("seed")
     return spec
@@ -262,6 +265,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     base = Context(cfg.replace(progress=False))
     train, test = base.train, base.test
+    data = data_fingerprints(train, test)  # in every folder's record: data changed in place is not reused
 
     teachers: Dict[bool, object] = {}
     caches: Dict[bool, List[torch.Tensor]] = {}
@@ -279,10 +283,10 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
                           train, test)
             path = os.path.join(tdir, "teacher.pt")
             t0 = time.time()
-            claim(tdir, teacher_spec(cfg, multires))
+            claim(tdir, teacher_spec(cfg, multires, data))
             if os.path.exists(os.path.join(tdir, "teacher_report.json")):
                 teacher = load_calibrated_teacher(ctx.cfg.teacher, path, num_classes=ctx.num_classes,
-                                                  record=calibration_record(ctx.cfg))
+                                                  record=calibration_record(ctx.cfg, train))
                 teacher = teacher.to(ctx.device).eval()
                 cache = encode_dataset(teacher, train, cfg.calibrate.batch_size, ctx.device)
                 rep = _read_metrics(os.path.join(tdir, "teacher_report.json"))
@@ -314,14 +318,14 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
             problems[folder] = str(exc)
 
     for multires in sorted({kind_of(v) for v in variants if METHODS[v.mode].teacher is not None}):
-        precheck(os.path.join(out, f"teacher_{'multi' if multires else 'single'}"), teacher_spec(cfg, multires))
+        precheck(os.path.join(out, f"teacher_{'multi' if multires else 'single'}"), teacher_spec(cfg, multires, data))
     for seed in seeds:
         for v in order:
-            precheck(run_dir_of(v, seed), run_spec(cfg, v, kind_of(v), seed))
+            precheck(run_dir_of(v, seed), run_spec(cfg, v, kind_of(v), seed, data))
             scratch_rep = os.path.join(run_dir_of(scratch, seed), "report.json")
             if v.mode == "tau_norm" and cfg.distill.scratch_sampler == "random" and os.path.exists(scratch_rep):
                 # tau_norm would be derived from that scratch run
-                precheck(run_dir_of(scratch, seed), run_spec(cfg, scratch, kind_of(scratch), seed))
+                precheck(run_dir_of(scratch, seed), run_spec(cfg, scratch, kind_of(scratch), seed, data))
     if problems:
         found = list(problems.values())
         raise ValueError(found[0] if len(found) == 1 else
@@ -334,7 +338,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
         for v in order:
             done += 1
             run_dir = run_dir_of(v, seed)
-            claim(run_dir, run_spec(cfg, v, kind_of(v), seed))
+            claim(run_dir, run_spec(cfg, v, kind_of(v), seed, data))
             rep_path = os.path.join(run_dir, "report.json")
             t0 = time.time()
             if os.path.exists(rep_path):
@@ -348,7 +352,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
                 scratch_dir = run_dir_of(scratch, seed)
                 if (v.mode == "tau_norm" and cfg.distill.scratch_sampler == "random"
                         and os.path.exists(os.path.join(scratch_dir, "report.json"))):
-                    check_made_with(scratch_dir, run_spec(cfg, scratch, kind_of(scratch), seed))
+                    check_made_with(scratch_dir, run_spec(cfg, scratch, kind_of(scratch), seed, data))
                     student = load_student(ctx, os.path.join(scratch_dir, "scratch_student.pt"))
                     tau_normalize_(student.classifier.fc, cfg.distill.tau_norm)
                     rep = {"mode": "tau_norm", "derived_from": scratch_dir,
@@ -378,7 +382,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
         kind = "multi" if multires else "single"
         rep_path = os.path.join(out, f"teacher_{kind}", "teacher_report.json")
         if multires not in teachers and os.path.exists(rep_path):
-            check_made_with(os.path.dirname(rep_path), teacher_spec(cfg, multires))
+            check_made_with(os.path.dirname(rep_path), teacher_spec(cfg, multires, data))
             res = teacher_resolutions(cfg.replace(**{"teacher.multires": multires}).teacher)[0]
             teacher_reports[f"{kind}-resolution {res}"] = _read_metrics(rep_path)
         else:

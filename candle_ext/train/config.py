@@ -179,11 +179,34 @@ def _flat(d: dict, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+# Digests of the data a run was made from (ImageSet.fingerprint), recorded beside the configuration keys: the same
+# keys can name changed data (images replaced in the same folders). A record written before they existed lacks
+# them and is accepted without them.
+DATA_FINGERPRINT_KEYS = {"data.train_fingerprint": "training", "data.test_fingerprint": "test"}
+
+
+def data_fingerprints(train, test=None) -> Dict[str, str]:
+    """The DATA_FINGERPRINT_KEYS of a training set (and a test set) for a made_with record."""
+    out = {"data.train_fingerprint": train.fingerprint()}
+    if test is not None:
+        out["data.test_fingerprint"] = test.fingerprint()
+    return out
+
+
 def made_with_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
-    """'key old -> new' for every key whose value differs between two subset() records."""
-    # old values may come from a file (a checkpoint's record): bounded in the message
-    return [f"{k} {short_repr(old.get(k, '<unset>'), 300)} -> {short_repr(new.get(k, '<unset>'), 300)}"
-            for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    """'key old -> new' for every key whose value differs between two subset() records (a data fingerprint only
+    when the old record has one)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if k in DATA_FINGERPRINT_KEYS and k not in old:
+            continue
+        if old.get(k, "<unset>") != new.get(k, "<unset>"):
+            # old values may come from a file (a checkpoint's record): bounded in the message
+            line = f"{k} {short_repr(old.get(k, '<unset>'), 300)} -> {short_repr(new.get(k, '<unset>'), 300)}"
+            if k in DATA_FINGERPRINT_KEYS:
+                line += f": the {DATA_FINGERPRINT_KEYS[k]} images, their files or their labels changed"
+            out.append(line)
+    return out
 
 
 SECTIONS = {"data": DataConfig, "teacher": TeacherConfig, "student": StudentConfig, "calibrate": CalibrateConfig,

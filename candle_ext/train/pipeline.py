@@ -22,6 +22,7 @@ from candle_ext.nn.multires import MultiResolutionTeacher
 from candle_ext.train import checkpoint
 from candle_ext.train.balancer import SyncedBalancer
 from candle_ext.train.calibrate import calibrate_step, make_calibration
+from candle_ext.train.config import data_fingerprints
 from candle_ext.train.context import Context
 from candle_ext.train.distill import METHODS, build_distill_parts, distill_step
 from candle_ext.train.evaluate import evaluate_student, evaluate_teacher, write_json, write_reports
@@ -66,12 +67,14 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
                               labels[i].to(ctx.device), eps)
 
     head = HeadState(teacher, os.path.join(ctx.out, "calibrate_last.pt"))
-    made_with = ctx.cfg.subset(("seed", "data", "teacher", "student", "calibrate"),
-                               exclude=("calibrate.epochs", "calibrate.evaluate"))  # for --resume: see distill()
+    made_with = {**ctx.cfg.subset(("seed", "data", "teacher", "student", "calibrate"),
+                                  exclude=("calibrate.epochs", "calibrate.evaluate")),  # for --resume: see distill()
+                 **data_fingerprints(ctx.train)}
     history = ctx.fit("calibrate", c.epochs, sampler, lbs, step, {"head": head, "opt": opt, "sched": sched},
                       resume, None, stop_after_steps, made_with)
     if ctx.is_main:
-        save_teacher(teacher, ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"), calibration_record(ctx.cfg))
+        save_teacher(teacher, ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"),
+                     calibration_record(ctx.cfg, ctx.train))
     ctx.barrier()  # teacher.pt exists for every rank of a following stage
     report = {"encode_seconds": t_enc, "history": history}
     if c.evaluate:
@@ -119,7 +122,7 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
                     raise FileNotFoundError(f"{path} does not exist: mode {mode!r} distils from the calibrated "
                                             f"teacher; run `candle calibrate` with this configuration first")
                 teacher = load_calibrated_teacher(ctx.cfg.teacher, path, ctx.dist, ctx.num_classes,
-                                                  calibration_record(ctx.cfg))
+                                                  calibration_record(ctx.cfg, ctx.train))
         teacher = ctx.place(teacher, broadcast=False).eval()  # identical on every rank already
         if teacher.student_channels != student.num_features:
             raise ValueError(f"teacher maps to {teacher.student_channels} channels, the student has "
@@ -157,12 +160,13 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
             return {}
         return {"test_top1": evaluate_student(ctx, student)["top1"]}
 
-    # What the run computes, for --resume: the method and every key it reads but the epoch count (a run may be
-    # resumed to train longer) and the keys that only say what else to run or report.
+    # What the run computes, for --resume: the method, the training data's fingerprint and every key it reads but
+    # the epoch count (a run may be resumed to train longer) and the keys that only say what else to run or report.
     sections = ("seed", "data", "student", "distill") + {None: (), "pretrained": ("teacher",),
                                                          "calibrated": ("teacher", "calibrate")}[method.teacher]
     made_with = {"mode": mode, **ctx.cfg.subset(sections, exclude=("distill.epochs", "distill.mode",
-                                                                    "distill.baselines", "distill.eval_every_epoch"))}
+                                                                    "distill.baselines", "distill.eval_every_epoch")),
+                 **data_fingerprints(ctx.train)}
     t0 = time.time()
     history = ctx.fit(name, d.epochs, sampler, lbs, step, parts.modules(), resume, end_of_epoch, stop_after_steps,
                       made_with)

@@ -17,7 +17,7 @@ from torch import nn
 from candle_ext import files
 from candle_ext.nn.multires import MultiResolutionTeacher
 from candle_ext.train import checkpoint
-from candle_ext.train.config import Config, TeacherConfig, made_with_diff
+from candle_ext.train.config import Config, TeacherConfig, data_fingerprints, made_with_diff
 from candle_ext.train.distributed import DistEnv, all_gather_rows, broadcast_object
 
 if TYPE_CHECKING:
@@ -222,10 +222,12 @@ def check_encoder(enc: nn.Module, name: str, resolutions: Sequence[int]) -> None
 CALIBRATION_EXCLUDE = ("data.test_dir", "data.test_split", "data.test_per_class", "calibrate.evaluate")
 
 
-def calibration_record(cfg: Config) -> dict:
-    """What a calibrated head was made from, beyond the fields teacher.pt describes itself: the training data,
-    the teacher's weights, the student's width and the calibration settings (Config.subset)."""
-    return cfg.subset(("data", "teacher", "student", "calibrate"), exclude=CALIBRATION_EXCLUDE)
+def calibration_record(cfg: Config, train) -> dict:
+    """What a calibrated head was made from, beyond the fields teacher.pt describes itself: the training data
+    (its configuration and its fingerprint), the teacher's weights, the student's width and the calibration
+    settings (Config.subset)."""
+    return {**cfg.subset(("data", "teacher", "student", "calibrate"), exclude=CALIBRATION_EXCLUDE),
+            **data_fingerprints(train)}
 
 
 def save_teacher(teacher: MultiResolutionTeacher, tcfg: TeacherConfig, path: str,
