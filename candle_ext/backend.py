@@ -93,15 +93,12 @@ def _triton_interpret_state() -> Tuple[bool, str]:
     for themselves, and before that Triton's setting now does (what the import will use)."""
     flags = [getattr(m, "INTERPRETED", None) for m in map(sys.modules.get, _TRITON_KERNEL_MODULES)]
     flags = [f for f in flags if f is not None]  # not imported, or still importing
-    if flags and all(flags):
+    interpreted = all(flags) if flags else _triton_interpret_setting()
+    if interpreted:
         return True, ""
-    if flags and _triton_interpret_setting():
+    if _triton_interpret_setting():  # set now, but the kernels were defined without it
         return False, ("TRITON_INTERPRET is set, but candle_ext's Triton kernels were imported before it was (Triton "
                        "reads it when a kernel is defined): set it before the first Triton op runs")
-    if flags:
-        return False, "triton needs a CUDA device, or TRITON_INTERPRET=1 to run its kernels on the CPU"
-    if _triton_interpret_setting():
-        return True, ""
     return False, "triton needs a CUDA device, or TRITON_INTERPRET=1 to run its kernels on the CPU"
 
 

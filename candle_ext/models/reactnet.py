@@ -180,18 +180,19 @@ class PackedReActBlock(nn.Module):
                 residual = _avg_pool_2x2(x)
             else:
                 pool = True  # averaged in the kernel's epilogue
+        c3, c1 = self._modules["conv3"], self._modules["conv1"]
+        convs_hooked = _hooked(c3) or _hooked(c1)
         successor = self._chain_next
         # Hooks on this block or the next may change the output between them in ways the version counters do
         # not see (through .data or NumPy): then the next block packs its input itself.
-        if successor is not None and (_block_hooked(self) or _block_hooked(successor)):
+        if successor is not None and (convs_hooked or _hooked(self) or _block_hooked(successor)):
             successor = None
         next_threshold = None if successor is None else successor.chain_threshold
         if next_threshold is not None and next_threshold.numel() != self.out_channels:
             next_threshold = None  # not this block's consumer after all: end the chain here
-        c3, c1 = self._modules["conv3"], self._modules["conv1"]
         b, b3, b1 = self._buffers, c3._buffers, c1._buffers  # direct: nn.Module.__getattr__ costs ~1 us a name
-        if _hooked(c3) or _hooked(c1):  # through the modules, so that their hooks see every call; they may change
-            # y between the convs unseen (c1 packs y itself), and no signs are carried to the next block (above)
+        if convs_hooked:  # through the modules, so that their hooks see every call; they may change y between
+            # the convs unseen (c1 packs y itself), and no signs are carried to the next block (above)
             y = c3(x, residual, b["slope1"], residual_pool=pool, channels_last=True)
             return c1(y, y, b["slope2"], b["zeta2"])
         t3 = b3["threshold"]
