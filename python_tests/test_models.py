@@ -1,4 +1,5 @@
 """ReActNet-A architecture, count_ops and binarize_."""
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -279,6 +280,66 @@ def test_binarize_keeps_weight_tying():
     assert frozen.shared is frozen.again
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+class _TiedWeights(nn.Module):
+    """Two convs sharing one weight Parameter (tying at the Parameter level, not the module level)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.d = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.d.weight = self.c.weight
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.d(torch.relu(self.c(self.stem(x)))).mean((2, 3)))
+
+
+def test_binarize_keeps_shared_parameters_and_their_state():
+    """The audit's cases: convs sharing one weight Parameter got a copy each (trained apart from then on, and
+    with one of them skipped half the pair was binary with its own copy); a frozen weight became trainable; an
+    optimizer built before binarize_ lost its parameters."""
+    torch.manual_seed(22)
+    model = _TiedWeights()
+    shared = model.c.weight
+    model.stem.weight.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    binarize_(model, keep_first=False)
+    assert model.c.conv.weight is shared and model.d.conv.weight is shared
+    assert model.stem.conv.weight.requires_grad is False
+    loss = model(torch.randn(2, 3, 6, 6)).square().sum()
+    loss.backward()
+    before = shared.detach().clone()
+    opt.step()  # the optimizer holds the same Parameters: the binary convs' weights move
+    assert not torch.equal(shared, before) and model.c.conv.weight is model.d.conv.weight
+    kept = _TiedWeights()
+    binarize_(kept, skip="c")
+    assert type(kept.c) is nn.Conv2d and kept.d.conv.weight is kept.c.weight  # still one Parameter
+    assert sum(p.numel() for p in kept.parameters()) == sum(p.numel() for p in _TiedWeights().parameters()) + 8
+
+
+def test_binarize_warns_about_convs_it_cannot_express():
+    """groups=1 convs a zero-padded binary conv cannot express stay full precision, named in a warning (they
+    were kept silently); a compiled model is refused (its names would not rebuild a saved model)."""
+    model = nn.Sequential(OrderedDict(
+        stem=nn.Conv2d(3, 8, 3, padding=1),
+        reflect=nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+        even=nn.Conv2d(8, 8, 4, padding="same"),
+        fine=nn.Conv2d(8, 8, 3, padding="same"),
+        dw=nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="circular"),
+        head=nn.Conv2d(8, 4, 1, padding_mode="replicate"),
+    ))
+    with pytest.warns(UserWarning, match=r"keeps 2 conv\(s\) in full precision .*: reflect, even$"):
+        binarize_(model)
+    assert model.candle_binarized == ("fine",) and type(model.reflect) is nn.Conv2d
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        binarize_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, padding_mode="reflect"), nn.Conv2d(8, 2, 1)),
+                  skip="1")  # skipped by the user: no warning
+    with pytest.raises(TypeError, match="binarize the model itself, then compile it"):
+        binarize_(torch.compile(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))))
 
 
 def test_binarize_mobilenet_v2_folds_conv_bn_sequences():

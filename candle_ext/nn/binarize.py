@@ -1,6 +1,7 @@
 """binarize_: turn the convolutions of an existing torchvision/timm model into binary ones, in place."""
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Callable, Iterable, Union
 
@@ -41,15 +42,14 @@ def binarizable(module: nn.Module) -> bool:
 
 
 def _binary_replacement(conv: nn.Conv2d) -> nn.Sequential:
-    """RSign (threshold 0) then a BinaryConv2d holding a copy of the conv's weight and bias."""
+    """RSign (threshold 0) then a BinaryConv2d holding the conv's own weight and bias Parameters: weights tied
+    between convs (one Parameter in several modules) stay tied, requires_grad and optimizers holding them
+    carry over."""
     weight = conv.weight
     binary = BinaryConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                           _explicit_padding(conv), conv.dilation, bias=conv.bias is not None,
-                          device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        binary.weight.copy_(weight)
-        if conv.bias is not None:
-            binary.bias.copy_(conv.bias)
+                          device="meta", dtype=weight.dtype)  # no storage: its Parameters are the conv's
+    binary.weight, binary.bias = conv.weight, conv.bias
     binary.train(conv.training)
     sign = RSign(conv.in_channels).to(device=weight.device, dtype=weight.dtype)
     return nn.Sequential(OrderedDict(sign=sign, conv=binary)).train(conv.training)
@@ -117,13 +117,21 @@ def binarize_(model: nn.Module, skip: Skip = None, *, keep_first: bool = True, k
 
     Kept full precision: depthwise/grouped convs, conv subclasses with their own forward, and by default the
     first conv and the last layer (the last nn.Conv2d/nn.Linear), in module registration order, which is the
-    execution order in torchvision and timm models. `skip`: more modules to keep, as a qualified name, a list
-    of names (a name keeps its whole subtree) or a predicate(name, module) -> bool. A conv the model holds in
-    several places (weight tying) becomes one binary module in all of them, or stays full precision in all of
-    them when any of its names is kept.
+    execution order in torchvision and timm classifiers (not in models that register an auxiliary head after
+    the output layer, e.g. torchvision's segmentation models with aux_loss: name the output layer in `skip`
+    there). `skip`: more modules to keep, as a qualified name, a list of names (a name keeps its whole subtree)
+    or a predicate(name, module) -> bool. A conv the model holds in several places (weight tying) becomes one
+    binary module in all of them, or stays full precision in all of them when any of its names is kept; convs
+    that share one weight Parameter keep sharing it. Convs a zero-padded binary conv cannot express
+    (padding_mode reflect/replicate/circular, padding='same' with an even dilated kernel extent, a non-float
+    weight) stay full precision with a warning naming them. Hooks registered on a replaced conv stay with the
+    old module (they do not run); binarize before torch.compile, not after.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise TypeError("binarize_ got a torch.compile'd model: binarize the model itself, then compile it (the "
+                        "compiled wrapper's names start with '_orig_mod.', which a saved model could not rebuild)")
     keep = _skip_predicate(model, skip)
     layers = [(n, m) for n, m in model.named_modules()
               if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, BinaryConv2d)]
@@ -135,6 +143,10 @@ def binarize_(model: nn.Module, skip: Skip = None, *, keep_first: bool = True, k
         kept.add(layers[-1][0])
     # A conv held in several places is one module: it stays full precision if any of its names is kept.
     slots = _slots(model)
-    names = [n for n, m in layers if binarizable(m)
-             and not any(s in kept or keep(s, m) for s in slots[id(m)])]
-    return binarize_names_(model, names)
+    wanted = [(n, m) for n, m in layers if not any(s in kept or keep(s, m) for s in slots[id(m)])]
+    inexpressible = [n for n, m in wanted if type(m) is nn.Conv2d and m.groups == 1 and not binarizable(m)]
+    if inexpressible:
+        warnings.warn(f"binarize_ keeps {len(inexpressible)} conv(s) in full precision that a zero-padded binary "
+                      f"conv cannot express (padding_mode other than 'zeros', padding='same' with an even dilated "
+                      f"kernel extent, or a non-float weight): {', '.join(inexpressible)}", stacklevel=2)
+    return binarize_names_(model, [n for n, m in wanted if binarizable(m)])
