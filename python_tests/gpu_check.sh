@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # GPU check of candle-ext's CUDA kernels, for a machine with an NVIDIA GPU and the CUDA toolkit:
 #   1. build the extension with its CUDA kernels (editable install, so the tests import the build),
-#   2. run every @pytest.mark.cuda test (python_tests/test_cuda_kernels.py and the GPU tests of other modules),
-#   3. run compute-sanitizer memcheck, racecheck and synccheck over a small script that launches every CUDA
-#      kernel variant (sign_pack/sign_ste layouts and vector widths, each conv path, tile shape and cp.async
-#      width, both conv output layouts, the multi-res head forward and backward with split-K),
-#   4. optionally (CANDLE_GPU_CHECK_BENCH=1) the CUDA benchmarks.
-# Logs: ${OUT:-./gpu_check_out}/{summary.txt,build.log,tests.log,memcheck.log,racecheck.log,synccheck.log,bench.log}
+#   2. launch every CUDA kernel variant once on small shapes and check each result (a script, seconds:
+#      sign_pack/sign_ste layouts and vector widths, each conv path, tile shape and cp.async width, both conv
+#      output layouts, the multi-res head forward and backward with split-K),
+#   3. run the @pytest.mark.cuda tests of CANDLE_GPU_CHECK_TESTS (default: all of python_tests; the CUDA kernels'
+#      own are python_tests/test_cuda_kernels.py, the rest adds the Triton JIT and model tests),
+#   4. run the compute-sanitizer tools of CANDLE_GPU_CHECK_SANITIZERS (default "memcheck racecheck synccheck",
+#      slowest last; "" for none) over the script of step 2,
+#   5. optionally (CANDLE_GPU_CHECK_BENCH=1) the CUDA benchmarks.
+# A short GPU window: CANDLE_GPU_CHECK_TESTS=python_tests/test_cuda_kernels.py CANDLE_GPU_CHECK_SANITIZERS=memcheck.
+# Logs: ${OUT:-./gpu_check_out}/{summary.txt,build.log,kernels.log,tests.log,memcheck.log,racecheck.log,
+# synccheck.log,bench.log}
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: this GPU's arch), MAX_JOBS.
 # Exit status 0 when every step passed.
 set -uo pipefail
@@ -18,6 +23,14 @@ PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 failed=0
+# Checked before anything is built: a misspelt tool would otherwise be found after the build and the tests.
+read -r -a TOOLS <<<"${CANDLE_GPU_CHECK_SANITIZERS-memcheck racecheck synccheck}"
+for t in "${TOOLS[@]}"; do
+  case $t in memcheck | racecheck | synccheck) ;; *)
+    echo "CANDLE_GPU_CHECK_SANITIZERS: unknown tool '$t' (memcheck, racecheck, synccheck)" | tee -a "$SUMMARY"
+    exit 2 ;;
+  esac
+done
 
 step() {  # step NAME LOG COMMAND...: run, log, record the exit status and the time taken
   local name=$1 log=$2
@@ -47,10 +60,6 @@ if ! step "build (CUDA kernels for $ARCH)" "$OUT/build.log" build; then
   tail -n 40 "$OUT/build.log" >>"$SUMMARY"
   exit 1
 fi
-
-step "pytest -m cuda" "$OUT/tests.log" \
-  "$PY" -m pytest python_tests -m cuda -q -rs -p no:cacheprovider --durations=15
-tail -n 5 "$OUT/tests.log" >>"$SUMMARY"
 
 SCRIPT=$(mktemp --suffix=.py)
 trap 'rm -f "$SCRIPT"' EXIT
@@ -109,25 +118,35 @@ torch.cuda.synchronize()
 print("all kernels ran")
 EOF
 
+step "every kernel variant once" "$OUT/kernels.log" "$PY" "$SCRIPT"
+tail -n 3 "$OUT/kernels.log" >>"$SUMMARY"
+
+read -r -a TESTS <<<"${CANDLE_GPU_CHECK_TESTS:-python_tests}"
+step "pytest -m cuda ${TESTS[*]}" "$OUT/tests.log" \
+  "$PY" -m pytest "${TESTS[@]}" -m cuda -q -rs -p no:cacheprovider --durations=15
+tail -n 5 "$OUT/tests.log" >>"$SUMMARY"
+
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
-if [ -z "$SAN" ]; then
+if [ "${#TOOLS[@]}" -eq 0 ]; then
+  echo "== sanitizers: none asked for (CANDLE_GPU_CHECK_SANITIZERS is empty)" | tee -a "$SUMMARY"
+elif [ -z "$SAN" ]; then
   echo "== compute-sanitizer not found: sanitizer steps skipped" | tee -a "$SUMMARY"
   failed=1
 else
   # No caching allocator: memcheck then sees every tensor's real bounds.
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  step "compute-sanitizer memcheck" "$OUT/memcheck.log" \
-    "$SAN" --tool memcheck --error-exitcode 99 --print-limit 50 "$PY" "$SCRIPT"
-  # racecheck and synccheck instrument only candle-ext's kernels (namespace candle in the mangled names).
-  step "compute-sanitizer racecheck" "$OUT/racecheck.log" \
-    "$SAN" --tool racecheck --racecheck-report all --error-exitcode 99 --print-limit 50 --kernel-name kns=candle \
-    "$PY" "$SCRIPT"
-  step "compute-sanitizer synccheck" "$OUT/synccheck.log" \
-    "$SAN" --tool synccheck --error-exitcode 99 --print-limit 50 --kernel-name kns=candle "$PY" "$SCRIPT"
-  unset PYTORCH_NO_CUDA_MEMORY_CACHING
-  for t in memcheck racecheck synccheck; do
+  for t in "${TOOLS[@]}"; do
+    case $t in
+      memcheck) opts=() ;;
+      # racecheck and synccheck instrument only candle-ext's kernels (namespace candle in the mangled names).
+      racecheck) opts=(--racecheck-report all --kernel-name kns=candle) ;;
+      synccheck) opts=(--kernel-name kns=candle) ;;
+    esac
+    step "compute-sanitizer $t" "$OUT/$t.log" \
+      "$SAN" --tool "$t" "${opts[@]}" --error-exitcode 99 --print-limit 50 "$PY" "$SCRIPT"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|all kernels ran" "$OUT/$t.log" | sed "s/^/   $t: /" >>"$SUMMARY"
   done
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING
 fi
 
 if [ "${CANDLE_GPU_CHECK_BENCH:-0}" = "1" ]; then

@@ -536,12 +536,19 @@ def test_multires_head_autograd_through_public_api(C, cuda_backend, monkeypatch)
 
 
 def test_multires_head_matches_eager_composition(C, monkeypatch):
-    """The op is exactly interpolate(conv1x1) + cat: compare with that composition in float64 semantics."""
+    """The op is exactly resize(conv1x1) + cat, the resize an area average along an axis that shrinks and nearest
+    along one that grows (test_reference checks the reference against the same composition): compare with it in
+    float64. The (16, 13) map shrinks to the base's (7, 6), the (5, 3) one grows."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     feats, weights, biases, base = _head_inputs((2, 16, 8, [(5, 3), (7, 6), (16, 13)], 1), torch.float32, 12)
-    size = feats[base].shape[-2:]
-    eager = torch.cat([F.interpolate(F.conv2d(f.double(), w.double()[:, :, None, None], b.double()), size=size,
-                                     mode="nearest") for f, w, b in zip(feats, weights, biases)], dim=1)
+    hb, wb = feats[base].shape[-2:]
+
+    def resized(y):
+        return F.interpolate(F.adaptive_avg_pool2d(y, (min(y.shape[-2], hb), min(y.shape[-1], wb))), size=(hb, wb),
+                             mode="nearest")
+
+    eager = torch.cat([resized(F.conv2d(f.double(), w.double()[:, :, None, None], b.double()))
+                       for f, w, b in zip(feats, weights, biases)], dim=1)
     got = C.multires_head_cuda(feats, weights, biases, base)
     torch.testing.assert_close(got.double(), eager, rtol=1e-5, atol=1e-5)
 

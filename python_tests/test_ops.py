@@ -515,3 +515,36 @@ def test_compiled_module_rejects_bad_input_directly():
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):
         mod.binary_conv2d_cpu(torch.zeros(1, 2, 2, 1, dtype=torch.int32), torch.zeros(4, 3, 3, 1, dtype=torch.int32),
                               32, 2, 2, 0, 0, 1, 1, None, None, mod.OutKind.int32)
+
+
+def test_cuda_sign_ste_bias_gradient_is_deterministic_when_asked(monkeypatch):
+    """The CUDA kernel sums the bias gradient with float atomics (last bits vary run to run); under
+    torch.use_deterministic_algorithms(True) the cuda backend takes it as minus the per-channel sum of grad_x
+    instead. Checked with a stand-in for the compiled kernel (whose bias gradient is off in its last bits), so
+    that the choice is tested without a GPU."""
+    from types import SimpleNamespace
+
+    sign_ste_op = importlib.import_module("candle_ext.ops.sign_ste")  # the module; candle_ext.ops.sign_ste is the op
+
+    def kernel(grad, x, bias):
+        gx, gb = R.sign_ste_backward(grad, x, bias)
+        return gx, None if gb is None else gb * (1 + 4 * torch.finfo(gb.dtype).eps)  # an atomics-order result
+
+    monkeypatch.setattr(backend, "compiled_module", lambda: SimpleNamespace(sign_ste_backward_cuda=kernel))
+    for shape, dtype in (((3, 5, 4, 6), torch.float32), ((7, 9), torch.float64), ((2, 4, 3, 3), torch.bfloat16)):
+        x = torch.randn(shape).to(dtype)
+        g, b = torch.randn(shape).to(dtype), torch.randn(shape[1]) * 0.3
+        want_gx, want_gb = R.sign_ste_backward(g, x, b)
+        _, fast = sign_ste_op._cuda_backward(g, x, b)
+        assert not torch.equal(fast, want_gb)  # the stand-in's own bias gradient passes through by default
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            gx, gb = sign_ste_op._cuda_backward(g, x, b)
+        finally:
+            torch.use_deterministic_algorithms(before)
+        assert torch.equal(gx, want_gx) and gb.dtype == b.dtype
+        dims = [d for d in range(gx.dim()) if d != 1]
+        acc = torch.promote_types(dtype, torch.float32)  # summed by torch in float32 (float64 for float64)
+        assert torch.equal(gb, (-want_gx.to(acc).sum(dims)).to(b.dtype))
+        assert sign_ste_op._cuda_backward(g, x, None)[1] is None

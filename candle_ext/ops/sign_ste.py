@@ -20,6 +20,12 @@ def _triton(x, bias):
 
 def _cuda_backward(grad, x, bias):
     gx, gb = backend.compiled_module().sign_ste_backward_cuda(grad=grad, x=x, bias=bias)
+    if gb is not None and torch.are_deterministic_algorithms_enabled():
+        # The kernel sums the bias gradient with float atomics (the last bits can differ from run to run). It is
+        # minus the per-channel sum of grad_x, which torch sums in a fixed order (in float32 at least, as the
+        # kernel does).
+        dims = [d for d in range(gx.dim()) if d != 1]
+        gb = (-gx.sum(dim=dims, dtype=torch.promote_types(gx.dtype, torch.float32))).to(gb.dtype)
     return gx, gb
 
 

@@ -578,7 +578,8 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& w, int64_t channels, int
   TORCH_CHECK_VALUE(x.numel() <= kIndexLimit && w.numel() <= kIndexLimit &&
                         g.n * g.cout * g.ho * g.wo <= kIndexLimit && g.cout * g.kh * g.kw * g.words <= kIndexLimit &&
                         g.n * g.h * g.w + g.cout * g.kh * g.kw <= kIndexLimit &&
-                        g.n * g.ho * g.wo + 256 <= kIndexLimit,  // a tile's rows past the last pixel stay in int
+                        g.n * g.ho * g.wo + 256 <= kIndexLimit &&  // a tile's rows past the last pixel stay in int
+                        g.kh * g.kw * g.words + kPopK <= kIndexLimit,  // so does the popcount path's k0 past K
                     "binary_conv2d_cuda needs fewer than 2^31 elements in each of x_packed, w_packed and the output");
   const auto* prop = at::cuda::getDeviceProperties(x.device().index());
   const auto addr_x = reinterpret_cast<uintptr_t>(x.data_ptr()), addr_w = reinterpret_cast<uintptr_t>(w.data_ptr());
