@@ -19,7 +19,7 @@ def describe() -> str:
         f"compiled module candle_ext._C: {'yes' if mod is not None else 'no'}",
     ]
     if mod is not None:
-        lines.append(f"  CPU kernels: yes ({mod.cpu_features})")
+        lines.append(f"  CPU kernels: yes ({mod.cpu_features()})")
         lines.append(f"  CUDA kernels: {'yes, archs ' + backend.build_info('cuda_archs') if mod.with_cuda else 'no'}")
     lines.append("backends:")
     for name in backend.ORDER:

@@ -26,7 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .value("tensor_cores", ConvPath::kTensorCores)
       .value("cuda_cores", ConvPath::kCudaCores);
 
-  m.attr("cpu_features") = candle::cpu_features();
+  m.def("cpu_features", &candle::cpu_features,
+        "the machine and the CPU kernel path the next call takes (CANDLE_EXT_CPU_ISA read now), in words");
   m.def("cpu_isa", &candle::cpu_isa, "the CPU kernel path the next call takes: avx512, avx2, neon or portable");
   m.def("sign_pack_cpu", &candle::sign_pack_cpu, "pack sign(x - bias) of NCHW float32 into int32 words",
         py::arg("x"), py::arg("bias"));

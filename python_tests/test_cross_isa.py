@@ -399,15 +399,23 @@ def test_extension_reports_the_path_in_use(monkeypatch):
     monkeypatch.delenv("CANDLE_EXT_CPU_ISA", raising=False)
     native = _C.cpu_isa()
     assert native in ("avx512", "avx2", "neon", "portable")
-    assert ("AVX2 kernels" in _C.cpu_features) == (native == "avx2")
-    assert ("AVX-512 kernels" in _C.cpu_features) == (native == "avx512")
+    assert ("AVX2 kernels" in _C.cpu_features()) == (native == "avx2")
+    assert ("AVX-512 kernels" in _C.cpu_features()) == (native == "avx512")
     monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")
     assert _C.cpu_isa() == "portable"
+    # read on each call, as the kernels read it (it was fixed when the module was imported)
+    assert "portable kernels: CANDLE_EXT_CPU_ISA=portable" in _C.cpu_features(), _C.cpu_features()
     monkeypatch.setenv("CANDLE_EXT_CPU_ISA", native)
     assert _C.cpu_isa() == native
     if native == "avx512":  # an AVX-512 CPU runs the AVX2 path too
         monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "avx2")
         assert _C.cpu_isa() == "avx2"
+    elif native == "avx2":  # the refusal names the features it looks for (F and BW alone lack the popcount)
+        monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "avx512")
+        with pytest.raises(ValueError, match=r"lacks the AVX-512 instructions the kernel needs \(AVX-512 F, BW and "
+                                             r"VPOPCNTDQ; its best path: avx2\)"):
+            _C.cpu_isa()
+        assert "no kernels run: CANDLE_EXT_CPU_ISA=avx512 was asked for" in _C.cpu_features()
     lacking = ["neon"] if native != "neon" else ["avx2", "avx512"]
     if native == "avx2":
         lacking.append("avx512")

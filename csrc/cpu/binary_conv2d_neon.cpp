@@ -165,7 +165,7 @@ inline void write4(const Args& a, int64_t img, int64_t co, int64_t pix, int32_t 
 inline void write1(const Args& a, int64_t img, int64_t co, int64_t pix, int32_t base, uint32_t pop) {
   const int64_t hw = a.g.ho * a.g.wo;
   const int64_t o = (img * a.g.cout + co) * hw + pix;
-  const int32_t acc = base - 2 * static_cast<int32_t>(pop);
+  const int32_t acc = static_cast<int32_t>(base - 2 * static_cast<int64_t>(pop));  // 2 * pop may pass 2^31
   if (a.out_i) {
     a.out_i[o] = acc;
   } else {

@@ -74,6 +74,21 @@ inline const char* isa_title(Isa isa) {
   }
 }
 
+// The CPU features a path is chosen by, as a refusal names them (AVX-512 F and BW alone, e.g. Skylake-SP and
+// Cascade Lake, lack the popcount).
+inline const char* isa_needs(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512:
+      return "AVX-512 F, BW and VPOPCNTDQ";
+    case Isa::Avx2:
+      return "AVX2 and F16C";
+    case Isa::Neon:
+      return "an aarch64 CPU";
+    default:
+      return "nothing";
+  }
+}
+
 // Whether this build has `isa`'s path and this CPU runs it (the environment aside).
 inline bool isa_available(Isa isa) {
   switch (isa) {
@@ -128,7 +143,8 @@ inline bool choose_isa(Isa& isa, std::string& error) {
     if (std::strcmp(want, isa_name(candidate)) != 0) continue;
     if (!isa_available(candidate)) {
       error = std::string("CANDLE_EXT_CPU_ISA=") + want + " was asked for, but this CPU lacks the " +
-              isa_title(candidate) + " instructions the kernel needs (its best path: " + isa_name(best) + ")";
+              isa_title(candidate) + " instructions the kernel needs (" + isa_needs(candidate) +
+              "; its best path: " + isa_name(best) + ")";
       return false;
     }
     isa = candidate;
