@@ -19,7 +19,8 @@ def describe() -> str:
         f"compiled module candle_ext._C: {'yes' if mod is not None else 'no'}",
     ]
     if mod is not None:
-        lines.append(f"  CPU kernels: yes ({mod.cpu_features()})")
+        features = mod.cpu_features  # a function; an attribute in builds before 766cc39
+        lines.append(f"  CPU kernels: yes ({features() if callable(features) else features})")
         lines.append(f"  CUDA kernels: {'yes, archs ' + backend.build_info('cuda_archs') if mod.with_cuda else 'no'}")
     lines.append("backends:")
     for name in backend.ORDER:

@@ -165,5 +165,12 @@ def test_compare_refuses_folders_made_from_other_images(tmp_path, capsys):
         spec = json.loads(rec.read_text())
         assert len(spec.pop("data.train_fingerprint")) == 32 and len(spec.pop("data.test_fingerprint")) == 32
         rec.write_text(json.dumps(spec))
-    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "train" / "b" / "1.png")
+    img = tmp_path / "train" / "b" / "1.png"
+    old, st = img.read_bytes(), os.stat(img)
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(img)
     assert _compare(cfg, out) == 0 and "done before" in capsys.readouterr().out
+    # ... and gain the fingerprints when reused: from then on a change is noticed there too
+    assert all("data.train_fingerprint" in json.loads(rec.read_text()) for rec in out.glob("**/" + MADE_WITH))
+    img.write_bytes(old)
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _compare(cfg, out) == 2 and "data.train_fingerprint" in capsys.readouterr().err

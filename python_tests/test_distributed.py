@@ -185,6 +185,10 @@ def _context_check(env: DistEnv, out_dir: str):
     """The run context's door to the process group: place (sync BN + broadcast), synced optimizers, the rank's
     sampler and batch, gathered rows."""
     ctx = _tiny_context(env, os.path.join(out_dir, f"ctx{env.rank}"))
+    # Each rank's copy of the data digests differently (node-local copies with other file times): the records
+    # every rank checks come from rank 0, so the fingerprint must be rank 0's on every rank.
+    ctx.train._fingerprint = f"digest on rank {env.rank}"
+    fingerprints = ctx.data_fingerprints()
     torch.manual_seed(100 + env.rank)  # different initial weights on every rank: place must broadcast rank 0's
     student = ctx.place(_TinyStudent(), sync_bn=True)
     placed = {k: v.clone() for k, v in student.state_dict().items()}
@@ -202,7 +206,8 @@ def _context_check(env: DistEnv, out_dir: str):
             "plain_bn_types": sorted({type(m).__name__ for m in plain.modules() if "Norm" in type(m).__name__}),
             "placed": placed, "stepped": stepped, "sampler": type(sampler).__name__,
             "indices": list(iter(sampler)), "local_batch": ctx.local_batch(8),
-            "gathered": ctx.gather_rows(torch.arange(10)[list(shard_indices(10, env))]), "is_main": ctx.is_main}
+            "gathered": ctx.gather_rows(torch.arange(10)[list(shard_indices(10, env))]), "is_main": ctx.is_main,
+            "fingerprints": fingerprints}
 
 
 def _worker(rank, world, port, out_dir):
@@ -323,6 +328,7 @@ def test_run_context_two_processes(two_ranks):
         assert c["sampler"] == "DistributedEpochSampler" and c["local_batch"] == 4
         assert torch.equal(c["gathered"], torch.arange(10))
     assert (c0["is_main"], c1["is_main"]) == (True, False)
+    assert c0["fingerprints"] == c1["fingerprints"] == {"data.train_fingerprint": "digest on rank 0"}
     for k in c0["placed"]:  # rank 0's start on both ranks, and the same averaged step
         assert torch.equal(c0["placed"][k], c1["placed"][k]), k
         assert torch.equal(c0["stepped"][k], c1["stepped"][k]), k

@@ -340,6 +340,32 @@ def test_binarize_warns_about_convs_it_cannot_express():
                   skip="1")  # skipped by the user: no warning
     with pytest.raises(TypeError, match="binarize the model itself, then compile it"):
         binarize_(torch.compile(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))))
+    inner = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)), nn.Conv2d(8, 2, 1))
+    inner[1] = torch.compile(inner[1])
+    with pytest.raises(TypeError, match=r"torch.compile'd module \(1\)"):
+        binarize_(inner)
+    assert type(inner[0]) is nn.Conv2d  # refused before anything was replaced
+
+
+def test_binarize_takes_weights_that_wrappers_compute():
+    """A conv whose weight a wrapper computes (pruning, weight_norm, parametrizations) holds a plain tensor, not
+    a Parameter: binarize_ takes its current values (it raised part-way, leaving the model half converted)."""
+    import torch.nn.utils.parametrizations
+    import torch.nn.utils.prune
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3),
+                          nn.Conv2d(8, 2, 1))
+    torch.nn.utils.prune.l1_unstructured(model[1], "weight", amount=0.5)
+    torch.nn.utils.parametrizations.weight_norm(model[2])
+    model[3].weight.requires_grad_(False)
+    want = [model[i].weight.detach().clone() for i in (1, 2)]
+    binarize_(model)
+    assert model.candle_binarized == ("1", "2", "3")
+    for i, w in zip((1, 2), want):
+        conv = model[i].conv
+        assert isinstance(conv.weight, nn.Parameter) and conv.weight.requires_grad and torch.equal(conv.weight, w)
+    assert model[3].conv.weight.requires_grad is False
+    model(torch.randn(1, 3, 12, 12)).sum().backward()
 
 
 def test_binarize_mobilenet_v2_folds_conv_bn_sequences():

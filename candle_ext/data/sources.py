@@ -130,7 +130,7 @@ class ImageSet(abc.ABC):
         changed in place under the same configuration is noticed. Computed once per set."""
         if getattr(self, "_fingerprint", None) is None:
             h = hashlib.blake2b(digest_size=16)
-            h.update(json.dumps(self.classes).encode())
+            h.update(json.dumps([str(c) for c in self.classes]).encode())
             h.update(np.ascontiguousarray(self.labels, dtype="<i8").tobytes())
             self._digest_images(h)
             self._fingerprint = h.hexdigest()
@@ -175,7 +175,7 @@ class TensorImageSet(ImageSet):
 
     def _digest_images(self, h) -> None:
         h.update(f"{tuple(self.images.shape)} {self.images.dtype}".encode())
-        h.update(self.images.reshape(-1).view(torch.uint8).numpy())  # contiguous: a view, not a copy
+        h.update(self.images.cpu().reshape(-1).view(torch.uint8).numpy())  # contiguous on the CPU: a view
 
     def batch(self, indices, size: int) -> torch.Tensor:
         x = self.images[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
@@ -372,7 +372,10 @@ class _TorchvisionItems(ImageSet):
         h.update(np.ascontiguousarray(self.indices, dtype="<i8").tobytes())
         files = _torchvision_files(self.ds)
         if files is not None:
-            _digest_files(h, [files[int(i)] for i in self.indices])
+            try:
+                _digest_files(h, [files[int(i)] for i in self.indices])
+            except OSError:  # not paths of files after all (the dataset reads them some other way)
+                h.update(b"\0file list not readable")
 
     def batch(self, indices, size):
         out = []
@@ -396,6 +399,6 @@ def _torchvision_files(ds) -> Optional[List[str]]:
         if not isinstance(items, (list, tuple)) or len(items) != len(ds):
             continue
         paths = [it[0] if isinstance(it, (list, tuple)) and it else it for it in items]
-        if all(isinstance(p, (str, os.PathLike)) and os.path.isfile(p) for p in paths):
-            return [os.fspath(p) for p in paths]
+        if all(isinstance(p, (str, os.PathLike)) for p in paths) and (not paths or os.path.isfile(paths[0])):
+            return [os.fspath(p) for p in paths]  # each is stat'ed once, by _digest_files
     return None

@@ -49,7 +49,12 @@ def _binary_replacement(conv: nn.Conv2d) -> nn.Sequential:
     binary = BinaryConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                           _explicit_padding(conv), conv.dilation, bias=conv.bias is not None,
                           device="meta", dtype=weight.dtype)  # no storage: its Parameters are the conv's
-    binary.weight, binary.bias = conv.weight, conv.bias
+    for name in ("weight", "bias"):
+        value = getattr(conv, name)
+        if value is not None and not isinstance(value, nn.Parameter):
+            # computed by a wrapper (pruning, weight_norm, parametrizations): its current values, as a Parameter
+            value = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+        setattr(binary, name, value)
     binary.train(conv.training)
     sign = RSign(conv.in_channels).to(device=weight.device, dtype=weight.dtype)
     return nn.Sequential(OrderedDict(sign=sign, conv=binary)).train(conv.training)
@@ -113,7 +118,8 @@ def _skip_predicate(model: nn.Module, skip: Skip) -> Callable[[str, nn.Module], 
 def binarize_(model: nn.Module, skip: Skip = None, *, keep_first: bool = True, keep_last: bool = True
               ) -> nn.Module:
     """Replace, in place, every nn.Conv2d of `model` with groups == 1 by RSign + BinaryConv2d (an
-    nn.Sequential(sign=RSign, conv=BinaryConv2d)) holding a copy of its weights, and return `model`.
+    nn.Sequential(sign=RSign, conv=BinaryConv2d)) holding its weight and bias Parameters, and return `model`
+    (a weight a wrapper computes, e.g. torch.nn.utils.prune or weight_norm, is taken as its current values).
 
     Kept full precision: depthwise/grouped convs, conv subclasses with their own forward, and by default the
     first conv and the last layer (the last nn.Conv2d/nn.Linear), in module registration order, which is the
@@ -129,9 +135,11 @@ def binarize_(model: nn.Module, skip: Skip = None, *, keep_first: bool = True, k
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
-        raise TypeError("binarize_ got a torch.compile'd model: binarize the model itself, then compile it (the "
-                        "compiled wrapper's names start with '_orig_mod.', which a saved model could not rebuild)")
+    compiled = [n or "the model" for n, m in model.named_modules() if type(m).__name__ == "OptimizedModule"]
+    if compiled:
+        raise TypeError(f"binarize_ got a torch.compile'd module ({', '.join(compiled)}): binarize the model itself, "
+                        "then compile it (a compiled wrapper's names hold '_orig_mod.', which a saved model could not "
+                        "rebuild)")
     keep = _skip_predicate(model, skip)
     layers = [(n, m) for n, m in model.named_modules()
               if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, BinaryConv2d)]

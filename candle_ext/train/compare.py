@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from candle_ext.train import checkpoint, pipeline
-from candle_ext.train.config import Config, data_fingerprints, made_with_diff
+from candle_ext.train.config import DATA_FINGERPRINT_KEYS, Config, data_fingerprints, made_with_diff
 from candle_ext.train.context import Context
 from candle_ext.train.distill import METHODS
 from candle_ext import files
@@ -142,8 +142,14 @@ def claim(folder: str, spec: Dict[str, object]) -> None:
     """check_made_with, then record spec before anything is trained there (an unfinished run resumes from its
     checkpoint, so the record must exist from the start)."""
     check_made_with(folder, spec)
-    if not os.path.exists(os.path.join(folder, MADE_WITH)):
-        write_json(spec, os.path.join(folder, MADE_WITH))
+    path = os.path.join(folder, MADE_WITH)
+    if not os.path.exists(path):
+        write_json(spec, path)
+        return
+    old = files.read_json(path, "configuration record")
+    added = {k: v for k, v in spec.items() if k in DATA_FINGERPRINT_KEYS and k not in old}
+    if added:  # a record from before the fingerprints: from now on, data changed in place is noticed here too
+        write_json({**old, **added}, path)
 
 
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -286,7 +292,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
             claim(tdir, teacher_spec(cfg, multires, data))
             if os.path.exists(os.path.join(tdir, "teacher_report.json")):
                 teacher = load_calibrated_teacher(ctx.cfg.teacher, path, num_classes=ctx.num_classes,
-                                                  record=calibration_record(ctx.cfg, train))
+                                                  record=calibration_record(ctx.cfg, data))
                 teacher = teacher.to(ctx.device).eval()
                 cache = encode_dataset(teacher, train, cfg.calibrate.batch_size, ctx.device)
                 rep = _read_metrics(os.path.join(tdir, "teacher_report.json"))
@@ -382,7 +388,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
         kind = "multi" if multires else "single"
         rep_path = os.path.join(out, f"teacher_{kind}", "teacher_report.json")
         if multires not in teachers and os.path.exists(rep_path):
-            check_made_with(os.path.dirname(rep_path), teacher_spec(cfg, multires, data))
+            claim(os.path.dirname(rep_path), teacher_spec(cfg, multires, data))
             res = teacher_resolutions(cfg.replace(**{"teacher.multires": multires}).teacher)[0]
             teacher_reports[f"{kind}-resolution {res}"] = _read_metrics(rep_path)
         else:

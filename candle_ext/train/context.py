@@ -30,9 +30,9 @@ from torch import nn
 from candle_ext.data import build_datasets, class_groups, class_order
 from candle_ext.data.sampler import make_rank_sampler
 from candle_ext.nn.sync_batchnorm import convert_sync_batchnorm, revert_sync_batchnorm
-from candle_ext.train.config import Config
-from candle_ext.train.distributed import (DistEnv, all_gather_rows, barrier, broadcast_module, local_batch_size,
-                                          sync_optimizer)
+from candle_ext.train.config import Config, data_fingerprints
+from candle_ext.train.distributed import (DistEnv, all_gather_rows, barrier, broadcast_module, broadcast_object,
+                                          local_batch_size, sync_optimizer)
 from candle_ext.train.loop import fit
 from candle_ext.train.student import build_student
 from candle_ext.train.teacher import teacher_resolutions
@@ -104,6 +104,7 @@ class Context:
         self.res, self.base = teacher_resolutions(cfg.teacher)
         self.size = self.res[self.base]  # the student's input resolution
         self._channels: Optional[int] = None
+        self._fingerprints: Optional[Dict[str, str]] = None
         self.precision = Precision(cfg.amp, cfg.channels_last, "cuda" if self.device == "cuda" else "cpu")
 
     # ------------------------------------------------------------------------------------- models, optimizers
@@ -131,6 +132,14 @@ class Context:
         for opt in optimizers:
             if opt is not None:
                 sync_optimizer(opt, self.dist)
+
+    def data_fingerprints(self) -> Dict[str, str]:
+        """The training set's fingerprint for made_with records (config.data_fingerprints), as rank 0 computes it:
+        nodes may hold copies of the data with other file times, and the records they check come from rank 0.
+        The first call is a collective (every rank calls it at the same point); later calls return it again."""
+        if self._fingerprints is None:
+            self._fingerprints = broadcast_object(data_fingerprints(self.train) if self.is_main else None, self.dist)
+        return self._fingerprints
 
     def student_channels(self) -> int:
         """The configured student's encoder output channels (what the teacher's 1x1 convs map to)."""

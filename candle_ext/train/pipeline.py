@@ -22,7 +22,6 @@ from candle_ext.nn.multires import MultiResolutionTeacher
 from candle_ext.train import checkpoint
 from candle_ext.train.balancer import SyncedBalancer
 from candle_ext.train.calibrate import calibrate_step, make_calibration
-from candle_ext.train.config import data_fingerprints
 from candle_ext.train.context import Context
 from candle_ext.train.distill import METHODS, build_distill_parts, distill_step
 from candle_ext.train.evaluate import evaluate_student, evaluate_teacher, write_json, write_reports
@@ -69,12 +68,12 @@ def calibrate(ctx: Context, resume: bool = False, cache: Optional[List[torch.Ten
     head = HeadState(teacher, os.path.join(ctx.out, "calibrate_last.pt"))
     made_with = {**ctx.cfg.subset(("seed", "data", "teacher", "student", "calibrate"),
                                   exclude=("calibrate.epochs", "calibrate.evaluate")),  # for --resume: see distill()
-                 **data_fingerprints(ctx.train)}
+                 **ctx.data_fingerprints()}
     history = ctx.fit("calibrate", c.epochs, sampler, lbs, step, {"head": head, "opt": opt, "sched": sched},
                       resume, None, stop_after_steps, made_with)
     if ctx.is_main:
         save_teacher(teacher, ctx.cfg.teacher, os.path.join(ctx.out, "teacher.pt"),
-                     calibration_record(ctx.cfg, ctx.train))
+                     calibration_record(ctx.cfg, ctx.data_fingerprints()))
     ctx.barrier()  # teacher.pt exists for every rank of a following stage
     report = {"encode_seconds": t_enc, "history": history}
     if c.evaluate:
@@ -122,7 +121,7 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
                     raise FileNotFoundError(f"{path} does not exist: mode {mode!r} distils from the calibrated "
                                             f"teacher; run `candle calibrate` with this configuration first")
                 teacher = load_calibrated_teacher(ctx.cfg.teacher, path, ctx.dist, ctx.num_classes,
-                                                  calibration_record(ctx.cfg, ctx.train))
+                                                  calibration_record(ctx.cfg, ctx.data_fingerprints()))
         teacher = ctx.place(teacher, broadcast=False).eval()  # identical on every rank already
         if teacher.student_channels != student.num_features:
             raise ValueError(f"teacher maps to {teacher.student_channels} channels, the student has "
@@ -166,7 +165,7 @@ def distill(ctx: Context, mode: Optional[str] = None, teacher: Optional[MultiRes
                                                          "calibrated": ("teacher", "calibrate")}[method.teacher]
     made_with = {"mode": mode, **ctx.cfg.subset(sections, exclude=("distill.epochs", "distill.mode",
                                                                     "distill.baselines", "distill.eval_every_epoch")),
-                 **data_fingerprints(ctx.train)}
+                 **ctx.data_fingerprints()}
     t0 = time.time()
     history = ctx.fit(name, d.epochs, sampler, lbs, step, parts.modules(), resume, end_of_epoch, stop_after_steps,
                       made_with)

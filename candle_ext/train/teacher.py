@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from candle_ext import files
 from candle_ext.nn.multires import MultiResolutionTeacher
 from candle_ext.train import checkpoint
-from candle_ext.train.config import Config, TeacherConfig, data_fingerprints, made_with_diff
+from candle_ext.train.config import Config, TeacherConfig, made_with_diff
 from candle_ext.train.distributed import DistEnv, all_gather_rows, broadcast_object
 
 if TYPE_CHECKING:
@@ -222,12 +222,12 @@ def check_encoder(enc: nn.Module, name: str, resolutions: Sequence[int]) -> None
 CALIBRATION_EXCLUDE = ("data.test_dir", "data.test_split", "data.test_per_class", "calibrate.evaluate")
 
 
-def calibration_record(cfg: Config, train) -> dict:
+def calibration_record(cfg: Config, fingerprints: Dict[str, str]) -> dict:
     """What a calibrated head was made from, beyond the fields teacher.pt describes itself: the training data
-    (its configuration and its fingerprint), the teacher's weights, the student's width and the calibration
-    settings (Config.subset)."""
+    (its configuration, and its fingerprint from `fingerprints`, config.data_fingerprints), the teacher's
+    weights, the student's width and the calibration settings (Config.subset)."""
     return {**cfg.subset(("data", "teacher", "student", "calibrate"), exclude=CALIBRATION_EXCLUDE),
-            **data_fingerprints(train)}
+            "data.train_fingerprint": fingerprints["data.train_fingerprint"]}
 
 
 def save_teacher(teacher: MultiResolutionTeacher, tcfg: TeacherConfig, path: str,
