@@ -5,13 +5,15 @@
 #      sign_pack/sign_ste layouts and vector widths, each conv path, tile shape and cp.async width, both conv
 #      output layouts, the multi-res head forward and backward with split-K),
 #   3. run the @pytest.mark.cuda tests of CANDLE_GPU_CHECK_TESTS (default: all of python_tests; the CUDA kernels'
-#      own are python_tests/test_cuda_kernels.py, the rest adds the Triton JIT and model tests),
+#      own are python_tests/test_cuda_kernels.py, the rest adds the Triton JIT and model tests), then, unless
+#      CANDLE_GPU_CHECK_TRITON=0, every test of python_tests/test_triton.py (most are not marked cuda: on a GPU
+#      they run the compiled kernels on CUDA tensors),
 #   4. run the compute-sanitizer tools of CANDLE_GPU_CHECK_SANITIZERS (default "memcheck racecheck synccheck",
 #      slowest last; "" for none) over the script of step 2,
 #   5. optionally (CANDLE_GPU_CHECK_BENCH=1) the CUDA benchmarks.
 # A short GPU window: CANDLE_GPU_CHECK_TESTS=python_tests/test_cuda_kernels.py CANDLE_GPU_CHECK_SANITIZERS=memcheck.
-# Logs: ${OUT:-./gpu_check_out}/{summary.txt,build.log,kernels.log,tests.log,memcheck.log,racecheck.log,
-# synccheck.log,bench.log}
+# Logs: ${OUT:-./gpu_check_out}/{summary.txt,build.log,kernels.log,tests.log,triton.log,memcheck.log,
+# racecheck.log,synccheck.log,bench.log}
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: this GPU's arch), MAX_JOBS.
 # Exit status 0 when every step passed.
 set -uo pipefail
@@ -125,6 +127,11 @@ read -r -a TESTS <<<"${CANDLE_GPU_CHECK_TESTS:-python_tests}"
 step "pytest -m cuda ${TESTS[*]}" "$OUT/tests.log" \
   "$PY" -m pytest "${TESTS[@]}" -m cuda -q -rs -p no:cacheprovider --durations=15
 tail -n 5 "$OUT/tests.log" >>"$SUMMARY"
+if [ "${CANDLE_GPU_CHECK_TRITON:-1}" != "0" ]; then
+  step "pytest python_tests/test_triton.py (compiled kernels)" "$OUT/triton.log" \
+    "$PY" -m pytest python_tests/test_triton.py -q -rs -p no:cacheprovider --durations=10
+  tail -n 5 "$OUT/triton.log" >>"$SUMMARY"
+fi
 
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 if [ "${#TOOLS[@]}" -eq 0 ]; then

@@ -161,7 +161,7 @@ class _Recorder:
             signature[name] = "constexpr"
         return dict(kernel=self.name, signature=signature, constexprs=constexprs, attrs=attrs,
                     num_warps=options.get("num_warps"), num_stages=options.get("num_stages"),
-                    maxnreg=options.get("maxnreg"))
+                    maxnreg=options.get("maxnreg"), fp_fusion=options.get("enable_fp_fusion", True))
 
 
 @contextmanager
@@ -283,6 +283,10 @@ def build_jobs(archs):
             problems.append(dict(kernel=name, arch=None, config=_label(used, call["num_warps"], call["num_stages"]),
                                  error="a launcher used a configuration that its LAUNCH_CONFIGS function never "
                                        "returns"))
+        if call["fp_fusion"] is not False:
+            problems.append(dict(kernel=name, arch=None, config=_label(used, call["num_warps"], call["num_stages"]),
+                                 error="a launch left floating-point contraction on (enable_fp_fusion): pass "
+                                       "LaunchConfig.kwargs(), so that a*b + c rounds twice as in reference.py"))
         flags = {k: v for k, v in call["constexprs"].items() if k not in tile_keys}
         sig = {k: ("constexpr" if k in tile_keys else v) for k, v in call["signature"].items()}
         variants[name][(_freeze(sig), _freeze(flags))] = (sig, flags, call["attrs"])
@@ -314,6 +318,11 @@ def _cuobjdump():
 
 
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+# A float fused multiply-add in PTX (integer multiply-adds are mad.*, not matched). Checked in the kernels whose
+# float results reference.py rounds step by step (the conv epilogue acc * scale + shift); elsewhere fma is how
+# Triton lowers a float32 tl.dot without tensor cores, and the tolerances there are stated.
+_FMA = re.compile(r"\bfma\.rn\.(?:ftz\.)?(?:f16x2|bf16x2|f16|bf16|f32|f64)\b")
+_ROUNDED_STEP_BY_STEP = ("_conv_popc_kernel", "_conv_dot_kernel")
 
 
 def compile_one(job):
@@ -325,7 +334,7 @@ def compile_one(job):
     label = _label(job["constexprs"], job["num_warps"], job["num_stages"])
     types = " ".join(f"{k}:{v}" for k, v in job["signature"].items() if v != "constexpr" and v.startswith("*"))
     res = dict(kernel=job["kernel"], arch=job["arch"], config=label, pointers=types, error=None)
-    options = {"num_warps": job["num_warps"], "maxnreg": job["maxnreg"]}
+    options = {"num_warps": job["num_warps"], "maxnreg": job["maxnreg"], "enable_fp_fusion": False}  # as launched
     if job["num_stages"] is not None:
         options["num_stages"] = job["num_stages"]
     attrs = {(i,): [["tt.divisibility", 16]] for i in job["attrs"]}
@@ -351,6 +360,9 @@ def compile_one(job):
     res.update(registers=regs, stack=stack, local=local, shared=shared, threads=threads,
                smem_limit=SMEM_LIMIT[job["arch"]])
     errors = []
+    fused = sorted(set(_FMA.findall(compiled.asm["ptx"]))) if job["kernel"] in _ROUNDED_STEP_BY_STEP else []
+    if fused:
+        errors.append(f"contracts a*b + c into {', '.join(fused)} (rounds once where reference.py rounds twice)")
     if local or stack:
         errors.append(f"uses local memory: LOCAL={local} STACK={stack} bytes per thread (register spills or a "
                       "local array)")

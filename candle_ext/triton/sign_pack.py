@@ -22,7 +22,7 @@ def _sign_pack_kernel(x_ptr, bias_ptr, out_ptr, C, HW, NW, n_pix_blocks, s_n, s_
                       HAS_BIAS: tl.constexpr, CMP: tl.constexpr, BLOCK_P: tl.constexpr, WORDS: tl.constexpr):
     pid = tl.program_id(0)
     n = pid // n_pix_blocks
-    p = (pid % n_pix_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p = (pid % n_pix_blocks).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # H*W may pass 2^31: no wrap
     c = tl.program_id(1) * (WORDS * 32) + tl.arange(0, WORDS * 32)
     p_ok = p < HW
     c_ok = c < C

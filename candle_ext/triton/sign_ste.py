@@ -47,7 +47,7 @@ def _ste_bwd_rows_kernel(g_ptr, x_ptr, bias_ptr, gx_ptr, part_ptr, R, C, S, chun
     r_ok = rows < R
     if HAS_BIAS:
         b = tl.load(bias_ptr + rows % C, mask=r_ok, other=0.0)
-    start = tl.program_id(1) * chunk
+    start = tl.program_id(1).to(tl.int64) * chunk  # start + chunk may pass 2^31 (S up to 2^31 - 1)
     stop = tl.minimum(start + chunk, S)
     acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=ACC)
     for s0 in range(start, stop, BLOCK_S):
