@@ -265,10 +265,11 @@ def test_binary_conv2d_strided_packed_input(monkeypatch):
 
 @pytest.mark.parametrize("method", tconv.METHODS)
 def test_binary_conv2d_images_grouped_per_launch(monkeypatch, method):
-    """The kernels number output pixels in 32 bits, so a batch with 2^31 output pixels or more is launched in
-    groups of images. Lowered limit: 5 images of 4x5 output pixels, at most 2 images (40 pixels) per launch ->
-    3 launches, exact against the reference, int32 and float outputs."""
-    monkeypatch.setattr(tconv, "MAX_LAUNCH_PIXELS", 41)
+    """The kernels number output pixels in 32 bits, so a batch with more than MAX_LAUNCH_PIXELS (2^31 less the
+    room a tile's lanes need) output pixels is launched in groups of images. Lowered limit: 5 images of 4x5
+    output pixels, at most 2 images (40 pixels) per launch -> 3 launches, exact against the reference, int32
+    and float outputs."""
+    monkeypatch.setattr(tconv, "MAX_LAUNCH_PIXELS", 40)
     launches = []
     kernel = tconv._conv_dot_kernel if method == "dot" else tconv._conv_popc_kernel
     real = type(kernel).__getitem__
@@ -285,7 +286,7 @@ def test_binary_conv2d_images_grouped_per_launch(monkeypatch, method):
                                        torch.float32, method=method)
     torch.testing.assert_close(got_f, want.float() * scale[:, None, None] + shift[:, None, None], rtol=1e-6,
                                atol=1e-5)
-    with pytest.raises(ValueError, match="fewer than 41 output pixels per image"):
+    with pytest.raises(ValueError, match="at most 40 output pixels per image"):
         tconv.binary_conv2d_packed(R.sign_pack(torch.randn(1, 40, 7, 7, device=DEVICE)), R.sign_pack(w), 40,
                                    (1, 1), (1, 1), (1, 1), method=method)
 
@@ -500,3 +501,133 @@ def test_gpu_tile_shapes_under_the_interpreter(monkeypatch):
             assert torch.equal(got, want), (str(cfg), method)
     feats, weights, biases = _head_inputs(2, 70, 20, [(2, 3), (5, 4), (9, 10)], torch.float32)
     _check_head(feats, weights, biases, 1, rtol=1e-5, atol=1e-5)
+
+
+# ---- launch limits: CUDA's grid, 32-bit position numbers, the tensors' device ----------------------------------
+
+def test_launch_grid_checks_cuda_limits():
+    import candle_ext.triton as ct
+    assert ct.launch_grid(2 ** 31 - 1, 65535, 65535) == (2 ** 31 - 1, 65535, 65535)
+    with pytest.raises(ValueError, match="2147483648 programs along grid axis x"):
+        ct.launch_grid(2 ** 31)
+    with pytest.raises(ValueError, match="65536 programs along grid axis y"):
+        ct.launch_grid(1, 65536)
+    with pytest.raises(ValueError, match="70000 programs along grid axis z"):
+        ct.launch_grid(1, 1, 70000)
+
+
+def test_tiles_that_grow_with_the_problem_go_on_grid_axis_x(monkeypatch):
+    """sign_pack's word tiles (one per 32 channels on NCHW) and the head's feature-gradient scatter tiles (H*W
+    positions) were on grid axis y, which CUDA caps at 65535 programs: ~2.1M channels or ~8.4M positions failed
+    to launch. Both now flatten their tiles onto x. With the y and z limits lowered to 1 and the GPU's tiles,
+    they must still launch and be exact: 7 word tiles of an NCHW sign_pack (2 channels_last), and 2 position
+    tiles of the 12x13 map's scatter."""
+    import candle_ext.triton as ct
+    monkeypatch.setattr(ct, "INTERPRETER_TILES", False)
+    monkeypatch.setattr(ct, "MAX_GRID", (2 ** 31 - 1, 1, 1))
+    torch.manual_seed(26)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 200, 5, 3, device=DEVICE).contiguous(memory_format=fmt)
+        bias = torch.randn(200, device=DEVICE) * 0.3
+        assert torch.equal(tpack.sign_pack(x, bias), R.sign_pack(x, bias)), fmt
+    feats, weights, biases = _head_inputs(2, 12, 5, [(12, 13), (6, 5)], torch.float32)
+    _check_head(feats, weights, biases, 0, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="grid axis y"):  # a conv with two channel tiles still uses y
+        tconv.binary_conv2d_packed(R.sign_pack(x), R.sign_pack(torch.randn(130, 200, 1, 1, device=DEVICE)), 200,
+                                   (1, 1), (0, 0), (1, 1))
+
+
+def test_head_refuses_more_positions_than_int32_numbers(monkeypatch):
+    """The head's kernels number positions N*H*W (and the scatter's N*C_S planes) in int32; past the limit
+    they are refused with the sizes instead of wrapping. Lowered limit: 29."""
+    monkeypatch.setattr(thead, "MAX_POSITIONS", 29)
+    feats, weights, biases = _head_inputs(2, 4, 3, [(5, 3), (2, 2)], torch.float32)
+    with pytest.raises(ValueError, match=r"at most 29 positions \(N\*H\*W\) per map, got 2x5x3"):
+        thead.multires_head(feats, weights, biases, 0)
+    small, w2, b2 = _head_inputs(2, 4, 3, [(2, 2), (1, 1)], torch.float32)
+    out = thead.multires_head(small, w2, b2, 0)  # 8 positions: fine
+    monkeypatch.setattr(thead, "MAX_POSITIONS", 5)
+    with pytest.raises(ValueError, match=r"at most 5 positions"):
+        thead.multires_head_backward(out, small, w2, 0, True)
+
+
+@pytest.mark.parametrize("interpreter_tiles", [True, False], ids=["interpreter_tiles", "gpu_tiles"])
+def test_position_blocks_fit_the_int32_headroom(monkeypatch, interpreter_tiles):
+    """A tile's lanes reach block - 1 past the last position; MAX_INT32_POSITIONS leaves MAX_POSITION_BLOCK of
+    room below 2^31 for them. Every block along a position axis (pixels, rows, planes) must fit that room."""
+    import candle_ext.triton as ct
+    monkeypatch.setattr(ct, "INTERPRETER_TILES", interpreter_tiles)
+    limit = ct.MAX_POSITION_BLOCK
+    assert ct.MAX_INT32_POSITIONS + limit == 2 ** 31 - 1
+    sizes = [1, 2, 3, 15, 16, 17, 31, 32, 33, 100, 1000, 4097, 2 ** 16, 2 ** 20]
+    for a in sizes:
+        for b in sizes:
+            for method in tconv.METHODS:
+                assert tconv.conv_config(method, a, 3, b)["BLOCK_M"] <= limit
+            assert thead.gemm_config(a, 8, b)["BLOCK_M"] <= limit
+            assert thead.wgrad_config(a, a, b)["BLOCK_Q"] <= limit
+            assert tsign.ste_backward_config(False, a, b)["BLOCK_R"] <= limit
+        scatter = thead.scatter_config(a)
+        assert scatter["BLOCK_P"] <= limit and scatter["BLOCK_HW"] <= limit
+
+
+def test_every_launcher_makes_its_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors' one: cuda:1 tensors with cuda:0 current
+    would be read from the wrong GPU. Every launcher enters device_of(its input) around its launches (recorded
+    here), and device_of picks the tensor's device (a stand-in for torch.cuda.device records it)."""
+    import contextlib
+    import types
+    import candle_ext.triton as ct
+    used = []
+
+    def recording(t):
+        used.append(t)
+        return contextlib.nullcontext()
+
+    for module in (tpack, tsign, tconv, thead):
+        monkeypatch.setattr(module, "device_of", recording)
+    torch.manual_seed(27)
+    x = torch.randn(2, 40, 5, 6, device=DEVICE)
+    calls = [lambda: tpack.sign_pack(x), lambda: tsign.sign_ste(x),
+             lambda: tsign.sign_ste_backward(x, x), lambda: tsign.sign_ste_backward(
+                 x.contiguous(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)),
+             lambda: tconv.binary_conv2d_packed(R.sign_pack(x), R.sign_pack(x[:, :, :3, :3]), 40, (1, 1), (1, 1),
+                                                (1, 1))]
+    feats, weights, biases = _head_inputs(2, 4, 3, [(5, 3), (2, 2)], torch.float32)
+    calls += [lambda: thead.multires_head(feats, weights, biases, 0),
+              lambda: thead.multires_head_backward(torch.randn(2, 6, 5, 3, device=DEVICE), feats, weights, 0, True)]
+    for i, call in enumerate(calls):
+        before = len(used)
+        call()
+        assert len(used) > before and all(t.device == DEVICE for t in used[before:]), i
+    entered = []
+
+    class StandIn:
+        def __init__(self, device):
+            entered.append(device)
+
+    monkeypatch.setattr(torch.cuda, "device", StandIn)
+    ct.device_of(types.SimpleNamespace(device=torch.device("cuda", 1)))
+    assert entered == [torch.device("cuda", 1)]
+    assert isinstance(ct.device_of(torch.zeros(1)), contextlib.nullcontext) and len(entered) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: every op exact (or within tolerance) against the reference."""
+    torch.manual_seed(28)
+    with torch.cuda.device(0):
+        x = torch.randn(2, 70, 9, 8, device="cuda:1")
+        bias = torch.randn(70, device="cuda:1") * 0.3
+        assert torch.equal(candle_ext.sign_pack(x, bias), R.sign_pack(x, bias))
+        assert torch.equal(candle_ext.sign_ste(x, bias), R.sign_ste(x, bias))
+        w = torch.randn(5, 70, 3, 3, device="cuda:1")
+        got = tconv.binary_conv2d_packed(R.sign_pack(x), R.sign_pack(w), 70, (1, 1), (1, 1), (1, 1))
+        want = R.binary_conv2d(x.double(), w.double(), None, (1, 1), (1, 1)).to(torch.int32)
+        assert torch.equal(got, want)
+        feats = [torch.randn(2, 8, 4, 4, device="cuda:1", dtype=torch.float64),
+                 torch.randn(2, 8, 2, 2, device="cuda:1", dtype=torch.float64)]  # float64: no TF32
+        weights = [torch.randn(3, 8, device="cuda:1", dtype=torch.float64) for _ in feats]
+        torch.testing.assert_close(thead.multires_head(feats, weights, [None, None], 0),
+                                   R.multires_head(feats, weights, [None, None], 0), rtol=1e-5, atol=1e-5)

@@ -25,6 +25,7 @@ shared memory fails CI.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
@@ -77,6 +78,35 @@ def capability(device: torch.device):
     if device.type != "cuda":
         return (0, 0)
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# CUDA's limits on a launch grid: 2^31 - 1 programs along x, 65535 along y and z. Launchers put the axis that
+# grows with the problem (pixels, positions, words) on x, or flatten their tiles onto x.
+MAX_GRID = (2 ** 31 - 1, 65535, 65535)
+
+
+# How many positions (pixels, rows) a launch may number in int32. A tile's lanes reach up to its block size - 1
+# past the last position; past 2^31 - 1 they would wrap negative, pass the `m < M` mask and write out of bounds.
+# No launcher's position block exceeds MAX_POSITION_BLOCK (python_tests/test_triton.py checks the configs).
+MAX_POSITION_BLOCK = 8192
+MAX_INT32_POSITIONS = 2 ** 31 - 1 - MAX_POSITION_BLOCK
+
+
+def launch_grid(*programs: int) -> Tuple[int, ...]:
+    """The grid (x, y, z programs) for a launch, checked against MAX_GRID so that a problem too large for one
+    launch is refused with its sizes instead of failing inside the driver (the interpreter has no limit)."""
+    for axis, (count, limit) in enumerate(zip(programs, MAX_GRID)):
+        if count > limit:
+            raise ValueError(f"a Triton launch needs {count} programs along grid axis {'xyz'[axis]}, more than "
+                             f"CUDA's {limit}: the problem is too large for this kernel; use the CUDA or CPU "
+                             f"backend or split the input")
+    return tuple(int(c) for c in programs)
+
+
+def device_of(t: torch.Tensor):
+    """A context that makes t's CUDA device current: Triton launches on the current device, not the tensors'
+    (cuda:1 tensors with cuda:0 current would be read from the wrong GPU). A no-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from candle_ext.triton import LaunchConfig, capability, interpreter_tiles, is_interpreted, next_pow2
+from candle_ext.triton import (MAX_INT32_POSITIONS, LaunchConfig, capability, device_of, interpreter_tiles,
+                               is_interpreted, launch_grid, next_pow2)
 
 METHOD_ENV = "CANDLE_EXT_TRITON_CONV"
 METHODS = ("popc", "dot")
@@ -196,7 +197,7 @@ def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> in
     return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
-MAX_LAUNCH_PIXELS = 2 ** 31 - 1  # output pixels per launch (a module constant, so tests can lower it)
+MAX_LAUNCH_PIXELS = MAX_INT32_POSITIONS  # output pixels per launch (a module constant, so tests can lower it)
 
 
 def binary_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, channels: int,
@@ -219,24 +220,25 @@ def binary_conv2d_packed(x_packed: torch.Tensor, w_packed: torch.Tensor, channel
     method = method or default_method(x.device)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    # The kernels number output pixels in 32 bits: images go in groups of fewer than 2^31 output pixels.
-    if ho * wo >= MAX_LAUNCH_PIXELS:
-        raise ValueError(f"the Triton binary conv takes fewer than {MAX_LAUNCH_PIXELS} output pixels per image, "
+    # The kernels number output pixels in 32 bits: images go in groups of at most MAX_LAUNCH_PIXELS pixels.
+    if ho * wo > MAX_LAUNCH_PIXELS:
+        raise ValueError(f"the Triton binary conv takes at most {MAX_LAUNCH_PIXELS} output pixels per image, "
                          f"got {ho}x{wo}; use the CUDA or CPU backend or tile the image")
     group = max(1, MAX_LAUNCH_PIXELS // max(1, ho * wo))  # images per launch
-    for n0 in range(0, n, group):
-        xg, og = x[n0:n0 + group], out[n0:n0 + group]
-        m = xg.shape[0] * ho * wo
-        cfg = conv_config(method, cout, nw, m)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, cfg["BLOCK_N"]))
-        args = (xg, w, og if sc is None else sc, og if sf is None else sf, og,
-                channels, h, wd, nw, cout, ho, wo, m, kh, kw, sh, sw, ph, pw, dh, dw)
-        # 32-bit offset arithmetic (fewer registers) unless a tensor is too large for it.
-        idx = tl.int32 if max(xg.numel(), w.numel(), og.numel()) < 2 ** 31 else tl.int64
-        flags = dict(HAS_SCALE=sc is not None, HAS_SHIFT=sf is not None, FLOAT_OUT=float_out, IDX=idx)
-        if method == "popc":
-            flags["INTRINSIC"] = not is_interpreted(cfg.kernel)
-        cfg.kernel[grid](*args, **flags, **cfg.kwargs())
+    with device_of(x):  # Triton launches on the current device
+        for n0 in range(0, n, group):
+            xg, og = x[n0:n0 + group], out[n0:n0 + group]
+            m = xg.shape[0] * ho * wo
+            cfg = conv_config(method, cout, nw, m)
+            grid = launch_grid(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, cfg["BLOCK_N"]))
+            args = (xg, w, og if sc is None else sc, og if sf is None else sf, og,
+                    channels, h, wd, nw, cout, ho, wo, m, kh, kw, sh, sw, ph, pw, dh, dw)
+            # 32-bit offset arithmetic (fewer registers) unless a tensor is too large for it.
+            idx = tl.int32 if max(xg.numel(), w.numel(), og.numel()) < 2 ** 31 else tl.int64
+            flags = dict(HAS_SCALE=sc is not None, HAS_SHIFT=sf is not None, FLOAT_OUT=float_out, IDX=idx)
+            if method == "popc":
+                flags["INTRINSIC"] = not is_interpreted(cfg.kernel)
+            cfg.kernel[grid](*args, **flags, **cfg.kwargs())
     return out
 
 

@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from candle_ext import reference
-from candle_ext.triton import LaunchConfig, interpreter_tiles, is_interpreted, next_pow2
+from candle_ext.triton import (MAX_INT32_POSITIONS, LaunchConfig, device_of, interpreter_tiles, is_interpreted,
+                               launch_grid, next_pow2)
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
@@ -108,12 +109,14 @@ def _head_wgrad_kernel(g_ptr, f_ptr, gw_ptr, gb_ptr, ih_ptr, iw_ptr,
 
 @triton.jit
 def _scatter_kernel(g_ptr, gy_ptr, r0_ptr, r1_ptr, c0_ptr, c1_ptr,
-                    P, CS, H, W, HO, WO, g_sn, c_off, MAX_R, MAX_C,
+                    P, CS, H, W, HO, WO, g_sn, c_off, MAX_R, MAX_C, n_plane_tiles,
                     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
     """gy[n, s, y, x] = sum of g[n, c_off+s, i, j] over i in [r0[y], r1[y]), j in [c0[x], c1[x])."""
-    pl = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # (n, s) planes
+    # One grid axis (y is capped at 65535): the plane tiles of one position tile are neighbours in launch order.
+    pid = tl.program_id(0)
+    pl = (pid % n_plane_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)  # (n, s) planes
     pl_ok = pl < P
-    pos = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)  # source positions y*W + x
+    pos = (pid // n_plane_tiles) * BLOCK_HW + tl.arange(0, BLOCK_HW)  # source positions y*W + x
     pos_ok = pos < H * W
     y = pos // W
     x = pos % W
@@ -194,6 +197,18 @@ def scatter_config(pixels: int) -> LaunchConfig:
 LAUNCH_CONFIGS = (gemm_config, wgrad_config, scatter_config)
 
 
+MAX_POSITIONS = MAX_INT32_POSITIONS  # N*H*W of one map, numbered in int32 (a module constant, so tests can lower it)
+
+
+def _positions(n: int, h: int, w: int) -> int:
+    """N*H*W, the positions the kernels number in int32, refused with the sizes when it does not fit."""
+    m = n * h * w
+    if m > MAX_POSITIONS:
+        raise ValueError(f"the Triton multires_head takes at most {MAX_POSITIONS} positions (N*H*W) per map, got "
+                         f"{n}x{h}x{w}; split the batch")
+    return m
+
+
 def _gemm(f: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: torch.Tensor, ih: torch.Tensor,
           iw: torch.Tensor, c_off: int):
     """out[:, c_off:c_off+Cout] (any strides, spatial size len(ih) x len(iw)) = 1x1 conv of f (any strides)
@@ -201,10 +216,10 @@ def _gemm(f: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: torc
     n, cin = f.shape[:2]
     cout = w.shape[0]
     ho, wo = ih.numel(), iw.numel()
-    m = n * ho * wo
+    m = _positions(n, ho, wo)
     dot_t, acc, prec = _dot_types((f.dtype, w.dtype), _head_gemm_kernel, f.device)
     cfg = gemm_config(cout, cin, m)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, cfg["BLOCK_N"]))
+    grid = launch_grid(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, cfg["BLOCK_N"]))
     cfg.kernel[grid](f, w, out if b is None else b, out, ih, iw,
                      m, cin, cout, ho, wo, *f.stride(), w.stride(0), w.stride(1), *out.stride(), c_off,
                      HAS_BIAS=b is not None, DOT_T=dot_t, ACC=acc, PREC=prec, **cfg.kwargs())
@@ -223,29 +238,34 @@ def multires_head(features: Sequence[torch.Tensor], weights: Sequence[torch.Tens
     """[N, R*C_S, h_base, w_base]: per resolution 1x1 conv (weights[r] [C_S, C_T], biases[r] [C_S] or None),
     resized to features[base]'s size (area where it shrinks, nearest where it grows), concatenated on channels;
     in features[0]'s dtype."""
-    features = _area_pooled(features, base)
-    n, _, hb, wb = features[base].shape
-    cs = weights[0].shape[0]
-    dtype, device = features[0].dtype, features[0].device
-    out = torch.empty((n, len(features) * cs, hb, wb), dtype=dtype, device=device)
-    for r, (f, w, b) in enumerate(zip(features, weights, biases)):
-        w = w.reshape(w.shape[0], w.shape[1]).to(dtype)
-        b = None if b is None else b.to(dtype).contiguous()
-        _gemm(f, w, b, out, _indices(f.shape[2], hb, device), _indices(f.shape[3], wb, device), r * cs)
-    return out
+    with device_of(features[0]):
+        features = _area_pooled(features, base)
+        n, _, hb, wb = features[base].shape
+        cs = weights[0].shape[0]
+        dtype, device = features[0].dtype, features[0].device
+        out = torch.empty((n, len(features) * cs, hb, wb), dtype=dtype, device=device)
+        for r, (f, w, b) in enumerate(zip(features, weights, biases)):
+            w = w.reshape(w.shape[0], w.shape[1]).to(dtype)
+            b = None if b is None else b.to(dtype).contiguous()
+            _gemm(f, w, b, out, _indices(f.shape[2], hb, device), _indices(f.shape[3], wb, device), r * cs)
+        return out
 
 
 def _scatter(g: torch.Tensor, c_off: int, cs: int, h: int, w: int) -> torch.Tensor:
     """The transpose of the nearest gather: channels [c_off, c_off+cs) of g summed onto an h x w grid."""
     n, _, hb, wb = g.shape
+    if n * cs > MAX_POSITIONS:  # the kernel numbers (n, s) planes in int32
+        raise ValueError(f"the Triton multires_head backward takes at most {MAX_POSITIONS} planes (N*C_S), got "
+                         f"{n}x{cs}; split the batch")
     r0, r1, max_r = _runs(h, hb, g.device)
     c0, c1, max_c = _runs(w, wb, g.device)
     gy = torch.empty((n, cs, h, w), dtype=g.dtype, device=g.device)
     acc = tl.float64 if g.dtype == torch.float64 else tl.float32
     cfg = scatter_config(h * w)
-    grid = (triton.cdiv(n * cs, cfg["BLOCK_P"]), triton.cdiv(h * w, cfg["BLOCK_HW"]))
+    plane_tiles = triton.cdiv(n * cs, cfg["BLOCK_P"])
+    grid = launch_grid(plane_tiles * triton.cdiv(h * w, cfg["BLOCK_HW"]))
     cfg.kernel[grid](g, gy, r0, r1, c0, c1, n * cs, cs, h, w, hb, wb, g.stride(0), c_off, max_r, max_c,
-                     ACC=acc, **cfg.kwargs())
+                     plane_tiles, ACC=acc, **cfg.kwargs())
     return gy
 
 
@@ -254,38 +274,39 @@ def multires_head_backward(grad: torch.Tensor, features: Sequence[torch.Tensor],
     """Flat list [grad_features..., grad_weights..., grad_biases...] (reference.multires_head_backward);
     grad_features are empty tensors when features_grad is False. Weight and bias gradients take the weights'
     dtype, feature gradients the features'."""
-    g = grad.contiguous()
-    n, _, hb, wb = g.shape
-    cs = weights[0].shape[0]
-    device = g.device
-    g_feats, g_weights, g_biases = [], [], []
-    originals, features = features, _area_pooled(features, base)
-    for r, (f, w) in enumerate(zip(features, weights)):
-        w2 = w.reshape(w.shape[0], w.shape[1])
-        ct, h, wd = f.shape[1], f.shape[2], f.shape[3]
-        ih, iw = _indices(h, hb, device), _indices(wd, wb, device)
-        gw = torch.empty_like(w2)  # the layout the op's fake kernel promises (empty_like of the weight)
-        gb = torch.empty((cs,), dtype=w.dtype, device=device)
-        m = n * hb * wb
-        dot_t, acc, prec = _dot_types((g.dtype, f.dtype), _head_wgrad_kernel, device)
-        cfg = wgrad_config(cs, ct, m)
-        grid = (triton.cdiv(cs, cfg["BLOCK_S"]), triton.cdiv(ct, cfg["BLOCK_T"]))
-        cfg.kernel[grid](g, f, gw, gb, ih, iw, m, ct, cs, hb, wb, g.stride(0), r * cs, *f.stride(),
-                         *gw.stride(), DOT_T=dot_t, ACC=acc, PREC=prec, **cfg.kwargs())
-        g_weights.append(gw.reshape(w.shape))
-        g_biases.append(gb)
-        if features_grad:
-            gy = _scatter(g, r * cs, cs, h, wd)
-            gf = torch.empty_like(f)  # f's layout (channels_last stays channels_last), like the fake kernel
-            # grad_f = W^T gy: the forward GEMM with weight W^T ([C_T, C_S] as a strided view), identity gather.
-            _gemm(gy, w2.to(gy.dtype).t(), None, gf, _indices(h, h, device), _indices(wd, wd, device), 0)
-            if f is not originals[r]:  # through the area pooling, back onto the original map (in its layout)
-                gf = torch.empty_like(originals[r]).copy_(
-                    torch.ops.aten._adaptive_avg_pool2d_backward(gf, originals[r]))
-            g_feats.append(gf)
-        else:
-            g_feats.append(f.new_empty(0))
-    return g_feats + g_weights + g_biases
+    with device_of(grad):
+        g = grad.contiguous()
+        n, _, hb, wb = g.shape
+        cs = weights[0].shape[0]
+        device = g.device
+        g_feats, g_weights, g_biases = [], [], []
+        originals, features = features, _area_pooled(features, base)
+        for r, (f, w) in enumerate(zip(features, weights)):
+            w2 = w.reshape(w.shape[0], w.shape[1])
+            ct, h, wd = f.shape[1], f.shape[2], f.shape[3]
+            ih, iw = _indices(h, hb, device), _indices(wd, wb, device)
+            gw = torch.empty_like(w2)  # the layout the op's fake kernel promises (empty_like of the weight)
+            gb = torch.empty((cs,), dtype=w.dtype, device=device)
+            m = _positions(n, hb, wb)
+            dot_t, acc, prec = _dot_types((g.dtype, f.dtype), _head_wgrad_kernel, device)
+            cfg = wgrad_config(cs, ct, m)
+            grid = launch_grid(triton.cdiv(cs, cfg["BLOCK_S"]), triton.cdiv(ct, cfg["BLOCK_T"]))
+            cfg.kernel[grid](g, f, gw, gb, ih, iw, m, ct, cs, hb, wb, g.stride(0), r * cs, *f.stride(),
+                             *gw.stride(), DOT_T=dot_t, ACC=acc, PREC=prec, **cfg.kwargs())
+            g_weights.append(gw.reshape(w.shape))
+            g_biases.append(gb)
+            if features_grad:
+                gy = _scatter(g, r * cs, cs, h, wd)
+                gf = torch.empty_like(f)  # f's layout (channels_last stays channels_last), like the fake kernel
+                # grad_f = W^T gy: the forward GEMM with weight W^T ([C_T, C_S] as a strided view), identity gather.
+                _gemm(gy, w2.to(gy.dtype).t(), None, gf, _indices(h, h, device), _indices(wd, wd, device), 0)
+                if f is not originals[r]:  # through the area pooling, back onto the original map (in its layout)
+                    gf = torch.empty_like(originals[r]).copy_(
+                        torch.ops.aten._adaptive_avg_pool2d_backward(gf, originals[r]))
+                g_feats.append(gf)
+            else:
+                g_feats.append(f.new_empty(0))
+        return g_feats + g_weights + g_biases
 
 
 # How Triton defined these kernels (interpreted or compiled): candle_ext.backend asks, not the environment.

@@ -12,18 +12,23 @@ import torch
 import triton
 import triton.language as tl
 
-from candle_ext.triton import LaunchConfig, bias_arg, compute_dtype, interpreter_tiles, is_interpreted, next_pow2
+from candle_ext.triton import (LaunchConfig, bias_arg, compute_dtype, device_of, interpreter_tiles, is_interpreted,
+                               launch_grid, next_pow2)
 
 WORD_BITS = 32
 
 
 @triton.jit
-def _sign_pack_kernel(x_ptr, bias_ptr, out_ptr, C, HW, NW, n_pix_blocks, s_n, s_c, s_hw,
+def _sign_pack_kernel(x_ptr, bias_ptr, out_ptr, C, HW, NW, n_pix_blocks, n_tiles, s_n, s_c, s_hw,
                       HAS_BIAS: tl.constexpr, CMP: tl.constexpr, BLOCK_P: tl.constexpr, WORDS: tl.constexpr):
+    # One grid axis (y is capped at 65535 and C may need more word tiles): the n_tiles = N * n_pix_blocks pixel
+    # tiles of one word tile are neighbours in launch order, then the next word tile.
     pid = tl.program_id(0)
-    n = pid // n_pix_blocks
-    p = (pid % n_pix_blocks).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # H*W may pass 2^31: no wrap
-    c = tl.program_id(1) * (WORDS * 32) + tl.arange(0, WORDS * 32)
+    tile = pid % n_tiles
+    word_tile = pid // n_tiles
+    n = tile // n_pix_blocks
+    p = (tile % n_pix_blocks).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # H*W may pass 2^31: no wrap
+    c = word_tile * (WORDS * 32) + tl.arange(0, WORDS * 32)
     p_ok = p < HW
     c_ok = c < C
     ok = p_ok[:, None] & c_ok[None, :]
@@ -37,7 +42,7 @@ def _sign_pack_kernel(x_ptr, bias_ptr, out_ptr, C, HW, NW, n_pix_blocks, s_n, s_
     lane = tl.arange(0, 32)
     # Bits are disjoint, so their sum is their OR; 1 << 31 is INT_MIN and the sum stays within int32.
     words = tl.sum(tl.reshape(bits, [BLOCK_P, WORDS, 32]) << lane[None, None, :], axis=2)
-    k = tl.program_id(1) * WORDS + tl.arange(0, WORDS)
+    k = word_tile * WORDS + tl.arange(0, WORDS)
     out_offs = (n.to(tl.int64) * HW + p.to(tl.int64)[:, None]) * NW + k[None, :]
     tl.store(out_ptr + out_offs, words, mask=p_ok[:, None] & (k < NW)[None, :])
 
@@ -68,9 +73,10 @@ def sign_pack(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Ten
     out = torch.empty((n, h, w, nw), dtype=torch.int32, device=x.device)
     cfg = sign_pack_config(x.stride(1) == 1 and c > 1, h * w, nw)
     pix_blocks = triton.cdiv(h * w, cfg["BLOCK_P"])
-    grid = (n * pix_blocks, triton.cdiv(nw, cfg["WORDS"]))
-    cfg.kernel[grid](x, bias_arg(bias, x), out, c, h * w, nw, pix_blocks, x.stride(0), x.stride(1), s_hw,
-                     HAS_BIAS=bias is not None, CMP=compute_dtype(x), **cfg.kwargs())
+    grid = launch_grid(n * pix_blocks * triton.cdiv(nw, cfg["WORDS"]))
+    with device_of(x):
+        cfg.kernel[grid](x, bias_arg(bias, x), out, c, h * w, nw, pix_blocks, n * pix_blocks, x.stride(0),
+                         x.stride(1), s_hw, HAS_BIAS=bias is not None, CMP=compute_dtype(x), **cfg.kwargs())
     return out
 
 

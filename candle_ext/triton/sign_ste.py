@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from candle_ext.triton import (LaunchConfig, bias_arg, compute_dtype, interpreter_tiles, is_interpreted, next_pow2,
-                               sm_count)
+from candle_ext.triton import (MAX_INT32_POSITIONS, LaunchConfig, bias_arg, compute_dtype, device_of,
+                               interpreter_tiles, is_interpreted, launch_grid, next_pow2, sm_count)
 
 
 @triton.jit
@@ -135,8 +135,10 @@ def sign_ste(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tens
     c_stride = x.stride(1) if c > 1 else 1
     numel = x.numel()
     cfg = sign_ste_config()
-    cfg.kernel[(triton.cdiv(numel, cfg["BLOCK"]),)](x, bias_arg(bias, x), out, numel, c, c_stride,
-                                                    HAS_BIAS=bias is not None, CMP=compute_dtype(x), **cfg.kwargs())
+    with device_of(x):
+        cfg.kernel[launch_grid(triton.cdiv(numel, cfg["BLOCK"]))](
+            x, bias_arg(bias, x), out, numel, c, c_stride, HAS_BIAS=bias is not None, CMP=compute_dtype(x),
+            **cfg.kwargs())
     return out
 
 
@@ -179,8 +181,9 @@ def sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.
         col_tiles = triton.cdiv(c, cfg["BLOCK_C"])
         splits, chunk = _splits(col_tiles, m, cfg["BLOCK_M"], x.device, small)
         part = torch.empty((splits, c), dtype=acc_torch, device=x.device)
-        cfg.kernel[(col_tiles, splits)](gv, xv, b, gx, part, m, c, chunk, HAS_BIAS=has_bias, ACC=acc,
-                                        **cfg.kwargs())
+        with device_of(x):
+            cfg.kernel[launch_grid(col_tiles, splits)](gv, xv, b, gx, part, m, c, chunk, HAS_BIAS=has_bias,
+                                                       ACC=acc, **cfg.kwargs())
         gb = part.sum(0)
         gx = gx.movedim(-1, 1)
     else:
@@ -188,13 +191,17 @@ def sign_ste_backward(grad: torch.Tensor, x: torch.Tensor, bias: Optional[torch.
         gc = grad.contiguous()
         gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         rows = x.shape[0] * c
+        if rows > MAX_INT32_POSITIONS:  # the row kernel numbers rows in int32
+            raise ValueError(f"the Triton sign_ste backward takes at most {MAX_INT32_POSITIONS} rows (N*C) in "
+                             f"NCHW layout, got {x.shape[0]}x{c}; pass x channels_last or use the CUDA backend")
         s = xc.numel() // rows
         cfg = ste_backward_config(False, c, s)
         row_tiles = triton.cdiv(rows, cfg["BLOCK_R"])
         splits, chunk = _splits(row_tiles, s, cfg["BLOCK_S"], x.device, small)
         part = torch.empty((splits, rows), dtype=acc_torch, device=x.device)
-        cfg.kernel[(row_tiles, splits)](gc, xc, b, gx, part, rows, c, s, chunk, HAS_BIAS=has_bias, ACC=acc,
-                                        **cfg.kwargs())
+        with device_of(x):
+            cfg.kernel[launch_grid(row_tiles, splits)](gc, xc, b, gx, part, rows, c, s, chunk, HAS_BIAS=has_bias,
+                                                       ACC=acc, **cfg.kwargs())
         gb = part.sum(0).reshape(x.shape[0], c).sum(0)
         if not x.is_contiguous():  # e.g. a permuted dense x: hand back its layout, as the op's fake kernel does
             like = torch.empty_like(x)
