@@ -167,14 +167,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _dispatch(args, cfg: Config) -> int:
     from candle_ext.train.context import Context
-    from candle_ext.train.distributed import distributed
+    from candle_ext.train.distributed import env_int, distributed
     from candle_ext.train.student import export_student, load_student
     if args.command == "compare":
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        if env_int("WORLD_SIZE", 1) > 1:
             raise ValueError("candle compare runs in one process; start it without torchrun")
         return _compare(args, cfg)
     if args.command == "export":
-        if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun: one writer is enough
+        if env_int("RANK", 0) != 0:  # under torchrun: one writer is enough
             return 0
         ctx = Context(cfg, *_label_only_data(cfg))
         student = load_student(ctx, args.checkpoint)

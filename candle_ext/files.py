@@ -10,11 +10,14 @@ import pickle
 import re
 import reprlib
 import stat
+import tempfile
 import zipfile
+from typing import Callable
 
 import torch
 
-MAX_JSON_BYTES = 256 << 20  # report/record files are kilobytes; a log of a long run a few megabytes per MB of steps
+MAX_JSON_BYTES = 256 << 20  # a jsonl log of a long run: ~100 bytes a step
+MAX_RECORD_BYTES = 16 << 20  # a JSON report or record: kilobytes (per-class lists of 8,142 classes: ~200 KB)
 MAX_LINE_BYTES = 1 << 20  # one line of a jsonl log or of a split file
 
 
@@ -31,6 +34,20 @@ def short_repr(value, max_string: int = 60) -> str:
     r = reprlib.Repr()
     r.maxlevel, r.maxstring, r.maxother = _SHORT.maxlevel, max_string, _SHORT.maxother
     return r.repr(value)
+
+
+def plain_data(value, max_depth: int = 16, _depth: int = 0) -> bool:
+    """Whether value is what JSON holds (None, bool, int, float, str; lists and str-keyed dicts of them, nested at
+    most max_depth): a record read back from a checkpoint may hold tensors or odd keys instead."""
+    if _depth > max_depth:
+        return False
+    if value is None or type(value) in (bool, int, float, str):
+        return True
+    if type(value) in (list, tuple):
+        return all(plain_data(v, max_depth, _depth + 1) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and plain_data(v, max_depth, _depth + 1) for k, v in value.items())
+    return False
 
 
 def regular_file(path, what: str) -> None:
@@ -92,7 +109,7 @@ def read_text(path, what: str, max_bytes: int = MAX_JSON_BYTES) -> str:
         raise ValueError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
 
 
-def read_json(path, what: str, max_bytes: int = MAX_JSON_BYTES):
+def read_json(path, what: str, max_bytes: int = MAX_RECORD_BYTES):
     """The JSON value of a regular UTF-8 file of at most max_bytes; a parse error names the file."""
     text = read_text(path, what, max_bytes)
     try:
@@ -118,3 +135,56 @@ def read_json_lines(path, what: str, max_bytes: int = MAX_JSON_BYTES, max_line: 
             raise ValueError(f"{what} {path}, line {i}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
+
+
+# ---- writing: what a run writes into its out folder (which a user may have been handed, links and all)
+
+def write_atomic(path, write: Callable) -> None:
+    """write(fh) fills a temporary file (binary) in path's folder, which is flushed to disk and then renamed onto
+    path: a kill leaves the old file or the new one, never a torn one, and a symbolic link at path is replaced,
+    never written through (a link planted in an out folder cannot make a run overwrite its target)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(str(path))[1])
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # the mode open() would give (mkstemp's 0600 hid runs from co-workers)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path, text: str) -> None:
+    """text (UTF-8) into path, atomically (write_atomic)."""
+    data = text.encode("utf-8")
+    write_atomic(path, lambda fh: fh.write(data))
+
+
+def open_log(path, mode: str, what: str):
+    """A text log opened for "a"ppending or "w"riting, or "r"eading, without following a symbolic link at path
+    (ValueError naming it): logs grow line by line, so they cannot be written atomically."""
+    try:
+        return open(path, mode, opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW, 0o666))
+    except OSError:
+        if os.path.islink(path):
+            raise ValueError(f"{what} {path} is a symbolic link; a run writes its logs only into regular files "
+                             "(remove the link, or use another out folder)") from None
+        raise
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask can only read by setting, racing other threads)
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

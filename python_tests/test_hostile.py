@@ -155,10 +155,15 @@ MALFORMED = {
     "index dims overflow": (_append_index([2**62, 2**62, 0]), True),
     "index dim past int64": (_append_index([2**64, 0]), True),
     "index dim bool": (_append_index([True, 0]), True),
+    "index too long": (lambda b: b["index"].extend([f"z{i}", "float32", [0]] for i in range(70_000)), True),
     "index dtype list": (lambda b: b["index"][0].__setitem__(1, ["float32"]), True),
     "data sparse": (lambda b: b["data"].__setitem__("float32", b["data"]["float32"].to_sparse()), False),
     "data meta": (lambda b: b["data"].__setitem__("float32", torch.empty(len(b["data"]["float32"]), device="meta")),
                   False),
+    # a stride-0 view: 4 stored bytes standing for the whole record (as large as the index likes; the checksum
+    # and the model would allocate it)
+    "data expanded": (lambda b: b["data"].__setitem__("float32", torch.zeros(1).expand(len(b["data"]["float32"]))),
+                      False),
 }
 
 
@@ -167,7 +172,7 @@ MALFORMED = {
 def test_load_packed_malformed_fields_raise_value_error_naming_the_file(good_file, tmp_path, damage):
     edit, checksum = MALFORMED[damage]
     bad = _edited(good_file, tmp_path / "bad.pt", edit, checksum)
-    with pytest.raises(ValueError, match="malformed|version") as info:
+    with pytest.raises(ValueError, match=r"\.pt: (malformed packed model file|packed format version)") as info:
         load_packed(bad)
     assert str(bad) in str(info.value)
 
@@ -239,17 +244,56 @@ def test_load_packed_refuses_a_huge_arch_before_building_it(good_file, tmp_path)
 
 
 @linux_only
-def test_load_packed_refuses_a_deep_arch_while_building_it(good_file, tmp_path):
+@pytest.mark.parametrize("padding", ["none", "empty", "tiny"])
+def test_load_packed_refuses_a_deep_arch_while_building_it(good_file, tmp_path, padding):
     """A file asking timm for a Swin with a million blocks in one stage: timm builds it on the meta device (no
     memory budget applies), ~70 blocks a second, so the build alone would take hours. Refused by the number of
-    modules the builder registers."""
+    modules the builder registers, which grows with the file's tensors: 60,000 empty index entries (free) must
+    not raise it, and 60,000 one-element tensors (0.24 MB) raise it only to MAX_MODULES."""
     arch = {"builder": "timm.create_model",
             "kwargs": {"model_name": "swin_tiny_patch4_window7_224", "depths": [2, 2, 10**6, 2]}}
     bad = _rewrite(good_file, tmp_path / "deep.pt", arch=arch)
+    if padding != "none":
+        size = 0 if padding == "empty" else 1
+
+        def pad(blob):
+            blob["index"] += [[f"z{i}", "float32", [size]] for i in range(60_000)]
+            blob["data"]["float32"] = torch.cat([blob["data"]["float32"], torch.zeros(60_000 * size)])
+        bad = _edited(bad, tmp_path / "padded.pt", pad)
     t0 = time.perf_counter()
     out, grown_mb = _load_limited(bad, timeout=120)
     assert "REFUSED" in out and str(bad) in out and "modules" in out, out
     assert grown_mb < 1000 and time.perf_counter() - t0 < 120, out
+
+
+BUILDER_CRASHES = [  # allowed builders, valid checksum, kwargs their code does not survive
+    ({"builder": "torchvision.models.mobilenet_v2", "kwargs": {"round_nearest": 0}}, "ZeroDivisionError"),
+    ({"builder": "torchvision.models.mobilenet_v2", "kwargs": {"width_mult": float("inf")}}, "OverflowError"),
+    ({"builder": "torchvision.models.vit_b_16", "kwargs": {"image_size": 225}}, "AssertionError"),
+]
+
+
+@pytest.mark.parametrize("arch,error", BUILDER_CRASHES, ids=lambda a: str(a)[:50])
+def test_load_packed_builder_failures_name_the_file(good_file, tmp_path, arch, error):
+    bad = _rewrite(good_file, tmp_path / "crash.pt", arch=arch)
+    with pytest.raises(ValueError, match=f"rejected kwargs .*{error}") as info:
+        load_packed(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_nan_weights_are_refused_on_save_and_load(good_file, tmp_path):
+    model = reactnet_a(num_classes=4, small_input=True, width_mult=0.125)
+    with torch.no_grad():
+        model.classifier.fc.weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="save_packed: the model's 'classifier.fc.weight' holds NaN"):
+        save_packed(model, tmp_path / "nan.pt")
+
+    def poison(blob):
+        blob["data"]["float32"][-1] = float("nan")
+    bad = _edited(good_file, tmp_path / "nan.pt", poison)
+    with pytest.raises(ValueError, match="holds NaN; the model would compute NaN logits") as info:
+        load_packed(bad)
+    assert str(bad) in str(info.value)
 
 
 @linux_only
@@ -624,6 +668,20 @@ def test_data_files_are_bounded_before_they_are_decoded(tmp_path):
     (tmp_path / "long.txt").write_bytes(b"x" * 100_000 + b" 0\n")
     with pytest.raises(ValueError, match=r"line 1: longer than 65536 bytes"):
         split_file(str(tmp_path / "long.txt"), str(tmp_path))
+    if sys.platform.startswith("linux"):  # a sparse 8 GiB file without a newline: refused within 256 MB more
+        with open(tmp_path / "sparse.txt", "wb") as fh:
+            fh.truncate(8 << 30)
+        rc, out = _run_isolated(f"""
+            import resource
+            from candle_ext.data.sources import split_file
+            vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+            try:
+                split_file({str(tmp_path / "sparse.txt")!r}, "/")
+            except ValueError as exc:
+                print("REFUSED", exc)
+            """)
+        assert rc == 0 and "REFUSED" in out and "line 1: longer than 65536 bytes" in out, out
     with gzip.open(tmp_path / "lying.gz", "wb") as fh:  # a header for 4 bytes, then megabytes more
         fh.write(bytes([0, 0, 8, 1]) + struct.pack(">I", 4) + bytes(1 << 22))
     with pytest.raises(ValueError, match=r"header says \(4,\) \(4 bytes\) but holds more"):
@@ -631,3 +689,181 @@ def test_data_files_are_bounded_before_they_are_decoded(tmp_path):
     (tmp_path / "huge.idx").write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 65536, 65536, 65536))
     with pytest.raises(ValueError, match=r"more than the \d+ bytes an idx file may hold"):
         _read_idx(str(tmp_path / "huge.idx"))
+
+
+# ------------------------------------------------------------------- run folders, checkpoints and records
+
+
+class _Order:
+    """A sampler for fit: 4 indices, any epoch."""
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __iter__(self):
+        return iter(range(4))
+
+    def __len__(self):
+        return 4
+
+
+class _NoState:
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def _toy_fit(out, epochs=1, resume=False, stateful=None, made_with=None):
+    from candle_ext.train.loop import fit
+    return fit(str(out), "toy", epochs, _Order(), 2, lambda idx: {"loss": 1.0}, stateful or {"x": _NoState()},
+               resume=resume, progress=False, made_with=made_with)
+
+
+def test_links_in_a_run_folder_are_never_written_through(tmp_path):
+    """An out folder handed over with a link in it (toy.jsonl -> a file elsewhere) must not make a run truncate
+    or append to the link's target: logs refuse links, reports and checkpoints replace them."""
+    import json
+    from candle_ext.train import checkpoint
+    from candle_ext.train.evaluate import write_json
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep")
+    out = tmp_path / "run"
+    out.mkdir()
+    for log in ("toy.jsonl", "toy_epochs.jsonl"):
+        os.symlink(precious, out / log)
+        with pytest.raises(ValueError, match=f"{log} is a symbolic link"):
+            _toy_fit(out)
+        os.unlink(out / log)
+    assert precious.read_text() == "keep"
+    for name, write, read in [("report.json", lambda p: write_json({"a": 1}, str(p)), lambda p: json.loads(p.read_text())),
+                              ("ck.pt", lambda p: checkpoint.save_atomic({"a": 1}, str(p)), lambda p: checkpoint.load(str(p)))]:
+        link = tmp_path / name
+        os.symlink(precious, link)
+        write(link)
+        assert precious.read_text() == "keep" and not link.is_symlink() and read(link) == {"a": 1}, name
+
+
+def _crafted_resume(tmp_path, edit, stateful=None, made_with=None):
+    """A real one-epoch checkpoint of _toy_fit, edited, then resumed for a second epoch."""
+    out = tmp_path / "run"
+    _toy_fit(out, stateful=stateful, made_with=made_with)
+    ck = torch.load(out / "toy_last.pt", weights_only=True)
+    edit(ck)
+    torch.save(ck, out / "toy_last.pt")
+    return lambda: _toy_fit(out, epochs=2, resume=True, stateful=stateful, made_with=made_with)
+
+
+def _scheduler():
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
+RESUME_DAMAGE = {
+    # a tensor where fit writes numbers: the run would train, then fail writing its report
+    "history tensor": (lambda ck: ck["history"][0].__setitem__("epoch", torch.tensor(0)), {}, "history entry 0"),
+    "history not dicts": (lambda ck: ck.__setitem__("history", [[1, 2]]), {}, "history entry 0"),
+    # 4 stored bytes expanded to 2^22 ints: tuple() would materialise them
+    "python rng expanded": (lambda ck: ck["rng"].__setitem__("python", [3, torch.zeros(1, dtype=torch.int64)
+                                                                        .expand(2**22), None]), {},
+                            "random number generator state cannot be restored"),
+    "python rng floats": (lambda ck: ck["rng"]["python"].__setitem__(1, [0.5] * 625), {},
+                          "random number generator state cannot be restored"),
+    "made_with tensor": (lambda ck: ck.__setitem__("made_with", {"seed": torch.tensor([1, 2])}),
+                         {"made_with": {"seed": 0}}, "not plain data"),
+    "made_with int key": (lambda ck: ck.__setitem__("made_with", {1: 2}), {"made_with": {"seed": 0}},
+                          "not plain data"),
+    "made_with not a dict": (lambda ck: ck.__setitem__("made_with", [1]), {"made_with": {"seed": 0}},
+                             "not plain data"),
+    "scheduler state": (lambda ck: ck["state"].__setitem__("sched", {"optimizer": 5, "last_epoch": "x"}),
+                        {"stateful": "scheduler"}, "sched does not fit this run"),
+    "scheduler field": (lambda ck: ck["state"]["sched"].__setitem__("last_epoch", "x"),
+                        {"stateful": "scheduler"}, r"sched does not fit this run .*\['last_epoch'\]"),
+}
+
+
+@pytest.mark.parametrize("damage", list(RESUME_DAMAGE))
+def test_resume_refuses_checkpoint_fields_fit_never_writes(tmp_path, damage):
+    edit, options, match = RESUME_DAMAGE[damage]
+    stateful = {"sched": _scheduler()} if options.get("stateful") == "scheduler" else None
+    resume = _crafted_resume(tmp_path, edit, stateful, options.get("made_with"))
+    with pytest.raises(ValueError, match=match) as info:
+        resume()
+    assert "toy_last.pt" in str(info.value)
+
+
+def test_state_dict_misfit_names_tensors_that_hold_no_weights():
+    from candle_ext.train.checkpoint import state_dict_misfit
+    own = {"w": torch.zeros(2, 3), "n": torch.zeros((), dtype=torch.int64)}
+    assert state_dict_misfit(own, {"w": torch.ones(2, 3), "n": torch.tensor(4)}) == ""
+    cases = {"meta": {"w": torch.empty(2, 3, device="meta")}, "sparse_coo": {"w": torch.zeros(2, 3).to_sparse()},
+             "complex": {"w": torch.zeros(2, 3, dtype=torch.complex64)}, "integer": {"w": torch.zeros(2, 3).long()},
+             "NaN": {"w": torch.full((2, 3), float("nan"))}}
+    for word, change in cases.items():
+        assert word in state_dict_misfit(own, {**own, **change}), word
+
+
+@pytest.mark.filterwarnings("ignore:teacher .resnet18. has neither")
+def test_teacher_checkpoint_that_does_not_fit_names_the_file(tmp_path):
+    from candle_ext.train import teacher as T
+    from candle_ext.train.config import TeacherConfig
+    tcfg = TeacherConfig(name="resnet18", resolutions=[32, 48], base=0)
+    head = {"proj_weight.0": torch.zeros(8, 512), "proj_weight.1": torch.zeros(8, 512), "proj_bias.0": torch.zeros(8),
+            "proj_bias.1": torch.zeros(8), "fc.weight": torch.zeros(4, 16), "fc.bias": torch.zeros(4)}
+    good = {"head": head, "name": "resnet18", "resolutions": [32, 48], "base": 0, "num_classes": 4,
+            "student_channels": 8}
+    torch.save(good, tmp_path / "good.pt")
+    T.load_calibrated_teacher(tcfg, str(tmp_path / "good.pt"), num_classes=4)  # the forgeries below differ from it
+    for name, ck, match in [("narrow", {**good, "student_channels": 7}, r"proj_weight.0 is \(8, 512\) in the file"),
+                            ("nontensor", {**good, "head": {**head, "fc.bias": 5}}, "fc.bias is int in the file"),
+                            ("list", {**good, "head": [1]}, "is malformed .*head list"),
+                            ("made_with", {**good, "made_with": {"seed": torch.tensor([1, 2])}}, "not plain data")]:
+        path = tmp_path / f"{name}.pt"
+        torch.save(ck, path)
+        with pytest.raises(ValueError, match=match) as info:
+            T.load_calibrated_teacher(tcfg, str(path), num_classes=4, record={"seed": 0})
+        assert str(path) in str(info.value), name
+
+
+def test_torchvision_dataset_names_only_dataset_classes(tmp_path):
+    from candle_ext.data.sources import torchvision_dataset
+    for name in ("utils", "__class__", "ImageFolder", "VisionDataset", "os", "no_such_set"):
+        with pytest.raises(ValueError, match=f"data.name '{name}' is not a torchvision dataset class"):
+            torchvision_dataset(name, str(tmp_path))
+    with pytest.raises(ValueError, match=f"torchvision dataset CIFAR10 in {tmp_path} \\(train split\\)"):
+        torchvision_dataset("CIFAR10", str(tmp_path))  # not there, no download
+
+
+def test_environment_integers_are_checked_by_name(monkeypatch, capsys):
+    from candle_ext.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    assert main(["compare"]) == 2
+    assert "environment variable WORLD_SIZE must be an integer, got 'abc'" in capsys.readouterr().err
+
+
+def test_image_tensors_without_pixels_are_refused():
+    from candle_ext.data.sources import TensorImageSet
+    with pytest.raises(ValueError, match=r"H, W >= 1, got \(20, 1, 0, 0\)"):
+        TensorImageSet(torch.zeros(20, 0, 0, dtype=torch.uint8), [0] * 20, ["a"], where="idx")
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm")
+def test_freeze_names_what_it_cannot_copy():
+    """freeze works on a copy: a pruned module, or a weight computed by a hook (weight_norm), gets a ValueError
+    that says what to do, not torch's deepcopy error about graph leaves."""
+    from torch import nn
+    from torch.nn.utils import prune
+
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 16, 3), RSign(16), BinaryConv2d(16, 8, 3)).eval()
+    pruned = model()
+    prune.l1_unstructured(pruned[2], "weight", 0.5)
+    with pytest.raises(ValueError, match=r"module '2' is pruned \(torch.nn.utils.prune\); call prune.remove"):
+        candle_ext.freeze(pruned)
+    prune.remove(pruned[2], "weight")
+    candle_ext.freeze(pruned)
+    normed = model()
+    torch.nn.utils.weight_norm(normed[0])
+    with pytest.raises(ValueError, match="freeze copies the model, and it cannot be copied: .*remove_weight_norm"):
+        candle_ext.freeze(normed)

@@ -158,9 +158,9 @@ class TensorImageSet(ImageSet):
             images = images.unsqueeze(1)
         elif images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
             images = images.permute(0, 3, 1, 2)
-        if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"{where}: images must be [N,H,W], [N,H,W,C] or [N,C,H,W] with C in (1, 3), got "
-                             f"{tuple(images.shape)}")
+        if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[2] < 1 or images.shape[3] < 1:
+            raise ValueError(f"{where}: images must be [N,H,W], [N,H,W,C] or [N,C,H,W] with C in (1, 3) and H, W "
+                             f">= 1, got {tuple(images.shape)}")
         self.images = images.contiguous()
         self.labels = np.asarray(labels, dtype=np.int64)
         if self.labels.shape != (images.shape[0],):
@@ -267,7 +267,8 @@ def split_file(path: str, root: str, num_classes: Optional[int] = None) -> FileI
         raise FileNotFoundError(f"split file {path} does not exist")
     paths, labels = [], []
     with open(path, "rb") as fh:
-        for n, raw in enumerate(fh, 1):  # binary: a line's length is bounded before it is decoded or echoed
+        # Binary, one bounded readline at a time: a line (or a sparse file with no newline) is never read whole.
+        for n, raw in enumerate(iter(lambda: fh.readline(MAX_SPLIT_LINE + 1), b""), 1):
             if len(raw) > MAX_SPLIT_LINE:
                 raise ValueError(f"split file {path} line {n}: longer than {MAX_SPLIT_LINE} bytes")
             try:
@@ -339,13 +340,19 @@ def fashion_mnist(train: bool, root: Optional[str] = None, download: bool = Fals
 def torchvision_dataset(name: str, root: str, train: bool = True, download: bool = False) -> ImageSet:
     """A torchvision dataset by class name (CIFAR10, CIFAR100, FashionMNIST, Flowers102, DTD, ...)."""
     import torchvision.datasets as tvd
-    cls = getattr(tvd, name, None)
-    if cls is None:
-        raise ValueError(f"torchvision.datasets has no dataset {name!r}")
+    cls = getattr(tvd, name, None) if name in getattr(tvd, "__all__", ()) else None
+    if not (isinstance(cls, type) and issubclass(cls, tvd.VisionDataset) and cls is not tvd.VisionDataset
+            and cls is not tvd.DatasetFolder and cls is not tvd.ImageFolder):  # those two: use an imagefolder source
+        raise ValueError(f"data.name {name!r} is not a torchvision dataset class (torchvision.datasets.__all__, "
+                         "e.g. CIFAR10, CIFAR100, FashionMNIST, Flowers102)")
     try:
-        ds = cls(root, train=train, download=download)
-    except TypeError:  # datasets with a split argument instead of train
-        ds = cls(root, split="train" if train else "test", download=download)
+        try:
+            ds = cls(root, train=train, download=download)
+        except TypeError:  # datasets with a split argument instead of train
+            ds = cls(root, split="train" if train else "test", download=download)
+    except (RuntimeError, TypeError, ValueError, OSError) as exc:  # not found, corrupt, another signature
+        raise ValueError(f"torchvision dataset {name} in {root} ({'train' if train else 'test'} split): "
+                         f"{type(exc).__name__}: {str(exc)[:300]}") from exc
     data = getattr(ds, "data", None)
     labels = getattr(ds, "targets", None)
     classes = list(getattr(ds, "classes", []))

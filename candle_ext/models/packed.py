@@ -349,8 +349,19 @@ def freeze(model: nn.Module) -> nn.Module:
     the copy do not require grad."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from torch.nn.utils import prune
+    for name, m in model.named_modules():  # the weight such a module uses is recomputed by a hook before each call
+        if any(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
+            raise ValueError(f"freeze: module {name or '(the model)'!r} is pruned (torch.nn.utils.prune); call "
+                             "prune.remove on it first, which makes the pruned weight its plain weight")
     with torch.inference_mode(False):
-        return _freeze_in_place(copy.deepcopy(model))
+        try:
+            copy_ = copy.deepcopy(model)
+        except RuntimeError as exc:  # weight_norm and other weights computed by hooks are not graph leaves
+            raise ValueError(f"freeze copies the model, and it cannot be copied: {str(exc).splitlines()[0]} (a "
+                             "weight computed by a hook, as weight_norm makes, must be made plain first, e.g. "
+                             "torch.nn.utils.remove_weight_norm)") from exc
+        return _freeze_in_place(copy_)
 
 
 # ---------------------------------------------------------------------------------------------- save / load
@@ -471,9 +482,10 @@ def _build(arch: dict, source: str) -> nn.Module:
             model = fn(**kwargs)
     except _TooBig:
         raise
-    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
-        raise ValueError(f"{source}: builder {arch['builder']!r} rejected kwargs {kwargs}: "
-                         f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # builders assert, divide by zero or overflow on values a file can hold
+        first = (str(exc).splitlines() or [""])[0][:300]  # torch appends its C++ stack to some messages
+        raise ValueError(f"{source}: builder {arch['builder']!r} rejected kwargs {files.short_repr(kwargs)}: "
+                         f"{type(exc).__name__}: {first}") from exc
     if not isinstance(model, nn.Module):
         raise ValueError(f"{source}: builder {arch['builder']!r} returned {type(model).__name__}, not a Module")
     return model
@@ -485,6 +497,8 @@ _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float1
                                                     torch.int32, torch.int64, torch.uint8, torch.bool)}
 _HEADER_KEYS = ("format", "version", "arch", "binarized", "half", "index")
 _MAX_NUMEL = 2**63 - 1  # torch multiplies a shape's dims in int64, a 0 among them or not
+MAX_TENSORS = 65536  # tensors in a packed file's index (torchvision's efficientnet_v2_l: 1548)
+MAX_MODULES = 16384  # modules a packed file's model may register (torchvision's efficientnet_v2_l: 1409)
 
 
 def _flatten(state: dict):
@@ -498,13 +512,30 @@ def _flatten(state: dict):
     return index, {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
+def _first_nan(state: dict):
+    """The name of the first floating-point tensor holding a NaN, else None."""
+    return next((k for k, t in state.items() if t.is_floating_point() and bool(torch.isnan(t).any())), None)
+
+
+def _stored(t: torch.Tensor) -> bool:
+    """Whether the file holds every element of t: a view that expands a few stored bytes (stride 0) would make
+    the checksum and the model allocate what the file never held."""
+    if not t.is_contiguous() or t.storage_offset() < 0:
+        return False
+    return (t.storage_offset() + t.numel()) * t.element_size() <= t.untyped_storage().nbytes()
+
+
 def _unflatten(index, data: dict, source: str) -> dict:
     """The state dict held by (index, data); ValueError when they do not describe each other."""
     bad = ValueError(f"{source}: malformed packed model file (tensor index and data disagree)")
     if not (isinstance(index, list) and isinstance(data, dict)
             and all(isinstance(k, str) and k in _DTYPES and isinstance(v, torch.Tensor) and v.layout == torch.strided
-                    and v.device.type == "cpu" and v.dim() == 1 and v.dtype == _DTYPES[k] for k, v in data.items())):
+                    and v.device.type == "cpu" and v.dim() == 1 and v.dtype == _DTYPES[k] and _stored(v)
+                    for k, v in data.items())):
         raise bad
+    if len(index) > MAX_TENSORS:
+        raise ValueError(f"{source}: malformed packed model file ({len(index)} tensors in its index, more than the "
+                         f"{MAX_TENSORS} a model here may have)")
     state, offsets = {}, dict.fromkeys(data, 0)
     for entry in index:
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[0] not in state
@@ -716,6 +747,9 @@ def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict]
                 and t.abs().max().item() <= _FP16_MAX):
             t = t.half()
         state[key] = t
+    nan = _first_nan(state)
+    if nan is not None:  # load_packed refuses it: better said now than when the file is shipped
+        raise ValueError(f"save_packed: the model's {nan!r} holds NaN (a diverged run?); refusing to write it")
     index, data = _flatten(state)
     header = {"format": FORMAT, "version": VERSION, "arch": arch, "binarized": binarized, "half": bool(half),
               "index": index}
@@ -765,6 +799,9 @@ def load_packed(path, map_location="cpu") -> nn.Module:
     if not (isinstance(binarized, list) and all(isinstance(n, str) for n in binarized)):
         raise ValueError(f"{path}: malformed packed model file (binarized list missing)")
     state = _unflatten(blob.get("index"), blob.get("data"), str(path))
+    nan = _first_nan(state)
+    if nan is not None:  # save_packed refuses such a model: a file holding one was not written by it
+        raise ValueError(f"{path}: tensor {nan!r} holds NaN; the model would compute NaN logits")
     for key in _HEADER_KEYS + ("meta",):  # the checksum covers them as JSON: else no file save_packed wrote
         try:
             json.dumps(blob.get(key), sort_keys=True)
@@ -786,10 +823,12 @@ def load_packed(path, map_location="cpu") -> nn.Module:
         # Every module of a real model holds some of the file's tensors, or sits next to modules that do: 16
         # modules a tensor leaves ample room (ReActNet-A, torchvision's classification models and 15 timm ones
         # register at most 1.8 per tensor of their float state_dict).
-        max_modules = 256 + 16 * len(state)
+        # Empty tensors cost a file nothing, so they do not count; and no real model comes near MAX_MODULES.
+        held = sum(1 for t in state.values() if t.numel())
+        max_modules = min(MAX_MODULES, 256 + 16 * held)
         with _max_modules(max_modules, f"{path}: the model that {arch['builder']} builds with kwargs "
                                        f"{arch['kwargs']} has more than {max_modules} modules, more than a file "
-                                       f"of {len(state)} tensors can describe; refused while building it"):
+                                       f"of {held} non-empty tensors can describe; refused while building it"):
             meta = _meta_skeleton(arch, binarized, str(path))
             budget = None
             if meta is not None:

@@ -5,7 +5,6 @@ import warnings
 from collections import OrderedDict
 from typing import Callable, Iterable, Union
 
-import torch
 from torch import nn
 
 from candle_ext.nn.layers import BinaryConv2d, RSign

@@ -1,9 +1,7 @@
 """Atomic checkpoints that load with torch.load(weights_only=True), RNG states included."""
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from typing import Dict
 
 import torch
@@ -22,44 +20,28 @@ def _py_state(s):
     return [s[0], list(s[1]), s[2]]
 
 
+_PY_STATE_WORDS = len(random.getstate()[1])  # 625: Mersenne Twister's 624 words and its position
+
+
 def set_rng_state(state: Dict[str, object]) -> None:
+    """Restore what rng_state() saved; ValueError when the Python state is not one (checked before anything is
+    built from it: a tensor or a huge list would be expanded by tuple())."""
+    py = state["python"]
+    if not (isinstance(py, (list, tuple)) and len(py) == 3 and type(py[0]) is int
+            and isinstance(py[1], (list, tuple)) and len(py[1]) == _PY_STATE_WORDS
+            and all(type(w) is int for w in py[1]) and (py[2] is None or type(py[2]) is float)):
+        raise ValueError(f"the Python random state is not [version, {_PY_STATE_WORDS} ints, None or float]")
     torch.set_rng_state(state["torch"])
-    v, internal, gauss = state["python"]
+    v, internal, gauss = py
     random.setstate((v, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_atomic(obj, path: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old file or the new
-    one, never a torn one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # the mode open() would give (mkstemp's 0600 hid runs from co-workers)
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    try:  # Linux: read it without changing it (os.umask can only read by setting, racing other threads)
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """torch.save(obj) to path through files.write_atomic: a kill leaves the old file or the new one, never a
+    torn one."""
+    files.write_atomic(path, lambda fh: torch.save(obj, fh))
 
 
 def load(path: str, map_location="cpu"):
@@ -86,4 +68,17 @@ def state_dict_misfit(own: dict, state: dict) -> str:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             parts.append(f"{k} is {got} in the file, {tuple(own[k].shape)} in the model")
             break
+        if v is not None and _kind(v) != _kind(own[k]):  # meta, sparse, complex or integer for float: no weights
+            parts.append(f"{k} is a {_kind(v)} tensor in the file, {_kind(own[k])} in the model")
+            break
+        if v is not None and v.is_floating_point() and bool(torch.isnan(v).any()):
+            parts.append(f"{k} holds NaN (a diverged run?)")
+            break
     return "; ".join(parts)
+
+
+def _kind(t: torch.Tensor) -> str:
+    """What state_dict_misfit compares besides the shape: where the values are, their layout and number type."""
+    number = "complex" if t.is_complex() else "floating-point" if t.is_floating_point() else "integer"
+    where = "meta" if t.device.type == "meta" else "" if t.layout == torch.strided else str(t.layout)
+    return " ".join(p for p in (where, number) if p)

@@ -227,7 +227,7 @@ def markdown(summary: Dict[str, Dict[str, object]], teachers: Dict[str, Dict[str
 def _plots(out: str, summary, lambda_logs: Dict[str, List[str]]) -> Dict[str, str]:
     from candle_ext.train.evaluate import _plt
     plt = _plt()
-    files = {}
+    plots = {}
     if lambda_logs:
         fig, ax = plt.subplots(figsize=(7, 3.8))
         for label, paths in lambda_logs.items():
@@ -240,8 +240,8 @@ def _plots(out: str, summary, lambda_logs: Dict[str, List[str]]) -> Dict[str, st
         ax.set_ylim(0, 1)
         ax.legend()
         fig.tight_layout()
-        files["lambda"] = os.path.join(out, "lambda_curves.png")
-        fig.savefig(files["lambda"], dpi=110)
+        plots["lambda"] = os.path.join(out, "lambda_curves.png")
+        files.write_atomic(plots["lambda"], lambda fh: fig.savefig(fh, format="png", dpi=110))
         plt.close(fig)
     labels = sorted(summary, key=lambda k: -summary[k]["mean"]["top1"])
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4))
@@ -254,10 +254,10 @@ def _plots(out: str, summary, lambda_logs: Dict[str, List[str]]) -> Dict[str, st
     ax.set_ylabel("accuracy (%), mean +- std over seeds")
     ax.legend(ncol=4, fontsize=8)
     fig.tight_layout()
-    files["bars"] = os.path.join(out, "top1_bars.png")
-    fig.savefig(files["bars"], dpi=110)
+    plots["bars"] = os.path.join(out, "top1_bars.png")
+    files.write_atomic(plots["bars"], lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
-    return files
+    return plots
 
 
 def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: str = "candle compare",
@@ -402,6 +402,5 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], command: 
               "groups": base.groups}
     write_json(report, os.path.join(out, "results.json"))
     table = markdown(summary, teacher_reports, command)
-    with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write(table)
+    files.write_text(os.path.join(out, "results.md"), table)
     return report

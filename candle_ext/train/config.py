@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
-from candle_ext.files import short_repr
+from candle_ext.files import plain_data, short_repr
 from candle_ext.train.balancer import UPDATES
 from candle_ext.train.distill import MODES as METHODS  # CANDLE, its ablations and the LT baselines
 
@@ -195,7 +195,10 @@ def data_fingerprints(train, test=None) -> Dict[str, str]:
 
 def made_with_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     """'key old -> new' for every key whose value differs between two subset() records (a data fingerprint only
-    when the old record has one)."""
+    when the old record has one). An old record that is not plain data (files.plain_data: a checkpoint may hold
+    tensors or non-string keys) is one difference, named without comparing anything."""
+    if not (isinstance(old, dict) and plain_data(old)):
+        return ["the recorded configuration is not plain data (a record candle-ext wrote holds JSON values only)"]
     out = []
     for k in sorted(set(old) | set(new)):
         if k in DATA_FINGERPRINT_KEYS and k not in old:

@@ -50,7 +50,7 @@ class DistEnv:
         return self.rank == 0
 
 
-def _env_int(name: str, default: Optional[int]) -> Optional[int]:
+def env_int(name: str, default: Optional[int]) -> Optional[int]:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -69,9 +69,9 @@ def init_distributed(device: str = "cpu", backend: Optional[str] = None, timeout
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if backend not in (None, "nccl", "gloo"):
         raise ValueError(f"backend must be None, 'nccl' or 'gloo', got {backend!r}")
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local = _env_int("LOCAL_RANK", rank)
+    world = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0)
+    local = env_int("LOCAL_RANK", rank)
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent (need 0 <= RANK < WORLD_SIZE)")
     if device == "cuda":

@@ -126,7 +126,7 @@ def plot_lambda(log_path: str, out_path: str) -> None:
     ax.set_ylabel("lambda (weight of FS)")
     ax.set_title("Adversarial balancing: lambda schedule")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    files.write_atomic(out_path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -140,7 +140,7 @@ def plot_weight_norms(norms: Dict[str, Sequence[float]], order: Sequence[int], o
     ax.set_ylabel("classifier weight norm")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    files.write_atomic(out_path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -155,7 +155,7 @@ def plot_gain(acc: Sequence[float], baseline: Sequence[float], order: Sequence[i
     ax.set_xlabel("class rank by training count (head -> tail)")
     ax.set_ylabel(f"accuracy gain (points), {label}")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    files.write_atomic(out_path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -187,8 +187,7 @@ def write_reports(ctx, results: Dict[str, Dict], lambda_log: Optional[str], base
                 "train_counts": np.bincount(ctx.train.labels, minlength=ctx.num_classes).tolist(),
                 "test_size": len(ctx.test), "results": results, "plots": plots},
                os.path.join(ctx.out, "report.json"))
-    with open(os.path.join(ctx.out, "report.md"), "w") as fh:
-        fh.write(table + "\n")
+    files.write_text(os.path.join(ctx.out, "report.md"), table + "\n")
     return table
 
 
@@ -221,7 +220,6 @@ def metrics_from_json(metrics: Dict[str, object]) -> Dict[str, object]:
 
 
 def write_json(obj, path: str) -> None:
-    """obj as strict JSON (NaN and infinities written as null: json_safe)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
+    """obj as strict JSON (NaN and infinities written as null: json_safe), serialised before path is touched and
+    written atomically (files.write_text)."""
+    files.write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False))

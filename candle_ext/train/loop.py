@@ -30,11 +30,14 @@ def _resume_state(ck: dict, stateful: dict, ckpt_path: str) -> None:
                          f"{sorted(stateful)}): resume it with the configuration it was made with, or start "
                          "another run (--name/--out, or without --resume)")
     for key, obj in stateful.items():
+        misfit = ""
         if isinstance(obj, torch.nn.Module) and isinstance(held[key], dict):
             misfit = checkpoint.state_dict_misfit(obj.state_dict(), held[key])
-            if misfit:
-                raise ValueError(f"{ckpt_path}: its {key} does not fit this run ({misfit}); it was made with "
-                                 "another configuration: resume with that one, or start another run (--name/--out)")
+        elif isinstance(obj, torch.optim.lr_scheduler.LRScheduler):  # its load_state_dict copies any dict in
+            misfit = _scheduler_misfit(obj.state_dict(), held[key])
+        if misfit:
+            raise ValueError(f"{ckpt_path}: its {key} does not fit this run ({misfit}); it was made with "
+                             "another configuration: resume with that one, or start another run (--name/--out)")
         try:  # optimizers, schedulers and objects with their own checks
             obj.load_state_dict(held[key])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
@@ -46,6 +49,27 @@ def _resume_state(ck: dict, stateful: dict, ckpt_path: str) -> None:
                              "configuration: resume with that one, or start another run (--name/--out)") from exc
 
 
+def _scheduler_misfit(own: dict, held) -> str:
+    """What keeps `held` from being a state of the scheduler whose state_dict() is `own`: the same keys, each
+    value of the same plain type (lists of numbers where own has them); '' when it fits."""
+    if not isinstance(held, dict) or set(held) != set(own):
+        got = sorted(map(str, held)) if isinstance(held, dict) else type(held).__name__
+        return f"a scheduler state needs the keys {sorted(own)}, the file has {files.short_repr(got)}"
+
+    def plain(mine, theirs):
+        if isinstance(mine, bool) or mine is None:
+            return type(theirs) is type(mine)
+        if isinstance(mine, int):
+            return type(theirs) is int
+        if isinstance(mine, float):
+            return type(theirs) in (int, float) and math.isfinite(theirs)
+        if isinstance(mine, list):
+            return isinstance(theirs, list) and len(theirs) == len(mine) and all(map(plain, mine, theirs))
+        return True  # a type this check does not know: the scheduler's own load_state_dict decides
+    bad = sorted(k for k in own if not plain(own[k], held[k]))
+    return f"scheduler field(s) {bad} are not what the scheduler holds" if bad else ""
+
+
 def _check_progress(ck: dict, ckpt_path: str) -> None:
     """The epoch count, history and log position a checkpoint records, as fit wrote them."""
     epoch, history, lines = ck.get("epoch"), ck.get("history"), ck.get("log_lines")
@@ -54,14 +78,20 @@ def _check_progress(ck: dict, ckpt_path: str) -> None:
         raise ValueError(f"{ckpt_path} is not a checkpoint this command wrote (epoch {files.short_repr(epoch)}, "
                          f"history of {len(history) if isinstance(history, list) else type(history).__name__}, "
                          f"log_lines {files.short_repr(lines)}); start another run (--name/--out)")
+    # Each epoch's summary as fit makes it ({'epoch': i, metric: number or None}): it is written to the reports.
+    for i, summary in enumerate(history):
+        if not (type(summary) is dict and summary.get("epoch") == i and type(summary["epoch"]) is int and all(
+                type(k) is str and (v is None or type(v) in (int, float)) for k, v in summary.items())):
+            raise ValueError(f"{ckpt_path} is not a checkpoint this command wrote (its history entry {i} is "
+                             f"{files.short_repr(summary)}); start another run (--name/--out)")
 
 
 def _truncate_lines(path: str, n: int) -> None:
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return
-    with open(path) as fh:
-        lines = fh.readlines()[:n]
-    with open(path, "w") as fh:
+    with files.open_log(path, "r", "log") as fh:
+        lines = [line for _, line in zip(range(n), fh)]
+    with files.open_log(path, "w", "log") as fh:
         fh.writelines(lines)
 
 
@@ -115,7 +145,7 @@ def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
         ck = broadcast_object(ck, env)
     if ck is not None:
         recorded = ck.get("made_with") if isinstance(ck, dict) else None
-        if made_with is not None and isinstance(recorded, dict) and made_with_diff(recorded, made_with):
+        if made_with is not None and recorded is not None and made_with_diff(recorded, made_with):
             raise ValueError(f"{ckpt_path} was made with another configuration "
                              f"({'; '.join(made_with_diff(recorded, made_with))}): resume with the configuration it "
                              "was made with, or start another run (--name/--out, or without --resume)")
@@ -145,7 +175,7 @@ def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
             from tqdm import tqdm
             bar = tqdm(total=len(batches), desc=f"{name} {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
         sums: Dict[str, float] = {}
-        with (open(log_path, "a") if main else open(os.devnull, "w")) as log:
+        with (files.open_log(log_path, "a", "training log") if main else open(os.devnull, "w")) as log:
             for i, idx in enumerate(batches):
                 m = reduce_metrics(step_fn(idx), env)
                 log.write(json.dumps({"epoch": epoch, "step": i, **m}) + "\n")
@@ -174,7 +204,7 @@ def fit(run_dir: str, name: str, epochs: int, sampler, batch_size: int,
         history.append(summary)
         rngs = gather_object(checkpoint.rng_state(), env)  # every rank's RNG: each resumes its own stream
         if main:
-            with open(ep_path, "a") as fh:
+            with files.open_log(ep_path, "a", "epoch log") as fh:
                 fh.write(json.dumps(summary) + "\n")
             ck = {"epoch": epoch + 1, "history": history, "log_lines": log_lines, "rng": rngs[0],
                   "state": {k: o.state_dict() for k, o in stateful.items()}}

@@ -254,16 +254,18 @@ def load_calibrated_teacher(tcfg: TeacherConfig, path: str, dist: Optional[DistE
     ck = broadcast_object(checkpoint.load(path) if env.is_main else None, env)
     _check_calibrated(ck, tcfg, path, num_classes)
     recorded = ck.get("made_with")
-    if record is not None and isinstance(recorded, dict) and made_with_diff(recorded, record):
+    if record is not None and recorded is not None and made_with_diff(recorded, record):
         raise ValueError(f"teacher checkpoint {path} was calibrated with another configuration "
                          f"({'; '.join(made_with_diff(recorded, record))}): run `candle calibrate` again with this "
                          f"configuration, or use another out_dir")
     enc, _ = load_teacher(tcfg.name, tcfg.weights, tcfg.pretrained)
     t = MultiResolutionTeacher(enc, int(ck["num_classes"]), int(ck["student_channels"]),
                                [int(r) for r in ck["resolutions"]], int(ck["base"]))
-    missing, unexpected = t.load_state_dict(ck["head"], strict=False)
-    if unexpected or any(not k.startswith("encoder.") for k in missing):
-        raise ValueError(f"teacher checkpoint {path} does not fit: missing {missing}, unexpected {unexpected}")
+    head = {k: v for k, v in t.state_dict().items() if not k.startswith("encoder.")}
+    misfit = checkpoint.state_dict_misfit(head, ck["head"])  # a dict: _check_calibrated
+    if misfit:  # checked before loading: torch's own error would not name the file
+        raise ValueError(f"teacher checkpoint {path} does not fit the teacher it describes: {misfit}")
+    t.load_state_dict(ck["head"], strict=False)  # the frozen encoder is not in the file
     return t
 
 
