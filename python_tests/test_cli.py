@@ -242,6 +242,7 @@ def test_imbalance_ratio_that_empties_classes_is_refused(workspace, capsys):
                  "--set", "data.imbalance_ratio=100"]) == 2
     err = capsys.readouterr().err
     assert "without a training sample" in err and "ratio" in err
+    assert "3 class(es) without a training sample (1 (b), 2 (c), 3 (d))" in err  # by index and name
     # Unbalanced, the pool is not one the derivation is defined for: refused, naming the ways out.
     assert main(["calibrate", "--config", str(cfg), "--out", str(root / "r100"),
                  "--set", "data.imbalance_ratio=2"]) == 2

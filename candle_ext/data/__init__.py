@@ -71,7 +71,7 @@ def build_datasets(cfg: dict) -> Tuple[ImageSet, ImageSet]:
                              f"imbalanced): set data.imbalance_ratio: null (and data.train_per_class: null) to "
                              f"train on the data as it is, or data.train_per_class to at most {counts.min()} to "
                              f"balance the pool first")
-        train = train.subset(make_long_tailed(train.labels, float(ratio), int(cfg.get("seed", 0)),
+        train = train.subset(make_long_tailed(train, float(ratio), int(cfg.get("seed", 0)),
                                               train.num_classes))
     if cfg.get("test_per_class"):
         test = _balanced_subset(test, int(cfg["test_per_class"]), int(cfg.get("seed", 0)))

@@ -63,9 +63,14 @@ def make_long_tailed(dataset, ratio: float, seed: int = 0, num_classes: int | No
     counts = long_tailed_counts(len(labels) / c, c, ratio)
     if min(counts) < 1:
         empty = [int(order[i]) for i, n in enumerate(counts) if n < 1]
+        names = getattr(dataset, "classes", None)  # an ImageSet names its classes: say which they are
+        if isinstance(names, (list, tuple)) and len(names) == c:
+            shown = ", ".join(f"{i} ({str(names[i])[:40]})" for i in empty[:8]) + (", ..." if len(empty) > 8 else "")
+        else:
+            shown = ", ".join(map(str, empty[:8])) + (", ..." if len(empty) > 8 else "")
         raise ValueError(f"imbalance ratio {ratio} on {len(labels)} samples of {c} classes (n_max = "
-                         f"{len(labels) / c:.1f}) leaves classes {empty} without a training sample: use more data "
-                         f"per class or a ratio of at most {math.floor(len(labels) / c)}")
+                         f"{len(labels) / c:.1f}) leaves {len(empty)} class(es) without a training sample "
+                         f"({shown}): use more data per class or a ratio of at most {math.floor(len(labels) / c)}")
     rng = np.random.default_rng(seed)
     keep = []
     for rank, cls in enumerate(order):
