@@ -517,3 +517,26 @@ def test_files_from_other_runs_are_checked_before_they_are_used(workspace, tmp_p
     code, err = _cli(["evaluate", "--config", str(path), "--out", str(tmp_path / "ev"), "--checkpoint",
                       str(out / "forged_student.pt"), "--log", str(log)], capsys)
     assert code == 2 and f"training log {log}: record 1 has lambda 'v0', not a number" in err, err
+
+
+def test_test_folder_without_a_rare_class(workspace, tmp_path, capsys):
+    """An image-folder test set may lack a class the training set has (no test images of a rare class): the
+    test labels follow the training classes, that class's accuracy is null in the report (NaN in memory), and a
+    test folder naming a class the training data lacks is refused."""
+    root, cfg = workspace
+    small = tmp_path / "small"
+    make_class_folders(small / "train", [5, 4, 2, 2], 3)
+    make_class_folders(small / "test", [2, 2, 2, 2], 4)
+    shutil.rmtree(small / "test" / "c")
+    out = tmp_path / "o"
+    args = ["distill", "--config", str(cfg), "--out", str(out), "--mode", "scratch",
+            "--set", f"data.train_dir={small / 'train'}", "--set", f"data.test_dir={small / 'test'}",
+            "--set", "distill.batch_size=4", "--set", "distill.epochs=1"]
+    assert main(args) == 0
+    per_class = json.loads((out / "scratch_report.json").read_text())["test"]["per_class"]
+    assert per_class[2] is None and all(isinstance(v, float) for i, v in enumerate(per_class) if i != 2)
+    (small / "test" / "zebra").mkdir()
+    shutil.copy(small / "test" / "a" / "0.png", small / "test" / "zebra" / "0.png")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "has class folders the training data does not have: ['zebra']" in capsys.readouterr().err

@@ -43,10 +43,8 @@ def build_datasets(cfg: dict) -> Tuple[ImageSet, ImageSet]:
     if src == "fashion_mnist":
         train, test = (fashion_mnist(t, cfg.get("root"), download) for t in (True, False))
     elif src == "imagefolder":
-        train, test = image_folder(cfg["train_dir"]), image_folder(cfg["test_dir"])
-        if train.classes != test.classes:
-            raise ValueError(f"train_dir {cfg['train_dir']} and test_dir {cfg['test_dir']} have different "
-                             f"class folders")
+        train = image_folder(cfg["train_dir"])
+        test = image_folder(cfg["test_dir"], train.classes)  # the training classes; some may have no test folder
     elif src == "split_file":
         train = split_file(cfg["train_split"], cfg.get("root") or "", cfg.get("num_classes"))
         test = split_file(cfg["test_split"], cfg.get("root") or "", train.num_classes)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from candle_ext.files import short_repr
+
 MAX_SPLIT_LINE = 1 << 16  # bytes of one `path label` line
 MAX_IMAGE_PIXELS = 1 << 26  # 67M pixels (8192x8192): more is no training image but a decompression bomb
 MAX_IDX_BYTES = 1 << 28  # Fashion-MNIST's largest idx file holds 47 MB
@@ -225,17 +227,27 @@ def _digest_files(h, paths) -> None:
         h.update(f"{os.fspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
 
 
-def image_folder(root: str) -> FileImageSet:
+def image_folder(root: str, classes: Optional[Sequence[str]] = None) -> FileImageSet:
     """An ImageFolder tree: root/<class name>/<image files, also in sub-folders, as torchvision's ImageFolder
-    reads them>; classes sorted by name, images by path."""
+    reads them>; classes sorted by name, images by path. With `classes` (a training set's), labels index that
+    list and a class may have no folder here (a test set without images of a rare class); a folder of a class
+    not in the list is refused."""
     root_p = Path(root)
     if not root_p.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    classes = sorted(d.name for d in root_p.iterdir() if d.is_dir())
-    if not classes:
+    found = sorted(d.name for d in root_p.iterdir() if d.is_dir())
+    if not found:
         raise ValueError(f"image folder {root} has no class sub-folders")
+    if classes is not None:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(f"image folder {root} has class folders the training data does not have: "
+                             f"{short_repr(unknown, 200)}")
+    classes = list(classes) if classes is not None else found
     paths, labels = [], []
     for c, name in enumerate(classes):
+        if name not in found:
+            continue
         files = sorted(_image_files(root_p / name))
         if not files:
             raise ValueError(f"image folder {root}: class {name!r} (folder {root_p / name}) has no images")
