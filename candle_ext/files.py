@@ -145,9 +145,14 @@ def write_atomic(path, write: Callable) -> None:
     never written through (a link planted in an out folder cannot make a run overwrite its target)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    try:  # an existing file keeps its mode, as open(path, "w") would; else the mode open() gives a new file
+        old = os.lstat(path)
+        mode = stat.S_IMODE(old.st_mode) if stat.S_ISREG(old.st_mode) else None
+    except OSError:
+        mode = None
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(str(path))[1])
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # the mode open() would give (mkstemp's 0600 hid runs from co-workers)
+        os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)  # not mkstemp's 0600: runs are shared
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

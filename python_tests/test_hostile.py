@@ -867,3 +867,38 @@ def test_freeze_names_what_it_cannot_copy():
     torch.nn.utils.weight_norm(normed[0])
     with pytest.raises(ValueError, match="freeze copies the model, and it cannot be copied: .*remove_weight_norm"):
         candle_ext.freeze(normed)
+
+
+def test_scheduler_states_of_other_torch_versions_still_resume():
+    """The scheduler check refuses what would break the scheduler (a key replacing its optimizer, a string for
+    a number) but not the bookkeeping keys torch versions add or drop (`_is_initial`, `verbose`), nor the
+    infinities ReduceLROnPlateau keeps."""
+    from candle_ext.train.loop import _scheduler_misfit
+    sched = _scheduler()
+    for _ in range(3):
+        sched.optimizer.step()
+        sched.step()
+    older = {k: v for k, v in sched.state_dict().items() if k != "_is_initial"}
+    older["verbose"] = False
+    fresh = _scheduler()
+    assert _scheduler_misfit(fresh, older) == ""
+    fresh.load_state_dict(older)
+    assert fresh.last_epoch == 3
+    assert "replace the scheduler's own attributes" in _scheduler_misfit(_scheduler(), {**older, "optimizer": 5})
+    assert "['last_epoch']" in _scheduler_misfit(_scheduler(), {**older, "last_epoch": "x"})
+    assert "needs the keys" in _scheduler_misfit(_scheduler(), {"base_lrs": [0.1]})
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    plateau.step(1.0)
+    assert _scheduler_misfit(torch.optim.lr_scheduler.ReduceLROnPlateau(opt), plateau.state_dict()) == ""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_atomic_writes_keep_an_existing_files_mode(tmp_path):
+    from candle_ext import files
+    path = tmp_path / "report.md"
+    files.write_text(path, "one")
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~files._umask()
+    os.chmod(path, 0o640)
+    files.write_text(path, "two")
+    assert path.read_text() == "two" and (path.stat().st_mode & 0o777) == 0o640

@@ -520,8 +520,8 @@ def test_tiles_that_grow_with_the_problem_go_on_grid_axis_x(monkeypatch):
     """sign_pack's word tiles (one per 32 channels on NCHW) and the head's feature-gradient scatter tiles (H*W
     positions) were on grid axis y, which CUDA caps at 65535 programs: ~2.1M channels or ~8.4M positions failed
     to launch. Both now flatten their tiles onto x. With the y and z limits lowered to 1 and the GPU's tiles,
-    they must still launch and be exact: 7 word tiles of an NCHW sign_pack (2 channels_last), and 2 position
-    tiles of the 12x13 map's scatter."""
+    they must still launch and be exact: 7 word tiles of an NCHW sign_pack (2 channels_last), and 3 plane tiles
+    x 2 position tiles of the 12x13 map's scatter."""
     import candle_ext.triton as ct
     monkeypatch.setattr(ct, "INTERPRETER_TILES", False)
     monkeypatch.setattr(ct, "MAX_GRID", (2 ** 31 - 1, 1, 1))
@@ -530,7 +530,7 @@ def test_tiles_that_grow_with_the_problem_go_on_grid_axis_x(monkeypatch):
         x = torch.randn(2, 200, 5, 3, device=DEVICE).contiguous(memory_format=fmt)
         bias = torch.randn(200, device=DEVICE) * 0.3
         assert torch.equal(tpack.sign_pack(x, bias), R.sign_pack(x, bias)), fmt
-    feats, weights, biases = _head_inputs(2, 12, 5, [(12, 13), (6, 5)], torch.float32)
+    feats, weights, biases = _head_inputs(4, 12, 9, [(12, 13), (6, 5)], torch.float32)  # 36 planes: 3 tiles of 16
     _check_head(feats, weights, biases, 0, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="grid axis y"):  # a conv with two channel tiles still uses y
         tconv.binary_conv2d_packed(R.sign_pack(x), R.sign_pack(torch.randn(130, 200, 1, 1, device=DEVICE)), 200,

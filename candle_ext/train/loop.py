@@ -34,7 +34,7 @@ def _resume_state(ck: dict, stateful: dict, ckpt_path: str) -> None:
         if isinstance(obj, torch.nn.Module) and isinstance(held[key], dict):
             misfit = checkpoint.state_dict_misfit(obj.state_dict(), held[key])
         elif isinstance(obj, torch.optim.lr_scheduler.LRScheduler):  # its load_state_dict copies any dict in
-            misfit = _scheduler_misfit(obj.state_dict(), held[key])
+            misfit = _scheduler_misfit(obj, held[key])
         if misfit:
             raise ValueError(f"{ckpt_path}: its {key} does not fit this run ({misfit}); it was made with "
                              "another configuration: resume with that one, or start another run (--name/--out)")
@@ -49,24 +49,28 @@ def _resume_state(ck: dict, stateful: dict, ckpt_path: str) -> None:
                              "configuration: resume with that one, or start another run (--name/--out)") from exc
 
 
-def _scheduler_misfit(own: dict, held) -> str:
-    """What keeps `held` from being a state of the scheduler whose state_dict() is `own`: the same keys, each
-    value of the same plain type (lists of numbers where own has them); '' when it fits."""
-    if not isinstance(held, dict) or set(held) != set(own):
+def _scheduler_misfit(scheduler, held) -> str:
+    """What keeps `held` from being a state of `scheduler` ('' when it fits). Its load_state_dict copies every
+    key onto the object, so a key that would replace one of its other attributes (its optimizer) is refused, and
+    a key both states have must hold the same kind of value (numbers, None, bools, lists of them). Keys one torch
+    version saves and another does not (`verbose`, `_is_initial`) pass."""
+    own = scheduler.state_dict()
+    if not (isinstance(held, dict) and all(type(k) is str for k in held)) or "last_epoch" not in held:
         got = sorted(map(str, held)) if isinstance(held, dict) else type(held).__name__
         return f"a scheduler state needs the keys {sorted(own)}, the file has {files.short_repr(got)}"
+    clobbers = sorted(k for k in held if k not in own and hasattr(scheduler, k))
+    if clobbers:
+        return f"scheduler field(s) {clobbers} would replace the scheduler's own attributes"
 
-    def plain(mine, theirs):
+    def same_kind(mine, theirs):
         if isinstance(mine, bool) or mine is None:
             return type(theirs) is type(mine)
-        if isinstance(mine, int):
-            return type(theirs) is int
-        if isinstance(mine, float):
-            return type(theirs) in (int, float) and math.isfinite(theirs)
+        if isinstance(mine, (int, float)):
+            return type(theirs) in (int, float)
         if isinstance(mine, list):
-            return isinstance(theirs, list) and len(theirs) == len(mine) and all(map(plain, mine, theirs))
+            return isinstance(theirs, list) and len(theirs) == len(mine) and all(map(same_kind, mine, theirs))
         return True  # a type this check does not know: the scheduler's own load_state_dict decides
-    bad = sorted(k for k in own if not plain(own[k], held[k]))
+    bad = sorted(k for k in own if k in held and not same_kind(own[k], held[k]))
     return f"scheduler field(s) {bad} are not what the scheduler holds" if bad else ""
 
 
