@@ -83,7 +83,7 @@ def test_binary_conv_cpu(benchmark, bench_table, data, capsys, monkeypatch, shap
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            if variant in ("kernel", "binary") and threads == 1:  # a fast kernel that is wrong is no result
+            if variant != "fp32" and threads == 1:  # a fast kernel that is wrong is no result
                 ref = F.conv2d(torch.where(d["x"] >= 0, 1.0, -1.0), torch.where(d["w_cl"] >= 0, 1.0, -1.0),
                                None, shape.stride, shape.padding)
                 ref = ref * d["scale"].reshape(1, -1, 1, 1) + d["shift"].reshape(1, -1, 1, 1)

@@ -161,7 +161,9 @@ def test_compare_refuses_folders_made_from_other_images(tmp_path, capsys):
         img.write_bytes(old)
         os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert _compare(cfg, out) == 0 and "done before" in capsys.readouterr().out
-    for rec in out.glob("**/" + MADE_WITH):  # written before fingerprints: accepted on the keys they have
+    recs = list(out.glob("**/" + MADE_WITH))
+    assert recs
+    for rec in recs:  # written before fingerprints: accepted on the keys they have
         spec = json.loads(rec.read_text())
         assert len(spec.pop("data.train_fingerprint")) == 32 and len(spec.pop("data.test_fingerprint")) == 32
         rec.write_text(json.dumps(spec))

@@ -3,6 +3,7 @@ import copy
 import importlib
 import io
 import os
+import re
 from collections import OrderedDict
 
 import pytest
@@ -546,8 +547,30 @@ def test_corrupt_files_raise_value_error(saved, tmp_path, damage):
         flipped = bytearray(data)
         flipped[len(data) // 2] ^= 0xFF
         bad.write_bytes(bytes(flipped))
-    with pytest.raises(ValueError, match=str(bad).replace("\\", "\\\\")):
+    # Every refusal starts with the path; the reason must be the one this damage calls for.
+    why = {"flip": "checksum mismatch|not a readable"}.get(damage, "not a readable candle-ext packed model file")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(bad))}: ({why})"):
         load_packed(bad)
+
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "data", "reactnet_a_w025_c10_main46b579a")
+
+
+def test_a_file_saved_by_an_older_main_still_loads_and_computes_the_same():
+    """python_tests/data holds a packed ReActNet-A (width 0.25, 10 classes, 32x32) that main 46b579a saved, with
+    an input and what that version computed: the float model's logits, the frozen model's encoder output and
+    logits (reference backend). Today's load_packed must read it and compute the encoder output bit for bit on
+    this backend, the logits up to the classifier GEMM's last bits, and the float model's arg-max."""
+    expected = torch.load(FIXTURE + ".expected.pt", weights_only=True)
+    model = load_packed(FIXTURE + ".pt")
+    assert model.candle_arch == {"builder": "candle_ext.models.reactnet_a",
+                                 "kwargs": {"num_classes": 10, "small_input": True, "width_mult": 0.25}}
+    with torch.no_grad():
+        assert torch.equal(model.encoder(expected["x"]), expected["frozen_encoder_reference"])
+        logits = model(expected["x"])
+    torch.testing.assert_close(logits, expected["frozen_logits_reference"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, expected["model_logits"], rtol=0, atol=1e-4)
+    assert torch.equal(logits.argmax(1), expected["model_logits"].argmax(1))
 
 
 def test_other_files_and_tampering_raise_value_error(saved, tmp_path):
