@@ -344,6 +344,52 @@ def test_conv_nhwc_mode_random_configs(index):
     _check_nhwc(c.n, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.padding, c.dilation, seed=3000 + index)
 
 
+# The one-call ReActNet block (react_block_cpu_nhwc): the AVX2 and AVX-512 paths run its two convs in one pass
+# over pixel tiles (where the block has the form that needs), the other paths as two convs; either way the values
+# are those of the two NHWC convs run one after the other, bit for bit.
+BLOCK_CASES = [  # (n, channels, doubling, h, w, stride)
+    (1, 32, True, 16, 16, 1),    # block 1's form: 1x1 conv doubling the channels
+    (2, 48, False, 12, 11, 1),   # 48: three vectors of 16, a packed word half full
+    (1, 64, False, 10, 8, 2),    # stride 2: the residual 2x2-pooled
+    (1, 128, False, 17, 15, 1),  # several tiles and channel blocks
+    (1, 256, True, 8, 8, 2),     # a doubling stride-2 block, wider than one block of channels
+    (1, 40, False, 9, 7, 1),     # 40 channels: not in whole vectors, two passes on every path
+    (3, 16, True, 5, 6, 1),      # one vector of channels, a short last micro-tile
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=str)
+def test_react_block_matches_two_convs(case, isa, threads):
+    n, c, doubling, h, w, stride = case
+    g = torch.Generator().manual_seed(c + h)
+    c1 = 2 * c if doubling else c
+    x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    t3 = torch.randn(c, generator=g) * 0.1
+    w3 = R.sign_pack(torch.randn(c, c, 3, 3, generator=g))
+    w1 = R.sign_pack(torch.randn(c1, c, 1, 1, generator=g))
+    sc3, sh3, sl3, t1 = torch.rand(c, generator=g) + 0.05, *(torch.randn(c, generator=g) for _ in range(3))
+    sc1, sh1, sl1, ps1, pt = torch.rand(c1, generator=g) + 0.05, *(torch.randn(c1, generator=g) for _ in range(4))
+    xw = _C.sign_pack_cpu(x, t3)
+    pool = stride == 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, y_words = _C.binary_conv2d_cpu_nhwc(xw, w3, c, stride, stride, 1, 1, 1, 1, sc3, sh3, x, pool, sl3, None,
+                                               True, True, t1)
+        want, want_words = _C.binary_conv2d_cpu_nhwc(y_words, w1, c, 1, 1, 0, 0, 1, 1, sc1, sh1, y, False, sl1, ps1,
+                                                     True, True, pt)
+        block = (xw, w3, c, stride, stride, 1, 1, 1, 1, sc3, sh3, x, pool, sl3, t1, w1, sc1, sh1, sl1, ps1)
+        out, words = _C.react_block_cpu_nhwc(*block, pt)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out, want) and torch.equal(words, want_words)
+        out, words = _C.react_block_cpu_nhwc(*block, None, nchw_out=True)  # the end of a chain: NCHW, no signs
+        assert out.is_contiguous() and torch.equal(out, want) and words.numel() == 0
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_conv_nhwc_entry_point_rejects_bad_arguments():
     xp = R.sign_pack(torch.randn(1, 40, 6, 6))
     wp = R.sign_pack(torch.randn(8, 40, 3, 3))

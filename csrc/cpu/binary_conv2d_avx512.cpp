@@ -299,12 +299,12 @@ CANDLE_AVX512 void write_tile_nhwc(const Plan& pl, const int32_t* part, int64_t 
 // pixel, each packed word's 32 channels together (their signs collected in a register, one store per word),
 // the per-channel parameters (NhwcParams: identities where a step is absent, padded to 16 channels) read as
 // memory operands; one branch-free body per residual mode. pix / res_off: nhwc_pixel_offsets.
+// out_f and post are the plan's own, or a block pass's tile buffers (run_block_tasks).
 template <int kRes, bool kOut, bool kPack>
-CANDLE_AVX512 void write_tile_nhwc_fast(const Plan& pl, const int32_t* part, int64_t width, const int32_t* base,
-                                        int64_t npix, const int64_t* pix, const int64_t* res_off, int64_t c0,
-                                        int64_t ncout) {
+CANDLE_AVX512 void write_tile_nhwc_fast(const Plan& pl, float* out_f, const Post& post, const int32_t* part,
+                                        int64_t width, const int32_t* base, int64_t npix, const int64_t* pix,
+                                        const int64_t* res_off, int64_t c0, int64_t ncout) {
   const ConvGeometry& g = pl.g;
-  const Post& post = pl.post;
   const NhwcParams& prm = *pl.nhwc;
   const int64_t rc = post.res_channels, row = 2 * g.wo * rc, cout = g.cout, out_words = (cout + 31) / 32;
   const float *scale = prm.scale + c0, *shift = prm.shift + c0, *slope = prm.slope + c0;
@@ -314,7 +314,7 @@ CANDLE_AVX512 void write_tile_nhwc_fast(const Plan& pl, const int32_t* part, int
   for (int64_t p = 0; p < npix; ++p) {
     const __m512i b = _mm512_set1_epi32(base[p]);
     const int32_t* src = part + p * width;
-    float* out = kOut ? pl.out_f + pix[p] * cout + c0 : nullptr;
+    float* out = kOut ? out_f + pix[p] * cout + c0 : nullptr;
     uint32_t* words = kPack ? post.packed + pix[p] * out_words + c0 / 32 : nullptr;
     const float* res = kRes ? post.residual + res_off[p] : nullptr;
     int64_t ch = ch0;
@@ -350,19 +350,19 @@ CANDLE_AVX512 void write_tile_nhwc_fast(const Plan& pl, const int32_t* part, int
   }
 }
 
-using NhwcTileFn = void (*)(const Plan&, const int32_t*, int64_t, const int32_t*, int64_t, const int64_t*,
-                            const int64_t*, int64_t, int64_t);
+using NhwcTileFn = void (*)(const Plan&, float*, const Post&, const int32_t*, int64_t, const int32_t*, int64_t,
+                            const int64_t*, const int64_t*, int64_t, int64_t);
 
 template <int kRes>
 constexpr NhwcTileFn kNhwcTileFns[4] = {nullptr, write_tile_nhwc_fast<kRes, false, true>,
                                         write_tile_nhwc_fast<kRes, true, false>, write_tile_nhwc_fast<kRes, true, true>};
 
-// Accumulator tile [kTile][width] of popcount sums -> outputs (NCHW): subtract the padded taps' popcounts of
-// border pixels, then acc = valid_taps * C - 2 * popcount and the epilogue.
-CANDLE_AVX512 void write_tile(const Plan& pl, int32_t* part, int64_t width, int64_t img, int64_t q0, int64_t npix,
-                              int64_t c0, int64_t ncout) {
+// Accumulator tile [kTile][width] of popcount sums of output pixels q0 .. q0 + npix - 1, channels c0 ..: subtract
+// the padded taps' popcounts of border pixels; base[p] = valid taps x channels (0 past npix), so that
+// acc = base - 2 * popcount.
+CANDLE_AVX512 void valid_tap_sums(const Plan& pl, int32_t* part, int64_t width, int64_t q0, int64_t npix, int64_t c0,
+                                  int32_t* base) {
   const ConvGeometry& g = pl.g;
-  alignas(64) int32_t base[kTile + kMaxPixels];
   for (int64_t p = 0; p < kTile + kMaxPixels; ++p) base[p] = 0;
   int64_t oy = q0 / g.wo, ox = q0 % g.wo;
   for (int64_t p = 0; p < npix; ++p) {
@@ -386,6 +386,15 @@ CANDLE_AVX512 void write_tile(const Plan& pl, int32_t* part, int64_t width, int6
       ++oy;
     }
   }
+}
+
+// Accumulator tile [kTile][width] of popcount sums -> outputs: valid_tap_sums, then the epilogue (NHWC, or NCHW
+// through 16 x 16 transposes).
+CANDLE_AVX512 void write_tile(const Plan& pl, int32_t* part, int64_t width, int64_t img, int64_t q0, int64_t npix,
+                              int64_t c0, int64_t ncout) {
+  const ConvGeometry& g = pl.g;
+  alignas(64) int32_t base[kTile + kMaxPixels];
+  valid_tap_sums(pl, part, width, q0, npix, c0, base);
   if (pl.post.nhwc) {
     if (pl.post.residual && pl.post.res_channels % 16 != 0) {  // residual channels not in whole vectors: generic
       return write_tile_nhwc(pl, part, width, base, img, q0, npix, c0, ncout);
@@ -396,7 +405,7 @@ CANDLE_AVX512 void write_tile(const Plan& pl, int32_t* part, int64_t width, int6
     const NhwcTileFn write = pl.nhwc->res_mode == 0   ? kNhwcTileFns<0>[fn]
                              : pl.nhwc->res_mode == 1 ? kNhwcTileFns<1>[fn]
                                                       : kNhwcTileFns<2>[fn];
-    return write(pl, part, width, base, npix, pix, res_off, c0, ncout);
+    return write(pl, pl.out_f, pl.post, part, width, base, npix, pix, res_off, c0, ncout);
   }
   const int64_t hw = pl.hw;
   for (int64_t p16 = 0; p16 < npix; p16 += 16) {
@@ -434,63 +443,126 @@ CANDLE_AVX512 void write_tile(const Plan& pl, int32_t* part, int64_t width, int6
   }
 }
 
-// Tasks [begin, end) of (block, image, tile).
-CANDLE_AVX512 void run_tasks(const Plan& pl, int64_t begin, int64_t end) {
-  const ConvGeometry& g = pl.g;
-  // Rows kTile .. kTile + kMaxPixels - 1 take the repeated pixels of a short last micro-tile.
-  std::vector<int32_t> part_store(static_cast<size_t>(kTile + kMaxPixels) * kMaxGroups * kLanes + 16);
-  int32_t* part = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(part_store.data()) + 63) & ~uintptr_t(63));
-  const uint32_t* pix[kTile];
-  const int64_t row_step = g.sh * pl.wp * g.words, col_step = g.sw * g.words;
-  for (int64_t task = begin; task < end; ++task) {
-    // Tile-major: the output-channel blocks of one tile are neighbouring tasks.
-    const int64_t nblocks = static_cast<int64_t>(pl.layout->blocks.size());
-    const Block& blk = pl.layout->blocks[task % nblocks];
-    const int64_t tile = (task / nblocks) % pl.ntiles, img = task / (nblocks * pl.ntiles);
-    const int64_t q0 = tile * pl.tile, npix = std::min<int64_t>(pl.tile, pl.hw - q0);
-    const int64_t width = blk.groups * kLanes;
-    int64_t oy = q0 / g.wo, ox = q0 % g.wo;
-    const uint32_t* row = pl.xp + (img * pl.hp + oy * g.sh) * pl.wp * g.words;
-    for (int64_t p = 0; p < npix; ++p) {
-      pix[p] = row + ox * col_step;
-      if (++ox == g.wo) {
-        ox = 0;
-        row += row_step;
-      }
+// Popcount sums [npix][block width] of output-channel block blk for the pixels whose top-left taps are at pix,
+// into part (kTile + kMaxPixels rows: a short last micro-tile repeats its first pixel and sends the copies' sums
+// to the spare rows).
+CANDLE_AVX512 void tile_sums(const Plan& pl, const Block& blk, const uint32_t* const* pix, int64_t npix, int32_t* part) {
+  const int64_t width = blk.groups * kLanes;
+  const TileKernel kern = kTileKernels[blk.groups];
+  const int np = pixels_for(blk.groups);
+  for (int64_t p = 0; p < npix; p += np) {
+    const uint32_t* q[kMaxPixels];
+    int32_t* d[kMaxPixels];
+    for (int i = 0; i < np; ++i) {
+      const bool real = p + i < npix;
+      q[i] = pix[real ? p + i : p];
+      d[i] = part + (real ? p + i : kTile + i) * width;
     }
-    const TileKernel kern = kTileKernels[blk.groups];
-    const int np = pixels_for(blk.groups);
-    for (int64_t p = 0; p < npix; p += np) {
-      // A short last micro-tile repeats its first pixel and sends the copies' sums to spare rows.
-      const uint32_t* q[kMaxPixels];
-      int32_t* d[kMaxPixels];
-      for (int i = 0; i < np; ++i) {
-        const bool real = p + i < npix;
-        q[i] = pix[real ? p + i : p];
-        d[i] = part + (real ? p + i : kTile + i) * width;
-      }
-      kern(q, pl.segs.data(), static_cast<int>(pl.segs.size()), blk.w, d);
-    }
-    const int64_t c0 = blk.g0 * kLanes;
-    write_tile(pl, part, width, img, q0, npix, c0, std::min<int64_t>(width, g.cout - c0));
+    kern(q, pl.segs.data(), static_cast<int>(pl.segs.size()), blk.w, d);
   }
 }
 
-}  // namespace
+// The top-left tap of output pixels q0 .. q0 + npix - 1 of image img in the (padded) input.
+CANDLE_AVX512 void tile_pixels(const Plan& pl, int64_t img, int64_t q0, int64_t npix, const uint32_t** pix) {
+  const ConvGeometry& g = pl.g;
+  const int64_t row_step = g.sh * pl.wp * g.words, col_step = g.sw * g.words;
+  int64_t oy = q0 / g.wo, ox = q0 % g.wo;
+  const uint32_t* row = pl.xp + (img * pl.hp + oy * g.sh) * pl.wp * g.words;
+  for (int64_t p = 0; p < npix; ++p) {
+    pix[p] = row + ox * col_step;
+    if (++ox == g.wo) {
+      ox = 0;
+      row += row_step;
+    }
+  }
+}
 
-void binary_conv2d_avx512(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
-                          const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post) {
-  Plan pl;
+// A 64-byte aligned int32 buffer of n elements.
+struct AlignedSums {
+  std::vector<int32_t> store;
+  int32_t* data;
+  explicit AlignedSums(size_t n)
+      : store(n + 16), data(reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(store.data()) + 63) & ~uintptr_t(63))) {}
+};
+
+// Tasks [begin, end) of (block, image, tile).
+CANDLE_AVX512 void run_tasks(const Plan& pl, int64_t begin, int64_t end) {
+  const ConvGeometry& g = pl.g;
+  AlignedSums part(static_cast<size_t>(kTile + kMaxPixels) * kMaxGroups * kLanes);
+  const uint32_t* pix[kTile];
+  const int64_t nblocks = static_cast<int64_t>(pl.layout->blocks.size());
+  for (int64_t task = begin; task < end; ++task) {
+    // Tile-major: the output-channel blocks of one tile are neighbouring tasks.
+    const Block& blk = pl.layout->blocks[task % nblocks];
+    const int64_t tile = (task / nblocks) % pl.ntiles, img = task / (nblocks * pl.ntiles);
+    const int64_t q0 = tile * pl.tile, npix = std::min<int64_t>(pl.tile, pl.hw - q0);
+    const int64_t width = blk.groups * kLanes, c0 = blk.g0 * kLanes;
+    tile_pixels(pl, img, q0, npix, pix);
+    tile_sums(pl, blk, pix, npix, part.data);
+    write_tile(pl, part.data, width, img, q0, npix, c0, std::min<int64_t>(width, g.cout - c0));
+  }
+}
+
+// A frozen ReActNet block (react_block_avx512): tasks [begin, end) of (image, tile). Per tile, the 3x3 conv's
+// values y (every output channel) and their signs stay in this thread's buffers; the 1x1 conv then reads its
+// packed input and its residual y from them, and only its output goes to memory.
+CANDLE_AVX512 void run_block_tasks(const Plan& p3, const Plan& p1, int64_t begin, int64_t end) {
+  const int64_t c3 = p3.g.cout, words1 = p1.g.words;
+  AlignedSums part(static_cast<size_t>(kTile + kMaxPixels) * kMaxGroups * kLanes);
+  // Uninitialised: every element is written before it is read.
+  const std::unique_ptr<float[]> y(new float[static_cast<size_t>(kTile * c3)]);
+  const std::unique_ptr<uint32_t[]> y_words(new uint32_t[static_cast<size_t>(kTile * words1)]);
+  const uint32_t *pix3[kTile], *pix1[kTile];
+  alignas(64) int32_t base3[kTile + kMaxPixels], base1[kTile + kMaxPixels];
+  int64_t local[kTile], global[kTile], res3[kTile], res1[kTile];
+  Post post3 = p3.post, post1 = p1.post;
+  post3.packed = y_words.get();  // y's signs against the 1x1 conv's threshold, pixel p at p * words1
+  post1.residual = y.get();      // y, pixel p at p * c3 (repeated over a doubling block's channels)
+  post1.res_channels = c3;
+  const int fn3 = 3, fn1 = (p1.out_f ? 2 : 0) + (post1.packed ? 1 : 0);
+  const NhwcTileFn write3 = p3.nhwc->res_mode == 0   ? kNhwcTileFns<0>[fn3]
+                            : p3.nhwc->res_mode == 1 ? kNhwcTileFns<1>[fn3]
+                                                     : kNhwcTileFns<2>[fn3];
+  const NhwcTileFn write1 = kNhwcTileFns<1>[fn1];
+  for (int64_t p = 0; p < kTile; ++p) {
+    local[p] = p;
+    res1[p] = p * c3;
+    pix1[p] = y_words.get() + p * words1;
+  }
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t tile = task % p3.ntiles, img = task / p3.ntiles;
+    const int64_t q0 = tile * p3.tile, npix = std::min<int64_t>(p3.tile, p3.hw - q0);
+    tile_pixels(p3, img, q0, npix, pix3);
+    nhwc_pixel_offsets(p3.g, p3.post, img, q0, npix, global, res3);
+    for (const Block& blk : p3.layout->blocks) {
+      const int64_t width = blk.groups * kLanes, c0 = blk.g0 * kLanes;
+      tile_sums(p3, blk, pix3, npix, part.data);
+      valid_tap_sums(p3, part.data, width, q0, npix, c0, base3);
+      write3(p3, y.get(), post3, part.data, width, base3, npix, local, res3, c0, std::min<int64_t>(width, c3 - c0));
+    }
+    for (int64_t p = 0; p < kTile + kMaxPixels; ++p) base1[p] = p < npix ? static_cast<int32_t>(p1.channels) : 0;
+    for (const Block& blk : p1.layout->blocks) {
+      const int64_t width = blk.groups * kLanes, c0 = blk.g0 * kLanes;
+      tile_sums(p1, blk, pix1, npix, part.data);
+      write1(p1, p1.out_f, post1, part.data, width, base1, npix, global, res1, c0,
+             std::min<int64_t>(width, p1.g.cout - c0));
+    }
+  }
+}
+
+// The plan of one conv: geometry, weight layout (kept in `layout`), K order as runs of the input and, unless x is
+// null (the 1x1 conv of react_block_avx512, whose input a tile at a time comes from the 3x3 conv), the input, or
+// its zero-bordered copy in `padded` where the conv pads.
+CANDLE_AVX512 void make_plan(Plan& pl, std::shared_ptr<const Layout>& layout, std::unique_ptr<uint32_t[]>& padded,
+                             const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
+                             const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post) {
   init_plan_base(pl, g, channels, kTile, parallel_threads(), scale, shift, out_i, out_f, post);
   pl.taps = g.kh * g.kw;
   const int64_t kwords = pl.taps * g.words;
-  const std::shared_ptr<const Layout> layout = cached_layout<Layout>(
-      reinterpret_cast<const uint8_t*>(w), g.cout, kwords * 4, g.words,
-      [&] { return build_layout(w, g.cout, g.words, pl.taps); });
+  layout = cached_layout<Layout>(reinterpret_cast<const uint8_t*>(w), g.cout, kwords * 4, g.words,
+                                 [&] { return build_layout(w, g.cout, g.words, pl.taps); });
   pl.layout = layout.get();
-
-  std::unique_ptr<uint32_t[]> padded;
-  if (g.ph == 0 && g.pw == 0) {
+  if (!x || (g.ph == 0 && g.pw == 0)) {
     pl.xp = x;
   } else {
     padded.reset(new uint32_t[static_cast<size_t>(g.n * pl.hp * pl.wp * g.words)]);
@@ -508,8 +580,43 @@ void binary_conv2d_avx512(const ConvGeometry& g, int64_t channels, const uint32_
       for (int64_t kx = 0; kx < g.kw; ++kx) pl.segs.push_back({(ky * g.dh * pl.wp + kx * g.dw) * g.words, g.words});
     }
   }
+}
+
+}  // namespace
+
+void binary_conv2d_avx512(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
+                          const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post) {
+  Plan pl;
+  std::shared_ptr<const Layout> layout;
+  std::unique_ptr<uint32_t[]> padded;
+  make_plan(pl, layout, padded, g, channels, x, w, scale, shift, out_i, out_f, post);
   const int64_t nblocks = static_cast<int64_t>(pl.layout->blocks.size());
   parallel_for(0, nblocks * g.n * pl.ntiles, 1, [&](int64_t begin, int64_t end) { run_tasks(pl, begin, end); });
+}
+
+bool react_block_avx512(const ConvArgs& c3, const ConvArgs& c1) {
+  const ConvGeometry &g3 = c3.g, &g1 = c1.g;
+  // The form the tile loop relies on (as react_block_avx2): a 1x1 conv over the 3x3 conv's whole output, the fast
+  // epilogue's residuals in whole vectors (y's channels and the block input's). With threads, at least two tiles
+  // per thread: with fewer (7x7 maps) every thread would stream all the weights, where two passes split them by
+  // output channels.
+  const bool pointwise = g1.kh == 1 && g1.kw == 1 && g1.sh == 1 && g1.sw == 1 && g1.ph == 0 && g1.pw == 0 &&
+                         g1.n == g3.n && g1.h == g3.ho && g1.w == g3.wo && c1.channels == g3.cout &&
+                         g1.words == (g3.cout + 31) / 32 && g1.cout % g3.cout == 0;
+  if (!pointwise || !c3.post.nhwc || !c1.post.nhwc || c3.post.packed || c1.post.residual || c3.out_f ||
+      !(c1.out_f || c1.post.packed) || g3.cout % 16 != 0 || (c3.post.residual && c3.post.res_channels % 16 != 0)) {
+    return false;
+  }
+  int64_t ntiles, tile;
+  pixel_tiles(g3.n, g3.ho * g3.wo, kTile, parallel_threads(), ntiles, tile);
+  if (parallel_threads() > 1 && g3.n * ntiles < 2 * parallel_threads()) return false;
+  Plan p3, p1;
+  std::shared_ptr<const Layout> lay3, lay1;
+  std::unique_ptr<uint32_t[]> padded, unused;
+  make_plan(p3, lay3, padded, g3, c3.channels, c3.x, c3.w, c3.scale, c3.shift, nullptr, nullptr, c3.post);
+  make_plan(p1, lay1, unused, g1, c1.channels, nullptr, c1.w, c1.scale, c1.shift, nullptr, c1.out_f, c1.post);
+  parallel_for(0, g3.n * p3.ntiles, 1, [&](int64_t begin, int64_t end) { run_block_tasks(p3, p1, begin, end); });
+  return true;
 }
 
 }  // namespace cpu

@@ -57,6 +57,9 @@ bool react_block(Isa isa, const ConvArgs& conv3, const ConvArgs& conv1) {
 #if defined(CANDLE_HAVE_AVX2_PATH)
   if (isa == Isa::Avx2) return react_block_avx2(conv3, conv1);
 #endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+  if (isa == Isa::Avx512) return react_block_avx512(conv3, conv1);
+#endif
   (void)isa, (void)conv3, (void)conv1;
   return false;  // the other paths run the block as two convs
 }

@@ -121,6 +121,9 @@ struct ConvArgs {
 #if defined(CANDLE_HAVE_AVX2_PATH)
 bool react_block_avx2(const ConvArgs& conv3, const ConvArgs& conv1);
 #endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+bool react_block_avx512(const ConvArgs& conv3, const ConvArgs& conv1);
+#endif
 
 // ------------------------------------------------------------------------------------------------------------
 // transpose: n float matrices [rows][cols] -> [cols][rows]: NCHW <-> channels-last copies (rows, cols = C, H * W
