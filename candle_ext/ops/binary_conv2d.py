@@ -379,7 +379,8 @@ def packed_chain_block(x: torch.Tensor, x_words: Optional[torch.Tensor], thresho
     y = the conv of x (threshold3, w3_packed, ..., + residual, 2x2-pooled with residual_pool, PReLU slope3), then
     out = the 1x1 conv of sign_pack(y, threshold1) (w1_packed, scale1, shift1, + y repeated over out's channels,
     PReLU slope1, + post_shift1): the values of the two convs of the block's per-conv path, bit for bit. On the
-    AVX2 path one pass over pixel tiles, so that y and its signs never go to memory; elsewhere two kernel calls.
+    AVX2 and AVX-512 paths one pass over pixel tiles, so that y and its signs never go to memory; elsewhere two
+    kernel calls.
     Returns (out channels_last, or contiguous NCHW with nchw_out (the end of a chain: the C++ transpose is several
     times faster than torch's copy), sign_pack(out, pack_threshold) or an empty tensor without pack_threshold)."""
     if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):

@@ -13,6 +13,8 @@
 //     before forming valid_taps * C - 2 * popcount: zero padding is exact.
 //   - The micro-kernel holds P pixels x G groups of accumulators in registers (4 x 3..4, 8 x 1..2), loads each
 //     weight vector once for its P pixels and each pixel's word once for its G groups.
+//   - react_block_avx512: a frozen ReActNet block's 3x3 and 1x1 convs tile by tile in one pass (as on AVX2), the
+//     3x3 conv's output and its signs kept in the thread's buffers.
 //   - Epilogue: 16 x 16 transposes of the accumulator tile to NCHW int32, or float32 acc * scale + shift and
 //     the fused block steps (residual, PReLU, post_shift), each rounded on its own like the eager ops.
 // Target attributes, never global -m flags (avx512_intrin.h); off x86-64 this file compiles to nothing. Built a
