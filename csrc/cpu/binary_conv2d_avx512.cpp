@@ -297,58 +297,90 @@ CANDLE_AVX512 void write_tile_nhwc(const Plan& pl, const int32_t* part, int64_t 
   }
 }
 
-// NHWC mode epilogue, the fast form (no residual, or one whose channel count is a multiple of 16): pixel by
-// pixel, each packed word's 32 channels together (their signs collected in a register, one store per word),
-// the per-channel parameters (NhwcParams: identities where a step is absent, padded to 16 channels) read as
-// memory operands; one branch-free body per residual mode. pix / res_off: nhwc_pixel_offsets.
-// out_f and post are the plan's own, or a block pass's tile buffers (run_block_tasks).
-template <int kRes, bool kOut, bool kPack>
-CANDLE_AVX512 void write_tile_nhwc_fast(const Plan& pl, float* out_f, const Post& post, const int32_t* part,
-                                        int64_t width, const int32_t* base, int64_t npix, const int64_t* pix,
-                                        const int64_t* res_off, int64_t c0, int64_t ncout) {
+// NHWC mode epilogue, the fast form (no residual, or one whose channel count is a multiple of 16), for a block of
+// G vectors of 16 channels (the last one may be partial: ncout): pixel by pixel, in memory order, with the
+// block's per-channel parameters (NhwcParams: identities where a step is absent, padded to 16 channels) held in
+// registers throughout, and each packed word's 32 signs collected in a register; one branch-free body per
+// residual mode. pix / res_off: nhwc_pixel_offsets. out_f and post are the plan's own, or a block pass's tile
+// buffers (run_block_tasks).
+template <int kRes, bool kOut, bool kPack, int G>
+CANDLE_AVX512_INLINE void nhwc_rows(const Plan& pl, float* out_f, const Post& post, const int32_t* part,
+                                    int64_t width, const int32_t* base, int64_t npix, const int64_t* pix,
+                                    const int64_t* res_off, int64_t c0, int64_t ncout) {
   const ConvGeometry& g = pl.g;
   const NhwcParams& prm = *pl.nhwc;
   const int64_t rc = post.res_channels, row = 2 * g.wo * rc, cout = g.cout, out_words = (cout + 31) / 32;
-  const float *scale = prm.scale + c0, *shift = prm.shift + c0, *slope = prm.slope + c0;
-  const float *post_shift = prm.post_shift + c0, *threshold = prm.threshold + c0;
+  const int64_t tail = ncout - (G - 1) * 16;  // channels of the last vector, 1 .. 16
+  const uint32_t tail_bits = tail == 16 ? 0xffffu : (1u << tail) - 1;
   const __m512 zero = _mm512_setzero_ps(), quarter = _mm512_set1_ps(0.25f);
-  const int64_t ch0 = kRes ? c0 % rc : 0;  // residual channel of output channel c0 (it repeats every rc)
+  __m512 scale[G], shift[G], slope[G], post_shift[G], threshold[G];
+  int64_t rch[G];  // residual channel of each vector's first channel (it repeats every rc)
+#pragma GCC unroll 4
+  for (int v = 0; v < G; ++v) {
+    const int64_t c = c0 + 16 * v;
+    scale[v] = _mm512_loadu_ps(prm.scale + c);
+    shift[v] = _mm512_loadu_ps(prm.shift + c);
+    slope[v] = _mm512_loadu_ps(prm.slope + c);
+    post_shift[v] = _mm512_loadu_ps(prm.post_shift + c);
+    threshold[v] = _mm512_loadu_ps(prm.threshold + c);
+    rch[v] = kRes ? c % rc : 0;
+  }
   for (int64_t p = 0; p < npix; ++p) {
     const __m512i b = _mm512_set1_epi32(base[p]);
     const int32_t* src = part + p * width;
     float* out = kOut ? out_f + pix[p] * cout + c0 : nullptr;
-    uint32_t* words = kPack ? post.packed + pix[p] * out_words + c0 / 32 : nullptr;
     const float* res = kRes ? post.residual + res_off[p] : nullptr;
-    int64_t ch = ch0;
-    for (int64_t j32 = 0; j32 < ncout; j32 += 32) {
-      uint32_t word = 0;
-      for (int64_t j = j32; j < j32 + 32 && j < ncout; j += 16) {
-        const __m512i pop = _mm512_loadu_si512(src + j);
-        __m512 v = avx512::cvt_i32_ps(_mm512_sub_epi32(b, _mm512_slli_epi32(pop, 1)));
-        v = _mm512_add_ps(rounded(_mm512_mul_ps(v, _mm512_loadu_ps(scale + j))), _mm512_loadu_ps(shift + j));
-        if constexpr (kRes == 1) v = _mm512_add_ps(v, _mm512_loadu_ps(res + ch));
-        if constexpr (kRes == 2) {
-          const float* r = res + ch;
-          __m512 a = _mm512_add_ps(_mm512_loadu_ps(r), _mm512_loadu_ps(r + row));
-          a = _mm512_add_ps(a, _mm512_loadu_ps(r + rc));
-          a = _mm512_add_ps(a, _mm512_loadu_ps(r + row + rc));
-          v = _mm512_add_ps(v, rounded(_mm512_mul_ps(a, quarter)));
-        }
-        if constexpr (kRes != 0) ch = ch + 16 == rc ? 0 : ch + 16;
-        const __m512 neg = rounded(_mm512_mul_ps(v, _mm512_loadu_ps(slope + j)));
-        v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), neg, v);
-        v = _mm512_add_ps(v, _mm512_loadu_ps(post_shift + j));
-        const int64_t n = std::min<int64_t>(16, ncout - j);
-        if constexpr (kOut) store_lanes(out + j, v, n);
-        if constexpr (kPack) {
-          uint32_t bits = static_cast<uint32_t>(
-              _mm512_cmp_ps_mask(_mm512_sub_ps(v, _mm512_loadu_ps(threshold + j)), zero, _CMP_GE_OQ));
-          if (n < 16) bits &= (1u << n) - 1;
-          word |= bits << (j % 32);
+    uint32_t bits[G];
+#pragma GCC unroll 4
+    for (int v = 0; v < G; ++v) {
+      const __m512i pop = _mm512_loadu_si512(src + 16 * v);
+      __m512 x = avx512::cvt_i32_ps(_mm512_sub_epi32(b, _mm512_slli_epi32(pop, 1)));
+      x = _mm512_add_ps(rounded(_mm512_mul_ps(x, scale[v])), shift[v]);
+      if constexpr (kRes == 1) x = _mm512_add_ps(x, _mm512_loadu_ps(res + rch[v]));
+      if constexpr (kRes == 2) {
+        const float* r = res + rch[v];
+        __m512 a = _mm512_add_ps(_mm512_loadu_ps(r), _mm512_loadu_ps(r + row));
+        a = _mm512_add_ps(a, _mm512_loadu_ps(r + rc));
+        a = _mm512_add_ps(a, _mm512_loadu_ps(r + row + rc));
+        x = _mm512_add_ps(x, rounded(_mm512_mul_ps(a, quarter)));
+      }
+      const __m512 neg = rounded(_mm512_mul_ps(x, slope[v]));
+      x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), neg, x);
+      x = _mm512_add_ps(x, post_shift[v]);
+      if constexpr (kOut) {
+        if (v == G - 1 && tail < 16) {
+          store_lanes(out + 16 * v, x, tail);
+        } else {
+          _mm512_storeu_ps(out + 16 * v, x);
         }
       }
-      if constexpr (kPack) words[j32 / 32] = word;
+      if constexpr (kPack) {
+        bits[v] = static_cast<uint32_t>(_mm512_cmp_ps_mask(_mm512_sub_ps(x, threshold[v]), zero, _CMP_GE_OQ));
+      }
     }
+    if constexpr (kPack) {
+      bits[G - 1] &= tail_bits;
+      uint32_t* words = post.packed + pix[p] * out_words + c0 / 32;
+#pragma GCC unroll 2
+      for (int w = 0; w < (G + 1) / 2; ++w) words[w] = bits[2 * w] | (2 * w + 1 < G ? bits[2 * w + 1] << 16 : 0u);
+    }
+  }
+}
+
+template <int kRes, bool kOut, bool kPack>
+CANDLE_AVX512 void write_tile_nhwc_fast(const Plan& pl, float* out_f, const Post& post, const int32_t* part,
+                                        int64_t width, const int32_t* base, int64_t npix, const int64_t* pix,
+                                        const int64_t* res_off, int64_t c0, int64_t ncout) {
+  static_assert(kMaxGroups == 4, "one case per vector count of a block");
+  switch ((ncout + 15) / 16) {
+    case 1:
+      return nhwc_rows<kRes, kOut, kPack, 1>(pl, out_f, post, part, width, base, npix, pix, res_off, c0, ncout);
+    case 2:
+      return nhwc_rows<kRes, kOut, kPack, 2>(pl, out_f, post, part, width, base, npix, pix, res_off, c0, ncout);
+    case 3:
+      return nhwc_rows<kRes, kOut, kPack, 3>(pl, out_f, post, part, width, base, npix, pix, res_off, c0, ncout);
+    default:
+      return nhwc_rows<kRes, kOut, kPack, 4>(pl, out_f, post, part, width, base, npix, pix, res_off, c0, ncout);
   }
 }
 
