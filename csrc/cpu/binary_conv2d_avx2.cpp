@@ -887,22 +887,11 @@ void binary_conv2d_avx2(const ConvGeometry& g, int64_t channels, const uint32_t*
 
 bool react_block_avx2(const ConvArgs& c3, const ConvArgs& c1) {
   const ConvGeometry &g3 = c3.g, &g1 = c1.g;
-  // The form the tile loop relies on: a 1x1 conv over the 3x3 conv's whole output, residuals in whole vectors
-  // (the fast epilogue), u16 partial sums for both. With threads, at least two tiles per thread: with fewer (7x7
-  // maps) every thread would stream all the weights, where two passes split them by output channels (block 13 of
-  // ReActNet-A at two threads: 0.92 -> 0.80 ms).
-  const bool pointwise = g1.kh == 1 && g1.kw == 1 && g1.sh == 1 && g1.sw == 1 && g1.ph == 0 && g1.pw == 0 &&
-                         g1.n == g3.n && g1.h == g3.ho && g1.w == g3.wo && c1.channels == g3.cout &&
-                         g1.words == (g3.cout + 31) / 32 && g1.cout % g3.cout == 0;
-  if (!pointwise || !c3.post.nhwc || !c1.post.nhwc || c3.post.packed || c1.post.residual || c3.out_f ||
-      !(c1.out_f || c1.post.packed) || g3.cout % 8 != 0 ||
-      (c3.post.residual && c3.post.res_channels % 8 != 0) || g3.kh * g3.kw * g3.words * 32 >= (int64_t(1) << 16) ||
-      g1.words * 32 >= (int64_t(1) << 16)) {
+  // Besides the common form (one_pass_block_form), u16 partial sums for both convs.
+  if (!one_pass_block_form(c3, c1, 8, kTile, parallel_threads()) ||
+      g3.kh * g3.kw * g3.words * 32 >= (int64_t(1) << 16) || g1.words * 32 >= (int64_t(1) << 16)) {
     return false;
   }
-  int64_t ntiles, tile;
-  pixel_tiles(g3.n, g3.ho * g3.wo, kTile, parallel_threads(), ntiles, tile);
-  if (parallel_threads() > 1 && g3.n * ntiles < 2 * parallel_threads()) return false;
   AvxPlan p3, p1;
   std::unique_ptr<uint16_t[]> oi3, unused;
   make_plan(p3, oi3, g3, c3.channels, c3.x, c3.w, c3.scale, c3.shift, nullptr, nullptr, c3.post);

@@ -629,21 +629,8 @@ void binary_conv2d_avx512(const ConvGeometry& g, int64_t channels, const uint32_
 }
 
 bool react_block_avx512(const ConvArgs& c3, const ConvArgs& c1) {
+  if (!one_pass_block_form(c3, c1, kLanes, kTile, parallel_threads())) return false;
   const ConvGeometry &g3 = c3.g, &g1 = c1.g;
-  // The form the tile loop relies on (as react_block_avx2): a 1x1 conv over the 3x3 conv's whole output, the fast
-  // epilogue's residuals in whole vectors (y's channels and the block input's). With threads, at least two tiles
-  // per thread: with fewer (7x7 maps) every thread would stream all the weights, where two passes split them by
-  // output channels.
-  const bool pointwise = g1.kh == 1 && g1.kw == 1 && g1.sh == 1 && g1.sw == 1 && g1.ph == 0 && g1.pw == 0 &&
-                         g1.n == g3.n && g1.h == g3.ho && g1.w == g3.wo && c1.channels == g3.cout &&
-                         g1.words == (g3.cout + 31) / 32 && g1.cout % g3.cout == 0;
-  if (!pointwise || !c3.post.nhwc || !c1.post.nhwc || c3.post.packed || c1.post.residual || c3.out_f ||
-      !(c1.out_f || c1.post.packed) || g3.cout % 16 != 0 || (c3.post.residual && c3.post.res_channels % 16 != 0)) {
-    return false;
-  }
-  int64_t ntiles, tile;
-  pixel_tiles(g3.n, g3.ho * g3.wo, kTile, parallel_threads(), ntiles, tile);
-  if (parallel_threads() > 1 && g3.n * ntiles < 2 * parallel_threads()) return false;
   Plan p3, p1;
   std::shared_ptr<const Layout> lay3, lay1;
   std::unique_ptr<uint32_t[]> padded, unused;

@@ -78,6 +78,28 @@ CANDLE_INLINE float post_ops(float v, const Post& post, int64_t img, int64_t co,
   return v;
 }
 
+// Whether a vector path may run a frozen ReActNet block (react_block, kernels.h) in one pass over pixel tiles of
+// at most max_tile pixels, its epilogue working on vectors of `lanes` channels: a 1x1 conv over the 3x3 conv's
+// whole output, the outputs react_block asks for, the fast epilogue's residuals in whole vectors (y's channels and
+// the block input's) and, with threads, at least two tiles per thread: with fewer (7x7 maps) every thread would
+// stream all the weights, where two passes split them by output channels (block 13 of ReActNet-A at two threads
+// on AVX2: 0.92 -> 0.80 ms).
+inline bool one_pass_block_form(const ConvArgs& c3, const ConvArgs& c1, int64_t lanes, int64_t max_tile,
+                                int64_t threads) {
+  const ConvGeometry &g3 = c3.g, &g1 = c1.g;
+  const bool pointwise = g1.kh == 1 && g1.kw == 1 && g1.sh == 1 && g1.sw == 1 && g1.ph == 0 && g1.pw == 0 &&
+                         g1.n == g3.n && g1.h == g3.ho && g1.w == g3.wo && c1.channels == g3.cout &&
+                         g1.words == (g3.cout + 31) / 32 && g1.cout % g3.cout == 0;
+  if (!pointwise || !c3.post.nhwc || !c1.post.nhwc || c3.post.packed || c1.post.residual || c3.out_f ||
+      !(c1.out_f || c1.post.packed) || g3.cout % lanes != 0 ||
+      (c3.post.residual && c3.post.res_channels % lanes != 0)) {
+    return false;
+  }
+  int64_t ntiles, tile;
+  pixel_tiles(g3.n, g3.ho * g3.wo, max_tile, threads, ntiles, tile);
+  return threads == 1 || g3.n * ntiles >= 2 * threads;
+}
+
 // NHWC mode, prepared once per call for the vector epilogues: the per-channel parameters padded to `cpad`
 // channels (a multiple of 16) and with identities where a step is absent, so that one branch-free body serves
 // every combination: scale 1 (v * 1 = v), shift and post_shift -0.0 (v + -0.0 = v, -0.0 included), slope 1
