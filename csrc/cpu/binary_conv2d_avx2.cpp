@@ -598,13 +598,13 @@ CANDLE_AVX2_INLINE uint32_t nhwc_eight(const NhwcRow& r, const S* src, __m256i b
 
 // NHWC mode epilogue, the fast form (no residual, or one whose channel count is a multiple of 8): pixel by
 // pixel, each packed word's 32 channels together (their signs collected in a register, one store per word; a
-// whole word's four vectors unrolled), the per-channel parameters (NhwcParams: identities where a step is
+// whole word's four vectors unrolled), the per-channel parameters (EpilogueParams: identities where a step is
 // absent, padded to 16 channels) read as memory operands; one branch-free body per residual mode. pix /
 // res_off: nhwc_pixel_offsets.
 template <typename S, int kRes, bool kOut, bool kPack>
 CANDLE_AVX2 void write_tile_nhwc_fast(const S* part, int64_t width, const int32_t* base, int64_t npix,
                                       const int64_t* pix, const int64_t* res_off, int64_t c0, int64_t ncout,
-                                      const ConvGeometry& g, float* out_f, const NhwcParams& prm, const Post& post) {
+                                      const ConvGeometry& g, float* out_f, const EpilogueParams& prm, const Post& post) {
   const int64_t cout = g.cout, out_words = (cout + 31) / 32;
   const NhwcRow r{prm.scale + c0, prm.shift + c0, prm.slope + c0, prm.post_shift + c0, prm.threshold + c0,
                   post.res_channels, 2 * g.wo * post.res_channels};
@@ -645,7 +645,7 @@ CANDLE_AVX2 void write_tile_nhwc_fast(const S* part, int64_t width, const int32_
 
 template <typename S>
 using NhwcTileFn = void (*)(const S*, int64_t, const int32_t*, int64_t, const int64_t*, const int64_t*, int64_t, int64_t,
-                            const ConvGeometry&, float*, const NhwcParams&, const Post&);
+                            const ConvGeometry&, float*, const EpilogueParams&, const Post&);
 
 template <typename S, int kRes>
 constexpr NhwcTileFn<S> kNhwcTileFns[4] = {nullptr, write_tile_nhwc_fast<S, kRes, false, true>,
@@ -715,8 +715,8 @@ CANDLE_AVX2 void tile_popcounts(const AvxPlan& pl, const Block& blk, const uint1
 template <typename S>
 CANDLE_AVX2 NhwcTileFn<S> nhwc_tile_fn(const AvxPlan& pl, const float* out_f, const Post& post) {
   const int fn = (out_f ? 2 : 0) + (post.packed ? 1 : 0);
-  return pl.nhwc->res_mode == 0 ? kNhwcTileFns<S, 0>[fn]
-         : pl.nhwc->res_mode == 1 ? kNhwcTileFns<S, 1>[fn]
+  return pl.params->res_mode == 0 ? kNhwcTileFns<S, 0>[fn]
+         : pl.params->res_mode == 1 ? kNhwcTileFns<S, 1>[fn]
                                   : kNhwcTileFns<S, 2>[fn];
 }
 
@@ -745,7 +745,7 @@ CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
       int64_t pix_index[kTile], res_off[kTile];
       nhwc_pixel_offsets(g, pl.post, img, q0, npix, pix_index, res_off);
       nhwc_tile_fn<S>(pl, pl.out_f, pl.post)(part.data(), width, base, npix, pix_index, res_off, c0, ncout, g,
-                                             pl.out_f, *pl.nhwc, pl.post);
+                                             pl.out_f, *pl.params, pl.post);
       continue;
     }
     const int64_t out_off = img * g.cout * pl.hw + q0;
@@ -791,7 +791,7 @@ CANDLE_AVX2 void run_block_tasks(const AvxPlan& p3, const AvxPlan& p1, int64_t b
       const int64_t width = blk.groups * kGroup, c0 = blk.g0 * kGroup;
       tile_popcounts<S>(p3, blk, pix3, npix, part.get());
       write3(part.get(), width, base3, npix, local, res3, c0, std::min<int64_t>(width, c3 - c0), p3.g, y.get(),
-             *p3.nhwc, post3);
+             *p3.params, post3);
     }
     const int64_t nbytes = npix * bt1;
     int64_t i = 0;
@@ -805,7 +805,7 @@ CANDLE_AVX2 void run_block_tasks(const AvxPlan& p3, const AvxPlan& p1, int64_t b
       const int64_t width = blk.groups * kGroup, c0 = blk.g0 * kGroup;
       tile_popcounts<S>(p1, blk, pix1, npix, part.get());
       write1(part.get(), width, base1, npix, global, res1, c0, std::min<int64_t>(width, p1.g.cout - c0), p1.g,
-             p1.out_f, *p1.nhwc, post1);
+             p1.out_f, *p1.params, post1);
     }
   }
 }

@@ -232,6 +232,10 @@ struct Plan : PlanBase {
   const Layout* layout = nullptr;
   std::vector<Segment> segs;
   const uint32_t* xp = nullptr;  // zero-bordered input (or x itself without padding)
+  // Per output pixel of an image (oy * wo + ox): valid taps x channels, then kTile + 16 zeros, so that a tile
+  // reads its row of it in place; and the pixels with a padded tap, ascending. Built once per call (tap_bases).
+  std::vector<int32_t> base;
+  std::vector<int32_t> border;
 };
 
 // NHWC mode: the residual of channels co .. co + n - 1 (n <= 16) at output pixel (oy, ox) of image img.
@@ -299,7 +303,7 @@ CANDLE_AVX512 void write_tile_nhwc(const Plan& pl, const int32_t* part, int64_t 
 
 // NHWC mode epilogue, the fast form (no residual, or one whose channel count is a multiple of 16), for a block of
 // G vectors of 16 channels (the last one may be partial: ncout): pixel by pixel, in memory order, with the
-// block's per-channel parameters (NhwcParams: identities where a step is absent, padded to 16 channels) held in
+// block's per-channel parameters (EpilogueParams: identities where a step is absent, padded to 16 channels) held in
 // registers throughout, and each packed word's 32 signs collected in a register; one branch-free body per
 // residual mode. pix / res_off: nhwc_pixel_offsets. out_f and post are the plan's own, or a block pass's tile
 // buffers (run_block_tasks).
@@ -308,7 +312,7 @@ CANDLE_AVX512_INLINE void nhwc_rows(const Plan& pl, float* out_f, const Post& po
                                     int64_t width, const int32_t* base, int64_t npix, const int64_t* pix,
                                     const int64_t* res_off, int64_t c0, int64_t ncout) {
   const ConvGeometry& g = pl.g;
-  const NhwcParams& prm = *pl.nhwc;
+  const EpilogueParams& prm = *pl.params;
   const int64_t rc = post.res_channels, row = 2 * g.wo * rc, cout = g.cout, out_words = (cout + 31) / 32;
   const int64_t tail = ncout - (G - 1) * 16;  // channels of the last vector, 1 .. 16
   const uint32_t tail_bits = tail == 16 ? 0xffffu : (1u << tail) - 1;
@@ -391,44 +395,90 @@ template <int kRes>
 constexpr NhwcTileFn kNhwcTileFns[4] = {nullptr, write_tile_nhwc_fast<kRes, false, true>,
                                         write_tile_nhwc_fast<kRes, true, false>, write_tile_nhwc_fast<kRes, true, true>};
 
-// Accumulator tile [kTile][width] of popcount sums of output pixels q0 .. q0 + npix - 1, channels c0 ..: subtract
-// the padded taps' popcounts of border pixels; base[p] = valid taps x channels (0 past npix), so that
-// acc = base - 2 * popcount.
-CANDLE_AVX512 void valid_tap_sums(const Plan& pl, int32_t* part, int64_t width, int64_t q0, int64_t npix, int64_t c0,
-                                  int32_t* base) {
+// Plan::base and Plan::border: the counts row by row (a product of the per-row and per-column valid taps, which
+// vectorises), and the border pixels, where a tile's epilogue must remove padded taps' counts.
+void tap_bases(Plan& pl) {
   const ConvGeometry& g = pl.g;
-  for (int64_t p = 0; p < kTile + kMaxPixels; ++p) base[p] = 0;
-  int64_t oy = q0 / g.wo, ox = q0 % g.wo;
-  for (int64_t p = 0; p < npix; ++p) {
-    const int64_t ky0 = pl.ky0[oy], ky1 = pl.ky1[oy], kx0 = pl.kx0[ox], kx1 = pl.kx1[ox];
-    base[p] = static_cast<int32_t>((ky1 - ky0) * (kx1 - kx0) * pl.channels);
-    if ((ky1 - ky0) * (kx1 - kx0) != g.kh * g.kw) {  // border pixel: remove the padded taps' counts
-      int32_t* row = part + p * width;
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          if (ky >= ky0 && ky < ky1 && kx >= kx0 && kx < kx1) continue;
-          const int32_t* tp = pl.layout->tap_pop.data() + (ky * g.kw + kx) * pl.layout->cout_pad + c0;
-          for (int64_t c = 0; c < width; c += kLanes) {
-            const __m512i v = _mm512_loadu_si512(row + c);
-            _mm512_storeu_si512(row + c, _mm512_sub_epi32(v, _mm512_loadu_si512(tp + c)));
-          }
-        }
-      }
-    }
-    if (++ox == g.wo) {
-      ox = 0;
-      ++oy;
+  pl.base.assign(static_cast<size_t>(pl.hw + kTile + 16), 0);
+  for (int64_t oy = 0; oy < g.ho; ++oy) {
+    const int32_t rows = static_cast<int32_t>((pl.ky1[oy] - pl.ky0[oy]) * pl.channels);
+    int32_t* b = pl.base.data() + oy * g.wo;
+    for (int64_t ox = 0; ox < g.wo; ++ox) b[ox] = rows * (pl.kx1[ox] - pl.kx0[ox]);
+    const bool full_row = pl.ky1[oy] - pl.ky0[oy] == g.kh;
+    for (int64_t ox = 0; ox < g.wo; ++ox) {
+      if (!full_row || pl.kx1[ox] - pl.kx0[ox] != g.kw) pl.border.push_back(static_cast<int32_t>(oy * g.wo + ox));
     }
   }
 }
 
-// Accumulator tile [kTile][width] of popcount sums -> outputs: valid_tap_sums, then the epilogue (NHWC, or NCHW
-// through 16 x 16 transposes).
+// Accumulator tile [kTile][width] of popcount sums of output pixels q0 .. q0 + npix - 1, channels c0 ..: subtract
+// the padded taps' popcounts of border pixels. Returns the tile's row of Plan::base (valid taps x channels per
+// pixel), so that acc = base - 2 * popcount.
+CANDLE_AVX512 const int32_t* valid_tap_sums(const Plan& pl, int32_t* part, int64_t width, int64_t q0, int64_t npix,
+                                            int64_t c0) {
+  const ConvGeometry& g = pl.g;
+  const int32_t* b = std::lower_bound(pl.border.data(), pl.border.data() + pl.border.size(), q0);
+  const int32_t* end = pl.border.data() + pl.border.size();
+  for (; b != end && *b < q0 + npix; ++b) {
+    const int64_t oy = *b / g.wo, ox = *b % g.wo;
+    const int64_t ky0 = pl.ky0[oy], ky1 = pl.ky1[oy], kx0 = pl.kx0[ox], kx1 = pl.kx1[ox];
+    int32_t* row = part + (*b - q0) * width;
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        if (ky >= ky0 && ky < ky1 && kx >= kx0 && kx < kx1) continue;
+        const int32_t* tp = pl.layout->tap_pop.data() + (ky * g.kw + kx) * pl.layout->cout_pad + c0;
+        for (int64_t c = 0; c < width; c += kLanes) {
+          const __m512i v = _mm512_loadu_si512(row + c);
+          _mm512_storeu_si512(row + c, _mm512_sub_epi32(v, _mm512_loadu_si512(tp + c)));
+        }
+      }
+    }
+  }
+  return pl.base.data() + q0;
+}
+
+// NCHW epilogue: 16 x 16 transposes of the accumulator tile [npix][width], then per output channel 16 pixels at
+// a time: the int32 accumulators, or (kFloat) acc * scale + shift and the fused block steps with the prepared
+// parameters (EpilogueParams: one branch-free body; kRes: a residual is added).
+template <bool kFloat, bool kRes>
+CANDLE_AVX512 void write_tile_nchw(const Plan& pl, const int32_t* part, int64_t width, const int32_t* base, int64_t img,
+                                   int64_t q0, int64_t npix, int64_t c0, int64_t ncout) {
+  const int64_t hw = pl.hw, cout = pl.g.cout, rc = pl.post.res_channels;
+  const EpilogueParams* prm = pl.params;
+  const float* residual = pl.post.residual;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t p16 = 0; p16 < npix; p16 += 16) {
+    const int64_t np = std::min<int64_t>(16, npix - p16);
+    const __m512i b = _mm512_loadu_si512(base + p16);
+    for (int64_t j16 = 0; j16 < ncout; j16 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(part + (p16 + i) * width + j16);
+      transpose16(r);
+      const int64_t nc = std::min<int64_t>(16, ncout - j16);
+      for (int64_t j = 0; j < nc; ++j) {
+        const int64_t co = c0 + j16 + j, o = (img * cout + co) * hw + q0 + p16;
+        const __m512i acc = _mm512_sub_epi32(b, _mm512_slli_epi32(r[j], 1));
+        if constexpr (!kFloat) {
+          store_lanes(pl.out_i + o, acc, np);
+        } else {
+          __m512 v = rounded(_mm512_mul_ps(avx512::cvt_i32_ps(acc), _mm512_set1_ps(prm->scale[co])));
+          v = _mm512_add_ps(v, _mm512_set1_ps(prm->shift[co]));
+          if constexpr (kRes) v = _mm512_add_ps(v, load_lanes(residual + (img * rc + co % rc) * hw + q0 + p16, np));
+          const __m512 neg = rounded(_mm512_mul_ps(v, _mm512_set1_ps(prm->slope[co])));
+          v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), neg, v);
+          v = _mm512_add_ps(v, _mm512_set1_ps(prm->post_shift[co]));
+          store_lanes(pl.out_f + o, v, np);
+        }
+      }
+    }
+  }
+}
+
+// Accumulator tile [kTile][width] of popcount sums -> outputs: valid_tap_sums, then the epilogue (NHWC or NCHW).
 CANDLE_AVX512 void write_tile(const Plan& pl, int32_t* part, int64_t width, int64_t img, int64_t q0, int64_t npix,
                               int64_t c0, int64_t ncout) {
   const ConvGeometry& g = pl.g;
-  alignas(64) int32_t base[kTile + kMaxPixels];
-  valid_tap_sums(pl, part, width, q0, npix, c0, base);
+  const int32_t* base = valid_tap_sums(pl, part, width, q0, npix, c0);
   if (pl.post.nhwc) {
     if (pl.post.residual && pl.post.res_channels % 16 != 0) {  // residual channels not in whole vectors: generic
       return write_tile_nhwc(pl, part, width, base, img, q0, npix, c0, ncout);
@@ -436,45 +486,14 @@ CANDLE_AVX512 void write_tile(const Plan& pl, int32_t* part, int64_t width, int6
     int64_t pix[kTile], res_off[kTile];
     nhwc_pixel_offsets(g, pl.post, img, q0, npix, pix, res_off);
     const int fn = (pl.out_f ? 2 : 0) + (pl.post.packed ? 1 : 0);
-    const NhwcTileFn write = pl.nhwc->res_mode == 0   ? kNhwcTileFns<0>[fn]
-                             : pl.nhwc->res_mode == 1 ? kNhwcTileFns<1>[fn]
+    const NhwcTileFn write = pl.params->res_mode == 0   ? kNhwcTileFns<0>[fn]
+                             : pl.params->res_mode == 1 ? kNhwcTileFns<1>[fn]
                                                       : kNhwcTileFns<2>[fn];
     return write(pl, pl.out_f, pl.post, part, width, base, npix, pix, res_off, c0, ncout);
   }
-  const int64_t hw = pl.hw;
-  for (int64_t p16 = 0; p16 < npix; p16 += 16) {
-    const int64_t np = std::min<int64_t>(16, npix - p16);
-    const __m512i b = _mm512_load_si512(base + p16);
-    for (int64_t j16 = 0; j16 < ncout; j16 += 16) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(part + (p16 + i) * width + j16);
-      transpose16(r);
-      const int64_t nc = std::min<int64_t>(16, ncout - j16);
-      for (int64_t j = 0; j < nc; ++j) {
-        const int64_t co = c0 + j16 + j;
-        const __m512i acc = _mm512_sub_epi32(b, _mm512_slli_epi32(r[j], 1));
-        const int64_t o = (img * g.cout + co) * hw + q0 + p16;
-        if (pl.out_i) {
-          store_lanes(pl.out_i + o, acc, np);
-          continue;
-        }
-        __m512 v = avx512::cvt_i32_ps(acc);
-        if (pl.scale) v = rounded(_mm512_mul_ps(v, _mm512_set1_ps(pl.scale[co])));
-        if (pl.shift) v = _mm512_add_ps(v, _mm512_set1_ps(pl.shift[co]));
-        const Post& post = pl.post;
-        if (post.residual) {
-          const float* res = post.residual + (img * post.res_channels + co % post.res_channels) * hw + q0 + p16;
-          v = _mm512_add_ps(v, load_lanes(res, np));
-        }
-        if (post.slope) {
-          const __m512 neg = rounded(_mm512_mul_ps(v, _mm512_set1_ps(post.slope[co])));
-          v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ), neg, v);
-        }
-        if (post.post_shift) v = _mm512_add_ps(v, _mm512_set1_ps(post.post_shift[co]));
-        store_lanes(pl.out_f + o, v, np);
-      }
-    }
-  }
+  if (pl.out_i) return write_tile_nchw<false, false>(pl, part, width, base, img, q0, npix, c0, ncout);
+  if (pl.post.residual) return write_tile_nchw<true, true>(pl, part, width, base, img, q0, npix, c0, ncout);
+  return write_tile_nchw<true, false>(pl, part, width, base, img, q0, npix, c0, ncout);
 }
 
 // Popcount sums [npix][block width] of output-channel block blk for the pixels whose top-left taps are at pix,
@@ -547,15 +566,15 @@ CANDLE_AVX512 void run_block_tasks(const Plan& p3, const Plan& p1, int64_t begin
   const std::unique_ptr<float[]> y(new float[static_cast<size_t>(kTile * c3)]);
   const std::unique_ptr<uint32_t[]> y_words(new uint32_t[static_cast<size_t>(kTile * words1)]);
   const uint32_t *pix3[kTile], *pix1[kTile];
-  alignas(64) int32_t base3[kTile + kMaxPixels], base1[kTile + kMaxPixels];
+  alignas(64) int32_t base1[kTile + kMaxPixels];
   int64_t local[kTile], global[kTile], res3[kTile], res1[kTile];
   Post post3 = p3.post, post1 = p1.post;
   post3.packed = y_words.get();  // y's signs against the 1x1 conv's threshold, pixel p at p * words1
   post1.residual = y.get();      // y, pixel p at p * c3 (repeated over a doubling block's channels)
   post1.res_channels = c3;
   const int fn3 = 3, fn1 = (p1.out_f ? 2 : 0) + (post1.packed ? 1 : 0);
-  const NhwcTileFn write3 = p3.nhwc->res_mode == 0   ? kNhwcTileFns<0>[fn3]
-                            : p3.nhwc->res_mode == 1 ? kNhwcTileFns<1>[fn3]
+  const NhwcTileFn write3 = p3.params->res_mode == 0   ? kNhwcTileFns<0>[fn3]
+                            : p3.params->res_mode == 1 ? kNhwcTileFns<1>[fn3]
                                                      : kNhwcTileFns<2>[fn3];
   const NhwcTileFn write1 = kNhwcTileFns<1>[fn1];
   for (int64_t p = 0; p < kTile; ++p) {
@@ -571,7 +590,7 @@ CANDLE_AVX512 void run_block_tasks(const Plan& p3, const Plan& p1, int64_t begin
     for (const Block& blk : p3.layout->blocks) {
       const int64_t width = blk.groups * kLanes, c0 = blk.g0 * kLanes;
       tile_sums(p3, blk, pix3, npix, part.data);
-      valid_tap_sums(p3, part.data, width, q0, npix, c0, base3);
+      const int32_t* base3 = valid_tap_sums(p3, part.data, width, q0, npix, c0);
       write3(p3, y.get(), post3, part.data, width, base3, npix, local, res3, c0, std::min<int64_t>(width, c3 - c0));
     }
     for (int64_t p = 0; p < kTile + kMaxPixels; ++p) base1[p] = p < npix ? static_cast<int32_t>(p1.channels) : 0;
@@ -596,6 +615,7 @@ CANDLE_AVX512 void make_plan(Plan& pl, std::shared_ptr<const Layout>& layout, st
   layout = cached_layout<Layout>(reinterpret_cast<const uint8_t*>(w), g.cout, kwords * 4, g.words,
                                  [&] { return build_layout(w, g.cout, g.words, pl.taps); });
   pl.layout = layout.get();
+  tap_bases(pl);
   if (!x || (g.ph == 0 && g.pw == 0)) {
     pl.xp = x;
   } else {

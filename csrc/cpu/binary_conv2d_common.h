@@ -100,11 +100,11 @@ inline bool one_pass_block_form(const ConvArgs& c3, const ConvArgs& c1, int64_t 
   return threads == 1 || g3.n * ntiles >= 2 * threads;
 }
 
-// NHWC mode, prepared once per call for the vector epilogues: the per-channel parameters padded to `cpad`
+// The float epilogue's per-channel parameters, prepared once per call for the vector epilogues: padded to `cpad`
 // channels (a multiple of 16) and with identities where a step is absent, so that one branch-free body serves
 // every combination: scale 1 (v * 1 = v), shift and post_shift -0.0 (v + -0.0 = v, -0.0 included), slope 1
 // (PReLU with slope 1 is the identity), threshold 0.
-struct NhwcParams {
+struct EpilogueParams {
   std::vector<float> store;
   const float* scale = nullptr;
   const float* shift = nullptr;
@@ -114,7 +114,7 @@ struct NhwcParams {
   int64_t cpad = 0;
   int res_mode = 0;  // 0 no residual, 1 residual, 2 residual pooled over 2x2 windows
 
-  NhwcParams(int64_t cout, const float* sc, const float* sh, const Post& post) {
+  EpilogueParams(int64_t cout, const float* sc, const float* sh, const Post& post) {
     cpad = (cout + 15) / 16 * 16;
     store.assign(static_cast<size_t>(5 * cpad), 0.0f);
     float* d = store.data();
@@ -144,8 +144,8 @@ struct PlanBase {
   int32_t* out_i = nullptr;
   float* out_f = nullptr;
   Post post;
-  const NhwcParams* nhwc = nullptr;  // NHWC mode's prepared parameters (owned by nhwc_store)
-  std::unique_ptr<NhwcParams> nhwc_store;
+  const EpilogueParams* params = nullptr;  // the float epilogue's prepared parameters (owned by params_store)
+  std::unique_ptr<EpilogueParams> params_store;
 };
 
 inline void init_plan_base(PlanBase& pl, const ConvGeometry& g, int64_t channels, int64_t max_tile, int64_t threads,
@@ -161,9 +161,9 @@ inline void init_plan_base(PlanBase& pl, const ConvGeometry& g, int64_t channels
   pl.out_i = out_i;
   pl.out_f = out_f;
   pl.post = post;
-  if (post.nhwc) {
-    pl.nhwc_store.reset(new NhwcParams(g.cout, scale, shift, post));
-    pl.nhwc = pl.nhwc_store.get();
+  if (out_f || post.nhwc) {  // NHWC mode: also a block pass's 3x3 conv, whose output stays in its buffers
+    pl.params_store.reset(new EpilogueParams(g.cout, scale, shift, post));
+    pl.params = pl.params_store.get();
   }
   for (int64_t o = 0; o < g.ho; ++o) {
     int64_t lo, hi;
