@@ -400,13 +400,20 @@ constexpr NhwcTileFn kNhwcTileFns[4] = {nullptr, write_tile_nhwc_fast<kRes, fals
 void tap_bases(Plan& pl) {
   const ConvGeometry& g = pl.g;
   pl.base.assign(static_cast<size_t>(pl.hw + kTile + 16), 0);
+  std::vector<int32_t> cols(static_cast<size_t>(g.wo)), part_cols;  // valid taps per column; partial columns
+  for (int64_t ox = 0; ox < g.wo; ++ox) {
+    cols[ox] = pl.kx1[ox] - pl.kx0[ox];
+    if (cols[ox] != g.kw) part_cols.push_back(static_cast<int32_t>(ox));
+  }
   for (int64_t oy = 0; oy < g.ho; ++oy) {
     const int32_t rows = static_cast<int32_t>((pl.ky1[oy] - pl.ky0[oy]) * pl.channels);
     int32_t* b = pl.base.data() + oy * g.wo;
-    for (int64_t ox = 0; ox < g.wo; ++ox) b[ox] = rows * (pl.kx1[ox] - pl.kx0[ox]);
-    const bool full_row = pl.ky1[oy] - pl.ky0[oy] == g.kh;
-    for (int64_t ox = 0; ox < g.wo; ++ox) {
-      if (!full_row || pl.kx1[ox] - pl.kx0[ox] != g.kw) pl.border.push_back(static_cast<int32_t>(oy * g.wo + ox));
+    for (int64_t ox = 0; ox < g.wo; ++ox) b[ox] = rows * cols[ox];
+    const int32_t first = static_cast<int32_t>(oy * g.wo);
+    if (pl.ky1[oy] - pl.ky0[oy] != g.kh) {
+      for (int32_t ox = 0; ox < g.wo; ++ox) pl.border.push_back(first + ox);
+    } else {
+      for (const int32_t ox : part_cols) pl.border.push_back(first + ox);
     }
   }
 }
