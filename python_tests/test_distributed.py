@@ -220,7 +220,14 @@ def _worker(rank, world, port, out_dir):
                   "context": _context_check(env, out_dir)}
     finally:
         teardown(env)
-    result["threads_after_teardown"] = _thread_names()
+    # A store or gloo thread may still be finishing its exit just after teardown returns (seen once on a loaded
+    # 2-core machine: rank 0's pt_tcpstore_uv); one that is still there seconds later was left running.
+    deadline = time.monotonic() + 10.0
+    names = _thread_names()
+    while names is not None and _comm_threads(names) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        names = _thread_names()
+    result["threads_after_teardown"] = names
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
