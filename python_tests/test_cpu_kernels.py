@@ -175,6 +175,14 @@ EDGE_CASES = [
     (1, 128, 192, 4, 9, 3, 1, 2, 2),         # 12 groups, dilated
     (1, 72, 385, 5, 5, 3, 1, 1, 1),          # blocks of 10/8/7 groups, the last with one channel
     (1, 64, 1024, 3, 4, 3, 1, 1, 1),         # blocks of 12/12/10/10/10/10 groups
+] + [  # one input word per pixel, horizontal stride 1, rows of whole 16-pixel segments or >= 64 pixels wide:
+    # AVX-512's pixel-lane form (16 output pixels per vector)
+    (1, 32, 32, 20, 48, 3, 1, 1, 1),          # whole 16-pixel segments
+    (1, 32, 32, 5, 69, 3, 1, 1, 1),           # a 5-pixel segment at each row's end
+    (2, 17, 40, 6, 66, 3, (2, 1), 2, (1, 2)),  # vertical stride 2, dilated columns, padding 2, a 2-pixel segment
+    (1, 32, 24, 3, 16, (1, 5), 1, (0, 2), 1),  # 1x5 taps, a partial block of 16 output channels
+    (1, 3, 7, 4, 70, 1, 1, 0, 1),             # 1x1, three input channels
+    (1, 32, 16, 2, 28, 3, 1, 3, 1),           # padding 3: rows and columns whose taps are all padding
 ]
 
 

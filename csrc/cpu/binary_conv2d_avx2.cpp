@@ -604,7 +604,8 @@ CANDLE_AVX2_INLINE uint32_t nhwc_eight(const NhwcRow& r, const S* src, __m256i b
 template <typename S, int kRes, bool kOut, bool kPack>
 CANDLE_AVX2 void write_tile_nhwc_fast(const S* part, int64_t width, const int32_t* base, int64_t npix,
                                       const int64_t* pix, const int64_t* res_off, int64_t c0, int64_t ncout,
-                                      const ConvGeometry& g, float* out_f, const EpilogueParams& prm, const Post& post) {
+                                      const ConvGeometry& g, float* out_f, const EpilogueParams& prm,
+                                      const Post& post) {
   const int64_t cout = g.cout, out_words = (cout + 31) / 32;
   const NhwcRow r{prm.scale + c0, prm.shift + c0, prm.slope + c0, prm.post_shift + c0, prm.threshold + c0,
                   post.res_channels, 2 * g.wo * post.res_channels};
