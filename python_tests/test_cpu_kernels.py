@@ -196,7 +196,7 @@ def test_conv_edge_cases(case, isa):
 def test_conv_threads_do_not_change_results(isa):
     torch.manual_seed(5)
     cases = [ConvConfig(2, 128, 96, 14, 14, 3, 1, 1, 1), ConvConfig(1, 64, 200, 17, 9, 3, 2, 1, 1),
-             ConvConfig(3, 300, 40, 11, 13, 5, 1, 2, 2)]
+             ConvConfig(3, 300, 40, 11, 13, 5, 1, 2, 2), ConvConfig(2, 32, 48, 9, 70, 3, 1, 1, 1)]
     before = torch.get_num_threads()
     try:
         for c in cases:
