@@ -398,8 +398,8 @@ constexpr NhwcTileFn kNhwcTileFns[4] = {nullptr, write_tile_nhwc_fast<kRes, fals
                                         write_tile_nhwc_fast<kRes, true, false>, write_tile_nhwc_fast<kRes, true, true>};
 
 // Plan::base and Plan::border: the counts row by row (a product of the per-row and per-column valid taps, which
-// vectorises), and the border pixels, where a tile's epilogue must remove padded taps' counts.
-void tap_bases(Plan& pl) {
+// vectorises), and (with borders) the border pixels, where a tile's epilogue must remove padded taps' counts.
+void tap_bases(Plan& pl, bool borders = true) {
   const ConvGeometry& g = pl.g;
   pl.base.assign(static_cast<size_t>(pl.hw + kTile + 16), 0);
   std::vector<int32_t> cols(static_cast<size_t>(g.wo)), part_cols;  // valid taps per column; partial columns
@@ -412,6 +412,7 @@ void tap_bases(Plan& pl) {
     int32_t* b = pl.base.data() + oy * g.wo;
     for (int64_t ox = 0; ox < g.wo; ++ox) b[ox] = rows * cols[ox];
     const int32_t first = static_cast<int32_t>(oy * g.wo);
+    if (!borders) continue;
     if (pl.ky1[oy] - pl.ky0[oy] != g.kh) {
       for (int32_t ox = 0; ox < g.wo; ++ox) pl.border.push_back(first + ox);
     } else {
@@ -719,7 +720,7 @@ CANDLE_AVX512 void lane_conv(const ConvGeometry& g, int64_t channels, const uint
   Plan pl;
   init_plan_base(pl, g, channels, kTile, parallel_threads(), scale, shift, out_i, out_f, post);
   pl.taps = g.kh * g.kw;
-  tap_bases(pl);
+  tap_bases(pl, false);  // the lane form masks padded taps: no border list
   std::unique_ptr<uint32_t[]> padded;
   padded_input(pl, padded, x);
   const int64_t cpad = (g.cout + 15) / 16 * 16, segs = (g.wo + 15) / 16;
@@ -754,7 +755,7 @@ CANDLE_AVX512 void make_plan(Plan& pl, std::shared_ptr<const Layout>& layout, st
   layout = cached_layout<Layout>(reinterpret_cast<const uint8_t*>(w), g.cout, kwords * 4, g.words,
                                  [&] { return build_layout(w, g.cout, g.words, pl.taps); });
   pl.layout = layout.get();
-  tap_bases(pl);
+  if (x) tap_bases(pl);  // the one-pass block's 1x1 conv (x null) has no padding and its own counts
   padded_input(pl, padded, x);
   // K words in (ky, kx, word) order as runs of the padded input.
   for (int64_t ky = 0; ky < g.kh; ++ky) {
