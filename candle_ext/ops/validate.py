@@ -61,6 +61,14 @@ def integer(name: str, value, minimum: int = 1, maximum: int = MAX_GEOMETRY) -> 
 
 def pair(name: str, value, minimum: int, maximum: int = MAX_GEOMETRY) -> Tuple[int, int]:
     """An int or a pair of ints, each in [minimum, maximum]."""
+    # Fast path for the common call (plain ints, tuples and lists of them; type() excludes bool): every op call
+    # checks three of these, and the general checks below (an ABC isinstance) cost microseconds each.
+    if type(value) is int:
+        if minimum <= value <= maximum:
+            return value, value
+    elif type(value) in (tuple, list) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        if minimum <= value[0] <= maximum and minimum <= value[1] <= maximum:
+            return value[0], value[1]
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
