@@ -716,9 +716,9 @@ CANDLE_AVX2 void tile_popcounts(const AvxPlan& pl, const Block& blk, const uint1
 template <typename S>
 CANDLE_AVX2 NhwcTileFn<S> nhwc_tile_fn(const AvxPlan& pl, const float* out_f, const Post& post) {
   const int fn = (out_f ? 2 : 0) + (post.packed ? 1 : 0);
-  return pl.params->res_mode == 0 ? kNhwcTileFns<S, 0>[fn]
+  return pl.params->res_mode == 0   ? kNhwcTileFns<S, 0>[fn]
          : pl.params->res_mode == 1 ? kNhwcTileFns<S, 1>[fn]
-                                  : kNhwcTileFns<S, 2>[fn];
+                                    : kNhwcTileFns<S, 2>[fn];
 }
 
 // Tasks [begin, end) of (block, image, tile): popcounts chunk by chunk into partial sums, then the epilogue.

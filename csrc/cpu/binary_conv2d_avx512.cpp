@@ -411,8 +411,8 @@ void tap_bases(Plan& pl, bool borders = true) {
     const int32_t rows = static_cast<int32_t>((pl.ky1[oy] - pl.ky0[oy]) * pl.channels);
     int32_t* b = pl.base.data() + oy * g.wo;
     for (int64_t ox = 0; ox < g.wo; ++ox) b[ox] = rows * cols[ox];
-    const int32_t first = static_cast<int32_t>(oy * g.wo);
     if (!borders) continue;
+    const int32_t first = static_cast<int32_t>(oy * g.wo);
     if (pl.ky1[oy] - pl.ky0[oy] != g.kh) {
       for (int32_t ox = 0; ox < g.wo; ++ox) pl.border.push_back(first + ox);
     } else {
@@ -515,7 +515,7 @@ CANDLE_AVX512 void write_tile(const Plan& pl, int32_t* part, int64_t width, int6
     const int fn = (pl.out_f ? 2 : 0) + (pl.post.packed ? 1 : 0);
     const NhwcTileFn write = pl.params->res_mode == 0   ? kNhwcTileFns<0>[fn]
                              : pl.params->res_mode == 1 ? kNhwcTileFns<1>[fn]
-                                                      : kNhwcTileFns<2>[fn];
+                                                        : kNhwcTileFns<2>[fn];
     return write(pl, pl.out_f, pl.post, part, width, base, npix, pix, res_off, c0, ncout);
   }
   switch (nchw_kind(pl)) {
@@ -607,7 +607,7 @@ CANDLE_AVX512 void run_block_tasks(const Plan& p3, const Plan& p1, int64_t begin
   const int fn3 = 3, fn1 = (p1.out_f ? 2 : 0) + (post1.packed ? 1 : 0);
   const NhwcTileFn write3 = p3.params->res_mode == 0   ? kNhwcTileFns<0>[fn3]
                             : p3.params->res_mode == 1 ? kNhwcTileFns<1>[fn3]
-                                                     : kNhwcTileFns<2>[fn3];
+                                                       : kNhwcTileFns<2>[fn3];
   const NhwcTileFn write1 = kNhwcTileFns<1>[fn1];
   for (int64_t p = 0; p < kTile; ++p) {
     local[p] = p;
