@@ -193,6 +193,12 @@ def block_epilogue(
     return v
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ weight.T + bias: what the small-batch CPU kernel (csrc/cpu/linear*.cpp) computes, in another
+    summation order (so its results agree to float rounding, not bit for bit)."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def nearest_indices(in_size: int, out_size: int, device=None) -> torch.Tensor:
     """Source index of each output position of F.interpolate(mode='nearest') along one axis."""
     src = torch.arange(in_size, dtype=torch.float32, device=device).reshape(1, 1, in_size)

@@ -31,6 +31,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &candle::cpu_isa, "the CPU kernel path the next call takes: avx512, avx2, neon or portable");
   m.def("sign_pack_cpu", &candle::sign_pack_cpu, "pack sign(x - bias) of NCHW float32 into int32 words",
         py::arg("x"), py::arg("bias"));
+  m.def("linear_cpu", &candle::linear_cpu,
+        "float32 x @ weight.T + bias at small batch (CPU): each weight row streamed once, its own summation order",
+        py::arg("x"), py::arg("weight"), py::arg("bias"));
   m.def("binary_conv2d_cpu", &candle::binary_conv2d_cpu,
         "binary conv on packed words (CPU); residual/slope/post_shift: the rest of a ReActNet block, fused",
         py::arg("x_packed"), py::arg("w_packed"), py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"),

@@ -25,6 +25,8 @@ at::Tensor sign_pack_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& b
 // path the next call takes ("avx512", "avx2", "neon" or "portable"; CANDLE_EXT_CPU_ISA is read on every call).
 std::string cpu_features();
 std::string cpu_isa();
+// csrc/cpu/linear.cpp: float32 x [N, in] @ weight[out, in]^T (+ bias [out]) -> [N, out] (kernels.h: linear)
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 // csrc/cpu/binary_conv2d.cpp
 at::Tensor binary_conv2d_cpu(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,
                              int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,

@@ -524,3 +524,89 @@ def test_sign_pack_entry_point_rejects_bad_arguments():
         _C.sign_pack_cpu(x, torch.zeros(5, dtype=torch.int64))
     with pytest.raises(ValueError, match="empty"):
         _C.sign_pack_cpu(torch.randn(0, 5, 3, 3), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# linear_cpu: frozen models' classifiers at small batch (csrc/cpu/linear*.cpp, candle_ext/ops/linear.py)
+
+def _linear_cases(count, seed):
+    """Random (batch, in_features, out_features), with the vector paths' edges: one feature, a partial last
+    vector (AVX2: 8 lanes, AVX-512: 16), rows past the last full block of 4, more inputs than one pass's 4."""
+    g = torch.Generator().manual_seed(seed)
+    fixed = [(1, 1024, 1000), (1, 1, 1), (4, 16, 4), (5, 17, 7), (2, 7, 3), (3, 8, 9), (1, 15, 2), (6, 1023, 13),
+             (1, 31, 5), (8, 33, 6)]
+    ins = [1, 2, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 63, 100, 257]
+    rand = [(int(torch.randint(1, 9, (1,), generator=g)), ins[int(torch.randint(len(ins), (1,), generator=g))],
+             int(torch.randint(1, 40, (1,), generator=g))) for _ in range(count)]
+    return fixed + rand
+
+
+def _check_linear(y, x, w, b):
+    """Within float32 rounding of the float64 product: the kernel sums in its own order."""
+    exact = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    bound = x.abs().double() @ w.abs().double().t() + (0 if b is None else b.abs().double())
+    err = (y.double() - exact).abs() - 1e-6 * (bound + 1e-30)
+    assert y.dtype == torch.float32 and y.shape == exact.shape
+    assert err.max().item() <= 0, f"worst excess {err.max().item()}"
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_linear_matches_reference(isa):
+    for i, (n, fin, fout) in enumerate(_linear_cases(40, seed=31)):
+        g = torch.Generator().manual_seed(1000 + i)
+        x, w, b = (torch.randn(n, fin, generator=g), torch.randn(fout, fin, generator=g),
+                   torch.randn(fout, generator=g))
+        for bias in (b, None):
+            y = _C.linear_cpu(x, w, bias)
+            _check_linear(y, x, w, bias)
+            torch.testing.assert_close(y, R.linear(x, w, bias), rtol=1e-4, atol=1e-4 * max(1.0, fin ** 0.5))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_linear_threads_and_blocks_do_not_change_results(isa):
+    # Each output's sum has a fixed order: the same at one and two threads, for a row alone or in a batch.
+    g = torch.Generator().manual_seed(32)
+    x, w, b = torch.randn(5, 300, generator=g), torch.randn(1001, 300, generator=g), torch.randn(1001, generator=g)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            outs.append(_C.linear_cpu(x, w, b))
+        assert torch.equal(outs[0], outs[1])
+        for r in range(5):
+            assert torch.equal(_C.linear_cpu(x[r:r + 1], w, b), outs[0][r:r + 1])
+        assert torch.equal(_C.linear_cpu(x, w[997:], b[997:]), outs[0][:, 997:])  # the last rows alone
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_linear_special_values_and_layouts():
+    w, b = torch.randn(6, 20), torch.randn(6)
+    x = torch.randn(3, 20)
+    x[0, 3], x[1, 5], x[2, 7] = float("nan"), float("inf"), -0.0
+    y = _C.linear_cpu(x, w, b)
+    assert y[0].isnan().all() and y[1].isinf().all()  # one inf term per output: inf, never inf - inf
+    assert torch.isfinite(y[2]).all()
+    xt = torch.randn(20, 3).t()  # not contiguous: read through a copy
+    torch.testing.assert_close(_C.linear_cpu(xt, w, b), R.linear(xt, w, b), rtol=1e-5, atol=1e-5)
+    assert _C.linear_cpu(torch.randn(0, 20), w, b).shape == (0, 6)
+    assert torch.equal(_C.linear_cpu(torch.randn(2, 0), torch.randn(6, 0), b), b.expand(2, 6))
+
+
+def test_linear_entry_point_rejects_bad_arguments():
+    x, w, b = torch.randn(2, 8), torch.randn(3, 8), torch.randn(3)
+    with pytest.raises(TypeError, match="x has dtype"):
+        _C.linear_cpu(x.double(), w, b)
+    with pytest.raises(TypeError, match="weight has dtype"):
+        _C.linear_cpu(x, w.half(), b)
+    with pytest.raises(TypeError, match="bias has dtype"):
+        _C.linear_cpu(x, w, b.int())
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        _C.linear_cpu(x[None], w, b)
+    with pytest.raises(ValueError, match="weight must have 2 dimensions"):
+        _C.linear_cpu(x, w[0], b)
+    with pytest.raises(ValueError, match="x has 8 features, weight expects 9"):
+        _C.linear_cpu(x, torch.randn(3, 9), b)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        _C.linear_cpu(x, w, torch.randn(4))

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 DRIVER = Path(__file__).resolve().parent / "cross" / "driver.cpp"
 # The ATen entry points include torch; every other csrc/cpu/*.cpp is a torch-free core.
-ENTRY_POINTS = {"binary_conv2d.cpp", "sign_pack.cpp"}
+ENTRY_POINTS = {"binary_conv2d.cpp", "linear.cpp", "sign_pack.cpp"}
 FLAGS = ["-std=c++20", "-O3", "-Wall", "-Wextra", "-Werror", "-DCANDLE_EXT_TORCH_FREE", f"-I{CSRC}", "-pthread"]
 THREADS = 3  # odd, so the parallel splits are uneven
 REQUIRE = os.environ.get("CANDLE_EXT_REQUIRE_CROSS", "0") == "1"
@@ -78,7 +78,8 @@ class Cases:
     def __init__(self, root: Path):
         self.root = root
         self.lines = []
-        self.expected = {}  # id -> (tensor, description)
+        self.expected = {}  # id -> (tensor, description): bit for bit
+        self.approx = {}    # id -> (float64 value, bound of its terms, description): within float32 rounding
 
     def conv(self, n, cin, cout, h, w, k, stride, padding, dilation, seed, extreme=False):
         """Four calls on one configuration: int32, a float epilogue, the fused block epilogue, and the NHWC mode.
@@ -196,6 +197,20 @@ class Cases:
         self.expected[cid] = (want, f"sign_pack {dtype} {tuple(x.shape)} {'nhwc' if nhwc else 'nchw'} "
                                     f"bias={bias is not None}")
 
+    def linear(self, n, fin, fout, with_bias, seed):
+        cid = f"l{len(self.lines)}"
+        g = torch.Generator().manual_seed(seed)
+        x, w, b = torch.randn(n, fin, generator=g), torch.randn(fout, fin, generator=g), torch.randn(fout, generator=g)
+        b = b if with_bias else None
+        _write(self.root / f"{cid}.x", x)
+        _write(self.root / f"{cid}.w", w)
+        if b is not None:
+            _write(self.root / f"{cid}.bias", b)
+        self.lines.append(f"linear {cid} {n} {fin} {fout} {int(b is not None)}")
+        exact = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+        bound = x.abs().double() @ w.abs().double().t() + (0 if b is None else b.abs().double())
+        self.approx[cid] = (exact, bound, f"linear {n}x{fin} -> {fout} bias={b is not None}")
+
     def finish(self):
         (self.root / "cases.txt").write_text("\n".join(self.lines) + "\n")
 
@@ -237,6 +252,11 @@ def cases(tmp_path_factory):
         for nhwc in (False, True):
             for b in (None, bs):
                 c.pack(xs.to(dtype), b, nhwc)
+    # The classifier kernel: partial vectors (8 / 16 lanes), rows past the last block of 4, more than 4 inputs.
+    for i, (n, fin, fout) in enumerate([(1, 1024, 1000), (1, 1, 1), (3, 17, 7), (5, 33, 6), (2, 15, 9),
+                                        (6, 100, 5), (4, 16, 4), (1, 7, 13)]):
+        for with_bias in (True, False):
+            c.linear(n, fin, fout, with_bias, seed=900 + i)
     c.finish()
     return c
 
@@ -269,6 +289,13 @@ def _compare(cases, isa):
             else:
                 g, w = int(got[i]), int(want_bits[i])
             bad.append(f"{desc}: {wrong.numel()} of {got.numel()} differ, first at flat index {i}: {g!r} != {w!r}")
+    for cid, (exact, bound, desc) in cases.approx.items():
+        got = torch.frombuffer(bytearray((cases.root / f"{cid}.{isa}.out").read_bytes()), dtype=torch.float32)
+        if got.numel() != exact.numel():
+            bad.append(f"{desc}: {got.numel()} values, expected {exact.numel()}")
+        elif not ((got.double() - exact.reshape(-1)).abs() <= 1e-6 * bound.reshape(-1)).all():
+            worst = ((got.double() - exact.reshape(-1)).abs() / bound.reshape(-1)).max().item()
+            bad.append(f"{desc}: off by up to {worst:.3g} of the sum of |terms| (more than float32 rounding)")
     return bad
 
 

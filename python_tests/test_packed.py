@@ -815,3 +815,40 @@ def test_frozen_model_served_like_a_module():
         torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(TypeError, match="torch.fx Proxy.*torch.jit.trace"):
         torch.fx.symbolic_trace(freeze(model))
+
+
+def test_frozen_linear_runs_the_small_batch_kernel_within_rounding(monkeypatch):
+    """freeze() makes every plain nn.Linear an InferenceLinear (same parameters and state_dict keys): at batch
+    <= 4 on an AVX2/AVX-512 CPU it runs the compiled kernel (ops/linear.py), within float rounding of
+    nn.Linear; elsewhere (larger batches, gradients wanted, another backend forced) nn.Linear's own call."""
+    from candle_ext.ops import linear as linear_op
+    from candle_ext.ops.binary_conv2d import packed_chain_available
+    torch.manual_seed(41)
+    model = reactnet_a(num_classes=37, small_input=True, width_mult=0.25).eval()
+    frozen = freeze(model)
+    fc, ref_fc = frozen.classifier.fc, model.classifier.fc
+    assert type(fc) is packed_module.InferenceLinear and type(ref_fc) is nn.Linear
+    assert list(frozen.classifier.state_dict()) == list(model.classifier.state_dict())
+    calls = []
+    kernel = linear_op.backend.compiled_module()
+    if kernel is not None and hasattr(kernel, "linear_cpu"):
+        real = kernel.linear_cpu
+        monkeypatch.setattr(kernel, "linear_cpu", lambda *a: calls.append(a[0].shape) or real(*a))
+    served = packed_chain_available(torch.zeros(1))
+    for n in (1, 3, 4, 5):
+        v = torch.randn(n, fc.in_features)
+        with torch.no_grad():
+            got, want = fc(v), torch.nn.functional.linear(v, ref_fc.weight, ref_fc.bias)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if n > linear_op.MAX_ROWS or not served:
+            assert torch.equal(got, want)
+    assert len(calls) == (3 if served else 0)
+    calls.clear()
+    v = torch.randn(2, fc.in_features, requires_grad=True)  # gradients wanted: nn.Linear's call, which has them
+    fc(v).sum().backward()
+    torch.testing.assert_close(v.grad, fc.weight.sum(0).expand(2, -1))
+    monkeypatch.setenv("CANDLE_EXT_BACKEND", "reference")  # another backend forced: nn.Linear's call
+    with torch.no_grad():
+        v = torch.randn(1, fc.in_features)
+        assert torch.equal(fc(v), torch.nn.functional.linear(v, fc.weight, fc.bias))
+    assert not calls

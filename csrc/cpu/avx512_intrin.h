@@ -22,8 +22,10 @@
 #include <immintrin.h>
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
 // GCC 12's AVX-512 headers initialise their "undefined" vectors from themselves (__m512i __Y = __Y), which
-// -Wmaybe-uninitialized reports wherever such an intrinsic is inlined (GCC bug 105593, fixed in GCC 13).
+// -Wmaybe-uninitialized (or, for the 256-bit extracts, -Wuninitialized) reports wherever such an intrinsic is
+// inlined (GCC bug 105593, fixed in GCC 13).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #define CANDLE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,avx2,f16c")))
 #define CANDLE_AVX512_INLINE inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vpopcntdq,avx2,f16c")))

@@ -77,5 +77,22 @@ void transpose(Isa isa, const TransposeJob& j) {
   });
 }
 
+void linear(Isa isa, const LinearJob& j) {
+  void (*fn)(const LinearJob&, int64_t, int64_t) = linear_portable;
+#if defined(CANDLE_HAVE_AVX2_PATH)
+  if (isa == Isa::Avx2) fn = linear_avx2;
+#endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+  if (isa == Isa::Avx512) fn = linear_avx512;
+#endif
+  (void)isa;
+  // Tasks of kLinearRows output features; threads only for >= ~64K weights each (a small head stays on one).
+  const int64_t tasks = (j.out + kLinearRows - 1) / kLinearRows;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kLinearRows * j.in));
+  parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    fn(j, begin * kLinearRows, std::min(end * kLinearRows, j.out));
+  });
+}
+
 }  // namespace cpu
 }  // namespace candle

@@ -156,6 +156,32 @@ void transpose_avx2(const TransposeJob& j, int64_t task);
 #endif
 
 // ------------------------------------------------------------------------------------------------------------
+// linear: y[n][o] = sum_i x[n][i] * w[o][i] (+ b[o]), float32, row-major: a frozen model's classifier at small
+// batch (ReActNet-A's at batch 1 reads 4 MB of weights, which a pass has evicted from the caches). Each weight row
+// is streamed once per kLinearImages inputs. Each path sums in its own fixed order (vector lanes over i, then a
+// fixed tree), the same whatever rows a thread gets: not BLAS's order, so results differ from
+// torch.nn.functional.linear in the last bits.
+
+struct LinearJob {
+  int64_t n, in, out;
+  const float* x;  // [n][in]
+  const float* w;  // [out][in]
+  const float* b;  // [out] or null
+  float* y;        // [n][out]
+};
+
+constexpr int64_t kLinearRows = 4;    // weight rows per task
+constexpr int64_t kLinearImages = 4;  // inputs per pass over a task's rows
+
+void linear_portable(const LinearJob& j, int64_t o0, int64_t o1);  // output features [o0, o1), every input
+#if defined(CANDLE_HAVE_AVX2_PATH)
+void linear_avx2(const LinearJob& j, int64_t o0, int64_t o1);
+#endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+void linear_avx512(const LinearJob& j, int64_t o0, int64_t o1);
+#endif
+
+// ------------------------------------------------------------------------------------------------------------
 // Dispatch (dispatch.cpp): run the kernel on `isa`'s path, or on the portable path where `isa` has none for
 // this call (NEON: NHWC mode). The entry points pass the path isa.h chose (choose_isa); the test driver names
 // it.
@@ -165,6 +191,7 @@ void binary_conv2d(Isa isa, const ConvGeometry& g, int64_t channels, const uint3
                    const float* scale, const float* shift, int32_t* out_i, float* out_f, const Post& post);
 bool react_block(Isa isa, const ConvArgs& conv3, const ConvArgs& conv1);
 void transpose(Isa isa, const TransposeJob& j);  // every task, on parallel_for's threads
+void linear(Isa isa, const LinearJob& j);        // every output feature, on parallel_for's threads
 
 }  // namespace cpu
 }  // namespace candle

@@ -22,6 +22,9 @@
 //   pack ID dtype n c h w nhwc bias
 //        dtype f32|f16|bf16|f64; file x in NCHW (nhwc 0) or channels_last (nhwc 1) order; bias (float32, or
 //        float64 for f64, [c], already rounded to x's dtype) when bias is 1; writes int32 [n,h,w,ceil(c/32)]
+//   linear ID n in out bias
+//        files x (float32 [n,in]), w (float32 [out,in]), bias (float32 [out]) when bias is 1; writes float32
+//        [n,out] (each path sums in its own order: compared within rounding, not bit for bit)
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -196,6 +199,24 @@ void run_pack(std::istringstream& in, const std::string& dir, const std::string&
   }
 }
 
+void run_linear(std::istringstream& in, const std::string& dir, const std::string& id,
+                const std::vector<candle::cpu::Isa>& isas) {
+  int64_t n, fin, fout, has_bias;
+  in >> n >> fin >> fout >> has_bias;
+  if (!in) throw std::runtime_error("bad linear line for " + id);
+  const std::string base = dir + "/" + id + ".";
+  const auto x = as<float>(read_file(base + "x", 4 * n * fin));
+  const auto w = as<float>(read_file(base + "w", 4 * fout * fin));
+  const auto b = has_bias ? as<float>(read_file(base + "bias", 4 * fout)) : std::vector<float>();
+  for (candle::cpu::Isa isa : isas) {
+    Output out(static_cast<size_t>(n * fout));
+    candle::cpu::LinearJob j{n, fin, fout, x.data(), w.data(), has_bias ? b.data() : nullptr,
+                             static_cast<float*>(out.data())};
+    candle::cpu::linear(isa, j);
+    out.write(base + candle::cpu::isa_name(isa) + ".out");
+  }
+}
+
 }  // namespace
 
 namespace candle {
@@ -265,6 +286,8 @@ int main(int argc, char** argv) {
         run_conv(in, dir, id, isas);
       } else if (kind == "pack") {
         run_pack(in, dir, id, isas);
+      } else if (kind == "linear") {
+        run_linear(in, dir, id, isas);
       } else {
         throw std::runtime_error("unknown case kind " + kind);
       }
