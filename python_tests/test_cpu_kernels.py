@@ -237,6 +237,36 @@ def test_conv_weights_changed_in_place_are_not_served_stale(isa):
         assert torch.equal(got, R.binary_conv2d_packed(xp, w, 70, (1, 1), (1, 1), (1, 1)))
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_one_changed_weight_bit_is_seen_anywhere_in_the_layout(isa):
+    # The cached layouts are reused only for the very weights they were built from (weight_cache.h): a flipped
+    # bit must be seen in every byte of every word of a channel at the start and end of a group of 16
+    # (a partial last group included) and of a block, so in every place of a K chunk (AVX-512: 16 words, AVX2:
+    # 16 bytes), a partial last chunk included; and the restored weights must give the first result again. A
+    # flipped weight bit moves the sums of every output pixel whose tap it is, so the output must change.
+    g = torch.Generator().manual_seed(8)
+    for cin, cout, k in [(70, 40, 3), (33, 200, 1), (100, 17, 3)]:
+        xp = R.sign_pack(torch.randn(1, cin, 5, 6, generator=g))
+        wp = R.sign_pack(torch.randn(cout, cin, k, k, generator=g))
+        flat, words, last_bits = wp.view(-1), wp[0].numel(), cin % 32 or 32
+        tap_words = words // (k * k)
+
+        def conv():
+            return candle_ext.binary_conv2d(xp, wp, None, 1, k // 2, in_channels=cin, out_dtype=torch.int32)
+
+        first = conv()
+        assert torch.equal(first, R.binary_conv2d_packed(xp, wp, cin, (1, 1), (k // 2,) * 2, (1, 1)))
+        for co in sorted({0, 15, 16, 31, 32, 63, 64, cout - 1} & set(range(cout))):
+            for word in range(words):
+                valid = last_bits if (word + 1) % tap_words == 0 else 32
+                for byte in range((valid + 7) // 8):
+                    bit = min(valid - 1, 8 * byte + int(torch.randint(8, (1,), generator=g)))
+                    flat[co * words + word] ^= 1 << bit
+                    assert not torch.equal(conv(), first), (cin, cout, co, word, bit)
+                    flat[co * words + word] ^= 1 << bit
+                    assert torch.equal(conv(), first), (cin, cout, co, word, bit)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_large_weights_changed_in_place_are_not_served_stale(isa, threads):
