@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "kernels.h"
+#include "linear_common.h"
 
 namespace candle {
 namespace cpu {
@@ -65,31 +66,16 @@ CANDLE_AVX2 void rows_images(const LinearJob& j, int64_t o, int64_t n0) {
   }
 }
 
-template <int R>
-CANDLE_AVX2 void rows(const LinearJob& j, int64_t o) {
-  int64_t n0 = 0;
-  for (; n0 + 4 <= j.n; n0 += 4) rows_images<R, 4>(j, o, n0);
-  switch (j.n - n0) {
-    case 3:
-      return rows_images<R, 3>(j, o, n0);
-    case 2:
-      return rows_images<R, 2>(j, o, n0);
-    case 1:
-      return rows_images<R, 1>(j, o, n0);
-    default:
-      return;
+struct Kernel {
+  template <int R, int M>
+  static void run(const LinearJob& j, int64_t o, int64_t n0) {
+    rows_images<R, M>(j, o, n0);
   }
-}
+};
 
 }  // namespace
 
-void linear_avx2(const LinearJob& j, int64_t o0, int64_t o1) {
-  static_assert(kLinearRows == 4 && kLinearImages == 4, "rows_images covers 4 x 4");
-  int64_t o = o0;
-  for (; o + 4 <= o1; o += 4) rows<4>(j, o);
-  // The last rows one at a time: each output's sum is the same whichever block computes it.
-  for (; o < o1; ++o) rows<1>(j, o);
-}
+void linear_avx2(const LinearJob& j, int64_t o0, int64_t o1) { linear_outputs<Kernel>(j, o0, o1); }
 
 }  // namespace cpu
 }  // namespace candle
