@@ -34,8 +34,8 @@ from candle_ext.nn.binarize import BINARIZED_ATTR, binarize_names_
 from candle_ext.nn.layers import BinaryConv2d, LearnableBias, RSign
 from candle_ext.ops import sign_pack, validate
 from candle_ext.ops.binary_conv2d import packed_inference_conv
-from candle_ext.ops.linear import small_batch_linear
 from candle_ext.ops.bitpack import check_packed, num_words
+from candle_ext.ops.linear import small_batch_linear
 
 ARCH_ATTR = "candle_arch"
 META_ATTR = "candle_meta"  # what save_packed(meta=) stored: e.g. class names and input preprocessing
