@@ -199,6 +199,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def stem_conv_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
+                 mean: torch.Tensor, var: torch.Tensor, bn_weight: Optional[torch.Tensor],
+                 bn_bias: Optional[torch.Tensor], eps: float, pack_threshold: Optional[torch.Tensor] = None):
+    """An eval-mode BatchNorm of a conv (zero padding), computed in float64 and rounded once to float32, and the
+    packed signs of that against pack_threshold (None without it): what the CPU stem kernel (csrc/cpu/
+    stem_conv*.cpp) computes in float32 steps, so its values agree to float rounding, not bit for bit."""
+    y = torch.nn.functional.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), stride,
+                                   padding)
+    y = torch.nn.functional.batch_norm(y, mean.double(), var.double(),
+                                       None if bn_weight is None else bn_weight.double(),
+                                       None if bn_bias is None else bn_bias.double(), False, 0.0, eps).float()
+    return y, None if pack_threshold is None else sign_pack(y, pack_threshold)
+
+
 def nearest_indices(in_size: int, out_size: int, device=None) -> torch.Tensor:
     """Source index of each output position of F.interpolate(mode='nearest') along one axis."""
     src = torch.arange(in_size, dtype=torch.float32, device=device).reshape(1, 1, in_size)

@@ -34,6 +34,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_cpu", &candle::linear_cpu,
         "float32 x @ weight.T + bias at small batch (CPU): each weight row streamed once, its own summation order",
         py::arg("x"), py::arg("weight"), py::arg("bias"));
+  m.def("stem_conv_cpu", &candle::stem_conv_cpu,
+        "float32 conv over few input channels + eval-mode BatchNorm (CPU), channels-last; returns (out, packed signs "
+        "of out - pack_threshold or empty)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"),
+        py::arg("pad_w"), py::arg("bn_mean"), py::arg("bn_var"), py::arg("bn_weight"), py::arg("bn_bias"),
+        py::arg("eps"), py::arg("pack_threshold"));
+  m.attr("max_stem_channels") = candle::kMaxStemChannels;
+  m.attr("max_stem_kernel") = candle::kMaxStemKernel;
   m.def("binary_conv2d_cpu", &candle::binary_conv2d_cpu,
         "binary conv on packed words (CPU); residual/slope/post_shift: the rest of a ReActNet block, fused",
         py::arg("x_packed"), py::arg("w_packed"), py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"),

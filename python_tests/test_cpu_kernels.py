@@ -640,3 +640,152 @@ def test_linear_entry_point_rejects_bad_arguments():
         _C.linear_cpu(x, torch.randn(3, 9), b)
     with pytest.raises(ValueError, match="bias must have shape"):
         _C.linear_cpu(x, w, torch.randn(4))
+
+
+# stem_conv_cpu: frozen models' first conv and its BatchNorm (csrc/cpu/stem_conv*.cpp, candle_ext/ops/stem_conv.py)
+
+def _stem_cases(count, seed):
+    """Random (n, cin, h, w, cout, kh, kw, stride, padding), with the kernels' edges: partial 32-channel blocks,
+    several blocks, rows with fewer than 8 or 2 interior pixels or none (kernel as wide as the input, padding
+    beyond it), vertical borders, strides above the kernel, a batch of several images."""
+    g = torch.Generator().manual_seed(seed)
+    fixed = [(1, 3, 224, 224, 32, 3, 3, 2, 1), (2, 3, 32, 32, 32, 3, 3, 1, 1), (1, 1, 9, 7, 5, 3, 3, 1, 1),
+             (3, 4, 17, 13, 40, 5, 5, 2, 2), (1, 3, 8, 8, 64, 7, 7, 2, 3), (1, 2, 5, 6, 33, 3, 3, 3, 0),
+             (1, 3, 4, 4, 7, 3, 3, 1, 5), (1, 3, 1, 1, 16, 1, 1, 1, 0), (1, 3, 11, 11, 96, 11, 11, 4, 0),
+             (2, 3, 19, 23, 31, 3, 5, 1, 2), (1, 4, 6, 40, 65, 2, 3, 1, 1), (1, 1, 3, 3, 1, 3, 3, 1, 0)]
+    rand = []
+    for _ in range(count):
+        r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+        kh, kw = r(1, 7), r(1, 7)
+        rand.append((r(1, 2), r(1, 4), r(kh, 30), r(kw, 30), r(1, 70), kh, kw, r(1, 3), r(0, 3)))
+    return fixed + rand
+
+
+def _stem_inputs(case, seed):
+    n, cin, h, w, cout, kh, kw, stride, pad = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g)
+    weight, bias = torch.randn(cout, cin, kh, kw, generator=g), torch.randn(cout, generator=g)
+    bn = (torch.randn(cout, generator=g) * 0.2, torch.rand(cout, generator=g) + 0.5,
+          torch.randn(cout, generator=g), torch.randn(cout, generator=g))
+    return x, weight, bias, stride, pad, bn, torch.randn(cout, generator=g)
+
+
+def _stem_call(x, weight, bias, stride, pad, bn, threshold, eps=1e-5):
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    ph, pw = (pad, pad) if isinstance(pad, int) else pad
+    return _C.stem_conv_cpu(x, weight, bias, sh, sw, ph, pw, *bn, eps, threshold)
+
+
+def _check_stem(out, words, x, weight, bias, stride, pad, bn, threshold):
+    """Within float32 rounding of the float64 result (the kernel sums and applies the BatchNorm in float32 steps);
+    the packed signs exactly those of the returned values."""
+    exact, _ = R.stem_conv_bn(x, weight, bias, stride, pad, *bn, 1e-5)
+    assert out.shape == exact.shape and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    bn_scale = (bn[2].abs() / torch.sqrt(bn[1] + 1e-5)).double().reshape(1, -1, 1, 1)
+    magnitude = torch.nn.functional.conv2d(x.abs().double(), weight.abs().double(), bias.abs().double(), stride, pad)
+    bound = 2e-6 * (magnitude * bn_scale + exact.double().abs() + bn[3].abs().double().reshape(1, -1, 1, 1)) + 1e-30
+    excess = (out.double() - exact.double()).abs() - bound
+    assert excess.max().item() <= 0, f"worst excess {excess.max().item()}"
+    assert torch.equal(words, R.sign_pack(out, threshold))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_stem_conv_matches_reference(isa):
+    for i, case in enumerate(_stem_cases(60, seed=41)):
+        x, weight, bias, stride, pad, bn, threshold = _stem_inputs(case, 2000 + i)
+        for b in (bias, None):
+            out, words = _stem_call(x, weight, b, stride, pad, bn, threshold)
+            _check_stem(out, words, x, weight, bias if b is not None else torch.zeros_like(bias), stride, pad, bn,
+                        threshold)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"], indirect=True)
+def test_stem_conv_x86_paths_against_portable(isa, monkeypatch):
+    # The AVX2 path rounds every product and sum as the portable path does: the same bits. The AVX-512 path fuses
+    # them, so it agrees to rounding only (test_stem_conv_matches_reference); its signs are its values' signs.
+    for i, case in enumerate(_stem_cases(20, seed=42)):
+        args = _stem_inputs(case, 3000 + i)
+        out, words = _stem_call(*args)
+        monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")
+        ref, ref_words = _stem_call(*args)
+        monkeypatch.setenv("CANDLE_EXT_CPU_ISA", isa)
+        if isa == "avx2":
+            assert torch.equal(out, ref) and torch.equal(words, ref_words), case
+        else:
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_stem_conv_threads_batch_and_layout_do_not_change_results(isa):
+    x, weight, bias, stride, pad, bn, threshold = _stem_inputs((3, 3, 40, 36, 48, 3, 3, 2, 1), 43)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            outs.append(_stem_call(x, weight, bias, stride, pad, bn, threshold))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for i in range(3):  # an image alone gives its rows of the batch
+        out, words = _stem_call(x[i:i + 1], weight, bias, stride, pad, bn, threshold)
+        assert torch.equal(out, outs[0][0][i:i + 1]) and torch.equal(words, outs[0][1][i:i + 1])
+    for other in (x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        out, words = _stem_call(other, weight, bias, stride, pad, bn, threshold)  # read through a copy
+        assert torch.equal(out, outs[0][0]) and torch.equal(words, outs[0][1])
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_stem_conv_special_values(isa):
+    x, weight, bias, stride, pad, bn, threshold = _stem_inputs((1, 3, 12, 12, 40, 3, 3, 1, 1), 44)
+    x[0, 1, 5, 5] = float("nan")
+    out, words = _stem_call(x, weight, bias, stride, pad, bn, threshold)
+    nan = out.isnan()
+    assert nan[0, :, 4:7, 4:7].all() and nan.sum() == 9 * 40  # the 3x3 outputs that read it
+    assert torch.equal(words, R.sign_pack(out, threshold))  # NaN packs as -1 (bit 0), as sign_pack
+    assert (words[:, :, :, 1] >> 8 == 0).all()  # pad bits of the partial word stay 0
+    empty, empty_words = _stem_call(x[:0], weight, bias, stride, pad, bn, threshold)
+    assert empty.shape == (0, 40, 12, 12) and empty_words.shape == (0, 12, 12, 2)
+    out2, none = _stem_call(x, weight, bias, stride, pad, bn, None)  # no threshold: no signs
+    assert none.numel() == 0 and torch.equal(out2.nan_to_num(), out.nan_to_num())
+
+
+def test_stem_conv_limits_match_python():
+    from candle_ext.ops import stem_conv
+    assert (_C.max_stem_channels, _C.max_stem_kernel) == (stem_conv.MAX_CHANNELS, stem_conv.MAX_KERNEL)
+
+
+def test_stem_conv_entry_point_rejects_bad_arguments():
+    x, weight, bias, stride, pad, bn, threshold = _stem_inputs((1, 3, 8, 8, 16, 3, 3, 1, 1), 45)
+    call = lambda **kw: _stem_call(**{**dict(x=x, weight=weight, bias=bias, stride=stride, pad=pad, bn=bn,
+                                             threshold=threshold), **kw})
+    with pytest.raises(TypeError, match="x has dtype"):
+        call(x=x.double())
+    with pytest.raises(TypeError, match="weight has dtype"):
+        call(weight=weight.half())
+    with pytest.raises(ValueError, match="x must have 4 dimensions"):
+        call(x=x[0])
+    with pytest.raises(ValueError, match="x has 3 channels, weight expects 2"):
+        call(weight=weight[:, :2].contiguous())
+    with pytest.raises(ValueError, match="1 to 4 input channels"):
+        call(x=torch.randn(1, 5, 8, 8), weight=torch.randn(16, 5, 3, 3))
+    with pytest.raises(ValueError, match="kernel must be 1x1 to 11x11"):
+        call(x=torch.randn(1, 3, 20, 20), weight=torch.randn(16, 3, 12, 3))
+    with pytest.raises(ValueError, match="stride_h must lie in"):
+        call(stride=(0, 1))
+    with pytest.raises(ValueError, match="pad_w must lie in"):
+        call(pad=(0, -1))
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        call(x=torch.randn(1, 3, 2, 8), pad=0)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        call(bias=torch.randn(15))
+    with pytest.raises(ValueError, match="bn_var must have shape"):
+        call(bn=(bn[0], bn[1][:3], bn[2], bn[3]))
+    with pytest.raises(TypeError, match="bn_weight has dtype"):
+        call(bn=(bn[0], bn[1], bn[2].double(), bn[3]))
+    with pytest.raises(ValueError, match="pack_threshold must have shape"):
+        call(threshold=threshold[:8])
+    with pytest.raises(ValueError, match="eps must be a finite number"):
+        _stem_call(x, weight, bias, stride, pad, bn, threshold, eps=float("nan"))

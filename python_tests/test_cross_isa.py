@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 DRIVER = Path(__file__).resolve().parent / "cross" / "driver.cpp"
 # The ATen entry points include torch; every other csrc/cpu/*.cpp is a torch-free core.
-ENTRY_POINTS = {"binary_conv2d.cpp", "linear.cpp", "sign_pack.cpp"}
+ENTRY_POINTS = {"binary_conv2d.cpp", "linear.cpp", "sign_pack.cpp", "stem_conv.cpp"}
 FLAGS = ["-std=c++20", "-O3", "-Wall", "-Wextra", "-Werror", "-DCANDLE_EXT_TORCH_FREE", f"-I{CSRC}", "-pthread"]
 THREADS = 3  # odd, so the parallel splits are uneven
 REQUIRE = os.environ.get("CANDLE_EXT_REQUIRE_CROSS", "0") == "1"
@@ -80,6 +80,8 @@ class Cases:
         self.lines = []
         self.expected = {}  # id -> (tensor, description): bit for bit
         self.approx = {}    # id -> (float64 value, bound of its terms, description): within float32 rounding
+        self.stems = {}     # id -> (float64 NHWC value, its bound, threshold, description): values within rounding,
+        #                     then the packed signs of the values written
 
     def conv(self, n, cin, cout, h, w, k, stride, padding, dilation, seed, extreme=False):
         """Four calls on one configuration: int32, a float epilogue, the fused block epilogue, and the NHWC mode.
@@ -211,6 +213,28 @@ class Cases:
         bound = x.abs().double() @ w.abs().double().t() + (0 if b is None else b.abs().double())
         self.approx[cid] = (exact, bound, f"linear {n}x{fin} -> {fout} bias={b is not None}")
 
+    def stem(self, n, cin, h, w, cout, kh, kw, stride, pad, with_bias, seed):
+        cid = f"s{len(self.lines)}"
+        g = torch.Generator().manual_seed(seed)
+        x, wt = torch.randn(n, cin, h, w, generator=g), torch.randn(cout, cin, kh, kw, generator=g)
+        b, alpha, beta = (torch.randn(cout, generator=g) for _ in range(3))
+        threshold = torch.randn(cout, generator=g)
+        b = b if with_bias else None
+        for name, t in (("x", x), ("w", wt), ("alpha", alpha), ("beta", beta), ("threshold", threshold), ("bias", b)):
+            if t is not None:
+                _write(self.root / f"{cid}.{name}", t)
+        self.lines.append(f"stem {cid} {n} {cin} {h} {w} {cout} {kh} {kw} {stride} {stride} {pad} {pad} "
+                          f"{int(b is not None)}")
+        conv = lambda a, c, d: torch.nn.functional.conv2d(a.double(), c.double(), None if d is None else d.double(),
+                                                          stride, pad)
+        channel = lambda t: t.double().reshape(1, -1, 1, 1)
+        exact = conv(x, wt, b) * channel(alpha) + channel(beta)
+        bound = (conv(x.abs(), wt.abs(), None if b is None else b.abs()) * channel(alpha.abs())
+                 + channel(beta.abs()) + exact.abs())
+        nhwc = lambda t: t.permute(0, 2, 3, 1).contiguous()
+        self.stems[cid] = (nhwc(exact), nhwc(bound), threshold,
+                           f"stem n{n} c{cin} {h}x{w} o{cout} k{kh}x{kw} s{stride} p{pad} bias={with_bias}")
+
     def finish(self):
         (self.root / "cases.txt").write_text("\n".join(self.lines) + "\n")
 
@@ -257,6 +281,11 @@ def cases(tmp_path_factory):
                                         (6, 100, 5), (4, 16, 4), (1, 7, 13)]):
         for with_bias in (True, False):
             c.linear(n, fin, fout, with_bias, seed=900 + i)
+    # The stem kernel: partial and several 32-channel blocks, rows with no or few interior pixels, every border.
+    for i, case in enumerate([(1, 3, 30, 28, 32, 3, 3, 2, 1), (2, 1, 9, 7, 5, 3, 3, 1, 1), (1, 4, 17, 13, 40, 5, 5, 2, 2),
+                              (1, 3, 8, 8, 64, 7, 7, 2, 3), (1, 2, 5, 6, 33, 3, 3, 3, 0), (1, 3, 4, 4, 7, 3, 3, 1, 5),
+                              (1, 3, 11, 11, 96, 11, 11, 4, 0), (1, 3, 21, 19, 70, 3, 3, 1, 1)]):
+        c.stem(*case, with_bias=i % 2 == 0, seed=950 + i)
     c.finish()
     return c
 
@@ -296,6 +325,16 @@ def _compare(cases, isa):
         elif not ((got.double() - exact.reshape(-1)).abs() <= 1e-6 * bound.reshape(-1)).all():
             worst = ((got.double() - exact.reshape(-1)).abs() / bound.reshape(-1)).max().item()
             bad.append(f"{desc}: off by up to {worst:.3g} of the sum of |terms| (more than float32 rounding)")
+    for cid, (exact, bound, threshold, desc) in cases.stems.items():
+        raw = torch.frombuffer(bytearray((cases.root / f"{cid}.{isa}.out").read_bytes()), dtype=torch.int32)
+        values = raw[:exact.numel()].view(torch.float32).reshape(exact.shape)
+        if raw.numel() != exact.numel() + exact[..., ::32].numel():  # the values, then ceil(cout / 32) words a pixel
+            bad.append(f"{desc}: {raw.numel()} words written, expected values and signs")
+        elif not ((values.double() - exact).abs() <= 2e-6 * bound).all():
+            bad.append(f"{desc}: off by up to {((values.double() - exact).abs() / bound).max().item():.3g} of the "
+                       "bound (more than float32 rounding)")
+        elif not torch.equal(raw[exact.numel():], R.sign_pack(values.permute(0, 3, 1, 2), threshold).reshape(-1)):
+            bad.append(f"{desc}: the packed signs are not those of the values written")
     return bad
 
 

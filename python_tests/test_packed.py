@@ -255,20 +255,24 @@ def test_packed_conv_rejects_bad_input():
 @pytest.mark.parametrize("small_input, size", [(True, 32), (False, 96)])
 def test_frozen_reactnet_fused_blocks_equal_the_eager_composition(monkeypatch, small_input, size):
     """Frozen blocks add the residual, PReLU and zeta in the CPU kernel's epilogue (float32); that must be bit
-    for bit the eager ops the custom-op path runs (cpu kernel under torch.compile, and the reference)."""
+    for bit the eager ops the custom-op path runs (cpu kernel under torch.compile, and the reference). The blocks
+    after the stem, on the stem layers' output: the stem kernel (ops/stem_conv.py) sums in its own order, so
+    the whole encoder agrees with those paths to rounding only (the float classifier's GEMM may round
+    differently from one allocation to the next, so logits are not compared here)."""
     torch.manual_seed(13)
     model = randomise(reactnet_a(num_classes=10, small_input=small_input, width_mult=0.25), 13).eval()
     frozen = freeze(model)
     x = torch.randn(2, 3, size, size)
-    # The encoder, where the binary blocks are (the float classifier's GEMM may round differently from one
-    # allocation to the next).
+    blocks = nn.Sequential(*list(frozen.encoder)[1:])  # the frozen blocks themselves, linked as in the encoder
     with torch.no_grad():
-        fused = frozen.encoder(x)
-        compiled = torch.compile(frozen.encoder, backend="aot_eager")(x)
+        h = nn.Sequential.forward(frozen.encoder.stem, x)
+        fused, whole = blocks(h), frozen.encoder(x)
+        compiled = torch.compile(blocks, backend="aot_eager")(h)
         monkeypatch.setenv("CANDLE_EXT_BACKEND", "reference")
-        ref = frozen.encoder(x)
+        ref, whole_ref = blocks(h), frozen.encoder(x)
     assert torch.equal(fused, compiled)
     assert torch.equal(fused, ref)
+    torch.testing.assert_close(whole, whole_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_frozen_block_sees_changed_and_replaced_zeta(monkeypatch):
@@ -480,7 +484,8 @@ def test_sync_batchnorm_student_freezes_and_saves(tmp_path):
     assert torch.equal(torch.random.get_rng_state(), state)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(load_packed(tmp_path / "sync.pt")(x), freeze(model)(x))
+        # The loaded stem is a BatchNorm2d pair, which runs the stem kernel; the SyncBatchNorm one runs its layers.
+        assert_equivalent(freeze(model)(x), load_packed(tmp_path / "sync.pt")(x))
         assert_equivalent(model.eval()(x), frozen(x))
 
 
@@ -560,13 +565,17 @@ def test_a_file_saved_by_an_older_main_still_loads_and_computes_the_same():
     """python_tests/data holds a packed ReActNet-A (width 0.25, 10 classes, 32x32) that main 46b579a saved, with
     an input and what that version computed: the float model's logits, the frozen model's encoder output and
     logits (reference backend). Today's load_packed must read it and compute the encoder output bit for bit on
-    this backend, the logits up to the classifier GEMM's last bits, and the float model's arg-max."""
+    this backend (the blocks bit for bit on the stem layers' output; with the stem kernel, which sums in its own
+    order, to rounding), the logits up to the classifier GEMM's last bits, and the float model's arg-max."""
     expected = torch.load(FIXTURE + ".expected.pt", weights_only=True)
     model = load_packed(FIXTURE + ".pt")
     assert model.candle_arch == {"builder": "candle_ext.models.reactnet_a",
                                  "kwargs": {"num_classes": 10, "small_input": True, "width_mult": 0.25}}
+    encoder, x = model.encoder, expected["x"]
     with torch.no_grad():
-        assert torch.equal(model.encoder(expected["x"]), expected["frozen_encoder_reference"])
+        blocks = nn.Sequential(*list(encoder)[1:])
+        assert torch.equal(blocks(nn.Sequential.forward(encoder.stem, x)), expected["frozen_encoder_reference"])
+        torch.testing.assert_close(encoder(x), expected["frozen_encoder_reference"], rtol=1e-5, atol=1e-5)
         logits = model(expected["x"])
     torch.testing.assert_close(logits, expected["frozen_logits_reference"], rtol=0, atol=1e-5)
     torch.testing.assert_close(logits, expected["model_logits"], rtol=0, atol=1e-4)
@@ -852,3 +861,81 @@ def test_frozen_linear_runs_the_small_batch_kernel_within_rounding(monkeypatch):
         v = torch.randn(1, fc.in_features)
         assert torch.equal(fc(v), torch.nn.functional.linear(v, fc.weight, fc.bias))
     assert not calls
+
+
+def test_frozen_stem_runs_the_stem_kernel_within_rounding(monkeypatch, tmp_path):
+    """freeze() makes the stem, a plain nn.Sequential(nn.Conv2d over 3 channels, BatchNorm2d), an InferenceConvBN
+    (same children and state_dict keys) linked to block 1: where the packed chain runs, one kernel pass
+    (ops/stem_conv.py) gives conv + BatchNorm channels-last with its packed signs for block 1, within float
+    rounding of the two layers; the encoder's output stays within rounding of the unfrozen model's."""
+    from candle_ext.ops import stem_conv as stem_op
+    from candle_ext.ops.binary_conv2d import packed_chain_available
+    torch.manual_seed(42)
+    model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.5), 42).eval()
+    frozen = freeze(model)
+    stem, block1 = frozen.encoder.stem, frozen.encoder.block1
+    assert type(stem) is packed_module.InferenceConvBN and type(model.encoder.stem) is nn.Sequential
+    assert stem.__dict__["_chain_next"] is block1
+    assert list(frozen.encoder.stem.state_dict()) == list(model.encoder.stem.state_dict())
+    calls = []
+    kernel = stem_op.backend.compiled_module()
+    if kernel is not None and hasattr(kernel, "stem_conv_cpu"):
+        real = kernel.stem_conv_cpu
+        monkeypatch.setattr(kernel, "stem_conv_cpu", lambda *a: calls.append(a[0].shape) or real(*a))
+    served = packed_chain_available(torch.zeros(1))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        layers = stem[1](stem[0](x))
+        out = stem(x)
+        torch.testing.assert_close(out, layers, rtol=1e-5, atol=1e-5)
+        if served:
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(packed_module.carried_words(out, block1.chain_threshold),
+                               reference.sign_pack(out, block1.chain_threshold))
+        else:
+            assert torch.equal(out, layers)
+        torch.testing.assert_close(frozen.encoder(x), model.encoder(x), rtol=1e-4, atol=1e-4)
+        assert_equivalent(model(x), frozen(x))
+    assert len(calls) == (3 if served else 0)
+    # Where the kernel does not serve, the layers run as nn.Sequential runs them: the same bits, NCHW.
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(stem(x[:0]), layers[:0])
+        for hooked in (stem, stem[0], stem[1], block1, block1.conv3):
+            handle = hooked.register_forward_hook(lambda module, args, result: None)
+            try:
+                assert torch.equal(stem(x), layers)
+            finally:
+                handle.remove()
+        monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")  # no packed chain on this path
+        assert torch.equal(stem(x), layers)
+        monkeypatch.delenv("CANDLE_EXT_CPU_ISA")
+        with pytest.raises(RuntimeError, match="Double"):  # another dtype: the layers run, and raise their error
+            stem(x.double())
+    assert torch.equal(stem(x.requires_grad_()), layers)  # a gradient wanted: it flows through the layers
+    assert not calls
+    # An unlinked stem (nothing packed after it) runs the layers; load_packed rebuilds the linked stem.
+    alone = freeze(nn.Sequential(copy.deepcopy(model.encoder.stem)))[0]
+    assert type(alone) is packed_module.InferenceConvBN and "_chain_next" not in alone.__dict__
+    with torch.no_grad():
+        assert torch.equal(alone(x), layers)
+    save_packed(frozen, tmp_path / "m.pt")
+    loaded = load_packed(tmp_path / "m.pt")
+    assert type(loaded.encoder.stem) is packed_module.InferenceConvBN
+    with torch.no_grad():
+        assert torch.equal(loaded(x), frozen(x))
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(5, 8, 3, padding=1),  # more input channels than the kernel serves
+    nn.Conv2d(4, 8, 3, padding=1, groups=2),
+    nn.Conv2d(3, 8, 3, padding=2, dilation=2),
+    nn.Conv2d(3, 8, 3, padding="same"),
+    nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"),
+    nn.Conv2d(3, 8, 13, padding=6),  # a kernel above 11x11
+], ids=["cin5", "groups", "dilation", "same", "reflect", "k13"])
+def test_freeze_keeps_other_conv_bn_pairs_as_they_are(conv):
+    frozen = freeze(nn.Sequential(nn.Sequential(conv, nn.BatchNorm2d(8))))
+    assert type(frozen[0]) is nn.Sequential
+    frozen = freeze(nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False))))
+    assert type(frozen[0]) is nn.Sequential  # a BatchNorm without running statistics

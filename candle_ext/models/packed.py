@@ -36,6 +36,7 @@ from candle_ext.ops import sign_pack, validate
 from candle_ext.ops.binary_conv2d import packed_inference_conv
 from candle_ext.ops.bitpack import check_packed, num_words
 from candle_ext.ops.linear import small_batch_linear
+from candle_ext.ops.stem_conv import stem_conv_bn, stem_form
 
 ARCH_ATTR = "candle_arch"
 META_ATTR = "candle_meta"  # what save_packed(meta=) stored: e.g. class names and input preprocessing
@@ -166,6 +167,44 @@ def carried_words(x: torch.Tensor, threshold: Optional[torch.Tensor]) -> Optiona
     return words if t is threshold and t._version == t_version and x._version == x_version else None
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run forward hooks (its own or global ones)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or getattr(torch.nn.modules.module, "_global_forward_hooks", None)
+                or getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None))
+
+
+class InferenceConvBN(nn.Sequential):
+    """A plain nn.Sequential(nn.Conv2d, BatchNorm2d) of a frozen model whose conv reads few input channels (a
+    network's stem: ops/stem_conv.py's stem_form), made by freeze() (it sets the class: same children, parameters
+    and state_dict keys). When freeze() linked it to the binary block after it (chain_link, as consecutive packed
+    blocks are linked) and the packed chain runs, one kernel pass computes conv and BatchNorm (running
+    statistics) and writes the output channels-last with its packed signs for that block, which takes them
+    instead of copying and packing its input; the values agree with the two layers' to float rounding. Otherwise
+    (no link, hooks on it, its children or the block, another dtype or device, a gradient wanted) it runs its
+    children as nn.Sequential does."""
+
+    def chain_link(self, successor: nn.Module):
+        """Write the packed signs of this output for `successor` (its chain_threshold) in the fused chain."""
+        object.__setattr__(self, "_chain_next", successor)  # not a submodule: no state_dict entry, no recursion
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        successor = self.__dict__.get("_chain_next")
+        if successor is not None and len(self._modules) == 2:
+            conv, bn = self._modules.values()
+            threshold = getattr(successor, "chain_threshold", None)
+            if (isinstance(threshold, torch.Tensor) and stem_form(conv, bn) and threshold.dim() == 1
+                    and threshold.numel() == conv.out_channels
+                    and not (_hooked(self) or _hooked(conv) or _hooked(bn) or _hooked(successor)
+                             or any(_hooked(m) for m in successor.children()))):
+                result = stem_conv_bn(x, conv, bn, threshold)
+                if result is not None:
+                    out, words = result
+                    carry_words(out, words, threshold)
+                    return out
+        return super().forward(x)
+
+
 def _own_forward(module: nn.Module, base: type) -> bool:
     """Whether `module` (an instance of `base`) runs a forward() of its own instead of base's: what it computes is
     then unknown here, so nothing may be folded into or across it."""
@@ -289,6 +328,8 @@ def _convert(module: nn.Module, memo: dict, shared: set) -> nn.Module:
                 module._modules[name] = _convert(child, memo, shared)
         if _plain_sequential(module):
             _fold_sequential(module, shared)
+            if type(module) is nn.Sequential and len(module) == 2 and stem_form(*module._modules.values()):
+                module.__class__ = InferenceConvBN  # before the parent links its children's chains
             _link_chains(module, shared)
         # A module that knows its own dataflow may fold further once its children are packed (ReActBlock does).
         to_packed = getattr(module, "to_packed", None)

@@ -19,7 +19,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from candle_ext.models.packed import ARCH_ATTR, PackedBinaryConv2d, carried_words, carry_words
+from candle_ext.models.packed import ARCH_ATTR, PackedBinaryConv2d, _hooked, carried_words, carry_words
 from candle_ext.nn.layers import BinaryConv2d, RPReLU, RSign
 from candle_ext.ops import validate
 from candle_ext.ops.binary_conv2d import packed_chain_available, packed_chain_block, shortcut_avg_pool_2x2
@@ -103,13 +103,6 @@ def _folded_conv(branch: nn.Module):
 # The shortcut pool of packed blocks (on even sizes four strided adds; the CPU kernel's residual_pool computes
 # the same in its epilogue).
 _avg_pool_2x2 = shortcut_avg_pool_2x2
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` would run forward hooks (its own or global ones)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or getattr(torch.nn.modules.module, "_global_forward_hooks", None)
-                or getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None))
 
 
 def _block_hooked(block: nn.Module) -> bool:

@@ -7,8 +7,6 @@
 // They validate the tensors and hand raw pointers to the torch-free kernel cores (kernels.h):
 // binary_conv2d_portable.cpp (any CPU), binary_conv2d_avx2.cpp and binary_conv2d_avx512.cpp (x86-64),
 // binary_conv2d_neon.cpp (aarch64); dispatch.cpp picks the path that isa.h chose.
-#include <c10/core/InferenceMode.h>
-
 #include <cstdint>
 #include <tuple>
 
@@ -16,19 +14,11 @@
 #include "../ops.h"
 #include "isa_check.h"
 #include "kernels.h"
+#include "outputs.h"
 
 namespace candle {
 
 namespace {
-
-// The float output of a conv; when it also carries its packed signs (carries_signs), a normal tensor even under
-// torch.inference_mode, whose tensors have no version counter. The frozen chains carry the signs on this tensor
-// for the next conv and trust them only while its version is unchanged (carried_words, models/packed.py).
-at::Tensor output_empty(bool carries_signs, at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  if (!carries_signs) return at::empty(sizes, opts);
-  c10::InferenceMode versioned(false);
-  return at::empty(sizes, opts);
-}
 
 // The checks both entry points share; the geometry in the cores' form.
 cpu::ConvGeometry checked_geometry(const at::Tensor& x_packed, const at::Tensor& w_packed, int64_t channels,

@@ -1,5 +1,6 @@
 // Which kernel path serves a call: the path isa.h chose (passed in), else the portable one. Torch-free.
 #include <algorithm>
+#include <vector>
 
 #include "kernels.h"
 #include "parallel.h"
@@ -92,6 +93,39 @@ void linear(Isa isa, const LinearJob& j) {
   parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     fn(j, begin * kLinearRows, std::min(end * kLinearRows, j.out));
   });
+}
+
+void stem_conv(Isa isa, const StemJob& j) {
+  // Tasks of output rows; threads only for >= ~64K multiply-adds each (CIFAR-size stems stay on few threads).
+  const int64_t taps = j.cin * j.kh * j.kw;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, j.wo * j.cout * taps));
+  void (*vec)(const StemJob&, const StemTables&, int64_t, int64_t) = nullptr;
+#if defined(CANDLE_HAVE_AVX2_PATH)
+  if (isa == Isa::Avx2) vec = stem_conv_avx2;
+#endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+  if (isa == Isa::Avx512) vec = stem_conv_avx512;
+#endif
+  (void)isa;
+  if (!vec) {
+    parallel_for(0, j.n * j.ho, grain, [&](int64_t begin, int64_t end) { stem_conv_portable(j, begin, end); });
+    return;
+  }
+  // The vector paths' tables: zero-padded to whole blocks, weights [cin][kh][kw][cpad], -0.0 for a missing bias
+  // (v + -0.0 = v for every v).
+  const int64_t cpad = (j.cout + kStemBlock - 1) / kStemBlock * kStemBlock;
+  std::vector<float> store(static_cast<size_t>((taps + 4) * cpad), 0.0f);
+  float* wt = store.data();
+  float* per_channel = wt + taps * cpad;
+  for (int64_t co = 0; co < j.cout; ++co) {
+    for (int64_t k = 0; k < taps; ++k) wt[k * cpad + co] = j.weight[co * taps + k];
+    per_channel[co] = j.bias ? j.bias[co] : -0.0f;
+    per_channel[cpad + co] = j.alpha[co];
+    per_channel[2 * cpad + co] = j.beta[co];
+    per_channel[3 * cpad + co] = j.threshold ? j.threshold[co] : 0.0f;
+  }
+  const StemTables t{cpad, wt, per_channel, per_channel + cpad, per_channel + 2 * cpad, per_channel + 3 * cpad};
+  parallel_for(0, j.n * j.ho, grain, [&](int64_t begin, int64_t end) { vec(j, t, begin, end); });
 }
 
 }  // namespace cpu

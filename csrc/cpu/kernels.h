@@ -182,6 +182,49 @@ void linear_avx512(const LinearJob& j, int64_t o0, int64_t o1);
 #endif
 
 // ------------------------------------------------------------------------------------------------------------
+// stem_conv: a float32 conv over few input channels (a network's first conv, on the image) and the affine of
+// the BatchNorm after it, written channels-last together with the packed signs of the result: the start of a
+// frozen model's fused chain (models/packed.py: InferenceConvBN), which otherwise runs the conv and the
+// BatchNorm as float layers, copies their NCHW output to channels-last and packs it again.
+//   out[n][oy][ox][co] = (s + bias[co]) * alpha[co] + beta[co], s = the sum over (ci, ky, kx), in that order,
+//   of x * w for the taps inside the input (zero padding adds nothing); the portable and AVX2 paths round each
+//   product and each sum, the AVX-512 path fuses them (so its values differ in the last bits).
+//   packed[n][oy][ox][co / 32] bit co % 32 = out - threshold[co] >= 0 (as sign_pack; pad bits 0).
+// Work is cut into tasks of one output row (n * ho of them).
+
+struct StemJob {
+  int64_t n, cin, h, w, cout, kh, kw, sh, sw, ph, pw, ho, wo;
+  const float* x;          // [n][cin][h][w]
+  const float* weight;     // [cout][cin][kh][kw]
+  const float* bias;       // [cout] or null
+  const float* alpha;      // [cout]
+  const float* beta;       // [cout]
+  const float* threshold;  // [cout], or null with packed null
+  float* out;              // [n][ho][wo][cout]
+  uint32_t* packed;        // [n][ho][wo][ceil(cout / 32)] or null
+};
+
+// What the vector paths read instead of the job's per-channel pointers: every table padded with zeros to
+// whole blocks of kStemBlock output channels (one output word), the weights as [cin][kh][kw][cpad].
+constexpr int64_t kStemBlock = 32;
+struct StemTables {
+  int64_t cpad = 0;
+  const float* wt = nullptr;
+  const float* bias = nullptr;  // zeros where the job has no bias
+  const float* alpha = nullptr;
+  const float* beta = nullptr;
+  const float* threshold = nullptr;
+};
+
+void stem_conv_portable(const StemJob& j, int64_t row0, int64_t row1);  // output rows [row0, row1) of n * ho
+#if defined(CANDLE_HAVE_AVX2_PATH)
+void stem_conv_avx2(const StemJob& j, const StemTables& t, int64_t row0, int64_t row1);
+#endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+void stem_conv_avx512(const StemJob& j, const StemTables& t, int64_t row0, int64_t row1);
+#endif
+
+// ------------------------------------------------------------------------------------------------------------
 // Dispatch (dispatch.cpp): run the kernel on `isa`'s path, or on the portable path where `isa` has none for
 // this call (NEON: NHWC mode). The entry points pass the path isa.h chose (choose_isa); the test driver names
 // it.
@@ -192,6 +235,7 @@ void binary_conv2d(Isa isa, const ConvGeometry& g, int64_t channels, const uint3
 bool react_block(Isa isa, const ConvArgs& conv3, const ConvArgs& conv1);
 void transpose(Isa isa, const TransposeJob& j);  // every task, on parallel_for's threads
 void linear(Isa isa, const LinearJob& j);        // every output feature, on parallel_for's threads
+void stem_conv(Isa isa, const StemJob& j);       // every output row, on parallel_for's threads
 
 }  // namespace cpu
 }  // namespace candle

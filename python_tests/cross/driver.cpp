@@ -25,6 +25,10 @@
 //   linear ID n in out bias
 //        files x (float32 [n,in]), w (float32 [out,in]), bias (float32 [out]) when bias is 1; writes float32
 //        [n,out] (each path sums in its own order: compared within rounding, not bit for bit)
+//   stem ID n cin h w cout kh kw sh sw ph pw bias
+//        files x (float32 [n,cin,h,w]), w (float32 [cout,cin,kh,kw]), alpha, beta, threshold (float32 [cout]),
+//        bias (float32 [cout]) when bias is 1; writes float32 [n,ho,wo,cout] (compared within rounding), then the
+//        packed words [n,ho,wo,ceil(cout/32)] of it against threshold (compared with the written values' signs)
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -217,6 +221,30 @@ void run_linear(std::istringstream& in, const std::string& dir, const std::strin
   }
 }
 
+void run_stem(std::istringstream& in, const std::string& dir, const std::string& id,
+              const std::vector<candle::cpu::Isa>& isas) {
+  int64_t n, cin, h, w, cout, kh, kw, sh, sw, ph, pw, has_bias;
+  in >> n >> cin >> h >> w >> cout >> kh >> kw >> sh >> sw >> ph >> pw >> has_bias;
+  if (!in) throw std::runtime_error("bad stem line for " + id);
+  const std::string base = dir + "/" + id + ".";
+  const auto x = as<float>(read_file(base + "x", 4 * n * cin * h * w));
+  const auto wt = as<float>(read_file(base + "w", 4 * cout * cin * kh * kw));
+  const auto alpha = as<float>(read_file(base + "alpha", 4 * cout));
+  const auto beta = as<float>(read_file(base + "beta", 4 * cout));
+  const auto threshold = as<float>(read_file(base + "threshold", 4 * cout));
+  const auto b = has_bias ? as<float>(read_file(base + "bias", 4 * cout)) : std::vector<float>();
+  const int64_t ho = (h + 2 * ph - kh) / sh + 1, wo = (w + 2 * pw - kw) / sw + 1, words = (cout + 31) / 32;
+  for (candle::cpu::Isa isa : isas) {
+    Output out(static_cast<size_t>(n * ho * wo * (cout + words)));
+    float* values = static_cast<float*>(out.data());
+    candle::cpu::StemJob j{n, cin, h, w, cout, kh, kw, sh, sw, ph, pw, ho, wo, x.data(), wt.data(),
+                           has_bias ? b.data() : nullptr, alpha.data(), beta.data(), threshold.data(), values,
+                           reinterpret_cast<uint32_t*>(values + n * ho * wo * cout)};
+    candle::cpu::stem_conv(isa, j);
+    out.write(base + candle::cpu::isa_name(isa) + ".out");
+  }
+}
+
 }  // namespace
 
 namespace candle {
@@ -288,6 +316,8 @@ int main(int argc, char** argv) {
         run_pack(in, dir, id, isas);
       } else if (kind == "linear") {
         run_linear(in, dir, id, isas);
+      } else if (kind == "stem") {
+        run_stem(in, dir, id, isas);
       } else {
         throw std::runtime_error("unknown case kind " + kind);
       }
