@@ -20,29 +20,49 @@ namespace candle {
 namespace cpu {
 namespace {
 
-// The epilogue of pixel `pixel`, channels [co0, co0 + 32): acc (four vectors) -> out and the block's word.
-CANDLE_AVX2_INLINE void finish(const StemJob& j, const StemTables& t, const StemRow& rw, int64_t pixel, int64_t co0,
-                               const __m256 acc[4]) {
-  const int64_t n = std::min<int64_t>(kStemBlock, j.cout - co0);
-  float* out = j.out + pixel * j.cout + co0;
-  alignas(32) float v[32];
-  uint32_t bits = 0;
-  for (int g = 0; g < 4; ++g) {
-    const int64_t c = co0 + 8 * g;
-    __m256 y = _mm256_add_ps(acc[g], _mm256_loadu_ps(t.bias + c));
-    y = _mm256_add_ps(_mm256_mul_ps(y, _mm256_loadu_ps(t.alpha + c)), _mm256_loadu_ps(t.beta + c));
-    if (n == 32) {
-      _mm256_storeu_ps(out + 8 * g, y);
-    } else {
-      _mm256_store_ps(v + 8 * g, y);  // a partial block: only its n channels go out (the next pixel follows)
+// As Epilogue in stem_conv_avx512.cpp: one block of 32 channels as four vectors of 8.
+struct Epilogue {
+  __m256 bias[4], alpha[4], beta[4], threshold[4];
+  float* out;        // channel co0 of pixel 0
+  uint32_t* packed;  // word co0 / 32 of pixel 0, or null
+  int64_t n, cout, words;
+  uint32_t valid;
+
+  CANDLE_AVX2_INLINE Epilogue(const StemJob& j, const StemTables& t, const StemRow& rw, int64_t co0)
+      : out(j.out + co0),
+        packed(j.packed ? j.packed + co0 / 32 : nullptr),
+        n(std::min<int64_t>(kStemBlock, j.cout - co0)),
+        cout(j.cout),
+        words(rw.words),
+        valid(n == 32 ? ~0u : (1u << n) - 1u) {
+    for (int g = 0; g < 4; ++g) {
+      bias[g] = _mm256_loadu_ps(t.bias + co0 + 8 * g);
+      alpha[g] = _mm256_loadu_ps(t.alpha + co0 + 8 * g);
+      beta[g] = _mm256_loadu_ps(t.beta + co0 + 8 * g);
+      threshold[g] = _mm256_loadu_ps(t.threshold + co0 + 8 * g);
     }
-    const __m256 ge =
-        _mm256_cmp_ps(_mm256_sub_ps(y, _mm256_loadu_ps(t.threshold + c)), _mm256_setzero_ps(), _CMP_GE_OQ);
-    bits |= static_cast<uint32_t>(_mm256_movemask_ps(ge)) << (8 * g);
   }
-  if (n < 32) std::memcpy(out, v, static_cast<size_t>(n) * 4);
-  if (j.packed) j.packed[pixel * rw.words + co0 / 32] = n == 32 ? bits : bits & ((1u << n) - 1u);
-}
+
+  // Pixel `pixel`'s sums (four vectors) -> its outputs and its word.
+  CANDLE_AVX2_INLINE void finish(int64_t pixel, const __m256 acc[4]) const {
+    float* o = out + pixel * cout;
+    alignas(32) float v[32];
+    uint32_t bits = 0;
+    for (int g = 0; g < 4; ++g) {
+      __m256 y = _mm256_add_ps(acc[g], bias[g]);
+      y = _mm256_add_ps(_mm256_mul_ps(y, alpha[g]), beta[g]);
+      if (n == 32) {
+        _mm256_storeu_ps(o + 8 * g, y);
+      } else {
+        _mm256_store_ps(v + 8 * g, y);  // a partial block: only its n channels go out (the next pixel follows)
+      }
+      const __m256 ge = _mm256_cmp_ps(_mm256_sub_ps(y, threshold[g]), _mm256_setzero_ps(), _CMP_GE_OQ);
+      bits |= static_cast<uint32_t>(_mm256_movemask_ps(ge)) << (8 * g);
+    }
+    if (n < 32) std::memcpy(o, v, static_cast<size_t>(n) * 4);
+    if (packed) packed[pixel * words] = bits & valid;
+  }
+};
 
 // As interior_pixels in stem_conv_avx512.cpp, four vectors of 8 channels, each product and sum rounded.
 template <int P>
@@ -63,7 +83,8 @@ CANDLE_AVX2 void interior_pixels(const StemJob& j, const StemTables& t, const St
       for (int g = 0; g < 4; ++g) acc[p][g] = _mm256_add_ps(acc[p][g], _mm256_mul_ps(v, wv[g]));
     }
   }
-  for (int p = 0; p < P; ++p) finish(j, t, rw, rw.pixel0 + ox + p, co0, acc[p]);
+  const Epilogue ep(j, t, rw, co0);
+  for (int p = 0; p < P; ++p) ep.finish(rw.pixel0 + ox + p, acc[p]);
 }
 
 // A border pixel: its taps inside the input only, in the same order.
@@ -84,7 +105,7 @@ CANDLE_AVX2 void border_pixel(const StemJob& j, const StemTables& t, const StemR
       }
     }
   }
-  finish(j, t, rw, rw.pixel0 + ox, co0, acc);
+  Epilogue(j, t, rw, co0).finish(rw.pixel0 + ox, acc);
 }
 
 struct Kernel {

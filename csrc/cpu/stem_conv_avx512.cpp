@@ -19,29 +19,51 @@ namespace candle {
 namespace cpu {
 namespace {
 
-// The epilogue of pixel `pixel`, channels [co0, co0 + 32): acc (two vectors) -> out and the block's word.
-CANDLE_AVX512_INLINE void finish(const StemJob& j, const StemTables& t, const StemRow& rw, int64_t pixel,
-                                 int64_t co0, const __m512 acc[2]) {
-  const int64_t n = std::min<int64_t>(kStemBlock, j.cout - co0);
-  float* out = j.out + pixel * j.cout + co0;
-  alignas(64) float v[32];
-  uint32_t bits = 0;
-  for (int h = 0; h < 2; ++h) {
-    const int64_t c = co0 + 16 * h;
-    __m512 y = _mm512_add_ps(acc[h], _mm512_loadu_ps(t.bias + c));
-    y = _mm512_add_ps(_mm512_mul_ps(y, _mm512_loadu_ps(t.alpha + c)), _mm512_loadu_ps(t.beta + c));
-    if (n == 32) {
-      _mm512_storeu_ps(out + 16 * h, y);
-    } else {
-      _mm512_store_ps(v + 16 * h, y);  // a partial block: only its n channels go out (the next pixel follows)
+// The epilogue of one block of 32 channels [co0, co0 + 32), its per-channel vectors loaded once per call (in
+// registers across the pixels: the output stores could otherwise alias the tables and force reloads).
+struct Epilogue {
+  __m512 bias[2], alpha[2], beta[2], threshold[2];
+  float* out;        // channel co0 of pixel 0
+  uint32_t* packed;  // word co0 / 32 of pixel 0, or null
+  int64_t n, cout, words;
+  uint32_t valid;
+
+  CANDLE_AVX512_INLINE Epilogue(const StemJob& j, const StemTables& t, const StemRow& rw, int64_t co0)
+      : out(j.out + co0),
+        packed(j.packed ? j.packed + co0 / 32 : nullptr),
+        n(std::min<int64_t>(kStemBlock, j.cout - co0)),
+        cout(j.cout),
+        words(rw.words),
+        valid(n == 32 ? ~0u : (1u << n) - 1u) {
+    for (int h = 0; h < 2; ++h) {
+      bias[h] = _mm512_loadu_ps(t.bias + co0 + 16 * h);
+      alpha[h] = _mm512_loadu_ps(t.alpha + co0 + 16 * h);
+      beta[h] = _mm512_loadu_ps(t.beta + co0 + 16 * h);
+      threshold[h] = _mm512_loadu_ps(t.threshold + co0 + 16 * h);
     }
-    const auto ge =  // a 16-bit lane mask (auto: SIMDe names the type otherwise)
-        _mm512_cmp_ps_mask(_mm512_sub_ps(y, _mm512_loadu_ps(t.threshold + c)), _mm512_setzero_ps(), _CMP_GE_OQ);
-    bits |= static_cast<uint32_t>(ge) << (16 * h);
   }
-  if (n < 32) std::memcpy(out, v, static_cast<size_t>(n) * 4);
-  if (j.packed) j.packed[pixel * rw.words + co0 / 32] = n == 32 ? bits : bits & ((1u << n) - 1u);
-}
+
+  // Pixel `pixel`'s sums (two vectors) -> its outputs and its word.
+  CANDLE_AVX512_INLINE void finish(int64_t pixel, const __m512 acc[2]) const {
+    float* o = out + pixel * cout;
+    alignas(64) float v[32];
+    uint32_t bits = 0;
+    for (int h = 0; h < 2; ++h) {
+      __m512 y = _mm512_add_ps(acc[h], bias[h]);
+      y = _mm512_add_ps(_mm512_mul_ps(y, alpha[h]), beta[h]);
+      if (n == 32) {
+        _mm512_storeu_ps(o + 16 * h, y);
+      } else {
+        _mm512_store_ps(v + 16 * h, y);  // a partial block: only its n channels go out (the next pixel follows)
+      }
+      const auto ge =  // a 16-bit lane mask (auto: SIMDe names the type otherwise)
+          _mm512_cmp_ps_mask(_mm512_sub_ps(y, threshold[h]), _mm512_setzero_ps(), _CMP_GE_OQ);
+      bits |= static_cast<uint32_t>(ge) << (16 * h);
+    }
+    if (n < 32) std::memcpy(o, v, static_cast<size_t>(n) * 4);
+    if (packed) packed[pixel * words] = bits & valid;
+  }
+};
 
 // P interior pixels from output column ox, channels [co0, co0 + 32): per tap the two weight vectors are loaded
 // once and each pixel's input value broadcast into them.
@@ -62,7 +84,8 @@ CANDLE_AVX512 void interior_pixels(const StemJob& j, const StemTables& t, const 
       acc[p][1] = _mm512_fmadd_ps(v, w1, acc[p][1]);
     }
   }
-  for (int p = 0; p < P; ++p) finish(j, t, rw, rw.pixel0 + ox + p, co0, acc[p]);
+  const Epilogue ep(j, t, rw, co0);
+  for (int p = 0; p < P; ++p) ep.finish(rw.pixel0 + ox + p, acc[p]);
 }
 
 // A border pixel: its taps inside the input only, in the same order.
@@ -81,7 +104,7 @@ CANDLE_AVX512 void border_pixel(const StemJob& j, const StemTables& t, const Ste
       }
     }
   }
-  finish(j, t, rw, rw.pixel0 + ox, co0, acc);
+  Epilogue(j, t, rw, co0).finish(rw.pixel0 + ox, acc);
 }
 
 struct Kernel {
