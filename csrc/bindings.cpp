@@ -11,6 +11,7 @@
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
 #endif
+#include "cpu/kernels.h"  // the stem kernel's limits
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using candle::ConvPath;
@@ -40,8 +41,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"),
         py::arg("pad_w"), py::arg("bn_mean"), py::arg("bn_var"), py::arg("bn_weight"), py::arg("bn_bias"),
         py::arg("eps"), py::arg("pack_threshold"));
-  m.attr("max_stem_channels") = candle::kMaxStemChannels;
-  m.attr("max_stem_kernel") = candle::kMaxStemKernel;
+  m.attr("max_stem_channels") = candle::cpu::kMaxStemChannels;
+  m.attr("max_stem_kernel") = candle::cpu::kMaxStemKernel;
   m.def("binary_conv2d_cpu", &candle::binary_conv2d_cpu,
         "binary conv on packed words (CPU); residual/slope/post_shift: the rest of a ReActNet block, fused",
         py::arg("x_packed"), py::arg("w_packed"), py::arg("channels"), py::arg("stride_h"), py::arg("stride_w"),

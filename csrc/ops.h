@@ -27,12 +27,11 @@ std::string cpu_features();
 std::string cpu_isa();
 // csrc/cpu/linear.cpp: float32 x [N, in] @ weight[out, in]^T (+ bias [out]) -> [N, out] (kernels.h: linear)
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
-// csrc/cpu/stem_conv.cpp: a float32 conv over 1..kMaxStemChannels input channels (kernels up to kMaxStemKernel
-// square, zero padding, no dilation) followed by an eval-mode BatchNorm (running statistics, eps), written
-// channels-last; with pack_threshold also the packed signs of out - pack_threshold, [N, Ho, Wo, ceil(Cout/32)]
-// (else an empty tensor). Returns (float32 [N, Cout, Ho, Wo] channels_last, words).
-constexpr int64_t kMaxStemChannels = 4;
-constexpr int64_t kMaxStemKernel = 11;
+// csrc/cpu/stem_conv.cpp: a float32 conv over 1..cpu::kMaxStemChannels input channels (kernels up to
+// cpu::kMaxStemKernel square, zero padding, no dilation; cpu/kernels.h) followed by an eval-mode BatchNorm
+// (running statistics, eps), written channels-last; with pack_threshold also the packed signs of
+// out - pack_threshold, [N, Ho, Wo, ceil(Cout/32)] (else an empty tensor). Returns (float32 [N, Cout, Ho, Wo]
+// channels_last, words).
 std::tuple<at::Tensor, at::Tensor> stem_conv_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                  const c10::optional<at::Tensor>& bias, int64_t stride_h,
                                                  int64_t stride_w, int64_t pad_h, int64_t pad_w,

@@ -18,7 +18,7 @@ from torch import nn
 from candle_ext import backend
 from candle_ext.ops.binary_conv2d import packed_chain_available
 
-# As csrc/ops.h (kMaxStemChannels, kMaxStemKernel; a test checks they agree): image input (gray, RGB, RGBA) and
+# As csrc/cpu/kernels.h (kMaxStemChannels, kMaxStemKernel; a test checks they agree): image input (gray, RGB, RGBA) and
 # kernels up to 11x11.
 MAX_CHANNELS = 4
 MAX_KERNEL = 11

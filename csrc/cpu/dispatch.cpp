@@ -107,7 +107,7 @@ void stem_conv(Isa isa, const StemJob& j) {
   if (isa == Isa::Avx512) vec = stem_conv_avx512;
 #endif
   (void)isa;
-  if (!vec) {
+  if (!vec || j.cin > kMaxStemChannels || j.kh > kMaxStemKernel || j.kw > kMaxStemKernel) {  // StemRow's tables
     parallel_for(0, j.n * j.ho, grain, [&](int64_t begin, int64_t end) { stem_conv_portable(j, begin, end); });
     return;
   }

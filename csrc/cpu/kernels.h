@@ -207,6 +207,11 @@ struct StemJob {
 // What the vector paths read instead of the job's per-channel pointers: every table padded with zeros to
 // whole blocks of kStemBlock output channels (one output word), the weights as [cin][kh][kw][cpad].
 constexpr int64_t kStemBlock = 32;
+// The calls the cores serve: 1..kMaxStemChannels input channels, kernels up to kMaxStemKernel square (the entry
+// point refuses others; stem_conv() sends any other job to the portable path, which has no fixed-size tables).
+constexpr int64_t kMaxStemChannels = 4;
+constexpr int64_t kMaxStemKernel = 11;
+constexpr int64_t kMaxStemTaps = kMaxStemChannels * kMaxStemKernel * kMaxStemKernel;
 struct StemTables {
   int64_t cpad = 0;
   const float* wt = nullptr;

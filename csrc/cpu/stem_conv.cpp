@@ -31,10 +31,11 @@ std::tuple<at::Tensor, at::Tensor> stem_conv_cpu(const at::Tensor& x_in, const a
   check_dim(weight, "weight", 4);
   check_contiguous(weight, "weight");
   const int64_t cout = weight.size(0), cin = weight.size(1), kh = weight.size(2), kw = weight.size(3);
-  TORCH_CHECK_VALUE(cin >= 1 && cin <= kMaxStemChannels, "weight must have 1 to ", kMaxStemChannels,
+  TORCH_CHECK_VALUE(cin >= 1 && cin <= cpu::kMaxStemChannels, "weight must have 1 to ", cpu::kMaxStemChannels,
                     " input channels (stem_conv serves a network's first conv), got ", cin);
-  TORCH_CHECK_VALUE(kh >= 1 && kh <= kMaxStemKernel && kw >= 1 && kw <= kMaxStemKernel, "weight's kernel must be ",
-                    "1x1 to ", kMaxStemKernel, "x", kMaxStemKernel, ", got ", kh, "x", kw);
+  TORCH_CHECK_VALUE(kh >= 1 && kh <= cpu::kMaxStemKernel && kw >= 1 && kw <= cpu::kMaxStemKernel,
+                    "weight's kernel must be 1x1 to ", cpu::kMaxStemKernel, "x", cpu::kMaxStemKernel, ", got ", kh, "x",
+                    kw);
   TORCH_CHECK_VALUE(cout >= 1, "weight must have at least one output channel, got shape ", weight.sizes());
   TORCH_CHECK_VALUE(x_in.size(1) == cin, "x has ", x_in.size(1), " channels, weight expects ", cin);
   check_geometry_value(stride_h, 1, "stride_h");

@@ -9,8 +9,6 @@
 namespace candle {
 namespace cpu {
 
-constexpr int64_t kMaxStemTaps = 4 * 11 * 11;  // cin * kh * kw at most (ops.h: kMaxStemChannels, kMaxStemKernel)
-
 // One output row: its image's input planes, the kernel rows inside the input, where its pixels start, and its
 // interior pixels' taps in (ci, ky, kx) order as offsets from the pixel's top-left input value (xoff) and into
 // the weight table (woff), so that their loop runs over all taps without nesting.
