@@ -65,6 +65,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("residual"), py::arg("residual_pool"), py::arg("slope3"), py::arg("threshold1"),
         py::arg("w1_packed"), py::arg("scale1"), py::arg("shift1"), py::arg("slope1"), py::arg("post_shift1"),
         py::arg("pack_threshold"), py::arg("nchw_out") = false);
+  m.def("react_chain_cpu_nhwc", &candle::react_chain_cpu_nhwc,
+        "consecutive frozen ReActNet blocks in one call, each as react_block_cpu_nhwc (block i reads block i-1's "
+        "output and its packed signs); blocks: tuples (stride, threshold3, w3_packed, channels, stride_h, stride_w, "
+        "pad_h, pad_w, dil_h, dil_w, scale3, shift3, slope3, threshold1, w1_packed, scale1, shift1, slope1, "
+        "post_shift1); returns the last block's (out, packed signs of out - pack_threshold or empty)",
+        py::arg("x"), py::arg("x_packed"), py::arg("blocks"), py::arg("pack_threshold"), py::arg("nchw_out") = false);
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("sign_pack_cuda", &candle::sign_pack_cuda, "pack sign(x - bias) into int32 words (CUDA)", py::arg("x"),

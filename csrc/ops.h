@@ -69,6 +69,21 @@ std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
     const at::Tensor& threshold1, const at::Tensor& w1_packed, const at::Tensor& scale1, const at::Tensor& shift1,
     const c10::optional<at::Tensor>& slope1, const c10::optional<at::Tensor>& post_shift1,
     const c10::optional<at::Tensor>& pack_threshold, bool nchw_out);
+// csrc/cpu/react_chain.cpp: one block of react_chain_cpu_nhwc: (block stride (2: the shortcut is 2x2-pooled),
+// threshold3 (the block binarises its input with it), then react_block_cpu_nhwc's arguments from w3_packed to
+// post_shift1 less residual and residual_pool, which the chain derives).
+using ChainBlock = std::tuple<int64_t, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                              int64_t, at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor, at::Tensor,
+                              at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>>;
+// Consecutive frozen ReActNet blocks in one call, each as react_block_cpu_nhwc: block i reads block i-1's output
+// (x for the first: float32 [N, C, H, W], and x_packed = its signs against blocks[0]'s threshold3, packed here when
+// not given) as its residual and its packed signs, which block i-1 wrote against block i's threshold3. The last
+// block packs for pack_threshold and writes NCHW with nchw_out, as react_block_cpu_nhwc does. Returns the last
+// block's (out, words): bit for bit those of calling react_block_cpu_nhwc block by block.
+std::tuple<at::Tensor, at::Tensor> react_chain_cpu_nhwc(const at::Tensor& x, const c10::optional<at::Tensor>& x_packed,
+                                                        const std::vector<ChainBlock>& blocks,
+                                                        const c10::optional<at::Tensor>& pack_threshold,
+                                                        bool nchw_out);
 
 #ifdef WITH_CUDA
 // csrc/cuda/sign_pack.cu and csrc/cuda/sign_ste.cu: x float32/float16/bfloat16/float64, NCHW or channels_last

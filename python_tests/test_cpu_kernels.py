@@ -428,6 +428,60 @@ def test_react_block_matches_two_convs(case, isa, threads):
         torch.set_num_threads(before)
 
 
+# Consecutive blocks in one call (react_chain_cpu_nhwc, a frozen encoder's InferenceChain): block i reads block
+# i-1's output and the signs it packed against block i's threshold; the values are those of the block entry point
+# called block by block, bit for bit. (channels in, doubling, stride) per block; odd sizes make a stride-2
+# block's shortcut an avg_pool2d (ceil mode) instead of the epilogue's 2x2 average.
+CHAIN_CASES = [  # (n, h, w, blocks)
+    (1, 16, 16, [(16, True, 1), (32, False, 2), (32, True, 1), (64, False, 1)]),
+    (2, 13, 11, [(16, False, 2), (16, True, 2), (32, False, 1)]),  # 13x11 -> 7x6 (odd: avg_pool) -> 4x3
+    (1, 9, 10, [(48, False, 1), (48, True, 2)]),  # 48 channels: a half-full word
+]
+
+
+def _chain_block(g, c, doubling, stride):
+    """One block's tuple for react_chain_cpu_nhwc (csrc/ops.h: ChainBlock), random."""
+    c1 = 2 * c if doubling else c
+    t3, t1 = torch.randn(c, generator=g) * 0.1, torch.randn(c, generator=g) * 0.1
+    w3 = R.sign_pack(torch.randn(c, c, 3, 3, generator=g))
+    w1 = R.sign_pack(torch.randn(c1, c, 1, 1, generator=g))
+    sc3, sh3, sl3 = torch.rand(c, generator=g) + 0.05, torch.randn(c, generator=g), torch.randn(c, generator=g)
+    sc1, sh1, sl1, ps1 = torch.rand(c1, generator=g) + 0.05, *(torch.randn(c1, generator=g) for _ in range(3))
+    return (stride, t3, w3, c, stride, stride, 1, 1, 1, 1, sc3, sh3, sl3, t1, w1, sc1, sh1, sl1, ps1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=str)
+def test_react_chain_matches_blocks_one_by_one(case, isa, threads):
+    n, h, w, specs = case
+    g = torch.Generator().manual_seed(h * w)
+    blocks = [_chain_block(g, *spec) for spec in specs]
+    x = torch.randn(n, specs[0][0], h, w, generator=g)  # NCHW: the stem layers' output
+    c_out = blocks[-1][14].shape[0]
+    pt = torch.randn(c_out, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for pack, nchw in ((pt, False), (None, True)):
+            hidden, words = x, _C.sign_pack_cpu(x, blocks[0][1])
+            for i, b in enumerate(blocks):
+                nxt = pack if i + 1 == len(blocks) else blocks[i + 1][1]
+                residual, pool = hidden, b[0] == 2
+                if pool and (hidden.shape[2] % 2 or hidden.shape[3] % 2):
+                    residual = torch.nn.functional.avg_pool2d(hidden, 2, 2, ceil_mode=True, count_include_pad=False)
+                    pool = False
+                hidden, words = _C.react_block_cpu_nhwc(words, *b[2:12], residual, pool, *b[12:], nxt,
+                                                        nchw_out=nchw and i + 1 == len(blocks))
+            for x_packed in (None, _C.sign_pack_cpu(x, blocks[0][1])):
+                out, out_words = _C.react_chain_cpu_nhwc(x, x_packed, blocks, pack, nchw)
+                assert torch.equal(out, hidden) and torch.equal(out_words, words)
+                assert out.is_contiguous() if nchw else out.is_contiguous(memory_format=torch.channels_last)
+                assert nchw == (out_words.numel() == 0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_conv_nhwc_entry_point_rejects_bad_arguments():
     xp = R.sign_pack(torch.randn(1, 40, 6, 6))
     wp = R.sign_pack(torch.randn(8, 40, 3, 3))

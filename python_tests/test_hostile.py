@@ -427,6 +427,46 @@ def test_block_entry_checks_its_arguments(change, name):
     assert ("ACCEPTED" in out) if name is None else ("REFUSED" in out and name in out), out
 
 
+@pytest.mark.parametrize("change, name", [
+    ("pass", None),  # the arguments as they are: accepted
+    ("blocks = []", "at least one block"),
+    ("blocks[0] = (3,) + blocks[0][1:]", "blocks[0]: the block stride must be 1 or 2"),
+    ("blocks[1] = blocks[1][:14] + (candle_ext.sign_pack(torch.randn(16, 40, 1, 1)),) + blocks[1][15:]",
+     "blocks[1]: w1_packed"),
+    ("blocks[1] = blocks[1][:1] + (torch.zeros(5),) + blocks[1][2:]", "blocks[0]: pack_threshold"),  # packed for it
+    ("blocks[0] = blocks[0][:2] + (candle_ext.sign_pack(torch.randn(8, 40, 3, 3)),) + blocks[0][3:]",
+     "blocks[0]"),  # x_packed has 8 channels' words, the weights 40
+    ("x = torch.randn(1, 8, 5, 5)", "blocks[0]: residual"),  # not the size x_packed has
+    ("x = torch.randn(8, 6, 6)", "x must have 4 dimensions"),
+    ("x = x.double()", "x has dtype"),
+    ("nxt = torch.zeros(7)", "blocks[1]: pack_threshold"),
+    ("blocks[1] = blocks[1][:5]", "incompatible function arguments"),  # not a block tuple
+])
+def test_chain_entry_checks_its_arguments(change, name):
+    """The one-call run of blocks (react_chain_cpu_nhwc) refuses inconsistent arguments with an error naming them
+    and the block they belong to (run in a subprocess: a missed check could crash)."""
+    code = f"""
+        import torch, candle_ext
+        from candle_ext import backend
+        C = backend.compiled_module()
+        x = torch.randn(1, 8, 6, 6)
+        xp = candle_ext.sign_pack(x)
+        w3 = candle_ext.sign_pack(torch.randn(8, 8, 3, 3))
+        w1 = candle_ext.sign_pack(torch.randn(8, 8, 1, 1))
+        v, t, nxt = torch.ones(8), torch.zeros(8), torch.zeros(8)
+        blocks = [(1, t, w3, 8, 1, 1, 1, 1, 1, 1, v, v, v, t, w1, v, v, v, v)] * 2
+        {change}
+        try:
+            C.react_chain_cpu_nhwc(x, xp, blocks, nxt)
+            print("ACCEPTED")
+        except (ValueError, TypeError) as exc:
+            print("REFUSED", exc)
+        """
+    rc, out = _run_isolated(code)
+    assert rc == 0, f"process died with status {rc}: {out}"
+    assert ("ACCEPTED" in out) if name is None else ("REFUSED" in out and name in out), out
+
+
 def test_huge_padding_takes_no_huge_allocation():
     # padding = dilation = 4096 on a 6x6 input: legal (F.conv2d accepts it), 6x6 output, and exact; the AVX2
     # path would have materialised a ~8200x8200 padded image, so the call goes to the path that skips taps.

@@ -56,6 +56,17 @@ def assert_equivalent(ref, out):
     assert torch.equal(out.argmax(1), ref.argmax(1))
 
 
+def counted_kernel(monkeypatch, name: str) -> list:
+    """The arguments of every call of the compiled module's `name` from now on (it still runs); stays empty where
+    the extension lacks it."""
+    calls = []
+    kernel = conv_ops.backend.compiled_module()
+    if kernel is not None and hasattr(kernel, name):
+        real = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
 # ----------------------------------------------------------------------------------------- PackedBinaryConv2d
 
 @pytest.mark.parametrize("cin, cout, k, stride, padding, bias", [
@@ -273,6 +284,95 @@ def test_frozen_reactnet_fused_blocks_equal_the_eager_composition(monkeypatch, s
     assert torch.equal(fused, compiled)
     assert torch.equal(fused, ref)
     torch.testing.assert_close(whole, whole_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_encoder_runs_linked_blocks_in_one_call(monkeypatch, tmp_path):
+    """freeze() makes a plain nn.Sequential holding linked packed blocks (ReActNet-A's encoder) an InferenceChain
+    (same children and state_dict keys). Where the packed chain runs, each run of linked blocks is one C++ call
+    (react_chain_cpu_nhwc) giving bit for bit what calling the blocks one by one gives, on even, odd and batched
+    sizes, after a buffer is changed or replaced, and after save/load. A hook on a block or one of its convs ends
+    the run before it (the hook sees its call), as the portable path, an empty batch and a wanted gradient take
+    the blocks' own calls, which behave as before."""
+    torch.manual_seed(43)
+    model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), 43).eval()
+    frozen = freeze(model)
+    encoder = frozen.encoder
+    assert type(encoder) is packed_module.InferenceChain and type(model.encoder) is nn.Sequential
+    one_by_one = nn.Sequential(OrderedDict(encoder.named_children()))  # the same modules, called one by one
+    assert list(encoder.state_dict()) == list(one_by_one.state_dict())
+    blocks = len(encoder) - 1
+    calls = counted_kernel(monkeypatch, "react_chain_cpu_nhwc")
+    served = conv_ops.packed_chain_available(torch.zeros(1))
+
+    def check(x, runs):
+        calls.clear()
+        with torch.no_grad():
+            got, want = encoder(x), one_by_one(x)
+        assert torch.equal(got, want) and got.is_contiguous()
+        assert [len(a[2]) for a in calls] == (runs if served else [])
+        return got
+
+    shapes = [(1, 3, 32, 32), (3, 3, 33, 29), (2, 3, 17, 64)]
+    first = [check(torch.randn(shape), [blocks]) for shape in shapes]
+    x = torch.randn(shapes[0])
+    with torch.no_grad():
+        encoder.block3.conv1.shift.add_(0.5)  # in place
+        encoder.block6.conv3.threshold = encoder.block6.conv3.threshold + 0.25  # replaced: block 5 packs for it
+    assert not torch.equal(check(x, [blocks]), first[0])
+    seen = []
+    for hooked in (encoder.block5, encoder.block5.conv3):
+        handle = hooked.register_forward_hook(lambda module, args, result: seen.append(module))
+        try:
+            check(x, [4, blocks - 5])  # blocks 1-4, block 5 called, blocks 6-13
+        finally:
+            handle.remove()
+    assert seen == [encoder.block5] * 2 + [encoder.block5.conv3] * 2  # in both calls of check()
+    handle = encoder.block13.register_forward_pre_hook(lambda module, args: seen.append(module))
+    try:
+        check(x, [blocks - 1])
+    finally:
+        handle.remove()
+    check(x[:0], [])
+    with pytest.raises(ValueError, match="no gradient"):
+        encoder(x.requires_grad_())
+    with pytest.raises(ValueError, match="no gradient"):
+        one_by_one(x)
+    x.requires_grad_(False)
+    monkeypatch.setenv("CANDLE_EXT_CPU_ISA", "portable")  # no packed chain on this path
+    check(x, [])
+    monkeypatch.delenv("CANDLE_EXT_CPU_ISA")
+    save_packed(frozen, tmp_path / "m.pt")
+    loaded = load_packed(tmp_path / "m.pt")
+    assert type(loaded.encoder) is packed_module.InferenceChain
+    with torch.no_grad():
+        assert torch.equal(loaded.encoder(x), encoder(x))
+        assert torch.equal(copy.deepcopy(encoder)(x), encoder(x))
+
+
+def test_inference_chain_skips_identities_and_stops_at_a_hooked_one(monkeypatch):
+    """Linked blocks with nn.Identity between them (what folding leaves) are one run; a hooked Identity splits the
+    run there, its hook seeing the block's output (a block alone is called, and carries its signs over it)."""
+    from candle_ext.models.reactnet import ReActBlock
+    torch.manual_seed(44)
+    model = randomise(nn.Sequential(ReActBlock(16, 16, 1), nn.Identity(), ReActBlock(16, 32, 2), nn.Identity(),
+                                    ReActBlock(32, 32, 1)), 44).eval()
+    frozen = freeze(model)
+    assert type(frozen) is packed_module.InferenceChain
+    one_by_one = nn.Sequential(*frozen)
+    calls = counted_kernel(monkeypatch, "react_chain_cpu_nhwc")
+    served = conv_ops.packed_chain_available(torch.zeros(1))
+    x = torch.randn(2, 16, 12, 10)
+    with torch.no_grad():
+        assert torch.equal(frozen(x), one_by_one(x))
+        assert [len(a[2]) for a in calls] == ([3] if served else [])
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)
+        seen = []
+        frozen[1].register_forward_hook(lambda module, args, result: seen.append(result.clone()))
+        calls.clear()
+        want = one_by_one(x)
+        assert torch.equal(frozen(x), want)
+        assert [len(a[2]) for a in calls] == ([2] if served else [])
+        assert len(seen) == 2 and torch.equal(seen[0], seen[1])
 
 
 def test_frozen_block_sees_changed_and_replaced_zeta(monkeypatch):
@@ -838,11 +938,7 @@ def test_frozen_linear_runs_the_small_batch_kernel_within_rounding(monkeypatch):
     fc, ref_fc = frozen.classifier.fc, model.classifier.fc
     assert type(fc) is packed_module.InferenceLinear and type(ref_fc) is nn.Linear
     assert list(frozen.classifier.state_dict()) == list(model.classifier.state_dict())
-    calls = []
-    kernel = linear_op.backend.compiled_module()
-    if kernel is not None and hasattr(kernel, "linear_cpu"):
-        real = kernel.linear_cpu
-        monkeypatch.setattr(kernel, "linear_cpu", lambda *a: calls.append(a[0].shape) or real(*a))
+    calls = counted_kernel(monkeypatch, "linear_cpu")
     served = packed_chain_available(torch.zeros(1))
     for n in (1, 3, 4, 5):
         v = torch.randn(n, fc.in_features)
@@ -877,11 +973,7 @@ def test_frozen_stem_runs_the_stem_kernel_within_rounding(monkeypatch, tmp_path)
     assert type(stem) is packed_module.InferenceConvBN and type(model.encoder.stem) is nn.Sequential
     assert stem.__dict__["_chain_next"] is block1
     assert list(frozen.encoder.stem.state_dict()) == list(model.encoder.stem.state_dict())
-    calls = []
-    kernel = stem_op.backend.compiled_module()
-    if kernel is not None and hasattr(kernel, "stem_conv_cpu"):
-        real = kernel.stem_conv_cpu
-        monkeypatch.setattr(kernel, "stem_conv_cpu", lambda *a: calls.append(a[0].shape) or real(*a))
+    calls = counted_kernel(monkeypatch, "stem_conv_cpu")
     served = packed_chain_available(torch.zeros(1))
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

@@ -33,7 +33,7 @@ from candle_ext import files
 from candle_ext.nn.binarize import BINARIZED_ATTR, binarize_names_
 from candle_ext.nn.layers import BinaryConv2d, LearnableBias, RSign
 from candle_ext.ops import sign_pack, validate
-from candle_ext.ops.binary_conv2d import packed_inference_conv
+from candle_ext.ops.binary_conv2d import packed_chain_available, packed_chain_blocks, packed_inference_conv
 from candle_ext.ops.bitpack import check_packed, num_words
 from candle_ext.ops.linear import small_batch_linear
 from candle_ext.ops.stem_conv import stem_conv_bn, stem_form
@@ -205,6 +205,72 @@ class InferenceConvBN(nn.Sequential):
         return super().forward(x)
 
 
+def _chain_args(module) -> Optional[tuple]:
+    """module's arguments as a block of packed_chain_blocks (its chain_args), or None if it has none to give."""
+    args_of = getattr(module, "chain_args", None)
+    return args_of() if callable(args_of) else None
+
+
+def _linked_run(modules: list, i: int):
+    """The blocks from modules[i] on that one packed_chain_blocks call runs: each the linked successor (chain_link)
+    of the one before, which packs its output for it (chain_pack_threshold), with nothing between them but
+    nn.Identity without hooks. Returns (blocks, their chain_args, the index after the last)."""
+    args = _chain_args(modules[i])
+    if args is None:
+        return [], [], i + 1
+    run, blocks, end = [modules[i]], [args], i + 1
+    while True:
+        k = end
+        while k < len(modules) and type(modules[k]) is nn.Identity and not _hooked(modules[k]):
+            k += 1
+        last = run[-1]
+        if k == len(modules) or modules[k] is not last.__dict__.get("_chain_next"):
+            return run, blocks, end
+        args = _chain_args(modules[k])
+        # Both blocks gave their args, so neither is hooked: last packs for this one (chain_pack_threshold) when
+        # this one reads its channel count. (Asked without calling it: ~4 us a block, on every forward.)
+        if args is None or args[1].numel() != last.out_channels:
+            return run, blocks, end
+        run.append(modules[k])
+        blocks.append(args)
+        end = k + 1
+
+
+class InferenceChain(nn.Sequential):
+    """A plain nn.Sequential of a frozen model that holds linked packed blocks (PackedReActBlock), made by freeze()
+    (it sets the class: same children and state_dict keys). In the fused chain (packed_chain_available, batch > 0)
+    each run of two or more linked blocks (_linked_run) is one kernel call, packed_chain_blocks: a C++ loop over
+    the blocks, without Python between them, which returns what calling them one by one returns, bit for bit
+    (the signs for the next block carried as the last block would carry them). Every other child, and every child
+    outside the fused chain, is called as nn.Sequential calls it."""
+
+    def forward(self, x):
+        modules = list(self._modules.values())
+        i = 0
+        while i < len(modules):
+            run, blocks, end = ([], [], i + 1)
+            if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[0] and packed_chain_available(x):
+                run, blocks, end = _linked_run(modules, i)
+            if len(run) < 2:
+                x = modules[i](x)
+                i += 1
+                continue
+            pack_threshold = run[-1].chain_pack_threshold()
+            x, words = packed_chain_blocks(x, carried_words(x, run[0].chain_threshold), blocks, pack_threshold,
+                                           pack_threshold is None)
+            if pack_threshold is not None:
+                carry_words(x, words, pack_threshold)
+            i = end
+        return x
+
+
+def _has_linked_blocks(seq: nn.Sequential) -> bool:
+    """Whether a child of `seq` would start a run of _linked_run (two linked blocks that give chain_args)."""
+    return any(callable(getattr(m, "chain_args", None))
+               and callable(getattr(m.__dict__.get("_chain_next"), "chain_args", None))
+               for m in seq._modules.values())
+
+
 def _own_forward(module: nn.Module, base: type) -> bool:
     """Whether `module` (an instance of `base`) runs a forward() of its own instead of base's: what it computes is
     then unknown here, so nothing may be folded into or across it."""
@@ -331,6 +397,8 @@ def _convert(module: nn.Module, memo: dict, shared: set) -> nn.Module:
             if type(module) is nn.Sequential and len(module) == 2 and stem_form(*module._modules.values()):
                 module.__class__ = InferenceConvBN  # before the parent links its children's chains
             _link_chains(module, shared)
+            if type(module) is nn.Sequential and _has_linked_blocks(module):
+                module.__class__ = InferenceChain
         # A module that knows its own dataflow may fold further once its children are packed (ReActBlock does).
         to_packed = getattr(module, "to_packed", None)
         result = to_packed() if callable(to_packed) else module

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 from torch import nn
@@ -107,7 +108,7 @@ _avg_pool_2x2 = shortcut_avg_pool_2x2
 
 def _block_hooked(block: nn.Module) -> bool:
     """Whether hooks run around a packed block or its convs (where they could change its input or output)."""
-    return _hooked(block) or any(_hooked(block._modules[n]) for n in ("conv3", "conv1"))
+    return _hooked(block) or _hooked(block._modules["conv3"]) or _hooked(block._modules["conv1"])
 
 
 class PackedReActBlock(nn.Module):
@@ -156,6 +157,28 @@ class PackedReActBlock(nn.Module):
         """Write the packed signs of this block's output for `successor` (its chain_threshold) in the fused chain."""
         object.__setattr__(self, "_chain_next", successor)
 
+    def chain_pack_threshold(self) -> Optional[torch.Tensor]:
+        """The threshold the fused chain packs this block's output against: its linked successor's, unless hooks
+        on either block could change the output between them in ways the version counters do not see (through
+        .data or NumPy), or the successor reads another channel count (then the chain ends here)."""
+        successor = self._chain_next
+        if successor is None or _block_hooked(self) or _block_hooked(successor):
+            return None
+        threshold = successor.chain_threshold
+        return threshold if threshold.numel() == self.out_channels else None
+
+    def chain_args(self) -> Optional[tuple]:
+        """This block as one of packed_chain_blocks' blocks (models/packed.py's InferenceChain runs linked blocks in
+        one call), or None where it must be called (a subclass, hooks on it or its convs)."""
+        if type(self) is not PackedReActBlock or _block_hooked(self):
+            return None
+        c3, c1 = self._modules["conv3"], self._modules["conv1"]
+        b, b3, b1 = self._buffers, c3._buffers, c1._buffers
+        (sh, sw), (ph, pw), (dh, dw) = c3.stride, c3.padding, c3.dilation
+        return (self.stride, b3["threshold"], b3["weight_packed"], c3.in_channels, sh, sw, ph, pw, dh, dw,
+                b3["scale"], b3["shift"], b["slope1"], b1["threshold"], b1["weight_packed"], b1["scale"],
+                b1["shift"], b["slope2"], self._flat_zeta2(b["zeta2"]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):  # e.g. a torch.fx Proxy: the ops' check names the way out
             validate.tensor("x", x)
@@ -174,20 +197,12 @@ class PackedReActBlock(nn.Module):
             else:
                 pool = True  # averaged in the kernel's epilogue
         c3, c1 = self._modules["conv3"], self._modules["conv1"]
-        convs_hooked = _hooked(c3) or _hooked(c1)
-        successor = self._chain_next
-        # Hooks on this block or the next may change the output between them in ways the version counters do
-        # not see (through .data or NumPy): then the next block packs its input itself.
-        if successor is not None and (convs_hooked or _hooked(self) or _block_hooked(successor)):
-            successor = None
-        next_threshold = None if successor is None else successor.chain_threshold
-        if next_threshold is not None and next_threshold.numel() != self.out_channels:
-            next_threshold = None  # not this block's consumer after all: end the chain here
         b, b3, b1 = self._buffers, c3._buffers, c1._buffers  # direct: nn.Module.__getattr__ costs ~1 us a name
-        if convs_hooked:  # through the modules, so that their hooks see every call; they may change y between
-            # the convs unseen (c1 packs y itself), and no signs are carried to the next block (above)
+        if _hooked(c3) or _hooked(c1):  # through the modules, so that their hooks see every call; they may change
+            # y between the convs unseen (c1 packs y itself), and no signs are carried to the next block
             y = c3(x, residual, b["slope1"], residual_pool=pool, channels_last=True)
             return c1(y, y, b["slope2"], b["zeta2"])
+        next_threshold = self.chain_pack_threshold()  # None: the next block packs its input itself
         t3 = b3["threshold"]
         out, words = packed_chain_block(x, carried_words(x, t3), t3, b3["weight_packed"], c3.in_channels, c3.stride,
                                         c3.padding, c3.dilation, b3["scale"], b3["shift"], residual, pool,

@@ -395,6 +395,20 @@ def packed_chain_block(x: torch.Tensor, x_words: Optional[torch.Tensor], thresho
                                        nchw_out)
 
 
+def packed_chain_blocks(x: torch.Tensor, x_words: Optional[torch.Tensor], blocks: list,
+                        pack_threshold: Optional[torch.Tensor], nchw_out: bool = False):
+    """packed_chain_block for consecutive frozen ReActNet blocks in one call (models/packed.py's InferenceChain):
+    block i reads block i-1's output and the signs block i-1 packed against block i's input threshold, without
+    Python between them. blocks: one tuple per block, (block stride, threshold3, then packed_chain_block's
+    arguments from w3_packed to post_shift1 less residual and residual_pool, with stride, padding and dilation
+    flattened to two ints each), in the binding's order (csrc/ops.h: ChainBlock). The same caller contract as
+    packed_chain_block; x_words = sign_pack(x, blocks[0]'s threshold3) or None. Returns the last block's (out,
+    words), bit for bit what calling packed_chain_block block by block returns."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise _frozen_grad_error(x)
+    return backend.compiled_module().react_chain_cpu_nhwc(x, x_words, blocks, pack_threshold, nchw_out)
+
+
 def _packed_inference_conv(x, threshold, w_packed, in_channels, stride, padding, dilation, scale, shift, residual,
                            slope, post_shift):
     out_dtype = x.dtype if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
