@@ -589,6 +589,42 @@ def test_sync_batchnorm_student_freezes_and_saves(tmp_path):
         assert_equivalent(model.eval()(x), frozen(x))
 
 
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"], ids=["gloo_form", "nccl_form"])  # no "cuda" id: conftest skips those
+def test_student_in_its_ddp_form_freezes_like_the_plain_one(device_type, tmp_path):
+    """A student still holding the synchronized batch norms of candle_ext.nn.convert_sync_batchnorm (GlooSyncBatchNorm
+    for CPU/gloo, nn.SyncBatchNorm for CUDA) freezes to the same modules and bits as the plain student: every
+    BatchNorm folded, the stem and classifier on their kernels, the blocks linked; the caller's model keeps its
+    synchronized batch norms. A GlooSyncBatchNorm made directly (no record of a plain class) folds too."""
+    from candle_ext.nn import GlooSyncBatchNorm, convert_sync_batchnorm
+    torch.manual_seed(14)
+    model = randomise(reactnet_a(num_classes=10, width_mult=0.25), 14)
+    sync = convert_sync_batchnorm(copy.deepcopy(model), device_type).eval()
+    sync_types = (GlooSyncBatchNorm, nn.SyncBatchNorm)
+    n_sync = sum(isinstance(m, sync_types) for m in sync.modules())
+    assert n_sync > 0
+    plain, frozen = freeze(model), freeze(sync)
+    assert sum(isinstance(m, sync_types) for m in sync.modules()) == n_sync  # freeze works on a copy
+    assert not any(isinstance(m, sync_types) for m in frozen.modules())
+    assert [type(m) for m in frozen.modules()] == [type(m) for m in plain.modules()]
+    assert type(frozen.encoder) is packed_module.InferenceChain
+    assert type(frozen.encoder[0]) is packed_module.InferenceConvBN
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(frozen(x), plain(x))
+        assert_equivalent(model.eval()(x), frozen(x))
+        save_packed(sync, tmp_path / "sync.pt")
+        assert torch.equal(load_packed(tmp_path / "sync.pt")(x), plain(x))
+    if device_type == "cpu":
+        for m in sync.modules():
+            if isinstance(m, GlooSyncBatchNorm):
+                del m._plain_cls
+        bare = freeze(sync)
+        assert all(isinstance(b, candle_ext.models.PackedReActBlock) for b in list(bare.encoder)[1:])
+        with torch.no_grad():
+            stem = plain.encoder[0](x)
+            assert torch.equal(bare.encoder[1](stem), plain.encoder[1](stem))
+
+
 def test_file_size_full_reactnet_a(tmp_path):
     model = reactnet_a()
     buf = io.BytesIO()

@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from candle_ext import files
 from candle_ext.nn.binarize import BINARIZED_ATTR, binarize_names_
 from candle_ext.nn.layers import BinaryConv2d, LearnableBias, RSign
+from candle_ext.nn.sync_batchnorm import GlooSyncBatchNorm, revert_sync_batchnorm
 from candle_ext.ops import sign_pack, validate
 from candle_ext.ops.binary_conv2d import packed_chain_available, packed_chain_blocks, packed_inference_conv
 from candle_ext.ops.bitpack import check_packed, num_words
@@ -318,7 +319,8 @@ def _last_packed(module: nn.Module, shared=frozenset()) -> Optional[PackedBinary
 
 def _foldable_bn(bn: nn.Module, conv: PackedBinaryConv2d) -> bool:
     # Exact types: subclasses may do more than normalise (timm's BatchNormAct2d applies an activation).
-    return (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and bn.track_running_stats and bn.running_mean is not None
+    return (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm, GlooSyncBatchNorm) and bn.track_running_stats
+            and bn.running_mean is not None
             and bn.num_features == conv.out_channels)
 
 
@@ -449,6 +451,10 @@ class InferenceLinear(nn.Linear):
 def _freeze_in_place(model: nn.Module) -> nn.Module:
     """freeze() without the copy: converts `model` itself (the skeletons load_packed builds)."""
     with torch.inference_mode(False):  # normal buffers even when called under inference mode (CHAIN_ATTR)
+        # A model still in its multi-process form (nn.convert_sync_batchnorm, as train/context.py makes it for
+        # DDP): its synchronized batch norms back to the plain classes, which they equal in eval mode, so that
+        # they fold and the stem gets its kernel like those of a model trained on one process.
+        model = revert_sync_batchnorm(model)
         frozen = _convert(model.eval(), {}, _shared_modules(model))
     for m in frozen.modules():  # after folding, which matches the exact BatchNorm types
         if type(m) in _INFERENCE_BN and m.track_running_stats and m.running_mean is not None:
