@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import candle_ext
 from candle_ext import backend
 from reactnet_shapes import reactnet_a_shapes
+from warm_up import warm_up
 
 SMOKE = os.environ.get("CANDLE_BENCH_SMOKE", "0") == "1"  # as in conftest.py
 
@@ -90,7 +91,8 @@ def test_binary_conv_cpu(benchmark, bench_table, data, capsys, monkeypatch, shap
                 torch.testing.assert_close(fn(), ref, rtol=1e-5, atol=1e-4)
             benchmark.extra_info.update(shape=str(shape), threads=threads, variant=variant,
                                         gmacs=shape.macs(1) / 1e9)
-            benchmark.pedantic(fn, rounds=_rounds(shape), iterations=1, warmup_rounds=1)
+            warm_up(fn)
+            benchmark.pedantic(fn, rounds=_rounds(shape), iterations=1)
     finally:
         torch.set_num_threads(before)
     table = bench_table(f"{TITLE}, {threads} thread(s)", VARIANTS,

@@ -21,6 +21,7 @@ from torch import nn
 import candle_ext
 from candle_ext.models import freeze, reactnet_a
 from candle_ext.nn import BinaryConv2d, RSign
+from warm_up import warm_up
 
 SMOKE = os.environ.get("CANDLE_BENCH_SMOKE", "0") == "1"
 RESOLUTION = 64 if SMOKE else 224
@@ -116,7 +117,7 @@ def test_cpu_batch1(benchmark, models, capsys, threads, variant):
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            net(x)  # warm-up (first-call allocations, oneDNN primitive creation)
+            warm_up(net, seconds=0.2, args=(x,))  # first-call allocations, oneDNN primitives, caches, clocks
             benchmark.extra_info.update(variant=variant, threads=threads, resolution=RESOLUTION)
             benchmark.pedantic(net, args=(x,), rounds=ROUNDS, iterations=1)
     finally:
