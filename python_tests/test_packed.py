@@ -572,20 +572,23 @@ def test_save_load_half(tmp_path):
 
 
 def test_sync_batchnorm_student_freezes_and_saves(tmp_path):
-    """A student converted for distributed training (SyncBatchNorm) freezes like the plain one, and its file
-    loads into the plain architecture. Saving leaves the caller's random number generator alone."""
+    """A student converted for distributed training by torch's own converter (nn.SyncBatchNorm, no record of the
+    plain class) freezes like the plain one (its stem's batch norm, after a conv, taken as a BatchNorm2d), and its
+    file loads into the plain architecture. Saving leaves the caller's random number generator alone."""
     torch.manual_seed(13)
     model = randomise(reactnet_a(num_classes=10, small_input=True, width_mult=0.25), 13)
-    sync = nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
     frozen = freeze(sync)
     assert all(isinstance(b, candle_ext.models.PackedReActBlock) for b in list(frozen.encoder)[1:])
+    assert type(frozen.encoder[0]) is packed_module.InferenceConvBN
+    assert not any(hasattr(m, "_plain_cls") for m in sync.modules())  # the caller's model is left as it was
     state = torch.random.get_rng_state()
     save_packed(sync, tmp_path / "sync.pt")
     assert torch.equal(torch.random.get_rng_state(), state)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        # The loaded stem is a BatchNorm2d pair, which runs the stem kernel; the SyncBatchNorm one runs its layers.
-        assert_equivalent(freeze(model)(x), load_packed(tmp_path / "sync.pt")(x))
+        assert torch.equal(frozen(x), freeze(model)(x))
+        assert torch.equal(load_packed(tmp_path / "sync.pt")(x), freeze(model)(x))
         assert_equivalent(model.eval()(x), frozen(x))
 
 

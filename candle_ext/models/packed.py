@@ -448,12 +448,27 @@ class InferenceLinear(nn.Linear):
         return small_batch_linear(x, self.weight, self.bias)
 
 
+def _mark_sync_batchnorms_after_convs(model: nn.Module):
+    """Record nn.BatchNorm2d as the plain class (what revert_sync_batchnorm reads) of every synchronized batch norm
+    without one that directly follows an nn.Conv2d or a BinaryConv2d in a plain nn.Sequential."""
+    for seq in model.modules():
+        if not _plain_sequential(seq):
+            continue
+        kids = list(seq._modules.values())
+        for prev, m in zip(kids, kids[1:]):
+            if (type(m) in (nn.SyncBatchNorm, GlooSyncBatchNorm) and not hasattr(m, "_plain_cls")
+                    and isinstance(prev, (nn.Conv2d, BinaryConv2d))):
+                m._plain_cls = nn.BatchNorm2d
+
+
 def _freeze_in_place(model: nn.Module) -> nn.Module:
     """freeze() without the copy: converts `model` itself (the skeletons load_packed builds)."""
     with torch.inference_mode(False):  # normal buffers even when called under inference mode (CHAIN_ATTR)
         # A model still in its multi-process form (nn.convert_sync_batchnorm, as train/context.py makes it for
         # DDP): its synchronized batch norms back to the plain classes, which they equal in eval mode, so that
-        # they fold and the stem gets its kernel like those of a model trained on one process.
+        # they fold and the stem gets its kernel like those of a model trained on one process. torch's own
+        # converter records no plain class: one right after a conv in an nn.Sequential is a BatchNorm2d.
+        _mark_sync_batchnorms_after_convs(model)
         model = revert_sync_batchnorm(model)
         frozen = _convert(model.eval(), {}, _shared_modules(model))
     for m in frozen.modules():  # after folding, which matches the exact BatchNorm types
