@@ -464,10 +464,10 @@ def _mark_sync_batchnorms_after_convs(model: nn.Module):
 def _freeze_in_place(model: nn.Module) -> nn.Module:
     """freeze() without the copy: converts `model` itself (the skeletons load_packed builds)."""
     with torch.inference_mode(False):  # normal buffers even when called under inference mode (CHAIN_ATTR)
-        # A model still in its multi-process form (nn.convert_sync_batchnorm, as train/context.py makes it for
-        # DDP): its synchronized batch norms back to the plain classes, which they equal in eval mode, so that
-        # they fold and the stem gets its kernel like those of a model trained on one process. torch's own
-        # converter records no plain class: one right after a conv in an nn.Sequential is a BatchNorm2d.
+        # A model still in its multi-process form (candle_ext.nn.convert_sync_batchnorm, as train/context.py makes
+        # it for DDP): its synchronized batch norms back to the plain classes, which they equal in eval mode, so
+        # that they fold and the stem gets its kernel as in a model trained on one process. torch's own converter
+        # records no plain class: one right after a conv in an nn.Sequential is a BatchNorm2d.
         _mark_sync_batchnorms_after_convs(model)
         model = revert_sync_batchnorm(model)
         frozen = _convert(model.eval(), {}, _shared_modules(model))
