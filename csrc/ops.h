@@ -59,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_cpu_nhwc(
 // A frozen ReActNet block's two convs in NHWC mode (csrc/cpu/kernels.h react_block): y = the 3x3 (any geometry)
 // conv of x_packed with scale3/shift3, the residual (residual_pool as above) and PReLU slope3; out = the 1x1 conv of
 // sign_pack(y, threshold1) with weights w1_packed [k * Cy, 1, 1, ceil(Cy/32)], scale1/shift1, residual y (repeated
-// over out's channels), slope1 and post_shift1. On AVX2 one pass over pixel tiles (y stays in cache), elsewhere
-// two. Returns (out float32, channels_last, or contiguous NCHW with nchw_out (the end of a chain); int32 words of
+// over out's channels), slope1 and post_shift1. On AVX2 and AVX-512 one pass over pixel tiles (y stays in cache),
+// elsewhere two. Returns (out float32, channels_last, or contiguous NCHW with nchw_out (the end of a chain); int32 words of
 // sign(out - pack_threshold), or empty without one).
 std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
     const at::Tensor& x_packed, const at::Tensor& w3_packed, int64_t channels, int64_t stride_h, int64_t stride_w,
@@ -69,6 +69,16 @@ std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
     const at::Tensor& threshold1, const at::Tensor& w1_packed, const at::Tensor& scale1, const at::Tensor& shift1,
     const c10::optional<at::Tensor>& slope1, const c10::optional<at::Tensor>& post_shift1,
     const c10::optional<at::Tensor>& pack_threshold, bool nchw_out);
+// react_block_cpu_nhwc for react_chain_cpu_nhwc (not bound): with pool_out (the next block has stride 2) and a path
+// that has the pooled form (kernels.h Post::pool_out), out is the 2x2 average of the block's output, [N, C, Ho/2,
+// Wo/2] channels-last, as the next block's shortcut would compute it, and `pooled` is set; else as above.
+std::tuple<at::Tensor, at::Tensor> react_block_nhwc(
+    const at::Tensor& x_packed, const at::Tensor& w3_packed, int64_t channels, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, const at::Tensor& scale3, const at::Tensor& shift3,
+    const c10::optional<at::Tensor>& residual, bool residual_pool, const c10::optional<at::Tensor>& slope3,
+    const at::Tensor& threshold1, const at::Tensor& w1_packed, const at::Tensor& scale1, const at::Tensor& shift1,
+    const c10::optional<at::Tensor>& slope1, const c10::optional<at::Tensor>& post_shift1,
+    const c10::optional<at::Tensor>& pack_threshold, bool nchw_out, bool pool_out, bool& pooled);
 // csrc/cpu/react_chain.cpp: one block of react_chain_cpu_nhwc: (block stride (2: the shortcut is 2x2-pooled),
 // threshold3 (the block binarises its input with it), then react_block_cpu_nhwc's arguments from w3_packed to
 // post_shift1 less residual and residual_pool, which the chain derives).

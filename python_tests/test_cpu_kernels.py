@@ -431,11 +431,16 @@ def test_react_block_matches_two_convs(case, isa, threads):
 # Consecutive blocks in one call (react_chain_cpu_nhwc, a frozen encoder's InferenceChain): block i reads block
 # i-1's output and the signs it packed against block i's threshold; the values are those of the block entry point
 # called block by block, bit for bit. (channels in, doubling, stride) per block; odd sizes make a stride-2
-# block's shortcut an avg_pool2d (ceil mode) instead of the epilogue's 2x2 average.
+# block's shortcut an avg_pool2d (ceil mode) instead of the epilogue's 2x2 average. Before a stride-2 block the
+# AVX-512 path writes the block's output 2x2-averaged (kernels.h Post::pool_out) in tasks of whole row pairs:
+# pairs of one tile and of several (2 * 40 pixels > 64), batches, and maps with too few row pairs per thread.
 CHAIN_CASES = [  # (n, h, w, blocks)
     (1, 16, 16, [(16, True, 1), (32, False, 2), (32, True, 1), (64, False, 1)]),
     (2, 13, 11, [(16, False, 2), (16, True, 2), (32, False, 1)]),  # 13x11 -> 7x6 (odd: avg_pool) -> 4x3
     (1, 9, 10, [(48, False, 1), (48, True, 2)]),  # 48 channels: a half-full word
+    (2, 34, 40, [(16, True, 1), (32, False, 2), (32, False, 1), (32, True, 2)]),  # 17x20 -> odd: not pooled
+    (1, 4, 6, [(32, True, 1), (64, False, 2), (64, False, 1)]),  # 2 row pairs: pooled at one thread only
+    (3, 12, 66, [(64, False, 1), (64, True, 2)]),  # 2 * 66 pixels: three tiles of 44
 ]
 
 

@@ -171,6 +171,20 @@ std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
     const at::Tensor& threshold1, const at::Tensor& w1_packed, const at::Tensor& scale1, const at::Tensor& shift1,
     const c10::optional<at::Tensor>& slope1, const c10::optional<at::Tensor>& post_shift1,
     const c10::optional<at::Tensor>& pack_threshold, bool nchw_out) {
+  bool pooled = false;
+  return react_block_nhwc(x_packed, w3_packed, channels, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, scale3,
+                          shift3, residual, residual_pool, slope3, threshold1, w1_packed, scale1, shift1, slope1,
+                          post_shift1, pack_threshold, nchw_out, false, pooled);
+}
+
+std::tuple<at::Tensor, at::Tensor> react_block_nhwc(
+    const at::Tensor& x_packed, const at::Tensor& w3_packed, int64_t channels, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, const at::Tensor& scale3, const at::Tensor& shift3,
+    const c10::optional<at::Tensor>& residual, bool residual_pool, const c10::optional<at::Tensor>& slope3,
+    const at::Tensor& threshold1, const at::Tensor& w1_packed, const at::Tensor& scale1, const at::Tensor& shift1,
+    const c10::optional<at::Tensor>& slope1, const c10::optional<at::Tensor>& post_shift1,
+    const c10::optional<at::Tensor>& pack_threshold, bool nchw_out, bool pool_out, bool& pooled) {
+  pooled = false;
   ConvGeometry g3;
   const cpu::ConvGeometry cg3 = checked_geometry(x_packed, w3_packed, channels, stride_h, stride_w, pad_h, pad_w,
                                                  dil_h, dil_w, scale3, shift3, slope3, c10::nullopt, g3);
@@ -215,12 +229,22 @@ std::tuple<at::Tensor, at::Tensor> react_block_cpu_nhwc(
 
   const auto iopts = x_packed.options();
   const auto fopts = iopts.dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast);
-  at::Tensor out = output_empty(pack_threshold.has_value() && !nchw_out, {g3.n, c1, g3.ho, g3.wo}, fopts);
   at::Tensor words = pack_threshold.has_value() ? at::empty({g3.n, g3.ho, g3.wo, words_for(c1)}, iopts)
                                                 : at::empty({0}, iopts);
-  a1.out_f = out.data_ptr<float>();
   a1.post.packed = pack_threshold.has_value() ? reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>()) : nullptr;
   const cpu::Isa isa = conv_isa(g3);
+  if (pool_out && !nchw_out && g3.ho % 2 == 0 && g3.wo % 2 == 0) {  // where the path has the pooled form
+    at::Tensor averaged = at::empty({g3.n, c1, g3.ho / 2, g3.wo / 2}, fopts);
+    a1.out_f = averaged.data_ptr<float>();
+    a1.post.pool_out = true;
+    if (cpu::react_block(isa, a3, a1)) {
+      pooled = true;
+      return {averaged, words};
+    }
+    a1.post.pool_out = false;
+  }
+  at::Tensor out = output_empty(pack_threshold.has_value() && !nchw_out, {g3.n, c1, g3.ho, g3.wo}, fopts);
+  a1.out_f = out.data_ptr<float>();
   if (!cpu::react_block(isa, a3, a1)) {  // two passes: y and its signs go through memory
     at::Tensor y = at::empty({g3.n, cy, g3.ho, g3.wo}, fopts);
     at::Tensor y_words = at::empty({g3.n, g3.ho, g3.wo, words_for(cy)}, iopts);

@@ -17,7 +17,8 @@
 //     when K has 2^16 bits or more), which a transposing epilogue turns into NCHW int32 or float32 outputs
 //     (NHWC mode: channels-last floats and/or packed signs, kernels.h).
 //   - react_block_avx2 runs a frozen ReActNet block's 3x3 and 1x1 convs tile by tile in one pass, the 3x3
-//     conv's output and signs kept in per-thread tile buffers (kernels.h).
+//     conv's output and signs kept in per-thread tile buffers (kernels.h); before a stride-2 block, its output
+//     averaged over 2x2 windows in the pass (Post::pool_out).
 // The code uses target attributes, never global -m flags; off x86-64 this file compiles to nothing.
 #include "isa.h"
 
@@ -757,20 +758,46 @@ CANDLE_AVX2 void run_tasks(const AvxPlan& pl, int64_t begin, int64_t end) {
   }
 }
 
-// A frozen ReActNet block (react_block_avx2): tasks [begin, end) of (image, tile). Per tile, the 3x3 conv's
-// values y (every output channel) and their signs for the 1x1 conv stay in this thread's buffers; the 1x1 conv
-// then reads its packed input and its residual y from them, and only its output goes to memory.
+// The 2x2 averages of a row pair's block output (rows: [2][wo][c] floats, c a multiple of 8), in the order of the
+// shortcut they replace (residual8) -> out [wo / 2][c]: Post::pool_out.
+CANDLE_AVX2 void pool_row_pair(const float* rows, int64_t wo, int64_t c, float* out) {
+  const int64_t row = wo * c;
+  const __m256 quarter = _mm256_set1_ps(0.25f);
+  for (int64_t j = 0; j < wo / 2; ++j) {
+    const float* a = rows + 2 * j * c;
+    for (int64_t k = 0; k < c; k += 8) {
+      __m256 v = _mm256_add_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(a + row + k));
+      v = _mm256_add_ps(v, _mm256_loadu_ps(a + c + k));
+      v = _mm256_add_ps(v, _mm256_loadu_ps(a + row + c + k));
+      v = _mm256_mul_ps(v, quarter);
+      __asm__("" : "+x"(v));  // as residual8 rounds it
+      _mm256_storeu_ps(out + j * c + k, v);
+    }
+  }
+}
+
+// A frozen ReActNet block (react_block_avx2): tasks [begin, end) of (image, tile), or with Post::pool_out of
+// (image, row pair), each row pair in tiles of at most kTile pixels. Per tile, the 3x3 conv's values y (every
+// output channel) and their signs for the 1x1 conv stay in this thread's buffers; the 1x1 conv then reads its
+// packed input and its residual y from them, and only its output goes to memory (pooled: into the row pair's
+// buffer, averaged over 2x2 windows once the pair is done).
 template <typename S>
 CANDLE_AVX2 void run_block_tasks(const AvxPlan& p3, const AvxPlan& p1, int64_t begin, int64_t end) {
   const int64_t c3 = p3.g.cout, bt1 = p1.bt;  // bt1: bytes of y's packed signs per pixel
+  const int64_t c1 = p1.g.cout, out_words = (c1 + 31) / 32;
+  const bool pool = p1.post.pool_out;
+  const int64_t wo = p3.g.wo, pair = 2 * wo, pair_tiles = (pair + kTile - 1) / kTile;
+  const int64_t task_pixels = pool ? pair : p3.tile;  // a row pair in equal tiles, or the plan's tile
+  const int64_t tile_max = pool ? (pair + pair_tiles - 1) / pair_tiles : p3.tile;
   // Uninitialised: every element is written before it is read, and zero-filling is work on every call.
   const std::unique_ptr<S[]> part(new S[static_cast<size_t>(kTile + 4) * kMaxGroups * kGroup]);
   const std::unique_ptr<float[]> y(new float[static_cast<size_t>(kTile * c3)]);
   const std::unique_ptr<uint32_t[]> y_words(new uint32_t[static_cast<size_t>(kTile * bt1 / 4)]);
   const std::unique_ptr<uint16_t[]> oi1(new uint16_t[static_cast<size_t>(kTile * bt1)]);  // 1x1 conv's offsets
+  const std::unique_ptr<float[]> rows(pool ? new float[static_cast<size_t>(pair * c1)] : nullptr);
   const uint16_t *pix3[kTile], *pix1[kTile];
   alignas(32) int32_t base3[kTile], base1[kTile];
-  int64_t local[kTile], global[kTile], res3[kTile], res1[kTile];
+  int64_t local[kTile], global[kTile], res3[kTile], res1[kTile], in_pair[kTile];
   Post post3 = p3.post, post1 = p1.post;
   post3.packed = y_words.get();  // y's signs against the 1x1 conv's threshold, pixel p at p * words
   post1.residual = y.get();      // y, pixel p at p * c3 (repeated over a doubling block's channels)
@@ -783,31 +810,46 @@ CANDLE_AVX2 void run_block_tasks(const AvxPlan& p3, const AvxPlan& p1, int64_t b
     pix1[p] = oi1.get() + p * bt1;
   }
   const uint8_t* yb = reinterpret_cast<const uint8_t*>(y_words.get());
+  const int64_t tasks_per_image = pool ? p3.g.ho / 2 : p3.ntiles;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t tile = task % p3.ntiles, img = task / p3.ntiles;
-    const int64_t q0 = tile * p3.tile, npix = std::min<int64_t>(p3.tile, p3.hw - q0);
-    tile_pixels(p3, img, q0, npix, pix3, base3);
-    nhwc_pixel_offsets(p3.g, p3.post, img, q0, npix, global, res3);
-    for (const Block& blk : p3.blocks) {
-      const int64_t width = blk.groups * kGroup, c0 = blk.g0 * kGroup;
-      tile_popcounts<S>(p3, blk, pix3, npix, part.get());
-      write3(part.get(), width, base3, npix, local, res3, c0, std::min<int64_t>(width, c3 - c0), p3.g, y.get(),
-             *p3.params, post3);
+    const int64_t img = task / tasks_per_image, qa = (task % tasks_per_image) * task_pixels;
+    const int64_t qend = std::min<int64_t>(qa + task_pixels, p3.hw);
+    for (int64_t q0 = qa; q0 < qend; q0 += tile_max) {
+      const int64_t npix = std::min<int64_t>(tile_max, qend - q0);
+      tile_pixels(p3, img, q0, npix, pix3, base3);
+      nhwc_pixel_offsets(p3.g, p3.post, img, q0, npix, global, res3);
+      for (const Block& blk : p3.blocks) {
+        const int64_t width = blk.groups * kGroup, c0 = blk.g0 * kGroup;
+        tile_popcounts<S>(p3, blk, pix3, npix, part.get());
+        write3(part.get(), width, base3, npix, local, res3, c0, std::min<int64_t>(width, c3 - c0), p3.g, y.get(),
+               *p3.params, post3);
+      }
+      const int64_t nbytes = npix * bt1;
+      int64_t i = 0;
+      for (; i + 16 <= nbytes; i += 16) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(yb + i));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(oi1.get() + i), _mm256_slli_epi16(_mm256_cvtepu8_epi16(v), 5));
+      }
+      for (; i < nbytes; ++i) oi1[i] = static_cast<uint16_t>(yb[i] * 32);
+      for (int64_t p = 0; p < kTile; ++p) base1[p] = p < npix ? static_cast<int32_t>(p1.channels) : 0;
+      // Pooled: values into the row pair's buffer (pixel q - qa), signs where global[] puts them.
+      float* out1 = p1.out_f;
+      const int64_t* pix_out = global;
+      Post post1_tile = post1;
+      if (pool) {
+        for (int64_t p = 0; p < npix; ++p) in_pair[p] = q0 - qa + p;
+        out1 = rows.get();
+        pix_out = in_pair;
+        if (post1.packed) post1_tile.packed = post1.packed + (global[0] - in_pair[0]) * out_words;
+      }
+      for (const Block& blk : p1.blocks) {
+        const int64_t width = blk.groups * kGroup, c0 = blk.g0 * kGroup;
+        tile_popcounts<S>(p1, blk, pix1, npix, part.get());
+        write1(part.get(), width, base1, npix, pix_out, res1, c0, std::min<int64_t>(width, c1 - c0), p1.g, out1,
+               *p1.params, post1_tile);
+      }
     }
-    const int64_t nbytes = npix * bt1;
-    int64_t i = 0;
-    for (; i + 16 <= nbytes; i += 16) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(yb + i));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(oi1.get() + i), _mm256_slli_epi16(_mm256_cvtepu8_epi16(v), 5));
-    }
-    for (; i < nbytes; ++i) oi1[i] = static_cast<uint16_t>(yb[i] * 32);
-    for (int64_t p = 0; p < kTile; ++p) base1[p] = p < npix ? static_cast<int32_t>(p1.channels) : 0;
-    for (const Block& blk : p1.blocks) {
-      const int64_t width = blk.groups * kGroup, c0 = blk.g0 * kGroup;
-      tile_popcounts<S>(p1, blk, pix1, npix, part.get());
-      write1(part.get(), width, base1, npix, global, res1, c0, std::min<int64_t>(width, p1.g.cout - c0), p1.g,
-             p1.out_f, *p1.params, post1);
-    }
+    if (pool) pool_row_pair(rows.get(), wo, c1, p1.out_f + (img * p3.hw / 4 + qa / 4) * c1);
   }
 }
 
@@ -897,9 +939,8 @@ bool react_block_avx2(const ConvArgs& c3, const ConvArgs& c1) {
   std::unique_ptr<uint16_t[]> oi3, unused;
   make_plan(p3, oi3, g3, c3.channels, c3.x, c3.w, c3.scale, c3.shift, nullptr, nullptr, c3.post);
   make_plan(p1, unused, g1, c1.channels, nullptr, c1.w, c1.scale, c1.shift, nullptr, c1.out_f, c1.post);
-  parallel_for(0, g3.n * p3.ntiles, 1, [&](int64_t begin, int64_t end) {
-    run_block_tasks<uint16_t>(p3, p1, begin, end);
-  });
+  const int64_t tasks = g3.n * (c1.post.pool_out ? g3.ho / 2 : p3.ntiles);
+  parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { run_block_tasks<uint16_t>(p3, p1, begin, end); });
   return true;
 }
 

@@ -14,7 +14,8 @@
 //   - The micro-kernel holds P pixels x G groups of accumulators in registers (4 x 3..4, 8 x 1..2), loads each
 //     weight vector once for its P pixels and each pixel's word once for its G groups.
 //   - react_block_avx512: a frozen ReActNet block's 3x3 and 1x1 convs tile by tile in one pass (as on AVX2), the
-//     3x3 conv's output and its signs kept in the thread's buffers.
+//     3x3 conv's output and its signs kept in the thread's buffers; before a stride-2 block, its output averaged
+//     over 2x2 windows in the pass (Post::pool_out), a quarter of the floats to write and for the next to read.
 //   - Epilogue: 16 x 16 transposes of the accumulator tile to NCHW int32, or float32 acc * scale + shift and
 //     the fused block steps (residual, PReLU, post_shift), each rounded on its own like the eager ops.
 //   - lane_conv: NCHW output of convs with one input word per pixel and horizontal stride 1 (ReActNet-A's c32
@@ -588,18 +589,43 @@ CANDLE_AVX512 void run_tasks(const Plan& pl, int64_t begin, int64_t end) {
   }
 }
 
-// A frozen ReActNet block (react_block_avx512): tasks [begin, end) of (image, tile). Per tile, the 3x3 conv's
-// values y (every output channel) and their signs stay in this thread's buffers; the 1x1 conv then reads its
-// packed input and its residual y from them, and only its output goes to memory.
+// The 2x2 averages of a row pair's block output (rows: [2][wo][c] floats, c a multiple of 16), in the order of the
+// shortcut they replace (residual16) -> out [wo / 2][c]: Post::pool_out.
+CANDLE_AVX512 void pool_row_pair(const float* rows, int64_t wo, int64_t c, float* out) {
+  const int64_t row = wo * c;
+  const __m512 quarter = _mm512_set1_ps(0.25f);
+  for (int64_t j = 0; j < wo / 2; ++j) {
+    const float* a = rows + 2 * j * c;
+    for (int64_t k = 0; k < c; k += kLanes) {
+      __m512 v = _mm512_add_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(a + row + k));
+      v = _mm512_add_ps(v, _mm512_loadu_ps(a + c + k));
+      v = _mm512_add_ps(v, _mm512_loadu_ps(a + row + c + k));
+      _mm512_storeu_ps(out + j * c + k, rounded(_mm512_mul_ps(v, quarter)));
+    }
+  }
+}
+
+// A frozen ReActNet block (react_block_avx512): tasks [begin, end) of (image, tile), or with Post::pool_out of
+// (image, row pair), each row pair in tiles of at most kTile pixels. Per tile, the 3x3 conv's values y (every
+// output channel) and their signs stay in this thread's buffers; the 1x1 conv then reads its packed input and its
+// residual y from them, and only its output goes to memory (pooled: into the row pair's buffer, averaged over
+// 2x2 windows once the pair is done).
 CANDLE_AVX512 void run_block_tasks(const Plan& p3, const Plan& p1, int64_t begin, int64_t end) {
-  const int64_t c3 = p3.g.cout, words1 = p1.g.words;
+  const int64_t c3 = p3.g.cout, words1 = p1.g.words, c1 = p1.g.cout, out_words = (c1 + 31) / 32;
+  const bool pool = p1.post.pool_out;
+  const int64_t wo = p3.g.wo, pair = 2 * wo;
+  // Pixels per task and per tile: a row pair in equal tiles, or the plan's tile.
+  const int64_t task_pixels = pool ? pair : p3.tile;
+  const int64_t tile_pixels_max = pool ? (pair + (pair + kTile - 1) / kTile - 1) / ((pair + kTile - 1) / kTile)
+                                       : p3.tile;
   AlignedSums part(static_cast<size_t>(kTile + kMaxPixels) * kMaxGroups * kLanes);
   // Uninitialised: every element is written before it is read.
   const std::unique_ptr<float[]> y(new float[static_cast<size_t>(kTile * c3)]);
   const std::unique_ptr<uint32_t[]> y_words(new uint32_t[static_cast<size_t>(kTile * words1)]);
+  const std::unique_ptr<float[]> rows(pool ? new float[static_cast<size_t>(pair * c1)] : nullptr);
   const uint32_t *pix3[kTile], *pix1[kTile];
   alignas(64) int32_t base1[kTile + kMaxPixels];
-  int64_t local[kTile], global[kTile], res3[kTile], res1[kTile];
+  int64_t local[kTile], global[kTile], res3[kTile], res1[kTile], in_pair[kTile];
   Post post3 = p3.post, post1 = p1.post;
   post3.packed = y_words.get();  // y's signs against the 1x1 conv's threshold, pixel p at p * words1
   post1.residual = y.get();      // y, pixel p at p * c3 (repeated over a doubling block's channels)
@@ -614,24 +640,39 @@ CANDLE_AVX512 void run_block_tasks(const Plan& p3, const Plan& p1, int64_t begin
     res1[p] = p * c3;
     pix1[p] = y_words.get() + p * words1;
   }
+  const int64_t tasks_per_image = pool ? p3.g.ho / 2 : p3.ntiles;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t tile = task % p3.ntiles, img = task / p3.ntiles;
-    const int64_t q0 = tile * p3.tile, npix = std::min<int64_t>(p3.tile, p3.hw - q0);
-    tile_pixels(p3, img, q0, npix, pix3);
-    nhwc_pixel_offsets(p3.g, p3.post, img, q0, npix, global, res3);
-    for (const Block& blk : p3.layout->blocks) {
-      const int64_t width = blk.groups * kLanes, c0 = blk.g0 * kLanes;
-      tile_sums(p3, blk, pix3, npix, part.data);
-      const int32_t* base3 = valid_tap_sums(p3, part.data, width, q0, npix, c0);
-      write3(p3, y.get(), post3, part.data, width, base3, npix, local, res3, c0, std::min<int64_t>(width, c3 - c0));
+    const int64_t img = task / tasks_per_image, qa = (task % tasks_per_image) * task_pixels;
+    const int64_t qend = std::min<int64_t>(qa + task_pixels, p3.hw);
+    for (int64_t q0 = qa; q0 < qend; q0 += tile_pixels_max) {
+      const int64_t npix = std::min<int64_t>(tile_pixels_max, qend - q0);
+      tile_pixels(p3, img, q0, npix, pix3);
+      nhwc_pixel_offsets(p3.g, p3.post, img, q0, npix, global, res3);
+      for (const Block& blk : p3.layout->blocks) {
+        const int64_t width = blk.groups * kLanes, c0 = blk.g0 * kLanes;
+        tile_sums(p3, blk, pix3, npix, part.data);
+        const int32_t* base3 = valid_tap_sums(p3, part.data, width, q0, npix, c0);
+        write3(p3, y.get(), post3, part.data, width, base3, npix, local, res3, c0, std::min<int64_t>(width, c3 - c0));
+      }
+      for (int64_t p = 0; p < kTile + kMaxPixels; ++p) base1[p] = p < npix ? static_cast<int32_t>(p1.channels) : 0;
+      // Pooled: values into the row pair's buffer (pixel q - qa), signs where global[] puts them.
+      float* out1 = p1.out_f;
+      const int64_t* pix_out = global;
+      Post post1_tile = post1;
+      if (pool) {
+        for (int64_t p = 0; p < npix; ++p) in_pair[p] = q0 - qa + p;
+        out1 = rows.get();
+        pix_out = in_pair;
+        if (post1.packed) post1_tile.packed = post1.packed + (global[0] - in_pair[0]) * out_words;
+      }
+      for (const Block& blk : p1.layout->blocks) {
+        const int64_t width = blk.groups * kLanes, c0 = blk.g0 * kLanes;
+        tile_sums(p1, blk, pix1, npix, part.data);
+        write1(p1, out1, post1_tile, part.data, width, base1, npix, pix_out, res1, c0,
+               std::min<int64_t>(width, c1 - c0));
+      }
     }
-    for (int64_t p = 0; p < kTile + kMaxPixels; ++p) base1[p] = p < npix ? static_cast<int32_t>(p1.channels) : 0;
-    for (const Block& blk : p1.layout->blocks) {
-      const int64_t width = blk.groups * kLanes, c0 = blk.g0 * kLanes;
-      tile_sums(p1, blk, pix1, npix, part.data);
-      write1(p1, p1.out_f, post1, part.data, width, base1, npix, global, res1, c0,
-             std::min<int64_t>(width, p1.g.cout - c0));
-    }
+    if (pool) pool_row_pair(rows.get(), wo, c1, p1.out_f + (img * p3.hw / 4 + qa / 4) * c1);
   }
 }
 
@@ -788,7 +829,8 @@ bool react_block_avx512(const ConvArgs& c3, const ConvArgs& c1) {
   std::unique_ptr<uint32_t[]> padded, unused;
   make_plan(p3, lay3, padded, g3, c3.channels, c3.x, c3.w, c3.scale, c3.shift, nullptr, nullptr, c3.post);
   make_plan(p1, lay1, unused, g1, c1.channels, nullptr, c1.w, c1.scale, c1.shift, nullptr, c1.out_f, c1.post);
-  parallel_for(0, g3.n * p3.ntiles, 1, [&](int64_t begin, int64_t end) { run_block_tasks(p3, p1, begin, end); });
+  const int64_t tasks = g3.n * (c1.post.pool_out ? g3.ho / 2 : p3.ntiles);
+  parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { run_block_tasks(p3, p1, begin, end); });
   return true;
 }
 

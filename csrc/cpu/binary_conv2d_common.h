@@ -83,7 +83,8 @@ CANDLE_INLINE float post_ops(float v, const Post& post, int64_t img, int64_t co,
 // whole output, the outputs react_block asks for, the fast epilogue's residuals in whole vectors (y's channels and
 // the block input's) and, with threads, at least two tiles per thread: with fewer (7x7 maps) every thread would
 // stream all the weights, where two passes split them by output channels (block 13 of ReActNet-A at two threads
-// on AVX2: 0.92 -> 0.80 ms).
+// on AVX2: 0.92 -> 0.80 ms). With c1.post.pool_out (a path that has the pooled form), whole row pairs per task
+// instead, so that each task can average its own 2x2 windows.
 inline bool one_pass_block_form(const ConvArgs& c3, const ConvArgs& c1, int64_t lanes, int64_t max_tile,
                                 int64_t threads) {
   const ConvGeometry &g3 = c3.g, &g1 = c1.g;
@@ -94,6 +95,10 @@ inline bool one_pass_block_form(const ConvArgs& c3, const ConvArgs& c1, int64_t 
       !(c1.out_f || c1.post.packed) || g3.cout % lanes != 0 ||
       (c3.post.residual && c3.post.res_channels % lanes != 0)) {
     return false;
+  }
+  if (c1.post.pool_out) {  // tasks of whole row pairs, at least two per thread
+    return c1.out_f && g3.ho % 2 == 0 && g3.wo % 2 == 0 && g1.cout % lanes == 0 &&
+           (threads == 1 || g3.n * (g3.ho / 2) >= 2 * threads);
   }
   int64_t ntiles, tile;
   pixel_tiles(g3.n, g3.ho * g3.wo, max_tile, threads, ntiles, tile);

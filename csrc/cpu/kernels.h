@@ -71,7 +71,10 @@ struct ConvGeometry {
 //     ((r[0,0] + r[1,0]) + r[0,1]) + r[1,1]) * 0.25, each step rounded;
 //   - packed, when set, receives the sign_pack of the final values, fused: words [N, Ho, Wo, ceil(Cout/32)],
 //     bit = v - pack_threshold[co] >= 0 (float32 subtraction; threshold 0 when null; NaN packs as -1), pad bits
-//     0. out_f may then be null (only the packed signs are wanted).
+//     0. out_f may then be null (only the packed signs are wanted);
+//   - pool_out (a one-pass block's 1x1 conv only, react_block; even Ho and Wo): out_f is [N, Ho/2, Wo/2, Cout],
+//     each value the 2x2 average of the block's output in the order above, which is all the next block (stride
+//     2) reads of it besides the signs (the packed words stay at full size).
 struct Post {
   const float* residual = nullptr;  // NCHW [N, res_channels, Ho, Wo], or as above in NHWC mode
   int64_t res_channels = 0;
@@ -81,6 +84,7 @@ struct Post {
   bool res_pool = false;
   uint32_t* packed = nullptr;
   const float* pack_threshold = nullptr;
+  bool pool_out = false;
 };
 
 // Exactly one of out_i / out_f is set; scale, shift and post need out_f. In NHWC mode out_i is null, and out_f
