@@ -441,6 +441,7 @@ CHAIN_CASES = [  # (n, h, w, blocks)
     (2, 34, 40, [(16, True, 1), (32, False, 2), (32, False, 1), (32, True, 2)]),  # 17x20 -> odd: not pooled
     (1, 4, 6, [(32, True, 1), (64, False, 2), (64, False, 1)]),  # 2 row pairs: pooled at one thread only
     (3, 12, 66, [(64, False, 1), (64, True, 2)]),  # 2 * 66 pixels: three tiles of 44
+    (1, 8, 8, [(24, False, 1), (24, True, 2)]),  # 24 channels: no one-pass block (and no pooling) on AVX-512
 ]
 
 
