@@ -786,9 +786,8 @@ CANDLE_AVX2 void run_block_tasks(const AvxPlan& p3, const AvxPlan& p1, int64_t b
   const int64_t c3 = p3.g.cout, bt1 = p1.bt;  // bt1: bytes of y's packed signs per pixel
   const int64_t c1 = p1.g.cout, out_words = (c1 + 31) / 32;
   const bool pool = p1.post.pool_out;
-  const int64_t wo = p3.g.wo, pair = 2 * wo, pair_tiles = (pair + kTile - 1) / kTile;
-  const int64_t task_pixels = pool ? pair : p3.tile;  // a row pair in equal tiles, or the plan's tile
-  const int64_t tile_max = pool ? (pair + pair_tiles - 1) / pair_tiles : p3.tile;
+  const BlockTiling tiling = block_tiling(p3, pool, kTile);
+  const int64_t pair = 2 * p3.g.wo;
   // Uninitialised: every element is written before it is read, and zero-filling is work on every call.
   const std::unique_ptr<S[]> part(new S[static_cast<size_t>(kTile + 4) * kMaxGroups * kGroup]);
   const std::unique_ptr<float[]> y(new float[static_cast<size_t>(kTile * c3)]);
@@ -810,12 +809,11 @@ CANDLE_AVX2 void run_block_tasks(const AvxPlan& p3, const AvxPlan& p1, int64_t b
     pix1[p] = oi1.get() + p * bt1;
   }
   const uint8_t* yb = reinterpret_cast<const uint8_t*>(y_words.get());
-  const int64_t tasks_per_image = pool ? p3.g.ho / 2 : p3.ntiles;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t img = task / tasks_per_image, qa = (task % tasks_per_image) * task_pixels;
-    const int64_t qend = std::min<int64_t>(qa + task_pixels, p3.hw);
-    for (int64_t q0 = qa; q0 < qend; q0 += tile_max) {
-      const int64_t npix = std::min<int64_t>(tile_max, qend - q0);
+    const int64_t img = task / tiling.per_image, qa = (task % tiling.per_image) * tiling.task_pixels;
+    const int64_t qend = std::min<int64_t>(qa + tiling.task_pixels, p3.hw);
+    for (int64_t q0 = qa; q0 < qend; q0 += tiling.tile_pixels) {
+      const int64_t npix = std::min<int64_t>(tiling.tile_pixels, qend - q0);
       tile_pixels(p3, img, q0, npix, pix3, base3);
       nhwc_pixel_offsets(p3.g, p3.post, img, q0, npix, global, res3);
       for (const Block& blk : p3.blocks) {
@@ -832,16 +830,10 @@ CANDLE_AVX2 void run_block_tasks(const AvxPlan& p3, const AvxPlan& p1, int64_t b
       }
       for (; i < nbytes; ++i) oi1[i] = static_cast<uint16_t>(yb[i] * 32);
       for (int64_t p = 0; p < kTile; ++p) base1[p] = p < npix ? static_cast<int32_t>(p1.channels) : 0;
-      // Pooled: values into the row pair's buffer (pixel q - qa), signs where global[] puts them.
       float* out1 = p1.out_f;
       const int64_t* pix_out = global;
       Post post1_tile = post1;
-      if (pool) {
-        for (int64_t p = 0; p < npix; ++p) in_pair[p] = q0 - qa + p;
-        out1 = rows.get();
-        pix_out = in_pair;
-        if (post1.packed) post1_tile.packed = post1.packed + (global[0] - in_pair[0]) * out_words;
-      }
+      if (pool) pooled_tile_targets(rows.get(), qa, q0, npix, global, out_words, in_pair, out1, pix_out, post1_tile);
       for (const Block& blk : p1.blocks) {
         const int64_t width = blk.groups * kGroup, c0 = blk.g0 * kGroup;
         tile_popcounts<S>(p1, blk, pix1, npix, part.get());
@@ -849,7 +841,7 @@ CANDLE_AVX2 void run_block_tasks(const AvxPlan& p3, const AvxPlan& p1, int64_t b
                *p1.params, post1_tile);
       }
     }
-    if (pool) pool_row_pair(rows.get(), wo, c1, p1.out_f + (img * p3.hw / 4 + qa / 4) * c1);
+    if (pool) pool_row_pair(rows.get(), p3.g.wo, c1, p1.out_f + (img * p3.hw / 4 + qa / 4) * c1);
   }
 }
 
@@ -939,7 +931,7 @@ bool react_block_avx2(const ConvArgs& c3, const ConvArgs& c1) {
   std::unique_ptr<uint16_t[]> oi3, unused;
   make_plan(p3, oi3, g3, c3.channels, c3.x, c3.w, c3.scale, c3.shift, nullptr, nullptr, c3.post);
   make_plan(p1, unused, g1, c1.channels, nullptr, c1.w, c1.scale, c1.shift, nullptr, c1.out_f, c1.post);
-  const int64_t tasks = g3.n * (c1.post.pool_out ? g3.ho / 2 : p3.ntiles);
+  const int64_t tasks = g3.n * block_tiling(p3, c1.post.pool_out, kTile).per_image;
   parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { run_block_tasks<uint16_t>(p3, p1, begin, end); });
   return true;
 }

@@ -613,11 +613,8 @@ CANDLE_AVX512 void pool_row_pair(const float* rows, int64_t wo, int64_t c, float
 CANDLE_AVX512 void run_block_tasks(const Plan& p3, const Plan& p1, int64_t begin, int64_t end) {
   const int64_t c3 = p3.g.cout, words1 = p1.g.words, c1 = p1.g.cout, out_words = (c1 + 31) / 32;
   const bool pool = p1.post.pool_out;
-  const int64_t wo = p3.g.wo, pair = 2 * wo;
-  // Pixels per task and per tile: a row pair in equal tiles, or the plan's tile.
-  const int64_t task_pixels = pool ? pair : p3.tile;
-  const int64_t tile_pixels_max = pool ? (pair + (pair + kTile - 1) / kTile - 1) / ((pair + kTile - 1) / kTile)
-                                       : p3.tile;
+  const BlockTiling tiling = block_tiling(p3, pool, kTile);
+  const int64_t pair = 2 * p3.g.wo;
   AlignedSums part(static_cast<size_t>(kTile + kMaxPixels) * kMaxGroups * kLanes);
   // Uninitialised: every element is written before it is read.
   const std::unique_ptr<float[]> y(new float[static_cast<size_t>(kTile * c3)]);
@@ -640,12 +637,11 @@ CANDLE_AVX512 void run_block_tasks(const Plan& p3, const Plan& p1, int64_t begin
     res1[p] = p * c3;
     pix1[p] = y_words.get() + p * words1;
   }
-  const int64_t tasks_per_image = pool ? p3.g.ho / 2 : p3.ntiles;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t img = task / tasks_per_image, qa = (task % tasks_per_image) * task_pixels;
-    const int64_t qend = std::min<int64_t>(qa + task_pixels, p3.hw);
-    for (int64_t q0 = qa; q0 < qend; q0 += tile_pixels_max) {
-      const int64_t npix = std::min<int64_t>(tile_pixels_max, qend - q0);
+    const int64_t img = task / tiling.per_image, qa = (task % tiling.per_image) * tiling.task_pixels;
+    const int64_t qend = std::min<int64_t>(qa + tiling.task_pixels, p3.hw);
+    for (int64_t q0 = qa; q0 < qend; q0 += tiling.tile_pixels) {
+      const int64_t npix = std::min<int64_t>(tiling.tile_pixels, qend - q0);
       tile_pixels(p3, img, q0, npix, pix3);
       nhwc_pixel_offsets(p3.g, p3.post, img, q0, npix, global, res3);
       for (const Block& blk : p3.layout->blocks) {
@@ -655,16 +651,10 @@ CANDLE_AVX512 void run_block_tasks(const Plan& p3, const Plan& p1, int64_t begin
         write3(p3, y.get(), post3, part.data, width, base3, npix, local, res3, c0, std::min<int64_t>(width, c3 - c0));
       }
       for (int64_t p = 0; p < kTile + kMaxPixels; ++p) base1[p] = p < npix ? static_cast<int32_t>(p1.channels) : 0;
-      // Pooled: values into the row pair's buffer (pixel q - qa), signs where global[] puts them.
       float* out1 = p1.out_f;
       const int64_t* pix_out = global;
       Post post1_tile = post1;
-      if (pool) {
-        for (int64_t p = 0; p < npix; ++p) in_pair[p] = q0 - qa + p;
-        out1 = rows.get();
-        pix_out = in_pair;
-        if (post1.packed) post1_tile.packed = post1.packed + (global[0] - in_pair[0]) * out_words;
-      }
+      if (pool) pooled_tile_targets(rows.get(), qa, q0, npix, global, out_words, in_pair, out1, pix_out, post1_tile);
       for (const Block& blk : p1.layout->blocks) {
         const int64_t width = blk.groups * kLanes, c0 = blk.g0 * kLanes;
         tile_sums(p1, blk, pix1, npix, part.data);
@@ -672,7 +662,7 @@ CANDLE_AVX512 void run_block_tasks(const Plan& p3, const Plan& p1, int64_t begin
                std::min<int64_t>(width, c1 - c0));
       }
     }
-    if (pool) pool_row_pair(rows.get(), wo, c1, p1.out_f + (img * p3.hw / 4 + qa / 4) * c1);
+    if (pool) pool_row_pair(rows.get(), p3.g.wo, c1, p1.out_f + (img * p3.hw / 4 + qa / 4) * c1);
   }
 }
 
@@ -829,7 +819,7 @@ bool react_block_avx512(const ConvArgs& c3, const ConvArgs& c1) {
   std::unique_ptr<uint32_t[]> padded, unused;
   make_plan(p3, lay3, padded, g3, c3.channels, c3.x, c3.w, c3.scale, c3.shift, nullptr, nullptr, c3.post);
   make_plan(p1, lay1, unused, g1, c1.channels, nullptr, c1.w, c1.scale, c1.shift, nullptr, c1.out_f, c1.post);
-  const int64_t tasks = g3.n * (c1.post.pool_out ? g3.ho / 2 : p3.ntiles);
+  const int64_t tasks = g3.n * block_tiling(p3, c1.post.pool_out, kTile).per_image;
   parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { run_block_tasks(p3, p1, begin, end); });
   return true;
 }

@@ -184,6 +184,31 @@ inline void init_plan_base(PlanBase& pl, const ConvGeometry& g, int64_t channels
   }
 }
 
+// The tasks of a one-pass block (run_block_tasks of the AVX2 and AVX-512 paths), from the 3x3 conv's plan: per
+// image, `per_image` tasks of `task_pixels` consecutive output pixels (the last may be short), each run in tiles of
+// at most `tile_pixels`: the plan's pixel tiles, or with Post::pool_out whole row pairs in equal tiles of at most
+// max_tile pixels (a task averages its own 2x2 windows).
+struct BlockTiling {
+  int64_t per_image, task_pixels, tile_pixels;
+};
+
+inline BlockTiling block_tiling(const PlanBase& p3, bool pool_out, int64_t max_tile) {
+  if (!pool_out) return {p3.ntiles, p3.tile, p3.tile};
+  const int64_t pair = 2 * p3.g.wo, tiles = (pair + max_tile - 1) / max_tile;
+  return {p3.g.ho / 2, pair, (pair + tiles - 1) / tiles};
+}
+
+// Post::pool_out, the 1x1 conv of one tile (pixels q0 .. q0 + npix - 1 of the row pair that starts at pixel qa;
+// global: their NHWC indices): its values go to the row pair's buffer `rows` at pixel q - qa (in_pair, filled
+// here), its packed signs where global[] puts them (post.packed moved by the difference).
+inline void pooled_tile_targets(float* rows, int64_t qa, int64_t q0, int64_t npix, const int64_t* global,
+                                int64_t out_words, int64_t* in_pair, float*& out, const int64_t*& pix, Post& post) {
+  for (int64_t p = 0; p < npix; ++p) in_pair[p] = q0 - qa + p;
+  out = rows;
+  pix = in_pair;
+  if (post.packed) post.packed += (global[0] - in_pair[0]) * out_words;
+}
+
 // NHWC mode: per output pixel q0 .. q0 + npix - 1 of image img (row-major), its index in the NHWC output and
 // the offset of its residual (channel 0; the top-left of its 2x2 window when pooled).
 inline void nhwc_pixel_offsets(const ConvGeometry& g, const Post& post, int64_t img, int64_t q0, int64_t npix,
