@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from candle_ext import backend, reference
+from cpu_bench import eviction_buffer, print_ratio, timed_at_threads
 
 SMOKE = os.environ.get("CANDLE_BENCH_SMOKE", "0") == "1"  # as in conftest.py
 _C = backend.compiled_module()
@@ -31,7 +32,7 @@ def data():
     return dict(w=torch.randn(OUT_FEATURES, IN_FEATURES, generator=g) * 0.03,
                 b=torch.randn(OUT_FEATURES, generator=g),
                 x={n: torch.randn(n, IN_FEATURES, generator=g) for n in BATCHES},
-                evict=torch.zeros((64 << 20) // 4))
+                evict=eviction_buffer())
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -41,25 +42,13 @@ def data():
 def test_linear_cpu(benchmark, bench_table, data, capsys, batch, setting, threads, variant):
     x, w, b = data["x"][batch], data["w"], data["b"]
     fn = (lambda: F.linear(x, w, b)) if variant == "F.linear" else (lambda: _C.linear_cpu(x, w, b))
-
-    def evict():  # returns None: pytest-benchmark would take a returned value as the call's arguments
-        data["evict"].add_(1.0)
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            # A fast kernel that is wrong is no result: within float32 rounding of the reference.
-            torch.testing.assert_close(fn(), reference.linear(x, w, b), rtol=1e-5, atol=1e-5)
-            benchmark.extra_info.update(batch=batch, setting=setting, threads=threads, variant=variant)
-            benchmark.pedantic(fn, setup=evict if setting == "cold" else None, rounds=2 if SMOKE else 200, iterations=1, warmup_rounds=1)
-    finally:
-        torch.set_num_threads(before)
+    benchmark.extra_info.update(batch=batch, setting=setting, threads=threads, variant=variant)
+    # The check: within float32 rounding of the reference.
+    timed_at_threads(benchmark, fn, lambda: torch.testing.assert_close(fn(), reference.linear(x, w, b), rtol=1e-5,
+                                                                       atol=1e-5),
+                     threads, data["evict"] if setting == "cold" else None, 2 if SMOKE else 200)
     row = f"batch {batch}, {setting}"
     table = bench_table(f"{TITLE}, {threads} thread(s)", VARIANTS, [("F.linear/kernel", "F.linear", "kernel")])
     table.record(row, variant, benchmark)
     if variant == VARIANTS[-1]:
-        r = table.ratio(row, "F.linear", "kernel")
-        if r is not None:
-            with capsys.disabled():
-                print(f"\n[linear {row}, {threads} thread(s)] F.linear / kernel = {r:.2f}x")
+        print_ratio(capsys, table, row, "F.linear", "kernel", f"linear {row}, {threads} thread(s)")

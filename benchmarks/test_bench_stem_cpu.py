@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from candle_ext import backend, reference
+from cpu_bench import eviction_buffer, print_ratio, timed_at_threads
 
 SMOKE = os.environ.get("CANDLE_BENCH_SMOKE", "0") == "1"  # as in conftest.py
 _C = backend.compiled_module()
@@ -34,7 +35,7 @@ def data():
                 bn=(torch.randn(32, generator=g) * 0.2, torch.rand(32, generator=g) + 0.5,
                     torch.rand(32, generator=g) + 0.5, torch.randn(32, generator=g) * 0.2),
                 threshold=torch.randn(32, generator=g) * 0.2,
-                evict=torch.zeros((64 << 20) // 4))
+                evict=eviction_buffer())
 
 
 def _layers(d):
@@ -52,27 +53,15 @@ def _kernel(d):
 def test_stem_cpu(benchmark, bench_table, data, capsys, setting, threads, variant):
     fn = (lambda: _layers(data)) if variant == "layers" else (lambda: _kernel(data))
 
-    def evict():  # returns None: pytest-benchmark would take a returned value as the call's arguments
-        data["evict"].add_(1.0)
+    def check():  # within float32 rounding of the reference, and its own signs
+        out, words = fn()
+        exact, _ = reference.stem_conv_bn(data["x"], data["w"], None, 2, 1, *data["bn"], 1e-5)
+        torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
+        assert torch.equal(words, reference.sign_pack(out, data["threshold"]))
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            # A fast kernel that is wrong is no result: within float32 rounding of the reference, its own signs.
-            out, words = fn()
-            exact, _ = reference.stem_conv_bn(data["x"], data["w"], None, 2, 1, *data["bn"], 1e-5)
-            torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
-            assert torch.equal(words, reference.sign_pack(out, data["threshold"]))
-            benchmark.extra_info.update(setting=setting, threads=threads, variant=variant)
-            benchmark.pedantic(fn, setup=evict if setting == "cold" else None, rounds=2 if SMOKE else 200,
-                               iterations=1, warmup_rounds=1)
-    finally:
-        torch.set_num_threads(before)
+    benchmark.extra_info.update(setting=setting, threads=threads, variant=variant)
+    timed_at_threads(benchmark, fn, check, threads, data["evict"] if setting == "cold" else None, 2 if SMOKE else 200)
     table = bench_table(f"{TITLE}, {threads} thread(s)", VARIANTS, [("layers/kernel", "layers", "kernel")])
     table.record(setting, variant, benchmark)
     if variant == VARIANTS[-1]:
-        r = table.ratio(setting, "layers", "kernel")
-        if r is not None:
-            with capsys.disabled():
-                print(f"\n[stem {setting}, {threads} thread(s)] layers / kernel = {r:.2f}x")
+        print_ratio(capsys, table, setting, "layers", "kernel", f"stem {setting}, {threads} thread(s)")
