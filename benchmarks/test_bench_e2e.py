@@ -6,12 +6,18 @@ and against torchvision resnet18.
 - "packed": freeze(model): 1-bit weights, sign+pack, XOR/popcount conv with BN folded into its epilogue.
 - "resnet18": torchvision resnet18 in fp32 (fp16 channels_last on a GPU).
 
-CPU: batch 1 at one thread and at all threads. GPU: batch 256, the float versions in fp16 channels_last.
-Ratios (median of the float version / median of packed) are printed. Nothing here asserts a speed.
-CANDLE_BENCH_SMOKE=1: 64x64 inputs, one round each (the CI smoke run); `--benchmark-disable` runs each once.
+CPU: batch 1 at one thread and at all threads (packed: 50 rounds, the float networks 15: a median of five moved
+with every hiccup of a shared host, and a ~8 ms pass can afford many). GPU: batch 256, the float versions in fp16
+channels_last. Ratios (median of the float version / median of packed) are printed, and packed's one -> all
+threads ratio twice: from the two benchmarks' medians, and from passes at one and at all threads alternated in
+blocks (test_cpu_packed_threads_alternated), which a host whose speed drifts between the two benchmarks does not
+skew. Nothing here asserts a speed. CANDLE_BENCH_SMOKE=1: 64x64 inputs, one round each (the CI smoke run);
+`--benchmark-disable` runs each once.
 """
 import copy
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -25,7 +31,8 @@ from warm_up import warm_up
 
 SMOKE = os.environ.get("CANDLE_BENCH_SMOKE", "0") == "1"
 RESOLUTION = 64 if SMOKE else 224
-ROUNDS = 1 if SMOKE else 5
+ROUNDS = 1 if SMOKE else 15  # the float networks (~40-130 ms a pass on a CPU)
+PACKED_ROUNDS = 1 if SMOKE else 50
 GPU_BATCH = 16 if SMOKE else 256
 ALL_THREADS = torch.get_num_threads()
 THREADS = sorted({1, ALL_THREADS})
@@ -119,12 +126,47 @@ def test_cpu_batch1(benchmark, models, capsys, threads, variant):
         with torch.no_grad():
             warm_up(net, seconds=0.2, args=(x,))  # first-call allocations, oneDNN primitives, caches, clocks
             benchmark.extra_info.update(variant=variant, threads=threads, resolution=RESOLUTION)
-            benchmark.pedantic(net, args=(x,), rounds=ROUNDS, iterations=1)
+            benchmark.pedantic(net, args=(x,), rounds=PACKED_ROUNDS if variant == "packed" else ROUNDS, iterations=1)
     finally:
         torch.set_num_threads(before)
     _record(benchmark, ("cpu", f"batch 1, {threads} thread(s)", variant))
     if variant == "packed":
         _report(capsys, "cpu", f"batch 1, {threads} thread(s)", ["fp32", "resnet18"])
+        one, this = _medians.get(("cpu", "batch 1, 1 thread(s)", "packed")), _medians.get(
+            ("cpu", f"batch 1, {threads} thread(s)", "packed"))
+        if threads > 1 and one and this:
+            with capsys.disabled():
+                print(f"[e2e ReActNet-A@{RESOLUTION} cpu batch 1] packed 1 -> {threads} threads: {one / this:.2f}x "
+                      "(the two benchmarks' medians)")
+
+
+@pytest.mark.skipif(ALL_THREADS < 2, reason="one thread only: nothing to compare")
+def test_cpu_packed_threads_alternated(models, capsys):
+    """Packed passes at one thread and at all threads, alternated in blocks of 10 (20 blocks each, after a warm-up
+    at each count): the medians and their ratio, measured in the same minutes. Prints; asserts nothing."""
+    net, x = models["packed"], torch.randn(1, 3, RESOLUTION, RESOLUTION)
+    blocks, per_block = (1, 1) if SMOKE else (20, 10)
+    times = {1: [], ALL_THREADS: []}
+    before = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for threads in times:
+                torch.set_num_threads(threads)
+                warm_up(net, seconds=0.2, args=(x,))
+            for _ in range(blocks):
+                for threads, samples in times.items():
+                    torch.set_num_threads(threads)
+                    net(x)  # the first pass after a change of thread count is not timed
+                    for _ in range(per_block):
+                        start = time.perf_counter()
+                        net(x)
+                        samples.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    one, many = (statistics.median(times[t]) for t in times)
+    with capsys.disabled():
+        print(f"\n[e2e ReActNet-A@{RESOLUTION} cpu batch 1] packed alternated: 1 thread {one * 1e3:.2f} ms, "
+              f"{ALL_THREADS} threads {many * 1e3:.2f} ms: {one / many:.2f}x ({blocks} x {per_block} passes each)")
 
 
 def _gpu_packed_available():
