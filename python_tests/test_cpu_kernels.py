@@ -270,21 +270,23 @@ def test_one_changed_weight_bit_is_seen_anywhere_in_the_layout(isa):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_large_weights_changed_in_place_are_not_served_stale(isa, threads):
-    # Weights of >= 256 KB are compared with the cached copy by every thread, a slice each (weight_cache.h): one
-    # changed bit must be seen wherever it is (the first and last words, and every sixteenth of the tensor).
+    # Weights of >= 64 KB are compared with the cached copy by every thread, a slice each, after their first bytes
+    # (weight_cache.h): one changed bit must be seen wherever it is (the first and last words, and every sixteenth
+    # of the tensor), at 295 and 69 KB.
     torch.manual_seed(7)
-    xp = R.sign_pack(torch.randn(1, 512, 3, 3))
-    wp = R.sign_pack(torch.randn(512, 512, 3, 3))
-    assert wp.numel() * 4 >= 256 << 10
-    flat = wp.view(-1)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        n = flat.numel()
-        for i, word in enumerate([0, n - 1] + [k * n // 16 + 7 for k in range(16)]):
-            flat[word] ^= 1 << (i % 32)
-            got = candle_ext.binary_conv2d(xp, wp, None, 1, 1, in_channels=512, out_dtype=torch.int32)
-            assert torch.equal(got, R.binary_conv2d_packed(xp, wp, 512, (1, 1), (1, 1), (1, 1)))
+        for c, rows in ((512, 512), (256, 240)):  # packed: 295 KB and 69 KB
+            xp = R.sign_pack(torch.randn(1, c, 3, 3))
+            wp = R.sign_pack(torch.randn(rows, c, 3, 3))
+            assert wp.numel() * 4 >= 64 << 10
+            flat = wp.view(-1)
+            n = flat.numel()
+            for i, word in enumerate([0, 1, n - 1] + [k * n // 16 + 7 for k in range(16)]):
+                flat[word] ^= 1 << (i % 32)
+                got = candle_ext.binary_conv2d(xp, wp, None, 1, 1, in_channels=c, out_dtype=torch.int32)
+                assert torch.equal(got, R.binary_conv2d_packed(xp, wp, c, (1, 1), (1, 1), (1, 1)))
     finally:
         torch.set_num_threads(before)
 
