@@ -199,6 +199,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def pool_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """linear() of x [N, C, H, W] averaged over H and W: a classifier head (global average pool, flatten, linear),
+    what the CPU kernel pool_linear_cpu computes in one call (its sums in its own order, so to float rounding)."""
+    return torch.nn.functional.linear(x.mean((2, 3)), weight, bias)
+
+
 def stem_conv_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
                  mean: torch.Tensor, var: torch.Tensor, bn_weight: Optional[torch.Tensor],
                  bn_bias: Optional[torch.Tensor], eps: float, pack_threshold: Optional[torch.Tensor] = None):

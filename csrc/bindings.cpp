@@ -35,6 +35,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_cpu", &candle::linear_cpu,
         "float32 x @ weight.T + bias at small batch (CPU): each weight row streamed once, its own summation order",
         py::arg("x"), py::arg("weight"), py::arg("bias"));
+  m.def("pool_linear_cpu", &candle::pool_linear_cpu,
+        "linear_cpu of float32 x [N, in, H, W] averaged over H and W (a classifier head's global pool, same call)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"));
   m.def("stem_conv_cpu", &candle::stem_conv_cpu,
         "float32 conv over few input channels + eval-mode BatchNorm (CPU), channels-last; returns (out, packed signs "
         "of out - pack_threshold or empty)",

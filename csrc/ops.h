@@ -27,6 +27,8 @@ std::string cpu_features();
 std::string cpu_isa();
 // csrc/cpu/linear.cpp: float32 x [N, in] @ weight[out, in]^T (+ bias [out]) -> [N, out] (kernels.h: linear)
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+// csrc/cpu/linear.cpp: x [N, in, H, W] averaged over H, W (kernels.h: global_avg_pool), then as linear_cpu
+at::Tensor pool_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 // csrc/cpu/stem_conv.cpp: a float32 conv over 1..cpu::kMaxStemChannels input channels (kernels up to
 // cpu::kMaxStemKernel square, zero padding, no dilation; cpu/kernels.h) followed by an eval-mode BatchNorm
 // (running statistics, eps), written channels-last; with pack_threshold also the packed signs of

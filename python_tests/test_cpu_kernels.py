@@ -704,6 +704,107 @@ def test_linear_entry_point_rejects_bad_arguments():
         _C.linear_cpu(x, w, torch.randn(4))
 
 
+# pool_linear_cpu: a frozen classifier head's global average pool and linear layer in one call (csrc/cpu/linear.cpp,
+# csrc/cpu/global_avg_pool.cpp, candle_ext/ops/linear.py)
+
+def _pool_cases(count, seed):
+    """Random (batch, channels, h, w, out_features), with the pool's edges: one pixel, one channel, a partial last
+    block of 16 channels, ReActNet-A's head, maps larger than one thread's share (grain 64K floats)."""
+    g = torch.Generator().manual_seed(seed)
+    fixed = [(1, 1024, 7, 7, 1000), (1, 1, 1, 1, 1), (2, 16, 1, 1, 3), (3, 17, 2, 3, 5), (4, 33, 7, 5, 2),
+             (2, 48, 60, 60, 9), (1, 15, 1, 9, 4), (5, 31, 3, 1, 6)]
+    rand = [tuple(int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 6), (1, 70), (1, 12), (1, 12), (1, 20)))
+            for _ in range(count)]
+    return fixed + rand
+
+
+def _pool_layouts(x):
+    """x as NCHW, channels-last, every other pixel and channel of a larger tensor, and with h and w swapped in memory."""
+    n, c, h, w = x.shape
+    big = torch.zeros(n, 2 * c, 2 * h, 2 * w)
+    big[:, ::2, ::2, ::2] = x
+    return [x, x.contiguous(memory_format=torch.channels_last), big[:, ::2, ::2, ::2],
+            x.transpose(2, 3).contiguous().transpose(2, 3)]
+
+
+def _pool_in_order(x):
+    """The kernel's pool, bit for bit: each channel summed in float32 over the pixels row by row, then / (h * w)."""
+    acc = torch.zeros(x.shape[:2])
+    for r in range(x.shape[2]):
+        for q in range(x.shape[3]):
+            acc = acc + x[:, :, r, q]
+    return acc / float(x.shape[2] * x.shape[3])
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_pool_linear_matches_reference(isa):
+    for i, (n, c, h, w, fout) in enumerate(_pool_cases(30, seed=34)):
+        g = torch.Generator().manual_seed(2000 + i)
+        x, wt, b = torch.randn(n, c, h, w, generator=g), torch.randn(fout, c, generator=g), torch.randn(fout, generator=g)
+        # Within float32 rounding of the float64 result: the pool's sum of h * w terms, then the linear layer's.
+        exact = torch.nn.functional.linear(x.double().mean((2, 3)), wt.double(), b.double())
+        bound = x.double().abs().mean((2, 3)) @ wt.double().abs().t() + b.double().abs()
+        outs = [_C.pool_linear_cpu(xv, wt, b) for xv in _pool_layouts(x)]
+        err = (outs[0].double() - exact).abs() - (1e-6 + 1.2e-7 * h * w) * bound
+        assert outs[0].dtype == torch.float32 and outs[0].shape == (n, fout)
+        assert err.max().item() <= 0, f"case {(n, c, h, w, fout)}: worst excess {err.max().item()}"
+        torch.testing.assert_close(outs[0], R.pool_linear(x, wt, b), rtol=1e-4, atol=1e-4 * max(1.0, c ** 0.5))
+        for other in outs[1:]:  # one summation order whatever the layout
+            assert torch.equal(other, outs[0]), f"case {(n, c, h, w, fout)}"
+        # The pool itself, bit for bit, through an identity layer (x * 1 and + 0 are exact); the linear part is
+        # linear_cpu's.
+        assert torch.equal(_C.pool_linear_cpu(x, torch.eye(c), None), _pool_in_order(x)), f"case {(n, c, h, w)}"
+        assert torch.equal(_C.pool_linear_cpu(x, wt, None), _C.linear_cpu(_pool_in_order(x), wt, None))
+
+
+def test_pool_linear_threads_do_not_change_results():
+    g = torch.Generator().manual_seed(35)
+    x, wt, b = torch.randn(3, 40, 70, 70, generator=g), torch.randn(11, 40, generator=g), torch.randn(11, generator=g)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            outs.append(_C.pool_linear_cpu(x, wt, b))
+        assert torch.equal(outs[0], outs[1])
+        for r in range(3):
+            assert torch.equal(_C.pool_linear_cpu(x[r:r + 1], wt, b), outs[0][r:r + 1])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_pool_linear_special_values_and_empty_sizes():
+    wt, b = torch.randn(6, 5), torch.randn(6)
+    x = torch.randn(3, 5, 4, 4)
+    x[0, 1, 2, 3], x[1, 2, 0, 0], x[2, 4, 3, 3] = float("nan"), float("inf"), -0.0
+    y = _C.pool_linear_cpu(x, wt, b)
+    assert y[0].isnan().all() and y[1].isinf().all() and torch.isfinite(y[2]).all()
+    assert _C.pool_linear_cpu(torch.randn(0, 5, 4, 4), wt, b).shape == (0, 6)
+    assert torch.equal(_C.pool_linear_cpu(torch.randn(2, 0, 3, 3), torch.randn(6, 0), b), b.expand(2, 6))
+
+
+def test_pool_linear_entry_point_rejects_bad_arguments():
+    x, w, b = torch.randn(2, 8, 3, 3), torch.randn(3, 8), torch.randn(3)
+    with pytest.raises(TypeError, match="x has dtype"):
+        _C.pool_linear_cpu(x.double(), w, b)
+    with pytest.raises(TypeError, match="weight has dtype"):
+        _C.pool_linear_cpu(x, w.half(), b)
+    with pytest.raises(TypeError, match="bias has dtype"):
+        _C.pool_linear_cpu(x, w, b.int())
+    with pytest.raises(ValueError, match="x must have 4 dimensions"):
+        _C.pool_linear_cpu(x[0], w, b)
+    with pytest.raises(ValueError, match="x has an empty feature map"):
+        _C.pool_linear_cpu(torch.randn(2, 8, 0, 3), w, b)
+    with pytest.raises(ValueError, match="weight must have 2 dimensions"):
+        _C.pool_linear_cpu(x, w[0], b)
+    with pytest.raises(ValueError, match="x has 8 features, weight expects 9"):
+        _C.pool_linear_cpu(x, torch.randn(3, 9), b)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        _C.pool_linear_cpu(x, w, torch.randn(4))
+    with pytest.raises(ValueError, match="x is on meta"):
+        _C.pool_linear_cpu(x.to("meta"), w, b)
+
+
 # stem_conv_cpu: frozen models' first conv and its BatchNorm (csrc/cpu/stem_conv*.cpp, candle_ext/ops/stem_conv.py)
 
 def _stem_cases(count, seed):

@@ -998,6 +998,73 @@ def test_frozen_linear_runs_the_small_batch_kernel_within_rounding(monkeypatch):
     assert not calls
 
 
+def test_frozen_classifier_head_pools_and_classifies_in_one_call(monkeypatch, tmp_path):
+    """freeze() makes ReActNet-A's ClassifierHead a PackedClassifierHead (the same pool and fc, the same state_dict
+    keys): at batch <= 4 where the kernels serve, pool, flatten and fc are one compiled call (ops/linear.py:
+    small_batch_pool_linear), within float rounding of the three ops; elsewhere, and where hooks on pool or fc
+    must see their calls, the three ops. A head that computes something else stays as it is."""
+    from candle_ext.models.reactnet import ClassifierHead, PackedClassifierHead
+    from candle_ext.ops import linear as linear_op
+    from candle_ext.ops.binary_conv2d import packed_chain_available
+    torch.manual_seed(43)
+    model = randomise(reactnet_a(num_classes=37, small_input=True, width_mult=0.25), 43).eval()
+    frozen = freeze(model)
+    head, ref_head = frozen.classifier, model.classifier
+    assert type(head) is PackedClassifierHead and type(ref_head) is ClassifierHead
+    assert list(head.state_dict()) == list(ref_head.state_dict())
+    assert type(head.fc) is packed_module.InferenceLinear
+    served = packed_chain_available(torch.zeros(1))
+    fused, plain = counted_kernel(monkeypatch, "pool_linear_cpu"), counted_kernel(monkeypatch, "linear_cpu")
+    for n, layout in ((1, torch.contiguous_format), (3, torch.channels_last), (4, torch.contiguous_format),
+                      (5, torch.contiguous_format)):
+        f = torch.randn(n, model.num_features, 4, 4).contiguous(memory_format=layout)
+        with torch.no_grad():
+            got, want = head(f), ref_head(f)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if n > linear_op.MAX_ROWS or not served:
+            assert torch.equal(got, want)
+    assert (len(fused), len(plain)) == ((3, 0) if served else (0, 0))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the whole network, the head's input straight from the packed chain
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)
+    assert len(fused) == (4 if served else 0)
+    # Saved and loaded: the same head.
+    save_packed(frozen, tmp_path / "m.pt")
+    loaded = load_packed(tmp_path / "m.pt")
+    assert type(loaded.classifier) is PackedClassifierHead
+    with torch.no_grad():
+        assert torch.equal(loaded(x), frozen(x))
+    # Hooks on pool or fc see their calls: the three ops run.
+    fused.clear()
+    seen = []
+    hook = head.fc.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    f = torch.randn(1, model.num_features, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(head(f), ref_head(f), rtol=1e-5, atol=1e-5)
+    hook.remove()
+    assert seen == [(1, 37)] and not fused
+    # Gradients wanted: the ops, which have them.
+    f = torch.randn(2, model.num_features, 3, 3, requires_grad=True)
+    head(f).sum().backward()
+    torch.testing.assert_close(f.grad, head.fc.weight.sum(0)[None, :, None, None].expand(2, -1, 3, 3) / 9)
+    assert not fused
+
+    class OwnHead(ClassifierHead):  # a subclass's own forward: kept as it is
+        def forward(self, features):
+            return super().forward(features) * 2
+    other = reactnet_a(num_classes=5, small_input=True, width_mult=0.25).eval()
+    other.classifier = OwnHead(other.num_features, 5)
+    assert type(freeze(other).classifier) is OwnHead
+    other.classifier = ClassifierHead(other.num_features, 5)
+    other.classifier.pool = nn.AdaptiveMaxPool2d(1)  # another pool: kept
+    assert type(freeze(other).classifier) is ClassifierHead
+    # A frozen head whose fc is replaced later runs the modules it has.
+    head.fc = nn.Identity()
+    f = torch.randn(1, model.num_features, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(head(f), torch.flatten(nn.AdaptiveAvgPool2d(1)(f), 1))
+
+
 def test_frozen_stem_runs_the_stem_kernel_within_rounding(monkeypatch, tmp_path):
     """freeze() makes the stem, a plain nn.Sequential(nn.Conv2d over 3 channels, BatchNorm2d), an InferenceConvBN
     (same children and state_dict keys) linked to block 1: where the packed chain runs, one kernel pass

@@ -20,10 +20,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from candle_ext.models.packed import ARCH_ATTR, PackedBinaryConv2d, _hooked, carried_words, carry_words
+from candle_ext.models.packed import (ARCH_ATTR, InferenceLinear, PackedBinaryConv2d, _hooked, carried_words,
+                                      carry_words)
 from candle_ext.nn.layers import BinaryConv2d, RPReLU, RSign
 from candle_ext.ops import validate
 from candle_ext.ops.binary_conv2d import packed_chain_available, packed_chain_block, shortcut_avg_pool_2x2
+from candle_ext.ops.linear import small_batch_pool_linear
 
 # MobileNetV1 plan: stem width, then the 13 blocks as (in, out, stride) for a stem of 32 channels.
 STEM_CHANNELS = 32
@@ -237,6 +239,37 @@ class ClassifierHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(features), 1))
+
+    def to_packed(self) -> nn.Module:
+        """Called by candle_ext.freeze: the head as a PackedClassifierHead (the same children, so the same
+        state_dict keys), or self where it computes something else than this forward (a subclass's own forward,
+        another pool, a replaced fc)."""
+        if type(self).forward is ClassifierHead.forward and _global_pool_linear(self.pool, self.fc):
+            return PackedClassifierHead(self.pool, self.fc)
+        return self
+
+
+def _global_pool_linear(pool: nn.Module, fc: nn.Module) -> bool:
+    """Whether fc(flatten(pool(x), 1)) is a global average pool and a plain linear layer."""
+    return (type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1), [1, 1])
+            and type(fc) in (nn.Linear, InferenceLinear))
+
+
+class PackedClassifierHead(nn.Module):
+    """Inference form of a ClassifierHead, made by candle_ext.freeze: the same `pool` and `fc`; where the
+    small-batch CPU kernel serves (ops/linear.py: an eager float32 call at batch <= 4 on the AVX2/AVX-512 path),
+    pool, flatten and fc in one compiled call (values within float rounding of the three ops); else the three ops,
+    as they are also run when hooks on pool or fc must see their calls."""
+
+    def __init__(self, pool: nn.Module, fc: nn.Module):
+        super().__init__()
+        self.pool, self.fc = pool, fc
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        pool, fc = self._modules["pool"], self._modules["fc"]
+        if _global_pool_linear(pool, fc) and not (_hooked(pool) or _hooked(fc)):
+            return small_batch_pool_linear(features, fc.weight, fc.bias)
+        return fc(torch.flatten(pool(features), 1))
 
 
 # Limits that keep a hostile description (a packed file's arch kwargs) from allocating absurd models.

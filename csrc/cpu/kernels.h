@@ -186,6 +186,21 @@ void linear_avx512(const LinearJob& j, int64_t o0, int64_t o1);
 #endif
 
 // ------------------------------------------------------------------------------------------------------------
+// global_avg_pool: y[n][c] = (x[n][c] summed over the h * w pixels, row by row, left to right) / (h * w), float32,
+// x read through its strides (NCHW, channels-last or a view of either): a classifier head's pool before its
+// linear layer (pool_linear_cpu). Sixteen channels are summed side by side; each channel's sum has that one
+// order, so results do not depend on threads or layout, and agree with torch's mean to float rounding.
+
+struct PoolJob {
+  int64_t n, c, h, w;
+  const float* x;
+  int64_t sn, sc, sh, sw;  // x's strides, in floats (>= 0)
+  float* y;                // [n][c]
+};
+
+void global_avg_pool(const PoolJob& j);  // csrc/cpu/global_avg_pool.cpp, on parallel_for's threads
+
+// ------------------------------------------------------------------------------------------------------------
 // stem_conv: a float32 conv over few input channels (a network's first conv, on the image) and the affine of
 // the BatchNorm after it, written channels-last together with the packed signs of the result: the start of a
 // frozen model's fused chain (models/packed.py: InferenceConvBN), which otherwise runs the conv and the
