@@ -444,6 +444,8 @@ CHAIN_CASES = [  # (n, h, w, blocks)
     (1, 4, 6, [(32, True, 1), (64, False, 2), (64, False, 1)]),  # 2 row pairs: pooled at one thread only
     (3, 12, 66, [(64, False, 1), (64, True, 2)]),  # 2 * 66 pixels: three tiles of 44
     (1, 8, 8, [(24, False, 1), (24, True, 2)]),  # 24 channels: no one-pass block (and no pooling) on AVX-512
+    (1, 14, 14, [(32, False, 1), (32, True, 2)]),  # 7 row pairs: pooled at one thread, not at two (uneven)
+    (1, 66, 8, [(16, False, 1), (16, False, 2)]),  # 33 row pairs: pooled at two threads too (17 and 16)
 ]
 
 

@@ -84,7 +84,9 @@ CANDLE_INLINE float post_ops(float v, const Post& post, int64_t img, int64_t co,
 // the block input's) and, with threads, at least two tiles per thread: with fewer (7x7 maps) every thread would
 // stream all the weights, where two passes split them by output channels (block 13 of ReActNet-A at two threads
 // on AVX2: 0.92 -> 0.80 ms). With c1.post.pool_out (a path that has the pooled form), whole row pairs per task
-// instead, so that each task can average its own 2x2 windows.
+// instead, so that each task can average its own 2x2 windows; with threads, only where the row pairs split evenly
+// over them or are many (>= 16 a thread): else the full output's balanced pixel tiles (the next block pools in its
+// epilogue). ReActNet-A's block 11 (7 row pairs, 4 and 3 at two threads) lost 0.08-0.09 ms a pass to the wait.
 inline bool one_pass_block_form(const ConvArgs& c3, const ConvArgs& c1, int64_t lanes, int64_t max_tile,
                                 int64_t threads) {
   const ConvGeometry &g3 = c3.g, &g1 = c1.g;
@@ -97,8 +99,9 @@ inline bool one_pass_block_form(const ConvArgs& c3, const ConvArgs& c1, int64_t 
     return false;
   }
   if (c1.post.pool_out) {  // tasks of whole row pairs, at least two per thread
+    const int64_t pairs = g3.n * (g3.ho / 2);
     return c1.out_f && g3.ho % 2 == 0 && g3.wo % 2 == 0 && g1.cout % lanes == 0 &&
-           (threads == 1 || g3.n * (g3.ho / 2) >= 2 * threads);
+           (threads == 1 || (pairs >= 2 * threads && (pairs % threads == 0 || pairs >= 16 * threads)));
   }
   int64_t ntiles, tile;
   pixel_tiles(g3.n, g3.ho * g3.wo, max_tile, threads, ntiles, tile);
