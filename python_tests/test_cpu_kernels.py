@@ -192,29 +192,36 @@ def test_conv_edge_cases(case, isa):
     _check_conv(*case, seed=7, full_reference=True)
 
 
+def _at_one_and_more_threads(fn):
+    """[fn() at one thread, fn() at two or more], torch's thread count restored after."""
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            outs.append(fn())
+        return outs
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_conv_threads_do_not_change_results(isa):
     torch.manual_seed(5)
     cases = [ConvConfig(2, 128, 96, 14, 14, 3, 1, 1, 1), ConvConfig(1, 64, 200, 17, 9, 3, 2, 1, 1),
              ConvConfig(3, 300, 40, 11, 13, 5, 1, 2, 2), ConvConfig(2, 32, 48, 9, 70, 3, 1, 1, 1)]
-    before = torch.get_num_threads()
-    try:
-        for c in cases:
-            xp = R.sign_pack(torch.randn(c.n, c.cin, c.h, c.w))
-            wp = R.sign_pack(torch.randn(c.cout, c.cin, c.k, c.k))
-            scale, shift = torch.rand(c.cout), torch.randn(c.cout)
-            outs = []
-            for threads in (1, max(2, before)):
-                torch.set_num_threads(threads)
-                outs.append((candle_ext.binary_conv2d(xp, wp, None, c.stride, c.padding, c.dilation,
-                                                      in_channels=c.cin, out_dtype=torch.int32),
-                             candle_ext.binary_conv2d(xp, wp, scale, c.stride, c.padding, c.dilation,
-                                                      in_channels=c.cin, shift=shift)))
-            assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-            assert torch.equal(outs[0][0], R.binary_conv2d_packed(xp, wp, c.cin, (c.stride,) * 2,
-                                                                  (c.padding,) * 2, (c.dilation,) * 2))
-    finally:
-        torch.set_num_threads(before)
+    for c in cases:
+        xp = R.sign_pack(torch.randn(c.n, c.cin, c.h, c.w))
+        wp = R.sign_pack(torch.randn(c.cout, c.cin, c.k, c.k))
+        scale, shift = torch.rand(c.cout), torch.randn(c.cout)
+        outs = _at_one_and_more_threads(lambda: (
+            candle_ext.binary_conv2d(xp, wp, None, c.stride, c.padding, c.dilation, in_channels=c.cin,
+                                     out_dtype=torch.int32),
+            candle_ext.binary_conv2d(xp, wp, scale, c.stride, c.padding, c.dilation, in_channels=c.cin,
+                                     shift=shift)))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        assert torch.equal(outs[0][0], R.binary_conv2d_packed(xp, wp, c.cin, (c.stride,) * 2,
+                                                              (c.padding,) * 2, (c.dilation,) * 2))
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
@@ -593,17 +600,10 @@ def test_sign_pack_special_values(isa):
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_sign_pack_threads_do_not_change_results(isa):
     x, bias = _sign_inputs(3, 200, 23, 29, torch.float32, seed=9)
-    before = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, max(2, before)):
-            torch.set_num_threads(threads)
-            outs.append([_C.sign_pack_cpu(_layout(x, lay), bias) for lay in LAYOUTS])
-        for a, b in zip(*outs):
-            assert torch.equal(a, b)
-        assert torch.equal(outs[0][0], R.sign_pack(x, bias))
-    finally:
-        torch.set_num_threads(before)
+    outs = _at_one_and_more_threads(lambda: [_C.sign_pack_cpu(_layout(x, lay), bias) for lay in LAYOUTS])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert torch.equal(outs[0][0], R.sign_pack(x, bias))
 
 
 def test_sign_pack_entry_point_rejects_bad_arguments():
@@ -661,18 +661,11 @@ def test_linear_threads_and_blocks_do_not_change_results(isa):
     # Each output's sum has a fixed order: the same at one and two threads, for a row alone or in a batch.
     g = torch.Generator().manual_seed(32)
     x, w, b = torch.randn(5, 300, generator=g), torch.randn(1001, 300, generator=g), torch.randn(1001, generator=g)
-    before = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, max(2, before)):
-            torch.set_num_threads(threads)
-            outs.append(_C.linear_cpu(x, w, b))
-        assert torch.equal(outs[0], outs[1])
-        for r in range(5):
-            assert torch.equal(_C.linear_cpu(x[r:r + 1], w, b), outs[0][r:r + 1])
-        assert torch.equal(_C.linear_cpu(x, w[997:], b[997:]), outs[0][:, 997:])  # the last rows alone
-    finally:
-        torch.set_num_threads(before)
+    outs = _at_one_and_more_threads(lambda: _C.linear_cpu(x, w, b))
+    assert torch.equal(outs[0], outs[1])
+    for r in range(5):
+        assert torch.equal(_C.linear_cpu(x[r:r + 1], w, b), outs[0][r:r + 1])
+    assert torch.equal(_C.linear_cpu(x, w[997:], b[997:]), outs[0][:, 997:])  # the last rows alone
 
 
 def test_linear_special_values_and_layouts():
@@ -688,22 +681,26 @@ def test_linear_special_values_and_layouts():
     assert torch.equal(_C.linear_cpu(torch.randn(2, 0), torch.randn(6, 0), b), b.expand(2, 6))
 
 
-def test_linear_entry_point_rejects_bad_arguments():
-    x, w, b = torch.randn(2, 8), torch.randn(3, 8), torch.randn(3)
+@pytest.mark.parametrize("entry, x_shape", [("linear_cpu", (2, 8)), ("pool_linear_cpu", (2, 8, 3, 3))])
+def test_linear_entry_points_reject_bad_arguments(entry, x_shape):
+    fn = getattr(_C, entry)
+    x, w, b = torch.randn(*x_shape), torch.randn(3, 8), torch.randn(3)
     with pytest.raises(TypeError, match="x has dtype"):
-        _C.linear_cpu(x.double(), w, b)
+        fn(x.double(), w, b)
     with pytest.raises(TypeError, match="weight has dtype"):
-        _C.linear_cpu(x, w.half(), b)
+        fn(x, w.half(), b)
     with pytest.raises(TypeError, match="bias has dtype"):
-        _C.linear_cpu(x, w, b.int())
-    with pytest.raises(ValueError, match="x must have 2 dimensions"):
-        _C.linear_cpu(x[None], w, b)
+        fn(x, w, b.int())
+    with pytest.raises(ValueError, match=f"x must have {len(x_shape)} dimensions"):
+        fn(x[None], w, b)
     with pytest.raises(ValueError, match="weight must have 2 dimensions"):
-        _C.linear_cpu(x, w[0], b)
+        fn(x, w[0], b)
     with pytest.raises(ValueError, match="x has 8 features, weight expects 9"):
-        _C.linear_cpu(x, torch.randn(3, 9), b)
+        fn(x, torch.randn(3, 9), b)
     with pytest.raises(ValueError, match="bias must have shape"):
-        _C.linear_cpu(x, w, torch.randn(4))
+        fn(x, w, torch.randn(4))
+    with pytest.raises(ValueError, match="x is on meta"):
+        fn(x.to("meta"), w, b)
 
 
 # pool_linear_cpu: a frozen classifier head's global average pool and linear layer in one call (csrc/cpu/linear.cpp,
@@ -762,17 +759,10 @@ def test_pool_linear_matches_reference(isa):
 def test_pool_linear_threads_do_not_change_results():
     g = torch.Generator().manual_seed(35)
     x, wt, b = torch.randn(3, 40, 70, 70, generator=g), torch.randn(11, 40, generator=g), torch.randn(11, generator=g)
-    before = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, max(2, before)):
-            torch.set_num_threads(threads)
-            outs.append(_C.pool_linear_cpu(x, wt, b))
-        assert torch.equal(outs[0], outs[1])
-        for r in range(3):
-            assert torch.equal(_C.pool_linear_cpu(x[r:r + 1], wt, b), outs[0][r:r + 1])
-    finally:
-        torch.set_num_threads(before)
+    outs = _at_one_and_more_threads(lambda: _C.pool_linear_cpu(x, wt, b))
+    assert torch.equal(outs[0], outs[1])
+    for r in range(3):
+        assert torch.equal(_C.pool_linear_cpu(x[r:r + 1], wt, b), outs[0][r:r + 1])
 
 
 def test_pool_linear_special_values_and_empty_sizes():
@@ -785,26 +775,9 @@ def test_pool_linear_special_values_and_empty_sizes():
     assert torch.equal(_C.pool_linear_cpu(torch.randn(2, 0, 3, 3), torch.randn(6, 0), b), b.expand(2, 6))
 
 
-def test_pool_linear_entry_point_rejects_bad_arguments():
-    x, w, b = torch.randn(2, 8, 3, 3), torch.randn(3, 8), torch.randn(3)
-    with pytest.raises(TypeError, match="x has dtype"):
-        _C.pool_linear_cpu(x.double(), w, b)
-    with pytest.raises(TypeError, match="weight has dtype"):
-        _C.pool_linear_cpu(x, w.half(), b)
-    with pytest.raises(TypeError, match="bias has dtype"):
-        _C.pool_linear_cpu(x, w, b.int())
-    with pytest.raises(ValueError, match="x must have 4 dimensions"):
-        _C.pool_linear_cpu(x[0], w, b)
-    with pytest.raises(ValueError, match="x has an empty feature map"):
-        _C.pool_linear_cpu(torch.randn(2, 8, 0, 3), w, b)
-    with pytest.raises(ValueError, match="weight must have 2 dimensions"):
-        _C.pool_linear_cpu(x, w[0], b)
-    with pytest.raises(ValueError, match="x has 8 features, weight expects 9"):
-        _C.pool_linear_cpu(x, torch.randn(3, 9), b)
-    with pytest.raises(ValueError, match="bias must have shape"):
-        _C.pool_linear_cpu(x, w, torch.randn(4))
-    with pytest.raises(ValueError, match="x is on meta"):
-        _C.pool_linear_cpu(x.to("meta"), w, b)
+def test_pool_linear_rejects_an_empty_map():
+    with pytest.raises(ValueError, match="x has an empty feature map"):  # nothing to average, as in torch
+        _C.pool_linear_cpu(torch.randn(2, 8, 0, 3), torch.randn(3, 8), torch.randn(3))
 
 
 # stem_conv_cpu: frozen models' first conv and its BatchNorm (csrc/cpu/stem_conv*.cpp, candle_ext/ops/stem_conv.py)
@@ -885,14 +858,7 @@ def test_stem_conv_x86_paths_against_portable(isa, monkeypatch):
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_stem_conv_threads_batch_and_layout_do_not_change_results(isa):
     x, weight, bias, stride, pad, bn, threshold = _stem_inputs((3, 3, 40, 36, 48, 3, 3, 2, 1), 43)
-    before = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, max(2, before)):
-            torch.set_num_threads(threads)
-            outs.append(_stem_call(x, weight, bias, stride, pad, bn, threshold))
-    finally:
-        torch.set_num_threads(before)
+    outs = _at_one_and_more_threads(lambda: _stem_call(x, weight, bias, stride, pad, bn, threshold))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     for i in range(3):  # an image alone gives its rows of the batch
         out, words = _stem_call(x[i:i + 1], weight, bias, stride, pad, bn, threshold)
