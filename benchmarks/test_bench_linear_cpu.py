@@ -1,5 +1,7 @@
 """The small-batch CPU linear kernel of frozen classifiers (candle_ext._C.linear_cpu, InferenceLinear) against
-F.linear (MKL), on ReActNet-A's classifier (1024 -> 1000 features) at batch 1 and 4, one thread and all threads.
+F.linear (MKL), on ReActNet-A's classifier (1024 -> 1000 features) at batch 1 and 4, one thread and all threads;
+and the whole classifier head (candle_ext._C.pool_linear_cpu, PackedClassifierHead: global average pool of the
+1024 x 7 x 7 feature map, flatten, linear in one call) against the three torch ops.
 
 Two settings: "warm" (the same weights every call: they stay in the caches) and "cold" (a 64 MB buffer is written
 before every call, as a network's pass evicts the classifier's 4 MB of weights before it runs). Medians and the
@@ -52,3 +54,33 @@ def test_linear_cpu(benchmark, bench_table, data, capsys, batch, setting, thread
     table.record(row, variant, benchmark)
     if variant == VARIANTS[-1]:
         print_ratio(capsys, table, row, "F.linear", "kernel", f"linear {row}, {threads} thread(s)")
+
+
+HEAD_VARIANTS = ["torch ops", "kernel"]
+HEAD_TITLE = (f"classifier head (global average pool of {IN_FEATURES} x 7 x 7, flatten, linear -> {OUT_FEATURES}), "
+              "CPU: torch ops vs candle_ext pool_linear_cpu")
+
+
+@pytest.mark.skipif(_C is None or not hasattr(_C, "pool_linear_cpu"), reason="candle_ext._C has no pool_linear_cpu")
+@pytest.mark.parametrize("variant", HEAD_VARIANTS)
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_pool_linear_cpu(benchmark, bench_table, data, capsys, batch, setting, threads, variant):
+    w, b = data["w"], data["b"]
+    x = torch.randn(batch, IN_FEATURES, 7, 7, generator=torch.Generator().manual_seed(batch))  # NCHW, as a chain gives
+    if variant == "torch ops":
+        def fn():
+            return F.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), w, b)
+    else:
+        def fn():
+            return _C.pool_linear_cpu(x, w, b)
+    benchmark.extra_info.update(batch=batch, setting=setting, threads=threads, variant=variant)
+    timed_at_threads(benchmark, fn, lambda: torch.testing.assert_close(fn(), reference.pool_linear(x, w, b),
+                                                                       rtol=1e-5, atol=1e-5),
+                     threads, data["evict"] if setting == "cold" else None, 2 if SMOKE else 200)
+    row = f"batch {batch}, {setting}"
+    table = bench_table(f"{HEAD_TITLE}, {threads} thread(s)", HEAD_VARIANTS, [("ops/kernel", "torch ops", "kernel")])
+    table.record(row, variant, benchmark)
+    if variant == HEAD_VARIANTS[-1]:
+        print_ratio(capsys, table, row, "torch ops", "kernel", f"classifier head {row}, {threads} thread(s)")
