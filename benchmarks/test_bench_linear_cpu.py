@@ -37,6 +37,21 @@ def data():
                 evict=eviction_buffer())
 
 
+def _bench(benchmark, bench_table, capsys, data, fn, expected, batch, setting, threads, variant, title, variants,
+           label):
+    """Time fn (after checking it within float32 rounding of `expected`), record it in the table of `title`, and
+    print the ratio variants[0] / variants[1] once both are recorded."""
+    benchmark.extra_info.update(batch=batch, setting=setting, threads=threads, variant=variant)
+    timed_at_threads(benchmark, fn, lambda: torch.testing.assert_close(fn(), expected, rtol=1e-5, atol=1e-5),
+                     threads, data["evict"] if setting == "cold" else None, 2 if SMOKE else 200)
+    row = f"batch {batch}, {setting}"
+    base, kernel = variants
+    table = bench_table(f"{title}, {threads} thread(s)", variants, [(f"{base}/{kernel}", base, kernel)])
+    table.record(row, variant, benchmark)
+    if variant == kernel:
+        print_ratio(capsys, table, row, base, kernel, f"{label} {row}, {threads} thread(s)")
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -44,16 +59,8 @@ def data():
 def test_linear_cpu(benchmark, bench_table, data, capsys, batch, setting, threads, variant):
     x, w, b = data["x"][batch], data["w"], data["b"]
     fn = (lambda: F.linear(x, w, b)) if variant == "F.linear" else (lambda: _C.linear_cpu(x, w, b))
-    benchmark.extra_info.update(batch=batch, setting=setting, threads=threads, variant=variant)
-    # The check: within float32 rounding of the reference.
-    timed_at_threads(benchmark, fn, lambda: torch.testing.assert_close(fn(), reference.linear(x, w, b), rtol=1e-5,
-                                                                       atol=1e-5),
-                     threads, data["evict"] if setting == "cold" else None, 2 if SMOKE else 200)
-    row = f"batch {batch}, {setting}"
-    table = bench_table(f"{TITLE}, {threads} thread(s)", VARIANTS, [("F.linear/kernel", "F.linear", "kernel")])
-    table.record(row, variant, benchmark)
-    if variant == VARIANTS[-1]:
-        print_ratio(capsys, table, row, "F.linear", "kernel", f"linear {row}, {threads} thread(s)")
+    _bench(benchmark, bench_table, capsys, data, fn, reference.linear(x, w, b), batch, setting, threads, variant,
+           TITLE, VARIANTS, "linear")
 
 
 HEAD_VARIANTS = ["torch ops", "kernel"]
@@ -75,12 +82,5 @@ def test_pool_linear_cpu(benchmark, bench_table, data, capsys, batch, setting, t
     else:
         def fn():
             return _C.pool_linear_cpu(x, w, b)
-    benchmark.extra_info.update(batch=batch, setting=setting, threads=threads, variant=variant)
-    timed_at_threads(benchmark, fn, lambda: torch.testing.assert_close(fn(), reference.pool_linear(x, w, b),
-                                                                       rtol=1e-5, atol=1e-5),
-                     threads, data["evict"] if setting == "cold" else None, 2 if SMOKE else 200)
-    row = f"batch {batch}, {setting}"
-    table = bench_table(f"{HEAD_TITLE}, {threads} thread(s)", HEAD_VARIANTS, [("ops/kernel", "torch ops", "kernel")])
-    table.record(row, variant, benchmark)
-    if variant == HEAD_VARIANTS[-1]:
-        print_ratio(capsys, table, row, "torch ops", "kernel", f"classifier head {row}, {threads} thread(s)")
+    _bench(benchmark, bench_table, capsys, data, fn, reference.pool_linear(x, w, b), batch, setting, threads, variant,
+           HEAD_TITLE, HEAD_VARIANTS, "classifier head")
