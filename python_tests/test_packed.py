@@ -965,6 +965,59 @@ def test_frozen_model_served_like_a_module():
         torch.fx.symbolic_trace(freeze(model))
 
 
+def _float_bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bit patterns (NaN payloads and the sign of zero included), for exact comparisons."""
+    return t.contiguous().view({torch.float64: torch.int64, torch.float32: torch.int32}.get(t.dtype, torch.int16))
+
+
+def test_frozen_max_pool_gives_the_pool_bits_faster():
+    """freeze() makes every plain nn.MaxPool2d an InferenceMaxPool2d (no state: the same state_dict), which pools a
+    channels_last copy of an NCHW CPU input of >= 8 channels (torch's NCHW kernel walks window by window) and
+    must give exactly nn.MaxPool2d's bits: NaN, infinities and signed zeros in the windows, every window
+    geometry torch accepts, every float dtype, empty batches; gradients and return_indices keep the module's
+    call."""
+    model = binarize_(torchvision.models.resnet18(weights=None, num_classes=10)).eval()
+    frozen = freeze(model)
+    assert type(frozen.maxpool) is packed_module.InferenceMaxPool2d and type(model.maxpool) is nn.MaxPool2d
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)
+    gen = torch.Generator().manual_seed(43)
+    checked = 0
+    for trial in range(400):
+        pick = lambda *options: options[int(torch.randint(len(options), (1,), generator=gen))]
+        k, kw = pick(1, 2, 3, 5), pick(1, 2, 3, 4)
+        dilation = pick(1, 1, 2)
+        pool = nn.MaxPool2d((k, kw), stride=pick(None, 1, 2, 3), padding=pick(0, 1) if min(k, kw) > 1 else 0,
+                            dilation=dilation, ceil_mode=pick(False, True))
+        fast = copy.deepcopy(pool)
+        fast.__class__ = packed_module.InferenceMaxPool2d
+        dtype = pick(torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        shape = (pick(0, 1, 2, 3), pick(1, 7, 8, 16, 33, 64), pick(1, 5, 12, 31), pick(1, 4, 13, 30))
+        if (k - 1) * dilation + 1 > shape[2] + 2 * pool.padding or (kw - 1) * dilation + 1 > shape[3] + 2 * pool.padding:
+            continue
+        x = torch.randn(shape, generator=gen).to(dtype)
+        u = torch.rand(shape, generator=gen)
+        for lo, value in ((0.0, float("nan")), (0.04, float("inf")), (0.08, float("-inf")), (0.12, -0.0), (0.17, 0.0)):
+            x[(u >= lo) & (u < lo + 0.04)] = value
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xi = x.contiguous(memory_format=layout)
+            want, got = pool(xi), fast(xi)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert torch.equal(_float_bits(got), _float_bits(want)), (pool, shape, dtype, layout)
+            assert got.is_contiguous(memory_format=layout) == want.is_contiguous(memory_format=layout)
+        checked += 1
+    assert checked > 250
+    x = torch.randn(1, 16, 9, 9, requires_grad=True)  # a gradient wanted: the module's call, which has one
+    want_grad = torch.autograd.grad(frozen.maxpool.__class__.__mro__[1].forward(frozen.maxpool, x).sum(), x)[0]
+    torch.testing.assert_close(torch.autograd.grad(frozen.maxpool(x).sum(), x)[0], want_grad)
+    indexed = nn.MaxPool2d(3, 2, 1, return_indices=True)
+    want_pair = indexed(x.detach())
+    indexed.__class__ = packed_module.InferenceMaxPool2d
+    got_pair = indexed(x.detach())
+    assert isinstance(got_pair, tuple) and all(torch.equal(a, b) for a, b in zip(got_pair, want_pair))
+
+
 def test_frozen_linear_runs_the_small_batch_kernel_within_rounding(monkeypatch):
     """freeze() makes every plain nn.Linear an InferenceLinear (same parameters and state_dict keys): at batch
     <= 4 on an AVX2/AVX-512 CPU it runs the compiled kernel (ops/linear.py), within float rounding of

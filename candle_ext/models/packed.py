@@ -448,6 +448,26 @@ class InferenceLinear(nn.Linear):
         return small_batch_linear(x, self.weight, self.bias)
 
 
+class InferenceMaxPool2d(nn.MaxPool2d):
+    """An nn.MaxPool2d of a frozen model (freeze() sets the class: same attributes, no state). torch's CPU kernel
+    is vectorised over the channels of a channels_last input, but walks an NCHW one window by window: on an NCHW
+    float32/float64 input of >= 8 channels (a binarized ResNet's pool after its stem) this pools a channels_last
+    copy and returns the result in NCHW, a quarter of the time with both copies (1x64x112x112 float32, one
+    thread, Intel Xeon model 167: 5.9 -> 1.4 ms). The bits are the same either way: each output is one input of
+    its window, a NaN in the window gives a NaN (half types are left out: their channels_last kernel rewrites
+    NaN payloads). Otherwise (other layouts, dtypes, devices or dims, return_indices, an input that may want a
+    gradient) nn.MaxPool2d's own call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (isinstance(x, torch.Tensor) and not self.return_indices and x.device.type == "cpu" and x.dim() == 4
+                and x.shape[1] >= 8 and x.dtype in (torch.float32, torch.float64)
+                and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())):
+            y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), self.kernel_size, self.stride,
+                             self.padding, self.dilation, ceil_mode=self.ceil_mode)
+            return y.contiguous()
+        return super().forward(x)
+
+
 def _mark_sync_batchnorms_after_convs(model: nn.Module):
     """Record nn.BatchNorm2d as the plain class (what revert_sync_batchnorm reads) of every synchronized batch norm
     without one that directly follows an nn.Conv2d or a BinaryConv2d in a plain nn.Sequential."""
@@ -476,6 +496,8 @@ def _freeze_in_place(model: nn.Module) -> nn.Module:
             m.__class__ = _INFERENCE_BN[type(m)]
         elif type(m) is nn.Linear:
             m.__class__ = InferenceLinear
+        elif type(m) is nn.MaxPool2d:
+            m.__class__ = InferenceMaxPool2d
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
