@@ -183,6 +183,15 @@ EDGE_CASES = [
     (1, 32, 24, 3, 16, (1, 5), 1, (0, 2), 1),  # 1x5 taps, a partial block of 16 output channels
     (1, 3, 7, 4, 70, 1, 1, 0, 1),             # 1x1, three input channels
     (1, 32, 16, 2, 28, 3, 1, 3, 1),           # padding 3: rows and columns whose taps are all padding
+] + [  # 1x1 convs without padding or stride on images of >= 96 pixels or a multiple of 16: AVX-512's flat
+    # pixel-lane form (16 consecutive pixels of an image per vector, across rows)
+    (1, 128, 64, 12, 12, 1, 1, 0, 1),         # 144 pixels: 9 whole segments, 4 input words
+    (2, 70, 33, 7, 15, 1, 1, 0, 1),           # 105 pixels: a 9-pixel last segment, a partial input word
+    (3, 256, 16, 4, 4, 1, 1, 0, 1),           # 16 pixels: one segment an image, 8 words
+    (1, 40, 20, 9, 11, 1, 1, 0, 1),           # 99 pixels: a 3-pixel last segment, 2 words (one partial)
+    (1, 20, 40, 3, 32, 1, 1, 0, 1),           # one word: flat too (rows 32 wide: whole segments either way)
+    (1, 96, 24, 7, 7, 1, 1, 0, 1),            # 49 pixels: the tile form
+    (1, 64, 8, 10, 10, 1, 1, 0, 2),           # dilation means nothing to a 1x1 conv: flat
 ]
 
 
@@ -209,7 +218,8 @@ def _at_one_and_more_threads(fn):
 def test_conv_threads_do_not_change_results(isa):
     torch.manual_seed(5)
     cases = [ConvConfig(2, 128, 96, 14, 14, 3, 1, 1, 1), ConvConfig(1, 64, 200, 17, 9, 3, 2, 1, 1),
-             ConvConfig(3, 300, 40, 11, 13, 5, 1, 2, 2), ConvConfig(2, 32, 48, 9, 70, 3, 1, 1, 1)]
+             ConvConfig(3, 300, 40, 11, 13, 5, 1, 2, 2), ConvConfig(2, 32, 48, 9, 70, 3, 1, 1, 1),
+             ConvConfig(2, 160, 48, 11, 13, 1, 1, 0, 1)]
     for c in cases:
         xp = R.sign_pack(torch.randn(c.n, c.cin, c.h, c.w))
         wp = R.sign_pack(torch.randn(c.cout, c.cin, c.k, c.k))

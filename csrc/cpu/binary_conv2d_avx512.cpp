@@ -18,8 +18,9 @@
 //     over 2x2 windows in the pass (Post::pool_out), a quarter of the floats to write and for the next to read.
 //   - Epilogue: 16 x 16 transposes of the accumulator tile to NCHW int32, or float32 acc * scale + shift and
 //     the fused block steps (residual, PReLU, post_shift), each rounded on its own like the eager ops.
-//   - lane_conv: NCHW output of convs with one input word per pixel and horizontal stride 1 (ReActNet-A's c32
-//     convs) the other way round, 16 output pixels per vector: no accumulator tile, no transposes.
+//   - lane_conv: NCHW output of 1x1 convs without padding or stride, and of convs with one input word per pixel
+//     and horizontal stride 1 (ReActNet-A's c32 convs), the other way round: 16 output pixels per vector, read
+//     from word planes of the input; no accumulator tile, no transposes.
 // Target attributes, never global -m flags (avx512_intrin.h); off x86-64 this file compiles to nothing. Built a
 // second time against SIMDe by python_tests/test_cross_isa.py, which runs it on any x86-64.
 #include "isa.h"
@@ -693,39 +694,75 @@ CANDLE_AVX512_INLINE __m512i load_words(const uint32_t* p, int64_t n) {
 #endif
 }
 
-// The pixel-lane form, for NCHW output of a conv with one input word per pixel (<= 32 channels) and horizontal
-// stride 1 (ReActNet-A's c32 convs at 112x112): a vector holds 16 neighbouring output pixels of one row, whose
-// taps are 16 neighbouring words of the (padded) input, so 16 output channels' sums stay in registers through
-// all taps and the epilogue stores them as NCHW rows directly, without the accumulator tile and its transposes.
-// A tap in the padding is left out of the sum by the add's lane mask (a row of taps wholly outside, by the loop
-// bounds), so zero padding is exact with no correction. Tasks [begin, end) of (image, output row, 16-pixel
-// segment); wt: the weights [taps][cpad] (zero past cout); col_mask[segment][kx]: the lanes whose column kx is
-// inside the input.
+// The pixel-lane form's weights: [taps x words][cpad] (K word k of output channel co at k * cpad + co, zero past
+// cout), kept across calls like Layout.
+struct LaneLayout : LayoutKey {
+  std::vector<uint32_t> wt;
+};
+
+std::shared_ptr<LaneLayout> build_lane_layout(const uint32_t* w, int64_t cout, int64_t kwords) {
+  auto lay = std::make_shared<LaneLayout>();
+  const uint8_t* wb = reinterpret_cast<const uint8_t*>(w);
+  lay->source.assign(wb, wb + cout * kwords * 4);
+  lay->cout = cout;
+  lay->kbytes = kwords * 4;
+  const int64_t cpad = (cout + 15) / 16 * 16;
+  lay->wt.assign(static_cast<size_t>(kwords * cpad), 0u);
+  for (int64_t co = 0; co < cout; ++co) {
+    for (int64_t k = 0; k < kwords; ++k) lay->wt[k * cpad + co] = w[co * kwords + k];
+  }
+  lay->extra_bytes = lay->wt.size() * 4;
+  return lay;
+}
+
+// Where the pixel-lane form reads: the input as word planes (word_planes), and how its tasks map to pixels.
+// Rows: a task is 16 output pixels of one row (image, output row, 16-pixel segment), read from the zero-bordered
+// planes [image][padded row][word][padded column] at the row's taps. Flat (a 1x1 conv without padding): a task is
+// 16 consecutive pixels of an image, read from the planes [image][word][pixel], so no lane is wasted at row ends.
+struct LaneInput {
+  const uint32_t* xq = nullptr;
+  bool flat = false;
+  int64_t plane = 0;       // words between two word planes of a row (flat: of an image)
+  int64_t row_words = 0;   // words between two padded input rows (flat: between images)
+  int64_t pixels = 0;      // pixels a task's segments cover: wo (flat: ho * wo)
+  const uint16_t* col_mask = nullptr;  // rows: col_mask[segment][kx], the lanes whose column kx is inside the input
+};
+
+// The pixel-lane form, for NCHW output of a conv with horizontal stride 1: a vector holds 16 neighbouring output
+// pixels, whose taps are 16 neighbouring words of one word plane of the input, so 16 output channels' sums stay
+// in registers through all taps and words and the epilogue stores them as NCHW rows directly, without the
+// accumulator tile and its transposes. A tap in the padding is left out of the sum by the add's lane mask (a row
+// of taps wholly outside, by the loop bounds), so zero padding is exact with no correction. Tasks [begin, end)
+// of (image, output row, 16-pixel segment) or, flat, (image, 16-pixel segment); wt: LaneLayout::wt.
 template <int kKind>
-CANDLE_AVX512 void lane_rows(const Plan& pl, const uint32_t* wt, const uint16_t* col_mask, int64_t begin,
-                             int64_t end) {
+CANDLE_AVX512 void lane_rows(const Plan& pl, const LaneInput& in, const uint32_t* wt, int64_t begin, int64_t end) {
   const ConvGeometry& g = pl.g;
-  const int64_t segs = (g.wo + 15) / 16, cout = g.cout, cpad = (cout + 15) / 16 * 16;
+  const int64_t segs = (in.pixels + 15) / 16, cout = g.cout, cpad = (cout + 15) / 16 * 16, words = g.words;
+  const int64_t rows = in.flat ? 1 : g.ho;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t s = task % segs, oy = (task / segs) % g.ho, img = task / (segs * g.ho);
-    const int64_t ox0 = s * 16, n = std::min<int64_t>(16, g.wo - ox0), q = oy * g.wo + ox0;
-    const uint32_t* row = pl.xp + (img * pl.hp + oy * g.sh) * pl.wp + ox0;
-    const __m512i b = _mm512_loadu_si512(pl.base.data() + q);  // lanes past n: not stored
+    const int64_t s = task % segs, oy = (task / segs) % rows, img = task / (segs * rows);
+    const int64_t ox0 = s * 16, n = std::min<int64_t>(16, in.pixels - ox0), q = oy * g.wo + ox0;
+    const uint32_t* row = in.xq + (img * (in.flat ? 1 : pl.hp) + oy * g.sh) * in.row_words + ox0;
+    const int64_t ky0 = in.flat ? 0 : pl.ky0[oy], ky1 = in.flat ? 1 : pl.ky1[oy];
+    const __m512i b = in.flat ? _mm512_set1_epi32(static_cast<int32_t>(pl.channels))
+                              : _mm512_loadu_si512(pl.base.data() + q);  // lanes past n: not stored
     for (int64_t c0 = 0; c0 < cout; c0 += 16) {
       __m512i acc[16];
 #pragma GCC unroll 16
       for (int c = 0; c < 16; ++c) acc[c] = _mm512_setzero_si512();
-      for (int64_t ky = pl.ky0[oy]; ky < pl.ky1[oy]; ++ky) {
-        const uint32_t* r = row + ky * g.dh * pl.wp;
+      for (int64_t ky = ky0; ky < ky1; ++ky) {
+        const uint32_t* r = row + ky * g.dh * in.row_words;
         for (int64_t kx = 0; kx < g.kw; ++kx) {
-          const uint16_t m = col_mask[s * g.kw + kx];
+          const uint16_t m = in.flat ? uint16_t(0xFFFF) : in.col_mask[s * g.kw + kx];
           if (m == 0) continue;
-          const __m512i x = load_words(r + kx * g.dw, n);
-          const uint32_t* w = wt + (ky * g.kw + kx) * cpad + c0;
+          const uint32_t* w = wt + (ky * g.kw + kx) * words * cpad + c0;
+          for (int64_t wd = 0; wd < words; ++wd, w += cpad) {
+            const __m512i x = load_words(r + wd * in.plane + kx * g.dw, n);
 #pragma GCC unroll 16
-          for (int c = 0; c < 16; ++c) {
-            const __m512i pop = _mm512_popcnt_epi32(_mm512_xor_si512(x, _mm512_set1_epi32(static_cast<int>(w[c]))));
-            acc[c] = _mm512_mask_add_epi32(acc[c], m, acc[c], pop);
+            for (int c = 0; c < 16; ++c) {
+              const __m512i pop = _mm512_popcnt_epi32(_mm512_xor_si512(x, _mm512_set1_epi32(static_cast<int>(w[c]))));
+              acc[c] = _mm512_mask_add_epi32(acc[c], m, acc[c], pop);
+            }
           }
         }
       }
@@ -739,11 +776,47 @@ CANDLE_AVX512 void lane_rows(const Plan& pl, const uint32_t* wt, const uint16_t*
   }
 }
 
-// Whether binary_conv2d_avx512 takes the pixel-lane form (lane_rows): rows of whole 16-pixel segments, or wide
-// enough that a partial last segment wastes few lanes (Zen 5, c32, one thread, against the tile path: 32, 64 and
-// 112 pixels wide 1.3-1.8x faster; 56 about the same; 28 5-10% slower).
+// Packed NHWC words x, [n][rows][cols][words], as word planes [n][rows + 2 pad_r][words][cols + 2 pad_c], zero
+// in the border.
+void word_planes(const uint32_t* x, int64_t n, int64_t rows, int64_t cols, int64_t words, int64_t pad_r,
+                 int64_t pad_c, uint32_t* xq) {
+  const int64_t hp = rows + 2 * pad_r, wp = cols + 2 * pad_c;
+  const int64_t row_grain = std::max<int64_t>(1, (int64_t(1) << 16) / (wp * words * 4));
+  parallel_for(0, n * hp, row_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t img = r / hp, y = r % hp - pad_r;
+      uint32_t* dst = xq + r * words * wp;
+      if (y < 0 || y >= rows) {
+        std::memset(dst, 0, static_cast<size_t>(words * wp) * 4);
+        continue;
+      }
+      const uint32_t* src = x + (img * rows + y) * cols * words;
+      for (int64_t wd = 0; wd < words; ++wd) {
+        uint32_t* plane = dst + wd * wp;
+        std::fill(plane, plane + pad_c, 0u);
+        for (int64_t c = 0; c < cols; ++c) plane[pad_c + c] = src[c * words + wd];
+        std::fill(plane + pad_c + cols, plane + wp, 0u);
+      }
+    }
+  });
+}
+
+// A 1x1 conv without padding or stride takes the flat lane form where its image's pixels fill the segments well:
+// against the tile form, ReActNet-A's 1x1 shapes at 14x14 and more 1.2-1.9x faster at one thread and 1.0-1.6x at
+// two (Intel Xeon model 167); at 7x7 (49 pixels, the last segment one pixel) ~5% slower at one thread.
+bool flat_lane_conv(const ConvGeometry& g) {
+  const int64_t hw = g.ho * g.wo;
+  return g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (hw % 16 == 0 || hw >= 96);
+}
+
+// Whether binary_conv2d_avx512 takes the pixel-lane form (lane_rows) for an NCHW output: flat (above), or with
+// one input word per pixel and horizontal stride 1 on rows of whole 16-pixel segments or wide enough that a partial
+// last segment wastes few lanes (c32 3x3 on Zen 5, against the tile form: 32, 64 and 112 pixels wide 1.3-1.8x
+// faster; 56 about the same; 28 5-10% slower). With more words a 3x3 conv's rows lose to the tile form (0.83-0.98x
+// at 14-56 pixels wide, half the speed at 7): their epilogue is a small part of the call.
 bool lane_form(const ConvGeometry& g, const Post& post) {
-  return !post.nhwc && g.words == 1 && g.sw == 1 && (g.wo % 16 == 0 || g.wo >= 64);
+  if (post.nhwc) return false;
+  return flat_lane_conv(g) || (g.words == 1 && g.sw == 1 && (g.wo % 16 == 0 || g.wo >= 64));
 }
 
 CANDLE_AVX512 void lane_conv(const ConvGeometry& g, int64_t channels, const uint32_t* x, const uint32_t* w,
@@ -751,27 +824,53 @@ CANDLE_AVX512 void lane_conv(const ConvGeometry& g, int64_t channels, const uint
   Plan pl;
   init_plan_base(pl, g, channels, kTile, parallel_threads(), scale, shift, out_i, out_f, post);
   pl.taps = g.kh * g.kw;
-  tap_bases(pl, false);  // the lane form masks padded taps: no border list
-  std::unique_ptr<uint32_t[]> padded;
-  padded_input(pl, padded, x);
-  const int64_t cpad = (g.cout + 15) / 16 * 16, segs = (g.wo + 15) / 16;
-  std::vector<uint32_t> wt(static_cast<size_t>(pl.taps * cpad), 0u);
-  for (int64_t co = 0; co < g.cout; ++co) {
-    for (int64_t t = 0; t < pl.taps; ++t) wt[t * cpad + co] = w[co * pl.taps + t];
-  }
-  std::vector<uint16_t> col_mask(static_cast<size_t>(segs * g.kw), 0);
-  for (int64_t s = 0; s < segs; ++s) {
-    for (int64_t l = 0; l < 16 && s * 16 + l < g.wo; ++l) {
-      const int64_t ox = s * 16 + l;
-      for (int64_t kx = pl.kx0[ox]; kx < pl.kx1[ox]; ++kx) col_mask[s * g.kw + kx] |= static_cast<uint16_t>(1u << l);
+  LaneInput in;
+  in.flat = flat_lane_conv(g);
+  std::unique_ptr<uint32_t[]> planes;
+  std::vector<uint16_t> col_mask;
+  if (in.flat) {
+    in.pixels = pl.hw;
+    in.plane = pl.hw;
+    in.row_words = g.words * pl.hw;
+    if (g.words == 1) {
+      in.xq = x;
+    } else {
+      planes.reset(new uint32_t[static_cast<size_t>(g.n * g.words * pl.hw)]);
+      word_planes(x, g.n, 1, pl.hw, g.words, 0, 0, planes.get());
+      in.xq = planes.get();
     }
+  } else {
+    tap_bases(pl, false);  // the lane form masks padded taps: no border list
+    in.pixels = g.wo;
+    in.plane = pl.wp;
+    in.row_words = g.words * pl.wp;
+    if (g.words == 1) {
+      padded_input(pl, planes, x);
+      in.xq = pl.xp;
+    } else {
+      planes.reset(new uint32_t[static_cast<size_t>(g.n * pl.hp * g.words * pl.wp)]);
+      word_planes(x, g.n, g.h, g.w, g.words, g.ph, g.pw, planes.get());
+      in.xq = planes.get();
+    }
+    const int64_t segs = (g.wo + 15) / 16;
+    col_mask.assign(static_cast<size_t>(segs * g.kw), 0);
+    for (int64_t s = 0; s < segs; ++s) {
+      for (int64_t l = 0; l < 16 && s * 16 + l < g.wo; ++l) {
+        const int64_t ox = s * 16 + l;
+        for (int64_t kx = pl.kx0[ox]; kx < pl.kx1[ox]; ++kx) col_mask[s * g.kw + kx] |= static_cast<uint16_t>(1u << l);
+      }
+    }
+    in.col_mask = col_mask.data();
   }
+  const int64_t kwords = pl.taps * g.words;
+  const std::shared_ptr<const LaneLayout> layout = cached_layout<LaneLayout>(
+      reinterpret_cast<const uint8_t*>(w), g.cout, kwords * 4, 0, [&] { return build_lane_layout(w, g.cout, kwords); });
   const int kind = nchw_kind(pl);
   const auto run = kind == kNchwInt     ? lane_rows<kNchwInt>
                    : kind == kNchwFloat ? lane_rows<kNchwFloat>
                                         : lane_rows<kNchwSteps>;
-  parallel_for(0, g.n * g.ho * segs, 1,
-               [&](int64_t begin, int64_t end) { run(pl, wt.data(), col_mask.data(), begin, end); });
+  const int64_t tasks = g.n * (in.flat ? 1 : g.ho) * ((in.pixels + 15) / 16);
+  parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { run(pl, in, layout->wt.data(), begin, end); });
 }
 
 // The plan of one conv: geometry, weight layout (kept in `layout`), K order as runs of the input and, unless x is
