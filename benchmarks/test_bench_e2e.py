@@ -5,6 +5,8 @@ and against torchvision resnet18.
   float tensor and an nn.Conv2d holding sign(W) * scale (precomputed), then BN (oneDNN on the CPU, cuDNN on a GPU).
 - "packed": freeze(model): 1-bit weights, sign+pack, XOR/popcount conv with BN folded into its epilogue.
 - "resnet18": torchvision resnet18 in fp32 (fp16 channels_last on a GPU).
+- "resnet18-binary" (CPU): the same resnet18 binarized (candle_ext.nn.binarize_: every conv but the stem) and
+  frozen, what "binarize your own model" gives; its ratio to "resnet18" is printed.
 
 CPU: batch 1 at one thread and at all threads (packed: 50 rounds, the float networks 15: a median of five moved
 with every hiccup of a shared host, and a ~8 ms pass can afford many). GPU: batch 256, the float versions in fp16
@@ -26,7 +28,7 @@ from torch import nn
 
 import candle_ext
 from candle_ext.models import freeze, reactnet_a
-from candle_ext.nn import BinaryConv2d, RSign
+from candle_ext.nn import BinaryConv2d, RSign, binarize_
 from warm_up import warm_up
 
 SMOKE = os.environ.get("CANDLE_BENCH_SMOKE", "0") == "1"
@@ -36,7 +38,7 @@ PACKED_ROUNDS = 1 if SMOKE else 50
 GPU_BATCH = 16 if SMOKE else 256
 ALL_THREADS = torch.get_num_threads()
 THREADS = sorted({1, ALL_THREADS})
-VARIANTS = ["fp32", "resnet18", "packed"]  # packed last: its test prints the ratios
+VARIANTS = ["fp32", "resnet18", "resnet18-binary", "packed"]  # packed last: its test prints the ratios
 _medians = {}
 
 
@@ -88,7 +90,8 @@ def models():
     torch.manual_seed(0)
     model = _randomise(reactnet_a())
     nets = {"fp32": float_twin(model), "packed": freeze(model),
-            "resnet18": torchvision.models.resnet18(weights=None).eval()}
+            "resnet18": torchvision.models.resnet18(weights=None).eval(),
+            "resnet18-binary": freeze(_randomise(binarize_(torchvision.models.resnet18(weights=None))))}
     # The float twin is the same function as the packed model (checked once; small input to keep it quick).
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -130,6 +133,13 @@ def test_cpu_batch1(benchmark, models, capsys, threads, variant):
     finally:
         torch.set_num_threads(before)
     _record(benchmark, ("cpu", f"batch 1, {threads} thread(s)", variant))
+    if variant == "resnet18-binary":
+        setting = f"batch 1, {threads} thread(s)"
+        binary, fp32 = _medians.get(("cpu", setting, variant)), _medians.get(("cpu", setting, "resnet18"))
+        if binary and fp32:
+            with capsys.disabled():
+                print(f"\n[e2e resnet18@{RESOLUTION} cpu {setting}] binarized + frozen {binary * 1e3:.1f} ms, "
+                      f"fp32 {fp32 * 1e3:.1f} ms ({fp32 / binary:.2f}x)")
     if variant == "packed":
         _report(capsys, "cpu", f"batch 1, {threads} thread(s)", ["fp32", "resnet18"])
         one, this = _medians.get(("cpu", "batch 1, 1 thread(s)", "packed")), _medians.get(
@@ -174,7 +184,7 @@ def _gpu_packed_available():
 
 
 @pytest.mark.skipif(not _gpu_packed_available(), reason="needs a CUDA GPU and candle-ext GPU kernels")
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "resnet18-binary"])
 def test_gpu_batch(benchmark, models, capsys, variant):
     net = copy.deepcopy(models[variant]).cuda()
     x = torch.randn(GPU_BATCH, 3, RESOLUTION, RESOLUTION, device="cuda")
