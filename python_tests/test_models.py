@@ -208,9 +208,12 @@ def test_binarize_resnet18_forward_and_freeze():
     model.eval()
     x = torch.randn(2, 3, 64, 64)
     frozen = freeze(model)
-    # downsample = Sequential(binary conv, BN): that BN is folded; bn1/bn2 are separate attributes, kept.
+    # downsample = Sequential(binary conv, BN): that BN is folded by the Sequential rule; bn1/bn2, separate
+    # attributes that BasicBlock's forward applies to the convs' outputs, through the traced dataflow; the stem's
+    # BN (after a full-precision conv) is kept.
     assert isinstance(frozen.layer2[0].downsample[1], nn.Identity)
-    assert isinstance(frozen.layer2[0].bn1, nn.BatchNorm2d)
+    assert isinstance(frozen.layer2[0].bn1, nn.Identity) and isinstance(frozen.layer3[1].bn2, nn.Identity)
+    assert isinstance(frozen.bn1, nn.BatchNorm2d)
     with torch.no_grad():
         ref, out = model(x), frozen(x)
     assert ref.shape == (2, 10)

@@ -102,8 +102,9 @@ def test_packed_conv_threshold_and_batchnorm_fold():
 
 
 def test_freeze_folds_only_certain_dataflow():
-    """An RSign followed by a shift is not foldable; a BN that is a sibling attribute (not a Sequential
-    neighbour) is kept; a BN without running statistics is kept."""
+    """An RSign followed by a shift is not foldable; a BN without running statistics is kept; a BN that is a
+    sibling attribute (not a Sequential neighbour) is folded only because the traced forward shows that it reads
+    the conv's output and nothing else does (test_traced_batchnorm_folding_only_where_the_dataflow_allows)."""
     torch.manual_seed(8)
 
     class Custom(nn.Module):
@@ -123,7 +124,7 @@ def test_freeze_folds_only_certain_dataflow():
     torch.testing.assert_close(frozen.conv.threshold, -model.shift.bias.detach())
     assert isinstance(frozen.bn, nn.BatchNorm2d)
     assert isinstance(frozen.custom.conv, PackedBinaryConv2d) and frozen.custom.conv.threshold is None
-    assert isinstance(frozen.custom.bn, nn.BatchNorm2d)
+    assert isinstance(frozen.custom.bn, nn.Identity)
     x = torch.randn(2, 16, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-5)
@@ -963,6 +964,106 @@ def test_frozen_model_served_like_a_module():
         torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(TypeError, match="torch.fx Proxy.*torch.jit.trace"):
         torch.fx.symbolic_trace(freeze(model))
+
+
+def test_freeze_folds_batchnorms_that_a_blocks_own_forward_applies(tmp_path):
+    """torchvision's BasicBlock applies bn1 to conv1's output in its own forward, where freeze's Sequential rule
+    cannot see it: freeze traces the model (torch.fx) and folds each BatchNorm that reads a packed conv's output
+    and nothing else into that conv (the BatchNorm becomes nn.Identity), within rounding of model.eval(). Such a
+    model is saved as format version 2 and loads as it was saved; a version-1 file (BatchNorms not folded this
+    way, as every earlier release wrote them) still loads, unfolded, and is saved again as version 1."""
+    torch.manual_seed(44)
+    model = randomise(binarize_(torchvision.models.resnet18(weights=None, num_classes=10)), 44).eval()
+    frozen = freeze(model)
+    assert getattr(frozen, packed_module.TRACED_ATTR) == 16  # two per BasicBlock
+    assert type(frozen.layer1[0].bn1) is nn.Identity and type(frozen.layer4[1].bn2) is nn.Identity
+    assert type(frozen.bn1) is packed_module.InferenceBatchNorm2d  # after the full-precision stem conv: kept
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        want, got = model(x), frozen(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    arch = {"builder": "torchvision.models.resnet18", "kwargs": {"num_classes": 10}}
+    save_packed(frozen, tmp_path / "v2.pt", arch=arch)
+    assert torch.load(tmp_path / "v2.pt", weights_only=True)["version"] == packed_module.TRACED_VERSION
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "v2.pt")(x), got)
+    # A file as releases before traced folding wrote it: the same model frozen without it.
+    old = packed_module._freeze_in_place(copy.deepcopy(model), traced_folds=False)
+    assert getattr(old, packed_module.TRACED_ATTR) == 0 and type(old.layer1[0].bn1) is not nn.Identity
+    save_packed(old, tmp_path / "v1.pt", arch=arch)
+    assert torch.load(tmp_path / "v1.pt", weights_only=True)["version"] == packed_module.VERSION
+    loaded = load_packed(tmp_path / "v1.pt")
+    assert type(loaded.layer1[0].bn1) is packed_module.InferenceBatchNorm2d
+    with torch.no_grad():
+        assert torch.equal(loaded(x), old(x))
+        torch.testing.assert_close(loaded(x), want, rtol=1e-4, atol=1e-4)
+    save_packed(loaded, tmp_path / "again.pt")  # arch recorded by load_packed
+    assert torch.load(tmp_path / "again.pt", weights_only=True)["version"] == packed_module.VERSION
+    # ReActNet-A folds everything in its Sequentials: nothing traced, version 1 files as before.
+    r = reactnet_a(num_classes=10, small_input=True, width_mult=0.25)
+    assert getattr(freeze(r), packed_module.TRACED_ATTR) == 0
+    save_packed(r, tmp_path / "r.pt")
+    assert torch.load(tmp_path / "r.pt", weights_only=True)["version"] == packed_module.VERSION
+
+
+class _Plain(nn.Module):
+    """A packed conv and a BatchNorm that the forward applies to its output: folded through the traced dataflow.
+    The subclasses use them in ways that must keep the BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(RSign(8), BinaryConv2d(8, 8, 3, padding=1))
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class _TwoUses(_Plain):
+    """conv's output feeds the BatchNorm and the sum: folding the BatchNorm into the conv would change the sum."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class _TwiceCalled(_Plain):
+    """The same conv and BatchNorm called twice: one fold would have to hold for both calls (it would, here; the
+    rule does not look so far)."""
+
+    def forward(self, x):
+        return self.bn(self.conv(self.bn(self.conv(x))))
+
+
+class _Branching(_Plain):
+    """Forward code that depends on the data: not traceable, so nothing is folded through it."""
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if bool(x.sum() > 0) else -y
+
+
+@pytest.mark.parametrize("cls, folds", [(_Plain, 1), (_TwoUses, 0), (_TwiceCalled, 0), (_Branching, 0)])
+def test_traced_batchnorm_folding_only_where_the_dataflow_allows(cls, folds):
+    """A BatchNorm is folded only where the traced forward applies it once to a packed conv's output that nothing
+    else reads; hooks on either module, or a model that cannot be traced, keep it. The values are
+    model.eval()'s either way."""
+    torch.manual_seed(45)
+    model = randomise(cls(), 45).eval()
+    x = torch.randn(2, 8, 6, 7)
+    frozen = freeze(model)
+    assert getattr(frozen, packed_module.TRACED_ATTR) == folds
+    assert (type(frozen.bn) is nn.Identity) == (folds == 1)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)
+    if folds:
+        seen = []
+        model.bn.register_forward_hook(lambda m, i, o: seen.append(o))
+        hooked = freeze(model)  # the hook stays on the frozen copy's BatchNorm: it must still run
+        assert getattr(hooked, packed_module.TRACED_ATTR) == 0 and type(hooked.bn) is not nn.Identity
+        with torch.no_grad():
+            torch.testing.assert_close(hooked(x), model(x), rtol=1e-4, atol=1e-4)
+        assert len(seen) == 2
 
 
 def _float_bits(t: torch.Tensor) -> torch.Tensor:

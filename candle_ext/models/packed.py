@@ -4,8 +4,9 @@ freeze(model) turns every BinaryConv2d into a PackedBinaryConv2d: its weight sig
 (layout in candle_ext/ops/bitpack.py), the input is binarised and packed by the fused sign_pack op with the
 threshold of the RSign/LearnableBias in front folded in, and the conv scale plus the BatchNorm after it are
 folded into the per-channel scale/shift of the conv's fused epilogue. Folding is done only where the dataflow
-is certain: consecutive children of an nn.Sequential, into a conv used in that one place. Everything else is kept
-as it is. A subclass that overrides forward() (of nn.Sequential, BinaryConv2d, RSign, LearnableBias) may compute
+is certain: consecutive children of an nn.Sequential, into a conv used in that one place; and a BatchNorm that the
+model's forward, traced with torch.fx, applies to a packed conv's output and to nothing else
+(_fold_traced_batchnorms; such models are saved as format version 2). Everything else is kept as it is. A subclass that overrides forward() (of nn.Sequential, BinaryConv2d, RSign, LearnableBias) may compute
 anything else, so it is neither folded into nor folded across; a BinaryConv2d subclass with its own forward()
 stays as it is (warned: it is not packed).
 """
@@ -25,6 +26,7 @@ from collections import OrderedDict
 from typing import Optional
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -42,7 +44,9 @@ from candle_ext.ops.stem_conv import stem_conv_bn, stem_form
 ARCH_ATTR = "candle_arch"
 META_ATTR = "candle_meta"  # what save_packed(meta=) stored: e.g. class names and input preprocessing
 FORMAT = "candle-ext packed model"
-VERSION = 1
+VERSION = 1  # files whose BatchNorms were folded in Sequentials only
+TRACED_VERSION = 2  # files whose model had BatchNorms folded through its traced dataflow (_fold_traced_batchnorms)
+TRACED_ATTR = "_candle_traced_folds"  # on a frozen model: how many BatchNorms _fold_traced_batchnorms folded
 # The model builders a packed file may name, matched exactly (never by prefix, never imported by a name the file
 # chose): candle-ext's own models, torchvision's registered classification models and timm.create_model with
 # a registered timm model name. Anything else would let a file run code when it is loaded.
@@ -481,8 +485,55 @@ def _mark_sync_batchnorms_after_convs(model: nn.Module):
                 m._plain_cls = nn.BatchNorm2d
 
 
-def _freeze_in_place(model: nn.Module) -> nn.Module:
-    """freeze() without the copy: converts `model` itself (the skeletons load_packed builds)."""
+class _FoldTracer(torch.fx.Tracer):
+    """Traces a model's own forward code down to torch.nn and candle-ext modules, which it records as calls."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__module__.startswith("candle_ext.") or super().is_leaf_module(m, qualname)
+
+
+def _fold_traced_batchnorms(model: nn.Module, shared: set) -> int:
+    """Fold into a packed conv each BatchNorm that a module's own forward applies to that conv's output and to
+    nothing else (torchvision's BasicBlock: out = self.bn1(self.conv1(x))), which freeze's Sequential rule cannot
+    see; the BatchNorm becomes nn.Identity, as there. The dataflow comes from tracing the model with torch.fx
+    (candle-ext and torch.nn modules as single calls); a model that cannot be traced keeps its BatchNorms. Only
+    a conv and a BatchNorm that the traced forward calls once each, with one argument, that no hook watches and
+    that no other place holds. Returns how many were folded."""
+    if not any(isinstance(m, PackedBinaryConv2d) for m in model.modules()):
+        return 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _FoldTracer().trace(model)
+    except Exception:  # untraceable forward code (data-dependent control flow, ...): nothing to fold from it
+        return 0
+    modules = dict(model.named_modules(remove_duplicate=False))
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded = 0
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        src = node.args[0] if bn is not None and len(node.args) == 1 and not node.kwargs else None
+        if not (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.args) == 1
+                and not src.kwargs and len(src.users) == 1):
+            continue
+        conv = modules.get(src.target)
+        if not (isinstance(conv, PackedBinaryConv2d) and _foldable_bn(bn, conv) and calls[node.target] == 1
+                and calls[src.target] == 1 and id(conv) not in shared and id(bn) not in shared
+                and not _hooked(conv) and not _hooked(bn)):
+            continue
+        conv.fold_batchnorm(bn)
+        parent_name, _, name = node.target.rpartition(".")
+        modules[parent_name]._modules[name] = nn.Identity()
+        folded += 1
+    return folded
+
+
+def _freeze_in_place(model: nn.Module, traced_folds: bool = True) -> nn.Module:
+    """freeze() without the copy: converts `model` itself (the skeletons load_packed builds). traced_folds=False:
+    without _fold_traced_batchnorms (the models of packed files of VERSION 1)."""
     with torch.inference_mode(False):  # normal buffers even when called under inference mode (CHAIN_ATTR)
         # A model still in its multi-process form (candle_ext.nn.convert_sync_batchnorm, as train/context.py makes
         # it for DDP): its synchronized batch norms back to the plain classes, which they equal in eval mode, so
@@ -490,7 +541,10 @@ def _freeze_in_place(model: nn.Module) -> nn.Module:
         # records no plain class: one right after a conv in an nn.Sequential is a BatchNorm2d.
         _mark_sync_batchnorms_after_convs(model)
         model = revert_sync_batchnorm(model)
-        frozen = _convert(model.eval(), {}, _shared_modules(model))
+        shared = _shared_modules(model)
+        frozen = _convert(model.eval(), {}, shared)
+        folds = _fold_traced_batchnorms(frozen, shared) if traced_folds else 0
+    object.__setattr__(frozen, TRACED_ATTR, folds)  # a plain attribute: no state_dict entry, kept by deepcopy
     for m in frozen.modules():  # after folding, which matches the exact BatchNorm types
         if type(m) in _INFERENCE_BN and m.track_running_stats and m.running_mean is not None:
             m.__class__ = _INFERENCE_BN[type(m)]
@@ -775,14 +829,16 @@ def _float_model(arch: dict, binarized, source: str) -> nn.Module:
     return model
 
 
-def _skeleton(arch: dict, binarized, source: str, budget: Optional[_Budget] = None) -> nn.Module:
+def _skeleton(arch: dict, binarized, source: str, budget: Optional[_Budget] = None,
+              traced_folds: bool = True) -> nn.Module:
     """The frozen model that `arch` and the binarized conv names describe (random weights; the caller's random
-    number generator state is left as it was), built under `budget` if one is given."""
+    number generator state is left as it was), built under `budget` if one is given; traced_folds as in
+    _freeze_in_place."""
     with torch.random.fork_rng(devices=[]), (budget if budget is not None else contextlib.nullcontext()):
-        return _freeze_in_place(_float_model(arch, binarized, source))
+        return _freeze_in_place(_float_model(arch, binarized, source), traced_folds)
 
 
-def _meta_skeleton(arch: dict, binarized, source: str):
+def _meta_skeleton(arch: dict, binarized, source: str, traced_folds: bool = True):
     """(the frozen model on the meta device, bytes the float model it is frozen from holds), built without
     allocating any tensor memory; None when the model cannot be built on the meta device (a builder that reads
     values of the tensors it makes: torchvision's regnets)."""
@@ -790,7 +846,7 @@ def _meta_skeleton(arch: dict, binarized, source: str):
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             model = _float_model(arch, binarized, source)
             nbytes = _nbytes(model)
-            return _freeze_in_place(model), nbytes
+            return _freeze_in_place(model, traced_folds), nbytes
     except _TooBig:
         raise
     except Exception:  # whatever it is, the real build (under a _Budget) meets it again and reports it
@@ -895,9 +951,12 @@ def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict]
         _plain(meta, "meta")
     frozen = model if not any(isinstance(m, BinaryConv2d) for m in model.modules()) else freeze(model)
     binarized = list(getattr(model, BINARIZED_ATTR, ()))
+    # A model with BatchNorms folded through its traced dataflow is written as TRACED_VERSION, which load_packed
+    # rebuilds the same way; every other one as VERSION, which candle-ext releases before traced folding read.
+    traced = bool(getattr(frozen, TRACED_ATTR, 0))
     # Refuse now, not when loading, a model that load_packed could not rebuild from the description.
-    on_meta = _meta_skeleton(arch, binarized, "save_packed")
-    skeleton = on_meta[0] if on_meta is not None else _skeleton(arch, binarized, "save_packed")
+    on_meta = _meta_skeleton(arch, binarized, "save_packed", traced)
+    skeleton = on_meta[0] if on_meta is not None else _skeleton(arch, binarized, "save_packed", traced_folds=traced)
     expected, actual = _structure(skeleton.state_dict()), _structure(frozen.state_dict())
     if expected != actual:
         raise ValueError(f"save_packed: the model does not have the structure that arch {arch} builds (after "
@@ -916,7 +975,8 @@ def save_packed(model: nn.Module, path, half: bool = False, arch: Optional[dict]
     if nan is not None:  # load_packed refuses it: better said now than when the file is shipped
         raise ValueError(f"save_packed: the model's {nan!r} holds NaN (a diverged run?); refusing to write it")
     index, data = _flatten(state)
-    header = {"format": FORMAT, "version": VERSION, "arch": arch, "binarized": binarized, "half": bool(half),
+    header = {"format": FORMAT, "version": TRACED_VERSION if traced else VERSION, "arch": arch,
+              "binarized": binarized, "half": bool(half),
               "index": index}
     if meta:  # absent otherwise: files without it keep the checksum they had before meta existed
         header["meta"] = meta
@@ -958,8 +1018,10 @@ def load_packed(path, map_location="cpu") -> nn.Module:
     if not (isinstance(blob, dict) and isinstance(blob.get("format"), str) and blob["format"] == FORMAT):
         raise ValueError(f"{path}: not a candle-ext packed model file (no '{FORMAT}' header)")
     version = blob.get("version")
-    if not (type(version) is int and version == VERSION):
-        raise ValueError(f"{path}: packed format version {version!r}; this candle-ext reads {VERSION}")
+    if not (type(version) is int and version in (VERSION, TRACED_VERSION)):
+        raise ValueError(f"{path}: packed format version {version!r}; this candle-ext reads {VERSION} and "
+                         f"{TRACED_VERSION}")
+    traced = version == TRACED_VERSION
     binarized = blob.get("binarized")
     if not (isinstance(binarized, list) and all(isinstance(n, str) for n in binarized)):
         raise ValueError(f"{path}: malformed packed model file (binarized list missing)")
@@ -994,7 +1056,7 @@ def load_packed(path, map_location="cpu") -> nn.Module:
         with _max_modules(max_modules, f"{path}: the model that {arch['builder']} builds with kwargs "
                                        f"{arch['kwargs']} has more than {max_modules} modules, more than a file "
                                        f"of {held} non-empty tensors can describe; refused while building it"):
-            meta = _meta_skeleton(arch, binarized, str(path))
+            meta = _meta_skeleton(arch, binarized, str(path), traced)
             budget = None
             if meta is not None:
                 _check_fits(*meta, state, arch, str(path))
@@ -1003,7 +1065,7 @@ def load_packed(path, map_location="cpu") -> nn.Module:
                 budget = _Budget(limit, f"{path}: the model that {arch['builder']} builds with kwargs "
                                         f"{arch['kwargs']} takes more than {limit} bytes, more than the file's "
                                         "tensors can account for; refused before allocating it")
-            frozen = _skeleton(arch, binarized, str(path), budget)
+            frozen = _skeleton(arch, binarized, str(path), budget, traced)
         # The module versions that _load_from_state_dict hooks read (torchvision's MNASNet refuses a state without
         # one): those of the model just built, the file holding plain tensors only.
         state = OrderedDict(state)
