@@ -205,6 +205,12 @@ def pool_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return torch.nn.functional.linear(x.mean((2, 3)), weight, bias)
 
 
+def layout_copy(x: torch.Tensor, to_channels_last: bool) -> torch.Tensor:
+    """x copied to channels_last (to_channels_last) or to contiguous NCHW: what the CPU transpose kernel
+    layout_copy_cpu computes (a copy: the same values, bit for bit)."""
+    return x.contiguous(memory_format=torch.channels_last if to_channels_last else torch.contiguous_format)
+
+
 def stem_conv_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
                  mean: torch.Tensor, var: torch.Tensor, bn_weight: Optional[torch.Tensor],
                  bn_bias: Optional[torch.Tensor], eps: float, pack_threshold: Optional[torch.Tensor] = None):

@@ -35,6 +35,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_cpu", &candle::linear_cpu,
         "float32 x @ weight.T + bias at small batch (CPU): each weight row streamed once, its own summation order",
         py::arg("x"), py::arg("weight"), py::arg("bias"));
+  m.def("layout_copy_cpu", &candle::layout_copy_cpu,
+        "float32 [N, C, H, W] copied NCHW -> channels_last (to_channels_last) or back, on the CPU transpose kernels",
+        py::arg("x"), py::arg("to_channels_last"));
   m.def("pool_linear_cpu", &candle::pool_linear_cpu,
         "linear_cpu of float32 x [N, in, H, W] averaged over H and W (a classifier head's global pool, same call)",
         py::arg("x"), py::arg("weight"), py::arg("bias"));

@@ -25,6 +25,9 @@ at::Tensor sign_pack_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& b
 // path the next call takes ("avx512", "avx2", "neon" or "portable"; CANDLE_EXT_CPU_ISA is read on every call).
 std::string cpu_features();
 std::string cpu_isa();
+// csrc/cpu/transpose.cpp: float32 x [N, C, H, W], contiguous NCHW (to_channels_last) or channels_last, copied
+// to the other memory format (kernels.h: transpose)
+at::Tensor layout_copy_cpu(const at::Tensor& x, bool to_channels_last);
 // csrc/cpu/linear.cpp: float32 x [N, in] @ weight[out, in]^T (+ bias [out]) -> [N, out] (kernels.h: linear)
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 // csrc/cpu/linear.cpp: x [N, in, H, W] averaged over H, W (kernels.h: global_avg_pool), then as linear_cpu

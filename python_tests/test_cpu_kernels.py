@@ -790,6 +790,49 @@ def test_pool_linear_rejects_an_empty_map():
         _C.pool_linear_cpu(torch.randn(2, 8, 0, 3), torch.randn(3, 8), torch.randn(3))
 
 
+# layout_copy_cpu: NCHW <-> channels_last copies on the transpose kernels (csrc/cpu/transpose.cpp,
+# candle_ext/ops/layout.py; a frozen model's max pool reads its input through it)
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_layout_copy_matches_reference(isa):
+    """Both directions, bit for bit (NaN payloads, infinities, signed zeros), in the target memory format, on maps
+    with partial 8 x 8 blocks, one channel or one pixel, more than one panel of 64 source columns, several images,
+    empty batches and channels, at one thread and more."""
+    g = torch.Generator().manual_seed(46)
+    shapes = [(1, 64, 112, 112), (2, 3, 7, 9), (1, 1, 5, 5), (3, 70, 1, 1), (1, 8, 8, 8), (2, 130, 3, 45),
+              (0, 4, 3, 3), (2, 0, 3, 3)] + [tuple(int(v) for v in torch.randint(1, 40, (4,), generator=g)) for _ in range(20)]
+    for shape in shapes:
+        x = torch.randn(shape, generator=g)
+        if x.numel():
+            x.view(-1)[::7] = float("nan")
+            x.view(-1)[1::11] = float("-inf")
+            x.view(-1)[2::13] = -0.0
+        for to_cl in (True, False):
+            src = x if to_cl else x.contiguous(memory_format=torch.channels_last)
+            want = R.layout_copy(src, to_cl)
+            outs = _at_one_and_more_threads(lambda: _C.layout_copy_cpu(src, to_cl))
+            fmt = torch.channels_last if to_cl else torch.contiguous_format
+            for out in outs:
+                assert out.shape == want.shape and out.is_contiguous(memory_format=fmt), (shape, to_cl)
+                assert torch.equal(out.view(torch.int32), want.view(torch.int32)), (shape, to_cl)
+
+
+def test_layout_copy_rejects_bad_arguments():
+    x = torch.randn(2, 3, 4, 5)
+    with pytest.raises(TypeError, match="x has dtype"):
+        _C.layout_copy_cpu(x.double(), True)
+    with pytest.raises(ValueError, match="x must have 4 dimensions"):
+        _C.layout_copy_cpu(x[0], True)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        _C.layout_copy_cpu(x.contiguous(memory_format=torch.channels_last), True)
+    with pytest.raises(ValueError, match="must be channels_last"):
+        _C.layout_copy_cpu(x, False)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        _C.layout_copy_cpu(x[:, :, ::2], True)
+    with pytest.raises(ValueError, match="x is on meta"):
+        _C.layout_copy_cpu(x.to("meta"), True)
+
+
 # stem_conv_cpu: frozen models' first conv and its BatchNorm (csrc/cpu/stem_conv*.cpp, candle_ext/ops/stem_conv.py)
 
 def _stem_cases(count, seed):

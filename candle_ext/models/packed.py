@@ -38,6 +38,7 @@ from candle_ext.nn.sync_batchnorm import GlooSyncBatchNorm, revert_sync_batchnor
 from candle_ext.ops import sign_pack, validate
 from candle_ext.ops.binary_conv2d import packed_chain_available, packed_chain_blocks, packed_inference_conv
 from candle_ext.ops.bitpack import check_packed, num_words
+from candle_ext.ops.layout import layout_copy
 from candle_ext.ops.linear import small_batch_linear
 from candle_ext.ops.stem_conv import stem_conv_bn, stem_form
 
@@ -456,8 +457,9 @@ class InferenceMaxPool2d(nn.MaxPool2d):
     """An nn.MaxPool2d of a frozen model (freeze() sets the class: same attributes, no state). torch's CPU kernel
     is vectorised over the channels of a channels_last input, but walks an NCHW one window by window: on an NCHW
     float32/float64 input of >= 8 channels (a binarized ResNet's pool after its stem) this pools a channels_last
-    copy and returns the result in NCHW, a quarter of the time with both copies (1x64x112x112 float32, one
-    thread, Intel Xeon model 167: 5.9 -> 1.4 ms). The bits are the same either way: each output is one input of
+    copy and returns the result in NCHW, the float32 copies made by the transpose kernels (ops/layout.py): a
+    sixth of the time with both copies (1x64x112x112 float32, one thread, Intel Xeon model 167: 5.3-5.5 -> 0.82
+    ms; 1.3 ms with torch's copies). The bits are the same either way: each output is one input of
     its window, a NaN in the window gives a NaN (half types are left out: their channels_last kernel rewrites
     NaN payloads). Otherwise (other layouts, dtypes, devices or dims, return_indices, an input that may want a
     gradient) nn.MaxPool2d's own call."""
@@ -466,9 +468,9 @@ class InferenceMaxPool2d(nn.MaxPool2d):
         if (isinstance(x, torch.Tensor) and not self.return_indices and x.device.type == "cpu" and x.dim() == 4
                 and x.shape[1] >= 8 and x.dtype in (torch.float32, torch.float64)
                 and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())):
-            y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), self.kernel_size, self.stride,
-                             self.padding, self.dilation, ceil_mode=self.ceil_mode)
-            return y.contiguous()
+            y = F.max_pool2d(layout_copy(x, True), self.kernel_size, self.stride, self.padding, self.dilation,
+                             ceil_mode=self.ceil_mode)
+            return layout_copy(y, False) if y.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
         return super().forward(x)
 
 
