@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 DRIVER = Path(__file__).resolve().parent / "cross" / "driver.cpp"
 # The ATen entry points include torch; every other csrc/cpu/*.cpp is a torch-free core.
-ENTRY_POINTS = {"binary_conv2d.cpp", "linear.cpp", "react_chain.cpp", "sign_pack.cpp", "stem_conv.cpp"}
+ENTRY_POINTS = {"binary_conv2d.cpp", "linear.cpp", "react_chain.cpp", "sign_pack.cpp", "stem_conv.cpp",
+                "transpose.cpp"}
 FLAGS = ["-std=c++20", "-O3", "-Wall", "-Wextra", "-Werror", "-DCANDLE_EXT_TORCH_FREE", f"-I{CSRC}", "-pthread"]
 THREADS = 3  # odd, so the parallel splits are uneven
 REQUIRE = os.environ.get("CANDLE_EXT_REQUIRE_CROSS", "0") == "1"
