@@ -38,9 +38,9 @@ from test_cpu_kernels import EDGE_CASES, SIGN_SHAPES, _sign_inputs
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 DRIVER = Path(__file__).resolve().parent / "cross" / "driver.cpp"
-# The ATen entry points include torch; every other csrc/cpu/*.cpp is a torch-free core.
-ENTRY_POINTS = {"binary_conv2d.cpp", "linear.cpp", "react_chain.cpp", "sign_pack.cpp", "stem_conv.cpp",
-                "transpose.cpp"}
+# The ATen entry points include torch (directly or through ../ops.h / ../checks.h); every other csrc/cpu/*.cpp
+# is a torch-free core. Told apart by their includes, so that a new entry file needs no list kept here.
+TORCH_INCLUDES = ('#include "../ops.h"', '#include "../checks.h"', "#include <torch/", "#include <ATen/")
 FLAGS = ["-std=c++20", "-O3", "-Wall", "-Wextra", "-Werror", "-DCANDLE_EXT_TORCH_FREE", f"-I{CSRC}", "-pthread"]
 THREADS = 3  # odd, so the parallel splits are uneven
 REQUIRE = os.environ.get("CANDLE_EXT_REQUIRE_CROSS", "0") == "1"
@@ -51,8 +51,20 @@ SIMDE_HEADER = "simde/x86/avx512.h"
 X86 = platform.machine() in ("x86_64", "AMD64")
 
 
+def _is_entry_point(path: Path) -> bool:
+    text = path.read_text()
+    return any(include in text for include in TORCH_INCLUDES)
+
+
 def _cores():
-    return sorted(str(p) for p in (CSRC / "cpu").glob("*.cpp") if p.name not in ENTRY_POINTS)
+    return sorted(str(p) for p in (CSRC / "cpu").glob("*.cpp") if not _is_entry_point(p))
+
+
+def test_entry_points_are_told_apart_from_the_cores():
+    entries = {p.name for p in (CSRC / "cpu").glob("*.cpp") if _is_entry_point(p)}
+    assert {"binary_conv2d.cpp", "linear.cpp", "react_chain.cpp", "sign_pack.cpp", "stem_conv.cpp",
+            "transpose.cpp"} <= entries
+    assert {"dispatch.cpp", "transpose_avx2.cpp", "binary_conv2d_avx512.cpp"} <= {Path(c).name for c in _cores()}
 
 
 def _missing(what):
