@@ -800,7 +800,8 @@ def test_layout_copy_matches_reference(isa):
     empty batches and channels, at one thread and more."""
     g = torch.Generator().manual_seed(46)
     shapes = [(1, 64, 112, 112), (2, 3, 7, 9), (1, 1, 5, 5), (3, 70, 1, 1), (1, 8, 8, 8), (2, 130, 3, 45),
-              (0, 4, 3, 3), (2, 0, 3, 3)] + [tuple(int(v) for v in torch.randint(1, 40, (4,), generator=g)) for _ in range(20)]
+              (0, 4, 3, 3), (2, 0, 3, 3)]
+    shapes += [tuple(int(v) for v in torch.randint(1, 40, (4,), generator=g)) for _ in range(20)]
     for shape in shapes:
         x = torch.randn(shape, generator=g)
         if x.numel():

@@ -1095,7 +1095,8 @@ def test_frozen_max_pool_gives_the_pool_bits_faster():
         fast.__class__ = packed_module.InferenceMaxPool2d
         dtype = pick(torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16)
         shape = (pick(0, 1, 2, 3), pick(1, 7, 8, 16, 33, 64), pick(1, 5, 12, 31), pick(1, 4, 13, 30))
-        if (k - 1) * dilation + 1 > shape[2] + 2 * pool.padding or (kw - 1) * dilation + 1 > shape[3] + 2 * pool.padding:
+        reach_h, reach_w = (k - 1) * dilation + 1, (kw - 1) * dilation + 1
+        if reach_h > shape[2] + 2 * pool.padding or reach_w > shape[3] + 2 * pool.padding:
             continue
         x = torch.randn(shape, generator=gen).to(dtype)
         u = torch.rand(shape, generator=gen)

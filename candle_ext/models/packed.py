@@ -6,7 +6,8 @@ threshold of the RSign/LearnableBias in front folded in, and the conv scale plus
 folded into the per-channel scale/shift of the conv's fused epilogue. Folding is done only where the dataflow
 is certain: consecutive children of an nn.Sequential, into a conv used in that one place; and a BatchNorm that the
 model's forward, traced with torch.fx, applies to a packed conv's output and to nothing else
-(_fold_traced_batchnorms; such models are saved as format version 2). Everything else is kept as it is. A subclass that overrides forward() (of nn.Sequential, BinaryConv2d, RSign, LearnableBias) may compute
+(_fold_traced_batchnorms; such models are saved as format version 2). Everything else is kept as it is. A
+subclass that overrides forward() (of nn.Sequential, BinaryConv2d, RSign, LearnableBias) may compute
 anything else, so it is neither folded into nor folded across; a BinaryConv2d subclass with its own forward()
 stays as it is (warned: it is not packed).
 """
