@@ -211,6 +211,13 @@ def layout_copy(x: torch.Tensor, to_channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last if to_channels_last else torch.contiguous_format)
 
 
+def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False):
+    """torch.nn.functional.max_pool2d: what the CPU kernel max_pool2d_cpu computes for NCHW float32 input, bit
+    for bit (each output the window's last NaN if it has one, else its first value equal to the maximum, in
+    torch's row-by-row scan)."""
+    return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
+
+
 def stem_conv_bn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
                  mean: torch.Tensor, var: torch.Tensor, bn_weight: Optional[torch.Tensor],
                  bn_bias: Optional[torch.Tensor], eps: float, pack_threshold: Optional[torch.Tensor] = None):

@@ -38,6 +38,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layout_copy_cpu", &candle::layout_copy_cpu,
         "float32 [N, C, H, W] copied NCHW -> channels_last (to_channels_last) or back, on the CPU transpose kernels",
         py::arg("x"), py::arg("to_channels_last"));
+  m.def("max_pool2d_cpu", &candle::max_pool2d_cpu,
+        "float32 NCHW max pool with the bits of torch's (CPU): one value or one per axis for each window parameter",
+        py::arg("x"), py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("ceil_mode"));
   m.def("pool_linear_cpu", &candle::pool_linear_cpu,
         "linear_cpu of float32 x [N, in, H, W] averaged over H and W (a classifier head's global pool, same call)",
         py::arg("x"), py::arg("weight"), py::arg("bias"));

@@ -28,6 +28,10 @@ std::string cpu_isa();
 // csrc/cpu/transpose.cpp: float32 x [N, C, H, W], contiguous NCHW (to_channels_last) or channels_last, copied
 // to the other memory format (kernels.h: transpose)
 at::Tensor layout_copy_cpu(const at::Tensor& x, bool to_channels_last);
+// csrc/cpu/max_pool.cpp: float32 x [N, C, H, W], contiguous NCHW, max-pooled as torch.nn.functional.max_pool2d
+// with the same bits (kernel_size, stride, padding, dilation: one value or one per axis); NCHW output
+at::Tensor max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
 // csrc/cpu/linear.cpp: float32 x [N, in] @ weight[out, in]^T (+ bias [out]) -> [N, out] (kernels.h: linear)
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 // csrc/cpu/linear.cpp: x [N, in, H, W] averaged over H, W (kernels.h: global_avg_pool), then as linear_cpu

@@ -834,6 +834,77 @@ def test_layout_copy_rejects_bad_arguments():
         _C.layout_copy_cpu(x.to("meta"), True)
 
 
+# max_pool2d_cpu: NCHW float32 max pool with torch's bits (csrc/cpu/max_pool*.cpp, candle_ext/ops/max_pool.py; a
+# frozen model's nn.MaxPool2d)
+
+def _max_pool_input(shape, seed):
+    """Random floats with a twelfth each NaN (distinct payloads, both signs), -inf, +inf, +0.0 and -0.0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    kind = torch.randint(0, 12, shape, generator=g)
+    payload = torch.randint(1, 1 << 22, shape, generator=g, dtype=torch.int32)
+    nan = torch.where(torch.rand(shape, generator=g) < 0.5, 0x7FC00000, -0x400000).to(torch.int32) | payload
+    x.view(torch.int32).copy_(torch.where(kind == 0, nan, x.view(torch.int32)))
+    for value, code in ((float("-inf"), 1), (float("inf"), 2), (0.0, 3), (-0.0, 4)):
+        x.masked_fill_(kind == code, value)
+    return x
+
+
+def _max_pool_cases(count, seed):
+    """Random (shape, kernel, stride, padding, dilation, ceil_mode) that torch accepts: kernels 1-5 per axis,
+    strides 1-4 (the kernels' stride-1, stride-2 and gathered tap forms), padding up to half the kernel,
+    dilation 1-3, rows of 1-70 columns (partial and several vectors of 8 / 16 outputs), batches of 1-3."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    out = []
+    while len(out) < count:
+        k, s, d = (r(1, 5), r(1, 5)), (r(1, 4), r(1, 4)), (r(1, 3), r(1, 3))
+        p = (r(0, k[0] // 2), r(0, k[1] // 2))
+        shape = (r(1, 3), r(1, 6), r(1, 40), r(1, 70))
+        if all(shape[2 + a] + 2 * p[a] >= d[a] * (k[a] - 1) + 1 for a in (0, 1)):
+            out.append((shape, k, s, p, d, bool(r(0, 1))))
+    return out
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_max_pool2d_matches_reference(isa):
+    """Bit for bit against reference.max_pool2d (torch's scan: a window's last NaN with its payload, else its first
+    maximum, so -0.0 or +0.0 by position) on random window geometries and on a ResNet stem's pool, at one thread
+    and more; one value for both axes works as torch's does."""
+    cases = _max_pool_cases(120, seed=47) + [((1, 64, 112, 112), (3, 3), (2, 2), (1, 1), (1, 1), False)]
+    for i, (shape, k, s, p, d, ceil) in enumerate(cases):
+        x = _max_pool_input(shape, seed=i)
+        want = R.max_pool2d(x, k, s, p, d, ceil)
+        outs = _at_one_and_more_threads(lambda: _C.max_pool2d_cpu(x, list(k), list(s), list(p), list(d), ceil))
+        for out in outs:
+            assert out.shape == want.shape and out.is_contiguous(), (shape, k, s, p, d, ceil)
+            assert torch.equal(out.view(torch.int32), want.view(torch.int32)), (shape, k, s, p, d, ceil)
+    x = _max_pool_input((2, 3, 9, 11), seed=99)
+    assert torch.equal(_C.max_pool2d_cpu(x, [3], [2], [1], [2], True).view(torch.int32),
+                       R.max_pool2d(x, 3, 2, 1, 2, True).view(torch.int32))
+    assert _C.max_pool2d_cpu(torch.randn(0, 3, 8, 8), [2], [2], [0], [1], False).shape == (0, 3, 4, 4)
+
+
+def test_max_pool2d_rejects_bad_arguments():
+    x = torch.randn(2, 3, 8, 8)
+    ok = dict(kernel_size=[3], stride=[2], padding=[1], dilation=[1], ceil_mode=False)
+    bad = [(dict(x=x.double()), TypeError, "x has dtype"), (dict(x=x[0]), ValueError, "x must have 4 dimensions"),
+           (dict(x=x.contiguous(memory_format=torch.channels_last)), ValueError, "must be contiguous"),
+           (dict(x=x[:, :, ::2]), ValueError, "must be contiguous"), (dict(x=x.to("meta")), ValueError, "x is on meta"),
+           (dict(x=torch.randn(2, 0, 8, 8)), ValueError, "must have channels and pixels"),
+           (dict(kernel_size=[3, 3, 3]), ValueError, "kernel_size must have 1 or 2 values"),
+           (dict(kernel_size=[0]), ValueError, "kernel_size must be positive"),
+           (dict(stride=[2, 0]), ValueError, "stride must be positive"),
+           (dict(dilation=[-1]), ValueError, "dilation must be positive"),
+           (dict(padding=[2]), ValueError, "at most half of kernel_size"),
+           (dict(padding=[-1]), ValueError, "padding must be >= 0"),
+           (dict(x=torch.randn(1, 1, 2, 2), kernel_size=[3], padding=[0]), ValueError, "too small")]
+    for change, error, message in bad:
+        args = dict(ok, x=x, **change) if "x" not in change else dict(ok, **change)
+        with pytest.raises(error, match=message):
+            _C.max_pool2d_cpu(**args)
+
+
 # stem_conv_cpu: frozen models' first conv and its BatchNorm (csrc/cpu/stem_conv*.cpp, candle_ext/ops/stem_conv.py)
 
 def _stem_cases(count, seed):

@@ -33,7 +33,7 @@ import torch
 
 from candle_ext import backend, reference as R
 from shapes import random_conv_configs
-from test_cpu_kernels import EDGE_CASES, SIGN_SHAPES, _sign_inputs
+from test_cpu_kernels import EDGE_CASES, SIGN_SHAPES, _max_pool_input, _sign_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -248,6 +248,16 @@ class Cases:
         self.stems[cid] = (nhwc(exact), nhwc(bound), threshold,
                            f"stem n{n} c{cin} {h}x{w} o{cout} k{kh}x{kw} s{stride} p{pad} bias={with_bias}")
 
+    def maxpool(self, x: torch.Tensor, k, stride, pad, dilation, ceil_mode):
+        cid = f"m{len(self.lines)}"
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pair(k), _pair(stride), _pair(pad), _pair(dilation)
+        _write(self.root / f"{cid}.x", x)
+        n, c, h, w = x.shape
+        self.lines.append(f"maxpool {cid} {n * c} {h} {w} {kh} {kw} {sh} {sw} {ph} {pw} {dh} {dw} {int(ceil_mode)}")
+        self.expected[cid] = (R.max_pool2d(x, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode),
+                              f"max_pool2d {tuple(x.shape)} k{kh}x{kw} s{sh},{sw} p{ph},{pw} d{dh},{dw} "
+                              f"ceil={ceil_mode}")
+
     def finish(self):
         (self.root / "cases.txt").write_text("\n".join(self.lines) + "\n")
 
@@ -299,6 +309,15 @@ def cases(tmp_path_factory):
                               (1, 3, 8, 8, 64, 7, 7, 2, 3), (1, 2, 5, 6, 33, 3, 3, 3, 0), (1, 3, 4, 4, 7, 3, 3, 1, 5),
                               (1, 3, 11, 11, 96, 11, 11, 4, 0), (1, 3, 21, 19, 70, 3, 3, 1, 1)]):
         c.stem(*case, with_bias=i % 2 == 0, seed=950 + i)
+    # The max pool: a ResNet stem's pool, rows with partial vectors (8 / 16 lanes), strides 1, 2 and 3 (the three
+    # tap forms), dilation, ceil_mode windows that end in the padding; NaN payloads, infinities and signed zeros.
+    pools = [((1, 3, 112, 112), 3, 2, 1, 1, False), ((2, 2, 9, 13), 2, 2, 0, 1, True),
+             ((1, 3, 17, 35), (3, 2), (1, 2), (1, 1), 1, False), ((1, 2, 20, 23), 3, 3, 1, (1, 2), True),
+             ((1, 1, 5, 5), 5, 1, 2, 1, False), ((3, 1, 1, 40), (1, 4), (1, 3), (0, 2), 1, True),
+             ((1, 2, 33, 50), (2, 3), 2, (1, 1), (2, 3), False)]
+    for i, (shape, k, s, p, d, ceil) in enumerate(pools):
+        x = _max_pool_input(shape, seed=980 + i)
+        c.maxpool(x, k, s, p, d, ceil)
     c.finish()
     return c
 

@@ -1071,12 +1071,22 @@ def _float_bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({torch.float64: torch.int64, torch.float32: torch.int32}.get(t.dtype, torch.int16))
 
 
-def test_frozen_max_pool_gives_the_pool_bits_faster():
-    """freeze() makes every plain nn.MaxPool2d an InferenceMaxPool2d (no state: the same state_dict), which pools a
-    channels_last copy of an NCHW CPU input of >= 8 channels (torch's NCHW kernel walks window by window) and
-    must give exactly nn.MaxPool2d's bits: NaN, infinities and signed zeros in the windows, every window
-    geometry torch accepts, every float dtype, empty batches; gradients and return_indices keep the module's
-    call."""
+@pytest.mark.parametrize("cpu_isa", [None, "portable"])
+def test_frozen_max_pool_gives_the_pool_bits_faster(monkeypatch, cpu_isa):
+    """freeze() makes every plain nn.MaxPool2d an InferenceMaxPool2d (no state: the same state_dict), which pools an
+    NCHW CPU input itself (torch's NCHW kernel walks window by window): float32 with the compiled kernel on the
+    AVX2 / AVX-512 paths, else (the portable path forced here) a channels_last copy of >= 8 channels, and must
+    give exactly nn.MaxPool2d's bits: NaN, infinities and signed zeros in the windows, every window geometry
+    torch accepts, every float dtype, empty batches; gradients and return_indices keep the module's call."""
+    if cpu_isa is not None:
+        monkeypatch.setenv("CANDLE_EXT_CPU_ISA", cpu_isa)
+    from candle_ext import backend
+    from candle_ext.ops.binary_conv2d import packed_chain_available
+    kernel_calls = []
+    if packed_chain_available(torch.zeros(1)):  # the kernel must be what serves float32 NCHW here
+        real = backend.compiled_module().max_pool2d_cpu
+        monkeypatch.setattr(backend.compiled_module(), "max_pool2d_cpu",
+                            lambda *args: kernel_calls.append(args[0].shape) or real(*args))
     model = binarize_(torchvision.models.resnet18(weights=None, num_classes=10)).eval()
     frozen = freeze(model)
     assert type(frozen.maxpool) is packed_module.InferenceMaxPool2d and type(model.maxpool) is nn.MaxPool2d
@@ -1110,6 +1120,7 @@ def test_frozen_max_pool_gives_the_pool_bits_faster():
             assert got.is_contiguous(memory_format=layout) == want.is_contiguous(memory_format=layout)
         checked += 1
     assert checked > 250
+    assert len(kernel_calls) > 50 or not packed_chain_available(torch.zeros(1))
     x = torch.randn(1, 16, 9, 9, requires_grad=True)  # a gradient wanted: the module's call, which has one
     want_grad = torch.autograd.grad(frozen.maxpool.__class__.__mro__[1].forward(frozen.maxpool, x).sum(), x)[0]
     torch.testing.assert_close(torch.autograd.grad(frozen.maxpool(x).sum(), x)[0], want_grad)

@@ -39,8 +39,8 @@ from candle_ext.nn.sync_batchnorm import GlooSyncBatchNorm, revert_sync_batchnor
 from candle_ext.ops import sign_pack, validate
 from candle_ext.ops.binary_conv2d import packed_chain_available, packed_chain_blocks, packed_inference_conv
 from candle_ext.ops.bitpack import check_packed, num_words
-from candle_ext.ops.layout import layout_copy
 from candle_ext.ops.linear import small_batch_linear
+from candle_ext.ops.max_pool import max_pool2d
 from candle_ext.ops.stem_conv import stem_conv_bn, stem_form
 
 ARCH_ATTR = "candle_arch"
@@ -456,22 +456,18 @@ class InferenceLinear(nn.Linear):
 
 class InferenceMaxPool2d(nn.MaxPool2d):
     """An nn.MaxPool2d of a frozen model (freeze() sets the class: same attributes, no state). torch's CPU kernel
-    is vectorised over the channels of a channels_last input, but walks an NCHW one window by window: on an NCHW
-    float32/float64 input of >= 8 channels (a binarized ResNet's pool after its stem) this pools a channels_last
-    copy and returns the result in NCHW, the float32 copies made by the transpose kernels (ops/layout.py): a
-    sixth of the time with both copies (1x64x112x112 float32, one thread, Intel Xeon model 167: 5.3-5.5 -> 0.82
-    ms; 1.3 ms with torch's copies). The bits are the same either way: each output is one input of
-    its window, a NaN in the window gives a NaN (half types are left out: their channels_last kernel rewrites
-    NaN payloads). Otherwise (other layouts, dtypes, devices or dims, return_indices, an input that may want a
-    gradient) nn.MaxPool2d's own call."""
+    walks an NCHW input window by window; an NCHW CPU input that wants no gradient is pooled by ops/max_pool.py
+    instead: float32 by the compiled kernel on the AVX2 / AVX-512 paths (1x64x112x112, one thread, Intel Xeon
+    model 167: 5.0 -> 0.22 ms), else float32/float64 of >= 8 channels through a channels_last copy (0.76 ms).
+    The bits are the same either way: each output is one input of its window, taken in torch's scan order.
+    Otherwise (other layouts, dtypes, devices or dims, return_indices, an input that may want a gradient)
+    nn.MaxPool2d's own call."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (isinstance(x, torch.Tensor) and not self.return_indices and x.device.type == "cpu" and x.dim() == 4
-                and x.shape[1] >= 8 and x.dtype in (torch.float32, torch.float64)
-                and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())):
-            y = F.max_pool2d(layout_copy(x, True), self.kernel_size, self.stride, self.padding, self.dilation,
-                             ceil_mode=self.ceil_mode)
-            return layout_copy(y, False) if y.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+                and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            return max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
         return super().forward(x)
 
 

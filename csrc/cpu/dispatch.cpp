@@ -78,6 +78,20 @@ void transpose(Isa isa, const TransposeJob& j) {
   });
 }
 
+void max_pool2d(Isa isa, const MaxPoolJob& j) {
+  void (*fn)(const MaxPoolJob&, int64_t, int64_t) = max_pool2d_portable;
+#if defined(CANDLE_HAVE_AVX2_PATH)
+  if (isa == Isa::Avx2) fn = max_pool2d_avx2;
+#endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+  if (isa == Isa::Avx512) fn = max_pool2d_avx512;
+#endif
+  (void)isa;  // NEON: the portable path
+  // Tasks of one plane; threads only for >= ~64K input floats each.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, j.h * j.w));
+  parallel_for(0, j.planes, grain, [&](int64_t begin, int64_t end) { fn(j, begin, end); });
+}
+
 void linear(Isa isa, const LinearJob& j) {
   void (*fn)(const LinearJob&, int64_t, int64_t) = linear_portable;
 #if defined(CANDLE_HAVE_AVX2_PATH)

@@ -160,6 +160,40 @@ void transpose_avx2(const TransposeJob& j, int64_t task);
 #endif
 
 // ------------------------------------------------------------------------------------------------------------
+// max_pool2d: float32 planes [planes][h][w] (NCHW, one plane per image and channel) -> [planes][oh][ow], each
+// output the maximum of its window as torch's CPU kernel takes it: the window's taps inside the input scanned
+// row by row, left to right, a value taken when it is greater than the one held or is a NaN (so the result is the
+// window's last NaN if it has one, else its first value equal to the maximum: -0.0 and +0.0 are equal). That
+// scan is a fold whose operation is associative in this sense, so the cores take each input row's horizontal
+// windows first and then fold those over the window's rows in order, with the same bits. Padded taps are
+// skipped, which is the same as reading -inf there. A frozen model's max pool (models/packed.py). Work is cut
+// into tasks of one plane.
+
+struct MaxPoolJob {
+  int64_t planes, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw;
+  const float* x;
+  float* y;
+};
+
+// torch's pooling output size: floor((size + 2 pad - dil (k - 1) - 1 [+ stride - 1 with ceil_mode]) / stride) + 1,
+// less one where ceil_mode would start the last window in the right padding (< 1: no output).
+inline int64_t max_pool_output_size(int64_t size, int64_t k, int64_t pad, int64_t stride, int64_t dil,
+                                    bool ceil_mode) {
+  const int64_t num = size + 2 * pad - dil * (k - 1) - 1 + (ceil_mode ? stride - 1 : 0);
+  int64_t out = (num >= 0 ? num / stride : -((-num + stride - 1) / stride)) + 1;
+  if (ceil_mode && (out - 1) * stride >= size + pad) --out;
+  return out;
+}
+
+void max_pool2d_portable(const MaxPoolJob& j, int64_t p0, int64_t p1);  // planes [p0, p1)
+#if defined(CANDLE_HAVE_AVX2_PATH)
+void max_pool2d_avx2(const MaxPoolJob& j, int64_t p0, int64_t p1);
+#endif
+#if defined(CANDLE_HAVE_AVX512_PATH)
+void max_pool2d_avx512(const MaxPoolJob& j, int64_t p0, int64_t p1);
+#endif
+
+// ------------------------------------------------------------------------------------------------------------
 // linear: y[n][o] = sum_i x[n][i] * w[o][i] (+ b[o]), float32, row-major: a frozen model's classifier at small
 // batch (ReActNet-A's at batch 1 reads 4 MB of weights, which a pass has evicted from the caches). Each weight row
 // is streamed once per kLinearImages inputs. Each path sums in its own fixed order (vector lanes over i, then a
@@ -260,6 +294,7 @@ bool react_block(Isa isa, const ConvArgs& conv3, const ConvArgs& conv1);
 void transpose(Isa isa, const TransposeJob& j);  // every task, on parallel_for's threads
 void linear(Isa isa, const LinearJob& j);        // every output feature, on parallel_for's threads
 void stem_conv(Isa isa, const StemJob& j);       // every output row, on parallel_for's threads
+void max_pool2d(Isa isa, const MaxPoolJob& j);   // every plane, on parallel_for's threads
 
 }  // namespace cpu
 }  // namespace candle

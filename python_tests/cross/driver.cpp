@@ -29,6 +29,8 @@
 //        files x (float32 [n,cin,h,w]), w (float32 [cout,cin,kh,kw]), alpha, beta, threshold (float32 [cout]),
 //        bias (float32 [cout]) when bias is 1; writes float32 [n,ho,wo,cout] (compared within rounding), then the
 //        packed words [n,ho,wo,ceil(cout/32)] of it against threshold (compared with the written values' signs)
+//   maxpool ID planes h w kh kw sh sw ph pw dh dw ceil_mode
+//        file x (float32 [planes,h,w]); writes float32 [planes,oh,ow] (compared bit for bit)
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -245,6 +247,26 @@ void run_stem(std::istringstream& in, const std::string& dir, const std::string&
   }
 }
 
+void run_maxpool(std::istringstream& in, const std::string& dir, const std::string& id,
+                 const std::vector<candle::cpu::Isa>& isas) {
+  candle::cpu::MaxPoolJob j{};
+  int64_t ceil_mode;
+  in >> j.planes >> j.h >> j.w >> j.kh >> j.kw >> j.sh >> j.sw >> j.ph >> j.pw >> j.dh >> j.dw >> ceil_mode;
+  if (!in) throw std::runtime_error("bad maxpool line for " + id);
+  j.oh = candle::cpu::max_pool_output_size(j.h, j.kh, j.ph, j.sh, j.dh, ceil_mode != 0);
+  j.ow = candle::cpu::max_pool_output_size(j.w, j.kw, j.pw, j.sw, j.dw, ceil_mode != 0);
+  if (j.oh < 1 || j.ow < 1) throw std::runtime_error("bad maxpool geometry for " + id);
+  const std::string base = dir + "/" + id + ".";
+  const auto x = as<float>(read_file(base + "x", 4 * j.planes * j.h * j.w));
+  j.x = x.data();
+  for (candle::cpu::Isa isa : isas) {
+    Output out(static_cast<size_t>(j.planes * j.oh * j.ow));
+    j.y = static_cast<float*>(out.data());
+    candle::cpu::max_pool2d(isa, j);
+    out.write(base + candle::cpu::isa_name(isa) + ".out");
+  }
+}
+
 }  // namespace
 
 namespace candle {
@@ -318,6 +340,8 @@ int main(int argc, char** argv) {
         run_linear(in, dir, id, isas);
       } else if (kind == "stem") {
         run_stem(in, dir, id, isas);
+      } else if (kind == "maxpool") {
+        run_maxpool(in, dir, id, isas);
       } else {
         throw std::runtime_error("unknown case kind " + kind);
       }
